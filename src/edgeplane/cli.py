@@ -1,0 +1,185 @@
+"""The `edgeplane` command line: a thin layer over `config`, `router`, `gateway`, `workers`.
+
+Commands:
+  serve          run the gateway (one process, or a supervisor over N workers)
+  validate       check a config file; list every error by its location
+  routes         print the compiled route table in match-priority order
+  schema         print the JSON Schema of the config file
+  demo-upstream  run the bundled demo upstream (echo, /status, /delay, /bytes, /stream)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+
+DEFAULT_CONFIG = "conf/edgeplane.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeplane",
+        description="edgeplane: an asyncio-native API gateway data plane (HTTP/1.1).",
+        epilog="Run 'edgeplane COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeplane {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                       help=f"config file (YAML); default: {DEFAULT_CONFIG}")
+
+    p = sub.add_parser("serve", help="run the gateway",
+                       description="Run the gateway on a config file. SIGTERM or Ctrl-C drains "
+                                   "in-flight requests (up to drain_timeout) and exits 0.")
+    config_arg(p)
+    p.add_argument("-w", "--workers", metavar="N",
+                   help="worker processes: a number or 'auto' (one per CPU); overrides 'workers:'")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides 'log_level:' (default info)")
+    p.add_argument("--parser", choices=("httptools", "h11"), help="overrides 'http.parser:'")
+    p.add_argument("--demo-upstream", type=int, metavar="PORT",
+                   help="also run the bundled demo upstream on 127.0.0.1:PORT (a child process "
+                        "stopped with the gateway); for trying the default config")
+
+    p = sub.add_parser("validate", help="check a config file",
+                       description="Load and validate a config file. Exit 0 when it is valid; "
+                                   "otherwise exit 1 and print every error as 'location: message'.")
+    config_arg(p)
+
+    p = sub.add_parser("routes", help="print the compiled route table",
+                       description="Print the compiled route table in match-priority order.")
+    config_arg(p)
+
+    sub.add_parser("schema", help="print the config JSON Schema",
+                   description="Print the JSON Schema (draft 2020-12) of the config file, "
+                               "for editor completion and CI checks.")
+
+    p = sub.add_parser("demo-upstream", help="run the bundled demo upstream",
+                       description="Run the demo upstream: echoes requests as JSON; "
+                                   "/status/{code}, /delay/{ms}, /bytes/{n}, /stream/{n}, /2b.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9001, help="port to bind (default 9001; 0 = any)")
+    return parser
+
+
+def _load(path: str, overrides: dict | None = None):
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(path, overrides=overrides)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration ({len(exc.errors)} error(s)):", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict = {}
+    if args.workers is not None:
+        overrides["workers"] = args.workers if args.workers == "auto" else _int(args.workers)
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    if args.parser:
+        overrides["http"] = {"parser": args.parser}
+    config = _load(args.config, overrides)
+    if config is None:
+        return 1
+    setup_logging(config.log_level)
+    from .workers import resolve_workers, run_single, run_supervisor
+
+    n = resolve_workers(config)
+    demo = _start_demo_upstream(args.demo_upstream) if args.demo_upstream is not None else None
+    try:
+        if n <= 1:
+            return run_single(config)
+        return run_supervisor(config, n)
+    except OSError as exc:
+        print(f"edgeplane: cannot start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if demo is not None:
+            demo.terminate()
+            demo.wait()
+
+
+def _start_demo_upstream(port: int):
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeplane.demo_upstream", "--port", str(port)],
+        stderr=subprocess.PIPE,
+    )
+    line = proc.stderr.readline().decode().strip()  # "demo upstream listening on ..."
+    print(line or "demo upstream failed to start", file=sys.stderr, flush=True)
+    return proc
+
+
+def _int(value: str) -> object:
+    try:
+        return int(value)
+    except ValueError:
+        return value  # validation reports it by location
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    print(f"{args.config}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
+    return 0
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from .router import format_table
+
+    print(format_table(config.routes))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import schema_json
+
+    print(schema_json())
+    return 0
+
+
+def cmd_demo_upstream(args: argparse.Namespace) -> int:
+    from .demo_upstream import main as demo_main
+
+    return demo_main(["--host", args.host, "--port", str(args.port)])
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "validate": cmd_validate,
+    "routes": cmd_routes,
+    "schema": cmd_schema,
+    "demo-upstream": cmd_demo_upstream,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""The embedding API: a `Gateway` runs one worker's listeners inside a running event loop.
+
+Owns the lifecycle of one worker: build upstream pools and the snapshot from a `Config`,
+bind the data and admin listeners, run the housekeeping tick (Date header, access-log
+flush, pool sweeps), and stop with a drain. The CLI's `serve` and each process of
+`workers: N` are thin layers over this class, so tests drive exactly what users run.
+
+    gw = Gateway("conf/edgeplane.yaml")      # or a dict, or a model.Config
+    await gw.start()
+    print(gw.addresses, gw.admin_address)
+    await gw.stop()
+
+Invariants: `start()` either binds everything or raises with nothing left bound;
+`stop()` is idempotent and leaves no listeners, connections or tasks behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+from .accesslog import AccessLog
+from .admin import build_admin_snapshot
+from .config import load_config
+from .context import ServerContext
+from .model import Config
+from .pool import Upstream
+from .responses import DateHeader
+from .server import HttpProtocol
+from .snapshot import Snapshot, build_snapshot
+
+log = logging.getLogger("edgeplane")
+
+
+class Gateway:
+    def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.reuse_port = reuse_port
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.upstreams: dict[str, Upstream] = {}
+        self.snapshot: Snapshot | None = None
+        self.context: ServerContext | None = None
+        self.admin_context: ServerContext | None = None
+        self.access_log: AccessLog | None = None
+        self.date = DateHeader()
+        self.addresses: list[tuple[str, int]] = []
+        self.admin_address: tuple[str, int] | None = None
+        self.draining = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tick: asyncio.TimerHandle | None = None
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        cfg = self.config
+        loop = self.loop = asyncio.get_running_loop()
+        self.access_log = AccessLog(cfg.access_log)
+        self.upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
+        self.snapshot = build_snapshot(cfg, self.upstreams)
+        self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
+                                     self.access_log, self.date)
+        admin_log = AccessLog(type(cfg.access_log)(destination="off"))
+        self.admin_context = ServerContext(loop, build_admin_snapshot(self), cfg.limits,
+                                           "httptools", admin_log, self.date, name="admin")
+        try:
+            for addr in cfg.listen:
+                server = await self._bind(self.context, addr.host, addr.port)
+                self.addresses.append(server.sockets[0].getsockname()[:2])
+            if cfg.admin.listen is not None:
+                a = cfg.admin.listen
+                server = await self._bind(self.admin_context, a.host, a.port)
+                self.admin_address = server.sockets[0].getsockname()[:2]
+        except BaseException:
+            await self._close_servers()
+            raise
+        self._schedule_tick()
+        log.info("listening on %s%s", ", ".join(f"http://{h}:{p}" for h, p in self.addresses),
+                 f"; admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
+                 if self.admin_address else "")
+
+    async def _bind(self, ctx: ServerContext, host: str, port: int) -> asyncio.AbstractServer:
+        server = await self.loop.create_server(
+            lambda: HttpProtocol(ctx), host, port, reuse_port=self.reuse_port or None,
+            backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+        )
+        self._servers.append(server)
+        return server
+
+    def _schedule_tick(self) -> None:
+        self._tick = self.loop.call_later(min(self.config.access_log.flush_interval, 1.0), self._on_tick)
+
+    def _on_tick(self) -> None:
+        self.date.refresh()
+        self.access_log.flush()
+        now = self.loop.time()
+        for upstream in self.upstreams.values():
+            upstream.sweep(now)
+        self._schedule_tick()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain timeout),
+        close idle keep-alive connections, then close everything."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        self.draining = True
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        for server in self._servers:
+            server.close()
+        contexts = [c for c in (self.context, self.admin_context) if c is not None]
+        for ctx in contexts:
+            ctx.draining = True
+            for proto in list(ctx.connections):
+                if proto.idle():
+                    proto.transport.close()
+        loop = self.loop
+        deadline = loop.time() + timeout
+        while any(c.connections for c in contexts) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for ctx in contexts:
+            for proto in list(ctx.connections):
+                proto.transport.abort()
+        await self._close_servers()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        if self._tick is not None:
+            self._tick.cancel()
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+        self.access_log.close()
+        log.info("stopped")
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        self._servers.clear()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop(drain_timeout=1.0)
+
+    # ------------------------------------------------------------------ helpers
+    def url(self, path: str = "/") -> str:
+        host, port = self.addresses[0]
+        return f"http://{host}:{port}{path}"
+
+    def stats(self) -> dict[str, Any]:
+        ctx = self.context
+        return {
+            "pid": os.getpid(),
+            "connections_open": len(ctx.connections),
+            "access_log_lines": self.access_log.lines,
+            **ctx.stats.as_dict(),
+        }

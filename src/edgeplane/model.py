@@ -1,0 +1,127 @@
+"""The validated configuration model: frozen dataclasses, nothing else.
+
+`edgeplane.config` turns YAML (or a dict) into these objects and refuses bad input
+whole; everything downstream (router, server, pool, CLI) reads only these types, never
+the raw dict. All durations are float seconds, all sizes are int bytes.
+
+Invariants:
+- every `RouteConfig.integration.upstream` names a key of `Config.upstreams`;
+- `Config.routes` keeps the order of the file (`index` is the position in `routes:`);
+- nothing here is mutated after load: a reload builds a new `Config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str  # "127.0.0.1", "::1", "0.0.0.0"
+    port: int  # 0 = pick a free port (tests)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream endpoint, from "http://host:port" (only http for now)."""
+
+    scheme: str  # "http"
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        """Value for the Host header toward this target."""
+        default = 80 if self.scheme == "http" else 443
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_connections: int = 1024  # per target, in use + idle + connecting
+    max_idle: int = 128  # per target
+    idle_timeout: float = 60.0  # idle pooled connection is closed after this
+    connect_timeout: float = 5.0
+    max_waiters: int = 1024  # requests queued when max_connections is reached
+    wait_timeout: float = 5.0  # a queued request gets 503 after this
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    targets: tuple[Target, ...]
+    pool: PoolConfig = PoolConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    type: Literal["http", "mock"]
+    # http
+    upstream: str | None = None
+    path: str | None = None  # template such as "/v2/{proxy}"; None = request path
+    timeout: float = 29.0  # integration timeout -> 504
+    preserve_host: bool = False
+    # mock
+    status: int = 200
+    body: bytes = b""  # already serialised (dict/list -> JSON, str -> UTF-8)
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    key: str  # as written: "GET /users/{id}", "ANY /files/{proxy+}", "$default"
+    method: str | None  # upper-case method, None for ANY and for $default
+    path: str | None  # "/users/{id}"; None for $default
+    host: str | None  # "api.example.com" or "*.example.com" (lower-case); None = any
+    integration: Integration
+    index: int  # position in the routes list
+
+    @property
+    def is_default(self) -> bool:
+        return self.path is None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_head_bytes: int = 10 * 1024  # request line + headers -> 431
+    max_headers: int = 100  # header count -> 431
+    max_body_bytes: int = 10 * 1024 * 1024  # -> 413
+    head_timeout: float = 10.0  # whole head must arrive in this -> 408
+    body_timeout: float = 30.0  # max gap between request body reads -> 408
+    keepalive_timeout: float = 60.0  # idle client connection closed after this
+    send_timeout: float = 60.0  # client not reading our response -> abort
+    max_pipelined: int = 16  # parsed requests queued behind the active one
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    destination: Literal["stdout", "stderr", "file", "off"] = "stdout"
+    path: str | None = None  # for destination "file"
+    flush_interval: float = 0.5
+    buffer_bytes: int = 64 * 1024  # flush early past this
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: ListenAddress | None = None  # None = no admin listener
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[ListenAddress, ...]
+    workers: int | Literal["auto"] = 1
+    parser: Literal["httptools", "h11"] = "httptools"
+    admin: AdminConfig = AdminConfig()
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    limits: Limits = Limits()
+    access_log: AccessLogConfig = AccessLogConfig()
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+    source: str = "<dict>"  # file path the config came from, for messages
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

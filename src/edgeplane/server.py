@@ -1,0 +1,628 @@
+"""The downstream HTTP/1.1 server: one `asyncio.Protocol` per client connection.
+
+Owns the client side of a request: parsing (via `codec`), limits, timeouts, pipelining,
+keep-alive, routing a parsed head to its compiled route, and writing local replies.
+Proxying lives in `proxy`; this module only hands the active request to the route's
+integration and offers it `write`, `send_local`, `finish_response` and flow control.
+
+Per-connection state lives on `HttpProtocol`; per-request state on `Request` (kept apart,
+as uvicorn does). Shared per-worker state (snapshot, counters, access log, Date header)
+lives on `ServerContext`.
+
+Invariants:
+- Responses go out strictly in request order. Exactly one request is *active* (being
+  answered); requests parsed behind it wait in `_queue` with their bodies buffered, and
+  reading pauses while that queue is full.
+- A request is finished when its response is finished and its body fully read; only then
+  does the next queued request become active.
+- Once the parser fails, nothing more is parsed on the connection: the error is answered
+  in order and the connection closes after it.
+- One timer per connection (`_timer`), moved lazily: setting a later deadline costs a float
+  store; the timer reschedules itself when it fires early.
+- No exception text reaches a client: every rejection is a JSON `{"message": ...}` reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from . import responses
+from .codec import HttpParserError, HttpParserUpgrade, new_request_parser
+from .responses import STATUS_LINES
+
+if TYPE_CHECKING:
+    from .context import ServerContext
+
+log = logging.getLogger("edgeplane.server")
+
+# Timer kinds: what happens when the connection's deadline passes.
+T_NONE = 0
+T_FIRST = 1  # connected, no byte yet -> close quietly
+T_HEAD = 2  # head incomplete -> 408
+T_BODY = 3  # request body stalled (local reply pending) -> 408
+T_UPSTREAM = 4  # waiting for the integration -> 504 (408 if the client stalls its body)
+T_SEND = 5  # client stopped reading our response -> abort
+T_KEEPALIVE = 6  # idle keep-alive -> close quietly
+
+# Reasons to pause reading from the client (bitmask).
+P_PIPELINE = 1  # too many parsed requests waiting
+P_UPSTREAM = 2  # upstream write buffer above its high-water mark
+P_DEAD = 4  # parser failed; nothing more to read
+P_BUFFER = 8  # body buffered while waiting for an upstream connection
+
+_SPECIAL_HEADERS = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id")
+)
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
+_DRAIN_BODY_MAX = 64 * 1024  # unread body we are willing to read and discard
+_PIPELINE_BUFFER_MAX = 256 * 1024
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to refuse the request with `status`."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+
+
+class Request:
+    """One request and what happened to it (read by the proxy and the access log)."""
+
+    __slots__ = (
+        "method", "target", "path", "query", "version", "headers", "host", "host_count",
+        "keep_alive", "content_length", "chunked", "expect_continue", "request_id",
+        "body_buf", "body_size", "complete", "dispatched", "responded", "response_started",
+        "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
+        "response_length", "integration_latency", "integration_error", "upstream",
+        "local_status", "local_reason", "error",
+    )
+
+    def __init__(self, now: float) -> None:
+        self.method = b""
+        self.target = b""
+        self.path = b""
+        self.query = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.request_id: bytes = b""
+        self.body_buf: list[bytes] | None = None
+        self.body_size = 0
+        self.complete = False
+        self.dispatched = False
+        self.responded = False
+        self.response_started = False
+        self.route: Any = None
+        self.params: dict[str, bytes] | None = None
+        self.route_key = "-"
+        self.exchange: Any = None
+        self.t_start = now
+        self.t_wall = time.time()
+        self.status = 0
+        self.response_length = 0
+        self.integration_latency: float | None = None
+        self.integration_error: str | None = None
+        self.upstream: str | None = None
+        self.local_status = 0  # set when the request must be refused when it is answered
+        self.local_reason = ""
+        self.error: str | None = None  # the gateway's reason for an error status (logged)
+
+
+def body_drainable(req: Request) -> bool:
+    """Whether the unread rest of `req`'s body is small enough to read and drop, so the
+    connection can stay open after answering early. Chunked bodies are never drained."""
+    if req.chunked:
+        return False
+    if req.content_length is None:
+        return True  # no body at all
+    return not req.expect_continue and req.content_length - req.body_size <= _DRAIN_BODY_MAX
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
+        "_queued_bytes", "_pause", "_write_paused", "_timer", "_timer_at", "_deadline",
+        "_timer_kind", "_head_partial", "_head_bytes", "_parser_dead", "_closed",
+        "_peer_eof", "_last_parsed",
+    )
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser: Any = None
+        self.peer_ip = "-"
+        self._parsing: Request | None = None
+        self._active: Request | None = None
+        self._queue: deque[Request] = deque()
+        self._queued_bytes = 0
+        self._pause = 0
+        self._write_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._timer_kind = T_NONE
+        self._head_partial = False
+        self._head_bytes = 0
+        self._parser_dead = False
+        self._closed = False
+        self._peer_eof = False
+        self._last_parsed: Request | None = None
+
+    # ------------------------------------------------------------------ connection
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = peer[0]
+        ctx = self.ctx
+        self.parser = new_request_parser(ctx.parser_kind, self, ctx.limits.max_head_bytes)
+        ctx.connections.add(self)
+        ctx.stats.connections_total += 1
+        if ctx.draining:
+            transport.close()
+            return
+        self.set_deadline(T_FIRST, ctx.limits.head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.ctx.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        req = self._active
+        if req is not None and not req.responded:
+            if req.exchange is not None:
+                req.exchange.abort("client closed connection")
+            if req.dispatched:
+                req.status = 499  # nginx's "client closed request"; never sent
+                req.error = "client closed connection"
+                self.ctx.count_error("client_closed")
+                self.ctx.access_log.record(req, self)
+        self._active = None
+        self._queue.clear()
+        self._parsing = None
+        self.parser = None
+
+    def eof_received(self) -> bool | None:
+        # A client may half-close after its last request and still read the answer.
+        if self._parsing is not None:
+            return None  # vanished mid-request: close (connection_lost aborts the rest)
+        if self._active is not None or self._queue:
+            self._peer_eof = True
+            self._stop_parsing()
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        req = self._active
+        if req is not None and req.exchange is not None:
+            req.exchange.pause_upstream()
+        self.set_deadline(T_SEND, self.ctx.limits.send_timeout)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        req = self._active
+        if req is not None and req.exchange is not None:
+            req.exchange.resume_upstream()
+            self.set_deadline(T_UPSTREAM, req.exchange.timeout)
+
+    def idle(self) -> bool:
+        """No request in progress: safe to close during a drain."""
+        return self._active is None and self._parsing is None and not self._queue
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._pause and self.transport is not None:
+            self.transport.pause_reading()
+        self._pause |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self._pause & reason:
+            self._pause &= ~reason
+            if not self._pause and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ input
+    def data_received(self, data: bytes) -> None:
+        if self._parser_dead:
+            return
+        was_partial = self._head_partial
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            # Upgrades are not proxied yet: the request is answered as plain HTTP and
+            # the connection closes after it (no bytes after the head are trusted).
+            if self._last_parsed is not None:
+                self._last_parsed.keep_alive = False
+            self._stop_parsing()
+            return
+        except _Reject as rej:
+            self._parse_failed(rej.status, rej.reason)
+            return
+        except HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._parse_failed(cause.status, cause.reason)
+            else:
+                self._parse_failed(400, f"malformed request: {exc}")
+            return
+        # A head that spans reads: count raw bytes so one endless header cannot grow
+        # the parser's buffer past the limit before any callback sees it.
+        if was_partial and self._head_partial:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.ctx.limits.max_head_bytes:
+                self._parse_failed(431, "request head too large")
+
+    # parser callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        req = Request(time.perf_counter())
+        self._parsing = req
+        self._head_partial = True
+        self._head_bytes = 0
+        if self._active is None:
+            self.set_deadline(T_HEAD, self.ctx.limits.head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        req = self._parsing
+        req.target += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.ctx.limits.max_head_bytes:
+            raise _Reject(431, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._parsing
+        self._head_bytes += len(name) + len(value) + 4
+        limits = self.ctx.limits
+        if self._head_bytes > limits.max_head_bytes:
+            raise _Reject(431, "request head too large")
+        name = name.lower()
+        headers = req.headers
+        headers.append((name, value))
+        if len(headers) > limits.max_headers:
+            raise _Reject(431, "too many headers")
+        if name in _SPECIAL_HEADERS:
+            if name == b"host":
+                req.host = value
+                req.host_count += 1
+            elif name == b"content-length":
+                req.content_length = int(value)  # the parser already checked the digits
+            elif name == b"transfer-encoding":
+                req.chunked = True  # the parser refuses anything but a final "chunked"
+            elif name == b"expect":
+                if value.lower() == b"100-continue":
+                    req.expect_continue = True
+                else:
+                    raise _Reject(417, "unsupported Expect value")
+            elif name == b"x-request-id":
+                req.request_id = value
+
+    def on_headers_complete(self) -> None:
+        req = self._parsing
+        parser = self.parser
+        ctx = self.ctx
+        self._head_partial = False
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive() and not ctx.draining
+        self._last_parsed = req
+        self._check_head(req)
+        if req.local_status:
+            req.keep_alive = False
+        if self._active is None:
+            self._active = req
+            self._dispatch(req)
+        else:
+            self._queue.append(req)
+            if len(self._queue) >= ctx.limits.max_pipelined:
+                self.pause_reading(P_PIPELINE)
+
+    def on_body(self, chunk: bytes) -> None:
+        req = self._parsing
+        req.body_size += len(chunk)
+        if req.body_size > self.ctx.limits.max_body_bytes:
+            raise _Reject(413, "request body too large")
+        exchange = req.exchange
+        if exchange is not None:
+            exchange.on_request_body(chunk)  # streams it, or holds it until connected
+            return
+        if req.dispatched or req.local_status:
+            return  # answered locally (or refused): the body is read and dropped
+        if req.body_buf is None:
+            req.body_buf = [chunk]
+        else:
+            req.body_buf.append(chunk)
+        if req is not self._active:
+            self._queued_bytes += len(chunk)
+            if self._queued_bytes > _PIPELINE_BUFFER_MAX:
+                self.pause_reading(P_PIPELINE)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        self._parsing = None
+        req.complete = True
+        if req.exchange is not None:
+            req.exchange.on_request_complete()
+        if req is self._active:
+            if req.responded:
+                self._advance()
+            elif req.exchange is None and req.dispatched:
+                pass  # a local reply is being produced asynchronously by a stage
+        if self._active is None and not self._queue:
+            self.set_deadline(T_KEEPALIVE, self.ctx.limits.keepalive_timeout)
+
+    # ------------------------------------------------------------------ validation
+    def _check_head(self, req: Request) -> None:
+        if req.local_status:
+            return
+        version = req.version
+        if version != "1.1" and version != "1.0":
+            if version.startswith(("0.", "1.")):
+                self._refuse(req, 400, f"unsupported HTTP version {version}")
+            else:
+                self._refuse(req, 505, f"unsupported HTTP version {version}")
+            return
+        if req.method == b"CONNECT":
+            self._refuse(req, 405, "CONNECT is not supported")
+            return
+        if req.host_count > 1:
+            self._refuse(req, 400, "multiple Host headers")
+            return
+        if req.host_count == 0 and version == "1.1":
+            self._refuse(req, 400, "missing Host header")
+            return
+        target = req.target
+        if target[:1] == b"/":
+            q = target.find(b"?")
+            if q < 0:
+                req.path = target
+            else:
+                req.path = target[:q]
+                req.query = target[q + 1 :]
+            if b"#" in target:
+                self._refuse(req, 400, "fragment in request target")
+        elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                self._refuse(req, 400, "invalid absolute-form target")
+                return
+            req.path = url.path or b"/"
+            req.query = url.query or b""
+            if url.host:  # RFC 9112 3.2.2: the target's authority replaces Host
+                req.host = url.host if url.port is None else url.host + b":%d" % url.port
+        elif target == b"*" and req.method == b"OPTIONS":
+            req.path = b"*"
+        else:
+            self._refuse(req, 400, "invalid request target")
+            return
+        if req.content_length is not None and req.content_length > self.ctx.limits.max_body_bytes:
+            self._refuse(req, 413, "request body too large")
+
+    def _refuse(self, req: Request, status: int, reason: str) -> None:
+        req.local_status = status
+        req.local_reason = reason
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, req: Request) -> None:
+        req.dispatched = True
+        ctx = self.ctx
+        ctx.stats.requests_total += 1
+        rid = req.request_id
+        if not rid or _REQUEST_ID_RE.fullmatch(rid) is None:
+            req.request_id = ctx.next_request_id()
+        if req.local_status:
+            self.send_error(req, req.local_status, req.local_reason)
+            return
+        snapshot = ctx.snapshot
+        match = snapshot.router.match(req.method, req.path, req.host)
+        if match is None:
+            self.send_error(req, 404, "no route matched")
+            return
+        route, params = match
+        req.route = route
+        req.params = params
+        req.route_key = route.key
+        for stage in route.stages:
+            if not stage(self, req):
+                return
+        route.integration.handle(self, req)
+
+    def _advance(self) -> None:
+        """The active request is finished: make the next queued one active."""
+        self._active = None
+        if self._closed:
+            return
+        queue = self._queue
+        if queue:
+            req = queue.popleft()
+            if req.body_buf is not None:
+                self._queued_bytes -= sum(map(len, req.body_buf))
+            if self._pause & P_PIPELINE and len(queue) < self.ctx.limits.max_pipelined:
+                if self._queued_bytes <= _PIPELINE_BUFFER_MAX:
+                    self.resume_reading(P_PIPELINE)
+            self._active = req
+            self._dispatch(req)
+        elif self._parsing is None:
+            if self._peer_eof:
+                self.transport.close()
+            else:
+                self.set_deadline(T_KEEPALIVE, self.ctx.limits.keepalive_timeout)
+
+    # ------------------------------------------------------------------ output
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def send_local(
+        self,
+        req: Request,
+        status: int,
+        body: bytes,
+        content_type: bytes = responses.JSON_TYPE,
+        extra: bytes = b"",
+        close: bool = False,
+    ) -> None:
+        """Answer `req` (which must be active and not yet started) from the gateway."""
+        keep = req.keep_alive and not close and not self.ctx.draining and not self._peer_eof
+        if keep and not req.complete and not body_drainable(req):
+            keep = False
+        data = responses.local_reply(
+            status,
+            body,
+            content_type=content_type,
+            keep_alive=keep,
+            http10=req.version == "1.0",
+            date=self.ctx.date.line,
+            request_id=req.request_id or None,
+            extra=extra,
+            head_only=req.method == b"HEAD",
+        )
+        req.status = status
+        req.response_length = len(body)
+        req.response_started = True
+        self.transport.write(data)
+        self.finish_response(req, keep)
+
+    def send_error(self, req: Request, status: int, reason: str) -> None:
+        """A gateway error: AWS-style body, counted, and logged once (access log)."""
+        req.error = reason
+        self.ctx.count_error(str(status))
+        self.send_local(req, status, responses.gateway_error_body(status))
+
+    def finish_response(self, req: Request, keep_alive: bool) -> None:
+        """The response to the active request is fully written."""
+        req.responded = True
+        self.ctx.access_log.record(req, self)
+        if not keep_alive or self.ctx.draining:
+            self._close_after_response()
+        elif req.complete:
+            self._advance()
+        else:
+            # The body is still arriving; it is read and dropped, then we move on.
+            self.set_deadline(T_BODY, self.ctx.limits.body_timeout)
+
+    def _close_after_response(self) -> None:
+        self._stop_parsing()
+        self._queue.clear()
+        self._active = None
+        self.set_deadline(T_NONE, 0)
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection without a reply (response already started)."""
+        self._stop_parsing()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _stop_parsing(self) -> None:
+        self._parser_dead = True
+        self.pause_reading(P_DEAD)
+
+    def _parse_failed(self, status: int, reason: str) -> None:
+        """The parser (or a limit) refused the bytes: answer in order, then close."""
+        self._stop_parsing()
+        req = self._parsing
+        self._parsing = None
+        self._head_partial = False
+        if req is None:
+            req = Request(time.perf_counter())
+        elif req.dispatched and req is self._active:
+            # The failure is in the body of the request being answered.
+            if req.exchange is not None:
+                req.exchange.abort(reason)
+            if req.response_started:
+                req.error = reason
+                self.ctx.count_error(str(status))
+                self.abort()
+                return
+            req.keep_alive = False
+            self.send_error(req, status, reason)
+            return
+        req.local_status = status
+        req.local_reason = reason
+        req.keep_alive = False
+        req.complete = True
+        if req is self._active or req in self._queue:
+            return  # already waiting for its turn; it will be refused then
+        if self._active is None:
+            self._active = req
+            self._dispatch(req)
+        else:
+            self._queue.append(req)
+
+    # ------------------------------------------------------------------ timers
+    def set_deadline(self, kind: int, seconds: float) -> None:
+        self._timer_kind = kind
+        if kind == T_NONE:
+            return
+        deadline = self.loop.time() + seconds
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+        elif deadline < self._timer_at:
+            timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        kind = self._timer_kind
+        if kind == T_NONE or self._closed:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        self._timer_kind = T_NONE
+        if kind == T_FIRST or kind == T_KEEPALIVE:
+            self.transport.close()
+        elif kind == T_HEAD:
+            self.ctx.count_error("head_timeout")
+            self._parse_failed(408, "request head not received in time")
+        elif kind == T_BODY:
+            self.ctx.count_error("body_timeout")
+            self.abort()
+        elif kind == T_UPSTREAM:
+            req = self._active
+            if req is None or req.exchange is None:
+                self.abort()
+            elif not req.complete and req.exchange.request_stalled():
+                req.exchange.abort("client did not send the request body in time")
+                self._fail_active(req, 408, "request body not received in time")
+            else:
+                req.exchange.on_timeout()
+        elif kind == T_SEND:
+            self.ctx.count_error("send_timeout")
+            req = self._active
+            if req is not None and req.exchange is not None:
+                req.exchange.abort("client stopped reading")
+            self.abort()
+
+    def _fail_active(self, req: Request, status: int, reason: str) -> None:
+        if req.response_started:
+            req.error = reason
+            self.ctx.count_error(str(status))
+            self.abort()
+        else:
+            req.keep_alive = False
+            self.send_error(req, status, reason)
+
+
+def status_line(status: int) -> bytes:
+    return STATUS_LINES[status]

@@ -1,0 +1,86 @@
+"""Compile a `Config` into the immutable snapshot the data path reads.
+
+Owns the per-route compiled chain: `CompiledRoute` holds the route key, a tuple of
+synchronous stages (`stage(proto, req) -> bool`: True continues, False means the stage
+answered) and the integration object whose `handle(proto, req)` produces the response.
+Nothing in a chain is built per request. A reload builds a new `Snapshot` and swaps one
+reference; in-flight requests keep the route objects they matched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from .proxy import HttpIntegration
+from .router import Router, compile_routes
+
+if TYPE_CHECKING:
+    from .model import Config, RouteConfig
+    from .pool import Upstream
+    from .server import HttpProtocol, Request
+
+
+class MockIntegration:
+    """Answers from the gateway itself with a fixed status, headers and body."""
+
+    __slots__ = ("status", "body", "content_type", "extra")
+
+    def __init__(self, status: int, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...]):
+        self.status = status
+        self.body = body
+        self.content_type = content_type.encode()
+        self.extra = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in headers)
+
+    def handle(self, proto: HttpProtocol, req: Request) -> None:
+        proto.send_local(req, self.status, self.body, self.content_type, self.extra)
+
+
+class FunctionIntegration:
+    """Answers with a Python callable: `fn(req) -> (status, body, content_type)`.
+
+    Used for the admin API; the callable runs on the event loop, so it must be quick."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Request], tuple[int, bytes, bytes]]):
+        self.fn = fn
+
+    def handle(self, proto: HttpProtocol, req: Request) -> None:
+        status, body, content_type = self.fn(req)
+        proto.send_local(req, status, body, content_type)
+
+
+class CompiledRoute:
+    __slots__ = ("key", "config", "stages", "integration")
+
+    def __init__(self, config: RouteConfig | None, key: str, stages: tuple, integration: Any):
+        self.config = config
+        self.key = key
+        self.stages = stages
+        self.integration = integration
+
+
+class Snapshot:
+    __slots__ = ("config", "router", "routes")
+
+    def __init__(self, config: Config | None, router: Router, routes: list[CompiledRoute]):
+        self.config = config
+        self.router = router
+        self.routes = routes
+
+
+def compile_route(rc: RouteConfig, upstreams: dict[str, Upstream]) -> CompiledRoute:
+    integ = rc.integration
+    if integ.type == "mock":
+        handler: Any = MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
+    else:
+        handler = HttpIntegration(
+            upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host
+        )
+    return CompiledRoute(rc, rc.key, (), handler)
+
+
+def build_snapshot(config: Config, upstreams: dict[str, Upstream]) -> Snapshot:
+    routes = [compile_route(rc, upstreams) for rc in config.routes]
+    router = compile_routes([(c.config, c) for c in routes])
+    return Snapshot(config, router, routes)

@@ -1,0 +1,201 @@
+"""Processes: one worker in this process, or a supervisor over N worker processes.
+
+Owns process lifecycle:
+- `run_single(config)`: one event loop (uvloop) running a `Gateway`; SIGTERM/SIGINT drain
+  (stop accepting, finish in-flight requests within `drain_timeout`, close idle
+  keep-alive connections) and exit 0.
+- `run_supervisor(config, n)`: N worker processes, each binding its own listening socket
+  with SO_REUSEPORT so the kernel spreads connections across them. The supervisor first
+  binds (without listening) a placeholder socket per address to resolve port 0 and keep
+  the port reserved, restarts a worker that dies (with backoff), and on SIGTERM forwards
+  it to every worker, waits for them to drain, and exits 0.
+
+Workers learn their config from the environment (`EDGEPLANE_WORKER_CONFIG`, JSON of the
+raw config with resolved ports) and report readiness by writing one byte to the pipe
+named by `EDGEPLANE_READY_FD`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from .config import load_config
+from .gateway import Gateway
+from .model import Config
+
+log = logging.getLogger("edgeplane.workers")
+
+ENV_CONFIG = "EDGEPLANE_WORKER_CONFIG"
+ENV_READY = "EDGEPLANE_READY_FD"
+
+
+def resolve_workers(config: Config) -> int:
+    workers = config.workers
+    if workers == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(workers)
+
+
+# ---------------------------------------------------------------------- one process
+async def _serve(config: Config, reuse_port: bool, ready_fd: int | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(config, reuse_port=reuse_port)
+    await gateway.start()
+    if ready_fd is not None:
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
+    else:
+        addrs = ", ".join(_fmt(h, p) for h, p in gateway.addresses)
+        admin = f"; admin {_fmt(*gateway.admin_address)}" if gateway.admin_address else ""
+        print(f"edgeplane ready: 1 worker on {addrs}{admin}", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("draining (up to %.1fs)", config.drain_timeout)
+    await gateway.stop()
+
+
+def run_single(config: Config, *, reuse_port: bool = False, ready_fd: int | None = None) -> int:
+    uvloop.run(_serve(config, reuse_port, ready_fd))
+    return 0
+
+
+def worker_main() -> int:
+    """Entry point of a worker process started by the supervisor."""
+    from .cli import setup_logging
+
+    raw = json.loads(os.environ[ENV_CONFIG])
+    config = load_config(raw)
+    setup_logging(config.log_level)
+    ready = os.environ.get(ENV_READY)
+    return run_single(config, reuse_port=True, ready_fd=int(ready) if ready else None)
+
+
+# ---------------------------------------------------------------------- supervisor
+def _placeholder(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Supervisor:
+    def __init__(self, config: Config, n: int) -> None:
+        self.config = config
+        self.n = n
+        self.placeholders: list[socket.socket] = []
+        self.worker_raw: dict[str, Any] = {}
+        self.procs: list[subprocess.Popen | None] = [None] * n
+        self.started_at = [0.0] * n
+        self.backoff = [0.5] * n
+        self.stopping = False
+
+    def _resolve_ports(self) -> None:
+        raw = json.loads(json.dumps(self.config.raw))
+        listen = []
+        for addr in self.config.listen:
+            sock = _placeholder(addr.host, addr.port)
+            self.placeholders.append(sock)
+            listen.append(_fmt(addr.host, sock.getsockname()[1]))
+        raw["listen"] = listen
+        if self.config.admin.listen is not None:
+            a = self.config.admin.listen
+            sock = _placeholder(a.host, a.port)
+            self.placeholders.append(sock)
+            raw.setdefault("admin", {})["listen"] = _fmt(a.host, sock.getsockname()[1])
+        raw["workers"] = 1
+        self.worker_raw = raw
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        env[ENV_CONFIG] = json.dumps(self.worker_raw)
+        env[ENV_READY] = str(write_fd)
+        env["EDGEPLANE_WORKER_INDEX"] = str(i)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from edgeplane.workers import worker_main; raise SystemExit(worker_main())"],
+            env=env, pass_fds=(write_fd,),
+        )
+        os.close(write_fd)
+        self.procs[i] = proc
+        self.started_at[i] = time.monotonic()
+        ready = os.read(read_fd, 1)  # blocks until the worker bound its sockets (or died)
+        os.close(read_fd)
+        if ready != b"R":
+            log.error("worker %d (pid %d) failed to start", i, proc.pid)
+        else:
+            log.info("worker %d started (pid %d)", i, proc.pid)
+        return proc
+
+    def run(self) -> int:
+        self._resolve_ports()
+        stop_signal = []
+        signal.signal(signal.SIGTERM, lambda s, f: stop_signal.append(s))
+        signal.signal(signal.SIGINT, lambda s, f: stop_signal.append(s))
+        for i in range(self.n):
+            self._spawn(i)
+        addrs = ", ".join(self.worker_raw["listen"])
+        log.info("supervisor ready: %d workers on %s", self.n, addrs)
+        print(f"edgeplane ready: {self.n} workers on {addrs}", file=sys.stderr, flush=True)
+        restart_at: dict[int, float] = {}
+        while not stop_signal:
+            time.sleep(0.1)
+            now = time.monotonic()
+            for i, proc in enumerate(self.procs):
+                if proc is None or proc.poll() is None:
+                    continue
+                if i not in restart_at:
+                    uptime = now - self.started_at[i]
+                    if uptime > 30:
+                        self.backoff[i] = 0.5
+                    log.error("worker %d (pid %d) exited with %s; restarting in %.1fs",
+                              i, proc.pid, proc.returncode, self.backoff[i])
+                    restart_at[i] = now + self.backoff[i]
+                    self.backoff[i] = min(self.backoff[i] * 2, 10.0)
+                elif now >= restart_at[i] and not stop_signal:
+                    del restart_at[i]
+                    self._spawn(i)
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        log.info("supervisor stopping: draining %d workers", self.n)
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.drain_timeout + 5
+        code = 0
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not drain in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+                code = 1
+        for sock in self.placeholders:
+            sock.close()
+        return code
+
+
+def run_supervisor(config: Config, n: int) -> int:
+    return Supervisor(config, n).run()
