@@ -34,7 +34,8 @@ class Target:
     def authority(self) -> str:
         """Value for the Host header toward this target."""
         default = 80 if self.scheme == "http" else 443
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"

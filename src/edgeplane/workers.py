@@ -153,8 +153,9 @@ class Supervisor:
         for i in range(self.n):
             self._spawn(i)
         addrs = ", ".join(self.worker_raw["listen"])
-        log.info("supervisor ready: %d workers on %s", self.n, addrs)
-        print(f"edgeplane ready: {self.n} workers on {addrs}", file=sys.stderr, flush=True)
+        admin = self.worker_raw.get("admin", {}).get("listen")
+        admin = f"; admin {admin}" if admin else ""
+        print(f"edgeplane ready: {self.n} workers on {addrs}{admin}", file=sys.stderr, flush=True)
         restart_at: dict[int, float] = {}
         while not stop_signal:
             time.sleep(0.1)

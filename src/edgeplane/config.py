@@ -1,0 +1,903 @@
+"""Config loading: YAML (or a dict) in, a validated `model.Config` out, or `ConfigError`.
+
+This module owns the translation from the file users write to the frozen model every
+other module reads. It never half-applies anything: either every check passes and a
+complete `Config` is returned, or `ConfigError` lists *every* problem found, each as
+``location: message`` (``routes[2].integration.upstream: unknown upstream 'userz'
+(known: static, users)``). It does no I/O besides reading the file: no DNS, no sockets.
+
+Validation runs in two passes over the raw dict (after `overrides` are applied):
+
+1. JSON Schema (`edgeplane.schema.CONFIG_SCHEMA`, draft 2020-12): keys, types, enums,
+   numeric ranges. jsonschema's messages are rewritten for humans (``unknown key
+   'upstreamz', did you mean 'upstream'?``).
+2. Semantic checks a schema cannot express: upstream references, route key syntax,
+   duplicate/unreachable routes (`edgeplane.router.route_problems`), path templates,
+   target URLs, listen addresses and their collisions, duration/size parsing and ranges,
+   mock bodies and headers. These skip values of the wrong type (pass 1 reported them).
+   When both passes flag the same value's *format*, the more specific semantic message
+   is kept.
+
+Units: durations are float seconds (numbers, or strings "500ms", "30s", "5m", "2h");
+sizes are int bytes (ints, or strings "10240", "10KiB", "10MiB", "1MB").
+
+Invariants:
+- `load_config` never mutates the caller's dict; `Config.raw` is a deep copy with the
+  overrides applied;
+- every `RouteConfig.integration.upstream` names a key of `Config.upstreams`;
+- every route in `Config.routes` compiles (`router.compile_routes` cannot fail on it).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+import orjson
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from . import model
+from .router import ParsedKey, RouteKeyError, parse_route_key, route_problems
+from .schema import CONFIG_SCHEMA, DURATION_RE, SIZE_RE
+
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "load_config_text",
+    "parse_duration",
+    "parse_size",
+    "parse_listen",
+    "parse_target",
+]
+
+Path = tuple[Any, ...]
+
+_VALIDATOR = Draft202012Validator(CONFIG_SCHEMA)
+
+_INTEGRATION_TIMEOUT_MIN = 0.05
+_INTEGRATION_TIMEOUT_MAX = 30.0
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_DURATION_PATTERN = re.compile(DURATION_RE)
+_SIZE_PATTERN = re.compile(SIZE_RE)
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TEMPLATE_PARAM_RE = re.compile(r"\{([^{}]*)\}")
+# Headers the gateway writes itself; a mock may not set them.
+_MANAGED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive",
+                    "upgrade", "te", "trailer", "date"}
+_BODYLESS_STATUSES = {204, 205, 304}
+
+# Hand-written expectations for titled schema definitions (see schema.py).
+_EXPECTED = {
+    "duration": "a duration: seconds as a number, or a string like '500ms', '30s', '5m', '2h'",
+    "size": "a size: bytes as an integer, or a string like '10240', '10KiB', '10MiB', '1MB'",
+    "listen address": "a listen address 'host:port' (IPv6 as '[::1]:8080')",
+    "listen": "a listen address 'host:port' or a non-empty list of them",
+    "workers": "an integer >= 1 or 'auto'",
+    "optional listen address": "a listen address 'host:port' or null",
+}
+_JSON_TYPE_NAMES = {"object": "mapping", "array": "list", "string": "string",
+                    "integer": "integer", "number": "number", "boolean": "boolean",
+                    "null": "null"}
+
+
+class ConfigError(Exception):
+    """The config was refused. `errors` lists every problem as "location: message"."""
+
+    def __init__(self, errors: Iterable[str], source: str = "<config>") -> None:
+        self.errors: list[str] = list(errors)
+        self.source = source
+        super().__init__(self.errors)
+
+    def __str__(self) -> str:
+        n = len(self.errors)
+        head = f"invalid config {self.source}: {n} error{'s' if n != 1 else ''}"
+        return head + "".join(f"\n  - {e}" for e in self.errors)
+
+
+# ---------------------------------------------------------------------------
+# public entry points
+
+
+def load_config(
+    source: str | os.PathLike[str] | dict[str, Any], *, overrides: dict[str, Any] | None = None
+) -> model.Config:
+    """Load a config from a YAML file path or from an already-parsed dict."""
+    if isinstance(source, dict):
+        return _load_raw(source, "<dict>", overrides)
+    path = os.fspath(source)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError([f"(file): config file not found: {path}"], path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"(file): cannot read config file {path}: {exc}"], path) from None
+    return load_config_text(text, path, overrides=overrides)
+
+
+def load_config_text(
+    text: str, source_name: str = "<string>", *, overrides: dict[str, Any] | None = None
+) -> model.Config:
+    """Load a config from YAML text; `source_name` is used in messages and `Config.source`."""
+    return _load_raw(_parse_yaml(text, source_name), source_name, overrides)
+
+
+# ---------------------------------------------------------------------------
+# YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses duplicate mapping keys instead of keeping the last."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # unhashable key: construct_mapping reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first defined on line {first + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, source_name: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
+        what = exc.problem or "invalid YAML"
+        if exc.context and not what.startswith("duplicate key"):
+            what = f"{what} ({exc.context})"
+        raise ConfigError([f"{where}: YAML syntax error: {what}"], source_name) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"(yaml): YAML syntax error: {exc}"], source_name) from None
+
+
+# ---------------------------------------------------------------------------
+# the two passes
+
+
+@dataclass
+class _Errors:
+    schema: list[tuple[Path, str, bool]] = field(default_factory=list)  # (path, msg, replaceable)
+    semantic: list[tuple[Path, str]] = field(default_factory=list)
+
+    def add(self, path: Path, msg: str) -> None:
+        self.semantic.append((path, msg))
+
+    def __bool__(self) -> bool:
+        return bool(self.schema or self.semantic)
+
+    def formatted(self) -> list[str]:
+        semantic_locs = {p for p, _ in self.semantic}
+        items = [(p, m) for p, m, repl in self.schema if not (repl and p in semantic_locs)]
+        items += self.semantic
+        suggested = {(p, m.rsplit("did you mean ", 1)[1].rstrip("?"))
+                     for p, m in items if m.startswith("unknown key") and "did you mean" in m}
+        items = [(p, m) for p, m in items
+                 if not (m.startswith("missing required key ") and (p, m[21:]) in suggested)]
+        items.sort(key=lambda pm: _path_sort_key(pm[0]))  # stable: keeps pass order per path
+        out: list[str] = []
+        for p, m in items:
+            line = f"{_loc(p)}: {m}"
+            if line not in out:
+                out.append(line)
+        return out
+
+
+def _load_raw(raw: Any, source: str, overrides: dict[str, Any] | None) -> model.Config:
+    if not isinstance(raw, dict):
+        got = "an empty document" if raw is None else _describe(raw)
+        raise ConfigError([f"(root): expected a mapping of config keys, got {got}"], source)
+    raw = copy.deepcopy(raw)
+    errors = _Errors()
+    if overrides:
+        _apply_overrides(raw, overrides, errors)
+    for err in sorted(_VALIDATOR.iter_errors(raw), key=lambda e: _path_sort_key(tuple(e.absolute_path))):
+        errors.schema.extend(_humanize(err))
+    config = _build(raw, source, errors)
+    if errors or config is None:
+        raise ConfigError(errors.formatted() or ["(root): invalid config"], source)
+    return config
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], errors: _Errors) -> None:
+    """Set each override (dotted keys reach into mappings: "admin.listen"); None = unset."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        parts = str(key).split(".")
+        target: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            nxt = target.get(part)
+            if nxt is None:
+                nxt = target[part] = {}
+            if not isinstance(nxt, dict):
+                errors.add(tuple(parts[: depth + 1]), f"cannot apply override {key!r}: not a mapping")
+                break
+            target = nxt
+        else:
+            target[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------
+# pass 1: schema errors for humans
+
+
+def _humanize(err: ValidationError) -> list[tuple[Path, str, bool]]:
+    path = tuple(err.absolute_path)
+    v, value, inst = err.validator, err.validator_value, err.instance
+    if v == "additionalProperties" and isinstance(inst, dict):
+        allowed = sorted(err.schema.get("properties", {}))
+        out = []
+        for k in inst:
+            if k in allowed:
+                continue
+            msg = f"unknown key {str(k)!r}"
+            close = difflib.get_close_matches(str(k), allowed, n=1, cutoff=0.6)
+            if close:
+                msg += f", did you mean {close[0]!r}?"
+            elif allowed:
+                msg += f" (allowed: {', '.join(allowed)})"
+            out.append((path, msg, False))
+        return out
+    if v == "required" and isinstance(inst, dict):
+        return [(path, f"missing required key {k!r}", False) for k in value if k not in inst]
+    if v == "type":
+        return [(path, f"expected {_type_names(value)}, got {_describe(inst)}", False)]
+    if v == "enum":
+        shown = [x for x in value if not isinstance(x, bool)] or list(value)  # hide the `off` alias
+        msg = f"{_short(inst)} is not one of {', '.join(repr(x) for x in shown)}"
+        if isinstance(inst, str):
+            close = difflib.get_close_matches(inst, [str(x) for x in value], n=1, cutoff=0.6)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+        return [(path, msg, False)]
+    if v == "const":
+        return [(path, f"expected {value!r}, got {_describe(inst)}", False)]
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
+        return [(path, f"must be {op} {value}, got {_short(inst)}", True)]
+    if v == "minItems":
+        return [(path, "must not be empty" if value == 1 else f"needs at least {value} items", False)]
+    if v == "pattern" and "propertyNames" in err.schema_path:
+        return [(path, f"invalid name {_short(inst)}: use letters, digits, '_' and '-', "
+                       "starting with a letter or '_'", False)]
+    if v == "pattern":
+        return [(path, f"{_short(inst)} is not in the expected format", True)]
+    if v in ("anyOf", "oneOf"):
+        deep = [e for e in err.context
+                if len(e.absolute_path) > len(path) or e.validator not in ("type", "const", "enum", "pattern")]
+        if deep:
+            out: list[tuple[Path, str, bool]] = []
+            for e in deep:
+                out.extend(_humanize(e))
+            return out
+        expected = _EXPECTED.get(err.schema.get("title", ""))
+        if expected:
+            return [(path, f"expected {expected}, got {_describe(inst)}", True)]
+    return [(path, err.message, False)]
+
+
+def _type_names(types: str | list[str]) -> str:
+    names = [_JSON_TYPE_NAMES.get(t, t) for t in ([types] if isinstance(types, str) else types)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {_short(value)}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {_short(value)}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _loc(path: Path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(root)"
+
+
+def _path_sort_key(path: Path) -> tuple:
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in path)
+
+
+# ---------------------------------------------------------------------------
+# value parsers (public: the CLI and tests use them too)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or "500ms" / "30s" / "1.5m" / "2h" / "30"; ValueError if bad."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected {_EXPECTED['duration']}, got {_describe(value)}")
+    if isinstance(value, str):
+        m = _DURATION_PATTERN.match(value)
+        if m is None:
+            raise ValueError(
+                f"invalid duration {value!r}: use seconds as a number, or a string like "
+                "'500ms', '30s', '5m', '2h'"
+            )
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(3)]
+    else:
+        seconds = float(value)
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise ValueError(f"duration must be a finite number >= 0, got {_short(value)}")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or "10240" / "10KiB" / "10MiB" / "1MB"; ValueError if bad."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected {_EXPECTED['size']}, got {_describe(value)}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value}")
+        return value
+    if not _SIZE_PATTERN.match(value):
+        raise ValueError(
+            f"invalid size {value!r}: use bytes as an integer, or a string like "
+            "'10240', '10KiB', '10MiB', '1MB'"
+        )
+    m = re.match(r"\s*([0-9]+)\s*([A-Za-z]*)\s*$", value)
+    assert m is not None
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_listen(text: Any) -> model.ListenAddress:
+    """"host:port" or "[v6]:port" -> ListenAddress; ValueError with the reason if bad."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected {_EXPECTED['listen address']}, got {_describe(text)}")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"invalid listen address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if not rest.startswith(":"):
+            raise ValueError(f"invalid listen address {text!r}: expected '[host]:port'")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid listen address {text!r}: {host!r} is not an IPv6 address") from None
+        port_text = rest[1:]
+    else:
+        if text.count(":") > 1:
+            raise ValueError(
+                f"invalid listen address {text!r}: write IPv6 addresses in brackets, e.g. '[::1]:8080'"
+            )
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid listen address {text!r}: missing ':port' (e.g. '127.0.0.1:8080')")
+        if not host:
+            raise ValueError(
+                f"invalid listen address {text!r}: missing host "
+                "(use '0.0.0.0:PORT' for every IPv4 interface, '[::]:PORT' for every interface)"
+            )
+        _check_host(host, f"invalid listen address {text!r}")
+    port = _parse_port(port_text, f"invalid listen address {text!r}", allow_zero=True)
+    return model.ListenAddress(host, port)
+
+
+def parse_target(text: Any) -> model.Target:
+    """"http://host:port" -> Target; ValueError with the reason if bad."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a target URL 'http://host:port', got {_describe(text)}")
+    what = f"invalid target {text!r}"
+    if "://" not in text:
+        raise ValueError(f"{what}: expected 'http://host:port'")
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme == "https":
+        raise ValueError(f"{what}: https targets are not supported yet")
+    if scheme != "http":
+        raise ValueError(f"{what}: unsupported scheme {scheme!r} (expected 'http://host:port')")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{what}: credentials in target URLs are not supported")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"{what}: a target has no path (rewrite paths with integration.path)")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError(f"{what}: a target has no query or fragment")
+    netloc = parts.netloc
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{what}: missing host")
+    if netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{what}: {host!r} is not an IPv6 address") from None
+    else:
+        _check_host(host, what)
+    port_text = netloc.rpartition("]")[2] if netloc.startswith("[") else netloc
+    if ":" in port_text:
+        port = _parse_port(port_text.rpartition(":")[2], what, allow_zero=False)
+    else:
+        port = 80
+    return model.Target("http", host, port)
+
+
+def _check_host(host: str, what: str) -> None:
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{what}: {host!r} is not an IPv4 address") from None
+        return
+    if not _HOSTNAME_RE.match(host.lower()):
+        raise ValueError(f"{what}: {host!r} is not a valid host name")
+
+
+def _parse_port(text: str, what: str, *, allow_zero: bool) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(f"{what}: port must be a number, got {text!r}")
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"{what}: port must be {low}..65535, got {port}")
+    return port
+
+
+def _normalize_route_host(text: str) -> str:
+    host = text.strip().lower().rstrip(".")
+    what = f"invalid host {text!r}"
+    if ":" in host:
+        raise ValueError(f"{what}: route hosts have no port (the Host header's port is ignored)")
+    bare = host[2:] if host.startswith("*.") else host
+    if "*" in bare:
+        raise ValueError(f"{what}: a wildcard is only allowed as a leading '*.' ('*.example.com')")
+    if not bare or not _HOSTNAME_RE.match(bare):
+        raise ValueError(f"{what}: expected a host name like 'api.example.com' or '*.example.com'")
+    return host
+
+
+# ---------------------------------------------------------------------------
+# pass 2: semantic checks and model building
+
+
+class _Builder:
+    """Walks the raw dict, converting values and collecting semantic errors.
+
+    Values of the wrong type are skipped silently (pass 1 reported them); the result is
+    only used when no error at all was found.
+    """
+
+    def __init__(self, errors: _Errors) -> None:
+        self.errors = errors
+
+    def fail(self, path: Path, msg: str) -> None:
+        self.errors.add(path, msg)
+
+    def duration(self, section: dict, key: str, path: Path, default: float, *,
+                 low: float = 0.0, high: float | None = None, low_inclusive: bool = False) -> float:
+        if key not in section:
+            return default
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return default  # type error: reported by the schema
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.fail(path + (key,), str(exc))
+            return default
+        too_low = seconds < low if low_inclusive else seconds <= low
+        if too_low:
+            bound = f">= {_fmt_seconds(low)}" if low_inclusive else f"> {_fmt_seconds(low)}"
+            self.fail(path + (key,), f"must be {bound}, got {_short(value)}")
+        elif high is not None and seconds > high:
+            self.fail(path + (key,), f"must be <= {_fmt_seconds(high)}, got {_short(value)}")
+        return seconds
+
+    def size(self, section: dict, key: str, path: Path, default: int, *, low: int = 0) -> int:
+        if key not in section:
+            return default
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return default
+        try:
+            n = parse_size(value)
+        except ValueError as exc:
+            self.fail(path + (key,), str(exc))
+            return default
+        if n < low:
+            self.fail(path + (key,), f"must be at least {low} bytes, got {_short(value)}")
+        return n
+
+    def integer(self, section: dict, key: str, default: int) -> int:
+        value = section.get(key, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    # -- sections --------------------------------------------------------
+
+    def listen(self, raw: dict) -> tuple[model.ListenAddress, ...]:
+        value = raw.get("listen")
+        items: list[tuple[Path, Any]]
+        if isinstance(value, str):
+            items = [(("listen",), value)]
+        elif isinstance(value, list):
+            items = [(("listen", i), v) for i, v in enumerate(value)]
+        else:
+            return ()
+        out: list[model.ListenAddress] = []
+        seen: list[tuple[Path, model.ListenAddress]] = []
+        for path, text in items:
+            if not isinstance(text, str):
+                continue
+            try:
+                addr = parse_listen(text)
+            except ValueError as exc:
+                self.fail(path, str(exc))
+                continue
+            for other_path, other in seen:
+                if _collides(addr, other):
+                    self.fail(path, f"{text!r} collides with {_loc(other_path)} "
+                                    f"('{_fmt_addr(other)}')")
+                    break
+            seen.append((path, addr))
+            out.append(addr)
+        return tuple(out)
+
+    def admin(self, raw: dict, listen: Iterable[model.ListenAddress]) -> model.AdminConfig:
+        section = raw.get("admin")
+        if not isinstance(section, dict) or not isinstance(section.get("listen"), str):
+            return model.AdminConfig()
+        path = ("admin", "listen")
+        try:
+            addr = parse_listen(section["listen"])
+        except ValueError as exc:
+            self.fail(path, str(exc))
+            return model.AdminConfig()
+        for data in listen:
+            if _collides(addr, data):
+                self.fail(path, f"admin listener '{_fmt_addr(addr)}' collides with data "
+                                f"listener '{_fmt_addr(data)}'")
+                break
+        return model.AdminConfig(addr)
+
+    def upstreams(self, raw: dict) -> dict[str, model.UpstreamConfig]:
+        section = raw.get("upstreams")
+        if not isinstance(section, dict):
+            return {}
+        out: dict[str, model.UpstreamConfig] = {}
+        for name, spec in section.items():
+            path: Path = ("upstreams", name)
+            if not isinstance(name, str):
+                self.fail(path, f"upstream names must be strings, got {_describe(name)}")
+                continue
+            if not isinstance(spec, dict):
+                continue
+            targets = self.targets(spec.get("targets"), path + ("targets",))
+            pool = self.pool(spec.get("pool"), path + ("pool",))
+            out[name] = model.UpstreamConfig(name, targets, pool)
+        return out
+
+    def targets(self, value: Any, path: Path) -> tuple[model.Target, ...]:
+        if not isinstance(value, list):
+            return ()
+        out: list[model.Target] = []
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                continue
+            try:
+                target = parse_target(text)
+            except ValueError as exc:
+                self.fail(path + (i,), str(exc))
+                continue
+            if target in out:
+                self.fail(path + (i,), f"duplicate target {str(target)!r}")
+                continue
+            out.append(target)
+        return tuple(out)
+
+    def pool(self, section: Any, path: Path) -> model.PoolConfig:
+        if not isinstance(section, dict):
+            return model.PoolConfig()
+        d = model.PoolConfig()
+        return model.PoolConfig(
+            max_connections=self.integer(section, "max_connections", d.max_connections),
+            max_idle=self.integer(section, "max_idle", d.max_idle),
+            idle_timeout=self.duration(section, "idle_timeout", path, d.idle_timeout),
+            connect_timeout=self.duration(section, "connect_timeout", path, d.connect_timeout),
+            max_waiters=self.integer(section, "max_waiters", d.max_waiters),
+            wait_timeout=self.duration(section, "wait_timeout", path, d.wait_timeout),
+        )
+
+    def routes(self, raw: dict, upstream_names: list[str]) -> tuple[model.RouteConfig, ...]:
+        section = raw.get("routes")
+        if not isinstance(section, list):
+            return ()
+        out: list[model.RouteConfig] = []
+        for i, spec in enumerate(section):
+            if isinstance(spec, dict):
+                route = self.route(i, spec, upstream_names)
+                if route is not None:
+                    out.append(route)
+        for index, msg in route_problems(out):
+            self.fail(("routes", index), msg)
+        return tuple(out)
+
+    def route(self, i: int, spec: dict, upstream_names: list[str]) -> model.RouteConfig | None:
+        path: Path = ("routes", i)
+        key = spec.get("route")
+        parsed: ParsedKey | None = None
+        if isinstance(key, str):
+            try:
+                parsed = parse_route_key(key)
+            except RouteKeyError as exc:
+                self.fail(path + ("route",), str(exc))
+        host: str | None = None
+        host_ok = True
+        if isinstance(spec.get("host"), str):
+            try:
+                host = _normalize_route_host(spec["host"])
+            except ValueError as exc:
+                self.fail(path + ("host",), str(exc))
+                host_ok = False
+        integration = self.integration(spec.get("integration"), path + ("integration",),
+                                       parsed, upstream_names)
+        if parsed is None or integration is None or not host_ok or not isinstance(key, str):
+            return None
+        return model.RouteConfig(key=key, method=parsed.method, path=parsed.path, host=host,
+                                 integration=integration, index=i)
+
+    def integration(self, spec: Any, path: Path, parsed: ParsedKey | None,
+                    upstream_names: list[str]) -> model.Integration | None:
+        if not isinstance(spec, dict):
+            return None
+        kind = spec.get("type")
+        if kind == "http":
+            return self.http_integration(spec, path, parsed, upstream_names)
+        if kind == "mock":
+            return self.mock_integration(spec, path)
+        return None
+
+    def http_integration(self, spec: dict, path: Path, parsed: ParsedKey | None,
+                         upstream_names: list[str]) -> model.Integration:
+        upstream = spec.get("upstream")
+        if isinstance(upstream, str) and upstream not in upstream_names:
+            known = ", ".join(sorted(upstream_names)) if upstream_names else "none are defined"
+            msg = f"unknown upstream {upstream!r} (known: {known})"
+            close = difflib.get_close_matches(upstream, upstream_names, n=1, cutoff=0.6)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+            self.fail(path + ("upstream",), msg)
+        template = spec.get("path")
+        if isinstance(template, str):
+            self.check_template(template, path + ("path",), parsed)
+        else:
+            template = None
+        timeout = self.duration(spec, "timeout", path, 29.0, low=_INTEGRATION_TIMEOUT_MIN,
+                                high=_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+        preserve = spec.get("preserve_host", False)
+        return model.Integration(
+            type="http",
+            upstream=upstream if isinstance(upstream, str) else None,
+            path=template,
+            timeout=timeout,
+            preserve_host=preserve if isinstance(preserve, bool) else False,
+        )
+
+    def check_template(self, template: str, path: Path, parsed: ParsedKey | None) -> None:
+        if not template.startswith("/"):
+            self.fail(path, f"path template {template!r} must start with '/'")
+            return
+        bad = next((ch for ch in template if ch in "?# " or not ch.isprintable() or not ch.isascii()), None)
+        if bad is not None:
+            self.fail(path, f"path template {template!r} contains {bad!r}: only a path is "
+                            "allowed (printable ASCII, no query, fragment or spaces)")
+            return
+        if _TEMPLATE_PARAM_RE.sub("", template).count("{") or _TEMPLATE_PARAM_RE.sub("", template).count("}"):
+            self.fail(path, f"path template {template!r} has an unbalanced '{{' or '}}'")
+            return
+        defined = parsed.param_names if parsed is not None else None
+        for name in _TEMPLATE_PARAM_RE.findall(template):
+            if name.endswith("+"):
+                self.fail(path, f"write {{{name[:-1]}}} in a path template, not {{{name}}}")
+                continue
+            if defined is None:
+                continue  # the route key is invalid: reported already
+            if name not in defined:
+                if defined:
+                    have = ", ".join("{" + n + "}" for n in defined)
+                    self.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "  # type: ignore[union-attr]
+                                    f"defines {have}")
+                else:
+                    self.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "  # type: ignore[union-attr]
+                                    "defines no parameters")
+
+    def mock_integration(self, spec: dict, path: Path) -> model.Integration:
+        status = self.integer(spec, "status", 200)
+        body_value = spec.get("body")
+        body = b""
+        default_type = "application/json"
+        if isinstance(body_value, (dict, list)):
+            try:
+                body = orjson.dumps(body_value)
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                self.fail(path + ("body",), f"cannot be serialised as JSON: {exc}")
+        elif isinstance(body_value, str):
+            try:
+                body = body_value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                self.fail(path + ("body",), f"cannot be encoded as UTF-8: {exc}")
+            default_type = "text/plain; charset=utf-8"
+        if body and status in _BODYLESS_STATUSES:
+            self.fail(path + ("body",), f"a {status} response has no body")
+        content_type = spec.get("content_type", default_type)
+        if not isinstance(content_type, str):
+            content_type = default_type
+        elif not content_type.strip() or not _is_header_value(content_type):
+            self.fail(path + ("content_type",), f"invalid content type {content_type!r}")
+        headers = self.mock_headers(spec.get("headers"), path + ("headers",))
+        return model.Integration(type="mock", status=status, body=body,
+                                 content_type=content_type, headers=headers)
+
+    def mock_headers(self, section: Any, path: Path) -> tuple[tuple[str, str], ...]:
+        if not isinstance(section, dict):
+            return ()
+        out: list[tuple[str, str]] = []
+        for name, value in section.items():
+            if not isinstance(name, str) or not _TOKEN_RE.match(name):
+                self.fail(path, f"invalid header name {_short(name)}")
+                continue
+            lower = name.lower()
+            if lower == "content-type":
+                self.fail(path + (name,), "set the content type with integration.content_type")
+                continue
+            if lower in _MANAGED_HEADERS:
+                self.fail(path + (name,), f"header {name!r} is managed by the gateway")
+                continue
+            if not isinstance(value, str):
+                continue
+            if not _is_header_value(value):
+                self.fail(path + (name,), f"invalid header value {_short(value)} "
+                                          "(no control characters or line breaks)")
+                continue
+            out.append((name, value))
+        return tuple(out)
+
+    def limits(self, raw: dict) -> model.Limits:
+        section = raw.get("limits")
+        if not isinstance(section, dict):
+            return model.Limits()
+        d, p = model.Limits(), ("limits",)
+        return model.Limits(
+            max_head_bytes=self.size(section, "max_head_bytes", p, d.max_head_bytes, low=256),
+            max_headers=self.integer(section, "max_headers", d.max_headers),
+            max_body_bytes=self.size(section, "max_body_bytes", p, d.max_body_bytes),
+            head_timeout=self.duration(section, "head_timeout", p, d.head_timeout),
+            body_timeout=self.duration(section, "body_timeout", p, d.body_timeout),
+            keepalive_timeout=self.duration(section, "keepalive_timeout", p, d.keepalive_timeout),
+            send_timeout=self.duration(section, "send_timeout", p, d.send_timeout),
+            max_pipelined=self.integer(section, "max_pipelined", d.max_pipelined),
+        )
+
+    def access_log(self, raw: dict) -> model.AccessLogConfig:
+        section = raw.get("access_log")
+        if not isinstance(section, dict):
+            return model.AccessLogConfig()
+        d, p = model.AccessLogConfig(), ("access_log",)
+        destination = section.get("destination", d.destination)
+        if destination is False:  # YAML 1.1 reads a bare `off` as false
+            destination = "off"
+        if destination not in ("stdout", "stderr", "file", "off"):
+            destination = d.destination
+        log_path = section.get("path")
+        if not isinstance(log_path, str):
+            log_path = None
+        if destination == "file" and "path" not in section:
+            self.fail(p, "missing required key 'path' (destination is 'file')")
+        elif destination == "file" and log_path is not None and not log_path.strip():
+            self.fail(p + ("path",), "must not be empty")
+        elif destination != "file" and "path" in section:
+            self.fail(p + ("path",), f"only used with destination 'file' (destination is {destination!r})")
+        return model.AccessLogConfig(
+            destination=destination,
+            path=log_path if destination == "file" else None,
+            flush_interval=self.duration(section, "flush_interval", p, d.flush_interval),
+            buffer_bytes=self.size(section, "buffer_bytes", p, d.buffer_bytes, low=1),
+        )
+
+
+def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | None:
+    b = _Builder(errors)
+    listen = b.listen(raw)
+    admin = b.admin(raw, listen)
+    upstreams = b.upstreams(raw)
+    names = [n for n in (raw.get("upstreams") or {}) if isinstance(n, str)] \
+        if isinstance(raw.get("upstreams"), dict) else []
+    routes = b.routes(raw, names)
+    limits = b.limits(raw)
+    access_log = b.access_log(raw)
+    drain = b.duration(raw, "drain_timeout", (), 30.0, low_inclusive=True)
+    if errors:
+        return None
+    http = raw.get("http") or {}
+    return model.Config(
+        listen=listen,
+        workers=raw.get("workers", 1),
+        parser=http.get("parser", "httptools"),
+        admin=admin,
+        upstreams=upstreams,
+        routes=routes,
+        limits=limits,
+        access_log=access_log,
+        drain_timeout=drain,
+        log_level=raw.get("log_level", "info"),
+        source=source,
+        raw=raw,
+    )
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+
+
+def _collides(a: model.ListenAddress, b: model.ListenAddress) -> bool:
+    """Two listeners that cannot both bind: same non-zero port and overlapping hosts."""
+    if a.port == 0 or a.port != b.port:
+        return False
+    ha, hb = a.host.lower(), b.host.lower()
+    return ha == hb or "::" in (ha, hb) or (
+        "0.0.0.0" in (ha, hb) and ":" not in ha + hb  # IPv4 wildcard vs an IPv4/name host
+    )
+
+
+def _fmt_addr(addr: model.ListenAddress) -> str:
+    host = f"[{addr.host}]" if ":" in addr.host else addr.host
+    return f"{host}:{addr.port}"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def _is_header_value(value: str) -> bool:
+    """Printable ASCII and tabs: no CR, LF, NUL or other control characters."""
+    return all(ch == "\t" or " " <= ch <= "~" for ch in value)

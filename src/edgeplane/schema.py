@@ -1,0 +1,269 @@
+"""The JSON Schema (draft 2020-12) of the edgeplane config file.
+
+This module owns the *shape* of the config file: which keys exist, their types,
+enumerations and numeric ranges. It is data, not code: `edgeplane.config` validates the
+raw YAML against `CONFIG_SCHEMA` first (pass 1), then runs the semantic checks a schema
+cannot express (pass 2: upstream references, route key syntax, duplicate routes, URLs,
+listen addresses, duration ranges, ...). `edgeplane schema` prints `schema_json()` so that
+editors (YAML language server, VS Code) can validate and complete config files.
+
+Invariants:
+- every key the loader reads is declared here, and every object is closed
+  (`additionalProperties: false`), so a typo is always an error, never ignored;
+- `$defs` entries that the loader reports with a hand-written message carry a `title`
+  (see `config._EXPECTED`);
+- `DURATION_RE` and `SIZE_RE` are the single definitions of those string formats: the
+  loader parses with the same expressions.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["CONFIG_SCHEMA", "DURATION_RE", "SIZE_RE", "schema_json"]
+
+# "500ms", "30s", "1.5s", "5m", "2h", or a bare number of seconds ("30").
+DURATION_RE = r"^\s*([0-9]+(\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$"
+# "10240", "512B", "10KiB", "10MiB", "1GiB", "10kB"/"10KB" (x1000), "1MB", "1GB".
+SIZE_RE = r"^\s*[0-9]+\s*([bB]|[kKmMgG][iI]?[bB])?\s*$"
+
+_DURATION = {
+    "title": "duration",
+    "description": "Seconds as a number, or a string with a unit: '500ms', '30s', '5m', '2h'.",
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": DURATION_RE},
+    ],
+}
+
+_SIZE = {
+    "title": "size",
+    "description": "Bytes as an integer, or a string: '10240', '10KiB', '10MiB', '1MB'.",
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": SIZE_RE},
+    ],
+}
+
+_LISTEN_ADDRESS = {
+    "title": "listen address",
+    "description": "'host:port'; IPv6 in brackets: '[::1]:8080'. Port 0 picks a free port.",
+    "type": "string",
+}
+
+_POOL = {
+    "type": "object",
+    "description": "Connection pool toward each target of the upstream.",
+    "additionalProperties": False,
+    "properties": {
+        "max_connections": {
+            "type": "integer",
+            "minimum": 1,
+            "default": 1024,
+            "description": "Connections per target: in use + idle + connecting.",
+        },
+        "max_idle": {
+            "type": "integer",
+            "minimum": 0,
+            "default": 128,
+            "description": "Idle keep-alive connections kept per target.",
+        },
+        "idle_timeout": {"$ref": "#/$defs/duration", "default": "60s"},
+        "connect_timeout": {"$ref": "#/$defs/duration", "default": "5s"},
+        "max_waiters": {
+            "type": "integer",
+            "minimum": 0,
+            "default": 1024,
+            "description": "Requests queued when max_connections is reached (then 503).",
+        },
+        "wait_timeout": {"$ref": "#/$defs/duration", "default": "5s"},
+    },
+}
+
+_UPSTREAM = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["targets"],
+    "properties": {
+        "targets": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "string",
+                "description": "'http://host:port' (https is not supported yet).",
+            },
+        },
+        "pool": {"$ref": "#/$defs/pool"},
+    },
+}
+
+_HTTP_INTEGRATION = {
+    "additionalProperties": False,
+    "required": ["upstream"],
+    "properties": {
+        "type": {"const": "http"},
+        "upstream": {"type": "string", "description": "Name of an entry of `upstreams`."},
+        "path": {
+            "type": "string",
+            "description": "Upstream path template, e.g. '/v2/{proxy}'; default: the request path.",
+        },
+        "timeout": {
+            "$ref": "#/$defs/duration",
+            "default": "29s",
+            "description": "Integration timeout, 50ms..30s; past it the client gets 504.",
+        },
+        "preserve_host": {
+            "type": "boolean",
+            "default": False,
+            "description": "Forward the client's Host header instead of the target's.",
+        },
+    },
+}
+
+_MOCK_INTEGRATION = {
+    "additionalProperties": False,
+    "properties": {
+        "type": {"const": "mock"},
+        "status": {"type": "integer", "minimum": 200, "maximum": 599, "default": 200},
+        "body": {
+            "type": ["object", "array", "string", "null"],
+            "description": "Object/array: sent as JSON. String: sent as UTF-8 text. Absent: empty.",
+        },
+        "content_type": {"type": "string"},
+        "headers": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Extra response headers, name -> value.",
+        },
+    },
+}
+
+_INTEGRATION = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {"type": {"enum": ["http", "mock"]}},
+    "allOf": [
+        {
+            "if": {"required": ["type"], "properties": {"type": {"const": "http"}}},
+            "then": _HTTP_INTEGRATION,
+        },
+        {
+            "if": {"required": ["type"], "properties": {"type": {"const": "mock"}}},
+            "then": _MOCK_INTEGRATION,
+        },
+    ],
+}
+
+_ROUTE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["route", "integration"],
+    "properties": {
+        "route": {
+            "type": "string",
+            "description": "Route key: 'GET /users/{id}', 'ANY /files/{proxy+}' or '$default'.",
+        },
+        "host": {
+            "type": "string",
+            "description": "Only for this Host: 'api.example.com' or '*.example.com'.",
+        },
+        "integration": {"$ref": "#/$defs/integration"},
+    },
+}
+
+_LIMITS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "max_head_bytes": {"$ref": "#/$defs/size", "default": 10240},
+        "max_headers": {"type": "integer", "minimum": 1, "default": 100},
+        "max_body_bytes": {"$ref": "#/$defs/size", "default": "10MiB"},
+        "head_timeout": {"$ref": "#/$defs/duration", "default": "10s"},
+        "body_timeout": {"$ref": "#/$defs/duration", "default": "30s"},
+        "keepalive_timeout": {"$ref": "#/$defs/duration", "default": "60s"},
+        "send_timeout": {"$ref": "#/$defs/duration", "default": "60s"},
+        "max_pipelined": {"type": "integer", "minimum": 0, "default": 16},
+    },
+}
+
+_ACCESS_LOG = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "destination": {
+            "enum": ["stdout", "stderr", "file", "off", False],
+            "default": "stdout",
+            "description": "stdout | stderr | file | off (false = off: YAML 1.1 reads a bare off as false).",
+        },
+        "path": {"type": "string", "description": "Log file, required iff destination is 'file'."},
+        "flush_interval": {"$ref": "#/$defs/duration", "default": "500ms"},
+        "buffer_bytes": {"$ref": "#/$defs/size", "default": "64KiB"},
+    },
+}
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://edgeplane.dev/schemas/config.json",
+    "title": "edgeplane configuration",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["listen"],
+    "properties": {
+        "listen": {
+            "title": "listen",
+            "description": "Data-plane listen address(es).",
+            "anyOf": [
+                {"$ref": "#/$defs/listenAddress"},
+                {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/listenAddress"}},
+            ],
+        },
+        "workers": {
+            "title": "workers",
+            "description": "Worker processes: an integer >= 1, or 'auto' (one per CPU).",
+            "default": 1,
+            "anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
+        },
+        "http": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"parser": {"enum": ["httptools", "h11"], "default": "httptools"}},
+        },
+        "admin": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "listen": {
+                    "anyOf": [{"$ref": "#/$defs/listenAddress"}, {"type": "null"}],
+                    "description": "Admin listener; absent or null = no admin listener.",
+                }
+            },
+        },
+        "upstreams": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_-]*$"},
+            "additionalProperties": {"$ref": "#/$defs/upstream"},
+        },
+        "routes": {"type": "array", "items": {"$ref": "#/$defs/route"}},
+        "limits": {"$ref": "#/$defs/limits"},
+        "access_log": {"$ref": "#/$defs/accessLog"},
+        "drain_timeout": {"$ref": "#/$defs/duration", "default": "30s"},
+        "log_level": {"enum": ["debug", "info", "warning", "error"], "default": "info"},
+    },
+    "$defs": {
+        "duration": _DURATION,
+        "size": _SIZE,
+        "listenAddress": _LISTEN_ADDRESS,
+        "pool": _POOL,
+        "upstream": _UPSTREAM,
+        "integration": _INTEGRATION,
+        "route": _ROUTE,
+        "limits": _LIMITS,
+        "accessLog": _ACCESS_LOG,
+    },
+}
+
+
+def schema_json() -> str:
+    """The schema as pretty JSON (what `edgeplane schema` prints)."""
+    return json.dumps(CONFIG_SCHEMA, indent=2) + "\n"
