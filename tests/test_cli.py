@@ -1,0 +1,136 @@
+"""The CLI as users run it (subprocesses), and the access log as written to a file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import yaml
+
+from conftest import base_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeplane", *args], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+
+
+def test_validate_default_config_ok():
+    res = run_cli("validate", "-c", "conf/edgeplane.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "OK (4 routes, 1 upstreams)" in res.stdout
+
+
+def test_validate_lists_every_error_by_location(tmp_path):
+    bad = {
+        "listen": ["127.0.0.1:8080"],
+        "upstreams": {"users": {"targets": ["http://127.0.0.1:9001"]},
+                      "static": {"targets": ["http://127.0.0.1:9002"]}},
+        "routes": [
+            {"route": "GET /a", "integration": {"type": "http", "upstream": "users"}},
+            {"route": "GET /b", "integration": {"type": "http", "upstream": "users"}},
+            {"route": "GET /c", "integration": {"type": "http", "upstream": "userz"}},
+            {"route": "GET /a", "integration": {"type": "mock"}},
+            {"route": "GET /d", "integration": {"type": "http", "upstream": "users", "tiemout": 3}},
+        ],
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    res = run_cli("validate", "-c", str(path))
+    assert res.returncode == 1
+    err = res.stderr
+    assert "routes[2].integration.upstream: unknown upstream 'userz' (known: static, users)" in err
+    assert "routes[3]: duplicate of routes[0]" in err
+    assert "routes[4].integration" in err and "tiemout" in err
+    assert "Traceback" not in err
+
+
+def test_validate_yaml_syntax_error_has_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("listen: [\n  routes: {\n")
+    res = run_cli("validate", "-c", str(path))
+    assert res.returncode == 1
+    assert "line" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_validate_missing_file():
+    res = run_cli("validate", "-c", "/nonexistent/edgeplane.yaml")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "/nonexistent/edgeplane.yaml" in res.stderr
+
+
+def test_routes_prints_priority_order(tmp_path):
+    cfg = base_config(9001, routes=[
+        {"route": "$default", "integration": {"type": "mock"}},
+        {"route": "ANY /files/{proxy+}", "integration": {"type": "mock"}},
+        {"route": "GET /files/{name}", "integration": {"type": "mock"}},
+        {"route": "GET /files/readme", "integration": {"type": "mock"}},
+    ])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_cli("routes", "-c", str(path))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    order = [out.index(p) for p in ("/files/readme", "/files/{name}", "/files/{proxy+}", "$default")]
+    assert order == sorted(order)
+
+
+def test_schema_is_json_schema():
+    res = run_cli("schema")
+    assert res.returncode == 0
+    schema = json.loads(res.stdout)
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert "routes" in schema["properties"] and "listen" in schema["properties"]
+
+
+def test_help_lists_every_command_and_option():
+    res = run_cli("--help")
+    for cmd in ("serve", "validate", "routes", "schema", "demo-upstream"):
+        assert cmd in res.stdout
+    res = run_cli("serve", "--help")
+    for opt in ("--config", "--workers", "--log-level", "--parser", "--demo-upstream"):
+        assert opt in res.stdout
+
+
+def test_serve_with_bad_config_exits_nonzero(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen: nope\n")
+    res = run_cli("serve", "-c", str(path))
+    assert res.returncode == 1
+    assert "listen" in res.stderr and "Traceback" not in res.stderr
+
+
+async def test_access_log_file_fields(upstream, gateway, client_factory, tmp_path):
+    log_path = tmp_path / "access.log"
+    gw = await gateway(base_config(upstream.port, access_log={
+        "destination": "file", "path": str(log_path), "flush_interval": "50ms"}))
+    c = await client_factory(gw.addresses[0])
+    r1 = await c.request("GET", "/users/9?q=1", headers={"X-Request-Id": "req-1"})
+    r2 = await c.request("GET", "/ping")
+    assert r1.status == 200 and r2.status == 200
+    bad = await client_factory(gw.addresses[0])
+    await bad.send(b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n")
+    r3 = await bad.read_response()
+    assert r3.status == 400
+    await gw.stop()
+    lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines()]
+    assert len(lines) == 3
+    by_id = {ln["requestId"]: ln for ln in lines}
+    first = by_id["req-1"]
+    assert first["httpMethod"] == "GET" and first["path"] == "/users/9"
+    assert first["routeKey"] == "GET /users/{id}" and first["status"] == 200
+    assert first["protocol"] == "HTTP/1.1" and first["sourceIp"] == "127.0.0.1"
+    assert first["upstream"] == f"http://127.0.0.1:{upstream.port}"
+    assert first["integrationLatency"] is not None and first["responseLatency"] >= first["integrationLatency"]
+    assert first["responseLength"] == len(r1.body)
+    assert "/" in first["requestTime"] and first["requestTimeEpoch"] > 1.7e12
+    mock = next(ln for ln in lines if ln["path"] == "/ping")
+    assert mock["integrationLatency"] is None and mock["upstream"] is None
+    err = next(ln for ln in lines if ln["status"] == 400)
+    assert err["error"].startswith("malformed request")
+    assert gw.stats()["errors"]["400"] == 1
