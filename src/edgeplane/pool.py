@@ -212,7 +212,10 @@ class TargetPool:
                     conn.requests += 1
                     conn.exchange = exchange
                     return conn
-        if len(self.waiters) >= self.cfg.max_waiters:
+        # Waiters beyond what pending and still-allowed connects will serve are queued;
+        # that queue is what `max_waiters` bounds.
+        room = max(self.cfg.max_connections - self._total(), 0)
+        if len(self.waiters) - self.connecting - room >= self.cfg.max_waiters:
             raise PoolOverflow
         exchange.wait_started = self.loop.time()
         self.waiters.append(exchange)
