@@ -77,6 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is None:
             self.close("unsolicited_data")
             return
+        exchange = self.exchange
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -85,6 +86,8 @@ class UpstreamConnection(asyncio.Protocol):
             if exchange is not None:
                 exchange.on_upstream_failed(f"invalid response from upstream: {exc}")
             return
+        if exchange.out:
+            exchange.flush()
         if self.reset_parser:
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)

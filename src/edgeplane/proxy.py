@@ -165,7 +165,7 @@ class ProxyExchange:
         "integ", "proto", "req", "pool", "conn", "timeout", "head", "replay", "replay_size",
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
-        "t_dispatch", "buffered", "upstream_paused",
+        "t_dispatch", "buffered", "upstream_paused", "out",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -192,6 +192,9 @@ class ProxyExchange:
         self.t_dispatch = 0.0
         self.buffered = 0
         self.upstream_paused = False
+        # Response bytes produced while parsing one upstream read; written to the client
+        # in one call per read (`flush`), so a small response costs one send.
+        self.out: list[bytes] = []
 
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
@@ -354,8 +357,7 @@ class ProxyExchange:
         self.keep_alive = keep
         req.status = status
         req.response_started = True
-        proto.write(b"".join(parts))
-        proto.set_deadline(T_UPSTREAM, self.timeout)
+        self.out.append(b"".join(parts))
         if self.head_only:
             # llhttp cannot be told the request was HEAD: end here, fresh parser next.
             conn = self.conn
@@ -367,10 +369,17 @@ class ProxyExchange:
             return
         self.req.response_length += len(chunk)
         if self.chunked_out:
-            self.proto.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self.proto.write(chunk)
-        self.proto.set_deadline(T_UPSTREAM, self.timeout)
+            self.out.append(chunk)
+
+    def flush(self) -> None:
+        """End of one upstream read: send what it produced; the response is alive."""
+        out = self.out
+        if out and not self.done:
+            self.proto.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+            self.proto.set_deadline(T_UPSTREAM, self.timeout)
 
     def on_response_complete(self, upstream_keep_alive: bool) -> None:
         if self.done:
@@ -381,8 +390,12 @@ class ProxyExchange:
         self.done = True
         req = self.req
         proto = self.proto
+        out = self.out
         if self.chunked_out:
-            proto.write(_CHUNK_END)
+            out.append(_CHUNK_END)
+        if out:
+            proto.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
         conn = self.conn
         self.conn = None
         if self.upstream_paused:
