@@ -31,11 +31,12 @@ import sys
 import time
 from collections import deque
 from email.utils import formatdate
-from http import HTTPStatus
 from typing import Iterator
 
 import httptools
 import orjson
+
+from .responses import STATUS_LINES
 
 __all__ = ["DemoUpstream", "main"]
 
@@ -50,16 +51,6 @@ MAX_QUEUED_RESPONSES = 128
 # --------------------------------------------------------------------------- precomputed bytes
 
 
-def _reason(code: int) -> str:
-    try:
-        return HTTPStatus(code).phrase
-    except ValueError:
-        return ""
-
-
-STATUS_LINES: dict[int, bytes] = {
-    code: b"HTTP/1.1 %d %s\r\n" % (code, _reason(code).encode("ascii")) for code in range(100, 600)
-}
 _STATUS_200 = STATUS_LINES[200]
 _CONN_KEEP = b""
 _CONN_CLOSE = b"connection: close\r\n"

@@ -154,7 +154,7 @@ def _drop_connection_named(lines: list[bytes], start: int, tokens: frozenset[byt
     out = lines[:start]
     i = start
     while i < len(lines):
-        if lines[i] not in tokens:
+        if lines[i].lower() not in tokens:
             out += lines[i : i + 4]
         i += 4
     return out
@@ -332,10 +332,7 @@ class ProxyExchange:
             parts += (name, b": ", value, b"\r\n")
         if connection_named:
             tokens = _connection_tokens([(n.lower(), v) for n, v in headers])
-            parts = [parts[0]] + [
-                p for i in range(1, len(parts), 4) if parts[i].lower() not in tokens
-                for p in parts[i : i + 4]
-            ]
+            parts = _drop_connection_named(parts, 1, tokens)
         keep = req.keep_alive and not proto.ctx.draining
         if self.head_only or status == 204 or status == 304:
             if content_length is not None and status != 204:
