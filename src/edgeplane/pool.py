@@ -12,6 +12,8 @@ Invariants (in the manner of aiohttp's connector):
   `idle` (or from a finished connect) and attaching it to its exchange.
 - A connection the upstream closed, that sent bytes while idle, or whose response was
   not read to its end is never handed out again.
+- A response head is bounded (`MAX_RESPONSE_HEAD`): an upstream that never ends its head
+  is dropped as an invalid response, not buffered.
 - Waiters are served first-in first-out; a waiter whose client went away is skipped.
 - Connects and sweeps are the only tasks/timers; the request path uses callbacks.
 """
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeplane.pool")
 
 _ids = itertools.count(1)
+MAX_RESPONSE_HEAD = 64 * 1024  # bytes of one upstream response head (Envoy: 60 KiB)
 
 
 class PoolOverflow(Exception):
@@ -43,7 +46,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "id", "loop", "transport", "parser", "exchange", "created", "connect_time",
         "requests", "bytes_in", "bytes_out", "idle_since", "closed", "close_reason",
-        "reset_parser", "local_port", "resp_headers",
+        "reset_parser", "local_port", "resp_headers", "head_bytes",
     )
 
     def __init__(self, pool: TargetPool) -> None:
@@ -64,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reset_parser = False
         self.local_port = 0
         self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = -1  # bytes read while a response head is incomplete; -1: none is
 
     # -- transport events --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,6 +90,12 @@ class UpstreamConnection(asyncio.Protocol):
             if exchange is not None:
                 exchange.on_upstream_failed(f"invalid response from upstream: {exc}")
             return
+        if self.head_bytes >= 0:  # the head is still incomplete after this read
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                self.close("invalid_response")
+                exchange.on_upstream_failed("upstream response head too large")
+                return
         if exchange.out:
             exchange.flush()
         if self.reset_parser:
@@ -121,11 +131,13 @@ class UpstreamConnection(asyncio.Protocol):
     # -- parser callbacks (forwarded to the exchange) -----------------------------
     def on_message_begin(self) -> None:
         self.resp_headers = []
+        self.head_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.head_bytes = -1
         exchange = self.exchange
         if exchange is None:
             raise httptools.HttpParserError("response without a request")

@@ -376,7 +376,8 @@ class ProxyExchange:
         if out and not self.done:
             self.proto.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-            self.proto.set_deadline(T_UPSTREAM, self.timeout)
+            if not self.proto.write_paused:  # else the client's send deadline stands
+                self.proto.set_deadline(T_UPSTREAM, self.timeout)
 
     def on_response_complete(self, upstream_keep_alive: bool) -> None:
         if self.done:

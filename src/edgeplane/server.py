@@ -20,6 +20,10 @@ Invariants:
 - One timer per connection (`_timer`), moved lazily: setting a later deadline costs a float
   store; the timer reschedules itself when it fires early.
 - No exception text reaches a client: every rejection is a JSON `{"message": ...}` reply.
+- Closing while the client may still be sending (a refused or unread body, bytes after
+  a parse error) is a lingering close (RFC 9112 9.6): FIN after the answer, then what
+  arrives is read and dropped until the client closes or `_LINGER_SECONDS` pass, so a
+  reset cannot destroy the answer before the client reads it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from . import responses
-from .codec import HttpParserError, HttpParserUpgrade, new_request_parser
+from .codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, new_request_parser
 from .responses import STATUS_LINES
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ T_BODY = 3  # request body stalled (local reply pending) -> 408
 T_UPSTREAM = 4  # waiting for the integration -> 504 (408 if the client stalls its body)
 T_SEND = 5  # client stopped reading our response -> abort
 T_KEEPALIVE = 6  # idle keep-alive -> close quietly
+T_LINGER = 7  # answered and half-closed, dropping what the client still sends -> close
 
 # Reasons to pause reading from the client (bitmask).
 P_PIPELINE = 1  # too many parsed requests waiting
@@ -63,6 +68,7 @@ _SPECIAL_HEADERS = frozenset(
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
 _DRAIN_BODY_MAX = 64 * 1024  # unread body we are willing to read and discard
 _PIPELINE_BUFFER_MAX = 256 * 1024
+_LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
 
 
 class _Reject(Exception):
@@ -71,6 +77,11 @@ class _Reject(Exception):
     def __init__(self, status: int, reason: str) -> None:
         self.status = status
         self.reason = reason
+
+
+class _Stop(Exception):
+    """Raised from `on_message_begin` once parsing has stopped: nothing after the
+    message that ended the connection is parsed, dispatched or answered."""
 
 
 class Request:
@@ -134,8 +145,8 @@ def body_drainable(req: Request) -> bool:
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
-        "_queued_bytes", "_pause", "_write_paused", "_timer", "_timer_at", "_deadline",
-        "_timer_kind", "_head_partial", "_head_bytes", "_parser_dead", "_closed",
+        "_queued_bytes", "_pause", "write_paused", "_timer", "_timer_at", "_deadline",
+        "_timer_kind", "_head_partial", "_head_bytes", "_head_raw", "_parser_dead", "_closed",
         "_peer_eof", "_last_parsed",
     )
 
@@ -150,13 +161,14 @@ class HttpProtocol(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._queued_bytes = 0
         self._pause = 0
-        self._write_paused = False
+        self.write_paused = False  # read by the proxy: keep the send deadline while set
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._deadline = 0.0
         self._timer_kind = T_NONE
         self._head_partial = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # head bytes seen by the parser callbacks
+        self._head_raw = 0  # raw bytes of reads that fell wholly inside an unfinished head
         self._parser_dead = False
         self._closed = False
         self._peer_eof = False
@@ -208,14 +220,14 @@ class HttpProtocol(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
         req = self._active
         if req is not None and req.exchange is not None:
             req.exchange.pause_upstream()
         self.set_deadline(T_SEND, self.ctx.limits.send_timeout)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         req = self._active
         if req is not None and req.exchange is not None:
             req.exchange.resume_upstream()
@@ -241,6 +253,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._parser_dead:
             return
         was_partial = self._head_partial
+        parsing = self._parsing
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -249,30 +262,43 @@ class HttpProtocol(asyncio.Protocol):
             if self._last_parsed is not None:
                 self._last_parsed.keep_alive = False
             self._stop_parsing()
+            if self._active is None and not self._closed:
+                self._close_after_response()  # it was answered already (synchronously)
             return
-        except _Reject as rej:
+        except _Reject as rej:  # raised by a callback under h11 (httptools wraps it)
             self._parse_failed(rej.status, rej.reason)
+            return
+        except _Stop:
             return
         except HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, _Reject):
                 self._parse_failed(cause.status, cause.reason)
+            elif isinstance(cause, _Stop):
+                pass
+            elif isinstance(exc, HeadTooLarge):
+                self._parse_failed(431, "request head too large")
             else:
                 self._parse_failed(400, f"malformed request: {exc}")
             return
-        # A head that spans reads: count raw bytes so one endless header cannot grow
-        # the parser's buffer past the limit before any callback sees it.
-        if was_partial and self._head_partial:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.ctx.limits.max_head_bytes:
+        # A head that spans reads: count the raw bytes of every read that falls wholly
+        # inside it, so one endless header cannot grow the parser's buffer past the
+        # limit before any callback sees it. (Counted apart from `_head_bytes`: the
+        # callbacks count the same bytes again once a header line is complete.)
+        if was_partial and self._head_partial and self._parsing is parsing:
+            self._head_raw += len(data)
+            if self._head_raw > self.ctx.limits.max_head_bytes:
                 self._parse_failed(431, "request head too large")
 
     # parser callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._parser_dead:
+            raise _Stop  # bytes after the message that ends the connection
         req = Request(time.perf_counter())
         self._parsing = req
         self._head_partial = True
         self._head_bytes = 0
+        self._head_raw = 0
         if self._active is None:
             self.set_deadline(T_HEAD, self.ctx.limits.head_timeout)
 
@@ -301,7 +327,11 @@ class HttpProtocol(asyncio.Protocol):
             elif name == b"content-length":
                 req.content_length = int(value)  # the parser already checked the digits
             elif name == b"transfer-encoding":
-                req.chunked = True  # the parser refuses anything but a final "chunked"
+                # Only plain "chunked" is forwarded (re-framed); llhttp would accept
+                # "gzip, chunked" and refuse a non-final "chunked" only after the head.
+                if value != b"chunked" and value.rstrip(b" \t").lower() != b"chunked":
+                    raise _Reject(400, "unsupported Transfer-Encoding")
+                req.chunked = True
             elif name == b"expect":
                 if value.lower() == b"100-continue":
                     req.expect_continue = True
@@ -507,20 +537,33 @@ class HttpProtocol(asyncio.Protocol):
         req.responded = True
         self.ctx.access_log.record(req, self)
         if not keep_alive or self.ctx.draining:
-            self._close_after_response()
+            # Linger when the client may still be sending: after a parse failure, or
+            # with a request body that was not read to its end.
+            self._close_after_response(
+                self._parser_dead or (not req.complete and (req.chunked or bool(req.content_length)))
+            )
         elif req.complete:
             self._advance()
         else:
             # The body is still arriving; it is read and dropped, then we move on.
             self.set_deadline(T_BODY, self.ctx.limits.body_timeout)
 
-    def _close_after_response(self) -> None:
+    def _close_after_response(self, linger: bool = False) -> None:
         self._stop_parsing()
         self._queue.clear()
         self._active = None
-        self.set_deadline(T_NONE, 0)
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            self.set_deadline(T_NONE, 0)
+            return
+        if linger and not self._peer_eof and not self._closed and transport.can_write_eof():
+            transport.write_eof()  # FIN once the answer is flushed
+            self._pause = 0
+            transport.resume_reading()  # data_received drops everything now
+            self.set_deadline(T_LINGER, _LINGER_SECONDS)
+        else:
+            self.set_deadline(T_NONE, 0)
+            transport.close()
 
     def abort(self) -> None:
         """Drop the connection without a reply (response already started)."""
@@ -534,20 +577,23 @@ class HttpProtocol(asyncio.Protocol):
 
     def _parse_failed(self, status: int, reason: str) -> None:
         """The parser (or a limit) refused the bytes: answer in order, then close."""
+        if self._parser_dead:
+            # Parsing already stopped inside this read (the connection is closing after
+            # an answer): the rest of the bytes are not ours to judge or answer.
+            return
         self._stop_parsing()
         req = self._parsing
         self._parsing = None
         self._head_partial = False
         if req is None:
             req = Request(time.perf_counter())
-        elif req.dispatched and req is self._active:
-            # The failure is in the body of the request being answered.
+        elif req.dispatched:
+            # The failure is in the body of the request being answered (the active one:
+            # a dispatched request stays active until its body is complete).
             if req.exchange is not None:
                 req.exchange.abort(reason)
             if req.response_started:
-                req.error = reason
-                self.ctx.count_error(str(status))
-                self.abort()
+                self._abort_active(req, status, reason)
                 return
             req.keep_alive = False
             self.send_error(req, status, reason)
@@ -591,10 +637,14 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._timer_kind = T_NONE
         if kind == T_FIRST or kind == T_KEEPALIVE:
-            self.transport.close()
+            if self.write_paused:
+                self.transport.abort()  # close() would wait for a reader that never reads
+            else:
+                self.transport.close()
         elif kind == T_HEAD:
-            self.ctx.count_error("head_timeout")
-            self._parse_failed(408, "request head not received in time")
+            self._parse_failed(408, "request head not received in time")  # counted as "408"
+        elif kind == T_LINGER:
+            self.transport.close()
         elif kind == T_BODY:
             self.ctx.count_error("body_timeout")
             self.abort()
@@ -610,18 +660,30 @@ class HttpProtocol(asyncio.Protocol):
         elif kind == T_SEND:
             self.ctx.count_error("send_timeout")
             req = self._active
-            if req is not None and req.exchange is not None:
-                req.exchange.abort("client stopped reading")
+            if req is not None and not req.responded:
+                if req.exchange is not None:
+                    req.exchange.abort("client stopped reading")
+                req.responded = True  # counted and logged here, not again as a 499
+                req.error = "client stopped reading the response"
+                self.ctx.access_log.record(req, self)
             self.abort()
 
     def _fail_active(self, req: Request, status: int, reason: str) -> None:
         if req.response_started:
-            req.error = reason
-            self.ctx.count_error(str(status))
-            self.abort()
+            self._abort_active(req, status, reason)
         else:
             req.keep_alive = False
             self.send_error(req, status, reason)
+
+    def _abort_active(self, req: Request, status: int, reason: str) -> None:
+        """A failure after the response started: dropping the connection is the only
+        honest signal left. Counted and logged once (connection_lost then skips it)."""
+        if not req.responded:
+            req.responded = True
+            req.error = reason
+            self.ctx.count_error(str(status))
+            self.ctx.access_log.record(req, self)
+        self.abort()
 
 
 def status_line(status: int) -> bytes:
