@@ -190,7 +190,7 @@ class TargetPool:
     __slots__ = (
         "target", "cfg", "loop", "idle", "in_use", "connecting", "waiters", "conns",
         "opened", "reused", "requests", "connect_failures", "closed_by_reason",
-        "down_until", "closing", "_tasks", "host", "port", "authority",
+        "down_until", "closing", "_tasks", "host", "port", "authority", "name",
     )
 
     def __init__(self, target: Target, cfg: PoolConfig, loop: asyncio.AbstractEventLoop) -> None:
@@ -198,6 +198,7 @@ class TargetPool:
         self.host = target.host
         self.port = target.port
         self.authority = target.authority.encode()
+        self.name = str(target)  # "http://host:port", for logs (computed once)
         self.cfg = cfg
         self.loop = loop
         self.idle: list[UpstreamConnection] = []  # a stack: the warmest connection first
@@ -372,7 +373,7 @@ class TargetPool:
 
     def telemetry(self, now: float) -> dict[str, Any]:
         return {
-            "target": str(self.target),
+            "target": self.name,
             "opened": self.opened,
             "reused": self.reused,
             "requests": self.requests,

@@ -226,7 +226,7 @@ class ProxyExchange:
         proto = self.proto
         if not self.head:
             self.head = self.integ.request_head(proto, req, self.pool)
-        req.upstream = str(self.pool.target)
+        req.upstream = self.pool.name
         if self.replay:
             # A retry: what was sent before goes again on the fresh connection.
             conn.write(b"".join([self.head, *self.replay]))

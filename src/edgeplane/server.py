@@ -536,6 +536,7 @@ class HttpProtocol(asyncio.Protocol):
         """The response to the active request is fully written."""
         req.responded = True
         self.ctx.access_log.record(req, self)
+        req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC
         if not keep_alive or self.ctx.draining:
             # Linger when the client may still be sending: after a parse failure, or
             # with a request body that was not read to its end.

@@ -18,6 +18,7 @@ named by `EDGEPLANE_READY_FD`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -55,6 +56,11 @@ async def _serve(config: Config, reuse_port: bool, ready_fd: int | None) -> None
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config, reuse_port=reuse_port)
     await gateway.start()
+    # Everything built at start-up (config, snapshot, modules) lives for the whole
+    # process: move it out of the collector's generations so a collection only walks
+    # objects made since. Per-request objects are freed by reference counting.
+    gc.collect()
+    gc.freeze()
     if ready_fd is not None:
         os.write(ready_fd, b"R")
         os.close(ready_fd)
