@@ -39,7 +39,7 @@ class Stats:
 class ServerContext:
     __slots__ = (
         "loop", "snapshot", "limits", "parser_kind", "connections", "stats", "date",
-        "access_log", "draining", "_rid_prefix", "_rid_counter", "name",
+        "access_log", "draining", "rid_prefix", "rid_counter", "name",
     )
 
     def __init__(
@@ -64,12 +64,13 @@ class ServerContext:
         self.name = name
         # Request ids look like UUIDs: 20 random hex digits per process, then a counter.
         r = os.urandom(10).hex()
-        self._rid_prefix = f"{r[:8]}-{r[8:12]}-{r[12:16]}-{r[16:20]}-"
-        self._rid_counter = 0
+        # The server inlines the generation (hot path): rid_prefix + 12 hex digits.
+        self.rid_prefix = f"{r[:8]}-{r[8:12]}-{r[12:16]}-{r[16:20]}-".encode()
+        self.rid_counter = 0
 
     def next_request_id(self) -> bytes:
-        self._rid_counter += 1
-        return f"{self._rid_prefix}{self._rid_counter:012x}".encode()
+        self.rid_counter += 1
+        return b"%b%012x" % (self.rid_prefix, self.rid_counter)
 
     def count_error(self, kind: str) -> None:
         errors = self.stats.errors

@@ -221,7 +221,7 @@ class TargetPool:
             idle = self.idle
             while idle:
                 conn = idle.pop()
-                if conn.usable():
+                if not conn.closed and not conn.transport.is_closing():
                     self.in_use += 1
                     self.reused += 1
                     self.requests += 1
@@ -320,7 +320,7 @@ class TargetPool:
         conn.exchange = None
         if conn.closed:
             return  # on_closed already took it out of in_use
-        if reusable and conn.usable():
+        if reusable and not conn.transport.is_closing():
             if self.waiters:
                 self.reused += 1
                 self._hand_over(conn)

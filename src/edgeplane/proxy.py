@@ -97,7 +97,7 @@ class HttpIntegration:
         req.exchange = exchange
         exchange.start()
 
-    def upstream_target(self, req: Request) -> bytes:
+    def request_head(self, proto: HttpProtocol, req: Request, pool: TargetPool) -> bytes:
         template = self.template
         if template is None:
             path = req.path
@@ -105,11 +105,8 @@ class HttpIntegration:
             params = req.params
             path = b"".join([params[v] if is_param else v for is_param, v in template])
         if req.query:
-            return path + b"?" + req.query
-        return path
-
-    def request_head(self, proto: HttpProtocol, req: Request, pool: TargetPool) -> bytes:
-        lines = [req.method, b" ", self.upstream_target(req), b" HTTP/1.1\r\nhost: "]
+            path = path + b"?" + req.query
+        lines = [req.method, b" ", path, b" HTTP/1.1\r\nhost: "]
         host = req.host if self.preserve_host and req.host else pool.authority
         lines.append(host)
         lines.append(b"\r\n")
@@ -128,7 +125,7 @@ class HttpIntegration:
                 elif name == b"connection":
                     connection_named = True
                 continue
-            if name[:6] == b"proxy-":
+            if name[0] == 112 and name.startswith(b"proxy-"):  # 112 = "p"
                 continue
             lines += (name, b": ", value, b"\r\n")
         if connection_named:
@@ -282,7 +279,10 @@ class ProxyExchange:
 
     def on_request_complete(self) -> None:
         if not self.done and self.conn is not None:
-            self._request_done()
+            if self.req.chunked:
+                self._request_done()
+            else:
+                self.request_sent = True
 
     def _request_done(self) -> None:
         if self.req.chunked:
@@ -327,7 +327,7 @@ class ProxyExchange:
                 elif lname == b"connection":
                     connection_named = True
                 continue
-            if lname[:6] == b"proxy-":
+            if lname[0] == 112 and lname.startswith(b"proxy-"):  # 112 = "p"
                 continue
             parts += (name, b": ", value, b"\r\n")
         if connection_named:
@@ -402,7 +402,8 @@ class ProxyExchange:
         # The upstream may answer before the whole body arrived: read the rest only
         # when it is small; otherwise close after this response.
         keep = self.keep_alive and (req.complete or body_drainable(req))
-        proto.resume_reading(P_UPSTREAM)
+        if proto._pause & P_UPSTREAM:
+            proto.resume_reading(P_UPSTREAM)
         proto.finish_response(req, keep)
 
     # -- failures ---------------------------------------------------------------------

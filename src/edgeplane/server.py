@@ -453,7 +453,8 @@ class HttpProtocol(asyncio.Protocol):
         ctx.stats.requests_total += 1
         rid = req.request_id
         if not rid or _REQUEST_ID_RE.fullmatch(rid) is None:
-            req.request_id = ctx.next_request_id()
+            ctx.rid_counter += 1
+            req.request_id = b"%b%012x" % (ctx.rid_prefix, ctx.rid_counter)
         if req.local_status:
             self.send_error(req, req.local_status, req.local_reason)
             return
@@ -535,7 +536,9 @@ class HttpProtocol(asyncio.Protocol):
     def finish_response(self, req: Request, keep_alive: bool) -> None:
         """The response to the active request is fully written."""
         req.responded = True
-        self.ctx.access_log.record(req, self)
+        access_log = self.ctx.access_log
+        if access_log.enabled:
+            access_log.record(req, self)
         req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC
         if not keep_alive or self.ctx.draining:
             # Linger when the client may still be sending: after a parse failure, or
