@@ -28,14 +28,20 @@ async def _start_serve(tmp_path, config: dict, *args: str):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     lines = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        if not line:
-            raise AssertionError("serve exited before ready:\n" + "".join(lines))
-        lines.append(line)
-        m = READY.search(line)
-        if m:
-            break
+    try:
+        while True:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+            if not line:
+                raise AssertionError("serve exited before ready:\n" + "".join(lines))
+            lines.append(line)
+            m = READY.search(line)
+            if m and m.group(4):
+                break
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()  # never leave a server (and its workers) behind
+            await proc.wait()
+        raise
     # Keep draining stderr so the child never blocks on a full pipe.
     drain = asyncio.ensure_future(_drain(proc.stderr, lines))
     return proc, (m.group(2), int(m.group(3))), (m.group(4), int(m.group(5))), lines, drain
@@ -163,3 +169,28 @@ async def test_embedded_gateway_from_file_and_context_manager(upstream, tmp_path
         status, body = await _get_json(gw.addresses[0], "/ping")
         assert status == 200 and body == {"ok": True}
         assert gw.url("/ping").startswith("http://127.0.0.1:")
+
+
+@pytest.mark.timeout(60)
+async def test_workers_exit_when_supervisor_is_killed(upstream, tmp_path):
+    cfg = base_config(upstream.port, workers=2, drain_timeout="1s")
+    proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
+    pids = set()
+    for _ in range(40):
+        _, body = await _get_json(admin, "/healthz")
+        pids.add(body["pid"])
+        if len(pids) == 2:
+            break
+    proc.kill()  # SIGKILL: the supervisor cannot forward anything
+    await proc.wait()
+    await drain
+    for pid in pids:
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"worker {pid} outlived its supervisor")

@@ -64,6 +64,7 @@ async def _serve(config: Config, reuse_port: bool, ready_fd: int | None) -> None
     if ready_fd is not None:
         os.write(ready_fd, b"R")
         os.close(ready_fd)
+        _exit_with_supervisor(loop, stop)
     else:
         addrs = ", ".join(_fmt(h, p) for h, p in gateway.addresses)
         admin = f"; admin {_fmt(*gateway.admin_address)}" if gateway.admin_address else ""
@@ -71,6 +72,21 @@ async def _serve(config: Config, reuse_port: bool, ready_fd: int | None) -> None
     await stop.wait()
     log.info("draining (up to %.1fs)", config.drain_timeout)
     await gateway.stop()
+
+
+def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """A worker drains and exits if its supervisor dies (even by SIGKILL): no orphans
+    keep serving a port nobody manages."""
+    parent = os.getppid()
+
+    def check() -> None:
+        if os.getppid() != parent:
+            log.error("supervisor (pid %d) is gone; draining", parent)
+            stop.set()
+        else:
+            loop.call_later(1.0, check)
+
+    loop.call_later(1.0, check)
 
 
 def run_single(config: Config, *, reuse_port: bool = False, ready_fd: int | None = None) -> int:

@@ -1,0 +1,90 @@
+"""The bench never rots: `benches/run.py --smoke` end to end, plus the pieces of the
+load generation it cannot exercise on a machine without wrk.
+
+The smoke run uses the bundled Python load generator (no wrk, nginx, haproxy or Envoy
+needed): it starts the demo upstream and the gateway as processes, runs plain + mock
+closed-loop and plain open-loop for about a second each, and writes JSON; here we
+assert the figures are sane.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_end_to_end(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHES / "run.py"), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+
+    assert data["smoke"] == {"ok": True, "failures": []}
+    assert data["meta"]["load_generator"] == "python"
+    runs = {(r["target"], r["scenario"], r["kind"]): r for r in data["results"]}
+    assert set(runs) == {("edgeplane", "plain", "closed"), ("edgeplane", "plain", "open"),
+                         ("edgeplane", "mock", "closed")}
+    for key, r in runs.items():
+        assert r["requests"] > 0, key
+        assert r["errors_total"] == 0, (key, r["errors"])
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"], (key, lat)
+        assert r["cpu_s"] >= 0
+    for key in (("edgeplane", "plain", "closed"), ("edgeplane", "mock", "closed")):
+        r = runs[key]
+        assert r["cpu_us_per_req"] > 0 and r["req_per_cpu_s"] > 0, r
+        assert 0 < r["rss_idle_mib"] < 1024, r
+    ol = runs[("edgeplane", "plain", "open")]
+    assert ol["load"]["mode"] == "open" and ol["load"]["rate"] > 0
+    assert ol["requests"] == ol["load"]["scheduled"]  # every due request was answered
+    assert "plain" in proc.stdout and "req/CPU-s" in proc.stdout
+
+
+def test_help_lists_every_scenario_and_option():
+    proc = subprocess.run([sys.executable, str(BENCHES / "run.py"), "--help"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    for word in ("plain", "full", "mock", "post-1k", "resp-64k", "keepalive-off", "--compare", "--duration",
+                 "--warmup", "--connections", "--workers", "--quick", "--smoke", "--json"):
+        assert word in proc.stdout, word
+
+
+def test_wrk_result_parsing():
+    wrkrun = _load("wrkrun")
+    text = ("Running 1s test @ http://127.0.0.1:1/2b\n"
+            'BENCH_RESULT {"requests": 5000, "duration_us": 1000000, "bytes": 1, '
+            '"errors": {"connect": 0, "read": 1, "write": 0, "status": 2, "timeout": 0}, '
+            '"latency_us": {"p50": 100.0, "p90": 200.0, "p99": 900.0, "p99.9": 1500.0, "max": 2000.0, "mean": 120.0}}\n')
+    r = wrkrun.parse(text, 64, True)
+    assert r["requests"] == 5000 and r["rps"] == 5000.0 and r["errors_total"] == 3
+    assert r["latency_ms"]["p99"] == 0.9
+    lua = wrkrun.script("POST", 1024)
+    assert 'wrk.method = "POST"' in lua and 'string.rep("x", 1024)' in lua and "function done" in lua
+
+
+def test_loadgen_histogram_percentiles():
+    loadgen = _load("loadgen")
+    h = loadgen.Histogram()
+    for i in range(1, 1001):  # 1 ms .. 1000 ms
+        h.add(i / 1000.0)
+    assert h.percentile_ms(50) == pytest.approx(500, rel=0.02)
+    assert h.percentile_ms(99) == pytest.approx(990, rel=0.02)
+    assert h.summary_ms()["max"] == pytest.approx(1000, rel=1e-6)
