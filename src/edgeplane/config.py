@@ -509,6 +509,7 @@ class _Builder:
     """
 
     def __init__(self, errors: _Errors) -> None:
+        self.authorizer_names: set[str] = set()
         self.errors = errors
 
     def fail(self, path: Path, msg: str) -> None:
@@ -681,10 +682,147 @@ class _Builder:
                 host_ok = False
         integration = self.integration(spec.get("integration"), path + ("integration",),
                                        parsed, upstream_names)
+        auth = spec.get("auth")
+        if isinstance(auth, str) and auth not in self.authorizer_names:
+            known = ", ".join(sorted(self.authorizer_names)) or "none defined"
+            self.fail(path + ("auth",), f"unknown authorizer {auth!r} (known: {known})")
+        scopes = tuple(x for x in spec.get("scopes") or () if isinstance(x, str))
+        if scopes and not isinstance(auth, str):
+            self.fail(path + ("scopes",), "scopes need a JWT authorizer ('auth')")
+        claims = spec.get("forward_claims") or {}
+        forward = tuple((k.lower(), v) for k, v in claims.items()
+                        if isinstance(k, str) and isinstance(v, str))
+        for name, _ in forward:
+            if not _TOKEN_RE.match(name):
+                self.fail(path + ("forward_claims", name), "not a valid header name")
+        if forward and not isinstance(auth, str):
+            self.fail(path + ("forward_claims",), "forward_claims need a JWT authorizer ('auth')")
+        cors_spec = spec.get("cors")
+        cors = self.cors(cors_spec, path + ("cors",)) if isinstance(cors_spec, dict) else None
+        ip_rules = self.ip_rules(spec.get("ip_rules"), path + ("ip_rules",))
         if parsed is None or integration is None or not host_ok or not isinstance(key, str):
             return None
         return model.RouteConfig(key=key, method=parsed.method, path=parsed.path, host=host,
-                                 integration=integration, index=i)
+                                 integration=integration, index=i,
+                                 auth=auth if isinstance(auth, str) else None, scopes=scopes,
+                                 forward_claims=forward, cors=cors, cors_off=cors_spec is False,
+                                 ip_rules=ip_rules)
+
+    # -- edge policy ---------------------------------------------------------------
+    def ip_rules(self, section: Any, path: Path) -> model.IpRulesConfig | None:
+        if not isinstance(section, dict):
+            return None
+        allow = tuple(x for x in section.get("allow") or () if isinstance(x, str))
+        deny = tuple(x for x in section.get("deny") or () if isinstance(x, str))
+        self.cidrs(allow, path + ("allow",))
+        self.cidrs(deny, path + ("deny",))
+        return model.IpRulesConfig(allow=allow, deny=deny)
+
+    def trusted_proxies(self, raw: dict) -> tuple[str, ...]:
+        entries = tuple(x for x in raw.get("trusted_proxies") or () if isinstance(x, str))
+        self.cidrs(entries, ("trusted_proxies",))
+        return entries
+
+    def cidrs(self, entries: tuple[str, ...], path: Path) -> None:
+        if not entries:
+            return
+        from .iprules import parse_entry
+
+        for j, entry in enumerate(entries):
+            try:
+                parse_entry(entry)
+            except ValueError as exc:
+                self.fail(path + (j,), str(exc))
+
+    def cors(self, section: Any, path: Path) -> model.CorsConfig | None:
+        if not isinstance(section, dict):
+            return None
+        from .cors import CorsPolicy
+
+        def strings(key: str) -> tuple[str, ...]:
+            return tuple(x for x in section.get(key) or () if isinstance(x, str))
+
+        max_age = section.get("max_age")
+        cfg = model.CorsConfig(
+            allow_origins=strings("allow_origins"), allow_methods=strings("allow_methods"),
+            allow_headers=strings("allow_headers"), expose_headers=strings("expose_headers"),
+            allow_credentials=section.get("allow_credentials") is True,
+            max_age=max_age if isinstance(max_age, int) and not isinstance(max_age, bool) else None,
+        )
+        try:
+            CorsPolicy.from_config(cfg)
+        except ValueError as exc:
+            self.fail(path, str(exc))
+        return cfg
+
+    def authorizers(self, raw: dict) -> dict[str, model.JwtAuthorizerConfig]:
+        section = raw.get("authorizers")
+        out: dict[str, model.JwtAuthorizerConfig] = {}
+        if not isinstance(section, dict):
+            return out
+        for name, spec in section.items():
+            if isinstance(name, str) and isinstance(spec, dict):
+                self.authorizer_names.add(name)
+                cfg = self.jwt_authorizer(name, spec, ("authorizers", name))
+                if cfg is not None:
+                    out[name] = cfg
+        return out
+
+    def jwt_authorizer(self, name: str, spec: dict, path: Path) -> model.JwtAuthorizerConfig | None:
+        from .jwks import JwksError, parse_jwks
+
+        aud = spec.get("audience")
+        audiences = (aud,) if isinstance(aud, str) else tuple(a for a in aud or () if isinstance(a, str))
+        algorithms = tuple(spec.get("algorithms") or ("RS256",))
+        jwks = spec.get("jwks") if isinstance(spec.get("jwks"), dict) else {}
+        secret = spec.get("hs_secret") if isinstance(spec.get("hs_secret"), dict) else {}
+        hs = [a for a in algorithms if a.startswith("HS")]
+        asym = [a for a in algorithms if not a.startswith("HS")]
+        if asym and not jwks:
+            self.fail(path, f"missing 'jwks' (file or url): needed for {', '.join(asym)}")
+        if hs and not secret:
+            self.fail(path, f"missing 'hs_secret' (env or file): needed for {', '.join(hs)}")
+        if jwks and ("file" in jwks) == ("url" in jwks):
+            self.fail(path + ("jwks",), "give exactly one of 'file' and 'url'")
+        if "url" in jwks:
+            self.fail(path + ("jwks", "url"), "JWKS URLs are not supported yet; use 'file'")
+        if isinstance(jwks.get("file"), str):
+            try:
+                with open(jwks["file"], "rb") as fh:
+                    parse_jwks(fh.read())
+            except OSError as exc:
+                self.fail(path + ("jwks", "file"), f"cannot read: {exc.strerror or exc}")
+            except JwksError as exc:
+                self.fail(path + ("jwks", "file"), f"invalid JWKS: {exc}")
+        if secret and ("env" in secret) == ("file" in secret):
+            self.fail(path + ("hs_secret",), "give exactly one of 'env' and 'file'")
+        elif isinstance(secret.get("env"), str) and not os.environ.get(secret["env"]):
+            self.fail(path + ("hs_secret", "env"), f"environment variable {secret['env']} is not set")
+        elif isinstance(secret.get("file"), str) and not os.path.isfile(secret["file"]):
+            self.fail(path + ("hs_secret", "file"), f"no such file: {secret['file']}")
+        cache = spec.get("cache") if isinstance(spec.get("cache"), dict) else {}
+        issuer = spec.get("issuer")
+        if not isinstance(issuer, str) or not audiences:
+            return None
+        cfg = model.JwtAuthorizerConfig(
+            name=name, issuer=issuer, audiences=audiences, algorithms=algorithms,
+            identity_source=spec.get("identity_source", "$request.header.Authorization"),
+            jwks_file=jwks.get("file"), jwks_url=jwks.get("url"),
+            jwks_refresh=self.duration(jwks, "refresh", path + ("jwks",), 300.0),
+            hs_secret_env=secret.get("env"), hs_secret_file=secret.get("file"),
+            leeway=self.duration(spec, "leeway", path, 0.0, low_inclusive=True),
+            max_token_bytes=self.size(spec, "max_token_bytes", path, 8192, low=256),
+            cache_ttl=self.duration(cache, "ttl", path + ("cache",), 300.0, low_inclusive=True),
+            cache_max_entries=self.integer(cache, "max_entries", 10_000),
+        )
+        if not self.errors:
+            from .stages import jwt_config
+
+            try:
+                jwt_config(cfg)
+            except (ValueError, OSError) as exc:
+                self.fail(path, str(exc))
+        return cfg
 
     def integration(self, spec: Any, path: Path, parsed: ParsedKey | None,
                     upstream_names: list[str]) -> model.Integration | None:
@@ -850,6 +988,10 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
     listen = b.listen(raw)
     admin = b.admin(raw, listen)
     upstreams = b.upstreams(raw)
+    authorizers = b.authorizers(raw)
+    ip_rules = b.ip_rules(raw.get("ip_rules"), ("ip_rules",))
+    trusted = b.trusted_proxies(raw)
+    cors = b.cors(raw.get("cors"), ("cors",))
     names = [n for n in (raw.get("upstreams") or {}) if isinstance(n, str)] \
         if isinstance(raw.get("upstreams"), dict) else []
     routes = b.routes(raw, names)
@@ -870,6 +1012,10 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         access_log=access_log,
         drain_timeout=drain,
         log_level=raw.get("log_level", "info"),
+        authorizers=authorizers,
+        ip_rules=ip_rules,
+        trusted_proxies=trusted,
+        cors=cors,
         source=source,
         raw=raw,
     )

@@ -74,6 +74,45 @@ class Integration:
 
 
 @dataclass(frozen=True, slots=True)
+class IpRulesConfig:
+    allow: tuple[str, ...] = ()  # CIDRs or addresses; empty = everyone not denied
+    deny: tuple[str, ...] = ()  # CIDRs or addresses; deny wins
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = ()  # exact, "*", or "https://*.example.com"
+    allow_methods: tuple[str, ...] = ()  # or ("*",)
+    allow_headers: tuple[str, ...] = ()  # or ("*",)
+    expose_headers: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age: int | None = None  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class JwtAuthorizerConfig:
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    identity_source: str = "$request.header.Authorization"
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    jwks_refresh: float = 300.0
+    hs_secret_env: str | None = None  # HS* secret from this environment variable
+    hs_secret_file: str | None = None  # ... or from this file
+    leeway: float = 0.0
+    max_token_bytes: int = 8192
+    cache_ttl: float = 300.0  # a verified token is cached until min(exp, now + ttl)
+    cache_max_entries: int = 10_000
+
+    @property
+    def header(self) -> bytes:
+        """Lower-case header name of the identity source."""
+        return self.identity_source.rsplit(".", 1)[1].lower().encode()
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     key: str  # as written: "GET /users/{id}", "ANY /files/{proxy+}", "$default"
     method: str | None  # upper-case method, None for ANY and for $default
@@ -81,6 +120,12 @@ class RouteConfig:
     host: str | None  # "api.example.com" or "*.example.com" (lower-case); None = any
     integration: Integration
     index: int  # position in the routes list
+    auth: str | None = None  # name of an authorizer
+    scopes: tuple[str, ...] = ()  # JWT: at least one must be granted
+    forward_claims: tuple[tuple[str, str], ...] = ()  # (header name, claim name)
+    cors: CorsConfig | None = None  # None = the server-wide `cors` (if any)
+    cors_off: bool = False  # `cors: false` on the route: no CORS even if server-wide
+    ip_rules: IpRulesConfig | None = None
 
     @property
     def is_default(self) -> bool:
@@ -124,5 +169,9 @@ class Config:
     access_log: AccessLogConfig = AccessLogConfig()
     drain_timeout: float = 30.0
     log_level: str = "info"
+    authorizers: dict[str, JwtAuthorizerConfig] = field(default_factory=dict)
+    ip_rules: IpRulesConfig | None = None  # server-wide, checked before every route
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
+    cors: CorsConfig | None = None  # for every route that does not set its own
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -83,9 +83,15 @@ def compile_path_template(template: str | None) -> tuple[tuple[bool, Any], ...] 
 class HttpIntegration:
     """Compiled once per route: where and how to forward."""
 
-    __slots__ = ("upstream", "template", "timeout", "preserve_host", "name")
+    __slots__ = ("upstream", "template", "timeout", "preserve_host", "name", "claim_headers",
+                 "response_skip")
 
-    def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool):
+    def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool,
+                 claim_headers: frozenset[bytes] = frozenset(),
+                 gateway_response_headers: frozenset[bytes] = frozenset()):
+        self.claim_headers = claim_headers  # header names the route's authorizer sets
+        # Upstream response headers the gateway owns on this route (CORS, as AWS does).
+        self.response_skip = _RESPONSE_SKIP | gateway_response_headers
         self.upstream = upstream
         self.template = compile_path_template(path)
         self.timeout = timeout
@@ -129,7 +135,12 @@ class HttpIntegration:
                 continue
             lines += (name, b": ", value, b"\r\n")
         if connection_named:
-            lines = _drop_connection_named(lines, first_header, _connection_tokens(req.headers))
+            lines = _drop_named(lines, first_header, _connection_tokens(req.headers))
+        if self.claim_headers:
+            # Claims forwarded by the authorizer replace any client-sent header of that name.
+            lines = _drop_named(lines, first_header, self.claim_headers)
+            for name, value in req.extra_upstream or ():
+                lines += (name, b": ", value, b"\r\n")
         peer = proto.peer_ip.encode()
         lines += (b"x-forwarded-for: ", peer if xff is None else xff + b", " + peer, b"\r\n")
         lines += (b"x-forwarded-proto: ", b"http" if xfp is None else xfp + b", http", b"\r\n")
@@ -145,15 +156,13 @@ class HttpIntegration:
         return b"".join(lines)
 
 
-def _drop_connection_named(lines: list[bytes], start: int, tokens: frozenset[bytes]) -> list[bytes]:
-    """Remove header lines (name, ": ", value, CRLF quadruples from `start`) named by
-    the Connection header."""
+def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list[bytes]:
+    """Remove the header lines (name, ": ", value, CRLF quadruples from `start`) whose
+    lower-cased name is in `names` (headers named by Connection, or set by the gateway)."""
     out = lines[:start]
-    i = start
-    while i < len(lines):
-        if lines[i].lower() not in tokens:
+    for i in range(start, len(lines), 4):
+        if lines[i].lower() not in names:
             out += lines[i : i + 4]
-        i += 4
     return out
 
 
@@ -313,7 +322,7 @@ class ProxyExchange:
             return
         req.integration_latency = time.perf_counter() - self.t_dispatch
         parts = [line]
-        skip = _RESPONSE_SKIP
+        skip = self.integ.response_skip
         content_length = None
         upstream_chunked = False
         connection_named = False
@@ -332,7 +341,7 @@ class ProxyExchange:
             parts += (name, b": ", value, b"\r\n")
         if connection_named:
             tokens = _connection_tokens([(n.lower(), v) for n, v in headers])
-            parts = _drop_connection_named(parts, 1, tokens)
+            parts = _drop_named(parts, 1, tokens)
         keep = req.keep_alive and not proto.ctx.draining
         if self.head_only or status == 204 or status == 304:
             if content_length is not None and status != 204:
@@ -350,6 +359,8 @@ class ProxyExchange:
             parts.append(b"connection: close\r\n")
         elif req.version == "1.0":
             parts.append(b"connection: keep-alive\r\n")
+        if req.extra_response:
+            parts.append(req.extra_response)
         parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
         self.keep_alive = keep
         req.status = status

@@ -169,6 +169,72 @@ _ROUTE = {
             "description": "Only for this Host: 'api.example.com' or '*.example.com'.",
         },
         "integration": {"$ref": "#/$defs/integration"},
+        "auth": {"type": "string", "description": "Name of an authorizer in 'authorizers'."},
+        "scopes": {"type": "array", "items": {"type": "string"}, "maxItems": 10},
+        "forward_claims": {"type": "object", "additionalProperties": {"type": "string"},
+                           "description": "Upstream header name -> JWT claim name."},
+        "cors": {"anyOf": [{"$ref": "#/$defs/cors"}, {"const": False}]},
+        "ip_rules": {"$ref": "#/$defs/ipRules"},
+    },
+}
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+_IP_RULES = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Allow and deny lists of CIDRs or addresses (IPv4 and IPv6); deny wins; "
+                   "with an allow list, only listed clients pass. Denied requests get 403.",
+    "properties": {"allow": _STRINGS, "deny": _STRINGS},
+}
+
+_CORS = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "CORS, as AWS HTTP APIs: preflights are answered by the gateway.",
+    "properties": {
+        "allow_origins": _STRINGS,
+        "allow_methods": _STRINGS,
+        "allow_headers": _STRINGS,
+        "expose_headers": _STRINGS,
+        "allow_credentials": {"type": "boolean", "default": False},
+        "max_age": {"type": "integer", "minimum": 0, "maximum": 86400},
+    },
+}
+
+_JWT_AUTHORIZER = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "issuer", "audience"],
+    "properties": {
+        "type": {"const": "jwt"},
+        "identity_source": {"type": "string", "pattern": "^\\$request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+                            "default": "$request.header.Authorization"},
+        "issuer": {"type": "string", "minLength": 1},
+        "audience": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                    "minItems": 1, "maxItems": 50}]},
+        "algorithms": {"type": "array", "minItems": 1, "items": {"enum": [
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+            "EdDSA", "HS256", "HS384", "HS512"]}},
+        "jwks": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"file": {"type": "string"}, "url": {"type": "string"},
+                           "refresh": {"$ref": "#/$defs/duration", "default": "300s"}},
+        },
+        "hs_secret": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"env": {"type": "string"}, "file": {"type": "string"}},
+        },
+        "leeway": {"$ref": "#/$defs/duration", "default": 0},
+        "max_token_bytes": {"$ref": "#/$defs/size", "default": 8192},
+        "cache": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"ttl": {"$ref": "#/$defs/duration", "default": "300s"},
+                           "max_entries": {"type": "integer", "minimum": 0, "default": 10000}},
+        },
     },
 }
 
@@ -249,6 +315,14 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "access_log": {"$ref": "#/$defs/accessLog"},
         "drain_timeout": {"$ref": "#/$defs/duration", "default": "30s"},
         "log_level": {"enum": ["debug", "info", "warning", "error"], "default": "info"},
+        "authorizers": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_-]*$"},
+            "additionalProperties": {"$ref": "#/$defs/jwtAuthorizer"},
+        },
+        "ip_rules": {"$ref": "#/$defs/ipRules"},
+        "trusted_proxies": _STRINGS,
+        "cors": {"$ref": "#/$defs/cors"},
     },
     "$defs": {
         "duration": _DURATION,
@@ -260,6 +334,9 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "route": _ROUTE,
         "limits": _LIMITS,
         "accessLog": _ACCESS_LOG,
+        "ipRules": _IP_RULES,
+        "cors": _CORS,
+        "jwtAuthorizer": _JWT_AUTHORIZER,
     },
 }
 

@@ -93,7 +93,8 @@ class Request:
         "body_buf", "body_size", "complete", "dispatched", "responded", "response_started",
         "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
         "response_length", "integration_latency", "integration_error", "upstream",
-        "local_status", "local_reason", "error",
+        "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
+        "extra_upstream",
     )
 
     def __init__(self, now: float) -> None:
@@ -130,6 +131,11 @@ class Request:
         self.local_status = 0  # set when the request must be refused when it is answered
         self.local_reason = ""
         self.error: str | None = None  # the gateway's reason for an error status (logged)
+        # Set by stages (see stages.py):
+        self.client_ip: str | None = None  # when trusted proxies name another client
+        self.claims: dict | None = None  # verified JWT claims
+        self.extra_response = b""  # header lines for the response (CORS)
+        self.extra_upstream: list[tuple[bytes, bytes]] | None = None  # forwarded claims
 
 
 def body_drainable(req: Request) -> bool:
@@ -518,7 +524,7 @@ class HttpProtocol(asyncio.Protocol):
             http10=req.version == "1.0",
             date=self.ctx.date.line,
             request_id=req.request_id or None,
-            extra=extra,
+            extra=extra + req.extra_response if req.extra_response else extra,
             head_only=req.method == b"HEAD",
         )
         req.status = status
@@ -527,11 +533,11 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.write(data)
         self.finish_response(req, keep)
 
-    def send_error(self, req: Request, status: int, reason: str) -> None:
+    def send_error(self, req: Request, status: int, reason: str, extra: bytes = b"") -> None:
         """A gateway error: AWS-style body, counted, and logged once (access log)."""
         req.error = reason
         self.ctx.count_error(str(status))
-        self.send_local(req, status, responses.gateway_error_body(status))
+        self.send_local(req, status, responses.gateway_error_body(status), extra=extra)
 
     def finish_response(self, req: Request, keep_alive: bool) -> None:
         """The response to the active request is fully written."""

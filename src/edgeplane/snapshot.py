@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from .cors import CORS_RESPONSE_HEADERS
 from .proxy import HttpIntegration
+from .stages import build_stages, build_verifiers, route_cors
 from .router import Router, compile_routes
 
 if TYPE_CHECKING:
@@ -69,18 +71,22 @@ class Snapshot:
         self.routes = routes
 
 
-def compile_route(rc: RouteConfig, upstreams: dict[str, Upstream]) -> CompiledRoute:
+def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream],
+                  verifiers: dict[str, Any]) -> CompiledRoute:
     integ = rc.integration
     if integ.type == "mock":
         handler: Any = MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
     else:
         handler = HttpIntegration(
-            upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host
+            upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host,
+            claim_headers=frozenset(h.encode() for h, _ in rc.forward_claims),
+            gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
         )
-    return CompiledRoute(rc, rc.key, (), handler)
+    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers), handler)
 
 
 def build_snapshot(config: Config, upstreams: dict[str, Upstream]) -> Snapshot:
-    routes = [compile_route(rc, upstreams) for rc in config.routes]
+    verifiers = build_verifiers(config)
+    routes = [compile_route(config, rc, upstreams, verifiers) for rc in config.routes]
     router = compile_routes([(c.config, c) for c in routes])
     return Snapshot(config, router, routes)

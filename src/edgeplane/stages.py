@@ -1,0 +1,195 @@
+"""Edge-policy stages of a route's compiled chain: IP rules, CORS, JWT authorizer.
+
+Owns turning the policy config of a route into the tuple of stage callables that
+`server.HttpProtocol._dispatch` runs in order (DESIGN.md: ip filter -> cors preflight
+-> authorizer). A stage is `stage(proto, req) -> bool`: True continues the chain, False
+means the stage answered the request itself (a local reply). Every stage here is
+synchronous: the policy cores (`iprules`, `cors`, `jwt`) are sans-IO and cached.
+
+Invariants:
+- A refused request never reaches the integration: the stage answers and returns False.
+- Gateway answers use the AWS messages (403 Forbidden, 401 Unauthorized) and are
+  counted and logged once through `proto.send_error`.
+- Stage objects are built once per snapshot; nothing here allocates per request beyond
+  the values it hands to the request (client IP, claims, header lines).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from .cors import CorsPolicy
+from .iprules import IpRules, TrustedProxies
+from .jwks import parse_jwks
+from .jwt import (CachedVerifier, JwtConfig, JwtError, JwtVerifier, VerificationCache,
+                  check_scopes, extract_bearer, www_authenticate)
+
+if TYPE_CHECKING:
+    from .model import Config, CorsConfig, IpRulesConfig, JwtAuthorizerConfig, RouteConfig
+    from .server import HttpProtocol, Request
+
+Stage = Callable[["HttpProtocol", "Request"], bool]
+
+
+def _header(req: Request, name: bytes) -> bytes | None:
+    for key, value in req.headers:
+        if key == name:
+            return value
+    return None
+
+
+def _all(req: Request, name: bytes) -> list[bytes]:
+    return [value for key, value in req.headers if key == name]
+
+
+def route_cors(config: Config, route: RouteConfig) -> CorsConfig | None:
+    """The route's own CORS config, else the server-wide one, unless `cors: false`."""
+    return route.cors or (None if route.cors_off else config.cors)
+
+
+class IpStage:
+    """Client IP (X-Forwarded-For believed only from trusted proxies), then the IP rules
+    (server-wide and route rules combined: a request must pass both); denied is 403."""
+
+    __slots__ = ("rules", "trusted")
+
+    def __init__(self, rules: IpRules, trusted: TrustedProxies | None):
+        self.rules = rules
+        self.trusted = trusted
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool:
+        ip = req.client_ip
+        if ip is None:
+            ip = proto.peer_ip
+            if self.trusted is not None:
+                ip = self.trusted.client_ip(ip, _all(req, b"x-forwarded-for"))
+            req.client_ip = ip
+        if not self.rules.check(ip):
+            proto.send_error(req, 403, f"client {ip} denied by IP rules")
+            return False
+        return True
+
+
+class CorsStage:
+    """Preflights are answered here without an upstream call; actual requests from an
+    allowed origin get the CORS response headers."""
+
+    __slots__ = ("policy",)
+
+    def __init__(self, policy: CorsPolicy):
+        self.policy = policy
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool:
+        policy = self.policy
+        origin = _header(req, b"origin")
+        if origin is not None and policy.is_preflight(req.method, req.headers):
+            status, headers = policy.preflight(req.headers)
+            if status >= 400:
+                proto.send_error(req, status, "CORS preflight refused")
+            else:
+                proto.send_local(req, status, b"", extra=headers)
+            return False
+        # Also without an Origin: the `vary: origin` line keeps shared caches correct.
+        req.extra_response += policy.response_headers(origin)
+        return True
+
+
+class JwtStage:
+    """JWT authorizer (AWS HTTP API semantics) with cached verification."""
+
+    __slots__ = ("verifier", "header", "scopes", "forward", "name")
+
+    def __init__(self, verifier: CachedVerifier, cfg: JwtAuthorizerConfig, route: RouteConfig):
+        self.verifier = verifier
+        self.header = cfg.header
+        self.scopes = list(route.scopes)
+        self.forward = [(h.encode(), c) for h, c in route.forward_claims]
+        self.name = cfg.name
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool:
+        raw = _header(req, self.header)
+        if raw is None:
+            self._refuse(proto, req, "missing token")
+            return False
+        try:
+            claims = self.verifier.verify(extract_bearer(raw), time.time())
+        except JwtError as exc:
+            self._refuse(proto, req, exc.description)
+            return False
+        if self.scopes and not check_scopes(claims, self.scopes):
+            extra = ("www-authenticate: " + www_authenticate(
+                "insufficient_scope", "the token lacks the scopes of this route",
+                " ".join(self.scopes)) + "\r\n").encode()
+            proto.send_error(req, 403, "insufficient_scope", extra=extra)
+            return False
+        req.claims = claims
+        if self.forward:
+            out = []
+            for header, claim in self.forward:
+                value = claims.get(claim)
+                if value is None:
+                    continue
+                text = value if isinstance(value, str) else _json_text(value)
+                out.append((header, text.encode("utf-8", "replace")))
+            req.extra_upstream = out
+        return True
+
+    def _refuse(self, proto: HttpProtocol, req: Request, description: str) -> None:
+        extra = ("www-authenticate: " + www_authenticate("invalid_token", description)
+                 + "\r\n").encode()
+        proto.send_error(req, 401, f"{self.name}: {description}", extra=extra)
+
+
+def _json_text(value: Any) -> str:
+    import orjson
+
+    text = orjson.dumps(value).decode()
+    # A header value may not carry control characters (orjson escapes them already).
+    return text
+
+
+def hs_secret(cfg: JwtAuthorizerConfig) -> bytes | None:
+    if cfg.hs_secret_env:
+        return os.environ.get(cfg.hs_secret_env, "").encode()
+    if cfg.hs_secret_file:
+        with open(cfg.hs_secret_file, "rb") as fh:
+            return fh.read().strip()
+    return None
+
+
+def build_verifiers(config: Config) -> dict[str, CachedVerifier]:
+    """One cached verifier per JWT authorizer, shared by every route that uses it."""
+    out = {}
+    for name, cfg in config.authorizers.items():
+        keyset = None
+        if cfg.jwks_file:
+            with open(cfg.jwks_file, "rb") as fh:
+                keyset = parse_jwks(fh.read())
+        verifier = JwtVerifier(jwt_config(cfg), keyset)
+        cache = VerificationCache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
+        out[name] = CachedVerifier(verifier, cache)
+    return out
+
+
+def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
+    """The verifier's settings; raises ValueError when inconsistent (config.py reports it)."""
+    return JwtConfig(issuer=cfg.issuer, audiences=cfg.audiences, algorithms=cfg.algorithms,
+                     leeway=cfg.leeway, max_token_bytes=cfg.max_token_bytes,
+                     hs_secret=hs_secret(cfg))
+
+
+def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier]) -> tuple[Stage, ...]:
+    stages: list[Stage] = []
+    rules = [IpRules(r.allow, r.deny) for r in (config.ip_rules, route.ip_rules) if r]
+    if rules:
+        combined = rules[0] if len(rules) == 1 else rules[0] & rules[1]
+        trusted = TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None
+        stages.append(IpStage(combined, trusted))
+    cors = route_cors(config, route)
+    if cors is not None:
+        stages.append(CorsStage(CorsPolicy.from_config(cors)))
+    if route.auth is not None:
+        stages.append(JwtStage(verifiers[route.auth], config.authorizers[route.auth], route))
+    return tuple(stages)

@@ -1,0 +1,209 @@
+"""Edge policy end to end through the gateway: JWT authorizer (JWKS file), scopes,
+forwarded claims, IP rules with trusted proxies, CORS. Real RSA keys and signatures
+made here with `cryptography`; the real demo upstream counts what reaches it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from conftest import base_config, build_request
+from edgeplane.config import ConfigError, load_config
+
+ISSUER = "https://auth.example.com/"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _uint(n: int) -> str:
+    return b64(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def sign(key, claims: dict, kid: str = "k1", alg: str = "RS256") -> str:
+    header = b64(json.dumps({"alg": alg, "typ": "JWT", "kid": kid}).encode())
+    payload = b64(json.dumps(claims).encode())
+    sig = key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{header}.{payload}.{b64(sig)}"
+
+
+def claims(**extra) -> dict:
+    now = int(time.time())
+    base = {"iss": ISSUER, "aud": "orders-api", "sub": "user-42", "exp": now + 300, "iat": now - 5,
+            "scope": "orders:read profile"}
+    base.update(extra)
+    return base
+
+
+@pytest.fixture
+def jwks_file(tmp_path, rsa_key):
+    pub = rsa_key.public_key().public_numbers()
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig",
+                                          "n": _uint(pub.n), "e": _uint(pub.e)}]}))
+    return str(path)
+
+
+def auth_config(port: int, jwks: str, **extra) -> dict:
+    cfg = base_config(port, routes=[
+        {"route": "GET /orders/{id}", "integration": {"type": "http", "upstream": "demo"},
+         "auth": "users_jwt", "scopes": ["orders:read"], "forward_claims": {"x-user-id": "sub"}},
+        {"route": "GET /admin", "integration": {"type": "http", "upstream": "demo"},
+         "auth": "users_jwt", "scopes": ["admin"]},
+        {"route": "GET /open", "integration": {"type": "http", "upstream": "demo"}},
+    ])
+    cfg["authorizers"] = {"users_jwt": {
+        "type": "jwt", "issuer": ISSUER, "audience": ["orders-api"], "algorithms": ["RS256"],
+        "jwks": {"file": jwks}}}
+    cfg.update(extra)
+    return cfg
+
+
+async def test_jwt_valid_token_reaches_upstream_with_claims(upstream, gateway, client_factory, rsa_key, jwks_file):
+    gw = await gateway(auth_config(upstream.port, jwks_file))
+    c = await client_factory(gw.addresses[0])
+    token = sign(rsa_key, claims())
+    r = await c.request("GET", "/orders/7", headers={"Authorization": f"Bearer {token}",
+                                                     "X-User-Id": "spoofed"})
+    assert r.status == 200
+    echo = r.json()
+    assert echo["headers"]["x-user-id"] == "user-42"  # the client's spoofed value is gone
+    # "Bearer " is optional, as in AWS.
+    r = await c.request("GET", "/orders/8", headers={"Authorization": token})
+    assert r.status == 200
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "expired", "wrong_iss", "wrong_aud",
+                                  "tampered", "unknown_kid", "alg_none"])
+async def test_jwt_refusals_are_401_and_never_reach_upstream(upstream, gateway, client_factory,
+                                                             rsa_key, jwks_file, case):
+    gw = await gateway(auth_config(upstream.port, jwks_file))
+    c = await client_factory(gw.addresses[0])
+    good = sign(rsa_key, claims())
+    tokens = {
+        "missing": None,
+        "garbage": "not.a.jwt",
+        "expired": sign(rsa_key, claims(exp=int(time.time()) - 10)),
+        "wrong_iss": sign(rsa_key, claims(iss="https://evil.example.com/")),
+        "wrong_aud": sign(rsa_key, claims(aud="other-api")),
+        "tampered": good.split(".")[0] + "." + b64(json.dumps(claims(sub="admin")).encode())
+                    + "." + good.split(".")[2],
+        "unknown_kid": sign(rsa_key, claims(), kid="nope"),
+        "alg_none": b64(b'{"alg":"none","kid":"k1"}') + "." + b64(json.dumps(claims()).encode()) + ".",
+    }
+    token = tokens[case]
+    before = upstream.connection_count
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    r = await c.request("GET", "/orders/1", headers=headers)
+    assert r.status == 401
+    assert r.json() == {"message": "Unauthorized"}
+    www = r.header("www-authenticate")
+    assert www.startswith("Bearer") and 'error="invalid_token"' in www
+    assert upstream.connection_count == before  # nothing was forwarded
+    r = await c.request("GET", "/open")  # the connection stays usable
+    assert r.status == 200
+
+
+async def test_jwt_scope_missing_is_403_insufficient_scope(upstream, gateway, client_factory, rsa_key, jwks_file):
+    gw = await gateway(auth_config(upstream.port, jwks_file))
+    c = await client_factory(gw.addresses[0])
+    r = await c.request("GET", "/admin", headers={"Authorization": f"Bearer {sign(rsa_key, claims())}"})
+    assert r.status == 403
+    assert 'error="insufficient_scope"' in r.header("www-authenticate")
+    token = sign(rsa_key, claims(scope=None, scp=["admin"]))
+    r = await c.request("GET", "/admin", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 200
+
+
+async def test_ip_rules_server_and_route_with_trusted_proxies(upstream, gateway, client_factory):
+    cfg = base_config(upstream.port, routes=[
+        {"route": "GET /internal", "integration": {"type": "http", "upstream": "demo"},
+         "ip_rules": {"allow": ["10.0.0.0/8"]}},
+        {"route": "$default", "integration": {"type": "http", "upstream": "demo"}},
+    ])
+    cfg["ip_rules"] = {"deny": ["192.0.2.0/24", "2001:db8::/32"]}
+    cfg["trusted_proxies"] = ["127.0.0.1/32"]
+    gw = await gateway(cfg)
+    c = await client_factory(gw.addresses[0])
+    assert (await c.request("GET", "/x")).status == 200  # peer 127.0.0.1, no XFF
+    r = await c.request("GET", "/x", headers={"X-Forwarded-For": "192.0.2.7"})
+    assert r.status == 403 and r.json() == {"message": "Forbidden"}
+    r = await c.request("GET", "/internal", headers={"X-Forwarded-For": "10.1.2.3"})
+    assert r.status == 200
+    r = await c.request("GET", "/internal", headers={"X-Forwarded-For": "11.1.2.3"})
+    assert r.status == 403
+
+
+async def test_xff_not_believed_from_untrusted_peer(upstream, gateway, client_factory):
+    cfg = base_config(upstream.port, routes=[
+        {"route": "$default", "integration": {"type": "http", "upstream": "demo"},
+         "ip_rules": {"allow": ["10.0.0.0/8"]}}])
+    gw = await gateway(cfg)  # no trusted proxies: XFF is the client's claim only
+    c = await client_factory(gw.addresses[0])
+    r = await c.request("GET", "/x", headers={"X-Forwarded-For": "10.1.2.3"})
+    assert r.status == 403
+
+
+async def test_cors_preflight_answered_locally_and_headers_on_responses(upstream, gateway, client_factory):
+    cfg = base_config(upstream.port, routes=[
+        {"route": "ANY /api/{proxy+}", "integration": {"type": "http", "upstream": "demo"}}])
+    cfg["cors"] = {"allow_origins": ["https://app.example.com", "https://*.example.org"],
+                   "allow_methods": ["GET", "POST"], "allow_headers": ["content-type", "authorization"],
+                   "expose_headers": ["x-request-id"], "max_age": 600, "allow_credentials": True}
+    gw = await gateway(cfg)
+    c = await client_factory(gw.addresses[0])
+    before = upstream.connection_count
+    r = await c.request("OPTIONS", "/api/items", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert r.status == 204
+    assert r.header("access-control-allow-origin") == "https://app.example.com"
+    assert "POST" in r.header("access-control-allow-methods")
+    assert r.header("access-control-allow-credentials") == "true"
+    assert r.header("access-control-max-age") == "600"
+    assert "origin" in (r.header("vary") or "").lower()
+    assert upstream.connection_count == before  # no upstream call for a preflight
+    r = await c.request("OPTIONS", "/api/items", headers={
+        "Origin": "https://evil.example.net", "Access-Control-Request-Method": "POST"})
+    assert r.status == 403 and r.header("access-control-allow-origin") is None
+    r = await c.request("GET", "/api/items", headers={"Origin": "https://a.b.example.org"})
+    assert r.status == 200
+    assert r.header("access-control-allow-origin") == "https://a.b.example.org"
+    assert "x-request-id" in r.header("access-control-expose-headers").lower()
+    r = await c.request("GET", "/api/items", headers={"Origin": "https://evil.example.net"})
+    assert r.status == 200 and r.header("access-control-allow-origin") is None
+
+
+def test_config_errors_for_policy_are_located(jwks_file):
+    cfg = auth_config(9001, jwks_file)
+    cfg["routes"][0]["auth"] = "nope"
+    cfg["ip_rules"] = {"allow": ["10.0.0.0/33"]}
+    cfg["authorizers"]["users_jwt"]["jwks"] = {"file": "/nonexistent/jwks.json"}
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    text = "\n".join(exc.value.errors)
+    assert "routes[0].auth: unknown authorizer 'nope' (known: users_jwt)" in text
+    assert "ip_rules.allow[0]" in text
+    assert "authorizers.users_jwt.jwks.file: cannot read" in text
+
+
+async def test_pipelined_requests_with_auth_answered_in_order(upstream, gateway, client_factory, rsa_key, jwks_file):
+    gw = await gateway(auth_config(upstream.port, jwks_file))
+    c = await client_factory(gw.addresses[0])
+    token = sign(rsa_key, claims())
+    await c.send(build_request("GET", "/orders/1", {"Authorization": f"Bearer {token}"})
+                 + build_request("GET", "/orders/2")
+                 + build_request("GET", "/orders/3", {"Authorization": f"Bearer {token}"}))
+    statuses = [(await c.read_response()).status for _ in range(3)]
+    assert statuses == [200, 401, 200]
