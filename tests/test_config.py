@@ -300,7 +300,7 @@ def test_listen_collisions():
 
 
 @pytest.mark.parametrize(("target", "fragment"), [
-    ("https://127.0.0.1:9443", "https targets are not supported yet"),
+    ("wss://127.0.0.1:9443", "unsupported scheme 'wss'"),
     ("ftp://x:1", "unsupported scheme 'ftp'"),
     ("127.0.0.1:9001", "expected 'http://host:port'"),
     ("http://x:1/api", "a target has no path"),

@@ -4,6 +4,7 @@ made here with `cryptography`; the real demo upstream counts what reaches it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -207,3 +208,121 @@ async def test_pipelined_requests_with_auth_answered_in_order(upstream, gateway,
                  + build_request("GET", "/orders/3", {"Authorization": f"Bearer {token}"}))
     statuses = [(await c.read_response()).status for _ in range(3)]
     assert statuses == [200, 401, 200]
+
+
+class JwksServer:
+    """A real JWKS endpoint on loopback that counts its fetches; keys can be swapped."""
+
+    def __init__(self, keys: list[dict]):
+        self.keys = keys
+        self.fetches = 0
+        self.server = None
+        self.port = 0
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                self.fetches += 1
+                body = json.dumps({"keys": self.keys}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"cache-control: max-age=300\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+
+def jwk(key, kid: str) -> dict:
+    pub = key.public_key().public_numbers()
+    return {"kty": "RSA", "kid": kid, "alg": "RS256", "n": _uint(pub.n), "e": _uint(pub.e)}
+
+
+async def test_jwks_url_rotation_without_restart_and_kid_flood_bounded(upstream, gateway, client_factory, rsa_key):
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    async with JwksServer([jwk(rsa_key, "k1")]) as jwks:
+        cfg = auth_config(upstream.port, "unused")
+        cfg["authorizers"]["users_jwt"]["jwks"] = {"url": f"http://127.0.0.1:{jwks.port}/.well-known/jwks.json"}
+        gw = await gateway(cfg)
+        assert jwks.fetches == 1  # fetched once at start
+        c = await client_factory(gw.addresses[0])
+        r = await c.request("GET", "/orders/1", headers={"Authorization": sign(rsa_key, claims())})
+        assert r.status == 200
+        # Rotation: the issuer starts signing with k2, and publishes it.
+        jwks.keys = [jwk(rsa_key, "k1"), jwk(new_key, "k2")]
+        token2 = sign(new_key, claims(), kid="k2")
+        r = await c.request("GET", "/orders/2", headers={"Authorization": token2})
+        assert r.status == 401  # unknown kid now; it triggers a refresh off the request path
+        for _ in range(100):
+            if jwks.fetches >= 2:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        r = await c.request("GET", "/orders/3", headers={"Authorization": token2})
+        assert r.status == 200
+        # A flood of made-up kids cannot hammer the issuer.
+        fetches = jwks.fetches
+        for i in range(30):
+            r = await c.request("GET", "/orders/4",
+                                headers={"Authorization": sign(new_key, claims(), kid=f"made-up-{i}")})
+            assert r.status == 401
+        await asyncio.sleep(0.1)
+        assert jwks.fetches - fetches <= 1
+
+
+async def test_jwks_url_down_at_start_gives_401_not_500(upstream, gateway, client_factory, rsa_key):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    cfg = auth_config(upstream.port, "unused")
+    cfg["authorizers"]["users_jwt"]["jwks"] = {"url": f"http://127.0.0.1:{dead}/jwks"}
+    gw = await gateway(cfg)
+    c = await client_factory(gw.addresses[0])
+    r = await c.request("GET", "/orders/1", headers={"Authorization": sign(rsa_key, claims())})
+    assert r.status == 401
+    assert (await c.request("GET", "/open")).status == 200
+
+
+async def test_api_key_authorizer(upstream, gateway, client_factory, tmp_path):
+    from edgeplane.apikeys import generate_key
+
+    plain, hashed = generate_key()
+    other, other_hash = generate_key()
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text(f"keys:\n  - {{id: partner-acme, hash: '{hashed}', plan: gold}}\n"
+                    f"  - {{id: old, hash: '{other_hash}', enabled: false}}\n")
+    cfg = base_config(upstream.port, routes=[
+        {"route": "GET /partners/{id}", "integration": {"type": "http", "upstream": "demo"},
+         "auth": "partners"}])
+    cfg["authorizers"] = {"partners": {"type": "api_key", "keys_file": str(keys)}}
+    gw = await gateway(cfg)
+    c = await client_factory(gw.addresses[0])
+    assert (await c.request("GET", "/partners/1", headers={"X-API-Key": plain})).status == 200
+    for headers in ({}, {"X-API-Key": "x" * 40}, {"X-API-Key": other}, {"X-API-Key": "short"}):
+        r = await c.request("GET", "/partners/1", headers=headers)
+        assert r.status == 403 and r.json() == {"message": "Forbidden"}
+
+
+def test_api_key_file_errors_are_located(tmp_path):
+    keys = tmp_path / "bad-keys.yaml"
+    keys.write_text("keys:\n  - {id: a, hash: 'md5:00'}\n")
+    cfg = base_config(9001)
+    cfg["authorizers"] = {"partners": {"type": "api_key", "keys_file": str(keys)}}
+    cfg["routes"][0]["auth"] = "partners"
+    cfg["routes"][0]["scopes"] = ["x"]
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    text = "\n".join(exc.value.errors)
+    assert "authorizers.partners.keys_file: keys[0].hash" in text
+    assert "routes[0].auth: 'partners' is an API key authorizer" in text

@@ -7,7 +7,8 @@ everything to stdout, stderr or a file in one call. Nothing here awaits.
 
 Fields: requestId, sourceIp, requestTime (CLF, as AWS), requestTimeEpoch (ms), httpMethod,
 routeKey, path, protocol, status, responseLength, responseLatency (ms), integrationLatency
-(ms or null), integrationError, upstream, error (the gateway's reason for a local error).
+(ms or null), integrationError, upstream, error (the gateway's reason for a local error),
+clientCertSubject (mTLS: the client certificate's RFC 4514 subject, or null).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class AccessLog:
             "integrationError": req.integration_error,
             "upstream": req.upstream,
             "error": req.error,
+            "clientCertSubject": proto.client_cert_subject,
         }, option=orjson.OPT_APPEND_NEWLINE)
         self._buf.append(line)
         self._size += len(line)

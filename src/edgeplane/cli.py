@@ -6,6 +6,7 @@ Commands:
   routes         print the compiled route table in match-priority order
   schema         print the JSON Schema of the config file
   demo-upstream  run the bundled demo upstream (echo, /status, /delay, /bytes, /stream)
+  certs dev      write a self-signed development certificate and key
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "/status/{code}, /delay/{ms}, /bytes/{n}, /stream/{n}, /2b.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9001, help="port to bind (default 9001; 0 = any)")
+
+    p = sub.add_parser("certs", help="certificate helpers (certs dev)",
+                       description="Certificate helpers for TLS listeners.")
+    certs = p.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    p = certs.add_parser("dev", help="write a self-signed development certificate",
+                         description="Write a self-signed development certificate (EC P-256, "
+                                     "90 days, the hosts as subjectAltName) and its key as "
+                                     "DIR/dev.pem and DIR/dev-key.pem. Not for production.")
+    p.add_argument("--out", default="conf/certs", metavar="DIR",
+                   help="output directory (default conf/certs; created if missing)")
+    p.add_argument("--hosts", default="localhost,127.0.0.1,::1", metavar="LIST",
+                   help="comma-separated DNS names and IP addresses (default localhost,127.0.0.1,::1)")
+    p.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser
 
 
@@ -167,12 +182,34 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
     return demo_main(["--host", args.host, "--port", str(args.port)])
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .tls import write_dev_cert
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if not hosts:
+        print("edgeplane certs dev: --hosts is empty", file=sys.stderr)
+        return 2
+    if args.days < 1:
+        print("edgeplane certs dev: --days must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cert, key = write_dev_cert(args.out, hosts, force=args.force, days=args.days)
+    except (OSError, ValueError) as exc:
+        print(f"edgeplane certs dev: {exc}", file=sys.stderr)
+        return 1
+    print(f"certificate: {cert}")
+    print(f"key:         {key}")
+    print(f"hosts:       {', '.join(hosts)} (self-signed, {args.days} days; for development only)")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "validate": cmd_validate,
     "routes": cmd_routes,
     "schema": cmd_schema,
     "demo-upstream": cmd_demo_upstream,
+    "certs": cmd_certs,
 }
 
 

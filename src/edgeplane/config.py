@@ -422,7 +422,7 @@ def parse_listen(text: Any) -> model.ListenAddress:
 
 
 def parse_target(text: Any) -> model.Target:
-    """"http://host:port" -> Target; ValueError with the reason if bad."""
+    """"http://host:port" or "https://host:port" -> Target; ValueError with the reason if bad."""
     if not isinstance(text, str):
         raise ValueError(f"expected a target URL 'http://host:port', got {_describe(text)}")
     what = f"invalid target {text!r}"
@@ -433,9 +433,7 @@ def parse_target(text: Any) -> model.Target:
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme == "https":
-        raise ValueError(f"{what}: https targets are not supported yet")
-    if scheme != "http":
+    if scheme not in ("http", "https"):
         raise ValueError(f"{what}: unsupported scheme {scheme!r} (expected 'http://host:port')")
     if parts.username is not None or parts.password is not None:
         raise ValueError(f"{what}: credentials in target URLs are not supported")
@@ -458,8 +456,8 @@ def parse_target(text: Any) -> model.Target:
     if ":" in port_text:
         port = _parse_port(port_text.rpartition(":")[2], what, allow_zero=False)
     else:
-        port = 80
-    return model.Target("http", host, port)
+        port = 80 if scheme == "http" else 443
+    return model.Target(scheme, host, port)
 
 
 def _check_host(host: str, what: str) -> None:
@@ -510,6 +508,7 @@ class _Builder:
 
     def __init__(self, errors: _Errors) -> None:
         self.authorizer_names: set[str] = set()
+        self.api_key_authorizers: set[str] = set()
         self.errors = errors
 
     def fail(self, path: Path, msg: str) -> None:
@@ -615,7 +614,8 @@ class _Builder:
                 continue
             targets = self.targets(spec.get("targets"), path + ("targets",))
             pool = self.pool(spec.get("pool"), path + ("pool",))
-            out[name] = model.UpstreamConfig(name, targets, pool)
+            tls = self.upstream_tls(spec.get("tls"), path + ("tls",), targets)
+            out[name] = model.UpstreamConfig(name, targets, pool, tls)
         return out
 
     def targets(self, value: Any, path: Path) -> tuple[model.Target, ...]:
@@ -635,6 +635,121 @@ class _Builder:
                 continue
             out.append(target)
         return tuple(out)
+
+    def upstream_tls(self, section: Any, path: Path,
+                     targets: tuple[model.Target, ...]) -> model.UpstreamTls:
+        if not isinstance(section, dict):
+            return model.UpstreamTls()
+        if targets and not any(t.scheme == "https" for t in targets):
+            self.fail(path, "only used with https:// targets")
+        ca_file = section.get("ca_file") if isinstance(section.get("ca_file"), str) else None
+        if ca_file is not None:
+            import ssl
+
+            try:
+                ssl.create_default_context(cafile=ca_file)
+            except FileNotFoundError:
+                self.fail(path + ("ca_file",), f"file not found: {ca_file}")
+            except (OSError, ssl.SSLError) as exc:
+                self.fail(path + ("ca_file",), f"cannot load CA file {ca_file}: "
+                                               f"{getattr(exc, 'reason', None) or exc}")
+        server_name = section.get("server_name")
+        if isinstance(server_name, str):
+            try:
+                _check_host(server_name, f"invalid server name {server_name!r}")
+            except ValueError as exc:
+                self.fail(path + ("server_name",), str(exc))
+        else:
+            server_name = None
+        verify = section.get("verify", True)
+        return model.UpstreamTls(ca_file=ca_file, verify=verify if isinstance(verify, bool) else True,
+                                 server_name=server_name)
+
+    def tls(self, raw: dict, taken: list[tuple[Path, model.ListenAddress]]) -> model.TlsConfig | None:
+        from .tls import CertError, inspect_pair
+
+        section = raw.get("tls")
+        if not isinstance(section, dict):
+            return None
+        p: Path = ("tls",)
+        value = section.get("listen")
+        items: list[tuple[Path, Any]] = []
+        if isinstance(value, str):
+            items = [(p + ("listen",), value)]
+        elif isinstance(value, list):
+            items = [(p + ("listen", i), v) for i, v in enumerate(value)]
+        listen: list[model.ListenAddress] = []
+        seen = list(taken)
+        for path, text in items:
+            if not isinstance(text, str):
+                continue
+            try:
+                addr = parse_listen(text)
+            except ValueError as exc:
+                self.fail(path, str(exc))
+                continue
+            for other_path, other in seen:
+                if _collides(addr, other):
+                    self.fail(path, f"{text!r} collides with {_loc(other_path)} "
+                                    f"('{_fmt_addr(other)}')")
+                    break
+            seen.append((path, addr))
+            listen.append(addr)
+        certs: list[model.TlsCertificate] = []
+        entries = section.get("certificates")
+        for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+            cp: Path = p + ("certificates", i)
+            if not isinstance(entry, dict):
+                continue
+            cert, key = entry.get("cert"), entry.get("key")
+            if not isinstance(cert, str) or not isinstance(key, str):
+                continue
+            try:
+                info = inspect_pair(cert, key)
+            except CertError as exc:
+                self.fail(cp, str(exc))
+                continue
+            hosts: list[str] = []
+            given = entry.get("hosts")
+            if isinstance(given, list):
+                for j, h in enumerate(given):
+                    if not isinstance(h, str):
+                        continue
+                    try:
+                        hosts.append(_normalize_route_host(h))
+                    except ValueError as exc:
+                        self.fail(cp + ("hosts", j), str(exc))
+            else:
+                hosts = list(info.dns_names)
+                if not hosts and i > 0:
+                    self.fail(cp, f"{cert} has no DNS names in its subjectAltName: set 'hosts' "
+                                  "(only the first, default certificate may go without)")
+            certs.append(model.TlsCertificate(cert, key, tuple(hosts)))
+        version = section.get("min_version", "1.2")
+        if isinstance(version, float):
+            version = f"{version:g}"
+        if isinstance(version, (str, int)) and not isinstance(version, bool) and str(version) not in ("1.2", "1.3"):
+            self.fail(p + ("min_version",), f"must be '1.2' or '1.3', got {_short(version)}")
+            version = "1.2"
+        client_ca = section.get("client_ca") if isinstance(section.get("client_ca"), str) else None
+        client_cert = section.get("client_cert")
+        if client_cert is not None and client_ca is None:
+            self.fail(p + ("client_cert",), "needs 'client_ca' (the CA client certificates chain to)")
+        if client_ca is not None:
+            import ssl
+
+            try:
+                ssl.create_default_context(cafile=client_ca)
+            except FileNotFoundError:
+                self.fail(p + ("client_ca",), f"file not found: {client_ca}")
+            except (OSError, ssl.SSLError) as exc:
+                self.fail(p + ("client_ca",), f"cannot load CA file {client_ca}: "
+                                              f"{getattr(exc, 'reason', None) or exc}")
+        mode = "none" if client_ca is None else (client_cert if client_cert in ("optional", "required")
+                                                 else "required")
+        return model.TlsConfig(listen=tuple(listen), certificates=tuple(certs),
+                               min_version=version if version in ("1.2", "1.3") else "1.2",
+                               client_ca=client_ca, client_cert=mode)
 
     def pool(self, section: Any, path: Path) -> model.PoolConfig:
         if not isinstance(section, dict):
@@ -687,6 +802,9 @@ class _Builder:
             known = ", ".join(sorted(self.authorizer_names)) or "none defined"
             self.fail(path + ("auth",), f"unknown authorizer {auth!r} (known: {known})")
         scopes = tuple(x for x in spec.get("scopes") or () if isinstance(x, str))
+        if (scopes or spec.get("forward_claims")) and auth in self.api_key_authorizers:
+            self.fail(path + ("auth",), f"{auth!r} is an API key authorizer: scopes and "
+                                        "forward_claims need a JWT authorizer")
         if scopes and not isinstance(auth, str):
             self.fail(path + ("scopes",), "scopes need a JWT authorizer ('auth')")
         claims = spec.get("forward_claims") or {}
@@ -763,10 +881,29 @@ class _Builder:
         for name, spec in section.items():
             if isinstance(name, str) and isinstance(spec, dict):
                 self.authorizer_names.add(name)
-                cfg = self.jwt_authorizer(name, spec, ("authorizers", name))
+                if spec.get("type") == "api_key":
+                    self.api_key_authorizers.add(name)
+                    cfg = self.api_key_authorizer(name, spec, ("authorizers", name))
+                else:
+                    cfg = self.jwt_authorizer(name, spec, ("authorizers", name))
                 if cfg is not None:
                     out[name] = cfg
         return out
+
+    def api_key_authorizer(self, name: str, spec: dict, path: Path) -> model.ApiKeyAuthorizerConfig | None:
+        keys_file = spec.get("keys_file")
+        if not isinstance(keys_file, str):
+            return None
+        from .apikeys import ApiKeyFileError, load_key_file
+
+        try:
+            load_key_file(keys_file)
+        except ApiKeyFileError as exc:
+            for err in exc.errors:
+                self.fail(path + ("keys_file",), err)
+        return model.ApiKeyAuthorizerConfig(
+            name=name, keys_file=keys_file,
+            identity_source=spec.get("identity_source", "$request.header.X-API-Key"))
 
     def jwt_authorizer(self, name: str, spec: dict, path: Path) -> model.JwtAuthorizerConfig | None:
         from .jwks import JwksError, parse_jwks
@@ -784,8 +921,13 @@ class _Builder:
             self.fail(path, f"missing 'hs_secret' (env or file): needed for {', '.join(hs)}")
         if jwks and ("file" in jwks) == ("url" in jwks):
             self.fail(path + ("jwks",), "give exactly one of 'file' and 'url'")
-        if "url" in jwks:
-            self.fail(path + ("jwks", "url"), "JWKS URLs are not supported yet; use 'file'")
+        if isinstance(jwks.get("url"), str):
+            from .jwks_source import split_url
+
+            try:
+                split_url(jwks["url"])
+            except ValueError as exc:
+                self.fail(path + ("jwks", "url"), str(exc))
         if isinstance(jwks.get("file"), str):
             try:
                 with open(jwks["file"], "rb") as fh:
@@ -987,6 +1129,12 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
     b = _Builder(errors)
     listen = b.listen(raw)
     admin = b.admin(raw, listen)
+    taken: list[tuple[Path, model.ListenAddress]] = [
+        ((("listen", i) if isinstance(raw.get("listen"), list) else ("listen",)), a)
+        for i, a in enumerate(listen)]
+    if admin.listen is not None:
+        taken.append((("admin", "listen"), admin.listen))
+    tls = b.tls(raw, taken)
     upstreams = b.upstreams(raw)
     authorizers = b.authorizers(raw)
     ip_rules = b.ip_rules(raw.get("ip_rules"), ("ip_rules",))
@@ -1016,6 +1164,7 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         ip_rules=ip_rules,
         trusted_proxies=trusted,
         cors=cors,
+        tls=tls,
         source=source,
         raw=raw,
     )

@@ -30,7 +30,9 @@ from .model import Config
 from .pool import Upstream
 from .responses import DateHeader
 from .server import HttpProtocol
+from .jwks_source import JwksSource
 from .snapshot import Snapshot, build_snapshot
+from .tls import ListenerTls
 
 log = logging.getLogger("edgeplane")
 
@@ -41,12 +43,15 @@ class Gateway:
         self.reuse_port = reuse_port
         self.loop: asyncio.AbstractEventLoop | None = None
         self.upstreams: dict[str, Upstream] = {}
+        self.jwks_sources: dict[str, JwksSource] = {}
         self.snapshot: Snapshot | None = None
         self.context: ServerContext | None = None
         self.admin_context: ServerContext | None = None
         self.access_log: AccessLog | None = None
         self.date = DateHeader()
         self.addresses: list[tuple[str, int]] = []
+        self.tls_addresses: list[tuple[str, int]] = []  # the `tls.listen` listeners
+        self.tls: ListenerTls | None = None
         self.admin_address: tuple[str, int] | None = None
         self.draining = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -63,7 +68,12 @@ class Gateway:
         loop = self.loop = asyncio.get_running_loop()
         self.access_log = AccessLog(cfg.access_log)
         self.upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
-        self.snapshot = build_snapshot(cfg, self.upstreams)
+        # JWKS URLs: a first bounded fetch now (a failure starts with no keys: 401s
+        # until a background retry succeeds), then refreshed off the request path.
+        self.jwks_sources = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, loop)
+                             for name, a in cfg.authorizers.items() if getattr(a, "jwks_url", None)}
+        await asyncio.gather(*(s.start() for s in self.jwks_sources.values()))
+        self.snapshot = build_snapshot(cfg, self.upstreams, self.jwks_sources)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
@@ -73,6 +83,11 @@ class Gateway:
             for addr in cfg.listen:
                 server = await self._bind(self.context, addr.host, addr.port)
                 self.addresses.append(server.sockets[0].getsockname()[:2])
+            if cfg.tls is not None:
+                self.tls = ListenerTls.from_config(cfg.tls)
+                for addr in cfg.tls.listen:
+                    server = await self._bind(self.context, addr.host, addr.port, tls=self.tls)
+                    self.tls_addresses.append(server.sockets[0].getsockname()[:2])
             if cfg.admin.listen is not None:
                 a = cfg.admin.listen
                 server = await self._bind(self.admin_context, a.host, a.port)
@@ -81,14 +96,23 @@ class Gateway:
             await self._close_servers()
             raise
         self._schedule_tick()
-        log.info("listening on %s%s", ", ".join(f"http://{h}:{p}" for h, p in self.addresses),
+        urls = [f"http://{h}:{p}" for h, p in self.addresses]
+        urls += [f"https://{h}:{p}" for h, p in self.tls_addresses]
+        log.info("listening on %s%s", ", ".join(urls),
                  f"; admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
                  if self.admin_address else "")
 
-    async def _bind(self, ctx: ServerContext, host: str, port: int) -> asyncio.AbstractServer:
+    async def _bind(self, ctx: ServerContext, host: str, port: int,
+                    tls: ListenerTls | None = None) -> asyncio.AbstractServer:
+        if tls is None:
+            factory = lambda: HttpProtocol(ctx)  # noqa: E731
+            extra: dict[str, Any] = {}
+        else:
+            factory = lambda: HttpProtocol(ctx, True)  # noqa: E731
+            extra = {"ssl": tls.default, "ssl_handshake_timeout": ctx.limits.head_timeout}
         server = await self.loop.create_server(
-            lambda: HttpProtocol(ctx), host, port, reuse_port=self.reuse_port or None,
-            backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            factory, host, port, reuse_port=self.reuse_port or None,
+            backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET, **extra,
         )
         self._servers.append(server)
         return server
@@ -130,6 +154,8 @@ class Gateway:
         await self._close_servers()
         for upstream in self.upstreams.values():
             await upstream.close()
+        for source in self.jwks_sources.values():
+            await source.close()
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run
@@ -155,6 +181,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ helpers
     def url(self, path: str = "/") -> str:
+        if not self.addresses:
+            host, port = self.tls_addresses[0]
+            return f"https://{host}:{port}{path}"
         host, port = self.addresses[0]
         return f"http://{host}:{port}{path}"
 

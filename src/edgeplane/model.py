@@ -24,9 +24,9 @@ class ListenAddress:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One upstream endpoint, from "http://host:port" (only http for now)."""
+    """One upstream endpoint, from "http://host:port" or "https://host:port"."""
 
-    scheme: str  # "http"
+    scheme: str  # "http" | "https"
     host: str
     port: int
 
@@ -52,10 +52,38 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How https:// targets of an upstream are reached."""
+
+    ca_file: str | None = None  # None = the system trust store
+    verify: bool = True  # verify the chain and the name
+    server_name: str | None = None  # SNI and name to verify; None = the target host
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     targets: tuple[Target, ...]
     pool: PoolConfig = PoolConfig()
+    tls: UpstreamTls = UpstreamTls()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCertificate:
+    cert: str  # PEM certificate (chain) file
+    key: str  # PEM private key file (unencrypted)
+    hosts: tuple[str, ...] = ()  # SNI names, exact or "*.example.com"; default: SAN DNS names
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS termination: listeners and the certificates they present, chosen by SNI."""
+
+    listen: tuple[ListenAddress, ...]
+    certificates: tuple[TlsCertificate, ...]  # the first one is the default
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    client_ca: str | None = None  # mTLS: CA file that client certificates must chain to
+    client_cert: Literal["none", "optional", "required"] = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +133,23 @@ class JwtAuthorizerConfig:
     max_token_bytes: int = 8192
     cache_ttl: float = 300.0  # a verified token is cached until min(exp, now + ttl)
     cache_max_entries: int = 10_000
+    type: str = "jwt"
 
     @property
     def header(self) -> bytes:
         """Lower-case header name of the identity source."""
+        return self.identity_source.rsplit(".", 1)[1].lower().encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyAuthorizerConfig:
+    name: str
+    keys_file: str  # YAML key file: ids, sha256 hashes, optional usage plan
+    identity_source: str = "$request.header.X-API-Key"
+    type: str = "api_key"
+
+    @property
+    def header(self) -> bytes:
         return self.identity_source.rsplit(".", 1)[1].lower().encode()
 
 
@@ -169,9 +210,10 @@ class Config:
     access_log: AccessLogConfig = AccessLogConfig()
     drain_timeout: float = 30.0
     log_level: str = "info"
-    authorizers: dict[str, JwtAuthorizerConfig] = field(default_factory=dict)
+    authorizers: dict[str, JwtAuthorizerConfig | ApiKeyAuthorizerConfig] = field(default_factory=dict)
     ip_rules: IpRulesConfig | None = None  # server-wide, checked before every route
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
     cors: CorsConfig | None = None  # for every route that does not set its own
+    tls: TlsConfig | None = None  # None = no TLS listeners
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

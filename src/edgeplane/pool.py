@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -190,11 +191,16 @@ class TargetPool:
     __slots__ = (
         "target", "cfg", "loop", "idle", "in_use", "connecting", "waiters", "conns",
         "opened", "reused", "requests", "connect_failures", "closed_by_reason",
-        "down_until", "closing", "_tasks", "host", "port", "authority", "name",
+        "down_until", "closing", "_tasks", "host", "port", "authority", "name", "ssl",
+        "server_hostname",
     )
 
-    def __init__(self, target: Target, cfg: PoolConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, target: Target, cfg: PoolConfig, loop: asyncio.AbstractEventLoop,
+                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None) -> None:
         self.target = target
+        # https targets: TLS with this context; SNI and the verified name default to the host.
+        self.ssl = ssl_context
+        self.server_hostname = (server_name or target.host) if ssl_context is not None else None
         self.host = target.host
         self.port = target.port
         self.authority = target.authority.encode()
@@ -261,7 +267,8 @@ class TargetPool:
         started = time.perf_counter()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
+                                       ssl=self.ssl, server_hostname=self.server_hostname),
                 self.cfg.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:
@@ -269,7 +276,12 @@ class TargetPool:
             self.connect_failures += 1
             self.down_until = loop.time() + 1.0
             timed_out = isinstance(exc, asyncio.TimeoutError)
-            reason = "connect timeout" if timed_out else f"connect failed: {exc.strerror or exc}"
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"TLS verification failed: {exc.verify_message}"
+            elif isinstance(exc, ssl.SSLError):
+                reason = f"TLS handshake failed: {exc.reason or exc}"
+            else:
+                reason = "connect timeout" if timed_out else f"connect failed: {exc.strerror or exc}"
             log.warning("upstream %s: %s", self.target, reason)
             waiter = self._next_waiter()
             if waiter is not None:
@@ -396,7 +408,13 @@ class Upstream:
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
         self.loop = loop
-        self.pools = [TargetPool(t, cfg.pool, loop) for t in cfg.targets]
+        ctx = None
+        if any(t.scheme == "https" for t in cfg.targets):
+            from .tls import client_context
+
+            ctx = client_context(cfg.tls)
+        self.pools = [TargetPool(t, cfg.pool, loop, ctx if t.scheme == "https" else None,
+                                 cfg.tls.server_name) for t in cfg.targets]
         self._next = 0
 
     def pick(self) -> TargetPool:

@@ -143,7 +143,8 @@ class HttpIntegration:
                 lines += (name, b": ", value, b"\r\n")
         peer = proto.peer_ip.encode()
         lines += (b"x-forwarded-for: ", peer if xff is None else xff + b", " + peer, b"\r\n")
-        lines += (b"x-forwarded-proto: ", b"http" if xfp is None else xfp + b", http", b"\r\n")
+        scheme = proto.scheme
+        lines += (b"x-forwarded-proto: ", scheme if xfp is None else xfp + b", " + scheme, b"\r\n")
         if req.host:
             lines += (b"x-forwarded-host: ", req.host if xfh is None else xfh + b", " + req.host, b"\r\n")
         lines += (b"x-request-id: ", req.request_id, b"\r\n")

@@ -91,10 +91,64 @@ _UPSTREAM = {
             "minItems": 1,
             "items": {
                 "type": "string",
-                "description": "'http://host:port' (https is not supported yet).",
+                "description": "'http://host:port' or 'https://host:port'.",
             },
         },
         "pool": {"$ref": "#/$defs/pool"},
+        "tls": {"$ref": "#/$defs/upstreamTls"},
+    },
+}
+
+_UPSTREAM_TLS = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "How https:// targets are reached (verification is on by default).",
+    "properties": {
+        "ca_file": {"type": "string", "description": "PEM CA bundle; default: the system store."},
+        "verify": {"type": "boolean", "default": True,
+                   "description": "Verify the certificate chain and name; false only for tests."},
+        "server_name": {"type": "string",
+                        "description": "SNI and name to verify; default: the target host."},
+    },
+}
+
+_TLS = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["listen", "certificates"],
+    "description": "TLS termination: HTTPS listeners and their certificates, chosen by SNI.",
+    "properties": {
+        "listen": {
+            "description": "TLS (data-plane) listen address(es).",
+            "anyOf": [
+                {"$ref": "#/$defs/listenAddress"},
+                {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/listenAddress"}},
+            ],
+        },
+        "certificates": {
+            "type": "array",
+            "minItems": 1,
+            "description": "The first certificate is the default (unknown or no SNI).",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["cert", "key"],
+                "properties": {
+                    "cert": {"type": "string", "description": "PEM certificate (chain) file."},
+                    "key": {"type": "string", "description": "PEM private key file (unencrypted)."},
+                    "hosts": {"type": "array", "items": {"type": "string"},
+                              "description": "SNI names ('api.example.com', '*.example.com'); "
+                                             "default: the certificate's SAN DNS names."},
+                },
+            },
+        },
+        "min_version": {"type": ["string", "number"], "default": "1.2",
+                        "description": "Lowest TLS version: '1.2' or '1.3'."},
+        "client_ca": {"type": "string",
+                      "description": "mTLS: PEM CA file that client certificates must chain to."},
+        "client_cert": {"enum": ["optional", "required"],
+                        "description": "mTLS: whether a client certificate is required "
+                                       "(needs client_ca; default 'required' with client_ca)."},
     },
 }
 
@@ -238,6 +292,28 @@ _JWT_AUTHORIZER = {
     },
 }
 
+_API_KEY_AUTHORIZER = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "keys_file"],
+    "properties": {
+        "type": {"const": "api_key"},
+        "keys_file": {"type": "string", "description": "YAML key file (ids, sha256 hashes, plans)."},
+        "identity_source": {"type": "string", "pattern": "^\\$request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+                            "default": "$request.header.X-API-Key"},
+    },
+}
+
+_AUTHORIZER = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {"type": {"enum": ["jwt", "api_key"]}},
+    "allOf": [
+        {"if": {"properties": {"type": {"const": "jwt"}}}, "then": {"$ref": "#/$defs/jwtAuthorizer"}},
+        {"if": {"properties": {"type": {"const": "api_key"}}}, "then": {"$ref": "#/$defs/apiKeyAuthorizer"}},
+    ],
+}
+
 _LIMITS = {
     "type": "object",
     "additionalProperties": False,
@@ -318,11 +394,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "authorizers": {
             "type": "object",
             "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_-]*$"},
-            "additionalProperties": {"$ref": "#/$defs/jwtAuthorizer"},
+            "additionalProperties": {"$ref": "#/$defs/authorizer"},
         },
         "ip_rules": {"$ref": "#/$defs/ipRules"},
         "trusted_proxies": _STRINGS,
         "cors": {"$ref": "#/$defs/cors"},
+        "tls": {"$ref": "#/$defs/tls"},
     },
     "$defs": {
         "duration": _DURATION,
@@ -337,6 +414,10 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "ipRules": _IP_RULES,
         "cors": _CORS,
         "jwtAuthorizer": _JWT_AUTHORIZER,
+        "apiKeyAuthorizer": _API_KEY_AUTHORIZER,
+        "authorizer": _AUTHORIZER,
+        "upstreamTls": _UPSTREAM_TLS,
+        "tls": _TLS,
     },
 }
 

@@ -40,6 +40,7 @@ import httptools
 from . import responses
 from .codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, new_request_parser
 from .responses import STATUS_LINES
+from .tls import client_subject
 
 if TYPE_CHECKING:
     from .context import ServerContext
@@ -94,7 +95,7 @@ class Request:
         "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
-        "extra_upstream",
+        "extra_upstream", "api_key",
     )
 
     def __init__(self, now: float) -> None:
@@ -136,6 +137,7 @@ class Request:
         self.claims: dict | None = None  # verified JWT claims
         self.extra_response = b""  # header lines for the response (CORS)
         self.extra_upstream: list[tuple[bytes, bytes]] | None = None  # forwarded claims
+        self.api_key: Any = None  # apikeys.ApiKey of an API-key authorizer
 
 
 def body_drainable(req: Request) -> bool:
@@ -153,11 +155,14 @@ class HttpProtocol(asyncio.Protocol):
         "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
         "_queued_bytes", "_pause", "write_paused", "_timer", "_timer_at", "_deadline",
         "_timer_kind", "_head_partial", "_head_bytes", "_head_raw", "_parser_dead", "_closed",
-        "_peer_eof", "_last_parsed",
+        "_peer_eof", "_last_parsed", "tls", "scheme", "client_cert_subject",
     )
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, tls: bool = False) -> None:
         self.ctx = ctx
+        self.tls = tls  # accepted on a TLS listener (the handshake is done by connection_made)
+        self.scheme = b"https" if tls else b"http"  # X-Forwarded-Proto
+        self.client_cert_subject: str | None = None  # mTLS: RFC 4514 subject of the client cert
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
         self.parser: Any = None
@@ -186,6 +191,8 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = peer[0]
+        if self.tls:
+            self.client_cert_subject = client_subject(transport.get_extra_info("ssl_object"))
         ctx = self.ctx
         self.parser = new_request_parser(ctx.parser_kind, self, ctx.limits.max_head_bytes)
         ctx.connections.add(self)

@@ -72,7 +72,7 @@ class Snapshot:
 
 
 def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream],
-                  verifiers: dict[str, Any]) -> CompiledRoute:
+                  verifiers: dict[str, Any], jwks_sources: dict[str, Any]) -> CompiledRoute:
     integ = rc.integration
     if integ.type == "mock":
         handler: Any = MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
@@ -82,11 +82,13 @@ def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream
             claim_headers=frozenset(h.encode() for h, _ in rc.forward_claims),
             gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
         )
-    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers), handler)
+    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, jwks_sources), handler)
 
 
-def build_snapshot(config: Config, upstreams: dict[str, Upstream]) -> Snapshot:
-    verifiers = build_verifiers(config)
-    routes = [compile_route(config, rc, upstreams, verifiers) for rc in config.routes]
+def build_snapshot(config: Config, upstreams: dict[str, Upstream],
+                   jwks_sources: dict[str, Any] | None = None) -> Snapshot:
+    jwks_sources = jwks_sources or {}
+    verifiers = build_verifiers(config, jwks_sources)
+    routes = [compile_route(config, rc, upstreams, verifiers, jwks_sources) for rc in config.routes]
     router = compile_routes([(c.config, c) for c in routes])
     return Snapshot(config, router, routes)

@@ -20,14 +20,15 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from .apikeys import KeyStore, load_key_file
 from .cors import CorsPolicy
 from .iprules import IpRules, TrustedProxies
 from .jwks import parse_jwks
-from .jwt import (CachedVerifier, JwtConfig, JwtError, JwtVerifier, VerificationCache,
-                  check_scopes, extract_bearer, www_authenticate)
+from .jwt import (UNKNOWN_KID, CachedVerifier, JwtConfig, JwtError, JwtVerifier,
+                  VerificationCache, check_scopes, extract_bearer, www_authenticate)
 
 if TYPE_CHECKING:
-    from .model import Config, CorsConfig, IpRulesConfig, JwtAuthorizerConfig, RouteConfig
+    from .model import ApiKeyAuthorizerConfig, Config, CorsConfig, JwtAuthorizerConfig, RouteConfig
     from .server import HttpProtocol, Request
 
 Stage = Callable[["HttpProtocol", "Request"], bool]
@@ -99,10 +100,12 @@ class CorsStage:
 class JwtStage:
     """JWT authorizer (AWS HTTP API semantics) with cached verification."""
 
-    __slots__ = ("verifier", "header", "scopes", "forward", "name")
+    __slots__ = ("verifier", "header", "scopes", "forward", "name", "source")
 
-    def __init__(self, verifier: CachedVerifier, cfg: JwtAuthorizerConfig, route: RouteConfig):
+    def __init__(self, verifier: CachedVerifier, cfg: JwtAuthorizerConfig, route: RouteConfig,
+                 source: Any = None):
         self.verifier = verifier
+        self.source = source  # JwksSource for a JWKS URL: told about unknown kids
         self.header = cfg.header
         self.scopes = list(route.scopes)
         self.forward = [(h.encode(), c) for h, c in route.forward_claims]
@@ -116,6 +119,8 @@ class JwtStage:
         try:
             claims = self.verifier.verify(extract_bearer(raw), time.time())
         except JwtError as exc:
+            if exc.kind == UNKNOWN_KID and self.source is not None:
+                self.source.unknown_kid()  # maybe the keys rotated: refresh off the request path
             self._refuse(proto, req, exc.description)
             return False
         if self.scopes and not check_scopes(claims, self.scopes):
@@ -142,6 +147,28 @@ class JwtStage:
         proto.send_error(req, 401, f"{self.name}: {description}", extra=extra)
 
 
+class ApiKeyStage:
+    """API key authorizer: the key from its header (X-API-Key by default) must be an
+    enabled key of the key file; missing or invalid is 403 Forbidden, as AWS answers."""
+
+    __slots__ = ("store", "header", "name")
+
+    def __init__(self, store: KeyStore, cfg: ApiKeyAuthorizerConfig):
+        self.store = store
+        self.header = cfg.header
+        self.name = cfg.name
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool:
+        presented = _header(req, self.header)
+        key = self.store.lookup(presented) if presented is not None else None
+        if key is None:
+            why = "missing API key" if presented is None else "invalid API key"
+            proto.send_error(req, 403, f"{self.name}: {why}")
+            return False
+        req.api_key = key
+        return True
+
+
 def _json_text(value: Any) -> str:
     import orjson
 
@@ -159,15 +186,21 @@ def hs_secret(cfg: JwtAuthorizerConfig) -> bytes | None:
     return None
 
 
-def build_verifiers(config: Config) -> dict[str, CachedVerifier]:
-    """One cached verifier per JWT authorizer, shared by every route that uses it."""
+def build_verifiers(config: Config, jwks_sources: dict[str, Any]) -> dict[str, CachedVerifier | KeyStore]:
+    """Per authorizer, shared by every route that uses it: a cached JWT verifier (keys
+    from the JWKS file, read here, or the authorizer's `JwksSource`) or an API key store."""
     out = {}
     for name, cfg in config.authorizers.items():
-        keyset = None
+        if cfg.type == "api_key":
+            out[name] = load_key_file(cfg.keys_file)
+            continue
+        keys: Any = None
         if cfg.jwks_file:
             with open(cfg.jwks_file, "rb") as fh:
-                keyset = parse_jwks(fh.read())
-        verifier = JwtVerifier(jwt_config(cfg), keyset)
+                keys = parse_jwks(fh.read())
+        elif name in jwks_sources:
+            keys = jwks_sources[name].keyset  # a provider: the current key set, per call
+        verifier = JwtVerifier(jwt_config(cfg), keys)
         cache = VerificationCache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
         out[name] = CachedVerifier(verifier, cache)
     return out
@@ -180,7 +213,8 @@ def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
                      hs_secret=hs_secret(cfg))
 
 
-def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier]) -> tuple[Stage, ...]:
+def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier],
+                 jwks_sources: dict[str, Any]) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     rules = [IpRules(r.allow, r.deny) for r in (config.ip_rules, route.ip_rules) if r]
     if rules:
@@ -191,5 +225,9 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
     if cors is not None:
         stages.append(CorsStage(CorsPolicy.from_config(cors)))
     if route.auth is not None:
-        stages.append(JwtStage(verifiers[route.auth], config.authorizers[route.auth], route))
+        cfg = config.authorizers[route.auth]
+        if cfg.type == "api_key":
+            stages.append(ApiKeyStage(verifiers[route.auth], cfg))
+        else:
+            stages.append(JwtStage(verifiers[route.auth], cfg, route, jwks_sources.get(route.auth)))
     return tuple(stages)
