@@ -325,4 +325,113 @@ def test_api_key_file_errors_are_located(tmp_path):
         load_config(cfg)
     text = "\n".join(exc.value.errors)
     assert "authorizers.partners.keys_file: keys[0].hash" in text
-    assert "routes[0].auth: 'partners' is an API key authorizer" in text
+    assert "routes[0].auth: 'partners' is not a JWT authorizer" in text
+
+
+class AuthorizerServer:
+    """A real custom authorizer on loopback: decides by the Authorization value and
+    counts its calls (so caching is proven by call counts)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.payloads: list[dict] = []
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([ln.split(b":")[1] for ln in head.split(b"\r\n")
+                              if ln.lower().startswith(b"content-length")][0])
+                payload = json.loads(await reader.readexactly(length))
+                self.calls += 1
+                self.payloads.append(payload)
+                token = payload["headers"].get("authorization", "")
+                if token == "slow":
+                    await asyncio.sleep(2)
+                if token == "boom":
+                    writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+                elif token == "junk":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nnope!")
+                else:
+                    body = json.dumps({"isAuthorized": token.startswith("good"),
+                                       "context": {"tenant": "t-" + token}}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+
+def custom_config(upstream_port: int, authz_port: int, **authz) -> dict:
+    cfg = base_config(upstream_port, routes=[
+        {"route": "POST /things/{id}", "integration": {"type": "http", "upstream": "demo"}, "auth": "custom"},
+        {"route": "GET /things/{id}", "integration": {"type": "http", "upstream": "demo"}, "auth": "custom"},
+    ])
+    cfg["authorizers"] = {"custom": {"type": "http", "url": f"http://127.0.0.1:{authz_port}/authorize",
+                                     "forward_context": {"x-tenant": "tenant"}, "timeout": "500ms", **authz}}
+    return cfg
+
+
+async def test_custom_authorizer_allow_deny_cache_and_context(upstream, gateway, client_factory):
+    async with AuthorizerServer() as authz:
+        gw = await gateway(custom_config(upstream.port, authz.port))
+        c = await client_factory(gw.addresses[0])
+        r = await c.request("POST", "/things/1?x=1", headers={"Authorization": "good-1", "X-Tenant": "forged"},
+                            body=b"payload")
+        assert r.status == 200
+        echo = r.json()
+        assert echo["headers"]["x-tenant"] == "t-good-1" and echo["body"] == "payload"
+        p = authz.payloads[0]
+        assert p["version"] == "2.0" and p["type"] == "REQUEST" and p["routeKey"] == "POST /things/{id}"
+        assert p["identitySource"] == ["good-1"] and p["rawQueryString"] == "x=1"
+        assert p["pathParameters"] == {"id": "1"} and p["requestContext"]["http"]["method"] == "POST"
+        for _ in range(3):  # cached per identity: one call for all of these
+            assert (await c.request("GET", "/things/2", headers={"Authorization": "good-1"})).status == 200
+        assert authz.calls == 1
+        r = await c.request("GET", "/things/3", headers={"Authorization": "bad"})
+        assert r.status == 403 and r.json() == {"message": "Forbidden"}
+        assert (await c.request("GET", "/things/3", headers={"Authorization": "bad"})).status == 403
+        assert authz.calls == 2
+        r = await c.request("GET", "/things/4")  # missing identity source: no call
+        assert r.status == 401 and authz.calls == 2
+
+
+@pytest.mark.parametrize("token", ["boom", "junk", "slow"])
+async def test_custom_authorizer_failure_is_500_not_forwarded(upstream, gateway, client_factory, token):
+    async with AuthorizerServer() as authz:
+        gw = await gateway(custom_config(upstream.port, authz.port))
+        c = await client_factory(gw.addresses[0])
+        before = upstream.connection_count
+        r = await c.request("GET", "/things/1", headers={"Authorization": token})
+        assert r.status == 500 and r.json() == {"message": "Internal Server Error"}
+        assert upstream.connection_count == before
+        assert gw.stats()["errors"]["500"] == 1
+
+
+async def test_custom_authorizer_route_key_makes_cache_per_route(upstream, gateway, client_factory):
+    async with AuthorizerServer() as authz:
+        gw = await gateway(custom_config(upstream.port, authz.port, identity_source=[
+            "$request.header.Authorization", "$context.routeKey"]))
+        c = await client_factory(gw.addresses[0])
+        for _ in range(2):
+            assert (await c.request("GET", "/things/1", headers={"Authorization": "good"})).status == 200
+            assert (await c.request("POST", "/things/1", headers={"Authorization": "good"})).status == 200
+        assert authz.calls == 2
+
+
+async def test_custom_authorizer_result_ttl_zero_disables_cache(upstream, gateway, client_factory):
+    async with AuthorizerServer() as authz:
+        gw = await gateway(custom_config(upstream.port, authz.port, result_ttl=0))
+        c = await client_factory(gw.addresses[0])
+        for _ in range(3):
+            assert (await c.request("GET", "/things/1", headers={"Authorization": "good"})).status == 200
+        assert authz.calls == 3

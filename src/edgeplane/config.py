@@ -803,7 +803,7 @@ class _Builder:
             self.fail(path + ("auth",), f"unknown authorizer {auth!r} (known: {known})")
         scopes = tuple(x for x in spec.get("scopes") or () if isinstance(x, str))
         if (scopes or spec.get("forward_claims")) and auth in self.api_key_authorizers:
-            self.fail(path + ("auth",), f"{auth!r} is an API key authorizer: scopes and "
+            self.fail(path + ("auth",), f"{auth!r} is not a JWT authorizer: scopes and "
                                         "forward_claims need a JWT authorizer")
         if scopes and not isinstance(auth, str):
             self.fail(path + ("scopes",), "scopes need a JWT authorizer ('auth')")
@@ -884,11 +884,37 @@ class _Builder:
                 if spec.get("type") == "api_key":
                     self.api_key_authorizers.add(name)
                     cfg = self.api_key_authorizer(name, spec, ("authorizers", name))
+                elif spec.get("type") == "http":
+                    self.api_key_authorizers.add(name)  # no scopes/claims either
+                    cfg = self.http_authorizer(name, spec, ("authorizers", name))
                 else:
                     cfg = self.jwt_authorizer(name, spec, ("authorizers", name))
                 if cfg is not None:
                     out[name] = cfg
         return out
+
+    def http_authorizer(self, name: str, spec: dict, path: Path) -> model.HttpAuthorizerConfig | None:
+        url = spec.get("url")
+        if not isinstance(url, str):
+            return None
+        from .jwks_source import split_url
+
+        try:
+            split_url(url)
+        except ValueError as exc:
+            self.fail(path + ("url",), str(exc))
+        sources = spec.get("identity_source", ["$request.header.Authorization"])
+        sources = (sources,) if isinstance(sources, str) else tuple(s for s in sources if isinstance(s, str))
+        ttl = self.duration(spec, "result_ttl", path, 300.0, low_inclusive=True)
+        if ttl > 3600:
+            self.fail(path + ("result_ttl",), "at most 3600s (AWS's maximum)")
+        forward = spec.get("forward_context") or {}
+        return model.HttpAuthorizerConfig(
+            name=name, url=url, identity_source=sources, result_ttl=ttl,
+            timeout=self.duration(spec, "timeout", path, 10.0),
+            forward_context=tuple((k.lower(), v) for k, v in forward.items()
+                                  if isinstance(k, str) and isinstance(v, str)),
+            cache_max_entries=self.integer(spec, "cache_max_entries", 10_000))
 
     def api_key_authorizer(self, name: str, spec: dict, path: Path) -> model.ApiKeyAuthorizerConfig | None:
         keys_file = spec.get("keys_file")

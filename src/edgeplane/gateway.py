@@ -30,6 +30,7 @@ from .model import Config
 from .pool import Upstream
 from .responses import DateHeader
 from .server import HttpProtocol
+from .http_authorizer import HttpAuthorizerClient
 from .jwks_source import JwksSource
 from .snapshot import Snapshot, build_snapshot
 from .tls import ListenerTls
@@ -43,7 +44,7 @@ class Gateway:
         self.reuse_port = reuse_port
         self.loop: asyncio.AbstractEventLoop | None = None
         self.upstreams: dict[str, Upstream] = {}
-        self.jwks_sources: dict[str, JwksSource] = {}
+        self.auth_sources: dict[str, Any] = {}
         self.snapshot: Snapshot | None = None
         self.context: ServerContext | None = None
         self.admin_context: ServerContext | None = None
@@ -70,10 +71,13 @@ class Gateway:
         self.upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
         # JWKS URLs: a first bounded fetch now (a failure starts with no keys: 401s
         # until a background retry succeeds), then refreshed off the request path.
-        self.jwks_sources = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, loop)
-                             for name, a in cfg.authorizers.items() if getattr(a, "jwks_url", None)}
-        await asyncio.gather(*(s.start() for s in self.jwks_sources.values()))
-        self.snapshot = build_snapshot(cfg, self.upstreams, self.jwks_sources)
+        jwks = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, loop)
+                for name, a in cfg.authorizers.items() if getattr(a, "jwks_url", None)}
+        await asyncio.gather(*(s.start() for s in jwks.values()))
+        # Per authorizer, what talks to the outside: JWKS sources and custom-authorizer clients.
+        self.auth_sources = {**jwks, **{name: HttpAuthorizerClient(a, loop)
+                                        for name, a in cfg.authorizers.items() if a.type == "http"}}
+        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
@@ -154,7 +158,7 @@ class Gateway:
         await self._close_servers()
         for upstream in self.upstreams.values():
             await upstream.close()
-        for source in self.jwks_sources.values():
+        for source in self.auth_sources.values():
             await source.close()
         if self._tick is not None:
             self._tick.cancel()

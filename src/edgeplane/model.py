@@ -154,6 +154,20 @@ class ApiKeyAuthorizerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpAuthorizerConfig:
+    """A custom authorizer, like an AWS Lambda REQUEST authorizer (payload 2.0)."""
+
+    name: str
+    url: str
+    identity_source: tuple[str, ...] = ("$request.header.Authorization",)
+    result_ttl: float = 300.0  # 0 = no caching; at most 3600 s
+    timeout: float = 10.0
+    forward_context: tuple[tuple[str, str], ...] = ()  # (header name, context key)
+    cache_max_entries: int = 10_000
+    type: str = "http"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     key: str  # as written: "GET /users/{id}", "ANY /files/{proxy+}", "$default"
     method: str | None  # upper-case method, None for ANY and for $default
@@ -210,7 +224,8 @@ class Config:
     access_log: AccessLogConfig = AccessLogConfig()
     drain_timeout: float = 30.0
     log_level: str = "info"
-    authorizers: dict[str, JwtAuthorizerConfig | ApiKeyAuthorizerConfig] = field(default_factory=dict)
+    authorizers: dict[str, JwtAuthorizerConfig | ApiKeyAuthorizerConfig | HttpAuthorizerConfig] = \
+        field(default_factory=dict)
     ip_rules: IpRulesConfig | None = None  # server-wide, checked before every route
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
     cors: CorsConfig | None = None  # for every route that does not set its own

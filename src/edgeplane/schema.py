@@ -304,13 +304,33 @@ _API_KEY_AUTHORIZER = {
     },
 }
 
+_IDENTITY = {"type": "string", "pattern": "^\\$(request\\.(header|querystring)\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+|context\\.(routeKey|identity\\.sourceIp))$"}
+
+_HTTP_AUTHORIZER = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "url"],
+    "properties": {
+        "type": {"const": "http"},
+        "url": {"type": "string", "description": "http(s) URL the payload (version 2.0) is POSTed to."},
+        "identity_source": {"anyOf": [_IDENTITY, {"type": "array", "items": _IDENTITY, "minItems": 1}],
+                            "default": ["$request.header.Authorization"]},
+        "result_ttl": {"$ref": "#/$defs/duration", "default": "300s"},
+        "timeout": {"$ref": "#/$defs/duration", "default": "10s"},
+        "forward_context": {"type": "object", "additionalProperties": {"type": "string"},
+                            "description": "Upstream header name -> key of the authorizer's context."},
+        "cache_max_entries": {"type": "integer", "minimum": 1, "default": 10000},
+    },
+}
+
 _AUTHORIZER = {
     "type": "object",
     "required": ["type"],
-    "properties": {"type": {"enum": ["jwt", "api_key"]}},
+    "properties": {"type": {"enum": ["jwt", "api_key", "http"]}},
     "allOf": [
         {"if": {"properties": {"type": {"const": "jwt"}}}, "then": {"$ref": "#/$defs/jwtAuthorizer"}},
         {"if": {"properties": {"type": {"const": "api_key"}}}, "then": {"$ref": "#/$defs/apiKeyAuthorizer"}},
+        {"if": {"properties": {"type": {"const": "http"}}}, "then": {"$ref": "#/$defs/httpAuthorizer"}},
     ],
 }
 
@@ -415,6 +435,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "cors": _CORS,
         "jwtAuthorizer": _JWT_AUTHORIZER,
         "apiKeyAuthorizer": _API_KEY_AUTHORIZER,
+        "httpAuthorizer": _HTTP_AUTHORIZER,
         "authorizer": _AUTHORIZER,
         "upstreamTls": _UPSTREAM_TLS,
         "tls": _TLS,

@@ -95,7 +95,7 @@ class Request:
         "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
-        "extra_upstream", "api_key",
+        "extra_upstream", "api_key", "pending",
     )
 
     def __init__(self, now: float) -> None:
@@ -138,6 +138,7 @@ class Request:
         self.extra_response = b""  # header lines for the response (CORS)
         self.extra_upstream: list[tuple[bytes, bytes]] | None = None  # forwarded claims
         self.api_key: Any = None  # apikeys.ApiKey of an API-key authorizer
+        self.pending = False  # an asynchronous stage is running (see run_chain)
 
 
 def body_drainable(req: Request) -> bool:
@@ -382,13 +383,16 @@ class HttpProtocol(asyncio.Protocol):
         if exchange is not None:
             exchange.on_request_body(chunk)  # streams it, or holds it until connected
             return
-        if req.dispatched or req.local_status:
+        if (req.dispatched and not req.pending) or req.local_status:
             return  # answered locally (or refused): the body is read and dropped
         if req.body_buf is None:
             req.body_buf = [chunk]
         else:
             req.body_buf.append(chunk)
-        if req is not self._active:
+        if req.pending:  # held while an asynchronous stage (an authorizer call) runs
+            if sum(map(len, req.body_buf)) > _DRAIN_BODY_MAX:
+                self.pause_reading(P_BUFFER)
+        elif req is not self._active:
             self._queued_bytes += len(chunk)
             if self._queued_bytes > _PIPELINE_BUFFER_MAX:
                 self.pause_reading(P_PIPELINE)
@@ -480,10 +484,28 @@ class HttpProtocol(asyncio.Protocol):
         req.route = route
         req.params = params
         req.route_key = route.key
-        for stage in route.stages:
-            if not stage(self, req):
+        self.run_chain(req, 0)
+
+    def run_chain(self, req: Request, start: int) -> None:
+        """Run the route's stages from `start`, then its integration. A stage returns
+        True (go on), False (it answered) or None (it goes on asynchronously and calls
+        `resume_chain` when done; meanwhile the request body is held)."""
+        stages = req.route.stages
+        for i in range(start, len(stages)):
+            result = stages[i](self, req)
+            if result is not True:
+                if result is None:
+                    req.pending = True
                 return
-        route.integration.handle(self, req)
+        req.route.integration.handle(self, req)
+
+    def resume_chain(self, req: Request, start: int) -> None:
+        """An asynchronous stage finished well: continue, unless the client left."""
+        req.pending = False
+        if self._closed or req.responded or req is not self._active:
+            return
+        self.resume_reading(P_BUFFER)
+        self.run_chain(req, start)
 
     def _advance(self) -> None:
         """The active request is finished: make the next queued one active."""

@@ -79,10 +79,19 @@ def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream
     else:
         handler = HttpIntegration(
             upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host,
-            claim_headers=frozenset(h.encode() for h, _ in rc.forward_claims),
+            claim_headers=gateway_set_headers(config, rc),
             gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
         )
     return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, jwks_sources), handler)
+
+
+def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
+    """Upstream headers the route's authorizer sets: a client may not send them."""
+    names = {h.encode() for h, _ in rc.forward_claims}
+    auth = config.authorizers.get(rc.auth) if rc.auth else None
+    if auth is not None and auth.type == "http":
+        names |= {h.encode() for h, _ in auth.forward_context}
+    return frozenset(names)
 
 
 def build_snapshot(config: Config, upstreams: dict[str, Upstream],

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .apikeys import KeyStore, load_key_file
 from .cors import CorsPolicy
+from .http_authorizer import HttpAuthorizerStage
 from .iprules import IpRules, TrustedProxies
 from .jwks import parse_jwks
 from .jwt import (UNKNOWN_KID, CachedVerifier, JwtConfig, JwtError, JwtVerifier,
@@ -194,6 +195,8 @@ def build_verifiers(config: Config, jwks_sources: dict[str, Any]) -> dict[str, C
         if cfg.type == "api_key":
             out[name] = load_key_file(cfg.keys_file)
             continue
+        if cfg.type != "jwt":
+            continue
         keys: Any = None
         if cfg.jwks_file:
             with open(cfg.jwks_file, "rb") as fh:
@@ -228,6 +231,8 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
         cfg = config.authorizers[route.auth]
         if cfg.type == "api_key":
             stages.append(ApiKeyStage(verifiers[route.auth], cfg))
+        elif cfg.type == "http":
+            stages.append(HttpAuthorizerStage(jwks_sources[route.auth]))
         else:
             stages.append(JwtStage(verifiers[route.auth], cfg, route, jwks_sources.get(route.auth)))
     return tuple(stages)
