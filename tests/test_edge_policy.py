@@ -435,3 +435,14 @@ async def test_custom_authorizer_result_ttl_zero_disables_cache(upstream, gatewa
         for _ in range(3):
             assert (await c.request("GET", "/things/1", headers={"Authorization": "good"})).status == 200
         assert authz.calls == 3
+
+
+async def test_access_log_names_the_principal(upstream, gateway, client_factory, rsa_key, jwks_file, tmp_path):
+    log_path = tmp_path / "access.log"
+    cfg = auth_config(upstream.port, jwks_file, access_log={"destination": "file", "path": str(log_path)})
+    gw = await gateway(cfg)
+    c = await client_factory(gw.addresses[0])
+    assert (await c.request("GET", "/orders/1", headers={"Authorization": sign(rsa_key, claims())})).status == 200
+    await gw.stop()
+    line = json.loads(log_path.read_text().splitlines()[0])
+    assert line["authorizerPrincipal"] == "user-42"

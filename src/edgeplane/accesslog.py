@@ -8,7 +8,9 @@ everything to stdout, stderr or a file in one call. Nothing here awaits.
 Fields: requestId, sourceIp, requestTime (CLF, as AWS), requestTimeEpoch (ms), httpMethod,
 routeKey, path, protocol, status, responseLength, responseLatency (ms), integrationLatency
 (ms or null), integrationError, upstream, error (the gateway's reason for a local error),
-clientCertSubject (mTLS: the client certificate's RFC 4514 subject, or null).
+clientCertSubject (mTLS: the client certificate's RFC 4514 subject, or null), clientIp
+(the client behind trusted proxies, else null), authorizerPrincipal (the JWT `sub`, i.e.
+$context.authorizer.claims.sub, or the API key id).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class AccessLog:
             "upstream": req.upstream,
             "error": req.error,
             "clientCertSubject": proto.client_cert_subject,
+            "clientIp": req.client_ip,
+            "authorizerPrincipal": _principal(req),
         }, option=orjson.OPT_APPEND_NEWLINE)
         self._buf.append(line)
         self._size += len(line)
@@ -107,3 +111,14 @@ class AccessLog:
         if self._owns_fd:
             os.close(self._fd)
             self._owns_fd = False
+
+
+def _principal(req: Any) -> str | None:
+    """Who the authorizer let in: the JWT's `sub` ($context.authorizer.claims.sub) or the
+    API key's id."""
+    if req.claims is not None:
+        sub = req.claims.get("sub")
+        return sub if isinstance(sub, str) else None
+    if req.api_key is not None:
+        return req.api_key.id
+    return None
