@@ -446,3 +446,40 @@ async def test_access_log_names_the_principal(upstream, gateway, client_factory,
     await gw.stop()
     line = json.loads(log_path.read_text().splitlines()[0])
     assert line["authorizerPrincipal"] == "user-42"
+
+
+@pytest.mark.parametrize("body", [b"<html>not json</html>", b'{"keys": "nope"}', b"[" * 5000,
+                                  b'{"keys": []}' + b" " * 200_000])
+async def test_jwks_url_garbage_or_huge_keeps_serving_401(upstream, gateway, client_factory, rsa_key, body):
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = auth_config(upstream.port, "unused")
+        cfg["authorizers"]["users_jwt"]["jwks"] = {"url": f"http://127.0.0.1:{port}/jwks"}
+        gw = await gateway(cfg)
+        c = await client_factory(gw.addresses[0])
+        r = await c.request("GET", "/orders/1", headers={"Authorization": sign(rsa_key, claims())})
+        assert r.status == 401
+        assert gw.auth_sources["users_jwt"].failures >= 1
+    finally:
+        server.close()
+
+
+async def test_hostile_claims_are_401(upstream, gateway, client_factory, rsa_key, jwks_file):
+    gw = await gateway(auth_config(upstream.port, jwks_file))
+    c = await client_factory(gw.addresses[0])
+    nested = {"a": None}
+    for _ in range(3000):
+        nested = {"a": nested}
+    for bad in (claims(exp="tomorrow"), claims(aud=123), claims(iss=["x"]), claims(deep=nested)):
+        try:
+            token = sign(rsa_key, bad)
+        except RecursionError:
+            continue  # json itself cannot encode it; nothing to send
+        r = await c.request("GET", "/orders/1", headers={"Authorization": token})
+        assert r.status == 401, bad.get("exp")
