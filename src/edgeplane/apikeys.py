@@ -84,7 +84,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from .yamlstrict import YamlSyntaxError, load_strict
 
 __all__ = [
     "ApiKey",
@@ -419,44 +419,11 @@ def _short(value: Any, limit: int = 60) -> str:
 # YAML (strict: duplicate mapping keys are errors, as in edgeplane.config)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses duplicate mapping keys instead of keeping the last."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.get(key)
-        except TypeError:  # unhashable key: construct_mapping reports it
-            continue
-        if first is not None:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first defined on line {first + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
-        what = exc.problem or "invalid YAML"
-        if exc.context and not what.startswith("duplicate key"):
-            what = f"{what} ({exc.context})"
-        raise ApiKeyFileError([f"{where}: YAML syntax error: {what}"], source) from None
-    except yaml.YAMLError as exc:
-        raise ApiKeyFileError([f"(yaml): YAML syntax error: {exc}"], source) from None
+        return load_strict(text)
+    except YamlSyntaxError as exc:
+        raise ApiKeyFileError([str(exc)], source) from None
 
 
 # ---------------------------------------------------------------------------

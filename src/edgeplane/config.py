@@ -40,11 +40,11 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 import orjson
-import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from . import model
+from .yamlstrict import YamlSyntaxError, load_strict
 from .router import ParsedKey, RouteKeyError, parse_route_key, route_problems
 from .schema import CONFIG_SCHEMA, DURATION_RE, SIZE_RE
 
@@ -138,44 +138,11 @@ def load_config_text(
 # YAML
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses duplicate mapping keys instead of keeping the last."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.get(key)
-        except TypeError:  # unhashable key: construct_mapping reports it
-            continue
-        if first is not None:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first defined on line {first + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _parse_yaml(text: str, source_name: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
-        what = exc.problem or "invalid YAML"
-        if exc.context and not what.startswith("duplicate key"):
-            what = f"{what} ({exc.context})"
-        raise ConfigError([f"{where}: YAML syntax error: {what}"], source_name) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"(yaml): YAML syntax error: {exc}"], source_name) from None
+        return load_strict(text)
+    except YamlSyntaxError as exc:
+        raise ConfigError([str(exc)], source_name) from None
 
 
 # ---------------------------------------------------------------------------
