@@ -198,4 +198,5 @@ class Gateway:
             "connections_open": len(ctx.connections),
             "access_log_lines": self.access_log.lines,
             **ctx.stats.as_dict(),
+            "authorizers": {name: s.telemetry() for name, s in self.auth_sources.items()},
         }

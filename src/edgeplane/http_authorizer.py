@@ -96,6 +96,10 @@ class HttpAuthorizerClient:
     async def close(self) -> None:
         await self.upstream.close()
 
+    def telemetry(self) -> dict[str, Any]:
+        return {"url": self.cfg.url, "calls": self.calls, "failures": self.failures,
+                "cached": len(self.cache)}
+
 
 def _header(req: Request, name: bytes) -> bytes | None:
     for key, value in req.headers:
