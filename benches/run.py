@@ -49,7 +49,7 @@ import peers as peers_mod  # noqa: E402
 import report  # noqa: E402
 import wrkrun  # noqa: E402
 from procs import CpuPlan, Procs, cpu_plan, cpu_seconds, free_port, rss_bytes, wait_http  # noqa: E402
-from scenarios import SCENARIOS, Scenario, gateway_config, parse_list  # noqa: E402
+from scenarios import SCENARIOS, Scenario, gateway_config, parse_list, request_headers  # noqa: E402
 
 MIB = 1024 * 1024
 SMOKE = {"duration": 1.0, "warmup": 0.3, "connections": 4, "openloop_rate_cap": 300.0}
@@ -147,6 +147,8 @@ def run_load(ctx: Ctx, port: int, s: Scenario, duration: float, *, rate: float =
         argv = wrkrun.argv(ctx.wrk, url, connections=ctx.args.connections, duration=duration, threads=threads,
                            method=s.method, body_size=s.body_size, keepalive=s.keepalive, timeout=5,
                            script_dir=ctx.workdir)
+        for header in request_headers(s, ctx.workdir):
+            argv[-1:-1] = ["-H", header]
     else:
         argv = [sys.executable, str(BENCH_DIR / "loadgen.py"), url, "-c", str(ctx.args.connections),
                 "-d", str(duration), "-m", s.method, "--body-size", str(s.body_size), "--json", str(out)]
@@ -154,6 +156,8 @@ def run_load(ctx: Ctx, port: int, s: Scenario, duration: float, *, rate: float =
             argv += ["--rate", str(rate)]
         if not s.keepalive:
             argv.append("--no-keepalive")
+        for header in request_headers(s, ctx.workdir):
+            argv += ["-H", header]
         if ctx.args.loadgen_processes:
             argv += ["-p", str(ctx.args.loadgen_processes)]
     with open(out, "wb") as stdout:
@@ -295,9 +299,9 @@ def run_target(ctx: Ctx, label: str, bench) -> list[dict]:
     raise RuntimeError(f"the demo upstream keeps dying during {label}")
 
 
-def _ready(ctx: Ctx, name: str, proc: subprocess.Popen, port: int) -> None:
+def _ready(ctx: Ctx, name: str, proc: subprocess.Popen, port: int, expect: int = 200) -> None:
     try:
-        wait_http(port, "/2b", proc)
+        wait_http(port, "/2b", proc, expect=expect)
     except RuntimeError as exc:
         raise RuntimeError(f"{name} did not start: {exc}\n{ctx.procs.log_tail(name)}") from None
 
@@ -313,7 +317,7 @@ def bench_gateway(ctx: Ctx, s: Scenario, version: str) -> list[dict]:
     name = f"edgeplane-{s.name}"
     proc = ctx.procs.start(name, edgeplane_argv() + ["serve", "-c", str(cfg_path)], ctx.plan.server)
     try:
-        _ready(ctx, name, proc, port)
+        _ready(ctx, name, proc, port, expect=401 if s.jwt else 200)  # no token: 401 means up
         out = [measure(ctx, report.GATEWAY, version, proc.pid, port, s, admin)]
         _gateway_extras(out[0], admin, d, s)
         if s.name == "plain" and not ctx.args.no_openloop:

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-FULL_NOTE = "full: authorizer/throttle not available yet; running with access log + request id only"
+FULL_NOTE = ("full: JWT authorizer (RS256, cached verification) + access log + request id + "
+             "telemetry scrape; the per-client throttle is not available yet")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Scenario:
     keepalive: bool = True
     mock: bool = False
     access_log: bool = False
+    jwt: bool = False  # a JWT authorizer on the route; the load sends a signed token
     scrape_telemetry: bool = False
     peer_mode: str | None = "proxy"  # "proxy", "fixed", or None: compared with the peers' plain
     note: str | None = None
@@ -43,8 +45,8 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("plain", "proxy route, no policy, access log off"),
-        Scenario("full", "proxy route + access log to a file + request id + telemetry scrape",
-                 access_log=True, scrape_telemetry=True, peer_mode=None, note=FULL_NOTE),
+        Scenario("full", "proxy route + JWT authorizer + access log to a file + request id + telemetry scrape",
+                 access_log=True, jwt=True, scrape_telemetry=True, peer_mode=None, note=FULL_NOTE),
         Scenario("mock", "mock integration (the gateway alone)", mock=True, peer_mode="fixed"),
         Scenario("post-1k", "1 KiB POST echoed by the upstream", path="/echo", method="POST", body_size=1024),
         Scenario("resp-64k", "64 KiB response", path="/bytes/65536"),
@@ -74,7 +76,15 @@ def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: in
     access_log: dict = {"destination": "off"}
     if s.access_log:
         access_log = {"destination": "file", "path": str(workdir / "access.log")}
+    authorizers = {}
+    if s.jwt:
+        jwks_path, _ = jwt_material(workdir)
+        authorizers = {"bench_jwt": {"type": "jwt", "issuer": JWT_ISSUER, "audience": ["bench"],
+                                     "algorithms": ["RS256"], "jwks": {"file": str(jwks_path)}}}
+        route["auth"] = "bench_jwt"
+        route["route"] = "GET /{proxy+}"  # $default routes take no authorizer in AWS; a greedy one does
     return {
+        "authorizers": authorizers,
         "listen": [f"127.0.0.1:{port}"],
         "workers": workers,
         "log_level": "warning",
@@ -83,3 +93,47 @@ def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: in
         "upstreams": {"demo": {"targets": [f"http://127.0.0.1:{upstream_port}"]}},
         "routes": [route],
     }
+
+
+JWT_ISSUER = "https://bench.edgeplane.invalid/"
+_JWT: dict[str, str] = {}  # one signing key and token per run: {"jwks": ..., "token": ...}
+
+
+def jwt_material(workdir: Path) -> tuple[Path, str]:
+    """(JWKS file written into `workdir`, a signed RS256 token valid for a day) for the
+    `full` scenario. The key is made once per run with `cryptography`, so the gateway's
+    JWKS and the load generator's token always match."""
+    if not _JWT:
+        import base64
+        import json
+        import time
+
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        def uint(n: int) -> str:
+            return b64(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pub = key.public_key().public_numbers()
+        jwk = {"kty": "RSA", "kid": "bench", "alg": "RS256", "use": "sig", "n": uint(pub.n), "e": uint(pub.e)}
+        now = int(time.time())
+        head = b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "bench"}).encode())
+        body = b64(json.dumps({"iss": JWT_ISSUER, "aud": "bench", "sub": "bench-user",
+                               "iat": now, "exp": now + 86400}).encode())
+        sig = key.sign(f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+        _JWT["jwks"] = json.dumps({"keys": [jwk]})
+        _JWT["token"] = f"{head}.{body}.{b64(sig)}"
+    jwks_path = workdir / "jwks.json"
+    jwks_path.write_text(_JWT["jwks"])
+    return jwks_path, _JWT["token"]
+
+
+def request_headers(s: Scenario, workdir: Path) -> list[str]:
+    """Extra request headers the load generator sends for scenario `s`."""
+    if s.jwt:
+        return [f"Authorization: Bearer {jwt_material(workdir)[1]}"]
+    return []
