@@ -3,17 +3,16 @@
 | scenario        | request                         | gateway                                          | peers      |
 | --------------- | ------------------------------- | ------------------------------------------------ | ---------- |
 | `plain`         | GET /2b (2-byte answer)         | `$default` -> demo upstream, access log off      | proxy      |
-| `full`          | GET /2b                         | as plain + access log to a file, request id,     | (vs plain) |
-|                 |                                 | telemetry scraped from the admin API every second|            |
+| `full`          | GET /2b + a signed JWT          | as plain + RS256 JWT authorizer on `GET /{proxy+}`| (vs plain) |
+|                 |                                 | + access log to a file, request id, telemetry    |            |
+|                 |                                 | scraped from the admin API every second          |            |
 | `mock`          | GET /2b                         | `$default` mock integration answering "ok"       | fixed "ok" |
 | `post-1k`       | POST /echo, 1 KiB body          | as plain (the upstream echoes the body as JSON)  | proxy      |
 | `resp-64k`      | GET /bytes/65536                | as plain                                         | proxy      |
 | `keepalive-off` | GET /2b, `Connection: close`    | as plain; a new client connection per request    | proxy      |
 
-The JWT authorizer and per-client throttle of `full` (issue 3) do not exist yet:
-`FULL_NOTE` says so in the output and the JSON.  Request ids and pool telemetry are
-always on in edgeplane, so `full` differs from `plain` by the access log and the
-telemetry scrape until those land.
+The per-client throttle of `full` (issue 3) does not exist yet: `FULL_NOTE` says so in
+the output and the JSON. The JWT key and token come from `jwt_material` (one key per run).
 """
 
 from __future__ import annotations
