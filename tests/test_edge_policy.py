@@ -484,3 +484,28 @@ async def test_hostile_claims_are_401(upstream, gateway, client_factory, rsa_key
             continue  # json itself cannot encode it; nothing to send
         r = await c.request("GET", "/orders/1", headers={"Authorization": token})
         assert r.status == 401, bad.get("exp")
+
+
+async def test_slow_jwks_url_is_bounded_at_start(upstream, gateway, client_factory, rsa_key):
+    """A JWKS endpoint that never answers: start-up waits at most the 1.5 s fetch bound,
+    then every token is 401 (never a hang, never a 500)."""
+    release = asyncio.Event()
+
+    async def hang(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = auth_config(upstream.port, "unused")
+        cfg["authorizers"]["users_jwt"]["jwks"] = {"url": f"http://127.0.0.1:{port}/jwks"}
+        gw = await asyncio.wait_for(gateway(cfg), 5)
+        c = await client_factory(gw.addresses[0])
+        r = await c.request("GET", "/orders/1", headers={"Authorization": sign(rsa_key, claims())})
+        assert r.status == 401
+        assert "no complete response" in gw.stats()["authorizers"]["users_jwt"]["last_error"]
+    finally:
+        release.set()
+        server.close()
