@@ -33,6 +33,7 @@ from .client import FetchError, fetch
 from .jwks_source import split_url
 from .model import PoolConfig, UpstreamConfig
 from .pool import Upstream
+from .stages import forwarded
 
 if TYPE_CHECKING:
     from .model import HttpAuthorizerConfig
@@ -186,13 +187,7 @@ class HttpAuthorizerStage:
             proto.send_error(req, 403, f"{self.name}: not authorized")
             return False
         if self.forward:
-            out = list(req.extra_upstream or ())
-            for header, key in self.forward:
-                value = context.get(key)
-                if value is not None:
-                    text = value if isinstance(value, str) else orjson.dumps(value).decode()
-                    out.append((header, text.encode("utf-8", "replace")))
-            req.extra_upstream = out
+            req.extra_upstream = [*(req.extra_upstream or ()), *forwarded(self.forward, context)]
         return True
 
 

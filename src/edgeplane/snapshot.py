@@ -72,7 +72,7 @@ class Snapshot:
 
 
 def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream],
-                  verifiers: dict[str, Any], jwks_sources: dict[str, Any]) -> CompiledRoute:
+                  verifiers: dict[str, Any], auth_sources: dict[str, Any]) -> CompiledRoute:
     integ = rc.integration
     if integ.type == "mock":
         handler: Any = MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
@@ -82,7 +82,7 @@ def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream
             claim_headers=gateway_set_headers(config, rc),
             gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
         )
-    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, jwks_sources), handler)
+    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources), handler)
 
 
 def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
@@ -95,9 +95,9 @@ def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
 
 
 def build_snapshot(config: Config, upstreams: dict[str, Upstream],
-                   jwks_sources: dict[str, Any] | None = None) -> Snapshot:
-    jwks_sources = jwks_sources or {}
-    verifiers = build_verifiers(config, jwks_sources)
-    routes = [compile_route(config, rc, upstreams, verifiers, jwks_sources) for rc in config.routes]
+                   auth_sources: dict[str, Any] | None = None) -> Snapshot:
+    auth_sources = auth_sources or {}
+    verifiers = build_verifiers(config, auth_sources)
+    routes = [compile_route(config, rc, upstreams, verifiers, auth_sources) for rc in config.routes]
     router = compile_routes([(c.config, c) for c in routes])
     return Snapshot(config, router, routes)

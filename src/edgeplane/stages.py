@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import time
+
+import orjson
 from typing import TYPE_CHECKING, Any, Callable
 
 from .apikeys import KeyStore, load_key_file
 from .cors import CorsPolicy
-from .http_authorizer import HttpAuthorizerStage
 from .iprules import IpRules, TrustedProxies
 from .jwks import parse_jwks
 from .jwt import (UNKNOWN_KID, CachedVerifier, JwtConfig, JwtError, JwtVerifier,
@@ -132,14 +133,7 @@ class JwtStage:
             return False
         req.claims = claims
         if self.forward:
-            out = []
-            for header, claim in self.forward:
-                value = claims.get(claim)
-                if value is None:
-                    continue
-                text = value if isinstance(value, str) else _json_text(value)
-                out.append((header, text.encode("utf-8", "replace")))
-            req.extra_upstream = out
+            req.extra_upstream = forwarded(self.forward, claims)
         return True
 
     def _refuse(self, proto: HttpProtocol, req: Request, description: str) -> None:
@@ -170,12 +164,16 @@ class ApiKeyStage:
         return True
 
 
-def _json_text(value: Any) -> str:
-    import orjson
-
-    text = orjson.dumps(value).decode()
-    # A header value may not carry control characters (orjson escapes them already).
-    return text
+def forwarded(pairs: list[tuple[bytes, str]], values: Any) -> list[tuple[bytes, bytes]]:
+    """Header lines for `(header, key)` pairs taken from claims or an authorizer context:
+    strings as they are, anything else as compact JSON (control characters escaped)."""
+    out = []
+    for header, key in pairs:
+        value = values.get(key)
+        if value is not None:
+            text = value if isinstance(value, str) else orjson.dumps(value).decode()
+            out.append((header, text.encode("utf-8", "replace")))
+    return out
 
 
 def hs_secret(cfg: JwtAuthorizerConfig) -> bytes | None:
@@ -187,7 +185,7 @@ def hs_secret(cfg: JwtAuthorizerConfig) -> bytes | None:
     return None
 
 
-def build_verifiers(config: Config, jwks_sources: dict[str, Any]) -> dict[str, CachedVerifier | KeyStore]:
+def build_verifiers(config: Config, auth_sources: dict[str, Any]) -> dict[str, CachedVerifier | KeyStore]:
     """Per authorizer, shared by every route that uses it: a cached JWT verifier (keys
     from the JWKS file, read here, or the authorizer's `JwksSource`) or an API key store."""
     out = {}
@@ -201,8 +199,8 @@ def build_verifiers(config: Config, jwks_sources: dict[str, Any]) -> dict[str, C
         if cfg.jwks_file:
             with open(cfg.jwks_file, "rb") as fh:
                 keys = parse_jwks(fh.read())
-        elif name in jwks_sources:
-            keys = jwks_sources[name].keyset  # a provider: the current key set, per call
+        elif name in auth_sources:
+            keys = auth_sources[name].keyset  # a provider: the current key set, per call
         verifier = JwtVerifier(jwt_config(cfg), keys)
         cache = VerificationCache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
         out[name] = CachedVerifier(verifier, cache)
@@ -217,7 +215,7 @@ def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
 
 
 def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier],
-                 jwks_sources: dict[str, Any]) -> tuple[Stage, ...]:
+                 auth_sources: dict[str, Any]) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     rules = [IpRules(r.allow, r.deny) for r in (config.ip_rules, route.ip_rules) if r]
     if rules:
@@ -232,7 +230,9 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
         if cfg.type == "api_key":
             stages.append(ApiKeyStage(verifiers[route.auth], cfg))
         elif cfg.type == "http":
-            stages.append(HttpAuthorizerStage(jwks_sources[route.auth]))
+            from .http_authorizer import HttpAuthorizerStage  # imports this module
+
+            stages.append(HttpAuthorizerStage(auth_sources[route.auth]))
         else:
-            stages.append(JwtStage(verifiers[route.auth], cfg, route, jwks_sources.get(route.auth)))
+            stages.append(JwtStage(verifiers[route.auth], cfg, route, auth_sources.get(route.auth)))
     return tuple(stages)
