@@ -785,13 +785,14 @@ class _Builder:
         cors_spec = spec.get("cors")
         cors = self.cors(cors_spec, path + ("cors",)) if isinstance(cors_spec, dict) else None
         ip_rules = self.ip_rules(spec.get("ip_rules"), path + ("ip_rules",))
+        throttle = self.throttle(spec.get("throttle"), path + ("throttle",), route_level=True)
         if parsed is None or integration is None or not host_ok or not isinstance(key, str):
             return None
         return model.RouteConfig(key=key, method=parsed.method, path=parsed.path, host=host,
                                  integration=integration, index=i,
                                  auth=auth if isinstance(auth, str) else None, scopes=scopes,
                                  forward_claims=forward, cors=cors, cors_off=cors_spec is False,
-                                 ip_rules=ip_rules)
+                                 ip_rules=ip_rules, throttle=throttle)
 
     # -- edge policy ---------------------------------------------------------------
     def ip_rules(self, section: Any, path: Path) -> model.IpRulesConfig | None:
@@ -802,6 +803,28 @@ class _Builder:
         self.cidrs(allow, path + ("allow",))
         self.cidrs(deny, path + ("deny",))
         return model.IpRulesConfig(allow=allow, deny=deny)
+
+    def throttle(self, section: Any, path: Path, route_level: bool) -> model.ThrottleConfig | None:
+        if not isinstance(section, dict):
+            return None
+        from .throttle import TokenBucket
+
+        d = model.ThrottleConfig()
+        rate = section.get("rate", d.rate)
+        burst = section.get("burst", d.burst)
+        try:
+            TokenBucket(rate, burst)
+        except (ValueError, TypeError) as exc:
+            self.fail(path, str(exc))
+            return None
+        if route_level and "headers" in section:
+            self.fail(path + ("headers",), "set RateLimit headers with the top-level 'throttle.headers'")
+        if not route_level and ("key" in section or "unresolved" in section):
+            self.fail(path, "'key' and 'unresolved' belong to a route's throttle")
+        key = section.get("key")
+        return model.ThrottleConfig(rate=float(rate), burst=burst, headers=section.get("headers", True) is True,
+                                    key=key if isinstance(key, str) else None,
+                                    unresolved=section.get("unresolved", "shared"))
 
     def trusted_proxies(self, raw: dict) -> tuple[str, ...]:
         entries = tuple(x for x in raw.get("trusted_proxies") or () if isinstance(x, str))
@@ -1133,9 +1156,15 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
     ip_rules = b.ip_rules(raw.get("ip_rules"), ("ip_rules",))
     trusted = b.trusted_proxies(raw)
     cors = b.cors(raw.get("cors"), ("cors",))
+    throttle = b.throttle(raw.get("throttle"), ("throttle",), route_level=False)
     names = [n for n in (raw.get("upstreams") or {}) if isinstance(n, str)] \
         if isinstance(raw.get("upstreams"), dict) else []
     routes = b.routes(raw, names)
+    workers = raw.get("workers", 1)
+    if (throttle is not None or any(r.throttle for r in routes)) and workers != 1:
+        # Per-process buckets would let N times the limit through: refused until the
+        # shared (cross-worker) limits are wired in.
+        b.fail(("workers",), "throttling is per process for now: use workers: 1 with 'throttle'")
     limits = b.limits(raw)
     access_log = b.access_log(raw)
     drain = b.duration(raw, "drain_timeout", (), 30.0, low_inclusive=True)
@@ -1158,6 +1187,7 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         trusted_proxies=trusted,
         cors=cors,
         tls=tls,
+        throttle=throttle,
         source=source,
         raw=raw,
     )

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from .accesslog import AccessLog
@@ -130,6 +131,12 @@ class Gateway:
         now = self.loop.time()
         for upstream in self.upstreams.values():
             upstream.sweep(now)
+        mono = time.monotonic()  # the throttle's clock
+        for route in self.snapshot.routes:
+            for stage in route.stages:
+                sweep = getattr(stage, "sweep", None)
+                if sweep is not None:
+                    sweep(mono)  # idle per-client buckets (bounded work per tick)
         self._schedule_tick()
 
     async def stop(self, drain_timeout: float | None = None) -> None:

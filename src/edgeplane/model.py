@@ -168,6 +168,17 @@ class HttpAuthorizerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleConfig:
+    """A token bucket: `rate` tokens per second, `burst` tokens at most."""
+
+    rate: float = 10_000.0  # AWS account-level defaults
+    burst: int = 5_000
+    headers: bool = True  # server-wide only: RateLimit headers on responses
+    key: str | None = None  # route only: per-client identity expression; None = one bucket
+    unresolved: str = "shared"  # route only: a client key that cannot be resolved -> "shared" | "refuse"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     key: str  # as written: "GET /users/{id}", "ANY /files/{proxy+}", "$default"
     method: str | None  # upper-case method, None for ANY and for $default
@@ -181,6 +192,7 @@ class RouteConfig:
     cors: CorsConfig | None = None  # None = the server-wide `cors` (if any)
     cors_off: bool = False  # `cors: false` on the route: no CORS even if server-wide
     ip_rules: IpRulesConfig | None = None
+    throttle: ThrottleConfig | None = None
 
     @property
     def is_default(self) -> bool:
@@ -229,6 +241,7 @@ class Config:
     ip_rules: IpRulesConfig | None = None  # server-wide, checked before every route
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
     cors: CorsConfig | None = None  # for every route that does not set its own
+    throttle: ThrottleConfig | None = None  # server-wide bucket (only when configured)
     tls: TlsConfig | None = None  # None = no TLS listeners
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -229,6 +229,7 @@ _ROUTE = {
                            "description": "Upstream header name -> JWT claim name."},
         "cors": {"anyOf": [{"$ref": "#/$defs/cors"}, {"const": False}]},
         "ip_rules": {"$ref": "#/$defs/ipRules"},
+        "throttle": {"$ref": "#/$defs/throttle"},
     },
 }
 
@@ -301,6 +302,20 @@ _API_KEY_AUTHORIZER = {
         "keys_file": {"type": "string", "description": "YAML key file (ids, sha256 hashes, plans)."},
         "identity_source": {"type": "string", "pattern": "^\\$request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
                             "default": "$request.header.X-API-Key"},
+    },
+}
+
+_THROTTLE = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "rate": {"type": "number", "exclusiveMinimum": 0, "description": "Tokens per second."},
+        "burst": {"type": "integer", "minimum": 1, "description": "Bucket size."},
+        "headers": {"type": "boolean", "default": True},
+        "key": {"type": "string", "pattern": "^\\$(request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+|context\\.identity\\.sourceIp|context\\.identity\\.apiKeyId|context\\.authorizer\\.claims\\.[A-Za-z0-9_:.-]+)$",
+                "description": "Per-client key: $context.identity.sourceIp, $context.identity.apiKeyId, "
+                               "$context.authorizer.claims.NAME or $request.header.NAME."},
+        "unresolved": {"enum": ["shared", "refuse"], "default": "shared"},
     },
 }
 
@@ -420,6 +435,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "trusted_proxies": _STRINGS,
         "cors": {"$ref": "#/$defs/cors"},
         "tls": {"$ref": "#/$defs/tls"},
+        "throttle": {"$ref": "#/$defs/throttle"},
     },
     "$defs": {
         "duration": _DURATION,
@@ -432,6 +448,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "limits": _LIMITS,
         "accessLog": _ACCESS_LOG,
         "ipRules": _IP_RULES,
+        "throttle": _THROTTLE,
         "cors": _CORS,
         "jwtAuthorizer": _JWT_AUTHORIZER,
         "apiKeyAuthorizer": _API_KEY_AUTHORIZER,

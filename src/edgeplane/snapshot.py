@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .cors import CORS_RESPONSE_HEADERS
 from .proxy import HttpIntegration
 from .stages import build_stages, build_verifiers, route_cors
+from .throttle import TokenBucket
 from .router import Router, compile_routes
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ class Snapshot:
 
 
 def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream],
-                  verifiers: dict[str, Any], auth_sources: dict[str, Any]) -> CompiledRoute:
+                  verifiers: dict[str, Any], auth_sources: dict[str, Any],
+                  server_bucket: Any = None) -> CompiledRoute:
     integ = rc.integration
     if integ.type == "mock":
         handler: Any = MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
@@ -82,7 +84,8 @@ def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream
             claim_headers=gateway_set_headers(config, rc),
             gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
         )
-    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources), handler)
+    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources, server_bucket),
+                         handler)
 
 
 def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
@@ -98,6 +101,10 @@ def build_snapshot(config: Config, upstreams: dict[str, Upstream],
                    auth_sources: dict[str, Any] | None = None) -> Snapshot:
     auth_sources = auth_sources or {}
     verifiers = build_verifiers(config, auth_sources)
-    routes = [compile_route(config, rc, upstreams, verifiers, auth_sources) for rc in config.routes]
+    # One server-wide bucket shared by every route (AWS's account level).
+    t = config.throttle
+    server_bucket = TokenBucket(t.rate, t.burst, policy="server") if t is not None else None
+    routes = [compile_route(config, rc, upstreams, verifiers, auth_sources, server_bucket)
+              for rc in config.routes]
     router = compile_routes([(c.config, c) for c in routes])
     return Snapshot(config, router, routes)

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from .apikeys import KeyStore, load_key_file
 from .cors import CorsPolicy
 from .iprules import IpRules, TrustedProxies
+from .throttle import BucketMap, ThrottleChain, TokenBucket, ratelimit_headers, retry_after_header
 from .jwks import parse_jwks
 from .jwt import (UNKNOWN_KID, CachedVerifier, JwtConfig, JwtError, JwtVerifier,
                   VerificationCache, check_scopes, extract_bearer, www_authenticate)
 
 if TYPE_CHECKING:
-    from .model import ApiKeyAuthorizerConfig, Config, CorsConfig, JwtAuthorizerConfig, RouteConfig
+    from .model import ApiKeyAuthorizerConfig, Config, JwtAuthorizerConfig, RouteConfig, ThrottleConfig
     from .server import HttpProtocol, Request
 
 Stage = Callable[["HttpProtocol", "Request"], bool]
@@ -47,7 +48,7 @@ def _all(req: Request, name: bytes) -> list[bytes]:
     return [value for key, value in req.headers if key == name]
 
 
-def route_cors(config: Config, route: RouteConfig) -> CorsConfig | None:
+def route_cors(config: Config, route: RouteConfig) -> Any:
     """The route's own CORS config, else the server-wide one, unless `cors: false`."""
     return route.cors or (None if route.cors_off else config.cors)
 
@@ -164,6 +165,71 @@ class ApiKeyStage:
         return True
 
 
+class ThrottleStage:
+    """Token buckets in AWS order (usage plan, route or per-client, server-wide); checks
+    every level before taking from any. 429 Too Many Requests with Retry-After when a
+    level is empty; RateLimit headers on every answer when enabled. No locks, no awaits."""
+
+    __slots__ = ("chain", "key_kind", "key_detail", "refuse_unresolved", "headers", "buckets")
+
+    def __init__(self, route: ThrottleConfig | None, server: TokenBucket | None, headers: bool):
+        self.buckets: BucketMap | None = None
+        level: TokenBucket | BucketMap | None = None
+        self.key_kind = self.key_detail = None
+        self.refuse_unresolved = False
+        if route is not None:
+            if route.key is None:
+                level = TokenBucket(route.rate, route.burst, policy="route")
+            else:
+                level = self.buckets = BucketMap(route.rate, route.burst, policy="client")
+                self.key_kind, self.key_detail = _key_expression(route.key)
+                self.refuse_unresolved = route.unresolved == "refuse"
+        self.chain = ThrottleChain(route=level, server=server)
+        self.headers = headers
+
+    def _client_key(self, proto: HttpProtocol, req: Request) -> str | bytes | None:
+        kind = self.key_kind
+        if kind == "ip":
+            return req.client_ip or proto.peer_ip
+        if kind == "header":
+            return _header(req, self.key_detail)
+        if kind == "apikey":
+            return req.api_key.id if req.api_key is not None else None
+        value = req.claims.get(self.key_detail) if req.claims is not None else None
+        return value if isinstance(value, str) else None
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool:
+        key = None
+        if self.key_kind is not None:
+            key = self._client_key(proto, req)
+            if key is None and self.refuse_unresolved:
+                proto.send_error(req, 403, "throttle: the client key cannot be resolved")
+                return False
+        result = self.chain.check(time.monotonic(), route_key=key)
+        extra = ratelimit_headers(result) if self.headers else b""
+        if not result.allowed:
+            proto.send_error(req, 429, f"throttled ({result.policy})",
+                             extra=retry_after_header(result.retry_after) + extra)
+            return False
+        if extra:
+            req.extra_response += extra
+        return True
+
+    def sweep(self, now: float) -> None:
+        if self.buckets is not None:
+            self.buckets.sweep(now, limit=1000)
+
+
+def _key_expression(expr: str) -> tuple[str, Any]:
+    if expr == "$context.identity.sourceIp":
+        return "ip", None
+    if expr == "$context.identity.apiKeyId":
+        return "apikey", None
+    if expr.startswith("$request.header."):
+        return "header", expr[16:].lower().encode()
+    return "claim", expr[len("$context.authorizer.claims."):]
+
+
 def forwarded(pairs: list[tuple[bytes, str]], values: Any) -> list[tuple[bytes, bytes]]:
     """Header lines for `(header, key)` pairs taken from claims or an authorizer context:
     strings as they are, anything else as compact JSON (control characters escaped)."""
@@ -215,7 +281,7 @@ def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
 
 
 def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier],
-                 auth_sources: dict[str, Any]) -> tuple[Stage, ...]:
+                 auth_sources: dict[str, Any], server_bucket: TokenBucket | None = None) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     rules = [IpRules(r.allow, r.deny) for r in (config.ip_rules, route.ip_rules) if r]
     if rules:
@@ -235,4 +301,7 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
             stages.append(HttpAuthorizerStage(auth_sources[route.auth]))
         else:
             stages.append(JwtStage(verifiers[route.auth], cfg, route, auth_sources.get(route.auth)))
+    if route.throttle is not None or server_bucket is not None:
+        headers = config.throttle.headers if config.throttle is not None else True
+        stages.append(ThrottleStage(route.throttle, server_bucket, headers))
     return tuple(stages)

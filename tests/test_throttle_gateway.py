@@ -1,0 +1,79 @@
+"""Throttling through the real gateway (one worker): 429 answers, Retry-After,
+RateLimit headers, per-client isolation, server-wide level, config refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import base_config
+from edgeplane.config import ConfigError, load_config
+
+
+def throttled(port: int, route_throttle: dict | None = None, server: dict | None = None) -> dict:
+    route = {"route": "GET /search", "integration": {"type": "http", "upstream": "demo"}}
+    if route_throttle:
+        route["throttle"] = route_throttle
+    cfg = base_config(port, routes=[route, {"route": "GET /ping", "integration": {"type": "mock"}}])
+    if server:
+        cfg["throttle"] = server
+    return cfg
+
+
+async def test_route_bucket_429_with_retry_after_and_ratelimit_headers(upstream, gateway, client_factory):
+    gw = await gateway(throttled(upstream.port, {"rate": 0.5, "burst": 3}))
+    c = await client_factory(gw.addresses[0])
+    for i in range(3):
+        r = await c.request("GET", "/search")
+        assert r.status == 200
+        assert r.header("ratelimit").startswith(f'"route";r={2 - i};t=')
+        assert r.header("ratelimit-policy").startswith('"route";q=3;w=')
+    r = await c.request("GET", "/search")
+    assert r.status == 429 and r.json() == {"message": "Too Many Requests"}
+    assert int(r.header("retry-after")) >= 1
+    assert '"route";r=0' in r.header("ratelimit")
+    assert (await c.request("GET", "/ping")).status == 200  # other routes are not limited
+    assert gw.stats()["errors"]["429"] == 1
+
+
+async def test_per_client_buckets_are_isolated(upstream, gateway, client_factory):
+    gw = await gateway(throttled(upstream.port, {"rate": 0.5, "burst": 2, "key": "$request.header.X-Client-Id"}))
+    c = await client_factory(gw.addresses[0])
+    for _ in range(2):
+        assert (await c.request("GET", "/search", headers={"X-Client-Id": "a"})).status == 200
+    assert (await c.request("GET", "/search", headers={"X-Client-Id": "a"})).status == 429
+    assert (await c.request("GET", "/search", headers={"X-Client-Id": "b"})).status == 200
+    # no key: the route's shared bucket (unresolved: shared)
+    assert (await c.request("GET", "/search")).status == 200
+
+
+async def test_unresolved_client_key_refused_when_configured(upstream, gateway, client_factory):
+    gw = await gateway(throttled(upstream.port, {"rate": 10, "burst": 10, "key": "$request.header.X-Client-Id",
+                                                 "unresolved": "refuse"}))
+    c = await client_factory(gw.addresses[0])
+    r = await c.request("GET", "/search")
+    assert r.status == 403 and r.json() == {"message": "Forbidden"}
+
+
+async def test_server_wide_bucket_applies_to_every_route(upstream, gateway, client_factory):
+    gw = await gateway(throttled(upstream.port, server={"rate": 0.5, "burst": 2, "headers": False}))
+    c = await client_factory(gw.addresses[0])
+    assert (await c.request("GET", "/search")).status == 200
+    r = await c.request("GET", "/ping")
+    assert r.status in (200, 204) and r.header("ratelimit") is None  # headers: false
+    r = await c.request("GET", "/search")
+    assert r.status == 429 and r.header("retry-after")
+
+
+def test_throttle_config_refusals_are_located():
+    for bad, where in (({"rate": 0, "burst": 5}, "routes[0].throttle"),
+                       ({"rate": "fast", "burst": 5}, "routes[0].throttle.rate"),
+                       ({"rate": 5, "burst": -1}, "routes[0].throttle.burst"),
+                       ({"rate": 5, "burst": 5, "key": "$request.body.x"}, "routes[0].throttle.key")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(throttled(9001, bad))
+        assert any(e.startswith(where) for e in exc.value.errors), (bad, exc.value.errors)
+    cfg = throttled(9001, {"rate": 5, "burst": 5})
+    cfg["workers"] = 2
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert any(e.startswith("workers: throttling is per process") for e in exc.value.errors)
