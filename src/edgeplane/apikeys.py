@@ -84,6 +84,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import LocatedErrors
 from .yamlstrict import YamlSyntaxError, load_strict
 
 __all__ = [
@@ -119,18 +120,13 @@ class ApiKey:
     enabled: bool = True
 
 
-class ApiKeyFileError(Exception):
+class ApiKeyFileError(LocatedErrors):
     """The key file was refused. `errors` lists every problem as "location: message"."""
 
-    def __init__(self, errors: Iterable[str], source: str = "<keys>") -> None:
-        self.errors: list[str] = list(errors)
-        self.source = source
-        super().__init__(self.errors)
+    what = "API key file"
 
-    def __str__(self) -> str:
-        n = len(self.errors)
-        head = f"invalid API key file {self.source}: {n} error{'s' if n != 1 else ''}"
-        return head + "".join(f"\n  - {e}" for e in self.errors)
+    def __init__(self, errors: Iterable[str], source: str = "<keys>") -> None:
+        super().__init__(errors, source)
 
 
 class KeyStore:

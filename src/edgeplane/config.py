@@ -44,6 +44,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from . import model
+from .errors import LocatedErrors
 from .yamlstrict import YamlSyntaxError, load_strict
 from .router import ParsedKey, RouteKeyError, parse_route_key, route_problems
 from .schema import CONFIG_SCHEMA, DURATION_RE, SIZE_RE
@@ -92,18 +93,13 @@ _JSON_TYPE_NAMES = {"object": "mapping", "array": "list", "string": "string",
                     "null": "null"}
 
 
-class ConfigError(Exception):
+class ConfigError(LocatedErrors):
     """The config was refused. `errors` lists every problem as "location: message"."""
 
-    def __init__(self, errors: Iterable[str], source: str = "<config>") -> None:
-        self.errors: list[str] = list(errors)
-        self.source = source
-        super().__init__(self.errors)
+    what = "config"
 
-    def __str__(self) -> str:
-        n = len(self.errors)
-        head = f"invalid config {self.source}: {n} error{'s' if n != 1 else ''}"
-        return head + "".join(f"\n  - {e}" for e in self.errors)
+    def __init__(self, errors: Iterable[str], source: str = "<config>") -> None:
+        super().__init__(errors, source)
 
 
 # ---------------------------------------------------------------------------
@@ -523,32 +519,35 @@ class _Builder:
     # -- sections --------------------------------------------------------
 
     def listen(self, raw: dict) -> tuple[model.ListenAddress, ...]:
-        value = raw.get("listen")
-        items: list[tuple[Path, Any]]
+        return tuple(self.listen_list(raw.get("listen"), ("listen",), []))
+
+    def listen_list(self, value: Any, path: Path,
+                    seen: list[tuple[Path, model.ListenAddress]]) -> list[model.ListenAddress]:
+        """One address or a list of them at `path`; each must not collide with an
+        earlier one or with `seen` (extended with what is parsed here)."""
         if isinstance(value, str):
-            items = [(("listen",), value)]
+            items: list[tuple[Path, Any]] = [(path, value)]
         elif isinstance(value, list):
-            items = [(("listen", i), v) for i, v in enumerate(value)]
+            items = [(path + (i,), v) for i, v in enumerate(value)]
         else:
-            return ()
+            return []
         out: list[model.ListenAddress] = []
-        seen: list[tuple[Path, model.ListenAddress]] = []
-        for path, text in items:
+        for item_path, text in items:
             if not isinstance(text, str):
                 continue
             try:
                 addr = parse_listen(text)
             except ValueError as exc:
-                self.fail(path, str(exc))
+                self.fail(item_path, str(exc))
                 continue
             for other_path, other in seen:
                 if _collides(addr, other):
-                    self.fail(path, f"{text!r} collides with {_loc(other_path)} "
-                                    f"('{_fmt_addr(other)}')")
+                    self.fail(item_path, f"{text!r} collides with {_loc(other_path)} "
+                                         f"('{_fmt_addr(other)}')")
                     break
-            seen.append((path, addr))
+            seen.append((item_path, addr))
             out.append(addr)
-        return tuple(out)
+        return out
 
     def admin(self, raw: dict, listen: Iterable[model.ListenAddress]) -> model.AdminConfig:
         section = raw.get("admin")
@@ -639,29 +638,7 @@ class _Builder:
         if not isinstance(section, dict):
             return None
         p: Path = ("tls",)
-        value = section.get("listen")
-        items: list[tuple[Path, Any]] = []
-        if isinstance(value, str):
-            items = [(p + ("listen",), value)]
-        elif isinstance(value, list):
-            items = [(p + ("listen", i), v) for i, v in enumerate(value)]
-        listen: list[model.ListenAddress] = []
-        seen = list(taken)
-        for path, text in items:
-            if not isinstance(text, str):
-                continue
-            try:
-                addr = parse_listen(text)
-            except ValueError as exc:
-                self.fail(path, str(exc))
-                continue
-            for other_path, other in seen:
-                if _collides(addr, other):
-                    self.fail(path, f"{text!r} collides with {_loc(other_path)} "
-                                    f"('{_fmt_addr(other)}')")
-                    break
-            seen.append((path, addr))
-            listen.append(addr)
+        listen = self.listen_list(section.get("listen"), p + ("listen",), list(taken))
         certs: list[model.TlsCertificate] = []
         entries = section.get("certificates")
         for i, entry in enumerate(entries if isinstance(entries, list) else ()):
