@@ -1138,10 +1138,13 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         if isinstance(raw.get("upstreams"), dict) else []
     routes = b.routes(raw, names)
     workers = raw.get("workers", 1)
-    if (throttle is not None or any(r.throttle for r in routes)) and workers != 1:
-        # Per-process buckets would let N times the limit through: refused until the
-        # shared (cross-worker) limits are wired in.
-        b.fail(("workers",), "throttling is per process for now: use workers: 1 with 'throttle'")
+    if workers != 1:
+        # Route and server-wide buckets are shared across workers; per-client ones are
+        # per process for now, which would let N times the limit through: refused.
+        for r in routes:
+            if r.throttle is not None and r.throttle.key is not None:
+                b.fail(("routes", r.index, "throttle", "key"),
+                       "per-client throttling needs workers: 1 for now (it is per process)")
     limits = b.limits(raw)
     access_log = b.access_log(raw)
     drain = b.duration(raw, "drain_timeout", (), 30.0, low_inclusive=True)

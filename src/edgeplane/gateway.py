@@ -33,6 +33,7 @@ from .responses import DateHeader
 from .server import HttpProtocol
 from .http_authorizer import HttpAuthorizerClient
 from .jwks_source import JwksSource
+from .shared_limits import SharedLimitTable
 from .snapshot import Snapshot, build_snapshot
 from .tls import ListenerTls
 
@@ -40,9 +41,13 @@ log = logging.getLogger("edgeplane")
 
 
 class Gateway:
-    def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False) -> None:
+    def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False,
+                 shared_limits: tuple[str, int] | None = None) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.reuse_port = reuse_port
+        # (table name, worker index) of the supervisor's cross-worker throttle table.
+        self.shared_limits = shared_limits
+        self.shared_table = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.auth_sources: dict[str, Any] = {}
@@ -78,7 +83,9 @@ class Gateway:
         # Per authorizer, what talks to the outside: JWKS sources and custom-authorizer clients.
         self.auth_sources = {**jwks, **{name: HttpAuthorizerClient(a, loop)
                                         for name, a in cfg.authorizers.items() if a.type == "http"}}
-        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources)
+        if self.shared_limits is not None:
+            self.shared_table = SharedLimitTable.attach(*self.shared_limits)
+        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, self.shared_table)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
@@ -167,6 +174,9 @@ class Gateway:
             await upstream.close()
         for source in self.auth_sources.values():
             await source.close()
+        if self.shared_table is not None:
+            self.snapshot = None  # the stages hold views into the table
+            self.shared_table.close()
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .apikeys import KeyStore, load_key_file
 from .cors import CorsPolicy
 from .iprules import IpRules, TrustedProxies
-from .throttle import BucketMap, ThrottleChain, TokenBucket, ratelimit_headers, retry_after_header
+from .throttle import (BucketMap, SharedChain, ThrottleChain, TokenBucket, ratelimit_headers,
+                       retry_after_header)
 from .jwks import parse_jwks
 from .jwt import (UNKNOWN_KID, CachedVerifier, JwtConfig, JwtError, JwtVerifier,
                   VerificationCache, check_scopes, extract_bearer, www_authenticate)
@@ -172,7 +173,8 @@ class ThrottleStage:
 
     __slots__ = ("chain", "key_kind", "key_detail", "refuse_unresolved", "headers", "buckets")
 
-    def __init__(self, route: ThrottleConfig | None, server: TokenBucket | None, headers: bool):
+    def __init__(self, route: ThrottleConfig | None, server: TokenBucket | None, headers: bool,
+                 shared: SharedChain | None = None):
         self.buckets: BucketMap | None = None
         level: TokenBucket | BucketMap | None = None
         self.key_kind = self.key_detail = None
@@ -184,7 +186,9 @@ class ThrottleStage:
                 level = self.buckets = BucketMap(route.rate, route.burst, policy="client")
                 self.key_kind, self.key_detail = _key_expression(route.key)
                 self.refuse_unresolved = route.unresolved == "refuse"
-        self.chain = ThrottleChain(route=level, server=server)
+        # With workers: N the route and server levels live in shared memory (exact across
+        # workers); config.py refuses per-client keys there.
+        self.chain = shared if shared is not None else ThrottleChain(route=level, server=server)
         self.headers = headers
 
     def _client_key(self, proto: HttpProtocol, req: Request) -> str | bytes | None:
@@ -281,7 +285,8 @@ def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
 
 
 def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier],
-                 auth_sources: dict[str, Any], server_bucket: TokenBucket | None = None) -> tuple[Stage, ...]:
+                 auth_sources: dict[str, Any], server_bucket: TokenBucket | None = None,
+                 shared_table: Any = None) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     rules = [IpRules(r.allow, r.deny) for r in (config.ip_rules, route.ip_rules) if r]
     if rules:
@@ -303,5 +308,16 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
             stages.append(JwtStage(verifiers[route.auth], cfg, route, auth_sources.get(route.auth)))
     if route.throttle is not None or server_bucket is not None:
         headers = config.throttle.headers if config.throttle is not None else True
-        stages.append(ThrottleStage(route.throttle, server_bucket, headers))
+        shared = None
+        if shared_table is not None:
+            # Limit indices: 0 = server-wide, 1 + i = routes[i] (the same in every worker).
+            levels = []
+            if route.throttle is not None:
+                t = route.throttle
+                levels.append((shared_table.bucket(1 + route.index, t.rate, t.burst), "route"))
+            if config.throttle is not None:
+                t = config.throttle
+                levels.append((shared_table.bucket(0, t.rate, t.burst), "server"))
+            shared = SharedChain(levels)
+        stages.append(ThrottleStage(route.throttle, server_bucket, headers, shared))
     return tuple(stages)

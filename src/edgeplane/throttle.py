@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Any
 
 __all__ = [
     "TokenBucket",
@@ -400,3 +401,39 @@ def ratelimit_headers(result: ThrottleResult) -> bytes:
 def retry_after_header(seconds: float) -> bytes:
     """``retry-after: <int>`` line: seconds rounded up, at least 1, at most 2**31-1."""
     return b"retry-after: %d\r\n" % _ceil_seconds(seconds, 1)
+
+
+class SharedChain:
+    """The route and server levels as cross-worker buckets (`shared_limits.SharedBucket`:
+    `tokens(now)`, `take(now)`, `rate`, `burst`), with `ThrottleChain.check`'s contract:
+    every level is checked before any is taken from; the result names the most
+    restrictive level. Exactness is the shared buckets' (at most N-1 extra admissions
+    per race window across N workers); per-client levels are not shared."""
+
+    __slots__ = ("levels",)
+
+    def __init__(self, levels: list[tuple[Any, str]]) -> None:
+        self.levels = [(bucket, _Policy(name, bucket.rate, int(bucket.burst))) for bucket, name in levels]
+
+    def check(self, now: float, route_key: Any = None) -> ThrottleResult:
+        worst = None
+        wait = 0.0
+        for bucket, pol in self.levels:
+            tokens = bucket.tokens(now)
+            if tokens < 1.0:
+                w = (1.0 - tokens) / bucket.rate
+                if w >= wait:
+                    wait, worst = w, (bucket, pol, tokens)
+        if worst is not None:
+            bucket, pol, tokens = worst
+            return ThrottleResult(False, wait, 0, (bucket.burst - tokens) / bucket.rate, pol)
+        best = None
+        for bucket, pol in self.levels:
+            bucket.take(now)
+            left = bucket.tokens(now)
+            if best is None or left < best[2]:
+                best = (bucket, pol, left)
+        if best is None:
+            return ThrottleResult(True, 0.0, None, None, None)
+        bucket, pol, left = best
+        return ThrottleResult(True, 0.0, max(0, int(left)), max(0.0, (bucket.burst - left) / bucket.rate), pol)

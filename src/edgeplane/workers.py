@@ -34,11 +34,13 @@ import uvloop
 from .config import load_config
 from .gateway import Gateway
 from .model import Config
+from .shared_limits import SharedLimitTable
 
 log = logging.getLogger("edgeplane.workers")
 
 ENV_CONFIG = "EDGEPLANE_WORKER_CONFIG"
 ENV_READY = "EDGEPLANE_READY_FD"
+ENV_SHARED = "EDGEPLANE_SHARED_LIMITS"  # name of the cross-worker throttle table
 
 
 def resolve_workers(config: Config) -> int:
@@ -49,12 +51,13 @@ def resolve_workers(config: Config) -> int:
 
 
 # ---------------------------------------------------------------------- one process
-async def _serve(config: Config, reuse_port: bool, ready_fd: int | None) -> None:
+async def _serve(config: Config, reuse_port: bool, ready_fd: int | None,
+                 shared_limits: tuple[str, int] | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config, reuse_port=reuse_port)
+    gateway = Gateway(config, reuse_port=reuse_port, shared_limits=shared_limits)
     await gateway.start()
     # Everything built at start-up (config, snapshot, modules) lives for the whole
     # process: move it out of the collector's generations so a collection only walks
@@ -89,8 +92,9 @@ def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
     loop.call_later(1.0, check)
 
 
-def run_single(config: Config, *, reuse_port: bool = False, ready_fd: int | None = None) -> int:
-    uvloop.run(_serve(config, reuse_port, ready_fd))
+def run_single(config: Config, *, reuse_port: bool = False, ready_fd: int | None = None,
+               shared_limits: tuple[str, int] | None = None) -> int:
+    uvloop.run(_serve(config, reuse_port, ready_fd, shared_limits))
     return 0
 
 
@@ -102,7 +106,10 @@ def worker_main() -> int:
     config = load_config(raw)
     setup_logging(config.log_level)
     ready = os.environ.get(ENV_READY)
-    return run_single(config, reuse_port=True, ready_fd=int(ready) if ready else None)
+    shared = os.environ.get(ENV_SHARED)
+    index = int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0"))
+    return run_single(config, reuse_port=True, ready_fd=int(ready) if ready else None,
+                      shared_limits=(shared, index) if shared else None)
 
 
 # ---------------------------------------------------------------------- supervisor
@@ -129,6 +136,7 @@ class Supervisor:
         self.started_at = [0.0] * n
         self.backoff = [0.5] * n
         self.stopping = False
+        self.shared_table: SharedLimitTable | None = None
 
     def _resolve_ports(self) -> None:
         raw = json.loads(json.dumps(self.config.raw))
@@ -151,6 +159,8 @@ class Supervisor:
         env = dict(os.environ)
         env[ENV_CONFIG] = json.dumps(self.worker_raw)
         env[ENV_READY] = str(write_fd)
+        if self.shared_table is not None:
+            env[ENV_SHARED] = self.shared_table.name
         env["EDGEPLANE_WORKER_INDEX"] = str(i)
         proc = subprocess.Popen(
             [sys.executable, "-c", "from edgeplane.workers import worker_main; raise SystemExit(worker_main())"],
@@ -169,6 +179,12 @@ class Supervisor:
 
     def run(self) -> int:
         self._resolve_ports()
+        cfg = self.config
+        if cfg.throttle is not None or any(r.throttle for r in cfg.routes):
+            # One table for the whole server: route and server-wide limits hold across
+            # workers (limit 0 = server-wide, 1 + i = routes[i]).
+            self.shared_table = SharedLimitTable.create(
+                f"edgeplane-{os.getpid()}", self.n, n_limits=1 + len(cfg.routes))
         stop_signal = []
         signal.signal(signal.SIGTERM, lambda s, f: stop_signal.append(s))
         signal.signal(signal.SIGINT, lambda s, f: stop_signal.append(s))
@@ -215,6 +231,9 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
                 code = 1
+        if self.shared_table is not None:
+            self.shared_table.close()
+            self.shared_table.unlink()
         for sock in self.placeholders:
             sock.close()
         return code
