@@ -306,6 +306,7 @@ async def test_api_key_authorizer(upstream, gateway, client_factory, tmp_path):
         {"route": "GET /partners/{id}", "integration": {"type": "http", "upstream": "demo"},
          "auth": "partners"}])
     cfg["authorizers"] = {"partners": {"type": "api_key", "keys_file": str(keys)}}
+    cfg["usage_plans"] = {"gold": {}}
     gw = await gateway(cfg)
     c = await client_factory(gw.addresses[0])
     assert (await c.request("GET", "/partners/1", headers={"X-API-Key": plain})).status == 200

@@ -65,6 +65,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Print the compiled route table in match-priority order.")
     config_arg(p)
 
+    p = sub.add_parser("usage", help="print quota usage per API key and period",
+                       description="Print the quota counters persisted under the config's data_dir "
+                                   "(usage plans), per API key and period.")
+    config_arg(p)
+    p.add_argument("--key", metavar="ID", help="only this API key id")
+
     sub.add_parser("schema", help="print the config JSON Schema",
                    description="Print the JSON Schema (draft 2020-12) of the config file, "
                                "for editor completion and CI checks.")
@@ -169,6 +175,25 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from .quota import usage_report
+
+    db = os.path.join(config.data_dir, "edgeplane.db")
+    try:
+        rows = usage_report(db, args.key)
+    except FileNotFoundError:
+        print(f"no usage recorded yet ({db} does not exist)")
+        return 0
+    width = max([len("KEY")] + [len(r["key"]) for r in rows])
+    print(f"{'KEY':<{width}}  {'PERIOD':<10}  USED")
+    for r in rows:
+        print(f"{r['key']:<{width}}  {r['period']:<10}  {r['used']}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .schema import schema_json
 
@@ -208,6 +233,7 @@ COMMANDS = {
     "validate": cmd_validate,
     "routes": cmd_routes,
     "schema": cmd_schema,
+    "usage": cmd_usage,
     "demo-upstream": cmd_demo_upstream,
     "certs": cmd_certs,
 }

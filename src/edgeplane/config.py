@@ -472,6 +472,7 @@ class _Builder:
     def __init__(self, errors: _Errors) -> None:
         self.authorizer_names: set[str] = set()
         self.api_key_authorizers: set[str] = set()
+        self.plan_names: set[str] = set()
         self.errors = errors
 
     def fail(self, path: Path, msg: str) -> None:
@@ -803,6 +804,32 @@ class _Builder:
                                     key=key if isinstance(key, str) else None,
                                     unresolved=section.get("unresolved", "shared"))
 
+    def usage_plans(self, raw: dict) -> dict[str, model.UsagePlanConfig]:
+        section = raw.get("usage_plans")
+        out: dict[str, model.UsagePlanConfig] = {}
+        if not isinstance(section, dict):
+            return out
+        from .quota import QuotaPeriod
+
+        for name, spec in section.items():
+            if not isinstance(spec, dict):
+                continue
+            path: Path = ("usage_plans", name)
+            throttle = self.throttle(spec.get("throttle"), path + ("throttle",), route_level=True)
+            quota = spec.get("quota") if isinstance(spec.get("quota"), dict) else {}
+            period, offset = quota.get("period", "DAY"), quota.get("offset", 0)
+            try:
+                QuotaPeriod(period, offset)
+            except (ValueError, TypeError) as exc:
+                self.fail(path + ("quota",), str(exc))
+            limit = quota.get("limit")
+            out[name] = model.UsagePlanConfig(
+                name=name, throttle=throttle,
+                quota_limit=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
+                quota_period=period if isinstance(period, str) else "DAY",
+                quota_offset=offset if isinstance(offset, int) else 0)
+        return out
+
     def trusted_proxies(self, raw: dict) -> tuple[str, ...]:
         entries = tuple(x for x in raw.get("trusted_proxies") or () if isinstance(x, str))
         self.cidrs(entries, ("trusted_proxies",))
@@ -890,10 +917,15 @@ class _Builder:
         from .apikeys import ApiKeyFileError, load_key_file
 
         try:
-            load_key_file(keys_file)
+            store = load_key_file(keys_file)
         except ApiKeyFileError as exc:
             for err in exc.errors:
                 self.fail(path + ("keys_file",), err)
+        else:
+            for plan in sorted(store.plans() - self.plan_names):
+                known = ", ".join(sorted(self.plan_names)) or "none defined"
+                self.fail(path + ("keys_file",), f"keys refer to usage plan {plan!r}, which "
+                                                 f"'usage_plans' does not define (known: {known})")
         return model.ApiKeyAuthorizerConfig(
             name=name, keys_file=keys_file,
             identity_source=spec.get("identity_source", "$request.header.X-API-Key"))
@@ -1129,18 +1161,24 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         taken.append((("admin", "listen"), admin.listen))
     tls = b.tls(raw, taken)
     upstreams = b.upstreams(raw)
+    b.plan_names = set(raw["usage_plans"]) if isinstance(raw.get("usage_plans"), dict) else set()
     authorizers = b.authorizers(raw)
     ip_rules = b.ip_rules(raw.get("ip_rules"), ("ip_rules",))
     trusted = b.trusted_proxies(raw)
     cors = b.cors(raw.get("cors"), ("cors",))
     throttle = b.throttle(raw.get("throttle"), ("throttle",), route_level=False)
+    plans = b.usage_plans(raw)
     names = [n for n in (raw.get("upstreams") or {}) if isinstance(n, str)] \
         if isinstance(raw.get("upstreams"), dict) else []
     routes = b.routes(raw, names)
     workers = raw.get("workers", 1)
     if workers != 1:
-        # Route and server-wide buckets are shared across workers; per-client ones are
-        # per process for now, which would let N times the limit through: refused.
+        # Route and server-wide buckets are shared across workers; per-client and
+        # per-key (plan) ones are per process for now (N times the limit): refused.
+        for name, plan in plans.items():
+            if plan.throttle is not None:
+                b.fail(("usage_plans", name, "throttle"),
+                       "usage-plan throttles need workers: 1 for now (they are per process)")
         for r in routes:
             if r.throttle is not None and r.throttle.key is not None:
                 b.fail(("routes", r.index, "throttle", "key"),
@@ -1168,6 +1206,8 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         cors=cors,
         tls=tls,
         throttle=throttle,
+        usage_plans=plans,
+        data_dir=raw.get("data_dir", "data"),
         source=source,
         raw=raw,
     )

@@ -33,6 +33,7 @@ from .responses import DateHeader
 from .server import HttpProtocol
 from .http_authorizer import HttpAuthorizerClient
 from .jwks_source import JwksSource
+from .quota import QuotaPeriod, QuotaStore
 from .shared_limits import SharedLimitTable
 from .snapshot import Snapshot, build_snapshot
 from .tls import ListenerTls
@@ -48,6 +49,8 @@ class Gateway:
         # (table name, worker index) of the supervisor's cross-worker throttle table.
         self.shared_limits = shared_limits
         self.shared_table = None
+        self.quota_store: QuotaStore | None = None
+        self._quota_flush: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.auth_sources: dict[str, Any] = {}
@@ -85,7 +88,14 @@ class Gateway:
                                         for name, a in cfg.authorizers.items() if a.type == "http"}}
         if self.shared_limits is not None:
             self.shared_table = SharedLimitTable.attach(*self.shared_limits)
-        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, self.shared_table)
+        if any(p.quota_limit is not None for p in cfg.usage_plans.values()):
+            # Quota counts survive restarts: loaded now, flushed off the request path on
+            # the tick and at stop (crash bound: what was admitted since the last flush).
+            self.quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
+            self.quota_store.load(periods=[QuotaPeriod(p.quota_period, p.quota_offset)
+                                           for p in cfg.usage_plans.values() if p.quota_limit])
+        counter = self.quota_store.counter if self.quota_store is not None else None
+        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, self.shared_table, counter)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
@@ -138,6 +148,9 @@ class Gateway:
         now = self.loop.time()
         for upstream in self.upstreams.values():
             upstream.sweep(now)
+        store = self.quota_store
+        if store is not None and (self._quota_flush is None or self._quota_flush.done()):
+            self._quota_flush = self.loop.create_task(self._flush_quotas())
         mono = time.monotonic()  # the throttle's clock
         for route in self.snapshot.routes:
             for stage in route.stages:
@@ -145,6 +158,12 @@ class Gateway:
                 if sweep is not None:
                     sweep(mono)  # idle per-client buckets (bounded work per tick)
         self._schedule_tick()
+
+    async def _flush_quotas(self) -> None:
+        try:
+            await self.quota_store.aflush()
+        except Exception as exc:  # the deltas stay in memory for the next flush
+            log.warning("quota flush failed: %s", exc)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout),
@@ -174,6 +193,10 @@ class Gateway:
             await upstream.close()
         for source in self.auth_sources.values():
             await source.close()
+        if self._quota_flush is not None:
+            await asyncio.gather(self._quota_flush, return_exceptions=True)
+        if self.quota_store is not None:
+            self.quota_store.close(flush=True)
         if self.shared_table is not None:
             self.snapshot = None  # the stages hold views into the table
             self.shared_table.close()

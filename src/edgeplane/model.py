@@ -179,6 +179,17 @@ class ThrottleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UsagePlanConfig:
+    """API keys attach to a plan (key file `plan:`): a per-key throttle and a quota."""
+
+    name: str
+    throttle: ThrottleConfig | None = None  # one bucket per API key
+    quota_limit: int | None = None  # requests per period per API key
+    quota_period: str = "DAY"  # DAY | WEEK | MONTH
+    quota_offset: int = 0  # days into the period (WEEK: 0 = Sunday, as AWS)
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     key: str  # as written: "GET /users/{id}", "ANY /files/{proxy+}", "$default"
     method: str | None  # upper-case method, None for ANY and for $default
@@ -242,6 +253,8 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
     cors: CorsConfig | None = None  # for every route that does not set its own
     throttle: ThrottleConfig | None = None  # server-wide bucket (only when configured)
+    usage_plans: dict[str, UsagePlanConfig] = field(default_factory=dict)
+    data_dir: str = "data"  # quota counters: DATA_DIR/edgeplane.db
     tls: TlsConfig | None = None  # None = no TLS listeners
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -436,6 +436,29 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "cors": {"$ref": "#/$defs/cors"},
         "tls": {"$ref": "#/$defs/tls"},
         "throttle": {"$ref": "#/$defs/throttle"},
+        "usage_plans": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"},
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "throttle": {"$ref": "#/$defs/throttle"},
+                    "quota": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["limit", "period"],
+                        "properties": {
+                            "limit": {"type": "integer", "minimum": 1},
+                            "period": {"enum": ["DAY", "WEEK", "MONTH"]},
+                            "offset": {"type": "integer", "minimum": 0, "default": 0},
+                        },
+                    },
+                },
+            },
+        },
+        "data_dir": {"type": "string", "default": "data",
+                     "description": "Where quota counters persist (SQLite: DATA_DIR/edgeplane.db)."},
     },
     "$defs": {
         "duration": _DURATION,

@@ -171,11 +171,12 @@ class ThrottleStage:
     every level before taking from any. 429 Too Many Requests with Retry-After when a
     level is empty; RateLimit headers on every answer when enabled. No locks, no awaits."""
 
-    __slots__ = ("chain", "key_kind", "key_detail", "refuse_unresolved", "headers", "buckets")
+    __slots__ = ("chain", "key_kind", "key_detail", "refuse_unresolved", "headers", "buckets", "plans")
 
     def __init__(self, route: ThrottleConfig | None, server: TokenBucket | None, headers: bool,
-                 shared: SharedChain | None = None):
+                 shared: SharedChain | None = None, plans: dict[str, BucketMap] | None = None):
         self.buckets: BucketMap | None = None
+        self.plans = plans or {}  # usage plan name -> per-API-key buckets
         level: TokenBucket | BucketMap | None = None
         self.key_kind = self.key_detail = None
         self.refuse_unresolved = False
@@ -209,7 +210,12 @@ class ThrottleStage:
             if key is None and self.refuse_unresolved:
                 proto.send_error(req, 403, "throttle: the client key cannot be resolved")
                 return False
-        result = self.chain.check(time.monotonic(), route_key=key)
+        api_key = req.api_key
+        plan = self.plans.get(api_key.plan) if api_key is not None and api_key.plan else None
+        if plan is not None:
+            result = self.chain.check(time.monotonic(), plan=plan, plan_key=api_key.id, route_key=key)
+        else:
+            result = self.chain.check(time.monotonic(), route_key=key)
         extra = ratelimit_headers(result) if self.headers else b""
         if not result.allowed:
             proto.send_error(req, 429, f"throttled ({result.policy})",
@@ -222,6 +228,51 @@ class ThrottleStage:
     def sweep(self, now: float) -> None:
         if self.buckets is not None:
             self.buckets.sweep(now, limit=1000)
+        for plan in self.plans.values():
+            plan.sweep(now, limit=1000)
+
+
+class QuotaStage:
+    """Usage-plan quotas: requests per DAY/WEEK/MONTH per API key, counted in memory on
+    the request path and persisted by `quota.QuotaStore` off it. 429 Limit Exceeded."""
+
+    __slots__ = ("counter", "plans")
+
+    def __init__(self, counter: Any, plans: dict[str, tuple[int, Any]]):
+        self.counter = counter
+        self.plans = plans  # plan name -> (limit, QuotaPeriod)
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool:
+        api_key = req.api_key
+        if api_key is None or not api_key.plan:
+            return True
+        quota = self.plans.get(api_key.plan)
+        if quota is None:
+            return True
+        limit, period = quota
+        if self.counter.try_consume(api_key.id, limit, time.time(), period):
+            return True
+        req.error = f"quota of plan {api_key.plan!r} exhausted for key {api_key.id!r}"
+        proto.ctx.count_error("429")
+        proto.send_local(req, 429, QUOTA_BODY)
+        return False
+
+
+class PlanState:
+    """Per snapshot: each usage plan's per-key buckets and quota, and the quota counter."""
+
+    def __init__(self, config: Config, quota_counter: Any) -> None:
+        from .quota import QuotaPeriod
+
+        plans = config.usage_plans
+        self.buckets = {n: BucketMap(p.throttle.rate, p.throttle.burst, policy="plan")
+                        for n, p in plans.items() if p.throttle is not None}
+        self.quotas = {n: (p.quota_limit, QuotaPeriod(p.quota_period, p.quota_offset))
+                       for n, p in plans.items() if p.quota_limit is not None}
+        self.counter = quota_counter
+
+
+QUOTA_BODY = b'{"message":"Limit Exceeded"}'
 
 
 def _key_expression(expr: str) -> tuple[str, Any]:
@@ -286,7 +337,7 @@ def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
 
 def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier],
                  auth_sources: dict[str, Any], server_bucket: TokenBucket | None = None,
-                 shared_table: Any = None) -> tuple[Stage, ...]:
+                 shared_table: Any = None, plans: PlanState | None = None) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     rules = [IpRules(r.allow, r.deny) for r in (config.ip_rules, route.ip_rules) if r]
     if rules:
@@ -306,7 +357,9 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
             stages.append(HttpAuthorizerStage(auth_sources[route.auth]))
         else:
             stages.append(JwtStage(verifiers[route.auth], cfg, route, auth_sources.get(route.auth)))
-    if route.throttle is not None or server_bucket is not None:
+    keyed = route.auth is not None and config.authorizers[route.auth].type == "api_key"
+    plan_buckets = plans.buckets if plans is not None and keyed else None
+    if route.throttle is not None or server_bucket is not None or plan_buckets:
         headers = config.throttle.headers if config.throttle is not None else True
         shared = None
         if shared_table is not None:
@@ -319,5 +372,7 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
                 t = config.throttle
                 levels.append((shared_table.bucket(0, t.rate, t.burst), "server"))
             shared = SharedChain(levels)
-        stages.append(ThrottleStage(route.throttle, server_bucket, headers, shared))
+        stages.append(ThrottleStage(route.throttle, server_bucket, headers, shared, plan_buckets))
+    if keyed and plans is not None and plans.quotas and plans.counter is not None:
+        stages.append(QuotaStage(plans.counter, plans.quotas))
     return tuple(stages)
