@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -43,6 +44,16 @@ def base_config(upstream_port: int | None = None, routes: list | None = None, **
     cfg["routes"] = routes or []
     cfg.update(extra)
     return cfg
+
+
+@pytest.fixture
+def no_logged_exceptions(caplog):
+    """No exception may escape into asyncio's handler (or be logged) while serving.
+    Used by the bad-input test modules (`pytest.mark.usefixtures`)."""
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
+    errors = [r for r in records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 @pytest.fixture

@@ -7,23 +7,13 @@ that does not read. Timeouts are configured small so the whole file runs in seco
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import orjson
 import pytest
 
 from conftest import PARSERS, RawClient, base_config, build_request
 
-pytestmark = pytest.mark.timeout(20)
-
-
-@pytest.fixture(autouse=True)
-def no_logged_exceptions(caplog):
-    """No exception may escape into asyncio's handler (or be logged) while serving."""
-    yield
-    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
-    errors = [r for r in records if r.levelno >= logging.ERROR or r.exc_info]
-    assert not errors, [r.getMessage() for r in errors]
+pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("no_logged_exceptions")]
 
 
 MAX_HEAD = 4096

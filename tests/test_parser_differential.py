@@ -14,22 +14,12 @@ anything is answered.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
 
 from conftest import RawClient, base_config
 
-pytestmark = pytest.mark.timeout(20)
-
-
-@pytest.fixture(autouse=True)
-def no_logged_exceptions(caplog):
-    """No exception may escape into asyncio's handler (or be logged) while serving."""
-    yield
-    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
-    errors = [r for r in records if r.levelno >= logging.ERROR or r.exc_info]
-    assert not errors, [r.getMessage() for r in errors]
+pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("no_logged_exceptions")]
 
 
 PROBE = b"GET /__probe HTTP/1.1\r\nHost: probe\r\n\r\n"

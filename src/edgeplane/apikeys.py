@@ -85,6 +85,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LocatedErrors
+from .errors import describe as _describe
+from .errors import short as _short
 from .yamlstrict import YamlSyntaxError, load_strict
 
 __all__ = [
@@ -390,25 +392,6 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"number {value}"
-    if isinstance(value, str):
-        return f"string {_short(value)}"
-    return _kind(value)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------

@@ -45,6 +45,8 @@ from jsonschema.exceptions import ValidationError
 
 from . import model
 from .errors import LocatedErrors
+from .errors import describe as _describe
+from .errors import short as _short
 from .yamlstrict import YamlSyntaxError, load_strict
 from .router import ParsedKey, RouteKeyError, parse_route_key, route_problems
 from .schema import CONFIG_SCHEMA, DURATION_RE, SIZE_RE
@@ -270,29 +272,6 @@ def _humanize(err: ValidationError) -> list[tuple[Path, str, bool]]:
 def _type_names(types: str | list[str]) -> str:
     names = [_JSON_TYPE_NAMES.get(t, t) for t in ([types] if isinstance(types, str) else types)]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"number {value}"
-    if isinstance(value, str):
-        return f"string {_short(value)}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"{type(value).__name__} {_short(value)}"
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _loc(path: Path) -> str:
@@ -603,6 +582,17 @@ class _Builder:
             out.append(target)
         return tuple(out)
 
+    def ca_file(self, ca_file: str, path: Path) -> None:
+        """A PEM CA bundle that OpenSSL can load."""
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except FileNotFoundError:
+            self.fail(path, f"file not found: {ca_file}")
+        except (OSError, ssl.SSLError) as exc:
+            self.fail(path, f"cannot load CA file {ca_file}: {getattr(exc, 'reason', None) or exc}")
+
     def upstream_tls(self, section: Any, path: Path,
                      targets: tuple[model.Target, ...]) -> model.UpstreamTls:
         if not isinstance(section, dict):
@@ -611,15 +601,7 @@ class _Builder:
             self.fail(path, "only used with https:// targets")
         ca_file = section.get("ca_file") if isinstance(section.get("ca_file"), str) else None
         if ca_file is not None:
-            import ssl
-
-            try:
-                ssl.create_default_context(cafile=ca_file)
-            except FileNotFoundError:
-                self.fail(path + ("ca_file",), f"file not found: {ca_file}")
-            except (OSError, ssl.SSLError) as exc:
-                self.fail(path + ("ca_file",), f"cannot load CA file {ca_file}: "
-                                               f"{getattr(exc, 'reason', None) or exc}")
+            self.ca_file(ca_file, path + ("ca_file",))
         server_name = section.get("server_name")
         if isinstance(server_name, str):
             try:
@@ -681,15 +663,7 @@ class _Builder:
         if client_cert is not None and client_ca is None:
             self.fail(p + ("client_cert",), "needs 'client_ca' (the CA client certificates chain to)")
         if client_ca is not None:
-            import ssl
-
-            try:
-                ssl.create_default_context(cafile=client_ca)
-            except FileNotFoundError:
-                self.fail(p + ("client_ca",), f"file not found: {client_ca}")
-            except (OSError, ssl.SSLError) as exc:
-                self.fail(p + ("client_ca",), f"cannot load CA file {client_ca}: "
-                                              f"{getattr(exc, 'reason', None) or exc}")
+            self.ca_file(client_ca, p + ("client_ca",))
         mode = "none" if client_ca is None else (client_cert if client_cert in ("optional", "required")
                                                  else "required")
         return model.TlsConfig(listen=tuple(listen), certificates=tuple(certs),

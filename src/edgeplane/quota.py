@@ -444,39 +444,40 @@ class QuotaStore:
         another process): call it from the event loop only at shutdown; use `aflush` from
         the tick. Returns the number of requests written. On error the deltas are kept for
         the next flush and the exception propagates."""
-        now = self.clock() if now is None else now
-        c = self.counter
-        c.observe(now)
-        deltas = c.take_deltas()
-        live = c.live_periods()
+        now, deltas, live = self._take(now)
         try:
             totals = self._write(deltas, live, now)
         except BaseException as exc:
-            c.restore_deltas(deltas)
-            self.flush_errors += 1
-            self.last_error = exc
+            self._failed(deltas, exc)
             raise
-        c.apply_totals(totals, live)
-        self.flushes += 1
-        return sum(deltas.values())
+        return self._applied(deltas, live, totals)
 
     async def aflush(self, now: float | None = None) -> int:
         """`flush` with the transaction in a worker thread: the event loop only swaps the
         delta dict and applies the totals. Errors are counted in `flush_errors` /
         `last_error` and re-raised; the deltas are kept for the next flush."""
-        now = self.clock() if now is None else now
-        c = self.counter
-        c.observe(now)
-        deltas = c.take_deltas()
-        live = c.live_periods()
+        now, deltas, live = self._take(now)
         try:
             totals = await asyncio.to_thread(self._write, deltas, live, now)
         except BaseException as exc:
-            c.restore_deltas(deltas)
-            self.flush_errors += 1
-            self.last_error = exc
+            self._failed(deltas, exc)
             raise
-        c.apply_totals(totals, live)
+        return self._applied(deltas, live, totals)
+
+    # The two halves around the transaction, shared by `flush` and `aflush`.
+    def _take(self, now: float | None) -> tuple[float, Any, Any]:
+        now = self.clock() if now is None else now
+        c = self.counter
+        c.observe(now)
+        return now, c.take_deltas(), c.live_periods()
+
+    def _failed(self, deltas: Any, exc: BaseException) -> None:
+        self.counter.restore_deltas(deltas)  # kept for the next flush
+        self.flush_errors += 1
+        self.last_error = exc
+
+    def _applied(self, deltas: Any, live: Any, totals: Any) -> int:
+        self.counter.apply_totals(totals, live)
         self.flushes += 1
         return sum(deltas.values())
 
