@@ -33,7 +33,7 @@ from .client import FetchError, fetch
 from .jwks_source import split_url
 from .model import PoolConfig, UpstreamConfig
 from .pool import Upstream
-from .stages import forwarded
+from .stages import _header, forwarded
 
 if TYPE_CHECKING:
     from .model import HttpAuthorizerConfig
@@ -100,13 +100,6 @@ class HttpAuthorizerClient:
     def telemetry(self) -> dict[str, Any]:
         return {"url": self.cfg.url, "calls": self.calls, "failures": self.failures,
                 "cached": len(self.cache)}
-
-
-def _header(req: Request, name: bytes) -> bytes | None:
-    for key, value in req.headers:
-        if key == name:
-            return value
-    return None
 
 
 class HttpAuthorizerStage:
