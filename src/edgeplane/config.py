@@ -804,6 +804,27 @@ class _Builder:
                 quota_offset=offset if isinstance(offset, int) else 0)
         return out
 
+    def cluster(self, raw: dict) -> model.ClusterConfig | None:
+        section = raw.get("cluster")
+        if not isinstance(section, dict) or not isinstance(section.get("redis"), str):
+            return None
+        path: Path = ("cluster",)
+        url = section["redis"]
+        try:
+            from redis.asyncio.connection import parse_url
+
+            parse_url(url)
+        except (ValueError, TypeError) as exc:
+            self.fail(path + ("redis",), f"not a Redis URL: {exc}")
+        lease = section.get("lease", 0.1)
+        return model.ClusterConfig(
+            redis=url,
+            key_prefix=section.get("key_prefix", "edgeplane:"),
+            failure_mode=section.get("failure_mode", "open"),
+            timeout=self.duration(section, "timeout", path, 0.1, high=60.0),
+            lease=float(lease) if isinstance(lease, (int, float)) and not isinstance(lease, bool) else 0.1,
+            retry_interval=self.duration(section, "retry_interval", path, 1.0, high=3600.0))
+
     def trusted_proxies(self, raw: dict) -> tuple[str, ...]:
         entries = tuple(x for x in raw.get("trusted_proxies") or () if isinstance(x, str))
         self.cidrs(entries, ("trusted_proxies",))
@@ -1145,18 +1166,21 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
     names = [n for n in (raw.get("upstreams") or {}) if isinstance(n, str)] \
         if isinstance(raw.get("upstreams"), dict) else []
     routes = b.routes(raw, names)
+    cluster = b.cluster(raw)
     workers = raw.get("workers", 1)
-    if workers != 1:
+    if workers != 1 and cluster is None:
         # Route and server-wide buckets are shared across workers; per-client and
         # per-key (plan) ones are per process for now (N times the limit): refused.
         for name, plan in plans.items():
             if plan.throttle is not None:
                 b.fail(("usage_plans", name, "throttle"),
-                       "usage-plan throttles need workers: 1 for now (they are per process)")
+                       "usage-plan throttles need workers: 1 for now (they are per process) "
+                       "or 'cluster' (Redis)")
         for r in routes:
             if r.throttle is not None and r.throttle.key is not None:
                 b.fail(("routes", r.index, "throttle", "key"),
-                       "per-client throttling needs workers: 1 for now (it is per process)")
+                       "per-client throttling needs workers: 1 for now (it is per process) "
+                       "or 'cluster' (Redis)")
     limits = b.limits(raw)
     access_log = b.access_log(raw)
     drain = b.duration(raw, "drain_timeout", (), 30.0, low_inclusive=True)
@@ -1182,6 +1206,7 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         throttle=throttle,
         usage_plans=plans,
         data_dir=raw.get("data_dir", "data"),
+        cluster=cluster,
         source=source,
         raw=raw,
     )

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .accesslog import AccessLog
 from .admin import build_admin_snapshot
@@ -34,9 +34,13 @@ from .server import HttpProtocol
 from .http_authorizer import HttpAuthorizerClient
 from .jwks_source import JwksSource
 from .quota import QuotaPeriod, QuotaStore
+from .limits import limits_for
 from .shared_limits import SharedLimitTable
 from .snapshot import Snapshot, build_snapshot
 from .tls import ListenerTls
+
+if TYPE_CHECKING:
+    from .cluster import RedisLimiter, RedisQuotaStore
 
 log = logging.getLogger("edgeplane")
 
@@ -49,7 +53,8 @@ class Gateway:
         # (table name, worker index) of the supervisor's cross-worker throttle table.
         self.shared_limits = shared_limits
         self.shared_table = None
-        self.quota_store: QuotaStore | None = None
+        self.quota_store: QuotaStore | RedisQuotaStore | None = None
+        self.limiter: RedisLimiter | None = None  # cluster mode: the Redis side of throttles
         self._quota_flush: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.upstreams: dict[str, Upstream] = {}
@@ -86,16 +91,29 @@ class Gateway:
         # Per authorizer, what talks to the outside: JWKS sources and custom-authorizer clients.
         self.auth_sources = {**jwks, **{name: HttpAuthorizerClient(a, loop)
                                         for name, a in cfg.authorizers.items() if a.type == "http"}}
-        if self.shared_limits is not None:
+        if self.shared_limits is not None and cfg.cluster is None:
             self.shared_table = SharedLimitTable.attach(*self.shared_limits)
-        if any(p.quota_limit is not None for p in cfg.usage_plans.values()):
+        if cfg.cluster is not None:
+            from .cluster import REDIS_ERRORS, RedisLimiter, RedisQuotaStore  # redis-py: only here
+
+            self.limiter = RedisLimiter(cfg.cluster, loop)
+        periods = [QuotaPeriod(p.quota_period, p.quota_offset)
+                   for p in cfg.usage_plans.values() if p.quota_limit]
+        if periods and self.limiter is not None:
+            self.quota_store = RedisQuotaStore(self.limiter, periods)
+            try:
+                await asyncio.wait_for(self.quota_store.aload(), max(1.0, cfg.cluster.timeout * 10))
+            except REDIS_ERRORS as exc:
+                log.warning("quota counts not loaded from redis %s (%s): counting from the next "
+                            "successful flush", cfg.cluster.redis, exc.__class__.__name__)
+        elif periods:
             # Quota counts survive restarts: loaded now, flushed off the request path on
             # the tick and at stop (crash bound: what was admitted since the last flush).
             self.quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
-            self.quota_store.load(periods=[QuotaPeriod(p.quota_period, p.quota_offset)
-                                           for p in cfg.usage_plans.values() if p.quota_limit])
+            self.quota_store.load(periods=periods)
         counter = self.quota_store.counter if self.quota_store is not None else None
-        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, self.shared_table, counter)
+        limits = limits_for(cfg, self.shared_table, None, self.limiter)
+        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, limits, counter)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
@@ -195,8 +213,12 @@ class Gateway:
             await source.close()
         if self._quota_flush is not None:
             await asyncio.gather(self._quota_flush, return_exceptions=True)
-        if self.quota_store is not None:
+        if hasattr(self.quota_store, "aclose"):
+            await self.quota_store.aclose()
+        elif self.quota_store is not None:
             self.quota_store.close(flush=True)
+        if self.limiter is not None:
+            await self.limiter.close()
         if self.shared_table is not None:
             self.snapshot = None  # the stages hold views into the table
             self.shared_table.close()
@@ -239,4 +261,5 @@ class Gateway:
             "access_log_lines": self.access_log.lines,
             **ctx.stats.as_dict(),
             "authorizers": {name: s.telemetry() for name, s in self.auth_sources.items()},
+            **({"cluster": self.limiter.telemetry()} if self.limiter is not None else {}),
         }

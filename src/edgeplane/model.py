@@ -179,6 +179,18 @@ class ThrottleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Cluster mode: throttles and quotas shared by several hosts through one Redis."""
+
+    redis: str  # redis://[user:pass@]host:port/db, rediss://..., unix:///path.sock
+    key_prefix: str = "edgeplane:"
+    failure_mode: str = "open"  # Redis down or slow: "open" admits, "closed" answers 503
+    timeout: float = 0.1  # seconds per Redis round trip before Redis counts as down
+    lease: float = 0.1  # share of a bucket's burst one worker leases at a time
+    retry_interval: float = 1.0  # seconds between probes while Redis is down
+
+
+@dataclass(frozen=True, slots=True)
 class UsagePlanConfig:
     """API keys attach to a plan (key file `plan:`): a per-key throttle and a quota."""
 
@@ -255,6 +267,7 @@ class Config:
     throttle: ThrottleConfig | None = None  # server-wide bucket (only when configured)
     usage_plans: dict[str, UsagePlanConfig] = field(default_factory=dict)
     data_dir: str = "data"  # quota counters: DATA_DIR/edgeplane.db
+    cluster: ClusterConfig | None = None  # None = limits and quotas local to this host
     tls: TlsConfig | None = None  # None = no TLS listeners
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -268,6 +268,10 @@ class QuotaCounter:
                   period: QuotaPeriod | None = None) -> int:
         return max(0, plan_limit - self.used(key_id, now, period))
 
+    def known_keys(self) -> list[Key]:
+        """Every ``(key id, period key)`` with a known count (for stores that refresh them)."""
+        return list(self._used)
+
     def pending(self) -> int:
         """Requests admitted here and not yet flushed (what a crash now would lose)."""
         return sum(self._delta.values())

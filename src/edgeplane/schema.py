@@ -459,6 +459,24 @@ CONFIG_SCHEMA: dict[str, Any] = {
         },
         "data_dir": {"type": "string", "default": "data",
                      "description": "Where quota counters persist (SQLite: DATA_DIR/edgeplane.db)."},
+        "cluster": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["redis"],
+            "description": "Share every throttle and quota with other hosts through one Redis.",
+            "properties": {
+                "redis": {"type": "string", "pattern": "^(redis|rediss|unix)://",
+                          "description": "redis://[user:password@]host:port/db, rediss://... (TLS) "
+                                         "or unix:///path/to/redis.sock."},
+                "key_prefix": {"type": "string", "minLength": 1, "maxLength": 64, "default": "edgeplane:"},
+                "failure_mode": {"enum": ["open", "closed"], "default": "open",
+                                 "description": "While Redis is down: admit (open) or answer 503 (closed)."},
+                "timeout": {"$ref": "#/$defs/duration", "default": "100ms"},
+                "lease": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.1,
+                          "description": "Share of a bucket's burst one worker leases at a time."},
+                "retry_interval": {"$ref": "#/$defs/duration", "default": "1s"},
+            },
+        },
     },
     "$defs": {
         "duration": _DURATION,

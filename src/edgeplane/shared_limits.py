@@ -126,7 +126,7 @@ class SharedBucket:
     """One limit of a `SharedLimitTable`, as seen by one worker. Not thread-safe within
     a worker (one event loop thread per worker is the intended use)."""
 
-    __slots__ = ("_c", "_m", "_i", "rate", "burst", "_epoch", "index")
+    __slots__ = ("_c", "_m", "_i", "rate", "burst", "_epoch", "index", "_policy")
 
     def __init__(self, c: memoryview, m: memoryview, i: int, rate: float, burst: float,
                  epoch: float, index: int) -> None:
@@ -137,6 +137,7 @@ class SharedBucket:
         self.burst = burst
         self._epoch = epoch
         self.index = index
+        self._policy = None  # the `throttle.Policy` it advertises; set by whoever wires it
 
     def take(self, now: float, n: int = 1) -> float:
         """Take `n` tokens at monotonic time `now`: 0.0 when admitted, else the number of
@@ -165,6 +166,15 @@ class SharedBucket:
         """Whole tokens left at `now` (0..burst), for RateLimit headers."""
         t = self.tokens(now)
         return int(t) if t > 0 else 0
+
+    # The level interface of `throttle.LevelChain`.
+    def wait(self, now: float) -> float:
+        t = self.tokens(now)
+        return 0.0 if t >= 1.0 else (1.0 - t) / self.rate
+
+    def state(self, now: float) -> tuple[int, float]:
+        t = self.tokens(now)
+        return (int(t) if t > 0 else 0), max(0.0, (self.burst - t) / self.rate)
 
     def consumed(self) -> int:
         """Tokens consumed by all workers since the table was created."""

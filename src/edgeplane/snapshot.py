@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .cors import CORS_RESPONSE_HEADERS
 from .proxy import HttpIntegration
 from .stages import PlanState, build_stages, build_verifiers, route_cors
-from .throttle import TokenBucket
+from .limits import LocalLimits
 from .router import Router, compile_routes
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Snapshot:
 
 def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream],
                   verifiers: dict[str, Any], auth_sources: dict[str, Any],
-                  server_bucket: Any = None, shared_table: Any = None, plans: Any = None) -> CompiledRoute:
+                  limits: Any = None, plans: Any = None) -> CompiledRoute:
     integ = rc.integration
     if integ.type == "mock":
         handler: Any = MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
@@ -84,8 +84,8 @@ def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream
             claim_headers=gateway_set_headers(config, rc),
             gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
         )
-    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources, server_bucket,
-                                                  shared_table, plans), handler)
+    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources, limits, plans),
+                         handler)
 
 
 def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
@@ -98,15 +98,15 @@ def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
 
 
 def build_snapshot(config: Config, upstreams: dict[str, Upstream],
-                   auth_sources: dict[str, Any] | None = None, shared_table: Any = None,
+                   auth_sources: dict[str, Any] | None = None, limits: Any = None,
                    quota_counter: Any = None) -> Snapshot:
+    """`limits` (`limits.limits_for`) says where throttle buckets live; in-process by default.
+    One server-wide bucket is shared by every route (AWS's account level)."""
     auth_sources = auth_sources or {}
     verifiers = build_verifiers(config, auth_sources)
-    # One server-wide bucket shared by every route (AWS's account level).
-    t = config.throttle
-    server_bucket = TokenBucket(t.rate, t.burst, policy="server") if t is not None else None
-    plans = PlanState(config, quota_counter) if config.usage_plans else None
-    routes = [compile_route(config, rc, upstreams, verifiers, auth_sources, server_bucket, shared_table, plans)
+    limits = limits if limits is not None else LocalLimits(config)
+    plans = PlanState(config, quota_counter, limits) if config.usage_plans else None
+    routes = [compile_route(config, rc, upstreams, verifiers, auth_sources, limits, plans)
               for rc in config.routes]
     router = compile_routes([(c.config, c) for c in routes])
     return Snapshot(config, router, routes)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .apikeys import KeyStore, load_key_file
 from .cors import CorsPolicy
 from .iprules import IpRules, TrustedProxies
-from .throttle import (BucketMap, SharedChain, ThrottleChain, TokenBucket, ratelimit_headers,
+from .throttle import (UNAVAILABLE, ratelimit_headers,
                        retry_after_header)
 from .jwks import parse_jwks
 from .jwt import (UNKNOWN_KID, CachedVerifier, JwtConfig, JwtError, JwtVerifier,
@@ -169,27 +169,22 @@ class ApiKeyStage:
 class ThrottleStage:
     """Token buckets in AWS order (usage plan, route or per-client, server-wide); checks
     every level before taking from any. 429 Too Many Requests with Retry-After when a
-    level is empty; RateLimit headers on every answer when enabled. No locks, no awaits."""
+    level is empty (503 when its store is down and fails closed); RateLimit headers on
+    every answer when enabled. No locks, no awaits: the store behind the levels is
+    `limits`'s choice (in process, shared memory or Redis leases)."""
 
-    __slots__ = ("chain", "key_kind", "key_detail", "refuse_unresolved", "headers", "buckets", "plans")
+    __slots__ = ("chain", "key_kind", "key_detail", "refuse_unresolved", "headers", "route_level", "plans")
 
-    def __init__(self, route: ThrottleConfig | None, server: TokenBucket | None, headers: bool,
-                 shared: SharedChain | None = None, plans: dict[str, BucketMap] | None = None):
-        self.buckets: BucketMap | None = None
-        self.plans = plans or {}  # usage plan name -> per-API-key buckets
-        level: TokenBucket | BucketMap | None = None
+    def __init__(self, chain: Any, route: ThrottleConfig | None, route_level: Any, headers: bool,
+                 plans: dict[str, Any] | None = None):
+        self.chain = chain
+        self.route_level = route_level  # swept when it holds per-client buckets
+        self.plans = plans or {}  # usage plan name -> per-API-key limit
         self.key_kind = self.key_detail = None
         self.refuse_unresolved = False
-        if route is not None:
-            if route.key is None:
-                level = TokenBucket(route.rate, route.burst, policy="route")
-            else:
-                level = self.buckets = BucketMap(route.rate, route.burst, policy="client")
-                self.key_kind, self.key_detail = _key_expression(route.key)
-                self.refuse_unresolved = route.unresolved == "refuse"
-        # With workers: N the route and server levels live in shared memory (exact across
-        # workers); config.py refuses per-client keys there.
-        self.chain = shared if shared is not None else ThrottleChain(route=level, server=server)
+        if route is not None and route.key is not None:
+            self.key_kind, self.key_detail = _key_expression(route.key)
+            self.refuse_unresolved = route.unresolved == "refuse"
         self.headers = headers
 
     def _client_key(self, proto: HttpProtocol, req: Request) -> str | bytes | None:
@@ -216,20 +211,26 @@ class ThrottleStage:
             result = self.chain.check(time.monotonic(), plan=plan, plan_key=api_key.id, route_key=key)
         else:
             result = self.chain.check(time.monotonic(), route_key=key)
-        extra = ratelimit_headers(result) if self.headers else b""
         if not result.allowed:
+            if result.retry_after == UNAVAILABLE:
+                proto.send_error(req, 503, f"throttle store unavailable ({result.policy}); failing closed",
+                                 extra=retry_after_header(1.0))
+                return False
+            extra = ratelimit_headers(result) if self.headers else b""
             proto.send_error(req, 429, f"throttled ({result.policy})",
                              extra=retry_after_header(result.retry_after) + extra)
             return False
-        if extra:
-            req.extra_response += extra
+        if self.headers:
+            extra = ratelimit_headers(result)
+            if extra:
+                req.extra_response += extra
         return True
 
     def sweep(self, now: float) -> None:
-        if self.buckets is not None:
-            self.buckets.sweep(now, limit=1000)
-        for plan in self.plans.values():
-            plan.sweep(now, limit=1000)
+        for level in (self.route_level, *self.plans.values()):
+            sweep = getattr(level, "sweep", None)
+            if sweep is not None:
+                sweep(now, limit=1000)
 
 
 class QuotaStage:
@@ -259,14 +260,13 @@ class QuotaStage:
 
 
 class PlanState:
-    """Per snapshot: each usage plan's per-key buckets and quota, and the quota counter."""
+    """Per snapshot: each usage plan's per-key throttle level and quota, and the quota counter."""
 
-    def __init__(self, config: Config, quota_counter: Any) -> None:
+    def __init__(self, config: Config, quota_counter: Any, limits: Any) -> None:
         from .quota import QuotaPeriod
 
         plans = config.usage_plans
-        self.buckets = {n: BucketMap(p.throttle.rate, p.throttle.burst, policy="plan")
-                        for n, p in plans.items() if p.throttle is not None}
+        self.buckets = {n: limits.plan(n) for n, p in plans.items() if p.throttle is not None}
         self.quotas = {n: (p.quota_limit, QuotaPeriod(p.quota_period, p.quota_offset))
                        for n, p in plans.items() if p.quota_limit is not None}
         self.counter = quota_counter
@@ -336,8 +336,8 @@ def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
 
 
 def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, CachedVerifier],
-                 auth_sources: dict[str, Any], server_bucket: TokenBucket | None = None,
-                 shared_table: Any = None, plans: PlanState | None = None) -> tuple[Stage, ...]:
+                 auth_sources: dict[str, Any], limits: Any = None,
+                 plans: PlanState | None = None) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     rules = [IpRules(r.allow, r.deny) for r in (config.ip_rules, route.ip_rules) if r]
     if rules:
@@ -358,21 +358,13 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
         else:
             stages.append(JwtStage(verifiers[route.auth], cfg, route, auth_sources.get(route.auth)))
     keyed = route.auth is not None and config.authorizers[route.auth].type == "api_key"
-    plan_buckets = plans.buckets if plans is not None and keyed else None
-    if route.throttle is not None or server_bucket is not None or plan_buckets:
+    plan_levels = plans.buckets if plans is not None and keyed else None
+    server_level = limits.server() if limits is not None else None
+    if route.throttle is not None or server_level is not None or plan_levels:
         headers = config.throttle.headers if config.throttle is not None else True
-        shared = None
-        if shared_table is not None:
-            # Limit indices: 0 = server-wide, 1 + i = routes[i] (the same in every worker).
-            levels = []
-            if route.throttle is not None:
-                t = route.throttle
-                levels.append((shared_table.bucket(1 + route.index, t.rate, t.burst), "route"))
-            if config.throttle is not None:
-                t = config.throttle
-                levels.append((shared_table.bucket(0, t.rate, t.burst), "server"))
-            shared = SharedChain(levels)
-        stages.append(ThrottleStage(route.throttle, server_bucket, headers, shared, plan_buckets))
+        route_level = limits.route(route) if route.throttle is not None else None
+        chain = limits.chain(route_level, server_level)
+        stages.append(ThrottleStage(chain, route.throttle, route_level, headers, plan_levels))
     if keyed and plans is not None and plans.quotas and plans.counter is not None:
         stages.append(QuotaStage(plans.counter, plans.quotas))
     return tuple(stages)

@@ -92,13 +92,19 @@ __all__ = [
     "TokenBucket",
     "BucketMap",
     "ThrottleChain",
+    "LevelChain",
     "ThrottleResult",
+    "Policy",
+    "UNAVAILABLE",
     "ratelimit_headers",
     "retry_after_header",
 ]
 
 _EPS = 1e-9  # tolerance in tokens for float rounding of elapsed * rate
 _MAX_DELTA = 2147483647  # RFC 9110 delta-seconds: recipients handle at least 2**31
+# A level's `wait` when its store (Redis) is down and the limit fails closed: the chain
+# refuses with this as `retry_after`, and the stage answers 503 instead of 429.
+UNAVAILABLE = -1.0
 
 
 def _check_rate(rate) -> float:
@@ -118,7 +124,7 @@ def _check_burst(burst) -> int:
     return burst
 
 
-class _Policy:
+class Policy:
     """What a level advertises; shared by every bucket of a `BucketMap`."""
 
     __slots__ = ("name", "limit", "window", "sf_name", "policy_line")
@@ -144,10 +150,10 @@ class TokenBucket:
         self.burst = _check_burst(burst)
         self._tokens = float(self.burst)
         self._last = -math.inf  # first reading only ever tops up an already full bucket
-        self._policy = _Policy(policy, self.rate, self.burst)
+        self._policy = Policy(policy, self.rate, self.burst)
 
     @classmethod
-    def _fresh(cls, rate: float, burst: int, policy: _Policy) -> "TokenBucket":
+    def _fresh(cls, rate: float, burst: int, policy: Policy) -> "TokenBucket":
         # Fast constructor for BucketMap misses: arguments already validated.
         b = cls.__new__(cls)
         b.rate = rate
@@ -180,6 +186,15 @@ class TokenBucket:
     def remaining(self, now: float) -> int:
         tokens = self._refill(now)
         return int(tokens + _EPS) if tokens > 0.0 else 0
+
+    # The level interface of `LevelChain`.
+    def wait(self, now: float) -> float:
+        tokens = self._refill(now)
+        return 0.0 if tokens + _EPS >= 1.0 else (1.0 - tokens) / self.rate
+
+    def state(self, now: float) -> tuple[int, float]:
+        tokens = self._refill(now)
+        return (int(tokens + _EPS) if tokens > 0.0 else 0), (self.burst - tokens) / self.rate
 
     def reset_after(self, now: float) -> float:
         tokens = self._refill(now)
@@ -221,7 +236,7 @@ class BucketMap:
         self.max_entries = max_entries
         self.idle_ttl = float(idle_ttl)
         self._buckets: OrderedDict = OrderedDict()
-        self._policy = _Policy(policy, self.rate, self.burst)
+        self._policy = Policy(policy, self.rate, self.burst)
         self.evictions = 0  # LRU evictions at the cap, for metrics
 
     def bucket(self, key) -> TokenBucket:
@@ -403,37 +418,63 @@ def retry_after_header(seconds: float) -> bytes:
     return b"retry-after: %d\r\n" % _ceil_seconds(seconds, 1)
 
 
-class SharedChain:
-    """The route and server levels as cross-worker buckets (`shared_limits.SharedBucket`:
-    `tokens(now)`, `take(now)`, `rate`, `burst`), with `ThrottleChain.check`'s contract:
-    every level is checked before any is taken from; the result names the most
-    restrictive level. Exactness is the shared buckets' (at most N-1 extra admissions
-    per race window across N workers); per-client levels are not shared."""
+class LevelChain:
+    """`ThrottleChain`'s contract over any bucket that offers the *level interface*, for
+    limits whose state lives outside this process (shared memory across workers, Redis
+    leases across hosts) or that mix kinds:
 
-    __slots__ = ("levels",)
+    - ``wait(now) -> float``: 0.0 when one token could be taken now (nothing is taken),
+      else the seconds until one could; ``UNAVAILABLE`` when the level's store is down
+      and configured to fail closed.
+    - ``take(now)``: take one token (called right after every level's ``wait`` was 0.0).
+    - ``state(now) -> (remaining, reset)``: whole tokens left and seconds until full, for
+      the RateLimit headers.
+    - ``_policy``: the `Policy` it advertises.
 
-    def __init__(self, levels: list[tuple[Any, str]]) -> None:
-        self.levels = [(bucket, _Policy(name, bucket.rate, int(bucket.burst))) for bucket, name in levels]
+    ``route`` is a bucket, or a keyed limit (anything with ``bucket(key)``) for per-client
+    levels; ``plan`` (per call) is a keyed limit looked up by ``plan_key``. Order, the
+    check-then-take rule and the choice of the most restrictive level are
+    `ThrottleChain`'s (invariants 5-7). `TokenBucket` offers the interface too;
+    `ThrottleChain` is the same algorithm inlined for in-process buckets, the hot path of
+    a single worker."""
 
-    def check(self, now: float, route_key: Any = None) -> ThrottleResult:
+    __slots__ = ("_route", "_route_keyed", "_server")
+
+    def __init__(self, route: Any = None, server: Any = None) -> None:
+        self._route_keyed = route is not None and hasattr(route, "bucket")
+        self._route = route
+        self._server = server
+
+    def check(self, now: float, plan: Any = None, plan_key: Any = None, route_key: Any = None) -> ThrottleResult:
+        levels = []
+        if plan is not None:
+            levels.append(plan.bucket(plan_key))
+        route = self._route
+        if route is not None:
+            levels.append(route.bucket(route_key) if self._route_keyed else route)
+        if self._server is not None:
+            levels.append(self._server)
         worst = None
         wait = 0.0
-        for bucket, pol in self.levels:
-            tokens = bucket.tokens(now)
-            if tokens < 1.0:
-                w = (1.0 - tokens) / bucket.rate
-                if w >= wait:
-                    wait, worst = w, (bucket, pol, tokens)
+        for b in levels:
+            w = b.wait(now)
+            if w != 0.0 and (worst is None or w > wait or w == UNAVAILABLE):
+                wait, worst = w, b
+                if w == UNAVAILABLE:
+                    break
         if worst is not None:
-            bucket, pol, tokens = worst
-            return ThrottleResult(False, wait, 0, (bucket.burst - tokens) / bucket.rate, pol)
+            if wait == UNAVAILABLE:
+                return ThrottleResult(False, UNAVAILABLE, 0, 0.0, worst._policy)
+            rem, reset = worst.state(now)
+            return ThrottleResult(False, wait, 0, reset, worst._policy)
         best = None
-        for bucket, pol in self.levels:
-            bucket.take(now)
-            left = bucket.tokens(now)
-            if best is None or left < best[2]:
-                best = (bucket, pol, left)
+        best_rem = 0
+        best_reset = 0.0
+        for b in levels:
+            b.take(now)
+            rem, reset = b.state(now)
+            if best is None or rem < best_rem or (rem == best_rem and reset > best_reset):
+                best, best_rem, best_reset = b, rem, reset
         if best is None:
             return ThrottleResult(True, 0.0, None, None, None)
-        bucket, pol, left = best
-        return ThrottleResult(True, 0.0, max(0, int(left)), max(0.0, (bucket.burst - left) / bucket.rate), pol)
+        return ThrottleResult(True, 0.0, best_rem, best_reset, best._policy)
