@@ -66,8 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
     config_arg(p)
 
     p = sub.add_parser("usage", help="print quota usage per API key and period",
-                       description="Print the quota counters persisted under the config's data_dir "
-                                   "(usage plans), per API key and period.")
+                       description="Print the quota counters "
+                                   "(usage plans), per API key and period: from DATA_DIR/edgeplane.db, or from Redis "
+                                   "when the config has a `cluster` section.")
     config_arg(p)
     p.add_argument("--key", metavar="ID", help="only this API key id")
 
@@ -179,14 +180,26 @@ def cmd_usage(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    from .quota import usage_report
+    if config.cluster is not None:  # cluster mode: the counts live in Redis
+        import asyncio
 
-    db = os.path.join(config.data_dir, "edgeplane.db")
-    try:
-        rows = usage_report(db, args.key)
-    except FileNotFoundError:
-        print(f"no usage recorded yet ({db} does not exist)")
-        return 0
+        from .cluster import REDIS_ERRORS, redis_usage
+
+        try:
+            rows = [{"key": r["key_id"], "period": r["period"], "used": r["used"]} for r in
+                    asyncio.run(redis_usage(config.cluster.redis, config.cluster.key_prefix, args.key))]
+        except REDIS_ERRORS as exc:
+            print(f"edgeplane: cannot read usage from redis {config.cluster.redis}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        from .quota import usage_report
+
+        db = os.path.join(config.data_dir, "edgeplane.db")
+        try:
+            rows = usage_report(db, args.key)
+        except FileNotFoundError:
+            print(f"no usage recorded yet ({db} does not exist)")
+            return 0
     width = max([len("KEY")] + [len(r["key"]) for r in rows])
     print(f"{'KEY':<{width}}  {'PERIOD':<10}  USED")
     for r in rows:

@@ -56,8 +56,9 @@ window of length T
     admitted <= burst + rate x T + 2 x W x lease            (W = workers on all hosts)
 
 and tokens a worker holds but does not spend (at most ``lease`` each) are the under-
-admission. ``lease`` is ``cluster.lease`` x burst, at least 1 (default 0.1: with burst
-100, 10). Measured: see benches/RESULTS.md "Cluster mode".
+admission. ``lease`` is ``cluster.lease`` x burst (default 0.1: with burst 100, 10), but
+at least 4 or the burst if smaller (`lease_tokens`). Measured: benches/RESULTS.md
+"Cluster mode".
 
 When Redis is down or slow
 --------------------------
@@ -482,6 +483,11 @@ async def redis_usage(url: str, prefix: str, key_id: str | None = None) -> list[
     return rows
 
 
+MIN_LEASE = 4  # a client's first few back-to-back requests fit in the first round trip
+
+
 def lease_tokens(burst: int, fraction: float) -> int:
-    """The lease size for a burst (what `LeasedLimit` uses), for docs and validation."""
-    return max(1, int(math.floor(burst * fraction)))
+    """How far one worker may run ahead of Redis on one bucket: ``fraction`` of the burst,
+    but at least `MIN_LEASE` (or the whole burst if it is smaller), so that a client's
+    first requests, sent back to back before Redis has answered, are not refused."""
+    return max(min(burst, MIN_LEASE), int(math.floor(burst * fraction)))

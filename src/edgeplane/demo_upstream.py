@@ -242,6 +242,7 @@ class _DemoProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._closing:
             return
+        self._server.requests += 1
         parser = self._parser
         # Upgrade/CONNECT are not supported: answer (echo) and close.
         close = not parser.should_keep_alive() or parser.should_upgrade()
@@ -419,6 +420,7 @@ class DemoUpstream:
         self.port = port
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[_DemoProtocol] = set()
+        self.requests = 0  # requests received, for tests that count at the upstream
 
     @property
     def url(self) -> str:
