@@ -9,6 +9,7 @@ import pytest
 from edgeplane.throttle import (
     BucketMap,
     ThrottleChain,
+    LevelChain,
     TokenBucket,
     ratelimit_headers,
     retry_after_header,
@@ -186,25 +187,30 @@ def test_sweep_limit_bounds_work():
     assert len(m) == 30
 
 
-# --- ThrottleChain ----------------------------------------------------------------------
+# --- ThrottleChain, and LevelChain (the same contract over the level interface) ----------
+
+# Every chain case runs against the inlined in-process chain and the generic one.
+CHAINS = pytest.mark.parametrize("Chain", [ThrottleChain, LevelChain])
 
 
-def test_chain_allows_and_takes_from_every_level():
+@CHAINS
+def test_chain_allows_and_takes_from_every_level(Chain):
     plan = BucketMap(rate=1, burst=10, policy="gold")
     route = TokenBucket(rate=1, burst=20, policy="route")
     server = TokenBucket(rate=1, burst=30, policy="server")
-    chain = ThrottleChain(route=route, server=server)
+    chain = Chain(route=route, server=server)
     r = chain.check(T0, plan=plan, plan_key="key1")
     assert r.allowed and r.retry_after == 0.0
     assert (r.policy, r.limit, r.remaining) == ("gold", 10, 9)
     assert route.remaining(T0) == 19 and server.remaining(T0) == 29
 
 
-def test_chain_refusal_drains_no_level():
+@CHAINS
+def test_chain_refusal_drains_no_level(Chain):
     plan = TokenBucket(rate=1, burst=100, policy="plan")
     route = TokenBucket(rate=1, burst=1, policy="route")
     server = TokenBucket(rate=1, burst=100, policy="server")
-    chain = ThrottleChain(route=route, server=server)
+    chain = Chain(route=route, server=server)
     assert chain.check(T0, plan=plan).allowed
     for _ in range(50):
         r = chain.check(T0, plan=plan)
@@ -217,10 +223,11 @@ def test_chain_refusal_drains_no_level():
     assert server.remaining(T0) == 99
 
 
-def test_chain_order_plan_first_and_retry_after_is_max_wait():
+@CHAINS
+def test_chain_order_plan_first_and_retry_after_is_max_wait(Chain):
     plan = BucketMap(rate=1, burst=1, policy="plan")  # 1 s per token
     route = TokenBucket(rate=0.25, burst=1, policy="route")  # 4 s per token
-    chain = ThrottleChain(route=route)
+    chain = Chain(route=route)
     assert chain.check(T0, plan=plan, plan_key="k").allowed
     r = chain.check(T0 + 0.5, plan=plan, plan_key="k")
     assert not r.allowed
@@ -229,7 +236,7 @@ def test_chain_order_plan_first_and_retry_after_is_max_wait():
     # Plan refusal alone: the route level, checked after, is left intact.
     plan2 = BucketMap(rate=1, burst=1, policy="plan")
     route2 = TokenBucket(rate=1, burst=5, policy="route")
-    chain2 = ThrottleChain(route=route2)
+    chain2 = Chain(route=route2)
     assert chain2.check(T0, plan=plan2, plan_key="k").allowed
     r = chain2.check(T0, plan=plan2, plan_key="k")
     assert (r.allowed, r.policy) == (False, "plan")
@@ -239,9 +246,10 @@ def test_chain_order_plan_first_and_retry_after_is_max_wait():
     assert chain2.check(T0, plan=plan2, plan_key="other").allowed
 
 
-def test_chain_per_client_route_and_unresolved_key_shares_one_bucket():
+@CHAINS
+def test_chain_per_client_route_and_unresolved_key_shares_one_bucket(Chain):
     route = BucketMap(rate=1, burst=1, policy="per-client")
-    chain = ThrottleChain(route=route, server=TokenBucket(1000, 1000))
+    chain = Chain(route=route, server=TokenBucket(1000, 1000))
     assert chain.check(T0, route_key="10.0.0.1").allowed
     assert not chain.check(T0, route_key="10.0.0.1").allowed
     assert chain.check(T0, route_key="10.0.0.2").allowed
@@ -249,23 +257,26 @@ def test_chain_per_client_route_and_unresolved_key_shares_one_bucket():
     assert not chain.check(T0, route_key=None).allowed
 
 
-def test_chain_most_restrictive_level_for_headers():
+@CHAINS
+def test_chain_most_restrictive_level_for_headers(Chain):
     route = TokenBucket(rate=10, burst=100, policy="route")
     server = TokenBucket(rate=1, burst=3, policy="server")
-    r = ThrottleChain(route=route, server=server).check(T0)
+    r = Chain(route=route, server=server).check(T0)
     assert (r.policy, r.limit, r.remaining, r.window) == ("server", 3, 2, 3)
     assert r.reset == pytest.approx(1.0)
 
 
-def test_chain_exact_count_over_time():
+@CHAINS
+def test_chain_exact_count_over_time(Chain):
     # 1,000 rps, burst 100, offered 5,000 rps for 10 s -> exactly 100 + 10,000 allowed.
-    chain = ThrottleChain(route=TokenBucket(rate=1000, burst=100))
+    chain = Chain(route=TokenBucket(rate=1000, burst=100))
     allowed = sum(chain.check(T0 + i / 5000).allowed for i in range(50_000 + 1))
     assert allowed == 100 + 10_000
 
 
-def test_empty_chain_allows_without_headers():
-    r = ThrottleChain().check(T0)
+@CHAINS
+def test_empty_chain_allows_without_headers(Chain):
+    r = Chain().check(T0)
     assert r.allowed and r.limit is None and r.policy is None
     assert ratelimit_headers(r) == b""
 

@@ -33,6 +33,13 @@ API
   route_key=None, n=1) -> ThrottleResult``. Each level is a ``TokenBucket`` (shared) or a
   ``BucketMap`` (per client) or ``None`` (no limit). The usage-plan level is passed per
   call because it depends on the request's API key.
+- ``LevelChain(route=None, server=None)``: the same ``check`` over any bucket with the
+  *level interface* (``wait(now)``, ``take(now)``, ``state(now)``, ``_policy``): shared
+  memory across workers (`shared_limits`, `shared_keys`) and Redis leases across hosts
+  (`cluster`). A level may answer ``UNAVAILABLE`` (its store is down and fails closed);
+  the chain then refuses with that as ``retry_after``. `ThrottleChain` is the same
+  algorithm inlined for in-process buckets (~0.9 µs cheaper per 3-level check); the tests
+  run every chain case against both.
 - ``ThrottleResult`` (``__slots__``): ``allowed``, ``retry_after`` (float seconds, 0.0
   when allowed), and for the most restrictive level ``limit`` (its burst), ``remaining``,
   ``reset`` (float seconds until full), ``window`` (int seconds) and ``policy`` (name);
@@ -448,7 +455,7 @@ class LevelChain:
     def check(self, now: float, plan: Any = None, plan_key: Any = None, route_key: Any = None) -> ThrottleResult:
         levels = []
         if plan is not None:
-            levels.append(plan.bucket(plan_key))
+            levels.append(plan.bucket(plan_key) if hasattr(plan, "bucket") else plan)
         route = self._route
         if route is not None:
             levels.append(route.bucket(route_key) if self._route_keyed else route)
