@@ -68,7 +68,13 @@ def test_throttle_config_refusals_are_located():
     for bad, where in (({"rate": 0, "burst": 5}, "routes[0].throttle"),
                        ({"rate": "fast", "burst": 5}, "routes[0].throttle.rate"),
                        ({"rate": 5, "burst": -1}, "routes[0].throttle.burst"),
-                       ({"rate": 5, "burst": 5, "key": "$request.body.x"}, "routes[0].throttle.key")):
+                       ({"rate": 5, "burst": 5, "key": "$request.body.x"}, "routes[0].throttle.key"),
+                       ({"rate": 1e12, "burst": 5}, "routes[0].throttle.rate: must be <= 1,000,000,000"),
+                       ({"rate": 5, "burst": 10**10}, "routes[0].throttle.burst: must be <="),
+                       ({"rate": 5, "burst": 5, "key": "$context.identity.apiKeyId"},
+                        "routes[0].throttle.key: $context.identity.apiKeyId never resolves here"),
+                       ({"rate": 5, "burst": 5, "key": "$context.authorizer.claims.sub"},
+                        "routes[0].throttle.key: $context.authorizer.claims.sub never resolves here")):
         with pytest.raises(ConfigError) as exc:
             load_config(throttled(9001, bad))
         assert any(e.startswith(where) for e in exc.value.errors), (bad, exc.value.errors)
@@ -112,4 +118,4 @@ async def test_route_limit_holds_across_two_workers(upstream, tmp_path):
     finally:
         assert await _stop(proc, drain) == 0
     import glob
-    assert not glob.glob("/dev/shm/edgeplane-*"), "the supervisor unlinks its table"
+    assert not glob.glob(f"/dev/shm/edgeplane-{proc.pid}*"), "the supervisor unlinks its tables"

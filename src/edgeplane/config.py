@@ -769,6 +769,9 @@ class _Builder:
         except (ValueError, TypeError) as exc:
             self.fail(path, str(exc))
             return None
+        for name, value in (("rate", rate), ("burst", burst)):
+            if value > _MAX_THROTTLE:  # a typo, not a limit: floats lose whole tokens up there
+                self.fail(path + (name,), f"must be <= {_MAX_THROTTLE:,} (got {_short(value)})")
         if route_level and "headers" in section:
             self.fail(path + ("headers",), "set RateLimit headers with the top-level 'throttle.headers'")
         if not route_level and ("key" in section or "unresolved" in section):
@@ -1166,6 +1169,7 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
     names = [n for n in (raw.get("upstreams") or {}) if isinstance(n, str)] \
         if isinstance(raw.get("upstreams"), dict) else []
     routes = b.routes(raw, names)
+    _check_throttle_keys(b, raw, routes)
     cluster = b.cluster(raw)
     workers = raw.get("workers", 1)
     if workers != 1 and cluster is None:
@@ -1214,6 +1218,25 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
 
 # ---------------------------------------------------------------------------
 # small helpers
+
+_MAX_THROTTLE = 1_000_000_000  # requests/s and bucket size
+
+
+def _check_throttle_keys(b: _Builder, raw: dict, routes: tuple[model.RouteConfig, ...]) -> None:
+    """Per-client keys that can never resolve on their route are refused, not left to
+    fall silently into the shared bucket."""
+    section = raw.get("authorizers")
+    kinds = {n: a.get("type") for n, a in section.items() if isinstance(a, dict)} \
+        if isinstance(section, dict) else {}
+    for r in routes:
+        key = r.throttle.key if r.throttle is not None else None
+        kind = kinds.get(r.auth) if r.auth else None
+        if key == "$context.identity.apiKeyId" and kind != "api_key":
+            b.fail(("routes", r.index, "throttle", "key"),
+                   f"{key} never resolves here: the route has no api_key authorizer")
+        elif key is not None and key.startswith("$context.authorizer.claims.") and kind != "jwt":
+            b.fail(("routes", r.index, "throttle", "key"),
+                   f"{key} never resolves here: claims come from a jwt authorizer and the route has none")
 
 
 def _collides(a: model.ListenAddress, b: model.ListenAddress) -> bool:
