@@ -3,6 +3,7 @@
 - `upstream`: the bundled demo upstream on 127.0.0.1:0.
 - `gateway`: a factory `await gateway(config_dict)` -> started `Gateway` (stopped at teardown).
 - `base_config(upstream_port, routes=...)`: a minimal config dict.
+- `redis_server`: a real redis-server (tests/redis_server.py) for the cluster-mode tests.
 - `RawClient`: send exact bytes, read responses parsed with httptools.
 - `RawUpstream`: a misbehaving upstream driven by a test-supplied coroutine.
 """
@@ -54,6 +55,16 @@ def no_logged_exceptions(caplog):
     records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
     errors = [r for r in records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port (skips, saying why, if not installed)."""
+    from redis_server import RedisServer
+
+    server = RedisServer(str(tmp_path)).start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -60,9 +60,3 @@ class RedisServer:
             self.proc.wait()
         self.proc = None
 
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(str(tmp_path)).start()
-    yield server
-    server.kill()

@@ -19,7 +19,6 @@ from edgeplane.cluster import TAKE_SCRIPT, RedisLimiter
 from edgeplane.config import ConfigError, load_config
 from edgeplane.model import ClusterConfig
 from edgeplane.throttle import LevelChain
-from redis_server import redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(60)
 KEY, KEY_HASH = generate_key()

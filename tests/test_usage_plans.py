@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import base_config
+from conftest import RawClient, base_config
 from edgeplane import Gateway
 from edgeplane.apikeys import generate_key
 from edgeplane.config import ConfigError, load_config
@@ -83,3 +83,30 @@ def test_plan_config_errors_are_located(keys, tmp_path):
     text = "\n".join(exc.value.errors)
     assert "usage_plans.gold.quota" in text
     assert "keys refer to usage plan 'free'" in text
+
+
+@pytest.mark.timeout(60)
+async def test_plan_throttle_holds_across_two_workers(upstream, keys, tmp_path):
+    """With workers: 2 the plan's per-key bucket is in the shared keyed table: the gold
+    key's burst of 3 holds for the whole server (per-process buckets would admit ~6)."""
+    from test_processes import _get_json, _start_serve, _stop
+
+    cfg = plan_config(upstream.port, keys, str(tmp_path / "data"))
+    cfg["usage_plans"]["gold"]["throttle"]["rate"] = 0.01
+    cfg["workers"] = 2
+    proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
+    try:
+        pids = set()
+        for _ in range(40):
+            pids.add((await _get_json(admin, "/healthz"))[1]["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+        statuses = []
+        for _ in range(12):  # a new connection each time: both workers take part
+            c = await RawClient.connect(addr)
+            statuses.append((await c.request("GET", "/data", headers={"X-API-Key": keys["gold"]})).status)
+            await c.close()
+        assert 3 <= statuses.count(200) <= 4 and set(statuses) == {200, 429}, statuses
+    finally:
+        assert await _stop(proc, drain) == 0

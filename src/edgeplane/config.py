@@ -1171,20 +1171,6 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
     routes = b.routes(raw, names)
     _check_throttle_keys(b, raw, routes)
     cluster = b.cluster(raw)
-    workers = raw.get("workers", 1)
-    if workers != 1 and cluster is None:
-        # Route and server-wide buckets are shared across workers; per-client and
-        # per-key (plan) ones are per process for now (N times the limit): refused.
-        for name, plan in plans.items():
-            if plan.throttle is not None:
-                b.fail(("usage_plans", name, "throttle"),
-                       "usage-plan throttles need workers: 1 for now (they are per process) "
-                       "or 'cluster' (Redis)")
-        for r in routes:
-            if r.throttle is not None and r.throttle.key is not None:
-                b.fail(("routes", r.index, "throttle", "key"),
-                       "per-client throttling needs workers: 1 for now (it is per process) "
-                       "or 'cluster' (Redis)")
     limits = b.limits(raw)
     access_log = b.access_log(raw)
     drain = b.duration(raw, "drain_timeout", (), 30.0, low_inclusive=True)

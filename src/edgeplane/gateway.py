@@ -35,6 +35,7 @@ from .http_authorizer import HttpAuthorizerClient
 from .jwks_source import JwksSource
 from .quota import QuotaPeriod, QuotaStore
 from .limits import limits_for
+from .shared_keys import SharedKeyTable
 from .shared_limits import SharedLimitTable
 from .snapshot import Snapshot, build_snapshot
 from .tls import ListenerTls
@@ -47,12 +48,14 @@ log = logging.getLogger("edgeplane")
 
 class Gateway:
     def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False,
-                 shared_limits: tuple[str, int] | None = None) -> None:
+                 shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.reuse_port = reuse_port
-        # (table name, worker index) of the supervisor's cross-worker throttle table.
+        # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
+        # throttle tables (shared_limits, shared_keys).
         self.shared_limits = shared_limits
         self.shared_table = None
+        self.keyed_table = None
         self.quota_store: QuotaStore | RedisQuotaStore | None = None
         self.limiter: RedisLimiter | None = None  # cluster mode: the Redis side of throttles
         self._quota_flush: asyncio.Task | None = None
@@ -92,7 +95,10 @@ class Gateway:
         self.auth_sources = {**jwks, **{name: HttpAuthorizerClient(a, loop)
                                         for name, a in cfg.authorizers.items() if a.type == "http"}}
         if self.shared_limits is not None and cfg.cluster is None:
-            self.shared_table = SharedLimitTable.attach(*self.shared_limits)
+            name, index, *keys = self.shared_limits
+            self.shared_table = SharedLimitTable.attach(name, index)
+            if keys and keys[0]:
+                self.keyed_table = SharedKeyTable.attach(keys[0], index)
         if cfg.cluster is not None:
             from .cluster import REDIS_ERRORS, RedisLimiter, RedisQuotaStore  # redis-py: only here
 
@@ -112,7 +118,7 @@ class Gateway:
             self.quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
             self.quota_store.load(periods=periods)
         counter = self.quota_store.counter if self.quota_store is not None else None
-        limits = limits_for(cfg, self.shared_table, None, self.limiter)
+        limits = limits_for(cfg, self.shared_table, self.keyed_table, self.limiter)
         self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, limits, counter)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
@@ -220,8 +226,10 @@ class Gateway:
         if self.limiter is not None:
             await self.limiter.close()
         if self.shared_table is not None:
-            self.snapshot = None  # the stages hold views into the table
+            self.snapshot = None  # the stages hold views into the tables
             self.shared_table.close()
+        if self.keyed_table is not None:
+            self.keyed_table.close()
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run

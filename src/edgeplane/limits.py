@@ -75,7 +75,9 @@ class SharedLimits:
     def _keyed(self, index: int, rate: float, burst: int, policy: str) -> Any:
         if self.keyed_table is None:
             raise ValueError("per-client limits across workers need the keyed shared table")
-        return self.keyed_table.limit(index, rate, burst, policy=policy)
+        limit = self.keyed_table.limit(index, rate, burst)
+        limit._policy = Policy(policy, rate, burst)  # copied into each bucket view it makes
+        return limit
 
     def server(self) -> Any:
         return self._server

@@ -34,6 +34,7 @@ import uvloop
 from .config import load_config
 from .gateway import Gateway
 from .model import Config
+from .shared_keys import SharedKeyTable
 from .shared_limits import SharedLimitTable
 
 log = logging.getLogger("edgeplane.workers")
@@ -41,6 +42,7 @@ log = logging.getLogger("edgeplane.workers")
 ENV_CONFIG = "EDGEPLANE_WORKER_CONFIG"
 ENV_READY = "EDGEPLANE_READY_FD"
 ENV_SHARED = "EDGEPLANE_SHARED_LIMITS"  # name of the cross-worker throttle table
+ENV_SHARED_KEYS = "EDGEPLANE_SHARED_KEYS"  # name of the per-client (keyed) table, if any
 
 
 def resolve_workers(config: Config) -> int:
@@ -93,7 +95,7 @@ def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
 
 
 def run_single(config: Config, *, reuse_port: bool = False, ready_fd: int | None = None,
-               shared_limits: tuple[str, int] | None = None) -> int:
+               shared_limits: tuple[str, int, str | None] | None = None) -> int:
     uvloop.run(_serve(config, reuse_port, ready_fd, shared_limits))
     return 0
 
@@ -108,8 +110,9 @@ def worker_main() -> int:
     ready = os.environ.get(ENV_READY)
     shared = os.environ.get(ENV_SHARED)
     index = int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0"))
+    keys = os.environ.get(ENV_SHARED_KEYS)
     return run_single(config, reuse_port=True, ready_fd=int(ready) if ready else None,
-                      shared_limits=(shared, index) if shared else None)
+                      shared_limits=(shared, index, keys) if shared else None)
 
 
 # ---------------------------------------------------------------------- supervisor
@@ -137,6 +140,7 @@ class Supervisor:
         self.backoff = [0.5] * n
         self.stopping = False
         self.shared_table: SharedLimitTable | None = None
+        self.keyed_table: SharedKeyTable | None = None
 
     def _resolve_ports(self) -> None:
         raw = json.loads(json.dumps(self.config.raw))
@@ -161,6 +165,8 @@ class Supervisor:
         env[ENV_READY] = str(write_fd)
         if self.shared_table is not None:
             env[ENV_SHARED] = self.shared_table.name
+        if self.keyed_table is not None:
+            env[ENV_SHARED_KEYS] = self.keyed_table.name
         env["EDGEPLANE_WORKER_INDEX"] = str(i)
         proc = subprocess.Popen(
             [sys.executable, "-c", "from edgeplane.workers import worker_main; raise SystemExit(worker_main())"],
@@ -180,11 +186,15 @@ class Supervisor:
     def run(self) -> int:
         self._resolve_ports()
         cfg = self.config
-        if cfg.throttle is not None or any(r.throttle for r in cfg.routes):
-            # One table for the whole server: route and server-wide limits hold across
-            # workers (limit 0 = server-wide, 1 + i = routes[i]).
-            self.shared_table = SharedLimitTable.create(
-                f"edgeplane-{os.getpid()}", self.n, n_limits=1 + len(cfg.routes))
+        plan_limits = any(p.throttle for p in cfg.usage_plans.values())
+        if cfg.cluster is None and (cfg.throttle is not None or any(r.throttle for r in cfg.routes)
+                                    or plan_limits):
+            # Tables for the whole server, so every limit holds across workers (indices:
+            # 0 = server-wide, 1 + i = routes[i], then the usage plans; see limits.py).
+            n_limits = 1 + len(cfg.routes) + len(cfg.usage_plans)
+            self.shared_table = SharedLimitTable.create(f"edgeplane-{os.getpid()}", self.n, n_limits)
+            if plan_limits or any(r.throttle and r.throttle.key for r in cfg.routes):
+                self.keyed_table = SharedKeyTable.create(f"edgeplane-{os.getpid()}-keys", self.n, n_limits)
         stop_signal = []
         signal.signal(signal.SIGTERM, lambda s, f: stop_signal.append(s))
         signal.signal(signal.SIGINT, lambda s, f: stop_signal.append(s))
@@ -231,9 +241,10 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
                 code = 1
-        if self.shared_table is not None:
-            self.shared_table.close()
-            self.shared_table.unlink()
+        for table in (self.shared_table, self.keyed_table):
+            if table is not None:
+                table.close()
+                table.unlink()
         for sock in self.placeholders:
             sock.close()
         return code
