@@ -64,6 +64,20 @@ async def _get_json(addr, path):
         await c.close()
 
 
+async def _worker_pids(admin, n: int = 2) -> set[int]:
+    """Pids of the workers answering the admin address (new connections spread over the
+    SO_REUSEPORT workers); asserts all `n` were seen."""
+    pids: set[int] = set()
+    for _ in range(40):
+        status, body = await _get_json(admin, "/healthz")
+        assert status == 200
+        pids.add(body["pid"])
+        if len(pids) == n:
+            break
+    assert len(pids) == n, "SO_REUSEPORT should spread new connections over every worker"
+    return pids
+
+
 async def _stop(proc, drain_task):
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
@@ -77,14 +91,7 @@ async def test_multi_worker_reuseport_spreads_and_restarts_crashed_worker(upstre
     cfg = base_config(upstream.port, workers=2)
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
     try:
-        pids = set()
-        for _ in range(40):
-            status, body = await _get_json(admin, "/healthz")
-            assert status == 200
-            pids.add(body["pid"])
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2, "SO_REUSEPORT should spread new connections over both workers"
+        pids = await _worker_pids(admin)
         status, _ = await _get_json(addr, "/users/1")
         assert status == 200
 
@@ -175,12 +182,7 @@ async def test_embedded_gateway_from_file_and_context_manager(upstream, tmp_path
 async def test_workers_exit_when_supervisor_is_killed(upstream, tmp_path):
     cfg = base_config(upstream.port, workers=2, drain_timeout="1s")
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
-    pids = set()
-    for _ in range(40):
-        _, body = await _get_json(admin, "/healthz")
-        pids.add(body["pid"])
-        if len(pids) == 2:
-            break
+    pids = await _worker_pids(admin)
     proc.kill()  # SIGKILL: the supervisor cannot forward anything
     await proc.wait()
     await drain

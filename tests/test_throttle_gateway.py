@@ -90,20 +90,14 @@ def test_throttle_config_refusals_are_located():
 async def test_route_limit_holds_across_two_workers(upstream, tmp_path):
     """Two real worker processes share one route bucket: a burst of 20 admits about 20
     requests in all, not 20 per worker (counted at the upstream)."""
-    from test_processes import _get_json, _start_serve, _stop
+    from test_processes import _start_serve, _stop, _worker_pids
     from conftest import RawClient
 
     cfg = throttled(upstream.port, {"rate": 1, "burst": 20})
     cfg["workers"] = 2
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
     try:
-        pids = set()
-        for _ in range(40):
-            _, body = await _get_json(admin, "/healthz")
-            pids.add(body["pid"])
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2
+        await _worker_pids(admin)
         statuses = []
         for _ in range(60):  # a new connection each time: both workers take part
             c = await RawClient.connect(addr)
@@ -121,19 +115,14 @@ async def test_route_limit_holds_across_two_workers(upstream, tmp_path):
 async def test_per_client_limits_hold_across_two_workers(upstream, tmp_path):
     """Per-client buckets live in the shared keyed table: client a's burst of 10 holds
     across two real workers (per-process maps would admit ~20); client b is separate."""
-    from test_processes import _get_json, _start_serve, _stop
+    from test_processes import _start_serve, _stop, _worker_pids
     from conftest import RawClient
 
     cfg = throttled(upstream.port, {"rate": 0.01, "burst": 10, "key": "$request.header.X-Client-Id"})
     cfg["workers"] = 2
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
     try:
-        pids = set()
-        for _ in range(40):
-            pids.add((await _get_json(admin, "/healthz"))[1]["pid"])
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2
+        await _worker_pids(admin)
         before = upstream.requests
         statuses = {"a": [], "b": []}
         for i in range(60):  # a new connection each time: both workers take part

@@ -89,19 +89,14 @@ def test_plan_config_errors_are_located(keys, tmp_path):
 async def test_plan_throttle_holds_across_two_workers(upstream, keys, tmp_path):
     """With workers: 2 the plan's per-key bucket is in the shared keyed table: the gold
     key's burst of 3 holds for the whole server (per-process buckets would admit ~6)."""
-    from test_processes import _get_json, _start_serve, _stop
+    from test_processes import _start_serve, _stop, _worker_pids
 
     cfg = plan_config(upstream.port, keys, str(tmp_path / "data"))
     cfg["usage_plans"]["gold"]["throttle"]["rate"] = 0.01
     cfg["workers"] = 2
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
     try:
-        pids = set()
-        for _ in range(40):
-            pids.add((await _get_json(admin, "/healthz"))[1]["pid"])
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2
+        await _worker_pids(admin)
         statuses = []
         for _ in range(12):  # a new connection each time: both workers take part
             c = await RawClient.connect(addr)
