@@ -328,3 +328,33 @@ async def test_two_gateway_processes_share_one_limit_and_survive_redis_loss(upst
             assert await _stop(proc, drain) == 0, "".join(lines)
     assert any("unreachable" in line for line in procs[0][3] + procs[1][3])
 
+
+
+async def test_redis_frozen_counts_as_down_and_nothing_hangs(upstream, gateway, redis_server):
+    """A Redis that accepts connections but never answers (SIGSTOP): each refill times
+    out after `cluster.timeout`, Redis is marked down, requests fail open; no request
+    waits on it. After SIGCONT the probe brings it back."""
+    import os
+    import signal
+
+    gw = await gateway(_throttled(upstream.port, _cluster(redis_server.url), {"rate": 100, "burst": 50}))
+    addr = gw.addresses[0]
+    assert await _statuses(addr, 3) == [200] * 3
+    await _settle(gw)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        statuses = await _statuses(addr, 100)
+        await asyncio.sleep(0.3)              # past the 200 ms timeout of the refill in flight
+        statuses += await _statuses(addr, 100)
+        assert time.monotonic() - t0 < 10
+        assert statuses[-100:] == [200] * 100  # open
+        assert gw.limiter.up is False and gw.stats()["cluster"]["redis_errors"] >= 1
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    for _ in range(100):
+        await _statuses(addr, 1)
+        if gw.limiter.up:
+            break
+        await asyncio.sleep(0.05)
+    assert gw.limiter.up

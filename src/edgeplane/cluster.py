@@ -350,12 +350,15 @@ class RedisLimiter:
                     self._load_script = True
                     self.refill(b)
                     continue
-                if isinstance(reply, Exception):
-                    b.failed()
+                try:
+                    if isinstance(reply, Exception):
+                        raise reply
+                    granted, level = int(reply[0]), float(reply[1])
+                except (RedisError, ValueError, TypeError, IndexError) as exc:
+                    b.failed()  # this bucket only (say, a key of the wrong type); the rest go on
                     self.stats["redis_errors"] += 1
-                    log.warning("redis refused a throttle update for %r: %s", b.rkey, reply)
+                    log.warning("redis refused a throttle update for %r: %s", b.rkey, exc)
                     continue
-                granted, level = int(reply[0]), float(reply[1])
                 self.stats["leased_tokens"] += granted
                 b.answered(now, granted, level)
         finally:
@@ -421,9 +424,8 @@ class RedisQuotaStore:
         totals: dict[tuple[str, str], int] = {}
         for period in {p.period_key(now) for p in self.periods}:
             head = self.prefix + b"q:" + period.encode() + b":"
-            async for rkey in self.client.scan_iter(match=head + b"*", count=1000):
-                value = await self.client.get(rkey)
-                if value is not None:
+            async for batch in _scan_values(self.client, head):
+                for rkey, value in batch:
                     totals[(rkey[len(head):].decode("utf-8", "surrogatepass"), period)] = int(value)
         self.counter.observe(now)
         self.counter.apply_totals(totals)
@@ -464,19 +466,29 @@ class RedisQuotaStore:
                         exc.__class__.__name__, self.counter.pending())
 
 
+async def _scan_values(client: Redis, head: bytes, batch: int = 1000):
+    """(key, value) pairs of every key starting with `head`, in MGET batches."""
+    keys: list[bytes] = []
+    async for rkey in client.scan_iter(match=head + b"*", count=batch):
+        keys.append(rkey)
+        if len(keys) >= batch:
+            yield [(k, v) for k, v in zip(keys, await client.mget(keys)) if v is not None]
+            keys = []
+    if keys:
+        yield [(k, v) for k, v in zip(keys, await client.mget(keys)) if v is not None]
+
+
 async def redis_usage(url: str, prefix: str, key_id: str | None = None) -> list[dict[str, Any]]:
     """Rows for `edgeplane usage` from Redis: key id, period, used."""
     client = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     head = prefix.encode("utf-8") + b"q:"
     rows = []
     try:
-        async for rkey in client.scan_iter(match=head + b"*", count=1000):
-            period, _, kid = rkey[len(head):].decode("utf-8", "surrogatepass").partition(":")
-            if key_id is not None and kid != key_id:
-                continue
-            value = await client.get(rkey)
-            if value is not None:
-                rows.append({"key_id": kid, "period": period, "used": int(value)})
+        async for batch in _scan_values(client, head):
+            for rkey, value in batch:
+                period, _, kid = rkey[len(head):].decode("utf-8", "surrogatepass").partition(":")
+                if key_id is None or kid == key_id:
+                    rows.append({"key_id": kid, "period": period, "used": int(value)})
     finally:
         await client.aclose()
     rows.sort(key=lambda r: (r["key_id"], r["period"]))
