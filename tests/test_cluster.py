@@ -64,7 +64,7 @@ async def test_first_request_goes_on_credit_then_lease_arrives(redis_server):
         b = lim.bucket("alice")
         now = time.monotonic()
         assert b.wait(now) == 0.0                  # nothing held, no answer yet: credit
-        b.take(now)
+        b.spend(now)
         assert (b.tokens, b.debt, b.inflight) == (0.0, 1, True)
         for _ in range(100):
             await asyncio.sleep(0.01)

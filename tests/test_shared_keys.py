@@ -458,3 +458,23 @@ if __name__ == "__main__":
           f"alone): {r['admitted_b']}, a private bucket: {r['reference_b']} "
           f"(burst + rate*T: {r['expected_b']:.1f})")
     print(f"per-check cost, 4 workers, us: {measure_cost()}")
+
+
+def test_spend_counts_an_admission_that_lost_a_race(tmp_path):
+    """As for `SharedBucket.spend`: counted even when another worker took the last token
+    between the chain's `wait` and its `spend`."""
+    name = f"edgeplane-keys-test-{os.getpid()}-race"
+    sup = SharedKeyTable.create(name, 2, 1, slots_per_limit=64, epoch=0.0)
+    w0, w1 = SharedKeyTable.attach(name, 0), SharedKeyTable.attach(name, 1)
+    try:
+        b0 = w0.limit(0, rate=10, burst=1).bucket("client")
+        b1 = w1.limit(0, rate=10, burst=1).bucket("client")
+        assert b0.wait(100.0) == 0.0
+        assert b1.take(100.0) == 0.0
+        assert b0.spend(100.0) == (0, pytest.approx(0.2))
+        assert b0.tokens(100.0) == pytest.approx(-1.0)
+        assert b0.wait(100.0) == pytest.approx(0.2)
+    finally:
+        for t in (w0, w1, sup):
+            t.close()
+        sup.unlink()

@@ -267,3 +267,20 @@ if __name__ == "__main__":
     print(json.dumps(r))
     print(f"{workers} workers, {seconds:g} s at 1000/s burst 100: admitted {r['admitted']} "
           f"of {r['expected']:.0f} expected ({err:+.3f}%)")
+
+
+def test_spend_counts_an_admission_that_lost_a_race(table_factory):
+    """The chain decided on `wait`; another worker took the last token before `spend`.
+    The admission is still counted (level -1), so the refill pays it back instead of the
+    over-admissions adding up (found by benches/limit_accuracy.py with 4 workers)."""
+    from edgeplane.throttle import LevelChain
+
+    _, (w0, w1) = table_factory(2)
+    b0, b1 = w0.bucket(0, rate=10, burst=1), w1.bucket(0, rate=10, burst=1)
+    assert b0.wait(100.0) == 0.0
+    assert b1.take(100.0) == 0.0               # the race: worker 1 takes the last token
+    assert b0.spend(100.0) == (0, pytest.approx(0.2))
+    assert b0.consumed() == 2 and b0.tokens(100.0) == pytest.approx(-1.0)
+    assert b0.wait(100.0) == pytest.approx(0.2)   # paid back by the refill: 2 tokens at 10/s
+    chain = LevelChain(route=b0)
+    assert not chain.check(100.1).allowed and chain.check(100.2).allowed

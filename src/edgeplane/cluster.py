@@ -9,7 +9,7 @@ What this module owns
   a usage plan's per-key level) with its rate, burst, lease size and Redis key prefix;
   `bucket(key)` returns the `LeasedBucket` of a client key from a bounded LRU map.
 - `LeasedBucket`: this worker's lease on one Redis bucket. It offers the level interface
-  of `throttle.LevelChain` (`wait`, `take`, `state`, `_policy`), so the chain, the 429s
+  of `throttle.LevelChain` (`wait`, `spend`, `state`, `_policy`), so the chain, the 429s
   and the RateLimit headers are the same code as on one host.
 - `RedisQuotaStore`: usage-plan quota counts in Redis, driving a `quota.QuotaCounter`
   exactly as `quota.QuotaStore` does with SQLite (`aload`, `aflush`, `aclose`).
@@ -31,7 +31,7 @@ returns ``[granted, level after]``.
 Leasing: the request path never waits for Redis
 -----------------------------------------------
 A host holds, per bucket, tokens it was granted (``tokens``) and requests it admitted on
-credit (``debt``). A check (`LeasedBucket.wait` / `take`):
+credit (``debt``). A check (`LeasedBucket.wait` / `spend`):
 
 1. spends a held token if there is one; when fewer than half a lease is left, a refill
    is queued (it does not wait for it);
@@ -180,18 +180,17 @@ class LeasedBucket:
             limiter.refill(self)
         return 1.0 / self.limit.rate
 
-    def take(self, now: float) -> float:
+    def spend(self, now: float) -> tuple[int, float]:
         self.last_used = now
         limit = self.limit
-        if not limit.limiter.up:
-            return 0.0  # failing open: not counted anywhere
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-        else:
-            self.debt += 1
-        if not self.inflight and self.tokens < limit.low_water:
-            limit.limiter.refill(self)
-        return 0.0
+        if limit.limiter.up:  # (failing open: not counted anywhere)
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+            else:
+                self.debt += 1
+            if not self.inflight and self.tokens < limit.low_water:
+                limit.limiter.refill(self)
+        return self.state(now)
 
     def state(self, now: float) -> tuple[int, float]:
         # An estimate between answers: what Redis had plus what this host holds.

@@ -7,8 +7,9 @@ Owns
   shared-memory segment (a file in /dev/shm, mapped with mmap). The supervisor
   `create()`s it before spawning workers, each worker `attach()`es with its own index,
   the supervisor `unlink()`s it at shutdown -- the lifecycle of
-  `shared_limits.SharedLimitTable`, whose helpers (`_pid_alive`, `SHM_DIR`, `_NAME_RE`,
-  the worker and limit caps) this module imports.
+  `shared_limits.SharedLimitTable`, whose segment helpers (name check and path, create
+  with the free-space check, map, worker-slot claim, index and `limit()` argument checks) and
+  worker and limit caps this module imports.
 - `SharedKeyedLimit`: one keyed limit seen from one worker: `take(now, key, n=1)`,
   `tokens(now, key)`, `remaining(now, key)`, and `bucket(key)`, a light
   `SharedKeyBucket` view (hashes the key once; created per request) with the interface
@@ -142,7 +143,8 @@ import os
 import struct
 import time
 
-from .shared_limits import MAX_LIMITS, MAX_WORKERS, SHM_DIR, _NAME_RE, _pid_alive
+from .shared_limits import (MAX_LIMITS, MAX_WORKERS, _check_index, _claim_worker, _create_segment,
+                            _existing_view, _map_segment, _shm_path)
 
 __all__ = ["SharedKeyTable", "SharedKeyedLimit", "SharedKeyBucket", "MAX_SLOTS"]
 
@@ -164,12 +166,6 @@ def _layout(n_workers: int, n_limits: int, slots: int) -> tuple[int, int, int]:
     rows = owners + (8 * n_workers + 63) // 64 * 64
     size = rows + 24 * n_workers * slots * n_limits
     return owners, rows, size
-
-
-def _path(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"shared key table name {name!r}: use letters, digits, '_', '.', '-'")
-    return os.path.join(SHM_DIR, name)
 
 
 def _check_count(what: str, v, top: int) -> None:
@@ -200,6 +196,12 @@ class SharedKeyBucket:
     def wait(self, now: float) -> float:
         t = self._lim._tokens(self._tag, self._off, now)
         return 0.0 if t >= 1.0 else (1.0 - t) / self.rate
+
+    def spend(self, now: float) -> tuple[int, float]:
+        # Always counted, even when another worker took the last token since `wait`:
+        # a race then shows as a negative level that the refill pays back.
+        t = self._lim._take(self._tag, self._off, now, 1, True)
+        return (int(t) if t > 0 else 0), max(0.0, (self.burst - t) / self.rate)
 
     def state(self, now: float) -> tuple[int, float]:
         t = self._lim._tokens(self._tag, self._off, now)
@@ -280,7 +282,10 @@ class SharedKeyedLimit:
                     top = m
         return s, top
 
-    def _take(self, h: int, off: int, now: float, n: int) -> float:
+    def _take(self, h: int, off: int, now: float, n: int, force: bool = False) -> float:
+        """0.0 when `n` tokens were taken, else the wait (nothing taken). With `force`
+        (the chain already decided: `SharedKeyBucket.spend`) always take, and return the
+        level after taking."""
         # `_read`, inlined: this is the hot path
         v = self._row(self._buf, off)
         again = self._tags(self._buf, off)
@@ -300,7 +305,7 @@ class SharedKeyedLimit:
         else:
             full = False
         tokens = self.burst + a - top
-        if tokens >= n:
+        if tokens >= n or force:
             i = self._i
             cell = (off >> 3) + i
             if v[i] == h:                    # own column already holds this key
@@ -312,7 +317,7 @@ class SharedKeyedLimit:
                 self._md[cell + 2 * w] = top
                 self._cq[cell + w] = n
                 self._tq[cell] = h
-            return 0.0
+            return tokens - n if force else 0.0
         if n > self.burst:
             return _INF
         return (n - tokens) / self.rate
@@ -373,58 +378,33 @@ class SharedKeyTable:
         _check_count("n_limits", n_limits, MAX_LIMITS)
         _check_count("slots_per_limit", slots_per_limit, MAX_SLOTS)
         epoch = time.monotonic() if epoch is None else float(epoch)
-        path = _path(name)
         _, _, size = _layout(n_workers, n_limits, slots_per_limit)
-        st = os.statvfs(SHM_DIR)
-        if size > st.f_bavail * st.f_frsize:
-            raise ValueError(f"shared key table {name!r} needs {size} bytes, more than "
-                             f"{SHM_DIR} has free ({st.f_bavail * st.f_frsize})")
         salt = os.urandom(16)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        # magic last: an attacher never sees a half-initialised header as valid
-        mm[8:_HEADER_SIZE] = _HEADER.pack(0, _VERSION, n_workers, n_limits, slots_per_limit,
-                                          epoch, salt)[8:]
-        mm[0:8] = struct.pack("<Q", _MAGIC)
+        header = _HEADER.pack(0, _VERSION, n_workers, n_limits, slots_per_limit, epoch, salt)
+        mm = _create_segment(name, size, header[8:], _MAGIC, "shared key table")
         return cls(name, mm, n_workers, n_limits, slots_per_limit, epoch, salt, None)
 
     @classmethod
     def attach(cls, name: str, worker_index: int) -> SharedKeyTable:
         """Worker side: map the segment the supervisor created and claim column
         `worker_index` (refused while another live process holds it)."""
-        path = _path(name)
-        fd = os.open(path, os.O_RDWR)
+        mm = _map_segment(name, _HEADER_SIZE, "shared key table")
         try:
-            size = os.fstat(fd).st_size
-            if size < _HEADER_SIZE:
-                raise ValueError(f"shared key table {name!r} is not initialised")
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        magic, version, n_workers, n_limits, slots, epoch, salt = _HEADER.unpack_from(mm, 0)
-        if (magic != _MAGIC or version != _VERSION or not 1 <= n_workers <= MAX_WORKERS
-                or not 1 <= n_limits <= MAX_LIMITS or not 1 <= slots <= MAX_SLOTS
-                or _layout(n_workers, n_limits, slots)[2] != size):
+            magic, version, n_workers, n_limits, slots, epoch, salt = _HEADER.unpack_from(mm, 0)
+            if (magic != _MAGIC or version != _VERSION or not 1 <= n_workers <= MAX_WORKERS
+                    or not 1 <= n_limits <= MAX_LIMITS or not 1 <= slots <= MAX_SLOTS
+                    or _layout(n_workers, n_limits, slots)[2] != len(mm)):
+                raise ValueError(f"shared key table {name!r} has an unknown layout")
+            _check_index("worker_index", worker_index, n_workers)
+        except BaseException:
             mm.close()
-            raise ValueError(f"shared key table {name!r} has an unknown layout")
-        if isinstance(worker_index, bool) or not isinstance(worker_index, int) \
-                or not 0 <= worker_index < n_workers:
-            mm.close()
-            raise ValueError(f"worker_index must be 0..{n_workers - 1}, got {worker_index!r}")
+            raise
         table = cls(name, mm, n_workers, n_limits, slots, epoch, salt, worker_index)
-        cell = table._owners // 8 + worker_index
-        holder = table._cq[cell]
-        if holder != os.getpid() and _pid_alive(holder):
+        try:
+            _claim_worker(table._cq, table._owners // 8 + worker_index, worker_index, name)
+        except BaseException:
             table.close()
-            raise RuntimeError(f"worker slot {worker_index} of {name!r} is held by live pid {holder}")
-        table._cq[cell] = os.getpid()
+            raise
         return table
 
     def close(self) -> None:
@@ -440,7 +420,7 @@ class SharedKeyTable:
     def unlink(self) -> None:
         """Supervisor side: remove the segment's name (mappings stay valid until closed)."""
         try:
-            os.unlink(_path(self.name))
+            os.unlink(_shm_path(self.name, "shared key table"))
         except FileNotFoundError:
             pass
 
@@ -454,22 +434,8 @@ class SharedKeyTable:
     def limit(self, limit_index: int, rate: float, burst: float) -> SharedKeyedLimit:
         """The keyed limit `limit_index` for this worker. Every worker must pass the same
         rate and burst for the same index."""
-        if self.worker_index is None:
-            raise RuntimeError("the supervisor's table has no worker slot; attach() as a worker")
-        if self._mm is None:
-            raise ValueError("table is closed")
-        if isinstance(limit_index, bool) or not isinstance(limit_index, int) \
-                or not 0 <= limit_index < self.n_limits:
-            raise ValueError(f"limit_index must be 0..{self.n_limits - 1}, got {limit_index!r}")
-        for what, v in (("rate", rate), ("burst", burst)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{what} must be a positive finite number, got {v!r}")
-        if burst < 1:
-            raise ValueError(f"burst must be >= 1, got {burst!r}")
-        old = self._limits.get(limit_index)
+        old = _existing_view(self, self._limits, limit_index, rate, burst)
         if old is not None:
-            if (old.rate, old.burst) != (float(rate), float(burst)):
-                raise ValueError(f"limit {limit_index} already has rate {old.rate}, burst {old.burst}")
             return old
         lim = SharedKeyedLimit(self, limit_index, float(rate), float(burst))
         self._limits[limit_index] = lim

@@ -8,6 +8,11 @@ Owns
   the name on (for example in the environment); each worker `attach()`es with its own
   worker index; the supervisor `unlink()`s it at shutdown.
 - `SharedBucket`: one limit seen from one worker: `take(now)` and `remaining(now)`.
+- The segment helpers `shared_keys` reuses: `_shm_path` (name check), `_create_segment`
+  (exclusive 0600 create, refused beyond the free space of /dev/shm, magic written
+  last), `_map_segment`, `_claim_worker` (the owner-pid slot), `_check_index` and
+  `_check_limit` (argument checks), `_existing_view` (the opening of `bucket()`),
+  `_pid_alive`.
 
 Nothing here locks, awaits or makes a system call on the check path: a check reads
 2*N aligned 64-bit cells and writes at most two cells of the calling worker's own slot.
@@ -85,6 +90,7 @@ import os
 import re
 import struct
 import time
+from typing import Callable
 
 __all__ = ["SharedLimitTable", "SharedBucket", "MAX_WORKERS", "MAX_LIMITS"]
 
@@ -120,6 +126,101 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---------------------------------------------------------------------- segments
+# The lifecycle helpers of a table segment, shared with `shared_keys`. A segment is a
+# file in SHM_DIR: a header whose first 8 bytes are a magic number, then the body; `what`
+# names the table kind in error messages ("shared limit table", "shared key table").
+
+def _shm_path(name: str, what: str) -> str:
+    """The segment's path, after checking that `name` is a plain file name."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"{what} name {name!r}: use letters, digits, '_', '.', '-'")
+    return os.path.join(SHM_DIR, name)
+
+
+def _create_segment(name: str, size: int, header_tail: bytes, magic: int, what: str,
+                    init: Callable[[mmap.mmap], None] | None = None) -> mmap.mmap:
+    """Create (exclusively, mode 0600) a zeroed, sparse segment of `size` bytes and map
+    it: `init(mm)` fills the body, then `header_tail` goes at offset 8 and `magic` at 0
+    last, so an attacher never sees a half-initialised segment as valid. Refused when
+    SHM_DIR has less than `size` bytes free (touching an unbacked page of a full tmpfs
+    would SIGBUS the process); on any failure nothing is left behind."""
+    path = _shm_path(name, what)
+    st = os.statvfs(SHM_DIR)
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise ValueError(f"{what} {name!r} needs {size} bytes, more than {SHM_DIR} has free ({free})")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    mm = None
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size)
+        if init is not None:
+            init(mm)
+        mm[8:8 + len(header_tail)] = header_tail
+        mm[0:8] = struct.pack("<Q", magic)
+    except BaseException:
+        if mm is not None:
+            mm.close()
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return mm
+
+
+def _map_segment(name: str, header_size: int, what: str) -> mmap.mmap:
+    """Map an existing segment whole (its size is `len(mm)`); the caller checks the header."""
+    fd = os.open(_shm_path(name, what), os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size < header_size:
+            raise ValueError(f"{what} {name!r} is not initialised")
+        return mmap.mmap(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _check_index(what: str, v, n: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
+        raise ValueError(f"{what} must be 0..{n - 1}, got {v!r}")
+
+
+def _claim_worker(q: memoryview, cell: int, worker_index: int, name: str) -> None:
+    """Record this process as the owner of worker slot `worker_index` (its pid in int64
+    cell `cell` of `q`), refused while another live process holds it. The check and the
+    write are not atomic: the supervisor must not attach two processes to one slot at once."""
+    holder = q[cell]
+    if holder != os.getpid() and _pid_alive(holder):
+        raise RuntimeError(f"worker slot {worker_index} of {name!r} is held by live pid {holder}")
+    q[cell] = os.getpid()
+
+
+def _check_limit(limit_index: int, n_limits: int, rate: float, burst: float) -> None:
+    """The arguments of `SharedLimitTable.bucket` and `shared_keys.SharedKeyTable.limit`."""
+    _check_index("limit_index", limit_index, n_limits)
+    for what, v in (("rate", rate), ("burst", burst)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{what} must be a positive finite number, got {v!r}")
+    if burst < 1:
+        raise ValueError(f"burst must be >= 1, got {burst!r}")
+
+
+def _existing_view(table, views: dict, limit_index: int, rate: float, burst: float):
+    """The opening of `SharedLimitTable.bucket` and `shared_keys.SharedKeyTable.limit`:
+    refuse the supervisor's or a closed `table` and bad arguments, then return the view
+    already made for `limit_index` from `views` (refused if its rate or burst differ),
+    or None when there is none yet."""
+    if table.worker_index is None:
+        raise RuntimeError("the supervisor's table has no worker slot; attach() as a worker")
+    if table._mm is None:
+        raise ValueError("table is closed")
+    _check_limit(limit_index, table.n_limits, rate, burst)
+    old = views.get(limit_index)
+    if old is not None and (old.rate, old.burst) != (float(rate), float(burst)):
+        raise ValueError(f"limit {limit_index} already has rate {old.rate}, burst {old.burst}")
+    return old
 
 
 class SharedBucket:
@@ -172,6 +273,22 @@ class SharedBucket:
         t = self.tokens(now)
         return 0.0 if t >= 1.0 else (1.0 - t) / self.rate
 
+    def spend(self, now: float) -> tuple[int, float]:
+        """Take one token unconditionally (the chain already decided) and return (whole
+        tokens left, seconds until full). Counted even if another worker took the last
+        token since `wait`: the race shows as a negative level that the refill pays back,
+        which keeps the over-admission bound non-cumulative."""
+        c = self._c
+        m = self._m
+        a = self.rate * (now - self._epoch) - sum(c)
+        top = max(m)
+        if a > top:
+            m[self._i] = a
+            top = a
+        c[self._i] += 1
+        t = self.burst + a - 1 - top
+        return (int(t) if t > 0 else 0), max(0.0, (self.burst - t) / self.rate)
+
     def state(self, now: float) -> tuple[int, float]:
         t = self.tokens(now)
         return (int(t) if t > 0 else 0), max(0.0, (self.burst - t) / self.rate)
@@ -204,70 +321,50 @@ class SharedLimitTable:
         self._limits_cell = limits // 8
 
     # ------------------------------------------------------------------ lifecycle
-    @staticmethod
-    def _path(name: str) -> str:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"shared limit table name {name!r}: use letters, digits, '_', '.', '-'")
-        return os.path.join(SHM_DIR, name)
-
     @classmethod
     def create(cls, name: str, n_workers: int, n_limits: int = 1024,
                epoch: float | None = None) -> SharedLimitTable:
-        """Supervisor side: create (exclusively) and initialise the segment. Every bucket
-        starts full. `epoch` defaults to `time.monotonic()` (it only sets precision)."""
+        """Supervisor side: create (exclusively, mode 0600) and initialise the segment.
+        Every bucket starts full. `epoch` defaults to `time.monotonic()` (it only sets
+        precision). Refused when /dev/shm has not enough free space."""
         if not (isinstance(n_workers, int) and 1 <= n_workers <= MAX_WORKERS):
             raise ValueError(f"n_workers must be 1..{MAX_WORKERS}, got {n_workers!r}")
         if not (isinstance(n_limits, int) and 1 <= n_limits <= MAX_LIMITS):
             raise ValueError(f"n_limits must be 1..{MAX_LIMITS}, got {n_limits!r}")
         epoch = time.monotonic() if epoch is None else float(epoch)
-        path = cls._path(name)
         _, limits, size = _layout(n_workers, n_limits)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        # M cells start at -inf: the first check of a limit finds it full.
-        neg_inf = struct.pack("<d", -math.inf) * n_workers
-        for k in range(n_limits):
-            off = limits + k * 16 * n_workers + 8 * n_workers
-            mm[off:off + 8 * n_workers] = neg_inf
-        # magic last: an attacher never sees a half-initialised table as valid
-        mm[8:_HEADER_SIZE] = _HEADER.pack(0, _VERSION, n_workers, n_limits, epoch, 0, 0, 0)[8:]
-        mm[0:8] = struct.pack("<Q", _MAGIC)
+
+        def start_full(mm: mmap.mmap) -> None:
+            # M cells start at -inf: the first check of a limit finds it full.
+            neg_inf = struct.pack("<d", -math.inf) * n_workers
+            for k in range(n_limits):
+                off = limits + k * 16 * n_workers + 8 * n_workers
+                mm[off:off + 8 * n_workers] = neg_inf
+
+        header = _HEADER.pack(0, _VERSION, n_workers, n_limits, epoch, 0, 0, 0)
+        mm = _create_segment(name, size, header[8:], _MAGIC, "shared limit table", start_full)
         return cls(name, mm, n_workers, n_limits, epoch, None, owner=True)
 
     @classmethod
     def attach(cls, name: str, worker_index: int) -> SharedLimitTable:
         """Worker side: map the segment the supervisor created and claim slot
         `worker_index` (refused while another live process holds it)."""
-        path = cls._path(name)
-        fd = os.open(path, os.O_RDWR)
+        mm = _map_segment(name, _HEADER_SIZE, "shared limit table")
         try:
-            size = os.fstat(fd).st_size
-            if size < _HEADER_SIZE:
-                raise ValueError(f"shared limit table {name!r} is not initialised")
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        magic, version, n_workers, n_limits, epoch, *_ = _HEADER.unpack_from(mm, 0)
-        if magic != _MAGIC or version != _VERSION or _layout(n_workers, n_limits)[2] != size:
+            magic, version, n_workers, n_limits, epoch, *_ = _HEADER.unpack_from(mm, 0)
+            if (magic != _MAGIC or version != _VERSION or not 1 <= n_workers <= MAX_WORKERS
+                    or not 1 <= n_limits <= MAX_LIMITS or _layout(n_workers, n_limits)[2] != len(mm)):
+                raise ValueError(f"shared limit table {name!r} has an unknown layout")
+            _check_index("worker_index", worker_index, n_workers)
+        except BaseException:
             mm.close()
-            raise ValueError(f"shared limit table {name!r} has an unknown layout")
-        if not (isinstance(worker_index, int) and 0 <= worker_index < n_workers):
-            mm.close()
-            raise ValueError(f"worker_index must be 0..{n_workers - 1}, got {worker_index!r}")
+            raise
         table = cls(name, mm, n_workers, n_limits, epoch, worker_index, owner=False)
-        cell = _HEADER_SIZE // 8 + worker_index
-        holder = table._q[cell]
-        if holder != os.getpid() and _pid_alive(holder):
+        try:
+            _claim_worker(table._q, _HEADER_SIZE // 8 + worker_index, worker_index, name)
+        except BaseException:
             table.close()
-            raise RuntimeError(f"worker slot {worker_index} of {name!r} is held by live pid {holder}")
-        table._q[cell] = os.getpid()
+            raise
         return table
 
     def close(self) -> None:
@@ -285,7 +382,7 @@ class SharedLimitTable:
     def unlink(self) -> None:
         """Supervisor side: remove the segment's name (mappings stay valid until closed)."""
         try:
-            os.unlink(self._path(self.name))
+            os.unlink(_shm_path(self.name, "shared limit table"))
         except FileNotFoundError:
             pass
 
@@ -299,21 +396,8 @@ class SharedLimitTable:
     def bucket(self, limit_index: int, rate: float, burst: float) -> SharedBucket:
         """The bucket of limit `limit_index` for this worker. Every worker must pass the
         same rate and burst for the same index."""
-        if self.worker_index is None:
-            raise RuntimeError("the supervisor's table has no worker slot; attach() as a worker")
-        if self._mm is None:
-            raise ValueError("table is closed")
-        if not (isinstance(limit_index, int) and 0 <= limit_index < self.n_limits):
-            raise ValueError(f"limit_index must be 0..{self.n_limits - 1}, got {limit_index!r}")
-        for what, v in (("rate", rate), ("burst", burst)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{what} must be a positive finite number, got {v!r}")
-        if burst < 1:
-            raise ValueError(f"burst must be >= 1, got {burst!r}")
-        old = self._buckets.get(limit_index)
+        old = _existing_view(self, self._buckets, limit_index, rate, burst)
         if old is not None:
-            if (old.rate, old.burst) != (float(rate), float(burst)):
-                raise ValueError(f"limit {limit_index} already has rate {old.rate}, burst {old.burst}")
             return old
         n = self.n_workers
         base = self._limits_cell + limit_index * 2 * n

@@ -34,7 +34,7 @@ API
   ``BucketMap`` (per client) or ``None`` (no limit). The usage-plan level is passed per
   call because it depends on the request's API key.
 - ``LevelChain(route=None, server=None)``: the same ``check`` over any bucket with the
-  *level interface* (``wait(now)``, ``take(now)``, ``state(now)``, ``_policy``): shared
+  *level interface* (``wait(now)``, ``spend(now)``, ``state(now)``, ``_policy``): shared
   memory across workers (`shared_limits`, `shared_keys`) and Redis leases across hosts
   (`cluster`). A level may answer ``UNAVAILABLE`` (its store is down and fails closed);
   the chain then refuses with that as ``retry_after``. `ThrottleChain` is the same
@@ -198,6 +198,11 @@ class TokenBucket:
     def wait(self, now: float) -> float:
         tokens = self._refill(now)
         return 0.0 if tokens + _EPS >= 1.0 else (1.0 - tokens) / self.rate
+
+    def spend(self, now: float) -> tuple[int, float]:
+        tokens = self._refill(now) - 1.0
+        self._tokens = tokens
+        return (int(tokens + _EPS) if tokens > 0.0 else 0), (self.burst - tokens) / self.rate
 
     def state(self, now: float) -> tuple[int, float]:
         tokens = self._refill(now)
@@ -433,9 +438,12 @@ class LevelChain:
     - ``wait(now) -> float``: 0.0 when one token could be taken now (nothing is taken),
       else the seconds until one could; ``UNAVAILABLE`` when the level's store is down
       and configured to fail closed.
-    - ``take(now)``: take one token (called right after every level's ``wait`` was 0.0).
-    - ``state(now) -> (remaining, reset)``: whole tokens left and seconds until full, for
-      the RateLimit headers.
+    - ``spend(now) -> (remaining, reset)``: take one token *unconditionally* -- the chain
+      has decided -- and return whole tokens left and seconds until full. Unconditional
+      matters for shared state: another worker may take the last token between this
+      ``wait`` and ``spend``; the admission must still be counted, or such races add up
+      instead of being paid back by the refill.
+    - ``state(now) -> (remaining, reset)``: the same reading without taking (refusals).
     - ``_policy``: the `Policy` it advertises.
 
     ``route`` is a bucket, or a keyed limit (anything with ``bucket(key)``) for per-client
@@ -478,8 +486,7 @@ class LevelChain:
         best_rem = 0
         best_reset = 0.0
         for b in levels:
-            b.take(now)
-            rem, reset = b.state(now)
+            rem, reset = b.spend(now)
             if best is None or rem < best_rem or (rem == best_rem and reset > best_reset):
                 best, best_rem, best_reset = b, rem, reset
         if best is None:
