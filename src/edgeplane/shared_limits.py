@@ -75,8 +75,10 @@ design -- far inside the issue's +/-5% (+/-505).
 Measured (real processes, `python tests/test_shared_limits.py 10 4`, 2-CPU host):
 4 workers, 10 s overload at 1,000/s burst 100: 10,100 admitted of 10,100; 8 workers:
 10,100; 2 s runs: 2,099-2,100 of 2,100 (the -1 is the window's end cutting the last
-token); at 100,000/s: 200,097 of 200,100, never above. One check costs ~0.5 us with
-N = 4 (CPython 3.11), admitted or refused.
+token); at 100,000/s: 200,097 of 200,100, never above. One `take` costs ~0.5 us with
+N = 4 (CPython 3.11), admitted or refused; wired as two `throttle.LevelChain` levels
+(route + server: `wait`, `spend`) ~2.9 us (benches/throttle_bench.py). Through the
+gateway, 4 workers, 10 s: 10,106-10,110 of 10,100 at the upstream (benches/limit_accuracy.py).
 
 Precision: A is a float64 relative to the table's epoch: at 1,000,000 tokens/s a table
 a year old has A ~ 3e13, whose float spacing is ~0.004 token.
