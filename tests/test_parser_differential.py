@@ -62,7 +62,10 @@ CORPUS: dict[str, tuple[bytes, tuple[tuple[int, ...], bool]]] = {
     "connection-close": (GET + b"Connection: close\r\n\r\n", ((200,), CLOSED)),
     "http10-chunked": (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
                        ((200,), CLOSED)),  # RFC 9112 6.1: framing is suspect, close after
-    "upgrade-not-proxied": (GET + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", ((200,), CLOSED)),
+    # A WebSocket handshake to a route that does not upgrade gets its ordinary answer and
+    # the connection stays HTTP; any other upgrade (h2c) is answered and closed.
+    "websocket-to-plain-route": (GET + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n", ((200,), OPEN)),
+    "h2c-upgrade-not-supported": (GET + b"Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n", ((200,), CLOSED)),
     # ---- invalid
     "bad-request-line": (b"GET/x HTTP/1.1\r\n" + H + b"\r\n", ((400,), CLOSED)),
     "garbage": (b"NOT HTTP\r\n\r\n", ((400,), CLOSED)),

@@ -98,6 +98,10 @@ class H11RequestParser:
     def should_upgrade(self) -> bool:
         return self._upgrade
 
+    def _tail_offset(self, data: bytes) -> int:
+        # Where the bytes after the upgrade request start in `data` (httptools' offset).
+        return max(0, len(data) - len(self._conn.trailing_data[0]))
+
     def feed_data(self, data: bytes) -> None:
         if self._stopped:
             return
@@ -113,7 +117,7 @@ class H11RequestParser:
                 if event is h11.PAUSED:
                     if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
                         self._stopped = True
-                        raise HttpParserUpgrade(0)
+                        raise HttpParserUpgrade(self._tail_offset(data))
                     return
                 etype = type(event)
                 if etype is h11.Request:
@@ -124,7 +128,7 @@ class H11RequestParser:
                     self._cb.on_message_complete()
                     if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
                         self._stopped = True
-                        raise HttpParserUpgrade(0)
+                        raise HttpParserUpgrade(self._tail_offset(data))
                     self._finish_cycle()
                     if self._stopped:
                         return

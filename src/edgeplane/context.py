@@ -1,7 +1,7 @@
 """Per-worker shared state that every connection reads: `ServerContext`.
 
-Owns the current snapshot reference (swapped whole on reload), the limits, the set of
-open client connections (for draining), counters, the cached Date header, the access log
+Owns the current snapshot reference (swapped whole on reload), the limits, the sets of
+open client connections and WebSocket connections (for draining), counters, the cached Date header, the access log
 and the request-id generator. One `ServerContext` per listener group in a worker process.
 """
 
@@ -39,7 +39,7 @@ class Stats:
 class ServerContext:
     __slots__ = (
         "loop", "snapshot", "limits", "parser_kind", "connections", "stats", "date",
-        "access_log", "draining", "rid_prefix", "rid_counter", "name",
+        "access_log", "draining", "rid_prefix", "rid_counter", "name", "websockets",
     )
 
     def __init__(
@@ -57,6 +57,9 @@ class ServerContext:
         self.limits = limits
         self.parser_kind = parser_kind
         self.connections: set[Any] = set()
+        # Open WebSocket connections (taken over from `connections` after a 101):
+        # anything with `.close(code, reason)`, closed with 1001 when the gateway stops.
+        self.websockets: set[Any] = set()
         self.stats = Stats()
         self.date = date
         self.access_log = access_log

@@ -69,6 +69,7 @@ _SPECIAL_HEADERS = frozenset(
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
 _DRAIN_BODY_MAX = 64 * 1024  # unread body we are willing to read and discard
 _PIPELINE_BUFFER_MAX = 256 * 1024
+_UPGRADE_TAIL_MAX = 64 * 1024  # client bytes held while a WebSocket handshake completes
 _LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
 
 
@@ -95,7 +96,7 @@ class Request:
         "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
-        "extra_upstream", "api_key", "pending",
+        "extra_upstream", "api_key", "pending", "websocket",
     )
 
     def __init__(self, now: float) -> None:
@@ -139,6 +140,7 @@ class Request:
         self.extra_upstream: list[tuple[bytes, bytes]] | None = None  # forwarded claims
         self.api_key: Any = None  # apikeys.ApiKey of an API-key authorizer
         self.pending = False  # an asynchronous stage is running (see run_chain)
+        self.websocket = False  # a WebSocket opening handshake (GET, 1.1, Upgrade: websocket)
 
 
 def body_drainable(req: Request) -> bool:
@@ -156,7 +158,7 @@ class HttpProtocol(asyncio.Protocol):
         "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
         "_queued_bytes", "_pause", "write_paused", "_timer", "_timer_at", "_deadline",
         "_timer_kind", "_head_partial", "_head_bytes", "_head_raw", "_parser_dead", "_closed",
-        "_peer_eof", "_last_parsed", "tls", "scheme", "client_cert_subject",
+        "_peer_eof", "_last_parsed", "tls", "scheme", "client_cert_subject", "_upgrade_tail",
     )
 
     def __init__(self, ctx: ServerContext, tls: bool = False) -> None:
@@ -185,6 +187,8 @@ class HttpProtocol(asyncio.Protocol):
         self._closed = False
         self._peer_eof = False
         self._last_parsed: Request | None = None
+        # After an upgrade request's head: the bytes that followed it (None = no upgrade).
+        self._upgrade_tail: bytearray | None = None
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -264,20 +268,20 @@ class HttpProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ input
     def data_received(self, data: bytes) -> None:
+        tail = self._upgrade_tail
+        if tail is not None:  # bytes after an upgrade request, kept for whoever takes over
+            tail += data
+            if len(tail) > _UPGRADE_TAIL_MAX:
+                self.pause_reading(P_BUFFER)
+            return
         if self._parser_dead:
             return
         was_partial = self._head_partial
         parsing = self._parsing
         try:
             self.parser.feed_data(data)
-        except HttpParserUpgrade:
-            # Upgrades are not proxied yet: the request is answered as plain HTTP and
-            # the connection closes after it (no bytes after the head are trusted).
-            if self._last_parsed is not None:
-                self._last_parsed.keep_alive = False
-            self._stop_parsing()
-            if self._active is None and not self._closed:
-                self._close_after_response()  # it was answered already (synchronously)
+        except HttpParserUpgrade as exc:
+            self._upgraded(data, exc)
             return
         except _Reject as rej:  # raised by a callback under h11 (httptools wraps it)
             self._parse_failed(rej.status, rej.reason)
@@ -303,6 +307,62 @@ class HttpProtocol(asyncio.Protocol):
             self._head_raw += len(data)
             if self._head_raw > self.ctx.limits.max_head_bytes:
                 self._parse_failed(431, "request head too large")
+
+    def _upgraded(self, data: bytes, exc: HttpParserUpgrade) -> None:
+        """The parser stopped after a request with `Connection: upgrade`. A WebSocket
+        handshake keeps what follows for `detach` (or `resume_http` if the upgrade is
+        refused); any other upgrade is answered as plain HTTP and the connection closes
+        after it (no bytes after the head are trusted)."""
+        req = self._last_parsed
+        if req is not None and req.websocket:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._upgrade_tail = bytearray(data[offset:])
+            if req.responded:  # already answered as plain HTTP (a 404, a mock): go on as HTTP
+                self.resume_http()
+            return
+        if req is not None:
+            req.keep_alive = False
+        self._stop_parsing()
+        if self._active is None and not self._closed:
+            self._close_after_response()  # it was answered already (synchronously)
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Hand the connection to a WebSocket: after the 101 was written, HTTP stops here
+        and the caller gets the transport and the bytes the client sent after the
+        upgrade request (it then sets its own protocol on the transport)."""
+        transport = self.transport
+        tail = bytes(self._upgrade_tail or b"")
+        self._upgrade_tail = None
+        self._parser_dead = True
+        self._closed = True  # this protocol's callbacks are no longer called
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ctx.connections.discard(self)
+        req = self._active
+        if req is not None:
+            req.responded = True
+            req.exchange = None
+        self._active = None
+        self._queue.clear()
+        self._parsing = None
+        self.parser = None
+        if self._pause:
+            self._pause = 0
+            transport.resume_reading()
+        return transport, tail
+
+    def resume_http(self) -> None:
+        """The upgrade was refused with an ordinary response: the connection stays HTTP.
+        Called by `finish_response`: parse what followed the upgrade request as HTTP."""
+        tail = self._upgrade_tail
+        self._upgrade_tail = None
+        self.resume_reading(P_BUFFER)
+        if self._parser_dead or self._closed:
+            return
+        self.parser = new_request_parser(self.ctx.parser_kind, self, self.ctx.limits.max_head_bytes)
+        if tail:
+            self.data_received(bytes(tail))
 
     # parser callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -362,6 +422,8 @@ class HttpProtocol(asyncio.Protocol):
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive() and not ctx.draining
+        if parser.should_upgrade() and req.method == b"GET" and req.version == "1.1":
+            req.websocket = _is_websocket(req.headers)
         self._last_parsed = req
         self._check_head(req)
         if req.local_status:
@@ -476,6 +538,10 @@ class HttpProtocol(asyncio.Protocol):
             self.send_error(req, req.local_status, req.local_reason)
             return
         snapshot = ctx.snapshot
+        ws_api = snapshot.websocket_apis.get(req.path) if snapshot.websocket_apis else None
+        if ws_api is not None:
+            ws_api.handle(self, req)  # AWS-model WebSocket API: it answers or takes over
+            return
         match = snapshot.router.match(req.method, req.path, req.host)
         if match is None:
             self.send_error(req, 404, "no route matched")
@@ -583,11 +649,14 @@ class HttpProtocol(asyncio.Protocol):
             )
         elif req.complete:
             self._advance()
+            if self._upgrade_tail is not None:  # an upgrade refused with this response
+                self.resume_http()
         else:
             # The body is still arriving; it is read and dropped, then we move on.
             self.set_deadline(T_BODY, self.ctx.limits.body_timeout)
 
     def _close_after_response(self, linger: bool = False) -> None:
+        self._upgrade_tail = None
         self._stop_parsing()
         self._queue.clear()
         self._active = None
@@ -723,6 +792,15 @@ class HttpProtocol(asyncio.Protocol):
             self.ctx.count_error(str(status))
             self.ctx.access_log.record(req, self)
         self.abort()
+
+
+def _is_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    """RFC 6455 4.2.1: an `Upgrade` header naming websocket (the parser already saw
+    `Connection: upgrade`)."""
+    for name, value in headers:
+        if name == b"upgrade" and b"websocket" in [t.strip().lower() for t in value.split(b",")]:
+            return True
+    return False
 
 
 def status_line(status: int) -> bytes:

@@ -64,12 +64,15 @@ class CompiledRoute:
 
 
 class Snapshot:
-    __slots__ = ("config", "router", "routes")
+    __slots__ = ("config", "router", "routes", "websocket_apis")
 
-    def __init__(self, config: Config | None, router: Router, routes: list[CompiledRoute]):
+    def __init__(self, config: Config | None, router: Router, routes: list[CompiledRoute],
+                 websocket_apis: dict[bytes, Any] | None = None):
         self.config = config
         self.router = router
         self.routes = routes
+        # request path -> the WebSocket API handler (`ws_api`): checked before routing
+        self.websocket_apis = websocket_apis or {}
 
 
 def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream],
@@ -99,7 +102,7 @@ def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
 
 def build_snapshot(config: Config, upstreams: dict[str, Upstream],
                    auth_sources: dict[str, Any] | None = None, limits: Any = None,
-                   quota_counter: Any = None) -> Snapshot:
+                   quota_counter: Any = None, websocket_apis: dict[bytes, Any] | None = None) -> Snapshot:
     """`limits` (`limits.limits_for`) says where throttle buckets live; in-process by default.
     One server-wide bucket is shared by every route (AWS's account level)."""
     auth_sources = auth_sources or {}
@@ -109,4 +112,4 @@ def build_snapshot(config: Config, upstreams: dict[str, Upstream],
     routes = [compile_route(config, rc, upstreams, verifiers, auth_sources, limits, plans)
               for rc in config.routes]
     router = compile_routes([(c.config, c) for c in routes])
-    return Snapshot(config, router, routes)
+    return Snapshot(config, router, routes, websocket_apis)
