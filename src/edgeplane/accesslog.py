@@ -64,7 +64,7 @@ class AccessLog:
             self._second = second
             self._clf = clf_time(second)
         integ = req.integration_latency
-        line = orjson.dumps({
+        fields = {
             "requestId": req.request_id.decode("latin-1"),
             "sourceIp": proto.peer_ip,
             "requestTime": self._clf,
@@ -83,7 +83,10 @@ class AccessLog:
             "clientCertSubject": proto.client_cert_subject,
             "clientIp": req.client_ip,
             "authorizerPrincipal": _principal(req),
-        }, option=orjson.OPT_APPEND_NEWLINE)
+        }
+        if req.ws_log is not None:  # one line per WebSocket connection, when it closes
+            fields["websocket"] = req.ws_log
+        line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
         self._buf.append(line)
         self._size += len(line)
         self.lines += 1

@@ -10,8 +10,17 @@ flush, pool sweeps), and stop with a drain. The CLI's `serve` and each process o
     print(gw.addresses, gw.admin_address)
     await gw.stop()
 
+WebSocket APIs (`websocket_apis`): the gateway owns this worker's `ConnectionRegistry`
+(`ws_connections`) and passes the compiled APIs into the snapshot. Under a supervisor
+(`EDGEPLANE_WORKER_INDEX` in the environment) each worker also serves the admin app on its
+own Unix socket, `<dir>/worker-<index>.sock`, where `<dir>` is `EDGEPLANE_WS_SOCKET_DIR`
+or `<tmp>/edgeplane-<supervisor pid>` (created 0700, refused if another user owns it);
+the workers of one supervisor share the host tag in `<dir>/host-tag`, so a connection id
+names its worker and host. With `cluster:` the registry also listens on Redis pub/sub.
+
 Invariants: `start()` either binds everything or raises with nothing left bound;
-`stop()` is idempotent and leaves no listeners, connections or tasks behind.
+`stop()` is idempotent and leaves no listeners, connections or tasks behind; WebSockets
+are closed with 1001 and their $disconnect calls run before the upstream pools close.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import asyncio
 import logging
 import os
 import socket
+import stat
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +50,9 @@ from .shared_keys import SharedKeyTable
 from .shared_limits import SharedLimitTable
 from .snapshot import Snapshot, build_snapshot
 from .tls import ListenerTls
+from .stages import build_verifiers
+from .ws_api import build_websocket_apis
+from .ws_connections import ConnectionRegistry
 
 if TYPE_CHECKING:
     from .cluster import RedisLimiter, RedisQuotaStore
@@ -48,7 +62,8 @@ log = logging.getLogger("edgeplane")
 
 class Gateway:
     def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False,
-                 shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None) -> None:
+                 shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
+                 ws_worker: tuple[int, str] | None = None) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.reuse_port = reuse_port
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
@@ -76,6 +91,16 @@ class Gateway:
         self._tick: asyncio.TimerHandle | None = None
         self._started = False
         self._stopped = False
+        # WebSocket APIs: (worker index, socket directory) under a supervisor, else None.
+        if ws_worker is None and os.environ.get("EDGEPLANE_WORKER_INDEX", "").isdigit():
+            ws_worker = (int(os.environ["EDGEPLANE_WORKER_INDEX"]),
+                         os.environ.get("EDGEPLANE_WS_SOCKET_DIR")
+                         or os.path.join(tempfile.gettempdir(), f"edgeplane-{os.getppid()}"))
+        self.ws_worker = ws_worker
+        self.ws_registry: ConnectionRegistry | None = None
+        self.ws_socket: str | None = None  # this worker's admin Unix socket
+        self._ws_table = None  # cross-worker new-connection limits (shared memory)
+        self._ws_bus = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -119,7 +144,9 @@ class Gateway:
             self.quota_store.load(periods=periods)
         counter = self.quota_store.counter if self.quota_store is not None else None
         limits = limits_for(cfg, self.shared_table, self.keyed_table, self.limiter)
-        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, limits, counter)
+        ws_apis = self._build_websockets(cfg, loop)
+        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, limits, counter,
+                                       websocket_apis=ws_apis)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
@@ -138,8 +165,10 @@ class Gateway:
                 a = cfg.admin.listen
                 server = await self._bind(self.admin_context, a.host, a.port)
                 self.admin_address = server.sockets[0].getsockname()[:2]
+            await self._start_ws_forwarding(cfg)
         except BaseException:
             await self._close_servers()
+            await self._stop_ws_forwarding()
             raise
         self._schedule_tick()
         urls = [f"http://{h}:{p}" for h, p in self.addresses]
@@ -206,6 +235,7 @@ class Gateway:
                 if proto.idle():
                     proto.transport.close()
         loop = self.loop
+        await self._close_websockets(min(timeout, 2.5))
         deadline = loop.time() + timeout
         while any(c.connections for c in contexts) and loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -213,6 +243,9 @@ class Gateway:
             for proto in list(ctx.connections):
                 proto.transport.abort()
         await self._close_servers()
+        if self.ws_registry is not None:  # $disconnect calls still running need the pools
+            await self.ws_registry.drain(min(max(timeout, 0.5), 5.0))
+        await self._stop_ws_forwarding()
         for upstream in self.upstreams.values():
             await upstream.close()
         for source in self.auth_sources.values():
@@ -230,6 +263,10 @@ class Gateway:
             self.shared_table.close()
         if self.keyed_table is not None:
             self.keyed_table.close()
+        if self._ws_table is not None:
+            self.snapshot = None
+            self._ws_table.close()
+            self._ws_table.unlink()  # every worker unlinks at stop; the others keep their mapping
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run
@@ -270,4 +307,153 @@ class Gateway:
             **ctx.stats.as_dict(),
             "authorizers": {name: s.telemetry() for name, s in self.auth_sources.items()},
             **({"cluster": self.limiter.telemetry()} if self.limiter is not None else {}),
+            **({"websockets": self.ws_registry.telemetry()}
+               if self.ws_registry is not None and self.config.websocket_apis else {}),
         }
+
+    # ------------------------------------------------------------------ WebSocket APIs
+    def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> dict[bytes, Any]:
+        index, tag = 0, None
+        if self.ws_worker is not None and cfg.websocket_apis:
+            index = self.ws_worker[0]
+            tag = _host_tag(_socket_dir(self.ws_worker[1]))
+        self.ws_registry = ConnectionRegistry(loop, index, tag)
+        if not cfg.websocket_apis:
+            return {}
+        buckets: dict[str, Any] = {}
+        names = list(cfg.websocket_apis)
+        if self.limiter is not None:  # cluster: one Redis bucket per API for every host
+            for name, api in cfg.websocket_apis.items():
+                rate = api.limits.connections_per_second
+                buckets[name] = self.limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
+                                                   keyed=False).bucket()
+        elif self.ws_worker is not None:  # workers of one host: one shared-memory bucket per API
+            self._ws_table = _attach_ws_table(f"edgeplane-{os.getppid()}-ws", len(names), index)
+            if self._ws_table is not None:
+                for i, (name, api) in enumerate(cfg.websocket_apis.items()):
+                    rate = api.limits.connections_per_second
+                    buckets[name] = self._ws_table.bucket(i, rate, max(1, int(rate)))
+        verifiers = build_verifiers(cfg, self.auth_sources)
+        return build_websocket_apis(cfg, self.upstreams, verifiers, self.auth_sources,
+                                    self.ws_registry, buckets)
+
+    async def _start_ws_forwarding(self, cfg: Config) -> None:
+        if not cfg.websocket_apis:
+            return
+        if self.ws_worker is not None:
+            from .admin import WorkerForwarder
+
+            directory = _socket_dir(self.ws_worker[1])
+            path = os.path.join(directory, f"worker-{self.ws_worker[0]}.sock")
+            try:
+                os.unlink(path)  # a predecessor's (this index is ours now)
+            except FileNotFoundError:
+                pass
+            ctx = self.admin_context
+            server = await self.loop.create_unix_server(lambda: HttpProtocol(ctx), path)
+            os.chmod(path, 0o600)
+            self._servers.append(server)
+            self.ws_socket = path
+            self.ws_registry.forwarder = WorkerForwarder(
+                lambda i: os.path.join(directory, f"worker-{i}.sock"))
+        if cfg.cluster is not None:
+            from .ws_connections import RedisBus
+
+            c = cfg.cluster
+            self._ws_bus = RedisBus(self.ws_registry, c.redis, c.key_prefix,
+                                    timeout=max(1.0, c.timeout * 10), retry_interval=c.retry_interval)
+            await self._ws_bus.start()
+            self.ws_registry.bus = self._ws_bus
+
+    async def _stop_ws_forwarding(self) -> None:
+        if self.ws_socket is not None:
+            try:
+                os.unlink(self.ws_socket)
+            except OSError:
+                pass
+            directory = os.path.dirname(self.ws_socket)
+            try:
+                if os.listdir(directory) == ["host-tag"]:  # the last worker out removes it
+                    os.unlink(os.path.join(directory, "host-tag"))
+                    os.rmdir(directory)
+            except OSError:
+                pass
+            self.ws_socket = None
+        if self._ws_bus is not None:
+            bus, self._ws_bus = self._ws_bus, None
+            await bus.close()
+
+    async def _close_websockets(self, timeout: float) -> None:
+        """Close every WebSocket with 1001 and give clients `timeout` to answer."""
+        ctx = self.context
+        if ctx is None or not ctx.websockets:
+            return
+        for ws in list(ctx.websockets):
+            ws.close(1001, "going away")
+        deadline = self.loop.time() + timeout
+        while ctx.websockets and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for ws in list(ctx.websockets):
+            transport = getattr(ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+        await asyncio.sleep(0)
+
+
+def _socket_dir(path: str) -> str:
+    """The workers' private socket directory: created 0700, or refused when it is not ours."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{path} is not a private directory of this user: refusing to put "
+                           "the workers' admin sockets there")
+    return path
+
+
+def _host_tag(directory: str) -> bytes:
+    """The 4-byte tag the workers of one supervisor share (published once, atomically)."""
+    path = os.path.join(directory, "host-tag")
+    for _ in range(100):
+        try:
+            with open(path, "rb") as fh:
+                tag = fh.read()
+            if len(tag) == 4:
+                return tag
+        except FileNotFoundError:
+            pass
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            fh.write(os.urandom(4))
+        try:
+            os.link(tmp, path)  # atomic: the first worker's tag wins
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    raise RuntimeError(f"cannot read the host tag in {path}")
+
+
+def _attach_ws_table(name: str, n_limits: int, index: int) -> Any:
+    """A shared-memory table with one bucket per WebSocket API for the workers of one
+    supervisor: the first worker creates it, the others attach (None if that fails)."""
+    from .shared_limits import MAX_WORKERS, SharedLimitTable
+
+    if index >= MAX_WORKERS:
+        return None
+    try:
+        SharedLimitTable.create(name, MAX_WORKERS, n_limits).close()
+    except FileExistsError:
+        pass
+    for _ in range(100):
+        try:
+            return SharedLimitTable.attach(name, index)
+        except ValueError:  # being initialised by another worker
+            time.sleep(0.01)
+        except (OSError, RuntimeError) as exc:
+            log.warning("websocket connection limits are per worker: %s", exc)
+            return None
+    log.warning("websocket connection limits are per worker: %s is not initialised", name)
+    return None

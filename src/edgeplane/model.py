@@ -202,6 +202,52 @@ class UsagePlanConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketLimits:
+    """Limits of one WebSocket connection (proxied routes and WebSocket APIs alike);
+    the defaults are Amazon API Gateway's."""
+
+    max_message_bytes: int = 128 * 1024  # a larger message closes the connection with 1009
+    idle_timeout: float = 600.0  # no message either way (nor a client ping) -> close 1001
+    max_lifetime: float = 7200.0  # connection age -> close 1001
+    messages_per_second: float | None = None  # per connection, client -> gateway
+    message_burst: int = 100
+    ping_interval: float = 30.0  # the gateway pings the client this often; 0 = never
+    pong_timeout: float = 10.0  # a ping unanswered this long drops the connection
+    connections_per_second: float = 500.0  # new connections per WebSocket API
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketIntegration:
+    """A WebSocket API route's backend: an HTTP POST to `upstream` at `path`."""
+
+    upstream: str
+    path: str  # literal upstream path, e.g. "/message"
+    timeout: float = 29.0
+    type: str = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketRouteConfig:
+    key: str  # "$connect", "$disconnect", "$default" or a selected key ("sendMessage")
+    integration: WebSocketIntegration | None  # None: $connect/$disconnect that only authorize
+    auth: str | None = None  # $connect only: name of an authorizer
+    scopes: tuple[str, ...] = ()  # $connect only, JWT: at least one must be granted
+    return_response: bool = False  # message routes: a 2xx body goes back to the client
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketApiConfig:
+    """An API whose clients speak WebSocket to the gateway (AWS's WebSocket APIs)."""
+
+    name: str
+    path: str  # literal request path of the upgrade ("/chat")
+    host: str | None  # "chat.example.com" or "*.example.com" (lower-case); None = any
+    route_selection: str  # "$request.body.action", "${request.body.a}/${request.body.b}"
+    routes: dict[str, WebSocketRouteConfig]
+    limits: WebSocketLimits = WebSocketLimits()  # top-level `websocket:` + the API's `limits:`
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     key: str  # as written: "GET /users/{id}", "ANY /files/{proxy+}", "$default"
     method: str | None  # upper-case method, None for ANY and for $default
@@ -216,6 +262,7 @@ class RouteConfig:
     cors_off: bool = False  # `cors: false` on the route: no CORS even if server-wide
     ip_rules: IpRulesConfig | None = None
     throttle: ThrottleConfig | None = None
+    websocket: WebSocketLimits | None = None  # proxied WebSockets: top-level values + overrides
 
     @property
     def is_default(self) -> bool:
@@ -269,5 +316,7 @@ class Config:
     data_dir: str = "data"  # quota counters: DATA_DIR/edgeplane.db
     cluster: ClusterConfig | None = None  # None = limits and quotas local to this host
     tls: TlsConfig | None = None  # None = no TLS listeners
+    websocket: WebSocketLimits = WebSocketLimits()  # defaults for both WebSocket modes
+    websocket_apis: dict[str, WebSocketApiConfig] = field(default_factory=dict)
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -85,6 +85,18 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # A 101 head was parsed: the rest belongs to the new protocol. Only a
+            # WebSocket exchange can take it; anywhere else it is an invalid response.
+            upgraded = getattr(self.exchange, "on_upgraded", None)
+            if upgraded is None:
+                self.close("invalid_response")
+                if exchange is not None:
+                    exchange.on_upstream_failed("upstream switched protocols unexpectedly")
+                return
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            upgraded(self, data[offset:])
+            return
         except httptools.HttpParserError as exc:
             exchange = self.exchange
             self.close("invalid_response")
@@ -341,6 +353,18 @@ class TargetPool:
                 self._put_idle(conn)
         else:
             conn.close(reason)
+
+    def detach(self, conn: UpstreamConnection) -> None:
+        """`conn` leaves the pool for good, transport open (a WebSocket relay owns it)."""
+        conn.closed = True
+        conn.close_reason = "upgraded"
+        conn.exchange = None
+        self.conns.discard(conn)
+        self.in_use -= 1
+        counts = self.closed_by_reason
+        counts["upgraded"] = counts.get("upgraded", 0) + 1
+        if self.waiters:
+            self._maybe_connect()
 
     def on_closed(self, conn: UpstreamConnection, reason: str) -> None:
         counts = self.closed_by_reason

@@ -84,11 +84,13 @@ class HttpIntegration:
     """Compiled once per route: where and how to forward."""
 
     __slots__ = ("upstream", "template", "timeout", "preserve_host", "name", "claim_headers",
-                 "response_skip")
+                 "response_skip", "websocket")
 
     def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool,
                  claim_headers: frozenset[bytes] = frozenset(),
-                 gateway_response_headers: frozenset[bytes] = frozenset()):
+                 gateway_response_headers: frozenset[bytes] = frozenset(), websocket: Any = None):
+        # `wsrelay.RelaySettings` for WebSocket handshakes on this route (see ws_proxy).
+        self.websocket = websocket
         self.claim_headers = claim_headers  # header names the route's authorizer sets
         # Upstream response headers the gateway owns on this route (CORS, as AWS does).
         self.response_skip = _RESPONSE_SKIP | gateway_response_headers
@@ -99,7 +101,12 @@ class HttpIntegration:
         self.name = upstream.name
 
     def handle(self, proto: HttpProtocol, req: Request) -> None:
-        exchange = ProxyExchange(self, proto, req)
+        if req.websocket and self.websocket is not None:
+            from .ws_proxy import WsUpgradeExchange  # imports this module
+
+            exchange: ProxyExchange = WsUpgradeExchange(self, proto, req, self.websocket)
+        else:
+            exchange = ProxyExchange(self, proto, req)
         req.exchange = exchange
         exchange.start()
 

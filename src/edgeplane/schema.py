@@ -230,6 +230,72 @@ _ROUTE = {
         "cors": {"anyOf": [{"$ref": "#/$defs/cors"}, {"const": False}]},
         "ip_rules": {"$ref": "#/$defs/ipRules"},
         "throttle": {"$ref": "#/$defs/throttle"},
+        "websocket": {"$ref": "#/$defs/websocketLimits",
+                      "description": "Limits of WebSocket connections proxied by this route; "
+                                     "unset keys inherit the top-level 'websocket' values."},
+    },
+}
+
+_WEBSOCKET_LIMITS = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Limits of one WebSocket connection (defaults: Amazon API Gateway's).",
+    "properties": {
+        "max_message_bytes": {"$ref": "#/$defs/size", "default": "128KiB",
+                              "description": "A larger message closes the connection with 1009."},
+        "idle_timeout": {"$ref": "#/$defs/duration", "default": "10m"},
+        "max_lifetime": {"$ref": "#/$defs/duration", "default": "2h"},
+        "messages_per_second": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                "description": "Per connection, client to gateway; null = no limit."},
+        "message_burst": {"type": "integer", "minimum": 1, "default": 100},
+        "ping_interval": {"$ref": "#/$defs/duration", "default": "30s",
+                          "description": "The gateway pings each client this often; 0 = never."},
+        "pong_timeout": {"$ref": "#/$defs/duration", "default": "10s"},
+        "connections_per_second": {"type": "number", "exclusiveMinimum": 0, "default": 500,
+                                   "description": "New connections per WebSocket API (then 429)."},
+    },
+}
+
+_WEBSOCKET_INTEGRATION = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "upstream"],
+    "properties": {
+        "type": {"const": "http"},
+        "upstream": {"type": "string", "description": "Name of an entry of `upstreams`."},
+        "path": {"type": "string", "description": "Upstream path the event is POSTed to; "
+                                                  "default: the API's path."},
+        "timeout": {"$ref": "#/$defs/duration", "default": "29s",
+                    "description": "Integration timeout, 50ms..30s."},
+    },
+}
+
+_WEBSOCKET_ROUTE = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "integration": {"$ref": "#/$defs/websocketIntegration"},
+        "auth": {"type": "string", "description": "$connect only: name of an authorizer."},
+        "scopes": {"type": "array", "items": {"type": "string"}, "maxItems": 10,
+                   "description": "$connect only: JWT scopes, at least one must be granted."},
+        "return_response": {"type": "boolean", "default": False,
+                            "description": "Send a 2xx integration body back to the client."},
+    },
+}
+
+_WEBSOCKET_API = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["path", "routes"],
+    "properties": {
+        "path": {"type": "string", "description": "Request path of the upgrade, e.g. '/chat'."},
+        "host": {"type": "string", "description": "Only for this Host: 'chat.example.com' or '*.example.com'."},
+        "route_selection": {"type": "string", "default": "$request.body.action",
+                            "description": "'$request.body.NAME' or a template such as "
+                                           "'${request.body.service}/${request.body.action}'."},
+        "routes": {"type": "object", "minProperties": 1,
+                   "additionalProperties": {"$ref": "#/$defs/websocketRoute"}},
+        "limits": {"$ref": "#/$defs/websocketLimits"},
     },
 }
 
@@ -457,6 +523,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "websocket": {"$ref": "#/$defs/websocketLimits"},
+        "websocket_apis": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_-]*$"},
+            "additionalProperties": {"$ref": "#/$defs/websocketApi"},
+        },
         "data_dir": {"type": "string", "default": "data",
                      "description": "Where quota counters persist (SQLite: DATA_DIR/edgeplane.db)."},
         "cluster": {
@@ -497,6 +569,10 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "authorizer": _AUTHORIZER,
         "upstreamTls": _UPSTREAM_TLS,
         "tls": _TLS,
+        "websocketLimits": _WEBSOCKET_LIMITS,
+        "websocketIntegration": _WEBSOCKET_INTEGRATION,
+        "websocketRoute": _WEBSOCKET_ROUTE,
+        "websocketApi": _WEBSOCKET_API,
     },
 }
 

@@ -96,7 +96,7 @@ class Request:
         "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
-        "extra_upstream", "api_key", "pending", "websocket",
+        "extra_upstream", "api_key", "pending", "websocket", "ws_log",
     )
 
     def __init__(self, now: float) -> None:
@@ -141,6 +141,7 @@ class Request:
         self.api_key: Any = None  # apikeys.ApiKey of an API-key authorizer
         self.pending = False  # an asynchronous stage is running (see run_chain)
         self.websocket = False  # a WebSocket opening handshake (GET, 1.1, Upgrade: websocket)
+        self.ws_log: dict | None = None  # a WebSocket's counters, logged when it closes
 
 
 def body_drainable(req: Request) -> bool:

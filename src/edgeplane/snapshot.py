@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .cors import CORS_RESPONSE_HEADERS
 from .proxy import HttpIntegration
+from .ws_proxy import relay_settings
 from .stages import PlanState, build_stages, build_verifiers, route_cors
 from .limits import LocalLimits
 from .router import Router, compile_routes
@@ -86,6 +87,7 @@ def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream
             upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host,
             claim_headers=gateway_set_headers(config, rc),
             gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
+            websocket=relay_settings(getattr(rc, "websocket", None) or getattr(config, "websocket", None)),
         )
     return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources, limits, plans),
                          handler)
