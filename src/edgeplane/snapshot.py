@@ -87,7 +87,7 @@ def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream
             upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host,
             claim_headers=gateway_set_headers(config, rc),
             gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
-            websocket=relay_settings(getattr(rc, "websocket", None) or getattr(config, "websocket", None)),
+            websocket=relay_settings(rc.websocket or config.websocket, config.limits.send_timeout),
         )
     return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources, limits, plans),
                          handler)

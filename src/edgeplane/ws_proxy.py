@@ -50,11 +50,13 @@ _UPGRADE_SKIP = frozenset((
 ))
 
 
-def relay_settings(limits: Any) -> RelaySettings:
-    """The relay's settings from a `model.WebSocketLimits` (None: the defaults, as AWS)."""
+def relay_settings(limits: Any, send_timeout: float = 60.0) -> RelaySettings:
+    """The relay's settings from a `model.WebSocketLimits` (None: the defaults, as AWS)
+    and the server's `limits.send_timeout` (a side that does not read is cut off)."""
     if limits is None:
-        return RelaySettings()
+        return RelaySettings(send_timeout=send_timeout)
     return RelaySettings(
+        send_timeout=send_timeout,
         max_message_bytes=limits.max_message_bytes, idle_timeout=limits.idle_timeout,
         max_lifetime=limits.max_lifetime, messages_per_second=limits.messages_per_second,
         message_burst=limits.message_burst, ping_interval=limits.ping_interval,
