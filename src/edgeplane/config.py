@@ -1009,16 +1009,19 @@ class _Builder:
             return self.mock_integration(spec, path)
         return None
 
-    def http_integration(self, spec: dict, path: Path, parsed: ParsedKey | None,
-                         upstream_names: list[str]) -> model.Integration:
-        upstream = spec.get("upstream")
+    def known_upstream(self, upstream: Any, path: Path, upstream_names: list[str]) -> None:
         if isinstance(upstream, str) and upstream not in upstream_names:
             known = ", ".join(sorted(upstream_names)) if upstream_names else "none are defined"
             msg = f"unknown upstream {upstream!r} (known: {known})"
             close = difflib.get_close_matches(upstream, upstream_names, n=1, cutoff=0.6)
             if close:
                 msg += f"; did you mean {close[0]!r}?"
-            self.fail(path + ("upstream",), msg)
+            self.fail(path, msg)
+
+    def http_integration(self, spec: dict, path: Path, parsed: ParsedKey | None,
+                         upstream_names: list[str]) -> model.Integration:
+        upstream = spec.get("upstream")
+        self.known_upstream(upstream, path + ("upstream",), upstream_names)
         template = spec.get("path")
         if isinstance(template, str):
             self.check_template(template, path + ("path",), parsed)
@@ -1285,13 +1288,7 @@ class _Builder:
         if isinstance(integ_spec, dict):
             ip = path + ("integration",)
             upstream = integ_spec.get("upstream")
-            if isinstance(upstream, str) and upstream not in upstream_names:
-                known = ", ".join(sorted(upstream_names)) if upstream_names else "none are defined"
-                msg = f"unknown upstream {upstream!r} (known: {known})"
-                close = difflib.get_close_matches(upstream, upstream_names, n=1, cutoff=0.6)
-                if close:
-                    msg += f"; did you mean {close[0]!r}?"
-                self.fail(ip + ("upstream",), msg)
+            self.known_upstream(upstream, ip + ("upstream",), upstream_names)
             target = integ_spec.get("path", api_path)
             if isinstance(target, str):
                 bad = next((ch for ch in target if ch in "?#{} " or not ch.isprintable() or not ch.isascii()), None)
