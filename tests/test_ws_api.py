@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import glob
 import json
 import os
+import tempfile
 import time
 
 import orjson
@@ -712,7 +714,9 @@ async def test_management_api_across_two_worker_processes(backend, tmp_path):
         assert c.status == 101
         conn_id = backend.of("CONNECT")[0]["headers"]["x-connection-id"]
         owner_index = base64.urlsafe_b64decode(conn_id)[0]
-        socket_dir = f"/tmp/edgeplane-{proc.pid}"
+        # the supervisor's private directory: <tmp>/edgeplane-<supervisor pid>-XXXX
+        (socket_dir,) = glob.glob(os.path.join(tempfile.gettempdir(), f"edgeplane-{proc.pid}-*"))
+        assert os.stat(socket_dir).st_mode & 0o777 == 0o700
         assert os.path.exists(f"{socket_dir}/worker-{owner_index}.sock")
         statuses = []
         for i in range(16):  # new connections: SO_REUSEPORT spreads them over both workers

@@ -13,10 +13,11 @@ flush, pool sweeps), and stop with a drain. The CLI's `serve` and each process o
 WebSocket APIs (`websocket_apis`): the gateway owns this worker's `ConnectionRegistry`
 (`ws_connections`) and passes the compiled APIs into the snapshot. Under a supervisor
 (`EDGEPLANE_WORKER_INDEX` in the environment) each worker also serves the admin app on its
-own Unix socket, `<dir>/worker-<index>.sock`, where `<dir>` is `EDGEPLANE_WS_SOCKET_DIR`
-or `<tmp>/edgeplane-<supervisor pid>` (created 0700, refused if another user owns it);
-the workers of one supervisor share the host tag in `<dir>/host-tag`, so a connection id
-names its worker and host. With `cluster:` the registry also listens on Redis pub/sub.
+own Unix socket, `<dir>/worker-<index>.sock`, in the private directory the supervisor
+created (`EDGEPLANE_WS_SOCKET_DIR`); the workers of one supervisor share its host tag
+(`EDGEPLANE_WS_HOST_TAG`), so a connection id names its worker and host, and the
+per-API new-connection buckets live in the supervisor's shared limit table (indices
+`limits.ws_api_index`). With `cluster:` the registry also listens on Redis pub/sub.
 
 Invariants: `start()` either binds everything or raises with nothing left bound;
 `stop()` is idempotent and leaves no listeners, connections or tasks behind; WebSockets
@@ -29,8 +30,6 @@ import asyncio
 import logging
 import os
 import socket
-import stat
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +44,7 @@ from .server import HttpProtocol
 from .http_authorizer import HttpAuthorizerClient
 from .jwks_source import JwksSource
 from .quota import QuotaPeriod, QuotaStore
-from .limits import limits_for
+from .limits import limits_for, ws_api_index
 from .shared_keys import SharedKeyTable
 from .shared_limits import SharedLimitTable
 from .snapshot import Snapshot, build_snapshot
@@ -63,7 +62,7 @@ log = logging.getLogger("edgeplane")
 class Gateway:
     def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False,
                  shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
-                 ws_worker: tuple[int, str] | None = None) -> None:
+                 ws_worker: tuple[int, str, bytes] | None = None) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.reuse_port = reuse_port
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
@@ -92,14 +91,14 @@ class Gateway:
         self._started = False
         self._stopped = False
         # WebSocket APIs: (worker index, socket directory) under a supervisor, else None.
-        if ws_worker is None and os.environ.get("EDGEPLANE_WORKER_INDEX", "").isdigit():
-            ws_worker = (int(os.environ["EDGEPLANE_WORKER_INDEX"]),
-                         os.environ.get("EDGEPLANE_WS_SOCKET_DIR")
-                         or os.path.join(tempfile.gettempdir(), f"edgeplane-{os.getppid()}"))
+        env = os.environ
+        if ws_worker is None and env.get("EDGEPLANE_WORKER_INDEX", "").isdigit() \
+                and env.get("EDGEPLANE_WS_SOCKET_DIR") and env.get("EDGEPLANE_WS_HOST_TAG"):
+            ws_worker = (int(env["EDGEPLANE_WORKER_INDEX"]), env["EDGEPLANE_WS_SOCKET_DIR"],
+                         bytes.fromhex(env["EDGEPLANE_WS_HOST_TAG"]))
         self.ws_worker = ws_worker
         self.ws_registry: ConnectionRegistry | None = None
         self.ws_socket: str | None = None  # this worker's admin Unix socket
-        self._ws_table = None  # cross-worker new-connection limits (shared memory)
         self._ws_bus = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -263,10 +262,6 @@ class Gateway:
             self.shared_table.close()
         if self.keyed_table is not None:
             self.keyed_table.close()
-        if self._ws_table is not None:
-            self.snapshot = None
-            self._ws_table.close()
-            self._ws_table.unlink()  # every worker unlinks at stop; the others keep their mapping
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run
@@ -315,24 +310,20 @@ class Gateway:
     def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> dict[bytes, Any]:
         index, tag = 0, None
         if self.ws_worker is not None and cfg.websocket_apis:
-            index = self.ws_worker[0]
-            tag = _host_tag(_socket_dir(self.ws_worker[1]))
+            index, _, tag = self.ws_worker
         self.ws_registry = ConnectionRegistry(loop, index, tag)
         if not cfg.websocket_apis:
             return {}
         buckets: dict[str, Any] = {}
-        names = list(cfg.websocket_apis)
         if self.limiter is not None:  # cluster: one Redis bucket per API for every host
             for name, api in cfg.websocket_apis.items():
                 rate = api.limits.connections_per_second
                 buckets[name] = self.limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
                                                    keyed=False).bucket()
-        elif self.ws_worker is not None:  # workers of one host: one shared-memory bucket per API
-            self._ws_table = _attach_ws_table(f"edgeplane-{os.getppid()}-ws", len(names), index)
-            if self._ws_table is not None:
-                for i, (name, api) in enumerate(cfg.websocket_apis.items()):
-                    rate = api.limits.connections_per_second
-                    buckets[name] = self._ws_table.bucket(i, rate, max(1, int(rate)))
+        elif self.shared_table is not None:  # workers of one host: the supervisor's table
+            for i, (name, api) in enumerate(cfg.websocket_apis.items()):
+                rate = api.limits.connections_per_second
+                buckets[name] = self.shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
         verifiers = build_verifiers(cfg, self.auth_sources)
         return build_websocket_apis(cfg, self.upstreams, verifiers, self.auth_sources,
                                     self.ws_registry, buckets)
@@ -343,7 +334,7 @@ class Gateway:
         if self.ws_worker is not None:
             from .admin import WorkerForwarder
 
-            directory = _socket_dir(self.ws_worker[1])
+            directory = self.ws_worker[1]  # created private (0700) by the supervisor
             path = os.path.join(directory, f"worker-{self.ws_worker[0]}.sock")
             try:
                 os.unlink(path)  # a predecessor's (this index is ours now)
@@ -371,13 +362,6 @@ class Gateway:
                 os.unlink(self.ws_socket)
             except OSError:
                 pass
-            directory = os.path.dirname(self.ws_socket)
-            try:
-                if os.listdir(directory) == ["host-tag"]:  # the last worker out removes it
-                    os.unlink(os.path.join(directory, "host-tag"))
-                    os.rmdir(directory)
-            except OSError:
-                pass
             self.ws_socket = None
         if self._ws_bus is not None:
             bus, self._ws_bus = self._ws_bus, None
@@ -398,62 +382,3 @@ class Gateway:
             if transport is not None:
                 transport.abort()
         await asyncio.sleep(0)
-
-
-def _socket_dir(path: str) -> str:
-    """The workers' private socket directory: created 0700, or refused when it is not ours."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise RuntimeError(f"{path} is not a private directory of this user: refusing to put "
-                           "the workers' admin sockets there")
-    return path
-
-
-def _host_tag(directory: str) -> bytes:
-    """The 4-byte tag the workers of one supervisor share (published once, atomically)."""
-    path = os.path.join(directory, "host-tag")
-    for _ in range(100):
-        try:
-            with open(path, "rb") as fh:
-                tag = fh.read()
-            if len(tag) == 4:
-                return tag
-        except FileNotFoundError:
-            pass
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(os.urandom(4))
-        try:
-            os.link(tmp, path)  # atomic: the first worker's tag wins
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    raise RuntimeError(f"cannot read the host tag in {path}")
-
-
-def _attach_ws_table(name: str, n_limits: int, index: int) -> Any:
-    """A shared-memory table with one bucket per WebSocket API for the workers of one
-    supervisor: the first worker creates it, the others attach (None if that fails)."""
-    from .shared_limits import MAX_WORKERS, SharedLimitTable
-
-    if index >= MAX_WORKERS:
-        return None
-    try:
-        SharedLimitTable.create(name, MAX_WORKERS, n_limits).close()
-    except FileExistsError:
-        pass
-    for _ in range(100):
-        try:
-            return SharedLimitTable.attach(name, index)
-        except ValueError:  # being initialised by another worker
-            time.sleep(0.01)
-        except (OSError, RuntimeError) as exc:
-            log.warning("websocket connection limits are per worker: %s", exc)
-            return None
-    log.warning("websocket connection limits are per worker: %s is not initialised", name)
-    return None

@@ -17,6 +17,7 @@ Every factory answers the same four questions -- `server()`, `route(rc)`, `plan(
 talks to. Limit indices in shared memory are fixed by the config (0 = server-wide,
 1 + i = routes[i], plans after the routes), the same in every worker. Redis key names
 come from the route key and plan name, the same on every host with the same config.
+WebSocket APIs' new-connection buckets follow the plans in the same table (`ws_api_index`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ from .throttle import BucketMap, LevelChain, Policy, ThrottleChain, TokenBucket
 if TYPE_CHECKING:
     from .model import Config, RouteConfig
 
-__all__ = ["LocalLimits", "SharedLimits", "ClusterLimits", "limits_for"]
+__all__ = ["LocalLimits", "SharedLimits", "ClusterLimits", "limits_for", "ws_api_index", "shared_limit_count"]
+
+
+def ws_api_index(config: Config, i: int) -> int:
+    """Shared-memory index of the i-th WebSocket API's new-connection bucket."""
+    return 1 + len(config.routes) + len(config.usage_plans) + i
+
+
+def shared_limit_count(config: Config) -> int:
+    """Indices the supervisor's shared tables need: server, routes, plans, WebSocket APIs."""
+    return ws_api_index(config, len(config.websocket_apis))
 
 
 class LocalLimits:

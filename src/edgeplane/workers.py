@@ -24,8 +24,10 @@ import logging
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -34,6 +36,7 @@ import uvloop
 from .config import load_config
 from .gateway import Gateway
 from .model import Config
+from .limits import shared_limit_count
 from .shared_keys import SharedKeyTable
 from .shared_limits import SharedLimitTable
 
@@ -141,6 +144,8 @@ class Supervisor:
         self.stopping = False
         self.shared_table: SharedLimitTable | None = None
         self.keyed_table: SharedKeyTable | None = None
+        self.ws_dir: str | None = None  # WebSocket APIs: the workers' admin sockets
+        self.ws_host_tag = ""
 
     def _resolve_ports(self) -> None:
         raw = json.loads(json.dumps(self.config.raw))
@@ -167,6 +172,9 @@ class Supervisor:
             env[ENV_SHARED] = self.shared_table.name
         if self.keyed_table is not None:
             env[ENV_SHARED_KEYS] = self.keyed_table.name
+        if self.ws_dir is not None:
+            env["EDGEPLANE_WS_SOCKET_DIR"] = self.ws_dir
+            env["EDGEPLANE_WS_HOST_TAG"] = self.ws_host_tag
         env["EDGEPLANE_WORKER_INDEX"] = str(i)
         proc = subprocess.Popen(
             [sys.executable, "-c", "from edgeplane.workers import worker_main; raise SystemExit(worker_main())"],
@@ -188,13 +196,19 @@ class Supervisor:
         cfg = self.config
         plan_limits = any(p.throttle for p in cfg.usage_plans.values())
         if cfg.cluster is None and (cfg.throttle is not None or any(r.throttle for r in cfg.routes)
-                                    or plan_limits):
+                                    or plan_limits or cfg.websocket_apis):
             # Tables for the whole server, so every limit holds across workers (indices:
-            # 0 = server-wide, 1 + i = routes[i], then the usage plans; see limits.py).
-            n_limits = 1 + len(cfg.routes) + len(cfg.usage_plans)
+            # 0 = server-wide, 1 + i = routes[i], then the usage plans, then the WebSocket
+            # APIs' new-connection buckets; see limits.py).
+            n_limits = shared_limit_count(cfg)
             self.shared_table = SharedLimitTable.create(f"edgeplane-{os.getpid()}", self.n, n_limits)
             if plan_limits or any(r.throttle and r.throttle.key for r in cfg.routes):
                 self.keyed_table = SharedKeyTable.create(f"edgeplane-{os.getpid()}-keys", self.n, n_limits)
+        if cfg.websocket_apis:
+            # @connections calls reach the worker that holds a connection through its
+            # Unix socket in this private directory; the host tag goes into every id.
+            self.ws_dir = tempfile.mkdtemp(prefix=f"edgeplane-{os.getpid()}-")
+            self.ws_host_tag = os.urandom(4).hex()
         stop_signal = []
         signal.signal(signal.SIGTERM, lambda s, f: stop_signal.append(s))
         signal.signal(signal.SIGINT, lambda s, f: stop_signal.append(s))
@@ -245,6 +259,8 @@ class Supervisor:
             if table is not None:
                 table.close()
                 table.unlink()
+        if self.ws_dir is not None:
+            shutil.rmtree(self.ws_dir, ignore_errors=True)
         for sock in self.placeholders:
             sock.close()
         return code
