@@ -101,6 +101,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -388,7 +389,7 @@ class _Leg(asyncio.Protocol):
 class Relay:
     """One relayed WebSocket connection. See the module docstring for the contract."""
 
-    __slots__ = ("loop", "settings", "client", "upstream", "closing", "closed", "last_data",
+    __slots__ = ("_t0", "loop", "settings", "client", "upstream", "closing", "closed", "last_data",
                  "max_message_bytes", "_stats", "_on_closed", "_timer", "_timer_at",
                  "_close_deadline", "_final")
 
@@ -399,6 +400,7 @@ class Relay:
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self._stats = RelayStats(now)
+        self._t0 = time.perf_counter()  # duration: loop.time() is coarse (ms) under uvloop
         self._on_closed = on_closed
         self.closing = False  # a close has started: no more data is relayed
         self.closed = False  # both transports closed, on_closed called
@@ -635,7 +637,7 @@ class Relay:
             self._timer = None
         self._sync_stats()
         s = self._stats
-        s.duration = self.loop.time() - s.started
+        s.duration = time.perf_counter() - self._t0
         cb, self._on_closed = self._on_closed, None
         if cb is not None:
             try:
