@@ -154,7 +154,7 @@ async def test_a_thousand_concurrent_proxied_websockets(gateway, ws_upstream):
     addr = gw.addresses[0]
     clients = await asyncio.gather(*(WsClient.connect(addr) for _ in range(1000)))
     assert {c.status for c in clients} == {101}
-    assert len(gw.context.websockets) == 1000
+    assert len(gw.context.websockets) == 1000 and gw.stats()["websockets_open"] == 1000
     for i, c in enumerate(clients):
         c.send_text(f"m{i}")
     answers = await asyncio.gather(*(c.recv() for c in clients))

@@ -298,6 +298,7 @@ class Gateway:
         return {
             "pid": os.getpid(),
             "connections_open": len(ctx.connections),
+            "websockets_open": len(ctx.websockets),  # proxied and terminated
             "access_log_lines": self.access_log.lines,
             **ctx.stats.as_dict(),
             "authorizers": {name: s.telemetry() for name, s in self.auth_sources.items()},
