@@ -349,7 +349,7 @@ class Gateway:
             self.ws_registry.forwarder = WorkerForwarder(
                 lambda i: os.path.join(directory, f"worker-{i}.sock"))
         if cfg.cluster is not None:
-            from .ws_connections import RedisBus
+            from .ws_bus import RedisBus
 
             c = cfg.cluster
             self._ws_bus = RedisBus(self.ws_registry, c.redis, c.key_prefix,
