@@ -169,3 +169,38 @@ async def test_a_thousand_concurrent_proxied_websockets(gateway, ws_upstream):
         await asyncio.sleep(0.02)
     assert not gw.context.websockets
     assert gw.upstreams["chat"].telemetry(gw.loop.time())  # the pool is sane afterwards
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_synchronous_detach_keeps_bytes_sent_with_the_upgrade(gateway, ws_upstream, parser):
+    """A WebSocket handler that accepts inside dispatch (before the parser has returned)
+    still gets the bytes that came in the same read as the upgrade request."""
+    up = await ws_upstream()
+    gw = await gateway(ws_config(up.port, http={"parser": parser}))
+    got = bytearray()
+
+    class Sink(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.extend(data)
+
+    class SyncAccept:
+        def handle(self, proto, req):
+            proto.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            transport, tail = proto.detach()
+            sink = Sink()
+            transport.set_protocol(sink)
+            if tail:
+                sink.data_received(tail)
+
+    gw.context.snapshot.websocket_apis[b"/sync"] = SyncAccept()
+    reader, writer = await asyncio.open_connection(*gw.addresses[0])
+    writer.write(b"GET /sync HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                 b"FRAME-BYTES")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.01)
+    assert bytes(got) == b"FRAME-BYTES"
+    writer.close()

@@ -317,6 +317,13 @@ class HttpProtocol(asyncio.Protocol):
         req = self._last_parsed
         if req is not None and req.websocket:
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            transport = self.transport
+            if self._closed and transport is not None and transport.get_protocol() is not self:
+                # `detach` ran during this very read (a handler accepted synchronously):
+                # the rest of the read belongs to the new protocol.
+                if offset < len(data) and not transport.is_closing():
+                    transport.get_protocol().data_received(data[offset:])
+                return
             self._upgrade_tail = bytearray(data[offset:])
             if req.responded:  # already answered as plain HTTP (a 404, a mock): go on as HTTP
                 self.resume_http()
@@ -462,6 +469,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         req = self._parsing
+        if req is None:  # detached during this read (a WebSocket accepted synchronously)
+            return
         self._parsing = None
         req.complete = True
         if req.exchange is not None:
