@@ -358,3 +358,27 @@ async def test_redis_frozen_counts_as_down_and_nothing_hangs(upstream, gateway, 
             break
         await asyncio.sleep(0.05)
     assert gw.limiter.up
+
+
+async def test_a_quota_flush_sent_twice_is_counted_once(redis_server):
+    """A flush whose answer timed out may have been applied: it is sent again as the same
+    batch with the same id, and the script applies an id once."""
+    from edgeplane.cluster import RedisQuotaStore
+    from edgeplane.quota import QuotaPeriod
+
+    limiter = RedisLimiter(ClusterConfig(redis=redis_server.url))
+    store = RedisQuotaStore(limiter, [QuotaPeriod("DAY")])
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    try:
+        for _ in range(2):  # the same batch twice, as after a timeout
+            store._unsent = ("fixed-flush-id", {("k1", day): 3})
+            assert await store.aflush() == 3
+        store._unsent = ("another-id", {("k1", day): 2})
+        await store.aflush()
+        raw = Redis.from_url(redis_server.url)
+        assert int(await raw.get(f"edgeplane:q:{day}:k1")) == 5
+        assert 0 < await raw.ttl("edgeplane:qf:fixed-flush-id") <= 3600
+        await raw.aclose()
+        assert store.counter.used("k1", time.time()) == 5 and store.pending() == 0
+    finally:
+        await limiter.close()

@@ -204,3 +204,48 @@ async def test_synchronous_detach_keeps_bytes_sent_with_the_upgrade(gateway, ws_
         await asyncio.sleep(0.01)
     assert bytes(got) == b"FRAME-BYTES"
     writer.close()
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"])
+async def test_upgrade_request_with_a_body_is_refused(gateway, ws_upstream, framing):
+    """llhttp ends an upgrade request at its head: a declared body would reach the
+    upstream as the next request on a pooled connection (smuggling). 400, and closed."""
+    up = await ws_upstream()
+    gw = await gateway(ws_config(up.port))
+    reader, writer = await asyncio.open_connection(*gw.addresses[0])
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                 + framing + b"\r\nGET /internal HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 400")
+    await asyncio.wait_for(reader.read(), 5)  # the body, then EOF: the connection is closed
+    writer.close()
+    assert up.requests == []
+
+
+async def test_upgrade_pipelined_behind_a_request_keeps_its_early_frames(gateway, ws_upstream):
+    """A WebSocket handshake queued behind another request: the frames the client sends
+    right after it are kept for the relay, not parsed as HTTP."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import TextMessage
+
+    up = await ws_upstream()
+    gw = await gateway(ws_config(up.port))
+    reader, writer = await asyncio.open_connection(*gw.addresses[0])
+    ws = Connection(ConnectionType.CLIENT)
+    writer.write(b"GET /ping HTTP/1.1\r\nHost: gw.test\r\n\r\n"
+                 b"GET /ws HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                 + ws.send(TextMessage(data="early hello")))
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert first.startswith(b"HTTP/1.1 200")
+    length = int([ln for ln in first.split(b"\r\n") if ln.lower().startswith(b"content-length")][0].split(b":")[1])
+    await reader.readexactly(length)
+    second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert second.startswith(b"HTTP/1.1 101")
+    for _ in range(100):
+        if up.received:
+            break
+        await asyncio.sleep(0.01)
+    assert up.received == ["early hello"]
+    writer.close()

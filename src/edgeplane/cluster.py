@@ -74,8 +74,9 @@ Quotas in Redis
 ---------------
 Counts live under ``PREFIX q:PERIOD:KEYID`` (period keys as `quota.QuotaPeriod`). The
 tick's `RedisQuotaStore.aflush` sends this worker's deltas with ``INCRBY`` and reads back
-the totals of every key it knows in the live periods (one pipeline); the counter admits
-against those totals plus its own admissions since. The bound is `quota.QuotaStore`'s:
+the totals of every key it knows in the live periods (one script call, applied once per
+flush id, so a call that timed out after Redis applied it is not counted twice when it is
+sent again); the counter admits against those totals plus its own admissions since. The bound is `quota.QuotaStore`'s:
 a key's quota can be exceeded by what *other* workers admitted in two flush intervals.
 If Redis is down the deltas stay in memory and are sent when it is back (lost only if
 the process dies first). Keys expire 35 days after their period ends.
@@ -87,6 +88,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -132,6 +134,24 @@ local ttl = math.ceil((burst - tokens) / rate * 1000) + 1000
 if ttl > 2592000000 then ttl = 2592000000 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {grant, string.format('%.17g', tokens)}
+"""
+
+# One quota flush: KEYS = [flush marker, the batch's keys..., keys only read...];
+# ARGV = [n, n deltas, n TTLs]. Applied once per flush id (the marker), then every key's
+# total is returned (absent = 0).
+_QUOTA_SCRIPT = """
+local n = tonumber(ARGV[1])
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) then
+  for i = 1, n do
+    redis.call('INCRBY', KEYS[i + 1], ARGV[i + 1])
+    redis.call('EXPIRE', KEYS[i + 1], ARGV[n + i + 1])
+  end
+end
+local out = {}
+for i = 2, #KEYS do
+  out[i - 1] = redis.call('GET', KEYS[i]) or '0'
+end
+return out
 """
 
 _RETENTION = 35 * 86400  # quota keys outlive their period by this long (for `edgeplane usage`)
@@ -241,7 +261,9 @@ class LeasedLimit:
         if b is None:
             b = buckets[key] = LeasedBucket(self, self.prefix + _client_part(key))
             if len(buckets) > self.max_entries:
-                buckets.popitem(last=False)  # its held tokens are forgone (under-admission)
+                _, old = buckets.popitem(last=False)  # its held tokens are forgone (under-admission)
+                if old.debt and not old.inflight:
+                    self.limiter.refill(old)  # but what it admitted on credit is still charged
         else:
             buckets.move_to_end(key)
         return b
@@ -416,6 +438,7 @@ class RedisQuotaStore:
         self.periods = periods
         self.counter = QuotaCounter(periods[0] if periods else QuotaPeriod("DAY"))
         self.flushes = 0
+        self._unsent: tuple[str, dict] | None = None  # (flush id, deltas) not yet acknowledged
 
     async def aload(self) -> int:
         """Read every key's count in the current periods (SCAN; at start)."""
@@ -431,38 +454,41 @@ class RedisQuotaStore:
         return len(totals)
 
     async def aflush(self, now: float | None = None) -> int:
+        """Send this worker's admissions (one atomic, idempotent script call) and read back
+        the totals of every key it knows in the live periods."""
         now = time.time() if now is None else now
         counter = self.counter
         counter.observe(now)
-        deltas = counter.take_deltas()
+        if self._unsent is None:
+            self._unsent = (os.urandom(8).hex(), counter.take_deltas())
+        flush_id, deltas = self._unsent
         live = set(counter.live_periods())
         known = [k for k in counter.known_keys() if k[1] in live and k not in deltas]
         ends = {p.period_key(now): p.reset_at(now) for p in self.periods}
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            order = list(deltas) + known
-            for k in deltas:
-                rkey = _quota_key(self.prefix, k[1], k[0])
-                pipe.incrby(rkey, deltas[k])
-                pipe.expire(rkey, max(1, int(ends.get(k[1], now) - now) + _RETENTION))
-            for k in known:
-                pipe.get(_quota_key(self.prefix, k[1], k[0]))
-            replies = await asyncio.wait_for(pipe.execute(), self.limiter.config.timeout * 4)
-        except BaseException:
-            counter.restore_deltas(deltas)
-            raise
-        values = replies[0:2 * len(deltas):2] + replies[2 * len(deltas):]
-        totals = {k: int(v) if v is not None else 0 for k, v in zip(order, values)}
-        counter.apply_totals(totals)
+        order = list(deltas) + known
+        keys = [self.prefix + b"qf:" + flush_id.encode()]
+        keys += [_quota_key(self.prefix, k[1], k[0]) for k in order]
+        args = [len(deltas)] + [deltas[k] for k in deltas]
+        args += [max(1, int(ends.get(k[1], now) - now) + _RETENTION) for k in deltas]
+        # A timed-out call may still have been applied: the batch is kept as it is, with
+        # its id, and sent again until an answer comes; the script applies an id once.
+        values = await asyncio.wait_for(self.client.eval(_QUOTA_SCRIPT, len(keys), *keys, *args),
+                                        self.limiter.config.timeout * 4)
+        self._unsent = None
+        counter.apply_totals({k: int(v) for k, v in zip(order, values)})
         self.flushes += 1
         return sum(deltas.values())
+
+    def pending(self) -> int:
+        """Admitted here and not yet in Redis (what a crash now would lose)."""
+        return self.counter.pending() + (sum(self._unsent[1].values()) if self._unsent else 0)
 
     async def aclose(self) -> None:
         try:
             await self.aflush()
         except REDIS_ERRORS as exc:
             log.warning("quota counts not written to redis at stop (%s): %d requests unaccounted",
-                        exc.__class__.__name__, self.counter.pending())
+                        exc.__class__.__name__, self.pending())
 
 
 async def _scan_values(client: Redis, head: bytes, batch: int = 1000):

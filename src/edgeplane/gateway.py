@@ -241,6 +241,8 @@ class Gateway:
         for ctx in contexts:
             for proto in list(ctx.connections):
                 proto.transport.abort()
+        # Handshakes that completed during the drain (their 101 came after the first pass).
+        await self._close_websockets(0.5)
         await self._close_servers()
         if self.ws_registry is not None:  # $disconnect calls still running need the pools
             await self.ws_registry.drain(min(max(timeout, 0.5), 5.0))
@@ -379,7 +381,9 @@ class Gateway:
         while ctx.websockets and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for ws in list(ctx.websockets):
-            transport = getattr(ws, "transport", None)
-            if transport is not None:
-                transport.abort()
+            abort = getattr(ws, "abort", None)  # a proxied relay: both legs
+            if abort is not None:
+                abort()
+            elif getattr(ws, "transport", None) is not None:
+                ws.transport.abort()
         await asyncio.sleep(0)

@@ -430,8 +430,14 @@ class HttpProtocol(asyncio.Protocol):
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive() and not ctx.draining
-        if parser.should_upgrade() and req.method == b"GET" and req.version == "1.1":
-            req.websocket = _is_websocket(req.headers)
+        if parser.should_upgrade():
+            if req.content_length or req.chunked:
+                # llhttp ends an upgrade request at its head: a declared body would be
+                # neither read nor sent, and the upstream would take it as the next
+                # request on a pooled connection (smuggling). Refused.
+                self._refuse(req, 400, "upgrade request with a body")
+            elif req.method == b"GET" and req.version == "1.1":
+                req.websocket = _is_websocket(req.headers)
         self._last_parsed = req
         self._check_head(req)
         if req.local_status:
@@ -658,8 +664,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._parser_dead or (not req.complete and (req.chunked or bool(req.content_length)))
             )
         elif req.complete:
+            refused_upgrade = self._upgrade_tail is not None and req is self._last_parsed
             self._advance()
-            if self._upgrade_tail is not None:  # an upgrade refused with this response
+            if refused_upgrade:  # this response refused the upgrade: the connection stays HTTP
                 self.resume_http()
         else:
             # The body is still arriving; it is read and dropped, then we move on.

@@ -193,6 +193,20 @@ class Supervisor:
 
     def run(self) -> int:
         self._resolve_ports()
+        try:
+            self._create_shared_state()
+            stop_signal: list[int] = []
+            signal.signal(signal.SIGTERM, lambda s, f: stop_signal.append(s))
+            signal.signal(signal.SIGINT, lambda s, f: stop_signal.append(s))
+            for i in range(self.n):
+                self._spawn(i)
+        except BaseException:
+            self._shutdown()  # no table, directory or worker is left behind
+            raise
+        self._supervise(stop_signal)
+        return self._shutdown()
+
+    def _create_shared_state(self) -> None:
         cfg = self.config
         plan_limits = any(p.throttle for p in cfg.usage_plans.values())
         if cfg.cluster is None and (cfg.throttle is not None or any(r.throttle for r in cfg.routes)
@@ -209,11 +223,8 @@ class Supervisor:
             # Unix socket in this private directory; the host tag goes into every id.
             self.ws_dir = tempfile.mkdtemp(prefix=f"edgeplane-{os.getpid()}-")
             self.ws_host_tag = os.urandom(4).hex()
-        stop_signal = []
-        signal.signal(signal.SIGTERM, lambda s, f: stop_signal.append(s))
-        signal.signal(signal.SIGINT, lambda s, f: stop_signal.append(s))
-        for i in range(self.n):
-            self._spawn(i)
+
+    def _supervise(self, stop_signal: list[int]) -> None:
         addrs = ", ".join(self.worker_raw["listen"])
         admin = self.worker_raw.get("admin", {}).get("listen")
         admin = f"; admin {admin}" if admin else ""
@@ -236,7 +247,6 @@ class Supervisor:
                 elif now >= restart_at[i] and not stop_signal:
                     del restart_at[i]
                     self._spawn(i)
-        return self._shutdown()
 
     def _shutdown(self) -> int:
         log.info("supervisor stopping: draining %d workers", self.n)
@@ -259,8 +269,10 @@ class Supervisor:
             if table is not None:
                 table.close()
                 table.unlink()
+        self.shared_table = self.keyed_table = None
         if self.ws_dir is not None:
             shutil.rmtree(self.ws_dir, ignore_errors=True)
+            self.ws_dir = None
         for sock in self.placeholders:
             sock.close()
         return code

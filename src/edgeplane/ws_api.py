@@ -422,10 +422,11 @@ def _accept(api: WsApi, proto: HttpProtocol, req: Request, conn_id: str, protoco
     head.append(b"\r\n")
     proto.transport.write(b"".join(head))
     api.source_ip(proto, req)
+    paused = proto.write_paused
     transport, tail = proto.detach()
     conn = WsConnection(api, proto, req, conn_id, transport)
     transport.set_protocol(conn)
-    conn.start(tail)
+    conn.start(tail, paused)
 
 
 def build_websocket_apis(config: Config, upstreams: dict[str, Upstream], verifiers: dict[str, Any],

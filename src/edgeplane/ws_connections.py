@@ -119,7 +119,7 @@ class WsConnection(asyncio.Protocol):
         "parts", "size", "in_flight", "reading_paused", "bytes_sent", "tokens", "tokens_at",
         "close_code", "close_reason", "closing", "closed", "close_deadline", "_timer",
         "_timer_at", "next_ping", "pong_due", "write_paused_at", "messages_in", "messages_out",
-        "bytes_in",
+        "bytes_in", "pending_pong",
     )
 
     def __init__(self, api: WsApi, proto: HttpProtocol, req: Request, conn_id: str,
@@ -159,13 +159,16 @@ class WsConnection(asyncio.Protocol):
         self.next_ping = now + interval if interval > 0 else _INF
         self.pong_due = _INF
         self.write_paused_at = _INF
+        self.pending_pong: Any = None  # the newest ping received while writes were paused
         self.messages_in = 0
         self.messages_out = 0
         self.bytes_in = 0
 
-    def start(self, tail: bytes) -> None:
+    def start(self, tail: bytes, write_paused: bool = False) -> None:
         self.registry.add(self)
         self.proto.ctx.websockets.add(self)
+        if write_paused:  # asyncio paused the HTTP protocol's writes and will not say so again
+            self.pause_writing()
         self._schedule()
         if tail:
             self.data_received(tail)
@@ -187,7 +190,9 @@ class WsConnection(asyncio.Protocol):
                     self._on_data(event)
             elif kind is Ping:
                 self.last_active = self.loop.time()
-                if ws.state is ConnectionState.OPEN:
+                if self.write_paused_at != _INF:
+                    self.pending_pong = event  # RFC 6455 5.5.3: the newest is enough
+                elif ws.state is ConnectionState.OPEN:
                     self._write(ws.send(event.response()))
             elif kind is Pong:
                 self.pong_due = _INF
@@ -280,15 +285,20 @@ class WsConnection(asyncio.Protocol):
             self._write(ws.send(CloseConnection(code=event.code, reason=event.reason)))
         self.closing = True
         self.transport.close()
+        # close() waits for the write buffer to drain: bound it for a client not reading
+        self.close_deadline = min(self.close_deadline, self.loop.time() + CLOSE_WAIT)
+        self._schedule()
 
     # ------------------------------------------------------------------ output
     def _write(self, data: bytes) -> None:
+        if self.closed:  # the client left while a backend call was running
+            return
         self.bytes_sent += len(data)
         self.transport.write(data)
 
     def send(self, data: bytes | str) -> bool:
         """Send one message (text when it is UTF-8, else binary); False if closed."""
-        if self.closing or self.ws.state is not ConnectionState.OPEN:
+        if self.closed or self.closing or self.ws.state is not ConnectionState.OPEN:
             return False
         if isinstance(data, bytes):
             try:
@@ -323,6 +333,9 @@ class WsConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused_at = _INF
+        ping, self.pending_pong = self.pending_pong, None
+        if ping is not None and not self.closed and self.ws.state is ConnectionState.OPEN:
+            self._write(self.ws.send(ping.response()))
 
     def eof_received(self) -> bool | None:
         return None
@@ -386,7 +399,12 @@ class WsConnection(asyncio.Protocol):
         now = self.loop.time()
         lim = self.limits
         if now >= self.close_deadline:
+            if self.transport.is_closing():  # closed but not drained: the client is not reading
+                self.transport.abort()
+                return
             self.transport.close()  # the client did not answer our close frame
+            self.close_deadline = now + CLOSE_WAIT  # and then at most this long to drain
+            self._schedule()
             return
         if not self.closing:
             if now >= self.started + lim.max_lifetime:

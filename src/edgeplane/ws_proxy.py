@@ -197,12 +197,16 @@ class WsUpgradeExchange(ProxyExchange):
         self.conn = None
         self.pool.detach(conn)
         req.integration_latency = None
+        paused = proto.write_paused
         client_transport, client_tail = proto.detach()
         relay = start_relay(proto.loop, client_transport, conn.transport, settings=self.settings,
-                            client_tail=client_tail, upstream_tail=tail, on_closed=self._closed)
+                            client_tail=client_tail, upstream_tail=tail, on_closed=self._closed,
+                            client_write_paused=paused)
         self.relay = relay
         if not relay.closed:
             proto.ctx.websockets.add(relay)
+            if proto.ctx.draining:  # the gateway began stopping while this handshake ran
+                relay.close(1001, "going away")
 
     def _closed(self, stats: Any) -> None:
         proto = self.proto

@@ -424,6 +424,12 @@ class Relay:
         """Gateway drain: close both legs with ``code``; done within close_timeout."""
         self._gateway_close("shutdown", None, code, reason, code, reason)
 
+    def abort(self) -> None:
+        """Drop both TCP connections now (a stopping gateway whose drain time is up)."""
+        for leg in (self.client, self.upstream):
+            if leg is not None and not leg.transport.is_closing():
+                leg.transport.abort()
+
     # -- timer --------------------------------------------------------------------------
     def _arm(self, when: float) -> None:
         if when < self._timer_at and not self.closed:
@@ -649,11 +655,15 @@ class Relay:
 def start_relay(loop: asyncio.AbstractEventLoop, client_transport: asyncio.Transport,
                 upstream_transport: asyncio.Transport, *, settings: RelaySettings,
                 client_tail: bytes = b"", upstream_tail: bytes = b"",
-                on_closed: Callable[[RelayStats], None] | None = None) -> Relay:
+                on_closed: Callable[[RelayStats], None] | None = None,
+                client_write_paused: bool = False) -> Relay:
     """Take over two upgraded transports and relay WebSocket frames between them.
 
-    The transports must be connected and not write-paused (a 101 is small). A transport
-    already closing is treated as an abrupt close of that leg. ``on_closed`` is called
+    ``client_write_paused``: the client transport had paused its previous protocol's
+    writes (a client that does not read what it asked for before upgrading); asyncio
+    will not say so again, so the relay starts that leg paused (backpressure and
+    ``send_timeout`` apply from the start). A transport already closing is treated as an
+    abrupt close of that leg. ``on_closed`` is called
     once, from the event loop, after both transports are closed (never from inside this
     call)."""
     relay = Relay(loop, settings, on_closed)
@@ -666,6 +676,8 @@ def start_relay(loop: asyncio.AbstractEventLoop, client_transport: asyncio.Trans
         client.bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
     client_transport.set_protocol(client)
     upstream_transport.set_protocol(upstream)
+    if client_write_paused:
+        client.pause_writing()
     first = min(now + settings.idle_timeout, now + settings.max_lifetime)
     if settings.ping_interval:
         first = min(first, now + settings.ping_interval)
