@@ -107,7 +107,10 @@ class WsUpgradeExchange(ProxyExchange):
     def __init__(self, integ: Any, proto: Any, req: Any, settings: Any) -> None:
         super().__init__(integ, proto, req)
         self.settings = settings
-        self.replay = None  # an upgrade is never retried on another connection
+        # A handshake has no body: like any GET it is retried once on a fresh connection
+        # when a reused one turns out closed before answering (the client's bytes after
+        # the head wait in the server protocol meanwhile).
+        self.replay = []
         headers = req.headers
         key = _header(headers, b"sec-websocket-key") or b""
         self.accept = accept_key(key)
