@@ -15,13 +15,13 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 import uuid
 
 import pytest
 
+from shm_workers import run_workers
 from edgeplane.shared_keys import SharedKeyTable
 from edgeplane.shared_limits import SHM_DIR, SharedLimitTable
 from edgeplane.throttle import TokenBucket
@@ -396,29 +396,10 @@ def hammer(n_workers: int, seconds: float, rate: float = 1000, burst: float = 10
     """n_workers real processes hammer key "client-a" of one keyed limit from a shared
     start time; worker 0 also hammers "client-b", which nobody else touches."""
     sup = SharedKeyTable.create(_name(), n_workers, 1)
-    procs = []
-    try:
-        for i in range(n_workers):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", CHILD, sup.name, str(i), str(rate), str(burst)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-        tags = [json.loads(p.stdout.readline())["tag"] for p in procs]
-        assert tags == [sup.tag("client-a")] * n_workers   # same hash in every process
-        start = time.monotonic() + 0.1
-        end = start + seconds
-        for p in procs:
-            p.stdin.write(f"{start!r} {end!r}\n")
-            p.stdin.flush()
-        results = [json.loads(p.stdout.readline()) for p in procs]
-        for p in procs:
-            assert p.wait(10) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        sup.close()
-        sup.unlink()
+    tag_a = sup.tag("client-a")  # read before the run: the table is closed after it
+    ready, results, start = run_workers(CHILD, sup, n_workers, seconds, rate, burst)
+    tags = [json.loads(line)["tag"] for line in ready]
+    assert tags == [tag_a] * n_workers   # same hash in every process
     # T from the processes' own clock readings: the first check's to the last check's
     t = max(r["last"] for r in results) - min(r["first"] for r in results)
     t_b = results[0]["last"] - results[0]["first"]

@@ -11,13 +11,13 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 import uuid
 
 import pytest
 
+from shm_workers import run_workers
 from edgeplane.shared_limits import SharedLimitTable
 
 pytestmark = pytest.mark.timeout(30)
@@ -218,29 +218,8 @@ table.close()
 def hammer(n_workers: int, seconds: float, rate: float = 1000, burst: float = 100) -> dict:
     """n_workers real processes hammer one shared bucket from a shared start time."""
     sup = SharedLimitTable.create(_name(), n_workers, 4)
-    procs = []
-    try:
-        for i in range(n_workers):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", CHILD, sup.name, str(i), str(rate), str(burst)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-        for p in procs:
-            assert p.stdout.readline().strip() == "ready"
-        start = time.monotonic() + 0.1
-        end = start + seconds
-        for p in procs:
-            p.stdin.write(f"{start!r} {end!r}\n")
-            p.stdin.flush()
-        results = [json.loads(p.stdout.readline()) for p in procs]
-        for p in procs:
-            assert p.wait(10) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        sup.close()
-        sup.unlink()
+    ready, results, start = run_workers(CHILD, sup, n_workers, seconds, rate, burst)
+    assert ready == ["ready"] * n_workers
     total = sum(r["admitted"] for r in results)
     checks = sum(r["checks"] for r in results)
     return {

@@ -144,7 +144,7 @@ import struct
 import time
 
 from .shared_limits import (MAX_LIMITS, MAX_WORKERS, _check_index, _claim_worker, _create_segment,
-                            _existing_view, _map_segment, _shm_path)
+                            _existing_view, _map_segment, _Segment)
 
 __all__ = ["SharedKeyTable", "SharedKeyedLimit", "SharedKeyBucket", "MAX_SLOTS"]
 
@@ -331,9 +331,11 @@ class SharedKeyedLimit:
         return self._read(h, off)[0]
 
 
-class SharedKeyTable:
+class SharedKeyTable(_Segment):
     """A shared-memory table of `n_limits` keyed limits for `n_workers` processes, each
     with `slots` slots per limit."""
+
+    KIND = "shared key table"
 
     def __init__(self, name: str, mm: mmap.mmap, n_workers: int, n_limits: int, slots: int,
                  epoch: float, salt: bytes, worker_index: int | None) -> None:
@@ -417,18 +419,6 @@ class SharedKeyTable:
         self._mm.close()
         self._mm = None
 
-    def unlink(self) -> None:
-        """Supervisor side: remove the segment's name (mappings stay valid until closed)."""
-        try:
-            os.unlink(_shm_path(self.name, "shared key table"))
-        except FileNotFoundError:
-            pass
-
-    def __enter__(self) -> SharedKeyTable:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ limits
     def limit(self, limit_index: int, rate: float, burst: float) -> SharedKeyedLimit:

@@ -304,8 +304,34 @@ class SharedBucket:
         self._m.release()
 
 
-class SharedLimitTable:
+class _Segment:
+    """Lifecycle shared by the shared-memory tables: the supervisor's `unlink`, and use as
+    a context manager (closing the mapping). Subclasses set `name`, `KIND` and `close`."""
+
+    KIND = "shared table"
+    name: str
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def unlink(self) -> None:
+        """Supervisor side: remove the segment's name (mappings stay valid until closed)."""
+        try:
+            os.unlink(_shm_path(self.name, self.KIND))
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SharedLimitTable(_Segment):
     """A shared-memory table of `n_limits` token buckets for `n_workers` processes."""
+
+    KIND = "shared limit table"
 
     def __init__(self, name: str, mm: mmap.mmap, n_workers: int, n_limits: int,
                  epoch: float, worker_index: int | None, owner: bool) -> None:
@@ -381,18 +407,6 @@ class SharedLimitTable:
         self._mm.close()
         self._mm = None
 
-    def unlink(self) -> None:
-        """Supervisor side: remove the segment's name (mappings stay valid until closed)."""
-        try:
-            os.unlink(_shm_path(self.name, "shared limit table"))
-        except FileNotFoundError:
-            pass
-
-    def __enter__(self) -> SharedLimitTable:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ buckets
     def bucket(self, limit_index: int, rate: float, burst: float) -> SharedBucket:
