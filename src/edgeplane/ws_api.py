@@ -362,8 +362,9 @@ class ConnectIntegration:
         conn_id = api.registry.new_id()
         route = api.connect
         if route is None or route.upstream is None:
-            # Nothing to ask: accept once the server has kept what followed the head.
-            proto.loop.call_soon(_accept, api, proto, req, conn_id, None)
+            # Nothing to ask: accept now (`detach` is safe inside dispatch: the bytes that
+            # followed the head in this read go to the connection).
+            _accept(api, proto, req, conn_id, None)
             return
         proto.set_deadline(0, 0)  # the backend call is bounded by its own timeout
         task = proto.loop.create_task(self._ask(proto, req, conn_id, route))
