@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FULL_NOTE = ("full: JWT authorizer (RS256, cached verification) + per-client throttle keyed by the "
-             "JWT sub (limits too high to reject; one worker only for now) + access log + request id + "
+             "JWT sub (limits too high to reject) + access log + request id + "
              "telemetry scrape")
 
 
