@@ -129,3 +129,24 @@ async def test_connect_refused_is_502_and_counted(gateway):
     r = await c.request("GET", "/ping")  # the client connection is still usable
     assert r.status == 200
     await c.close()
+
+
+async def test_a_full_idle_list_closes_the_extra_connection_and_counts_it_once(upstream, gateway):
+    """Four concurrent requests, room for one idle connection: three are closed
+    (idle_pool_full) and `in_use` returns to 0, not below (it was counted down twice, so
+    the pool could later open more than max_connections; found by benches/ws_soak.py)."""
+    gw = await gateway(_config(upstream.port, max_idle=1, max_connections=4))
+    for _ in range(2):  # a second burst must stay within max_connections
+        clients = [await RawClient.connect(gw.addresses[0]) for _ in range(4)]
+        try:
+            for c in clients:
+                await c.send(b"GET /delay/100 HTTP/1.1\r\nHost: x\r\n\r\n")
+            results = await asyncio.gather(*(c.read_response() for c in clients))
+            assert [r.status for r in results] == [200] * 4
+        finally:
+            for c in clients:
+                await c.close()
+        t = await _telemetry(gw)
+        assert t["in_use"] == 0 and t["idle"] <= 1, t
+    assert t["closed"].get("idle_pool_full", 0) >= 3, t
+    assert upstream.connection_count <= 4 + 1

@@ -324,7 +324,6 @@ class TargetPool:
         """`conn` is counted in `in_use`: give it to the first waiter, else idle it."""
         waiter = self._next_waiter()
         if waiter is None:
-            self.in_use -= 1
             self._put_idle(conn)
             return
         self.requests += 1
@@ -333,9 +332,12 @@ class TargetPool:
         waiter.on_connection(conn)
 
     def _put_idle(self, conn: UpstreamConnection) -> None:
+        """`conn`, counted in `in_use`, becomes idle -- or is closed when the idle list is
+        full, and then `on_closed` takes it out of `in_use`: counted down once either way."""
         if self.closing or len(self.idle) >= self.cfg.max_idle:
             conn.close("idle_pool_full" if not self.closing else "shutdown")
             return
+        self.in_use -= 1
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
 
@@ -349,7 +351,6 @@ class TargetPool:
                 self.reused += 1
                 self._hand_over(conn)
             else:
-                self.in_use -= 1
                 self._put_idle(conn)
         else:
             conn.close(reason)
