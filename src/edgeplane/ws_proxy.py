@@ -200,6 +200,10 @@ class WsUpgradeExchange(ProxyExchange):
         self.conn = None
         self.pool.detach(conn)
         req.integration_latency = None
+        # Kept until the connection's log line: only what that line reads.
+        self.head = b""
+        req.headers = []
+        req.body_buf = None
         paused = proto.write_paused
         client_transport, client_tail = proto.detach()
         relay = start_relay(proto.loop, client_transport, conn.transport, settings=self.settings,
