@@ -811,3 +811,17 @@ async def test_frames_sent_with_the_handshake_are_not_lost(backend, gateway, par
         assert events[0].data == 'echo:{"action": "sendMessage"}'
     finally:
         writer.close()
+
+
+async def test_frames_over_32_kib_close_1009_as_aws_does(backend, gateway, clients):
+    """AWS's frame-size limit (32 KB) on WebSocket APIs: a message of two 20 KiB frames
+    is fine (128 KiB per message), one 40 KiB frame closes with 1009."""
+    gw = await gateway(chat_config(backend.port))
+    c = await clients(gw.addresses[0])
+    c.writer.write(c.ws.send(Message(data="a" * 20 * 1024, message_finished=False)))
+    c.writer.write(c.ws.send(Message(data="b" * 20 * 1024, message_finished=True)))
+    r = await backend.wait_for(lambda r: r["path"] == "/default")
+    assert len(r["body"]) == 40 * 1024
+    c.send("z" * 40 * 1024)   # one frame
+    ev = await c.recv()
+    assert isinstance(ev, CloseConnection) and (ev.code, ev.reason) == (1009, "frame too big")

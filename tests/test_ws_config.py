@@ -90,11 +90,13 @@ def test_limits_defaults_inherit_and_override():
 
 
 def test_limits_out_of_range_are_located():
-    errs = errors_of(base(websocket={"max_message_bytes": 0, "idle_timeout": 0, "max_lifetime": "30d",
+    errs = errors_of(base(websocket={"max_message_bytes": 0, "max_frame_bytes": 0, "idle_timeout": 0,
+                                     "max_lifetime": "30d",
                                      "messages_per_second": -1, "message_burst": 0, "ping_interval": "2h",
                                      "pong_timeout": "0s", "connections_per_second": 0, "bogus": 1}))
     text = "\n".join(errs)
-    for where in ("websocket.max_message_bytes", "websocket.idle_timeout", "websocket.max_lifetime",
+    for where in ("websocket.max_message_bytes", "websocket.max_frame_bytes", "websocket.idle_timeout",
+                  "websocket.max_lifetime",
                   "websocket.messages_per_second", "websocket.message_burst", "websocket.ping_interval",
                   "websocket.pong_timeout", "websocket.connections_per_second"):
         assert where + ":" in text, (where, errs)

@@ -1167,6 +1167,10 @@ class _Builder:
         if size > _WS_MAX_MESSAGE:
             self.fail(path + ("max_message_bytes",), f"must be at most 16MiB ({_WS_MAX_MESSAGE} bytes), "
                                                      f"got {_short(section['max_message_bytes'])}")
+        frame = self.size(section, "max_frame_bytes", path, base.max_frame_bytes, low=1)
+        if frame > _WS_MAX_MESSAGE:
+            self.fail(path + ("max_frame_bytes",), f"must be at most 16MiB ({_WS_MAX_MESSAGE} bytes), "
+                                                   f"got {_short(section['max_frame_bytes'])}")
         rate = section.get("messages_per_second", base.messages_per_second)
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
             rate = base.messages_per_second if rate is not None else None
@@ -1182,6 +1186,7 @@ class _Builder:
             self.fail(path + ("message_burst",), f"must be <= {_MAX_THROTTLE:,} (got {burst})")
         return model.WebSocketLimits(
             max_message_bytes=size,
+            max_frame_bytes=frame,
             idle_timeout=self.duration(section, "idle_timeout", path, base.idle_timeout, high=86400.0),
             max_lifetime=self.duration(section, "max_lifetime", path, base.max_lifetime, high=7 * 86400.0),
             messages_per_second=None if rate is None else float(rate),

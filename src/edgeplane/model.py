@@ -207,6 +207,7 @@ class WebSocketLimits:
     the defaults are Amazon API Gateway's."""
 
     max_message_bytes: int = 128 * 1024  # a larger message closes the connection with 1009
+    max_frame_bytes: int = 32 * 1024  # WebSocket APIs: a larger frame closes with 1009 (AWS)
     idle_timeout: float = 600.0  # no message either way (nor a client ping) -> close 1001
     max_lifetime: float = 7200.0  # connection age -> close 1001
     messages_per_second: float | None = None  # per connection, client -> gateway

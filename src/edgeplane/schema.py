@@ -243,6 +243,10 @@ _WEBSOCKET_LIMITS = {
     "properties": {
         "max_message_bytes": {"$ref": "#/$defs/size", "default": "128KiB",
                               "description": "A larger message closes the connection with 1009."},
+        "max_frame_bytes": {"$ref": "#/$defs/size", "default": "32KiB",
+                            "description": "WebSocket APIs: a larger frame closes the connection with 1009 "
+                                           "(AWS's frame-size limit; proxied WebSockets are not limited "
+                                           "per frame)."},
         "idle_timeout": {"$ref": "#/$defs/duration", "default": "10m"},
         "max_lifetime": {"$ref": "#/$defs/duration", "default": "2h"},
         "messages_per_second": {"type": ["number", "null"], "exclusiveMinimum": 0,

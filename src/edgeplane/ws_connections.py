@@ -119,7 +119,7 @@ class WsConnection(asyncio.Protocol):
         "parts", "size", "in_flight", "reading_paused", "bytes_sent", "tokens", "tokens_at",
         "close_code", "close_reason", "closing", "closed", "close_deadline", "_timer",
         "_timer_at", "next_ping", "pong_due", "write_paused_at", "messages_in", "messages_out",
-        "bytes_in", "pending_pong",
+        "bytes_in", "pending_pong", "frame",
     )
 
     def __init__(self, api: WsApi, proto: HttpProtocol, req: Request, conn_id: str,
@@ -160,6 +160,7 @@ class WsConnection(asyncio.Protocol):
         self.pong_due = _INF
         self.write_paused_at = _INF
         self.pending_pong: Any = None  # the newest ping received while writes were paused
+        self.frame = 0  # bytes of the frame being received (max_frame_bytes)
         self.messages_in = 0
         self.messages_out = 0
         self.bytes_in = 0
@@ -202,7 +203,15 @@ class WsConnection(asyncio.Protocol):
 
     def _on_data(self, event: Any) -> None:
         data = event.data
-        self.size += len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+        n = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+        self.size += n
+        self.frame += n  # wsproto hands a frame over in pieces as its bytes arrive
+        if self.frame > self.limits.max_frame_bytes:  # AWS: 32 KB frames
+            self.parts = []
+            self.close(1009, "frame too big")
+            return
+        if event.frame_finished:
+            self.frame = 0
         if self.size > self.limits.max_message_bytes:
             self.parts = []
             self.close(1009, "message too big")
