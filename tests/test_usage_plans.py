@@ -105,3 +105,58 @@ async def test_plan_throttle_holds_across_two_workers(upstream, keys, tmp_path):
         assert 3 <= statuses.count(200) <= 4 and set(statuses) == {200, 429}, statuses
     finally:
         assert await _stop(proc, drain) == 0
+
+
+async def test_plan_route_throttle_replaces_the_plan_default_on_that_route(upstream, gateway, client_factory,
+                                                                           keys, tmp_path):
+    """AWS method throttling: `usage_plans.gold.routes` gives the plan its own per-key
+    bucket on a route; other routes keep the plan's default bucket."""
+    cfg = plan_config(upstream.port, keys, str(tmp_path / "data"))
+    cfg["routes"].append({"route": "GET /search", "auth": "partners",
+                          "integration": {"type": "http", "upstream": "demo"}})
+    cfg["usage_plans"]["gold"]["routes"] = {"GET /search": {"rate": 0.01, "burst": 1}}
+    gw = await gateway(cfg)
+    c = await client_factory(gw.addresses[0])
+    gold = {"X-API-Key": keys["gold"]}
+    assert (await c.request("GET", "/search", headers=gold)).status == 200
+    r = await c.request("GET", "/search", headers=gold)
+    assert r.status == 429 and r.header("ratelimit-policy").startswith('"plan";q=1')
+    for _ in range(3):   # /data: the plan's default bucket (burst 3), untouched by /search
+        assert (await c.request("GET", "/data", headers=gold)).status == 200
+    assert (await c.request("GET", "/data", headers=gold)).status == 429
+
+
+def test_plan_route_throttle_errors_are_located(keys, tmp_path):
+    cfg = plan_config(9001, keys, str(tmp_path))
+    cfg["routes"].append({"route": "GET /open", "integration": {"type": "mock"}})
+    cfg["usage_plans"]["gold"]["routes"] = {"GET /dta": {"rate": 1, "burst": 1},
+                                            "GET /open": {"rate": 1, "burst": 1},
+                                            "GET /data": {"rate": 0, "burst": 1}}
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    text = "\n".join(exc.value.errors)
+    assert "usage_plans.gold.routes.GET /dta: no route has this key; did you mean 'GET /data'?" in text
+    assert "usage_plans.gold.routes.GET /open: the route has no api_key authorizer" in text
+    assert "usage_plans.gold.routes.GET /data" in text
+
+
+@pytest.mark.timeout(60)
+async def test_plan_route_throttle_holds_across_two_workers(upstream, keys, tmp_path):
+    from test_processes import _start_serve, _stop, _worker_pids
+
+    cfg = plan_config(upstream.port, keys, str(tmp_path / "data"))
+    cfg["routes"].append({"route": "GET /search", "auth": "partners",
+                          "integration": {"type": "http", "upstream": "demo"}})
+    cfg["usage_plans"]["gold"]["routes"] = {"GET /search": {"rate": 0.01, "burst": 2}}
+    cfg["workers"] = 2
+    proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
+    try:
+        await _worker_pids(admin)
+        statuses = []
+        for _ in range(10):  # a new connection each time: both workers take part
+            c = await RawClient.connect(addr)
+            statuses.append((await c.request("GET", "/search", headers={"X-API-Key": keys["gold"]})).status)
+            await c.close()
+        assert 2 <= statuses.count(200) <= 3 and set(statuses) == {200, 429}, statuses
+    finally:
+        assert await _stop(proc, drain) == 0

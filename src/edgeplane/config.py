@@ -802,6 +802,14 @@ class _Builder:
                 continue
             path: Path = ("usage_plans", name)
             throttle = self.throttle(spec.get("throttle"), path + ("throttle",), route_level=True)
+            per_route = spec.get("routes") if isinstance(spec.get("routes"), dict) else {}
+            route_throttles = {}
+            for key, t_spec in per_route.items():
+                t = self.throttle(t_spec, path + ("routes", key), route_level=True)
+                if t is not None and t.key is not None:
+                    self.fail(path + ("routes", key, "key"), "a usage plan's throttle is per API key already")
+                if t is not None:
+                    route_throttles[key] = t
             quota = spec.get("quota") if isinstance(spec.get("quota"), dict) else {}
             period, offset = quota.get("period", "DAY"), quota.get("offset", 0)
             try:
@@ -810,7 +818,7 @@ class _Builder:
                 self.fail(path + ("quota",), str(exc))
             limit = quota.get("limit")
             out[name] = model.UsagePlanConfig(
-                name=name, throttle=throttle,
+                name=name, throttle=throttle, route_throttles=route_throttles,
                 quota_limit=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
                 quota_period=period if isinstance(period, str) else "DAY",
                 quota_offset=offset if isinstance(offset, int) else 0)
@@ -1359,6 +1367,7 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
     routes = b.routes(raw, names)
     ws_apis = b.websocket_apis(raw, names, routes)
     _check_throttle_keys(b, raw, routes)
+    _check_plan_routes(b, raw, plans, routes)
     cluster = b.cluster(raw)
     limits = b.limits(raw)
     access_log = b.access_log(raw)
@@ -1408,6 +1417,25 @@ def _hosts_overlap(a: str | None, b: str | None) -> bool:
         if x.startswith("*.") and y.removeprefix("*.").endswith(x[1:]):
             return True
     return False
+
+
+def _check_plan_routes(b: _Builder, raw: dict, plans: dict[str, model.UsagePlanConfig],
+                       routes: tuple[model.RouteConfig, ...]) -> None:
+    """A plan's per-route throttle must name a route guarded by an API-key authorizer
+    (else no request could ever carry the plan there)."""
+    section = raw.get("authorizers")
+    kinds = {n: a.get("type") for n, a in section.items() if isinstance(a, dict)} \
+        if isinstance(section, dict) else {}
+    by_key = {r.key: r for r in routes}
+    for name, plan in plans.items():
+        for key in plan.route_throttles:
+            path = ("usage_plans", name, "routes", key)
+            route = by_key.get(key)
+            if route is None:
+                close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=0.6)
+                b.fail(path, "no route has this key" + (f"; did you mean {close[0]!r}?" if close else ""))
+            elif kinds.get(route.auth) != "api_key":
+                b.fail(path, "the route has no api_key authorizer, so no request there carries a plan")
 
 
 def _check_throttle_keys(b: _Builder, raw: dict, routes: tuple[model.RouteConfig, ...]) -> None:

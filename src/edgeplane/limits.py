@@ -12,12 +12,14 @@ of bucket backs each level, and which chain checks them:
 - `ClusterLimits` (``cluster:`` set): `cluster.LeasedLimit` buckets in Redis, exact across
   hosts within the lease bound; checked by `throttle.LevelChain`.
 
-Every factory answers the same four questions -- `server()`, `route(rc)`, `plan(name)`,
+Every factory answers the same four questions -- `server()`, `route(rc)`, `plan(name, rc)`,
 `chain(route_level, server_level)` -- so the throttle stage does not know which store it
 talks to. Limit indices in shared memory are fixed by the config (0 = server-wide,
 1 + i = routes[i], plans after the routes), the same in every worker. Redis key names
 come from the route key and plan name, the same on every host with the same config.
-WebSocket APIs' new-connection buckets follow the plans in the same table (`ws_api_index`).
+WebSocket APIs' new-connection buckets follow the plans in the same table (`ws_api_index`),
+then the plans' per-route buckets (AWS method throttling); in Redis those are named
+`plan:NAME:ROUTE KEY`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,22 @@ def ws_api_index(config: Config, i: int) -> int:
     return 1 + len(config.routes) + len(config.usage_plans) + i
 
 
+def _plan_route_pairs(config: Config) -> list[tuple[str, str]]:
+    return [(name, key) for name, plan in config.usage_plans.items() for key in plan.route_throttles]
+
+
 def shared_limit_count(config: Config) -> int:
-    """Indices the supervisor's shared tables need: server, routes, plans, WebSocket APIs."""
-    return ws_api_index(config, len(config.websocket_apis))
+    """Indices the supervisor's shared tables need: server, routes, plans, WebSocket APIs,
+    then the plans' per-route throttles."""
+    return ws_api_index(config, len(config.websocket_apis)) + len(_plan_route_pairs(config))
+
+
+def _plan_throttle(config: Config, name: str, route: RouteConfig | None) -> Any:
+    """The plan's throttle on `route`: its per-route one if it has one, else its default."""
+    plan = config.usage_plans[name]
+    if route is not None and route.key in plan.route_throttles:
+        return plan.route_throttles[route.key]
+    return plan.throttle
 
 
 class LocalLimits:
@@ -59,8 +74,8 @@ class LocalLimits:
             return TokenBucket(t.rate, t.burst, policy="route")
         return BucketMap(t.rate, t.burst, policy="client")
 
-    def plan(self, name: str) -> Any:
-        t = self.config.usage_plans[name].throttle
+    def plan(self, name: str, route: RouteConfig | None = None) -> Any:
+        t = _plan_throttle(self.config, name, route)
         return BucketMap(t.rate, t.burst, policy="plan")
 
     def chain(self, route: Any, server: Any) -> Any:
@@ -77,6 +92,8 @@ class SharedLimits:
         t = config.throttle
         self._server = self._bucket(0, t.rate, t.burst, "server") if t is not None else None
         self._plan_index = {name: len(config.routes) + 1 + i for i, name in enumerate(config.usage_plans)}
+        base = ws_api_index(config, len(config.websocket_apis))
+        self._plan_route_index = {pair: base + j for j, pair in enumerate(_plan_route_pairs(config))}
 
     def _bucket(self, index: int, rate: float, burst: int, policy: str) -> Any:
         bucket = self.table.bucket(index, rate, burst)
@@ -99,9 +116,10 @@ class SharedLimits:
             return self._bucket(1 + rc.index, t.rate, t.burst, "route")
         return self._keyed(1 + rc.index, t.rate, t.burst, "client")
 
-    def plan(self, name: str) -> Any:
-        t = self.config.usage_plans[name].throttle
-        return self._keyed(self._plan_index[name], t.rate, t.burst, "plan")
+    def plan(self, name: str, route: RouteConfig | None = None) -> Any:
+        t = _plan_throttle(self.config, name, route)
+        index = self._plan_route_index.get((name, route.key)) if route is not None else None
+        return self._keyed(self._plan_index[name] if index is None else index, t.rate, t.burst, "plan")
 
     def chain(self, route: Any, server: Any) -> Any:
         return LevelChain(route=route, server=server)
@@ -127,9 +145,11 @@ class ClusterLimits:
             return self.limiter.limit(name, t.rate, t.burst, "route", keyed=False).bucket()
         return self.limiter.limit(name, t.rate, t.burst, "client", keyed=True)
 
-    def plan(self, name: str) -> Any:
-        t = self.config.usage_plans[name].throttle
-        return self.limiter.limit(f"plan:{name}", t.rate, t.burst, "plan", keyed=True)
+    def plan(self, name: str, route: RouteConfig | None = None) -> Any:
+        t = _plan_throttle(self.config, name, route)
+        own = route is not None and route.key in self.config.usage_plans[name].route_throttles
+        return self.limiter.limit(f"plan:{name}:{route.key}" if own else f"plan:{name}", t.rate, t.burst,
+                                  "plan", keyed=True)
 
     def chain(self, route: Any, server: Any) -> Any:
         return LevelChain(route=route, server=server)

@@ -196,6 +196,8 @@ class UsagePlanConfig:
 
     name: str
     throttle: ThrottleConfig | None = None  # one bucket per API key
+    # AWS method throttling: route key -> the plan's per-key bucket on that route instead
+    route_throttles: dict[str, ThrottleConfig] = field(default_factory=dict)
     quota_limit: int | None = None  # requests per period per API key
     quota_period: str = "DAY"  # DAY | WEEK | MONTH
     quota_offset: int = 0  # days into the period (WEEK: 0 = Sunday, as AWS)

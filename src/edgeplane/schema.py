@@ -514,6 +514,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "additionalProperties": False,
                 "properties": {
                     "throttle": {"$ref": "#/$defs/throttle"},
+                    "routes": {
+                        "type": "object",
+                        "description": "Route key (as in `routes`) -> the plan's per-key throttle "
+                                       "on that route, replacing `throttle` there (AWS method throttling).",
+                        "additionalProperties": {"$ref": "#/$defs/throttle"},
+                    },
                     "quota": {
                         "type": "object",
                         "additionalProperties": False,

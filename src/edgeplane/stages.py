@@ -267,9 +267,21 @@ class PlanState:
 
         plans = config.usage_plans
         self.buckets = {n: limits.plan(n) for n, p in plans.items() if p.throttle is not None}
+        # AWS method throttling: a plan's own bucket on the routes it names
+        self.route_buckets = {(n, key): limits.plan(n, route)
+                              for n, p in plans.items() for route in config.routes
+                              for key in p.route_throttles if key == route.key}
         self.quotas = {n: (p.quota_limit, QuotaPeriod(p.quota_period, p.quota_offset))
                        for n, p in plans.items() if p.quota_limit is not None}
         self.counter = quota_counter
+
+    def levels_for(self, route: RouteConfig) -> dict[str, Any]:
+        """Plan name -> the per-API-key throttle level the plan has on `route`."""
+        levels = dict(self.buckets)
+        for (name, key), limit in self.route_buckets.items():
+            if key == route.key:
+                levels[name] = limit
+        return levels
 
 
 QUOTA_BODY = b'{"message":"Limit Exceeded"}'
@@ -358,7 +370,7 @@ def build_stages(config: Config, route: RouteConfig, verifiers: dict[str, Cached
         else:
             stages.append(JwtStage(verifiers[route.auth], cfg, route, auth_sources.get(route.auth)))
     keyed = route.auth is not None and config.authorizers[route.auth].type == "api_key"
-    plan_levels = plans.buckets if plans is not None and keyed else None
+    plan_levels = plans.levels_for(route) if plans is not None and keyed else None
     server_level = limits.server() if limits is not None else None
     if route.throttle is not None or server_level is not None or plan_levels:
         headers = config.throttle.headers if config.throttle is not None else True

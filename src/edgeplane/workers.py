@@ -208,7 +208,7 @@ class Supervisor:
 
     def _create_shared_state(self) -> None:
         cfg = self.config
-        plan_limits = any(p.throttle for p in cfg.usage_plans.values())
+        plan_limits = any(p.throttle or p.route_throttles for p in cfg.usage_plans.values())
         if cfg.cluster is None and (cfg.throttle is not None or any(r.throttle for r in cfg.routes)
                                     or plan_limits or cfg.websocket_apis):
             # Tables for the whole server, so every limit holds across workers (indices:
