@@ -78,6 +78,16 @@ async def _worker_pids(admin, n: int = 2) -> set[int]:
     return pids
 
 
+async def _statuses_on_new_connections(addr, n: int, path: str, headers: dict | None = None) -> list[int]:
+    """`n` GETs, each on a new connection, so SO_REUSEPORT spreads them over the workers."""
+    statuses = []
+    for _ in range(n):
+        c = await RawClient.connect(addr)
+        statuses.append((await c.request("GET", path, headers=headers)).status)
+        await c.close()
+    return statuses
+
+
 async def _stop(proc, drain_task):
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)

@@ -90,19 +90,14 @@ def test_throttle_config_refusals_are_located():
 async def test_route_limit_holds_across_two_workers(upstream, tmp_path):
     """Two real worker processes share one route bucket: a burst of 20 admits about 20
     requests in all, not 20 per worker (counted at the upstream)."""
-    from test_processes import _start_serve, _stop, _worker_pids
-    from conftest import RawClient
+    from test_processes import _start_serve, _statuses_on_new_connections, _stop, _worker_pids
 
     cfg = throttled(upstream.port, {"rate": 1, "burst": 20})
     cfg["workers"] = 2
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
     try:
         await _worker_pids(admin)
-        statuses = []
-        for _ in range(60):  # a new connection each time: both workers take part
-            c = await RawClient.connect(addr)
-            statuses.append((await c.request("GET", "/search")).status)
-            await c.close()
+        statuses = await _statuses_on_new_connections(addr, 60, "/search")
         ok = statuses.count(200)
         assert statuses.count(429) == len(statuses) - ok
         assert 20 <= ok <= 25, ok  # 20 + the 1/s refill during the run; per-worker buckets would give ~40

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import RawClient, base_config
+from conftest import base_config
 from edgeplane import Gateway
 from edgeplane.apikeys import generate_key
 from edgeplane.config import ConfigError, load_config
@@ -89,7 +89,7 @@ def test_plan_config_errors_are_located(keys, tmp_path):
 async def test_plan_throttle_holds_across_two_workers(upstream, keys, tmp_path):
     """With workers: 2 the plan's per-key bucket is in the shared keyed table: the gold
     key's burst of 3 holds for the whole server (per-process buckets would admit ~6)."""
-    from test_processes import _start_serve, _stop, _worker_pids
+    from test_processes import _start_serve, _statuses_on_new_connections, _stop, _worker_pids
 
     cfg = plan_config(upstream.port, keys, str(tmp_path / "data"))
     cfg["usage_plans"]["gold"]["throttle"]["rate"] = 0.01
@@ -97,11 +97,7 @@ async def test_plan_throttle_holds_across_two_workers(upstream, keys, tmp_path):
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
     try:
         await _worker_pids(admin)
-        statuses = []
-        for _ in range(12):  # a new connection each time: both workers take part
-            c = await RawClient.connect(addr)
-            statuses.append((await c.request("GET", "/data", headers={"X-API-Key": keys["gold"]})).status)
-            await c.close()
+        statuses = await _statuses_on_new_connections(addr, 12, "/data", {"X-API-Key": keys["gold"]})
         assert 3 <= statuses.count(200) <= 4 and set(statuses) == {200, 429}, statuses
     finally:
         assert await _stop(proc, drain) == 0
@@ -142,7 +138,7 @@ def test_plan_route_throttle_errors_are_located(keys, tmp_path):
 
 @pytest.mark.timeout(60)
 async def test_plan_route_throttle_holds_across_two_workers(upstream, keys, tmp_path):
-    from test_processes import _start_serve, _stop, _worker_pids
+    from test_processes import _start_serve, _statuses_on_new_connections, _stop, _worker_pids
 
     cfg = plan_config(upstream.port, keys, str(tmp_path / "data"))
     cfg["routes"].append({"route": "GET /search", "auth": "partners",
@@ -152,11 +148,7 @@ async def test_plan_route_throttle_holds_across_two_workers(upstream, keys, tmp_
     proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
     try:
         await _worker_pids(admin)
-        statuses = []
-        for _ in range(10):  # a new connection each time: both workers take part
-            c = await RawClient.connect(addr)
-            statuses.append((await c.request("GET", "/search", headers={"X-API-Key": keys["gold"]})).status)
-            await c.close()
+        statuses = await _statuses_on_new_connections(addr, 10, "/search", {"X-API-Key": keys["gold"]})
         assert 2 <= statuses.count(200) <= 3 and set(statuses) == {200, 429}, statuses
     finally:
         assert await _stop(proc, drain) == 0
