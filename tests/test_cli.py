@@ -134,3 +134,12 @@ async def test_access_log_file_fields(upstream, gateway, client_factory, tmp_pat
     err = next(ln for ln in lines if ln["status"] == 400)
     assert err["error"].startswith("malformed request")
     assert gw.stats()["errors"]["400"] == 1
+
+
+def test_routes_lists_websocket_apis():
+    res = run_cli("routes", "-c", "conf/examples/full.yaml")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "WebSocket APIs (checked before the routes above):" in out
+    assert "/chat  websocket_apis.chat  selection $request.body.action" in out
+    assert "sendMessage    http -> users POST /message timeout=29s  return_response" in out

@@ -34,7 +34,7 @@ def setup_logging(level: str) -> None:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeplane",
-        description="edgeplane: an asyncio-native API gateway data plane (HTTP/1.1).",
+        description="edgeplane: an asyncio-native API gateway data plane (HTTP/1.1 and WebSocket).",
         epilog="Run 'edgeplane COMMAND --help' for the options of one command.",
     )
     parser.add_argument("--version", action="version", version=f"edgeplane {__version__}")
@@ -61,7 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "otherwise exit 1 and print every error as 'location: message'.")
     config_arg(p)
 
-    p = sub.add_parser("routes", help="print the compiled route table",
+    p = sub.add_parser("routes", help="print the compiled route table (and WebSocket APIs)",
                        description="Print the compiled route table in match-priority order.")
     config_arg(p)
 
@@ -173,6 +173,18 @@ def cmd_routes(args: argparse.Namespace) -> int:
     from .router import format_table
 
     print(format_table(config.routes))
+    if config.websocket_apis:
+        print("\nWebSocket APIs (checked before the routes above):")
+        for name, api in config.websocket_apis.items():
+            print(f"  {api.host or '(any)'}  {api.path}  websocket_apis.{name}  "
+                  f"selection {api.route_selection}")
+            for key, route in api.routes.items():
+                integ = route.integration
+                target = (f"http -> {integ.upstream} POST {integ.path} timeout={integ.timeout:g}s"
+                          if integ is not None else "no integration")
+                extra = (f"  auth={route.auth}" if route.auth else "") + \
+                        ("  return_response" if route.return_response else "")
+                print(f"      {key:<14} {target}{extra}")
     return 0
 
 
