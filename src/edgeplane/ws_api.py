@@ -39,9 +39,6 @@ Invariants:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -56,6 +53,7 @@ from .iprules import TrustedProxies
 from .stages import build_stages
 from .throttle import UNAVAILABLE, TokenBucket
 from .ws_connections import WsConnection, connect_headers, context_headers
+from .ws_handshake import accept_key, client_handshake_error, header_value
 
 if TYPE_CHECKING:
     from .model import Config, WebSocketApiConfig, WebSocketLimits
@@ -66,7 +64,6 @@ if TYPE_CHECKING:
 __all__ = ["Selector", "parse_selection", "check_route_key", "WebSocketApiHandler",
            "build_websocket_apis"]
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _PLACEHOLDER = Integration(type="mock")
 
 
@@ -287,16 +284,16 @@ class WebSocketApiHandler:
             proto.send_local(req, 426, _json({"message": "Upgrade Required"}),
                              extra=b"upgrade: websocket\r\n")
             return
-        version = _header(req, b"sec-websocket-version")
-        if version is None or version.strip() != b"13":
-            req.error = "unsupported Sec-WebSocket-Version"
-            proto.ctx.count_error("426")
-            proto.send_local(req, 426, _json({"message": "Upgrade Required"}),
-                             extra=b"sec-websocket-version: 13\r\n")
-            return
-        key = _header(req, b"sec-websocket-key")
-        if key is None or not _valid_key(key.strip()):
-            proto.send_error(req, 400, "invalid Sec-WebSocket-Key")
+        problem = client_handshake_error(req.headers)
+        if problem is not None:
+            status, reason = problem
+            if status == 426:
+                req.error = reason
+                proto.ctx.count_error("426")
+                proto.send_local(req, 426, _json({"message": "Upgrade Required"}),
+                                 extra=b"sec-websocket-version: 13\r\n")
+            else:
+                proto.send_error(req, status, reason)
             return
         if proto.ctx.draining:  # stopping: it would be closed with 1001 at once
             proto.send_error(req, 503, "gateway is stopping", extra=b"retry-after: 1\r\n")
@@ -331,18 +328,6 @@ def _route_as_http(proto: HttpProtocol, req: Request) -> None:
     proto.run_chain(req, 0)
 
 
-def _valid_key(key: bytes) -> bool:
-    try:
-        return len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        return False
-
-
-def _header(req: Request, name: bytes) -> bytes | None:
-    for key, value in req.headers:
-        if key == name:
-            return value
-    return None
 
 
 def _json(obj: Any) -> bytes:
@@ -412,11 +397,11 @@ def _accept(api: WsApi, proto: HttpProtocol, req: Request, conn_id: str, protoco
     """Write the 101 and take the connection over from HTTP."""
     if _gone(proto, req):
         return
-    key = (_header(req, b"sec-websocket-key") or b"").strip()
+    key = header_value(req.headers, b"sec-websocket-key") or b""
     offered = {t.strip() for v in (val for k, val in req.headers if k == b"sec-websocket-protocol")
                for t in v.split(b",")}
     head = [b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n",
-            b"sec-websocket-accept: ", base64.b64encode(hashlib.sha1(key + _GUID).digest()), b"\r\n",
+            b"sec-websocket-accept: ", accept_key(key), b"\r\n",
             b"x-request-id: ", req.request_id, b"\r\n"]
     if protocol and protocol in offered:
         head += (b"sec-websocket-protocol: ", protocol, b"\r\n")

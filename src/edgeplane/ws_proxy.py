@@ -3,9 +3,8 @@ checked, and turned into a frame-aware relay (`wsrelay`).
 
 Owns the two handshakes of a proxied WebSocket (RFC 6455 section 4):
 
-- **Client side, before anything is sent upstream:** `Sec-WebSocket-Version` must be 13
-  (else 426 with `Sec-WebSocket-Version: 13`), `Sec-WebSocket-Key` must be the base64 of
-  16 bytes (else 400).
+- **Client side, before anything is sent upstream:** `ws_handshake.client_handshake_error`
+  (version 13 else 426, a 16-byte key else 400).
 - **Upstream side:** the request goes upstream with `Connection: upgrade`,
   `Upgrade: websocket`, the client's key, version and offered subprotocols, and *without*
   `Sec-WebSocket-Extensions`: the gateway re-frames every message, so it offers no
@@ -29,18 +28,15 @@ client sees a 101 only when the relay is about to start; every open relay is in
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 from .proxy import ProxyExchange
+from .ws_handshake import accept_key, client_handshake_error, header_tokens, header_value
 from .wsrelay import RelaySettings, start_relay
 
 if TYPE_CHECKING:
     from .pool import UpstreamConnection
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
 # What the gateway writes itself in the 101, or must not pass on.
 _UPGRADE_SKIP = frozenset((
@@ -63,41 +59,6 @@ def relay_settings(limits: Any, send_timeout: float = 60.0) -> RelaySettings:
         pong_timeout=limits.pong_timeout)
 
 
-def accept_key(key: bytes) -> bytes:
-    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key + GUID).digest())
-
-
-def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    out = []
-    for n, v in headers:
-        if n.lower() == name:
-            out += [t.strip().lower() for t in v.split(b",") if t.strip()]
-    return out
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for n, v in headers:
-        if n.lower() == name:
-            return v.strip()
-    return None
-
-
-def client_handshake_error(headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
-    """(status, reason) when the client's opening handshake is unacceptable, else None."""
-    version = _header(headers, b"sec-websocket-version")
-    if version != b"13":
-        return 426, "unsupported Sec-WebSocket-Version (13 is required)"
-    key = _header(headers, b"sec-websocket-key")
-    try:
-        ok = key is not None and len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        ok = False
-    if not ok:
-        return 400, "invalid Sec-WebSocket-Key"
-    return None
-
-
 class WsUpgradeExchange(ProxyExchange):
     """`ProxyExchange` for a WebSocket handshake: the same connect, head and failure
     paths; a 101 is validated and becomes a relay instead of a response."""
@@ -112,9 +73,9 @@ class WsUpgradeExchange(ProxyExchange):
         # the head wait in the server protocol meanwhile).
         self.replay = []
         headers = req.headers
-        key = _header(headers, b"sec-websocket-key") or b""
+        key = header_value(headers, b"sec-websocket-key") or b""
         self.accept = accept_key(key)
-        self.offered = set(_tokens(headers, b"sec-websocket-protocol"))
+        self.offered = set(header_tokens(headers, b"sec-websocket-protocol"))
         self.upgrading = False
         self.relay: Any = None
 
@@ -152,7 +113,7 @@ class WsUpgradeExchange(ProxyExchange):
             return
         req = self.req
         parts = [_SWITCHING, b"sec-websocket-accept: ", self.accept, b"\r\n"]
-        protocol = _header(headers, b"sec-websocket-protocol")
+        protocol = header_value(headers, b"sec-websocket-protocol")
         if protocol:
             parts += (b"sec-websocket-protocol: ", protocol, b"\r\n")
         for name, value in headers:
@@ -166,15 +127,15 @@ class WsUpgradeExchange(ProxyExchange):
         self.upgrading = True  # the parser stops after this head: `on_upgraded` follows
 
     def _check_101(self, headers: list[tuple[bytes, bytes]]) -> str | None:
-        if b"websocket" not in _tokens(headers, b"upgrade"):
+        if b"websocket" not in header_tokens(headers, b"upgrade"):
             return "no 'Upgrade: websocket'"
-        if b"upgrade" not in _tokens(headers, b"connection"):
+        if b"upgrade" not in header_tokens(headers, b"connection"):
             return "no 'Connection: upgrade'"
-        if _header(headers, b"sec-websocket-accept") != self.accept:
+        if header_value(headers, b"sec-websocket-accept") != self.accept:
             return "wrong Sec-WebSocket-Accept"
-        if _header(headers, b"sec-websocket-extensions"):
+        if header_value(headers, b"sec-websocket-extensions"):
             return "an extension the gateway did not offer"
-        chosen = _tokens(headers, b"sec-websocket-protocol")
+        chosen = header_tokens(headers, b"sec-websocket-protocol")
         if len(chosen) > 1 or (chosen and chosen[0] not in self.offered):
             return "a subprotocol the client did not offer"
         return None
