@@ -558,7 +558,11 @@ class HttpProtocol(asyncio.Protocol):
         if ws_api is not None:
             ws_api.handle(self, req)  # AWS-model WebSocket API: it answers or takes over
             return
-        match = snapshot.router.match(req.method, req.path, req.host)
+        self.route(req)
+
+    def route(self, req: Request) -> None:
+        """Match `req` in the route table and run its route (404 when none matches)."""
+        match = self.ctx.snapshot.router.match(req.method, req.path, req.host)
         if match is None:
             self.send_error(req, 404, "no route matched")
             return

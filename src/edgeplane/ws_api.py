@@ -277,7 +277,7 @@ class WebSocketApiHandler:
     def handle(self, proto: HttpProtocol, req: Request) -> None:
         api = self._pick(req.host)
         if api is None:
-            _route_as_http(proto, req)
+            proto.route(req)  # no API for this Host: the route table decides
             return
         req.route_key = "$connect"
         if not req.websocket:
@@ -313,19 +313,6 @@ class WebSocketApiHandler:
         req.route = api.connect_route
         req.params = {}
         proto.run_chain(req, 0)
-
-
-def _route_as_http(proto: HttpProtocol, req: Request) -> None:
-    """No API for this Host: route the request as the server would have."""
-    match = proto.ctx.snapshot.router.match(req.method, req.path, req.host)
-    if match is None:
-        proto.send_error(req, 404, "no route matched")
-        return
-    route, params = match
-    req.route = route
-    req.params = params
-    req.route_key = route.key
-    proto.run_chain(req, 0)
 
 
 
