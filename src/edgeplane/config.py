@@ -1366,8 +1366,9 @@ def _build(raw: dict[str, Any], source: str, errors: _Errors) -> model.Config | 
         b.ws_defaults = b.websocket_limits(raw["websocket"], ("websocket",), model.WebSocketLimits())
     routes = b.routes(raw, names)
     ws_apis = b.websocket_apis(raw, names, routes)
-    _check_throttle_keys(b, raw, routes)
-    _check_plan_routes(b, raw, plans, routes)
+    kinds = _authorizer_kinds(raw)
+    _check_throttle_keys(b, kinds, routes)
+    _check_plan_routes(b, kinds, plans, routes)
     cluster = b.cluster(raw)
     limits = b.limits(raw)
     access_log = b.access_log(raw)
@@ -1419,13 +1420,18 @@ def _hosts_overlap(a: str | None, b: str | None) -> bool:
     return False
 
 
-def _check_plan_routes(b: _Builder, raw: dict, plans: dict[str, model.UsagePlanConfig],
+def _authorizer_kinds(raw: dict) -> dict[str, Any]:
+    """Authorizer name -> its `type` as written (also for authorizers with errors)."""
+    section = raw.get("authorizers")
+    if not isinstance(section, dict):
+        return {}
+    return {n: a.get("type") for n, a in section.items() if isinstance(a, dict)}
+
+
+def _check_plan_routes(b: _Builder, kinds: dict[str, Any], plans: dict[str, model.UsagePlanConfig],
                        routes: tuple[model.RouteConfig, ...]) -> None:
     """A plan's per-route throttle must name a route guarded by an API-key authorizer
     (else no request could ever carry the plan there)."""
-    section = raw.get("authorizers")
-    kinds = {n: a.get("type") for n, a in section.items() if isinstance(a, dict)} \
-        if isinstance(section, dict) else {}
     by_key = {r.key: r for r in routes}
     for name, plan in plans.items():
         for key in plan.route_throttles:
@@ -1438,12 +1444,9 @@ def _check_plan_routes(b: _Builder, raw: dict, plans: dict[str, model.UsagePlanC
                 b.fail(path, "the route has no api_key authorizer, so no request there carries a plan")
 
 
-def _check_throttle_keys(b: _Builder, raw: dict, routes: tuple[model.RouteConfig, ...]) -> None:
+def _check_throttle_keys(b: _Builder, kinds: dict[str, Any], routes: tuple[model.RouteConfig, ...]) -> None:
     """Per-client keys that can never resolve on their route are refused, not left to
     fall silently into the shared bucket."""
-    section = raw.get("authorizers")
-    kinds = {n: a.get("type") for n, a in section.items() if isinstance(a, dict)} \
-        if isinstance(section, dict) else {}
     for r in routes:
         key = r.throttle.key if r.throttle is not None else None
         kind = kinds.get(r.auth) if r.auth else None
