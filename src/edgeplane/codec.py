@@ -6,6 +6,10 @@ Owns the choice of parser and the adapter that makes h11 look like
 `on_message_complete`) and one error type (`httptools.HttpParserError`, with
 `httptools.HttpParserUpgrade` for upgrade/CONNECT requests) whichever parser runs.
 
+Also owns reading header values the gateway interprets itself (`header_value`,
+`header_tokens`: lower-case names, comma-separated tokens), for the proxy's
+Connection handling and the WebSocket handshakes.
+
 h11 also serves as the differential oracle in the tests: both parsers get the same byte
 corpus and must agree on what is a valid request.
 
@@ -202,3 +206,21 @@ def new_request_parser(kind: str, callbacks: Any, max_head_bytes: int) -> Any:
     if kind == "h11":
         return H11RequestParser(callbacks, max_head_bytes)
     return httptools.HttpRequestParser(callbacks)
+
+
+def header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """Lower-cased comma-separated tokens of every `name` header. Names are compared as
+    they are: request headers are lower-cased by the server; lower-case others first."""
+    out = []
+    for n, v in headers:
+        if n == name:
+            out += [t.strip().lower() for t in v.split(b",") if t.strip()]
+    return out
+
+
+def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first `name` header's value, stripped; None when absent (names as above)."""
+    for n, v in headers:
+        if n == name:
+            return v.strip()
+    return None

@@ -25,6 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from .codec import header_tokens
 from .pool import PoolOverflow
 from .responses import CONTINUE_100, STATUS_LINES
 from .server import P_BUFFER, P_UPSTREAM, T_UPSTREAM, body_drainable
@@ -51,14 +52,6 @@ _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 _BUFFER_MAX = 64 * 1024  # request body held while no connection is attached
 _REPLAY_MAX = 64 * 1024  # request body kept for a possible retry
 _CHUNK_END = b"0\r\n\r\n"
-
-
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
 
 
 def compile_path_template(template: str | None) -> tuple[tuple[bool, Any], ...] | None:
@@ -142,7 +135,7 @@ class HttpIntegration:
                 continue
             lines += (name, b": ", value, b"\r\n")
         if connection_named:
-            lines = _drop_named(lines, first_header, _connection_tokens(req.headers))
+            lines = _drop_named(lines, first_header, frozenset(header_tokens(req.headers, b"connection")))
         if self.claim_headers:
             # Claims forwarded by the authorizer replace any client-sent header of that name.
             lines = _drop_named(lines, first_header, self.claim_headers)
@@ -348,7 +341,7 @@ class ProxyExchange:
                 continue
             parts += (name, b": ", value, b"\r\n")
         if connection_named:
-            tokens = _connection_tokens([(n.lower(), v) for n, v in headers])
+            tokens = frozenset(header_tokens([(n.lower(), v) for n, v in headers], b"connection"))
             parts = _drop_named(parts, 1, tokens)
         keep = req.keep_alive and not proto.ctx.draining
         if self.head_only or status == 204 or status == 304:

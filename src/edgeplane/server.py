@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from . import responses
-from .codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, new_request_parser
+from .codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, header_tokens, new_request_parser
 from .responses import STATUS_LINES
 from .tls import client_subject
 
@@ -437,7 +437,8 @@ class HttpProtocol(asyncio.Protocol):
                 # request on a pooled connection (smuggling). Refused.
                 self._refuse(req, 400, "upgrade request with a body")
             elif req.method == b"GET" and req.version == "1.1":
-                req.websocket = _is_websocket(req.headers)
+                # RFC 6455 4.2.1 (the parser already saw `Connection: upgrade`)
+                req.websocket = b"websocket" in header_tokens(req.headers, b"upgrade")
         self._last_parsed = req
         self._check_head(req)
         if req.local_status:
@@ -813,15 +814,6 @@ class HttpProtocol(asyncio.Protocol):
             self.ctx.count_error(str(status))
             self.ctx.access_log.record(req, self)
         self.abort()
-
-
-def _is_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
-    """RFC 6455 4.2.1: an `Upgrade` header naming websocket (the parser already saw
-    `Connection: upgrade`)."""
-    for name, value in headers:
-        if name == b"upgrade" and b"websocket" in [t.strip().lower() for t in value.split(b",")]:
-            return True
-    return False
 
 
 def status_line(status: int) -> bytes:

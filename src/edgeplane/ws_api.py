@@ -53,7 +53,8 @@ from .iprules import TrustedProxies
 from .stages import build_stages
 from .throttle import UNAVAILABLE, TokenBucket
 from .ws_connections import WsConnection, connect_headers, context_headers
-from .ws_handshake import accept_key, client_handshake_error, header_value
+from .codec import header_value
+from .ws_handshake import accept_key, client_handshake_error
 
 if TYPE_CHECKING:
     from .model import Config, WebSocketApiConfig, WebSocketLimits

@@ -3,9 +3,8 @@
 Owns: the client-side checks every handshake must pass before anything else happens
 (`client_handshake_error`: `Sec-WebSocket-Version` 13, else 426 with
 `Sec-WebSocket-Version: 13`; a `Sec-WebSocket-Key` of 16 base64-encoded bytes, else 400),
-the `Sec-WebSocket-Accept` value (`accept_key`), and case-insensitive header lookups for
-handshake headers (`header_value`, `header_tokens`; the upstream's 101 keeps its header
-names' case). Proxy mode (`ws_proxy`) and WebSocket APIs (`ws_api`) decide what to do
+and the `Sec-WebSocket-Accept` value (`accept_key`). Header lookups are `codec`'s
+(lower-case names, as the server stores request headers). Proxy mode (`ws_proxy`) and WebSocket APIs (`ws_api`) decide what to do
 with the answers.
 """
 
@@ -15,7 +14,9 @@ import base64
 import binascii
 import hashlib
 
-__all__ = ["GUID", "accept_key", "client_handshake_error", "header_value", "header_tokens"]
+from .codec import header_value
+
+__all__ = ["GUID", "accept_key", "client_handshake_error"]
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -23,23 +24,6 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 def accept_key(key: bytes) -> bytes:
     """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
     return base64.b64encode(hashlib.sha1(key + GUID).digest())
-
-
-def header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    """Lower-cased comma-separated tokens of every `name` header (any case)."""
-    out = []
-    for n, v in headers:
-        if n.lower() == name:
-            out += [t.strip().lower() for t in v.split(b",") if t.strip()]
-    return out
-
-
-def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first `name` header's value (any case), stripped; None when absent."""
-    for n, v in headers:
-        if n.lower() == name:
-            return v.strip()
-    return None
 
 
 def client_handshake_error(headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:

@@ -31,7 +31,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .proxy import ProxyExchange
-from .ws_handshake import accept_key, client_handshake_error, header_tokens, header_value
+from .codec import header_tokens, header_value
+from .ws_handshake import accept_key, client_handshake_error
 from .wsrelay import RelaySettings, start_relay
 
 if TYPE_CHECKING:
@@ -107,17 +108,17 @@ class WsUpgradeExchange(ProxyExchange):
             super().on_response_head(status, headers)  # relayed as an ordinary answer
             return
         self.got_bytes = True
-        problem = self._check_101(headers)
+        lowered = [(name.lower(), value) for name, value in headers]  # the upstream's case
+        problem = self._check_101(lowered)
         if problem is not None:
             self._upstream_failed(f"invalid WebSocket handshake from upstream: {problem}")
             return
         req = self.req
         parts = [_SWITCHING, b"sec-websocket-accept: ", self.accept, b"\r\n"]
-        protocol = header_value(headers, b"sec-websocket-protocol")
+        protocol = header_value(lowered, b"sec-websocket-protocol")
         if protocol:
             parts += (b"sec-websocket-protocol: ", protocol, b"\r\n")
-        for name, value in headers:
-            lname = name.lower()
+        for (name, value), (lname, _) in zip(headers, lowered):
             if lname not in _UPGRADE_SKIP and not lname.startswith(b"proxy-"):
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
@@ -127,6 +128,7 @@ class WsUpgradeExchange(ProxyExchange):
         self.upgrading = True  # the parser stops after this head: `on_upgraded` follows
 
     def _check_101(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """Why the upstream's 101 (`headers` with lower-case names) is not acceptable."""
         if b"websocket" not in header_tokens(headers, b"upgrade"):
             return "no 'Upgrade: websocket'"
         if b"upgrade" not in header_tokens(headers, b"connection"):
