@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa 
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 
-from edgeplane.jwks import parse_jwks  # noqa: E402
-from edgeplane.jwt import CachedVerifier, JwtConfig, JwtVerifier, VerificationCache  # noqa: E402
+from edgeplane.policies.jwt.jwks import parse_jwks  # noqa: E402
+from edgeplane.policies.jwt.verify import CachedVerifier, JwtConfig, JwtVerifier, VerificationCache  # noqa: E402
 
 ISS = "https://auth.example.com/"
 AUD = "orders-api"

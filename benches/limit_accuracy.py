@@ -160,7 +160,7 @@ class RedisServer:
 
 # ---------------------------------------------------------------------- the upstream
 def _counting_upstream(host: str = "127.0.0.1"):
-    from edgeplane.demo_upstream import DemoUpstream
+    from edgeplane.runtime.demo_upstream import DemoUpstream
 
     class CountingUpstream(DemoUpstream):
         """`requests` as DemoUpstream counts it, plus when the first and the last request
@@ -484,7 +484,7 @@ async def run_workers(args, procs: Procs, workdir: Path) -> tuple[dict, list[str
 
 
 async def run_redis(args, procs: Procs, workdir: Path) -> tuple[dict, list[str]]:
-    from edgeplane.cluster import lease_tokens
+    from edgeplane.policies.throttle.cluster import lease_tokens
 
     redis = RedisServer(str(workdir))
     upstream = _counting_upstream()

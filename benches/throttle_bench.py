@@ -51,8 +51,8 @@ sys.path.insert(0, str(HERE))
 
 import uvloop  # noqa: E402
 
-from edgeplane.shared_limits import SharedLimitTable  # noqa: E402
-from edgeplane.throttle import (  # noqa: E402
+from edgeplane.policies.throttle.shared_limits import SharedLimitTable  # noqa: E402
+from edgeplane.policies.throttle.buckets import (  # noqa: E402
     BucketMap,
     LevelChain,
     Policy,
@@ -124,8 +124,8 @@ class _Leased:
     """A `RedisLimiter` with a route and a server-wide leased level on a private loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, url: str, lease: float, tag: str) -> None:
-        from edgeplane.cluster import RedisLimiter
-        from edgeplane.model import ClusterConfig
+        from edgeplane.policies.throttle.cluster import RedisLimiter
+        from edgeplane.config.model import ClusterConfig
 
         # 1 s per round trip: a busy 2-CPU machine must not count as "Redis down".
         self.limiter = RedisLimiter(ClusterConfig(redis=url, lease=lease, timeout=1.0,

@@ -577,7 +577,7 @@ async def relay_micro(rounds: int, size: int, binary: bool) -> dict:
     timed bare, to split the relay's cost into wsproto and the rest."""
     from wsproto.connection import Connection, ConnectionType
 
-    from edgeplane.wsrelay import RelaySettings, start_relay
+    from edgeplane.websocket.relay import RelaySettings, start_relay
 
     loop = asyncio.get_running_loop()
     payload, opcode = make_payload(size, binary)

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from edgeplane import Gateway
-from edgeplane.demo_upstream import DemoUpstream
+from edgeplane.runtime.demo_upstream import DemoUpstream
 
 PARSERS = ["httptools", "h11"]
 

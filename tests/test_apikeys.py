@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edgeplane.apikeys import (
+from edgeplane.policies.api_keys.store import (
     MAX_KEY_LENGTH,
     MIN_KEY_LENGTH,
     ApiKey,

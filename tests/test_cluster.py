@@ -14,11 +14,11 @@ import pytest
 from redis.asyncio import Redis
 
 from conftest import RawClient, base_config
-from edgeplane.apikeys import generate_key
-from edgeplane.cluster import TAKE_SCRIPT, RedisLimiter
-from edgeplane.config import ConfigError, load_config
-from edgeplane.model import ClusterConfig
-from edgeplane.throttle import LevelChain
+from edgeplane.policies.api_keys.store import generate_key
+from edgeplane.policies.throttle.cluster import TAKE_SCRIPT, RedisLimiter
+from edgeplane.config.loader import ConfigError, load_config
+from edgeplane.config.model import ClusterConfig
+from edgeplane.policies.throttle.buckets import LevelChain
 
 pytestmark = pytest.mark.timeout(60)
 KEY, KEY_HASH = generate_key()
@@ -187,7 +187,7 @@ async def test_redis_killed_fails_open_without_hanging_then_recovers(upstream, g
     assert await _statuses(addr, 3) == [200] * 3
     await _settle(gw)
     redis_server.kill()
-    with caplog.at_level(logging.WARNING, logger="edgeplane.cluster"):
+    with caplog.at_level(logging.WARNING, logger="edgeplane.policies.throttle.cluster"):
         t0 = time.monotonic()
         statuses = await _statuses(addr, 200)   # the next refill meets the dead Redis; open: admitted
         assert time.monotonic() - t0 < 10
@@ -363,8 +363,8 @@ async def test_redis_frozen_counts_as_down_and_nothing_hangs(upstream, gateway, 
 async def test_a_quota_flush_sent_twice_is_counted_once(redis_server):
     """A flush whose answer timed out may have been applied: it is sent again as the same
     batch with the same id, and the script applies an id once."""
-    from edgeplane.cluster import RedisQuotaStore
-    from edgeplane.quota import QuotaPeriod
+    from edgeplane.policies.throttle.cluster import RedisQuotaStore
+    from edgeplane.policies.quota.store import QuotaPeriod
 
     limiter = RedisLimiter(ClusterConfig(redis=redis_server.url))
     store = RedisQuotaStore(limiter, [QuotaPeriod("DAY")])

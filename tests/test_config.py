@@ -9,16 +9,16 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from edgeplane import model
-from edgeplane.config import (
+from edgeplane.config import model
+from edgeplane.config.loader import (
     ConfigError,
     load_config,
     load_config_text,
     parse_duration,
     parse_size,
 )
-from edgeplane.router import compile_routes
-from edgeplane.schema import CONFIG_SCHEMA, schema_json
+from edgeplane.routing.router import compile_routes
+from edgeplane.config.schema import CONFIG_SCHEMA, schema_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONF = ROOT / "conf" / "edgeplane.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeplane.cors import CORS_RESPONSE_HEADERS, CorsPolicy, header, is_preflight
+from edgeplane.policies.cors.policy import CORS_RESPONSE_HEADERS, CorsPolicy, header, is_preflight
 
 
 def parse_block(block: bytes) -> dict[bytes, bytes]:
@@ -335,7 +335,7 @@ def test_ipv6_exact_origin() -> None:
 
 
 def test_from_config_and_method_aliases() -> None:
-    from edgeplane.model import CorsConfig
+    from edgeplane.config.model import CorsConfig
 
     cfg = CorsConfig(allow_origins=("https://app.example.com",), allow_methods=("PUT",),
                      allow_headers=("x-a",), expose_headers=("x-e",), allow_credentials=True,

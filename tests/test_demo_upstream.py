@@ -14,7 +14,7 @@ import httptools
 import orjson
 import pytest
 
-from edgeplane.demo_upstream import DemoUpstream, main
+from edgeplane.runtime.demo_upstream import DemoUpstream, main
 
 
 class Resp:
@@ -421,7 +421,7 @@ def test_main_subprocess():
         src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgeplane.demo_upstream", "--port", "0",
+            sys.executable, "-m", "edgeplane.runtime.demo_upstream", "--port", "0",
             stderr=asyncio.subprocess.PIPE, env=env,
         )
         try:
@@ -448,7 +448,7 @@ def test_main_subprocess():
 def test_main_sigint_exits_zero():
     async def run() -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "import sys; from edgeplane.demo_upstream import main; sys.exit(main(['--port', '0']))",
+            sys.executable, "-c", "import sys; from edgeplane.runtime.demo_upstream import main; sys.exit(main(['--port', '0']))",
             stderr=asyncio.subprocess.PIPE,
         )
         try:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from conftest import base_config, build_request
-from edgeplane.config import ConfigError, load_config
+from edgeplane.config.loader import ConfigError, load_config
 
 ISSUER = "https://auth.example.com/"
 
@@ -295,7 +295,7 @@ async def test_jwks_url_down_at_start_gives_401_not_500(upstream, gateway, clien
 
 
 async def test_api_key_authorizer(upstream, gateway, client_factory, tmp_path):
-    from edgeplane.apikeys import generate_key
+    from edgeplane.policies.api_keys.store import generate_key
 
     plain, hashed = generate_key()
     other, other_hash = generate_key()

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from edgeplane.iprules import IpRules, TrustedProxies, parse_entry
+from edgeplane.policies.ip_rules.rules import IpRules, TrustedProxies, parse_entry
 
 # -- IpRules: semantics ------------------------------------------------------------------
 

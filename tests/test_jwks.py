@@ -8,7 +8,7 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from edgeplane.jwks import (
+from edgeplane.policies.jwt.jwks import (
     MAX_JWKS_BYTES,
     JwksError,
     KeySet,

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edgeplane import jwt as J
-from edgeplane.jwks import KeySet, parse_jwks
-from edgeplane.jwt import (
+from edgeplane.policies.jwt import verify as J
+from edgeplane.policies.jwt.jwks import KeySet, parse_jwks
+from edgeplane.policies.jwt.verify import (
     CachedVerifier,
     Claims,
     JwtConfig,

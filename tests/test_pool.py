@@ -99,7 +99,7 @@ async def test_max_idle_zero_disables_reuse(upstream, gateway):
 
 
 async def test_round_robin_over_targets_and_refused_target_skipped(upstream, gateway):
-    from edgeplane.demo_upstream import DemoUpstream
+    from edgeplane.runtime.demo_upstream import DemoUpstream
 
     async with DemoUpstream() as second:
         cfg = base_config(upstream.port)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from edgeplane.quota import (
+from edgeplane.policies.quota.store import (
     DEFAULT_DB_PATH,
     QuotaCounter,
     QuotaPeriod,

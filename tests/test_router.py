@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeplane.model import Integration, RouteConfig
-from edgeplane.router import (
+from edgeplane.config.model import Integration, RouteConfig
+from edgeplane.routing.router import (
     ParsedKey,
     RouteKeyError,
     Router,

@@ -22,9 +22,9 @@ import uuid
 import pytest
 
 from shm_workers import run_workers
-from edgeplane.shared_keys import SharedKeyTable
-from edgeplane.shared_limits import SHM_DIR, SharedLimitTable
-from edgeplane.throttle import TokenBucket
+from edgeplane.policies.throttle.shared_keys import SharedKeyTable
+from edgeplane.policies.throttle.shared_limits import SHM_DIR, SharedLimitTable
+from edgeplane.policies.throttle.buckets import TokenBucket
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -361,8 +361,8 @@ def test_per_check_cost():
 # ---------------------------------------------------------------------- real processes
 CHILD = r"""
 import json, sys, time
-from edgeplane.shared_keys import SharedKeyTable
-from edgeplane.throttle import TokenBucket
+from edgeplane.policies.throttle.shared_keys import SharedKeyTable
+from edgeplane.policies.throttle.buckets import TokenBucket
 name, index, rate, burst = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 table = SharedKeyTable.attach(name, index)
 limit = table.limit(0, rate, burst)

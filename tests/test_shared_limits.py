@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from shm_workers import run_workers
-from edgeplane.shared_limits import SharedLimitTable
+from edgeplane.policies.throttle.shared_limits import SharedLimitTable
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -191,7 +191,7 @@ def test_per_check_cost(table_factory):
 # ---------------------------------------------------------------------- real processes
 CHILD = r"""
 import json, sys, time
-from edgeplane.shared_limits import SharedLimitTable
+from edgeplane.policies.throttle.shared_limits import SharedLimitTable
 name, index, rate, burst = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 table = SharedLimitTable.attach(name, index)
 bucket = table.bucket(0, rate, burst)
@@ -252,7 +252,7 @@ def test_spend_counts_an_admission_that_lost_a_race(table_factory):
     """The chain decided on `wait`; another worker took the last token before `spend`.
     The admission is still counted (level -1), so the refill pays it back instead of the
     over-admissions adding up (found by benches/limit_accuracy.py with 4 workers)."""
-    from edgeplane.throttle import LevelChain
+    from edgeplane.policies.throttle.buckets import LevelChain
 
     _, (w0, w1) = table_factory(2)
     b0, b1 = w0.bucket(0, rate=10, burst=1), w1.bucket(0, rate=10, burst=1)

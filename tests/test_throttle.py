@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from edgeplane.throttle import (
+from edgeplane.policies.throttle.buckets import (
     BucketMap,
     ThrottleChain,
     LevelChain,

@@ -8,7 +8,7 @@ import glob
 import pytest
 
 from conftest import base_config
-from edgeplane.config import ConfigError, load_config
+from edgeplane.config.loader import ConfigError, load_config
 
 
 def throttled(port: int, route_throttle: dict | None = None, server: dict | None = None) -> dict:

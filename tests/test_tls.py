@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import base_config
-from edgeplane.cli import main as cli_main
-from edgeplane.config import ConfigError, load_config
-from edgeplane.tls import ListenerTls, inspect_pair
+from edgeplane.runtime.cli import main as cli_main
+from edgeplane.config.loader import ConfigError, load_config
+from edgeplane.http.tls import ListenerTls, inspect_pair
 
 # ---------------------------------------------------------------------------
 # a small PKI

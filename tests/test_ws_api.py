@@ -18,7 +18,7 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMes
 
 from conftest import RawClient, base_config
 from edgeplane import Gateway
-from edgeplane.ws_api import parse_selection
+from edgeplane.websocket.api import parse_selection
 from wsutil import OP_TEXT, build_frame
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_logged_exceptions")]
@@ -407,7 +407,7 @@ async def test_connect_authorizer_401_403_and_claims_reach_every_integration(bac
 
 
 async def test_api_key_and_custom_authorizers_and_host_dispatch(backend, gateway, clients, tmp_path):
-    from edgeplane.apikeys import generate_key
+    from edgeplane.policies.api_keys.store import generate_key
 
     key, digest = generate_key()
     keys = tmp_path / "keys.yaml"

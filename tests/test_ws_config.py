@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeplane import model
-from edgeplane.config import ConfigError, load_config, load_config_text
+from edgeplane.config import model
+from edgeplane.config.loader import ConfigError, load_config, load_config_text
 
 ISSUE_YAML = """
 listen: "127.0.0.1:8080"

@@ -25,7 +25,7 @@ import uvloop
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from edgeplane.wsrelay import Relay, RelaySettings, RelayStats, start_relay
+from edgeplane.websocket.relay import Relay, RelaySettings, RelayStats, start_relay
 from wsutil import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, HolderServer, Holder,
                     WSPeer, WSServer, accept_upgrade, build_frame, close_payload,
                     request_upgrade)

@@ -6,7 +6,7 @@ Embedding API: `Gateway` (build from a file path, a dict or a `Config`; `await s
 
 __version__ = "0.1.0"
 
-from .config import ConfigError, load_config  # noqa: E402
-from .gateway import Gateway  # noqa: E402
+from edgeplane.config.loader import ConfigError, load_config  # noqa: E402
+from edgeplane.runtime.gateway import Gateway  # noqa: E402
 
 __all__ = ["Gateway", "ConfigError", "load_config", "__version__"]

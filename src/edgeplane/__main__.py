@@ -1,5 +1,5 @@
 """`python -m edgeplane` runs the CLI."""
 
-from .cli import main
+from edgeplane.runtime.cli import main
 
 raise SystemExit(main())

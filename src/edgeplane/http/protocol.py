@@ -1,0 +1,752 @@
+"""The downstream HTTP/1.1 server: one `asyncio.Protocol` per client connection.
+
+Owns the client side of a request: parsing (via `codec`), limits, timeouts, pipelining,
+keep-alive, routing a parsed head to its compiled route, and writing local replies.
+Proxying lives in `proxy`; this module only hands the active request to the route's
+integration and offers it `write`, `send_local`, `finish_response` and flow control.
+
+Per-connection state lives on `HttpProtocol`; per-request state on `Request` (kept apart,
+as uvicorn does). Shared per-worker state (snapshot, counters, access log, Date header)
+lives on `ServerContext`.
+
+Invariants:
+- Responses go out strictly in request order. Exactly one request is *active* (being
+  answered); requests parsed behind it wait in `_queue` with their bodies buffered, and
+  reading pauses while that queue is full.
+- A request is finished when its response is finished and its body fully read; only then
+  does the next queued request become active.
+- Once the parser fails, nothing more is parsed on the connection: the error is answered
+  in order and the connection closes after it.
+- One timer per connection (`_timer`), moved lazily: setting a later deadline costs a float
+  store; the timer reschedules itself when it fires early.
+- No exception text reaches a client: every rejection is a JSON `{"message": ...}` reply.
+- Closing while the client may still be sending (a refused or unread body, bytes after
+  a parse error) is a lingering close (RFC 9112 9.6): FIN after the answer, then what
+  arrives is read and dropped until the client closes or `_LINGER_SECONDS` pass, so a
+  reset cannot destroy the answer before the client reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from edgeplane.http import responses
+from edgeplane.http.codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, header_tokens, new_request_parser
+from edgeplane.http.request import _DRAIN_BODY_MAX, Request, body_drainable
+from edgeplane.http.responses import STATUS_LINES
+from edgeplane.http.tls import client_subject
+
+if TYPE_CHECKING:
+    from edgeplane.http.context import ServerContext
+
+log = logging.getLogger("edgeplane.http.protocol")
+
+# Timer kinds: what happens when the connection's deadline passes.
+T_NONE = 0
+T_FIRST = 1  # connected, no byte yet -> close quietly
+T_HEAD = 2  # head incomplete -> 408
+T_BODY = 3  # request body stalled (local reply pending) -> 408
+T_UPSTREAM = 4  # waiting for the integration -> 504 (408 if the client stalls its body)
+T_SEND = 5  # client stopped reading our response -> abort
+T_KEEPALIVE = 6  # idle keep-alive -> close quietly
+T_LINGER = 7  # answered and half-closed, dropping what the client still sends -> close
+
+# Reasons to pause reading from the client (bitmask).
+P_PIPELINE = 1  # too many parsed requests waiting
+P_UPSTREAM = 2  # upstream write buffer above its high-water mark
+P_DEAD = 4  # parser failed; nothing more to read
+P_BUFFER = 8  # body buffered while waiting for an upstream connection
+
+_SPECIAL_HEADERS = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id")
+)
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
+_PIPELINE_BUFFER_MAX = 256 * 1024
+_UPGRADE_TAIL_MAX = 64 * 1024  # client bytes held while a WebSocket handshake completes
+_LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to refuse the request with `status`."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+
+
+class _Stop(Exception):
+    """Raised from `on_message_begin` once parsing has stopped: nothing after the
+    message that ended the connection is parsed, dispatched or answered."""
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
+        "_queued_bytes", "_pause", "write_paused", "_timer", "_timer_at", "_deadline",
+        "_timer_kind", "_head_partial", "_head_bytes", "_head_raw", "_parser_dead", "_closed",
+        "_peer_eof", "_last_parsed", "tls", "scheme", "client_cert_subject", "_upgrade_tail",
+    )
+
+    def __init__(self, ctx: ServerContext, tls: bool = False) -> None:
+        self.ctx = ctx
+        self.tls = tls  # accepted on a TLS listener (the handshake is done by connection_made)
+        self.scheme = b"https" if tls else b"http"  # X-Forwarded-Proto
+        self.client_cert_subject: str | None = None  # mTLS: RFC 4514 subject of the client cert
+        self.loop = ctx.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser: Any = None
+        self.peer_ip = "-"
+        self._parsing: Request | None = None
+        self._active: Request | None = None
+        self._queue: deque[Request] = deque()
+        self._queued_bytes = 0
+        self._pause = 0
+        self.write_paused = False  # read by the proxy: keep the send deadline while set
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._timer_kind = T_NONE
+        self._head_partial = False
+        self._head_bytes = 0  # head bytes seen by the parser callbacks
+        self._head_raw = 0  # raw bytes of reads that fell wholly inside an unfinished head
+        self._parser_dead = False
+        self._closed = False
+        self._peer_eof = False
+        self._last_parsed: Request | None = None
+        # After an upgrade request's head: the bytes that followed it (None = no upgrade).
+        self._upgrade_tail: bytearray | None = None
+
+    # ------------------------------------------------------------------ connection
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = peer[0]
+        if self.tls:
+            self.client_cert_subject = client_subject(transport.get_extra_info("ssl_object"))
+        ctx = self.ctx
+        self.parser = new_request_parser(ctx.parser_kind, self, ctx.limits.max_head_bytes)
+        ctx.connections.add(self)
+        ctx.stats.connections_total += 1
+        if ctx.draining:
+            transport.close()
+            return
+        self.set_deadline(T_FIRST, ctx.limits.head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.ctx.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        req = self._active
+        if req is not None and not req.responded:
+            if req.exchange is not None:
+                req.exchange.abort("client closed connection")
+            if req.dispatched:
+                req.status = 499  # nginx's "client closed request"; never sent
+                req.error = "client closed connection"
+                self.ctx.count_error("client_closed")
+                self.ctx.access_log.record(req, self)
+        self._active = None
+        self._queue.clear()
+        self._parsing = None
+        self.parser = None
+
+    def eof_received(self) -> bool | None:
+        # A client may half-close after its last request and still read the answer.
+        if self._parsing is not None:
+            return None  # vanished mid-request: close (connection_lost aborts the rest)
+        if self._active is not None or self._queue:
+            self._peer_eof = True
+            self._stop_parsing()
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        req = self._active
+        if req is not None and req.exchange is not None:
+            req.exchange.pause_upstream()
+        self.set_deadline(T_SEND, self.ctx.limits.send_timeout)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        req = self._active
+        if req is not None and req.exchange is not None:
+            req.exchange.resume_upstream()
+            self.set_deadline(T_UPSTREAM, req.exchange.timeout)
+
+    def idle(self) -> bool:
+        """No request in progress: safe to close during a drain."""
+        return self._active is None and self._parsing is None and not self._queue
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._pause and self.transport is not None:
+            self.transport.pause_reading()
+        self._pause |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self._pause & reason:
+            self._pause &= ~reason
+            if not self._pause and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ input
+    def data_received(self, data: bytes) -> None:
+        tail = self._upgrade_tail
+        if tail is not None:  # bytes after an upgrade request, kept for whoever takes over
+            tail += data
+            if len(tail) > _UPGRADE_TAIL_MAX:
+                self.pause_reading(P_BUFFER)
+            return
+        if self._parser_dead:
+            return
+        was_partial = self._head_partial
+        parsing = self._parsing
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._upgraded(data, exc)
+            return
+        except _Reject as rej:  # raised by a callback under h11 (httptools wraps it)
+            self._parse_failed(rej.status, rej.reason)
+            return
+        except _Stop:
+            return
+        except HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._parse_failed(cause.status, cause.reason)
+            elif isinstance(cause, _Stop):
+                pass
+            elif isinstance(exc, HeadTooLarge):
+                self._parse_failed(431, "request head too large")
+            else:
+                self._parse_failed(400, f"malformed request: {exc}")
+            return
+        # A head that spans reads: count the raw bytes of every read that falls wholly
+        # inside it, so one endless header cannot grow the parser's buffer past the
+        # limit before any callback sees it. (Counted apart from `_head_bytes`: the
+        # callbacks count the same bytes again once a header line is complete.)
+        if was_partial and self._head_partial and self._parsing is parsing:
+            self._head_raw += len(data)
+            if self._head_raw > self.ctx.limits.max_head_bytes:
+                self._parse_failed(431, "request head too large")
+
+    def _upgraded(self, data: bytes, exc: HttpParserUpgrade) -> None:
+        """The parser stopped after a request with `Connection: upgrade`. A WebSocket
+        handshake keeps what follows for `detach` (or `resume_http` if the upgrade is
+        refused); any other upgrade is answered as plain HTTP and the connection closes
+        after it (no bytes after the head are trusted)."""
+        req = self._last_parsed
+        if req is not None and req.websocket:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            transport = self.transport
+            if self._closed and transport is not None and transport.get_protocol() is not self:
+                # `detach` ran during this very read (a handler accepted synchronously):
+                # the rest of the read belongs to the new protocol.
+                if offset < len(data) and not transport.is_closing():
+                    transport.get_protocol().data_received(data[offset:])
+                return
+            self._upgrade_tail = bytearray(data[offset:])
+            if req.responded:  # already answered as plain HTTP (a 404, a mock): go on as HTTP
+                self.resume_http()
+            return
+        if req is not None:
+            req.keep_alive = False
+        self._stop_parsing()
+        if self._active is None and not self._closed:
+            self._close_after_response()  # it was answered already (synchronously)
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Hand the connection to a WebSocket: after the 101 was written, HTTP stops here
+        and the caller gets the transport and the bytes the client sent after the
+        upgrade request (it then sets its own protocol on the transport)."""
+        transport = self.transport
+        tail = bytes(self._upgrade_tail or b"")
+        self._upgrade_tail = None
+        self._parser_dead = True
+        self._closed = True  # this protocol's callbacks are no longer called
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ctx.connections.discard(self)
+        req = self._active
+        if req is not None:
+            req.responded = True
+            req.exchange = None
+        self._active = None
+        self._queue.clear()
+        self._parsing = None
+        self.parser = None
+        if self._pause:
+            self._pause = 0
+            transport.resume_reading()
+        return transport, tail
+
+    def resume_http(self) -> None:
+        """The upgrade was refused with an ordinary response: the connection stays HTTP.
+        Called by `finish_response`: parse what followed the upgrade request as HTTP."""
+        tail = self._upgrade_tail
+        self._upgrade_tail = None
+        self.resume_reading(P_BUFFER)
+        if self._parser_dead or self._closed:
+            return
+        self.parser = new_request_parser(self.ctx.parser_kind, self, self.ctx.limits.max_head_bytes)
+        if tail:
+            self.data_received(bytes(tail))
+
+    # parser callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._parser_dead:
+            raise _Stop  # bytes after the message that ends the connection
+        req = Request(time.perf_counter())
+        self._parsing = req
+        self._head_partial = True
+        self._head_bytes = 0
+        self._head_raw = 0
+        if self._active is None:
+            self.set_deadline(T_HEAD, self.ctx.limits.head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        req = self._parsing
+        req.target += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.ctx.limits.max_head_bytes:
+            raise _Reject(431, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._parsing
+        self._head_bytes += len(name) + len(value) + 4
+        limits = self.ctx.limits
+        if self._head_bytes > limits.max_head_bytes:
+            raise _Reject(431, "request head too large")
+        name = name.lower()
+        headers = req.headers
+        headers.append((name, value))
+        if len(headers) > limits.max_headers:
+            raise _Reject(431, "too many headers")
+        if name in _SPECIAL_HEADERS:
+            if name == b"host":
+                req.host = value
+                req.host_count += 1
+            elif name == b"content-length":
+                req.content_length = int(value)  # the parser already checked the digits
+            elif name == b"transfer-encoding":
+                # Only plain "chunked" is forwarded (re-framed); llhttp would accept
+                # "gzip, chunked" and refuse a non-final "chunked" only after the head.
+                if value != b"chunked" and value.rstrip(b" \t").lower() != b"chunked":
+                    raise _Reject(400, "unsupported Transfer-Encoding")
+                req.chunked = True
+            elif name == b"expect":
+                if value.lower() == b"100-continue":
+                    req.expect_continue = True
+                else:
+                    raise _Reject(417, "unsupported Expect value")
+            elif name == b"x-request-id":
+                req.request_id = value
+
+    def on_headers_complete(self) -> None:
+        req = self._parsing
+        parser = self.parser
+        ctx = self.ctx
+        self._head_partial = False
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive() and not ctx.draining
+        if parser.should_upgrade():
+            if req.content_length or req.chunked:
+                # llhttp ends an upgrade request at its head: a declared body would be
+                # neither read nor sent, and the upstream would take it as the next
+                # request on a pooled connection (smuggling). Refused.
+                self._refuse(req, 400, "upgrade request with a body")
+            elif req.method == b"GET" and req.version == "1.1":
+                # RFC 6455 4.2.1 (the parser already saw `Connection: upgrade`)
+                req.websocket = b"websocket" in header_tokens(req.headers, b"upgrade")
+        self._last_parsed = req
+        self._check_head(req)
+        if req.local_status:
+            req.keep_alive = False
+        if self._active is None:
+            self._active = req
+            self._dispatch(req)
+        else:
+            self._queue.append(req)
+            if len(self._queue) >= ctx.limits.max_pipelined:
+                self.pause_reading(P_PIPELINE)
+
+    def on_body(self, chunk: bytes) -> None:
+        req = self._parsing
+        req.body_size += len(chunk)
+        if req.body_size > self.ctx.limits.max_body_bytes:
+            raise _Reject(413, "request body too large")
+        exchange = req.exchange
+        if exchange is not None:
+            exchange.on_request_body(chunk)  # streams it, or holds it until connected
+            return
+        if (req.dispatched and not req.pending) or req.local_status:
+            return  # answered locally (or refused): the body is read and dropped
+        if req.body_buf is None:
+            req.body_buf = [chunk]
+        else:
+            req.body_buf.append(chunk)
+        if req.pending:  # held while an asynchronous stage (an authorizer call) runs
+            if sum(map(len, req.body_buf)) > _DRAIN_BODY_MAX:
+                self.pause_reading(P_BUFFER)
+        elif req is not self._active:
+            self._queued_bytes += len(chunk)
+            if self._queued_bytes > _PIPELINE_BUFFER_MAX:
+                self.pause_reading(P_PIPELINE)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        if req is None:  # detached during this read (a WebSocket accepted synchronously)
+            return
+        self._parsing = None
+        req.complete = True
+        if req.exchange is not None:
+            req.exchange.on_request_complete()
+        if req is self._active:
+            if req.responded:
+                self._advance()
+            elif req.exchange is None and req.dispatched:
+                pass  # a local reply is being produced asynchronously by a stage
+        if self._active is None and not self._queue:
+            self.set_deadline(T_KEEPALIVE, self.ctx.limits.keepalive_timeout)
+
+    # ------------------------------------------------------------------ validation
+    def _check_head(self, req: Request) -> None:
+        if req.local_status:
+            return
+        version = req.version
+        if version != "1.1" and version != "1.0":
+            if version.startswith(("0.", "1.")):
+                self._refuse(req, 400, f"unsupported HTTP version {version}")
+            else:
+                self._refuse(req, 505, f"unsupported HTTP version {version}")
+            return
+        if req.method == b"CONNECT":
+            self._refuse(req, 405, "CONNECT is not supported")
+            return
+        if req.host_count > 1:
+            self._refuse(req, 400, "multiple Host headers")
+            return
+        if req.host_count == 0 and version == "1.1":
+            self._refuse(req, 400, "missing Host header")
+            return
+        target = req.target
+        if target[:1] == b"/":
+            q = target.find(b"?")
+            if q < 0:
+                req.path = target
+            else:
+                req.path = target[:q]
+                req.query = target[q + 1 :]
+            if b"#" in target:
+                self._refuse(req, 400, "fragment in request target")
+        elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                self._refuse(req, 400, "invalid absolute-form target")
+                return
+            req.path = url.path or b"/"
+            req.query = url.query or b""
+            if url.host:  # RFC 9112 3.2.2: the target's authority replaces Host
+                req.host = url.host if url.port is None else url.host + b":%d" % url.port
+        elif target == b"*" and req.method == b"OPTIONS":
+            req.path = b"*"
+        else:
+            self._refuse(req, 400, "invalid request target")
+            return
+        if req.content_length is not None and req.content_length > self.ctx.limits.max_body_bytes:
+            self._refuse(req, 413, "request body too large")
+
+    def _refuse(self, req: Request, status: int, reason: str) -> None:
+        req.local_status = status
+        req.local_reason = reason
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, req: Request) -> None:
+        req.dispatched = True
+        ctx = self.ctx
+        ctx.stats.requests_total += 1
+        rid = req.request_id
+        if not rid or _REQUEST_ID_RE.fullmatch(rid) is None:
+            ctx.rid_counter += 1
+            req.request_id = b"%b%012x" % (ctx.rid_prefix, ctx.rid_counter)
+        if req.local_status:
+            self.send_error(req, req.local_status, req.local_reason)
+            return
+        snapshot = ctx.snapshot
+        ws_api = snapshot.websocket_apis.get(req.path) if snapshot.websocket_apis else None
+        if ws_api is not None:
+            ws_api.handle(self, req)  # AWS-model WebSocket API: it answers or takes over
+            return
+        self.route(req)
+
+    def route(self, req: Request) -> None:
+        """Match `req` in the route table and run its route (404 when none matches)."""
+        match = self.ctx.snapshot.router.match(req.method, req.path, req.host)
+        if match is None:
+            self.send_error(req, 404, "no route matched")
+            return
+        route, params = match
+        req.route = route
+        req.params = params
+        req.route_key = route.key
+        self.run_chain(req, 0)
+
+    def run_chain(self, req: Request, start: int) -> None:
+        """Run the route's stages from `start`, then its integration. A stage returns
+        True (go on), False (it answered) or None (it goes on asynchronously and calls
+        `resume_chain` when done; meanwhile the request body is held)."""
+        stages = req.route.stages
+        for i in range(start, len(stages)):
+            result = stages[i](self, req)
+            if result is not True:
+                if result is None:
+                    req.pending = True
+                return
+        req.route.integration.handle(self, req)
+
+    def resume_chain(self, req: Request, start: int) -> None:
+        """An asynchronous stage finished well: continue, unless the client left."""
+        req.pending = False
+        if self._closed or req.responded or req is not self._active:
+            return
+        self.resume_reading(P_BUFFER)
+        self.run_chain(req, start)
+
+    def _advance(self) -> None:
+        """The active request is finished: make the next queued one active."""
+        self._active = None
+        if self._closed:
+            return
+        queue = self._queue
+        if queue:
+            req = queue.popleft()
+            if req.body_buf is not None:
+                self._queued_bytes -= sum(map(len, req.body_buf))
+            if self._pause & P_PIPELINE and len(queue) < self.ctx.limits.max_pipelined:
+                if self._queued_bytes <= _PIPELINE_BUFFER_MAX:
+                    self.resume_reading(P_PIPELINE)
+            self._active = req
+            self._dispatch(req)
+        elif self._parsing is None:
+            if self._peer_eof:
+                self.transport.close()
+            else:
+                self.set_deadline(T_KEEPALIVE, self.ctx.limits.keepalive_timeout)
+
+    # ------------------------------------------------------------------ output
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def send_local(
+        self,
+        req: Request,
+        status: int,
+        body: bytes,
+        content_type: bytes = responses.JSON_TYPE,
+        extra: bytes = b"",
+        close: bool = False,
+    ) -> None:
+        """Answer `req` (which must be active and not yet started) from the gateway."""
+        keep = req.keep_alive and not close and not self.ctx.draining and not self._peer_eof
+        if keep and not req.complete and not body_drainable(req):
+            keep = False
+        data = responses.local_reply(
+            status,
+            body,
+            content_type=content_type,
+            keep_alive=keep,
+            http10=req.version == "1.0",
+            date=self.ctx.date.line,
+            request_id=req.request_id or None,
+            extra=extra + req.extra_response if req.extra_response else extra,
+            head_only=req.method == b"HEAD",
+        )
+        req.status = status
+        req.response_length = len(body)
+        req.response_started = True
+        self.transport.write(data)
+        self.finish_response(req, keep)
+
+    def send_error(self, req: Request, status: int, reason: str, extra: bytes = b"") -> None:
+        """A gateway error: AWS-style body, counted, and logged once (access log)."""
+        req.error = reason
+        self.ctx.count_error(str(status))
+        self.send_local(req, status, responses.gateway_error_body(status), extra=extra)
+
+    def finish_response(self, req: Request, keep_alive: bool) -> None:
+        """The response to the active request is fully written."""
+        req.responded = True
+        access_log = self.ctx.access_log
+        if access_log.enabled:
+            access_log.record(req, self)
+        req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC
+        if not keep_alive or self.ctx.draining:
+            # Linger when the client may still be sending: after a parse failure, or
+            # with a request body that was not read to its end.
+            self._close_after_response(
+                self._parser_dead or (not req.complete and (req.chunked or bool(req.content_length)))
+            )
+        elif req.complete:
+            refused_upgrade = self._upgrade_tail is not None and req is self._last_parsed
+            self._advance()
+            if refused_upgrade:  # this response refused the upgrade: the connection stays HTTP
+                self.resume_http()
+        else:
+            # The body is still arriving; it is read and dropped, then we move on.
+            self.set_deadline(T_BODY, self.ctx.limits.body_timeout)
+
+    def _close_after_response(self, linger: bool = False) -> None:
+        self._upgrade_tail = None
+        self._stop_parsing()
+        self._queue.clear()
+        self._active = None
+        transport = self.transport
+        if transport is None:
+            self.set_deadline(T_NONE, 0)
+            return
+        if linger and not self._peer_eof and not self._closed and transport.can_write_eof():
+            transport.write_eof()  # FIN once the answer is flushed
+            self._pause = 0
+            transport.resume_reading()  # data_received drops everything now
+            self.set_deadline(T_LINGER, _LINGER_SECONDS)
+        else:
+            self.set_deadline(T_NONE, 0)
+            transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection without a reply (response already started)."""
+        self._stop_parsing()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _stop_parsing(self) -> None:
+        self._parser_dead = True
+        self.pause_reading(P_DEAD)
+
+    def _parse_failed(self, status: int, reason: str) -> None:
+        """The parser (or a limit) refused the bytes: answer in order, then close."""
+        if self._parser_dead:
+            # Parsing already stopped inside this read (the connection is closing after
+            # an answer): the rest of the bytes are not ours to judge or answer.
+            return
+        self._stop_parsing()
+        req = self._parsing
+        self._parsing = None
+        self._head_partial = False
+        if req is None:
+            req = Request(time.perf_counter())
+        elif req.dispatched:
+            # The failure is in the body of the request being answered (the active one:
+            # a dispatched request stays active until its body is complete).
+            if req.exchange is not None:
+                req.exchange.abort(reason)
+            if req.response_started:
+                self._abort_active(req, status, reason)
+                return
+            req.keep_alive = False
+            self.send_error(req, status, reason)
+            return
+        req.local_status = status
+        req.local_reason = reason
+        req.keep_alive = False
+        req.complete = True
+        if req is self._active or req in self._queue:
+            return  # already waiting for its turn; it will be refused then
+        if self._active is None:
+            self._active = req
+            self._dispatch(req)
+        else:
+            self._queue.append(req)
+
+    # ------------------------------------------------------------------ timers
+    def set_deadline(self, kind: int, seconds: float) -> None:
+        self._timer_kind = kind
+        if kind == T_NONE:
+            return
+        deadline = self.loop.time() + seconds
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+        elif deadline < self._timer_at:
+            timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        kind = self._timer_kind
+        if kind == T_NONE or self._closed:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        self._timer_kind = T_NONE
+        if kind == T_FIRST or kind == T_KEEPALIVE:
+            if self.write_paused:
+                self.transport.abort()  # close() would wait for a reader that never reads
+            else:
+                self.transport.close()
+        elif kind == T_HEAD:
+            self._parse_failed(408, "request head not received in time")  # counted as "408"
+        elif kind == T_LINGER:
+            self.transport.close()
+        elif kind == T_BODY:
+            self.ctx.count_error("body_timeout")
+            self.abort()
+        elif kind == T_UPSTREAM:
+            req = self._active
+            if req is None or req.exchange is None:
+                self.abort()
+            elif not req.complete and req.exchange.request_stalled():
+                req.exchange.abort("client did not send the request body in time")
+                self._fail_active(req, 408, "request body not received in time")
+            else:
+                req.exchange.on_timeout()
+        elif kind == T_SEND:
+            self.ctx.count_error("send_timeout")
+            req = self._active
+            if req is not None and not req.responded:
+                if req.exchange is not None:
+                    req.exchange.abort("client stopped reading")
+                req.responded = True  # counted and logged here, not again as a 499
+                req.error = "client stopped reading the response"
+                self.ctx.access_log.record(req, self)
+            self.abort()
+
+    def _fail_active(self, req: Request, status: int, reason: str) -> None:
+        if req.response_started:
+            self._abort_active(req, status, reason)
+        else:
+            req.keep_alive = False
+            self.send_error(req, status, reason)
+
+    def _abort_active(self, req: Request, status: int, reason: str) -> None:
+        """A failure after the response started: dropping the connection is the only
+        honest signal left. Counted and logged once (connection_lost then skips it)."""
+        if not req.responded:
+            req.responded = True
+            req.error = reason
+            self.ctx.count_error(str(status))
+            self.ctx.access_log.record(req, self)
+        self.abort()
+
+
+def status_line(status: int) -> bytes:
+    return STATUS_LINES[status]

@@ -1,0 +1,109 @@
+"""One parsed client request and what happened to it, plus the lookups stages use.
+
+Owns `Request` (per-request state, kept apart from the per-connection `HttpProtocol`, as
+uvicorn does) and the small readers of its header list. Header names are lower-case
+bytes (the codec lowers them once); values are the bytes as received.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+_DRAIN_BODY_MAX = 64 * 1024  # unread body we are willing to read and discard
+
+
+class Request:
+    """One request and what happened to it (read by the proxy and the access log)."""
+
+    __slots__ = (
+        "method", "target", "path", "query", "version", "headers", "host", "host_count",
+        "keep_alive", "content_length", "chunked", "expect_continue", "request_id",
+        "body_buf", "body_size", "complete", "dispatched", "responded", "response_started",
+        "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
+        "response_length", "integration_latency", "integration_error", "upstream",
+        "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
+        "extra_upstream", "api_key", "pending", "websocket", "ws_log",
+    )
+
+    def __init__(self, now: float) -> None:
+        self.method = b""
+        self.target = b""
+        self.path = b""
+        self.query = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.request_id: bytes = b""
+        self.body_buf: list[bytes] | None = None
+        self.body_size = 0
+        self.complete = False
+        self.dispatched = False
+        self.responded = False
+        self.response_started = False
+        self.route: Any = None
+        self.params: dict[str, bytes] | None = None
+        self.route_key = "-"
+        self.exchange: Any = None
+        self.t_start = now
+        self.t_wall = time.time()
+        self.status = 0
+        self.response_length = 0
+        self.integration_latency: float | None = None
+        self.integration_error: str | None = None
+        self.upstream: str | None = None
+        self.local_status = 0  # set when the request must be refused when it is answered
+        self.local_reason = ""
+        self.error: str | None = None  # the gateway's reason for an error status (logged)
+        # Set by stages (see stages.py):
+        self.client_ip: str | None = None  # when trusted proxies name another client
+        self.claims: dict | None = None  # verified JWT claims
+        self.extra_response = b""  # header lines for the response (CORS)
+        self.extra_upstream: list[tuple[bytes, bytes]] | None = None  # forwarded claims
+        self.api_key: Any = None  # apikeys.ApiKey of an API-key authorizer
+        self.pending = False  # an asynchronous stage is running (see run_chain)
+        self.websocket = False  # a WebSocket opening handshake (GET, 1.1, Upgrade: websocket)
+        self.ws_log: dict | None = None  # a WebSocket's counters, logged when it closes
+
+
+def body_drainable(req: Request) -> bool:
+    """Whether the unread rest of `req`'s body is small enough to read and drop, so the
+    connection can stay open after answering early. Chunked bodies are never drained."""
+    if req.chunked:
+        return False
+    if req.content_length is None:
+        return True  # no body at all
+    return not req.expect_continue and req.content_length - req.body_size <= _DRAIN_BODY_MAX
+
+
+
+def header(req: Request, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower-case bytes), or None."""
+    for key, value in req.headers:
+        if key == name:
+            return value
+    return None
+
+
+def header_all(req: Request, name: bytes) -> list[bytes]:
+    """Every value of header `name`, in order."""
+    return [value for key, value in req.headers if key == name]
+
+
+def forwarded(pairs: list[tuple[bytes, str]], values: Any) -> list[tuple[bytes, bytes]]:
+    """Header lines for `(header, key)` pairs taken from claims or an authorizer context:
+    strings as they are, anything else as compact JSON (control characters escaped)."""
+    out = []
+    for name, key in pairs:
+        value = values.get(key)
+        if value is not None:
+            text = value if isinstance(value, str) else orjson.dumps(value).decode()
+            out.append((name, text.encode("utf-8", "replace")))
+    return out

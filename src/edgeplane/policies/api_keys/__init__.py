@@ -1,0 +1,2 @@
+"""API-key authorizer: the key file (`store`, also the `edgeplane keys` commands).
+"""

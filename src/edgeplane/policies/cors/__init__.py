@@ -1,0 +1,2 @@
+"""CORS policy: preflights answered by the gateway, response headers on actual requests.
+"""

@@ -1,0 +1,217 @@
+"""The custom HTTP authorizer stage, modelled on AWS Lambda REQUEST authorizers.
+
+Owns the stage that asks an external service whether a request may pass: it POSTs the
+AWS payload (version 2.0) to the configured URL over the gateway's own pooled client
+(`client.fetch`), reads the simple response `{"isAuthorized": bool, "context": {...}}`,
+and caches the result keyed by the values of all identity sources (TTL `result_ttl`,
+0 = off; `$context.routeKey` among the sources makes the cache per route).
+
+Answers, as AWS: a missing identity source is 401 without a call; `isAuthorized: false`
+is 403; a timeout, a non-200 answer or a body that is not the expected JSON is 500
+`{"message":"Internal Server Error"}`, counted and logged once. The authorizer's
+context is forwarded upstream as the configured headers.
+
+Invariants:
+- A cache hit is synchronous (the stage returns True or answers at once); only a miss
+  suspends the chain (returns None) and resumes it with `proto.resume_chain`.
+- The cache is bounded (`cache_max_entries`, oldest first out) and entries expire.
+- A request whose client left while the call was in flight is not answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from edgeplane.upstream.client import FetchError, fetch
+from edgeplane.policies.jwt.jwks_source import split_url
+from edgeplane.config.model import PoolConfig, UpstreamConfig
+from edgeplane.upstream.pool import Upstream
+from edgeplane.http.request import forwarded, header
+
+if TYPE_CHECKING:
+    from edgeplane.config.model import HttpAuthorizerConfig
+    from edgeplane.http.protocol import HttpProtocol
+    from edgeplane.http.request import Request
+
+log = logging.getLogger("edgeplane.authorizer")
+
+
+class HttpAuthorizerClient:
+    """Per authorizer: the pooled connection to its URL and the result cache."""
+
+    __slots__ = ("cfg", "upstream", "path", "cache", "calls", "failures")
+
+    def __init__(self, cfg: HttpAuthorizerConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg = cfg
+        target, self.path = split_url(cfg.url)
+        self.upstream = Upstream(UpstreamConfig(name=f"authorizer:{cfg.name}", targets=(target,),
+                                                pool=PoolConfig(connect_timeout=cfg.timeout)), loop)
+        self.cache: OrderedDict[tuple, tuple[float, bool, dict]] = OrderedDict()
+        self.calls = 0
+        self.failures = 0
+
+    def cached(self, key: tuple, now: float) -> tuple[bool, dict] | None:
+        entry = self.cache.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self.cache[key]
+            return None
+        return entry[1], entry[2]
+
+    def remember(self, key: tuple, now: float, allowed: bool, context: dict) -> None:
+        ttl = self.cfg.result_ttl
+        if ttl <= 0:
+            return
+        cache = self.cache
+        cache[key] = (now + ttl, allowed, context)
+        if len(cache) > self.cfg.cache_max_entries:
+            cache.popitem(last=False)
+
+    async def ask(self, payload: dict) -> tuple[bool, dict]:
+        """POST the payload; (isAuthorized, context), or raise FetchError/ValueError."""
+        self.calls += 1
+        status, _, body = await fetch(
+            self.upstream.pick(), "POST", self.path,
+            headers={"content-type": "application/json"}, body=orjson.dumps(payload),
+            timeout=self.cfg.timeout, max_bytes=64 * 1024)
+        if status != 200:
+            raise ValueError(f"authorizer answered status {status}")
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ValueError("authorizer answered something that is not JSON") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("isAuthorized"), bool):
+            raise ValueError("authorizer answer lacks a boolean 'isAuthorized'")
+        context = answer.get("context") or {}
+        if not isinstance(context, dict):
+            raise ValueError("authorizer 'context' is not an object")
+        return answer["isAuthorized"], context
+
+    async def close(self) -> None:
+        await self.upstream.close()
+
+    def telemetry(self) -> dict[str, Any]:
+        return {"url": self.cfg.url, "calls": self.calls, "failures": self.failures,
+                "cached": len(self.cache)}
+
+
+class HttpAuthorizerStage:
+    __slots__ = ("client", "sources", "forward", "name", "tasks")
+
+    def __init__(self, client: HttpAuthorizerClient) -> None:
+        self.client = client
+        self.name = client.cfg.name
+        # Each source compiled to (kind, detail): ("h", b"authorization"), ("q", "token"),
+        # ("route", None), ("ip", None).
+        self.sources = []
+        for source in client.cfg.identity_source:
+            if source.startswith("$request.header."):
+                self.sources.append(("h", source[16:].lower().encode()))
+            elif source.startswith("$request.querystring."):
+                self.sources.append(("q", source[21:]))
+            elif source == "$context.routeKey":
+                self.sources.append(("route", None))
+            else:
+                self.sources.append(("ip", None))
+        self.forward = [(h.encode(), k) for h, k in client.cfg.forward_context]
+        self.tasks: set[asyncio.Task] = set()
+
+    def _identity(self, proto: HttpProtocol, req: Request) -> tuple | None:
+        values = []
+        query = None
+        for kind, detail in self.sources:
+            if kind == "h":
+                value = header(req, detail)
+                value = None if value is None else value.decode("latin-1")
+            elif kind == "q":
+                if query is None:
+                    query = dict(parse_qsl(req.query.decode("latin-1")))
+                value = query.get(detail)
+            elif kind == "route":
+                value = req.route_key
+            else:
+                value = req.client_ip or proto.peer_ip
+            if not value:
+                return None
+            values.append(value)
+        return tuple(values)
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool | None:
+        identity = self._identity(proto, req)
+        if identity is None:
+            proto.send_error(req, 401, f"{self.name}: missing identity source")
+            return False
+        hit = self.client.cached(identity, time.monotonic())
+        if hit is not None:
+            return self._decide(proto, req, *hit)
+        index = req.route.stages.index(self) + 1
+        task = proto.loop.create_task(self._ask(proto, req, identity, index))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return None
+
+    async def _ask(self, proto: HttpProtocol, req: Request, identity: tuple, index: int) -> None:
+        client = self.client
+        try:
+            allowed, context = await client.ask(payload(proto, req, identity))
+        except (FetchError, ValueError) as exc:
+            client.failures += 1
+            req.pending = False
+            if not req.responded and not proto.transport.is_closing():
+                req.integration_error = f"authorizer {self.name}: {exc}"
+                proto.send_error(req, 500, f"authorizer {self.name} failed: {exc}")
+            return
+        client.remember(identity, time.monotonic(), allowed, context)
+        req.pending = False
+        if req.responded or proto.transport.is_closing():
+            return
+        if self._decide(proto, req, allowed, context):
+            proto.resume_chain(req, index)
+
+    def _decide(self, proto: HttpProtocol, req: Request, allowed: bool, context: dict) -> bool:
+        if not allowed:
+            proto.send_error(req, 403, f"{self.name}: not authorized")
+            return False
+        if self.forward:
+            req.extra_upstream = [*(req.extra_upstream or ()), *forwarded(self.forward, context)]
+        return True
+
+
+def payload(proto: HttpProtocol, req: Request, identity: tuple) -> dict[str, Any]:
+    """The AWS HTTP API authorizer payload, version 2.0."""
+    headers: dict[str, str] = {}
+    for name, value in req.headers:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        headers[key] = headers[key] + "," + text if key in headers else text
+    query = req.query.decode("latin-1")
+    path = req.path.decode("latin-1")
+    return {
+        "version": "2.0",
+        "type": "REQUEST",
+        "routeArn": req.route_key,
+        "identitySource": list(identity),
+        "routeKey": req.route_key,
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": headers,
+        "queryStringParameters": dict(parse_qsl(query)) if query else {},
+        "pathParameters": {k: v.decode("latin-1") for k, v in (req.params or {}).items()},
+        "requestContext": {
+            "http": {"method": req.method.decode(), "path": path, "protocol": "HTTP/" + req.version,
+                     "sourceIp": req.client_ip or proto.peer_ip,
+                     "userAgent": headers.get("user-agent", "")},
+            "requestId": req.request_id.decode("latin-1"),
+            "routeKey": req.route_key,
+            "stage": "$default",
+            "timeEpoch": int(req.t_wall * 1000),
+        },
+    }

@@ -1,0 +1,2 @@
+"""IP rules policy: client IP behind trusted proxies, allow/deny CIDR rules.
+"""

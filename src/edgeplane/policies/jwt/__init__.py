@@ -1,0 +1,2 @@
+"""JWT authorizer: token verification (`verify`), JWKS parsing (`jwks`), JWKS URLs (`jwks_source`).
+"""

@@ -1,0 +1,164 @@
+"""Where each throttle level lives: one small factory per store, the same chain contract.
+
+A throttle level is a server-wide bucket, a route's bucket, a route's per-client buckets
+or a usage plan's per-key buckets. This module decides, from the deployment, which kind
+of bucket backs each level, and which chain checks them:
+
+- `LocalLimits` (``workers: 1``, no cluster): in-process `throttle.TokenBucket` /
+  `throttle.BucketMap`, checked by the inlined `throttle.ThrottleChain`: the fastest path.
+- `SharedLimits` (``workers: N``): buckets in the supervisor's shared-memory tables
+  (`shared_limits`, and `shared_keys` for per-client and per-key levels), exact across
+  the workers of one host; checked by `throttle.LevelChain`.
+- `ClusterLimits` (``cluster:`` set): `cluster.LeasedLimit` buckets in Redis, exact across
+  hosts within the lease bound; checked by `throttle.LevelChain`.
+
+Every factory answers the same four questions -- `server()`, `route(rc)`, `plan(name, rc)`,
+`chain(route_level, server_level)` -- so the throttle stage does not know which store it
+talks to. Limit indices in shared memory are fixed by the config (0 = server-wide,
+1 + i = routes[i], plans after the routes), the same in every worker. Redis key names
+come from the route key and plan name, the same on every host with the same config.
+WebSocket APIs' new-connection buckets follow the plans in the same table (`ws_api_index`),
+then the plans' per-route buckets (AWS method throttling); in Redis those are named
+`plan:NAME:ROUTE KEY`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from edgeplane.policies.throttle.buckets import BucketMap, LevelChain, Policy, ThrottleChain, TokenBucket
+
+if TYPE_CHECKING:
+    from edgeplane.config.model import Config, RouteConfig
+
+__all__ = ["LocalLimits", "SharedLimits", "ClusterLimits", "limits_for", "ws_api_index", "shared_limit_count"]
+
+
+def ws_api_index(config: Config, i: int) -> int:
+    """Shared-memory index of the i-th WebSocket API's new-connection bucket."""
+    return 1 + len(config.routes) + len(config.usage_plans) + i
+
+
+def _plan_route_pairs(config: Config) -> list[tuple[str, str]]:
+    return [(name, key) for name, plan in config.usage_plans.items() for key in plan.route_throttles]
+
+
+def shared_limit_count(config: Config) -> int:
+    """Indices the supervisor's shared tables need: server, routes, plans, WebSocket APIs,
+    then the plans' per-route throttles."""
+    return ws_api_index(config, len(config.websocket_apis)) + len(_plan_route_pairs(config))
+
+
+def _plan_throttle(config: Config, name: str, route: RouteConfig | None) -> Any:
+    """The plan's throttle on `route`: its per-route one if it has one, else its default."""
+    plan = config.usage_plans[name]
+    if route is not None and route.key in plan.route_throttles:
+        return plan.route_throttles[route.key]
+    return plan.throttle
+
+
+class LocalLimits:
+    """One process owns every bucket."""
+
+    def __init__(self, config: Config) -> None:
+        t = config.throttle
+        self._server = TokenBucket(t.rate, t.burst, policy="server") if t is not None else None
+        self.config = config
+
+    def server(self) -> Any:
+        return self._server
+
+    def route(self, rc: RouteConfig) -> Any:
+        t = rc.throttle
+        if t.key is None:
+            return TokenBucket(t.rate, t.burst, policy="route")
+        return BucketMap(t.rate, t.burst, policy="client")
+
+    def plan(self, name: str, route: RouteConfig | None = None) -> Any:
+        t = _plan_throttle(self.config, name, route)
+        return BucketMap(t.rate, t.burst, policy="plan")
+
+    def chain(self, route: Any, server: Any) -> Any:
+        return ThrottleChain(route=route, server=server)
+
+
+class SharedLimits:
+    """Buckets in the supervisor's shared-memory tables (one host, N workers)."""
+
+    def __init__(self, config: Config, table: Any, keyed_table: Any = None) -> None:
+        self.config = config
+        self.table = table
+        self.keyed_table = keyed_table
+        t = config.throttle
+        self._server = self._bucket(0, t.rate, t.burst, "server") if t is not None else None
+        self._plan_index = {name: len(config.routes) + 1 + i for i, name in enumerate(config.usage_plans)}
+        base = ws_api_index(config, len(config.websocket_apis))
+        self._plan_route_index = {pair: base + j for j, pair in enumerate(_plan_route_pairs(config))}
+
+    def _bucket(self, index: int, rate: float, burst: int, policy: str) -> Any:
+        bucket = self.table.bucket(index, rate, burst)
+        bucket._policy = Policy(policy, rate, burst)
+        return bucket
+
+    def _keyed(self, index: int, rate: float, burst: int, policy: str) -> Any:
+        if self.keyed_table is None:
+            raise ValueError("per-client limits across workers need the keyed shared table")
+        limit = self.keyed_table.limit(index, rate, burst)
+        limit._policy = Policy(policy, rate, burst)  # copied into each bucket view it makes
+        return limit
+
+    def server(self) -> Any:
+        return self._server
+
+    def route(self, rc: RouteConfig) -> Any:
+        t = rc.throttle
+        if t.key is None:
+            return self._bucket(1 + rc.index, t.rate, t.burst, "route")
+        return self._keyed(1 + rc.index, t.rate, t.burst, "client")
+
+    def plan(self, name: str, route: RouteConfig | None = None) -> Any:
+        t = _plan_throttle(self.config, name, route)
+        index = self._plan_route_index.get((name, route.key)) if route is not None else None
+        return self._keyed(self._plan_index[name] if index is None else index, t.rate, t.burst, "plan")
+
+    def chain(self, route: Any, server: Any) -> Any:
+        return LevelChain(route=route, server=server)
+
+
+class ClusterLimits:
+    """Leased buckets in Redis (several hosts)."""
+
+    def __init__(self, config: Config, limiter: Any) -> None:
+        self.config = config
+        self.limiter = limiter
+        t = config.throttle
+        self._server = limiter.limit("server", t.rate, t.burst, "server", keyed=False).bucket() \
+            if t is not None else None
+
+    def server(self) -> Any:
+        return self._server
+
+    def route(self, rc: RouteConfig) -> Any:
+        t = rc.throttle
+        name = f"route:{rc.host or ''}{rc.key}"
+        if t.key is None:
+            return self.limiter.limit(name, t.rate, t.burst, "route", keyed=False).bucket()
+        return self.limiter.limit(name, t.rate, t.burst, "client", keyed=True)
+
+    def plan(self, name: str, route: RouteConfig | None = None) -> Any:
+        t = _plan_throttle(self.config, name, route)
+        own = route is not None and route.key in self.config.usage_plans[name].route_throttles
+        return self.limiter.limit(f"plan:{name}:{route.key}" if own else f"plan:{name}", t.rate, t.burst,
+                                  "plan", keyed=True)
+
+    def chain(self, route: Any, server: Any) -> Any:
+        return LevelChain(route=route, server=server)
+
+
+def limits_for(config: Config, shared_table: Any = None, keyed_table: Any = None,
+               limiter: Any = None) -> LocalLimits | SharedLimits | ClusterLimits:
+    if limiter is not None:
+        return ClusterLimits(config, limiter)
+    if shared_table is not None:
+        return SharedLimits(config, shared_table, keyed_table)
+    return LocalLimits(config)

@@ -1,0 +1,256 @@
+"""The admin listener's API, served by the same HTTP server as the data plane.
+
+Owns the admin routes, compiled into an ordinary snapshot whose integrations are
+`FunctionIntegration`s:
+- `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "draining"}` during shutdown;
+- `GET /upstreams`: per-upstream, per-target pool and per-connection telemetry;
+- `GET /stats`: connection, request and error counters of the data listeners;
+- `GET /routes`: the compiled route table in match-priority order;
+- `POST|GET|DELETE /@connections/{id}`: the WebSocket API management API (AWS's
+  @connections): send a message to a client, describe it, disconnect it. An id of a
+  connection this worker does not hold is forwarded to its owner (`ws_connections`):
+  another worker of this host through `WorkerForwarder` (each worker also serves this
+  app on its own Unix socket), another host through Redis. Unknown or closed: 410;
+  malformed id: 400; other methods: 405.
+
+Invariants: a forwarded call (`x-edgeplane-forwarded`) is only served locally, so a call
+never loops; a POST body larger than the connection's `max_message_bytes` is 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httptools
+import orjson
+
+from edgeplane.config.model import Integration, RouteConfig
+from edgeplane.routing.router import compile_routes
+from edgeplane.routing.snapshot import CompiledRoute, FunctionIntegration, Snapshot
+
+if TYPE_CHECKING:
+    from edgeplane.http.protocol import HttpProtocol
+    from edgeplane.http.request import Request
+
+_JSON = b"application/json"
+_PLACEHOLDER = Integration(type="mock")
+
+
+def _json(status: int, obj: object) -> tuple[int, bytes, bytes]:
+    return status, orjson.dumps(obj, option=orjson.OPT_INDENT_2), _JSON
+
+
+class AdminSource(Protocol):
+    """What the admin API reads of a running worker (`runtime.gateway.Gateway`)."""
+
+    draining: bool
+    loop: Any
+    upstreams: dict[str, Any]
+    snapshot: Snapshot | None
+    ws_registry: Any
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
+    def healthz(req):
+        if gateway.draining:
+            return _json(503, {"status": "draining"})
+        return _json(200, {"status": "ok", "pid": os.getpid()})
+
+    def upstreams(req):
+        now = gateway.loop.time()
+        return _json(200, {"upstreams": [u.telemetry(now) for u in gateway.upstreams.values()]})
+
+    def stats(req):
+        return _json(200, gateway.stats())
+
+    def routes(req):
+        table = gateway.snapshot.router.table()
+        return _json(200, {"routes": [
+            {"priority": i + 1, "route": rc.key, "host": rc.host, "integration": rc.integration.type}
+            for i, rc in enumerate(table)
+        ]})
+
+    handlers = {"/healthz": healthz, "/upstreams": upstreams, "/stats": stats, "/routes": routes}
+    compiled = []
+    for i, (path, fn) in enumerate(handlers.items()):
+        rc = RouteConfig(key=f"GET {path}", method="GET", path=path, host=None,
+                         integration=_PLACEHOLDER, index=i)
+        compiled.append(CompiledRoute(rc, rc.key, (), FunctionIntegration(fn)))
+    registry = getattr(gateway, "ws_registry", None)
+    if registry is not None:
+        for method in ("POST", "GET", "DELETE", "ANY"):
+            rc = RouteConfig(key=f"{method} /@connections/{{id}}", method=None if method == "ANY" else method,
+                             path="/@connections/{id}", host=None, integration=_PLACEHOLDER,
+                             index=len(compiled))
+            compiled.append(CompiledRoute(rc, rc.key, (), ConnectionsIntegration(registry, method)))
+    router = compile_routes([(c.config, c) for c in compiled])
+    return Snapshot(None, router, compiled)
+
+
+# ---------------------------------------------------------------------------- @connections
+
+FORWARDED = b"x-edgeplane-forwarded"
+_T_UPSTREAM = 4  # server.T_UPSTREAM: the body-collection deadline
+
+
+class ConnectionsIntegration:
+    """`/@connections/{id}` for one method (ANY: 405)."""
+
+    __slots__ = ("registry", "method")
+
+    def __init__(self, registry: Any, method: str) -> None:
+        self.registry = registry
+        self.method = method
+
+    def handle(self, proto: HttpProtocol, req: Request) -> None:
+        if self.method == "ANY":
+            proto.send_local(req, 405, b'{"message":"Method Not Allowed"}',
+                             extra=b"allow: GET, POST, DELETE\r\n")
+            return
+        conn_id = (req.params or {}).get("id", b"").decode("latin-1")
+        from edgeplane.websocket.connections import BAD_ID, parse_id
+
+        if parse_id(conn_id) is None:
+            req.error = "malformed connection id"
+            proto.ctx.count_error("400")
+            proto.send_local(req, 400, orjson.dumps({"message": BAD_ID}))
+            return
+        if self.method != "POST":
+            self._run(proto, req, conn_id, b"")
+            return
+        limit = self.registry.max_message_bytes()
+        if req.content_length is not None and req.content_length > limit:
+            proto.send_error(req, 413, f"@connections message larger than {limit} bytes")
+            return
+        if req.complete:
+            self._run(proto, req, conn_id, b"".join(req.body_buf or ()))
+            return
+        req.exchange = _BodyCollector(self, proto, req, conn_id, limit)
+        proto.set_deadline(_T_UPSTREAM, proto.ctx.limits.body_timeout)
+
+    def _run(self, proto: HttpProtocol, req: Request, conn_id: str, body: bytes) -> None:
+        registry = self.registry
+        forwarded = any(k == FORWARDED for k, _ in req.headers)
+        now = registry.answer_now(self.method, conn_id, body, forwarded)
+        if now is not None:
+            _answer(proto, req, *now)
+            return
+        registry.track(proto.loop.create_task(self._later(proto, req, conn_id, body)))
+
+    async def _later(self, proto: HttpProtocol, req: Request, conn_id: str, body: bytes) -> None:
+        status, answer = await self.registry.call(self.method, conn_id, body)
+        if not req.responded and proto.transport is not None and not proto.transport.is_closing():
+            _answer(proto, req, status, answer)
+
+
+def _answer(proto: HttpProtocol, req: Request, status: int, body: bytes) -> None:
+    if status >= 400:
+        req.error = f"@connections: {status}"
+        proto.ctx.count_error(str(status))
+    proto.send_local(req, status, body)
+
+
+class _BodyCollector:
+    """Reads a POST body that arrives after dispatch (the server's exchange interface)."""
+
+    __slots__ = ("integ", "proto", "req", "conn_id", "limit", "chunks", "size", "timeout", "done")
+
+    def __init__(self, integ: ConnectionsIntegration, proto: HttpProtocol, req: Request,
+                 conn_id: str, limit: int) -> None:
+        self.integ = integ
+        self.proto = proto
+        self.req = req
+        self.conn_id = conn_id
+        self.limit = limit
+        self.chunks: list[bytes] = list(req.body_buf or ())
+        self.size = sum(map(len, self.chunks))
+        self.timeout = proto.ctx.limits.body_timeout
+        self.done = False
+
+    def on_request_body(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.done = True
+            self.req.keep_alive = False
+            self.proto.send_error(self.req, 413, f"@connections message larger than {self.limit} bytes")
+            return
+        self.chunks.append(chunk)
+
+    def on_request_complete(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.integ._run(self.proto, self.req, self.conn_id, b"".join(self.chunks))
+
+    def abort(self, reason: str) -> None:
+        self.done = True
+
+    def request_stalled(self) -> bool:
+        return not self.done
+
+    def on_timeout(self) -> None:
+        if not self.done:
+            self.done = True
+            self.proto.send_error(self.req, 408, "@connections body not received in time")
+
+    def pause_upstream(self) -> None:
+        pass
+
+    def resume_upstream(self) -> None:
+        pass
+
+
+class WorkerForwarder:
+    """Calls the admin app of another worker of this host over its Unix socket."""
+
+    def __init__(self, socket_path: Any, timeout: float = 2.0) -> None:
+        self.socket_path = socket_path  # worker index -> path
+        self.timeout = timeout
+
+    async def call(self, index: int, method: str, conn_id: str, body: bytes) -> tuple[int, bytes]:
+        head = (f"{method} /@connections/{conn_id} HTTP/1.1\r\nhost: localhost\r\n"
+                f"x-edgeplane-forwarded: 1\r\nconnection: close\r\n"
+                f"content-length: {len(body)}\r\n\r\n").encode()
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.socket_path(index)), self.timeout)
+            writer.write(head + body)
+            data = await asyncio.wait_for(reader.read(), self.timeout)
+            return _parse_response(data)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return 410, b'{"message":"Gone"}'  # no such worker: its connections are gone
+        except (OSError, asyncio.TimeoutError, ValueError):
+            return 502, b'{"message":"Bad Gateway"}'
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _parse_response(data: bytes) -> tuple[int, bytes]:
+    class _Reader:
+        def __init__(self) -> None:
+            self.body = bytearray()
+            self.complete = False
+
+        def on_body(self, chunk: bytes) -> None:
+            self.body += chunk
+
+        def on_message_complete(self) -> None:
+            self.complete = True
+
+    r = _Reader()
+    parser = httptools.HttpResponseParser(r)
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserError as exc:
+        raise ValueError(str(exc)) from None
+    if not r.complete:
+        raise ValueError("incomplete response")
+    return parser.get_status_code(), bytes(r.body)

@@ -1,0 +1,389 @@
+"""The embedding API: a `Gateway` runs one worker's listeners inside a running event loop.
+
+Owns the lifecycle of one worker: build upstream pools and the snapshot from a `Config`,
+bind the data and admin listeners, run the housekeeping tick (Date header, access-log
+flush, pool sweeps), and stop with a drain. The CLI's `serve` and each process of
+`workers: N` are thin layers over this class, so tests drive exactly what users run.
+
+    gw = Gateway("conf/edgeplane.yaml")      # or a dict, or a model.Config
+    await gw.start()
+    print(gw.addresses, gw.admin_address)
+    await gw.stop()
+
+WebSocket APIs (`websocket_apis`): the gateway owns this worker's `ConnectionRegistry`
+(`ws_connections`) and passes the compiled APIs into the snapshot. Under a supervisor
+(`EDGEPLANE_WORKER_INDEX` in the environment) each worker also serves the admin app on its
+own Unix socket, `<dir>/worker-<index>.sock`, in the private directory the supervisor
+created (`EDGEPLANE_WS_SOCKET_DIR`); the workers of one supervisor share its host tag
+(`EDGEPLANE_WS_HOST_TAG`), so a connection id names its worker and host, and the
+per-API new-connection buckets live in the supervisor's shared limit table (indices
+`limits.ws_api_index`). With `cluster:` the registry also listens on Redis pub/sub.
+
+Invariants: `start()` either binds everything or raises with nothing left bound;
+`stop()` is idempotent and leaves no listeners, connections or tasks behind; WebSockets
+are closed with 1001 and their $disconnect calls run before the upstream pools close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from edgeplane.runtime.accesslog import AccessLog
+from edgeplane.runtime.admin import build_admin_snapshot
+from edgeplane.config.loader import load_config
+from edgeplane.http.context import ServerContext
+from edgeplane.config.model import Config
+from edgeplane.upstream.pool import Upstream
+from edgeplane.http.responses import DateHeader
+from edgeplane.http.protocol import HttpProtocol
+from edgeplane.policies.http_authorizer.client import HttpAuthorizerClient
+from edgeplane.policies.jwt.jwks_source import JwksSource
+from edgeplane.policies.quota.store import QuotaPeriod, QuotaStore
+from edgeplane.policies.throttle.stores import limits_for, ws_api_index
+from edgeplane.policies.throttle.shared_keys import SharedKeyTable
+from edgeplane.policies.throttle.shared_limits import SharedLimitTable
+from edgeplane.routing.snapshot import Snapshot, build_snapshot
+from edgeplane.http.tls import ListenerTls
+from edgeplane.routing.chain import build_verifiers
+from edgeplane.websocket.api import build_websocket_apis
+from edgeplane.websocket.connections import ConnectionRegistry
+
+if TYPE_CHECKING:
+    from edgeplane.policies.throttle.cluster import RedisLimiter, RedisQuotaStore
+
+log = logging.getLogger("edgeplane")
+
+
+class Gateway:
+    def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False,
+                 shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
+                 ws_worker: tuple[int, str, bytes] | None = None) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.reuse_port = reuse_port
+        # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
+        # throttle tables (shared_limits, shared_keys).
+        self.shared_limits = shared_limits
+        self.shared_table = None
+        self.keyed_table = None
+        self.quota_store: QuotaStore | RedisQuotaStore | None = None
+        self.limiter: RedisLimiter | None = None  # cluster mode: the Redis side of throttles
+        self._quota_flush: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.upstreams: dict[str, Upstream] = {}
+        self.auth_sources: dict[str, Any] = {}
+        self.snapshot: Snapshot | None = None
+        self.context: ServerContext | None = None
+        self.admin_context: ServerContext | None = None
+        self.access_log: AccessLog | None = None
+        self.date = DateHeader()
+        self.addresses: list[tuple[str, int]] = []
+        self.tls_addresses: list[tuple[str, int]] = []  # the `tls.listen` listeners
+        self.tls: ListenerTls | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.draining = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tick: asyncio.TimerHandle | None = None
+        self._started = False
+        self._stopped = False
+        # WebSocket APIs: (worker index, socket directory) under a supervisor, else None.
+        env = os.environ
+        if ws_worker is None and env.get("EDGEPLANE_WORKER_INDEX", "").isdigit() \
+                and env.get("EDGEPLANE_WS_SOCKET_DIR") and env.get("EDGEPLANE_WS_HOST_TAG"):
+            ws_worker = (int(env["EDGEPLANE_WORKER_INDEX"]), env["EDGEPLANE_WS_SOCKET_DIR"],
+                         bytes.fromhex(env["EDGEPLANE_WS_HOST_TAG"]))
+        self.ws_worker = ws_worker
+        self.ws_registry: ConnectionRegistry | None = None
+        self.ws_socket: str | None = None  # this worker's admin Unix socket
+        self._ws_bus = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        cfg = self.config
+        loop = self.loop = asyncio.get_running_loop()
+        self.access_log = AccessLog(cfg.access_log)
+        self.upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
+        # JWKS URLs: a first bounded fetch now (a failure starts with no keys: 401s
+        # until a background retry succeeds), then refreshed off the request path.
+        jwks = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, loop)
+                for name, a in cfg.authorizers.items() if getattr(a, "jwks_url", None)}
+        await asyncio.gather(*(s.start() for s in jwks.values()))
+        # Per authorizer, what talks to the outside: JWKS sources and custom-authorizer clients.
+        self.auth_sources = {**jwks, **{name: HttpAuthorizerClient(a, loop)
+                                        for name, a in cfg.authorizers.items() if a.type == "http"}}
+        if self.shared_limits is not None and cfg.cluster is None:
+            name, index, *keys = self.shared_limits
+            self.shared_table = SharedLimitTable.attach(name, index)
+            if keys and keys[0]:
+                self.keyed_table = SharedKeyTable.attach(keys[0], index)
+        if cfg.cluster is not None:
+            from edgeplane.policies.throttle.cluster import REDIS_ERRORS, RedisLimiter, RedisQuotaStore  # redis-py: only here
+
+            self.limiter = RedisLimiter(cfg.cluster, loop)
+        periods = [QuotaPeriod(p.quota_period, p.quota_offset)
+                   for p in cfg.usage_plans.values() if p.quota_limit]
+        if periods and self.limiter is not None:
+            self.quota_store = RedisQuotaStore(self.limiter, periods)
+            try:
+                await asyncio.wait_for(self.quota_store.aload(), max(1.0, cfg.cluster.timeout * 10))
+            except REDIS_ERRORS as exc:
+                log.warning("quota counts not loaded from redis %s (%s): counting from the next "
+                            "successful flush", cfg.cluster.redis, exc.__class__.__name__)
+        elif periods:
+            # Quota counts survive restarts: loaded now, flushed off the request path on
+            # the tick and at stop (crash bound: what was admitted since the last flush).
+            self.quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
+            self.quota_store.load(periods=periods)
+        counter = self.quota_store.counter if self.quota_store is not None else None
+        limits = limits_for(cfg, self.shared_table, self.keyed_table, self.limiter)
+        ws_apis = self._build_websockets(cfg, loop)
+        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, limits, counter,
+                                       websocket_apis=ws_apis)
+        self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
+                                     self.access_log, self.date)
+        admin_log = AccessLog(type(cfg.access_log)(destination="off"))
+        self.admin_context = ServerContext(loop, build_admin_snapshot(self), cfg.limits,
+                                           "httptools", admin_log, self.date, name="admin")
+        try:
+            for addr in cfg.listen:
+                server = await self._bind(self.context, addr.host, addr.port)
+                self.addresses.append(server.sockets[0].getsockname()[:2])
+            if cfg.tls is not None:
+                self.tls = ListenerTls.from_config(cfg.tls)
+                for addr in cfg.tls.listen:
+                    server = await self._bind(self.context, addr.host, addr.port, tls=self.tls)
+                    self.tls_addresses.append(server.sockets[0].getsockname()[:2])
+            if cfg.admin.listen is not None:
+                a = cfg.admin.listen
+                server = await self._bind(self.admin_context, a.host, a.port)
+                self.admin_address = server.sockets[0].getsockname()[:2]
+            await self._start_ws_forwarding(cfg)
+        except BaseException:
+            await self._close_servers()
+            await self._stop_ws_forwarding()
+            raise
+        self._schedule_tick()
+        urls = [f"http://{h}:{p}" for h, p in self.addresses]
+        urls += [f"https://{h}:{p}" for h, p in self.tls_addresses]
+        log.info("listening on %s%s", ", ".join(urls),
+                 f"; admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
+                 if self.admin_address else "")
+
+    async def _bind(self, ctx: ServerContext, host: str, port: int,
+                    tls: ListenerTls | None = None) -> asyncio.AbstractServer:
+        if tls is None:
+            factory = lambda: HttpProtocol(ctx)  # noqa: E731
+            extra: dict[str, Any] = {}
+        else:
+            factory = lambda: HttpProtocol(ctx, True)  # noqa: E731
+            extra = {"ssl": tls.default, "ssl_handshake_timeout": ctx.limits.head_timeout}
+        server = await self.loop.create_server(
+            factory, host, port, reuse_port=self.reuse_port or None,
+            backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET, **extra,
+        )
+        self._servers.append(server)
+        return server
+
+    def _schedule_tick(self) -> None:
+        self._tick = self.loop.call_later(min(self.config.access_log.flush_interval, 1.0), self._on_tick)
+
+    def _on_tick(self) -> None:
+        self.date.refresh()
+        self.access_log.flush()
+        now = self.loop.time()
+        for upstream in self.upstreams.values():
+            upstream.sweep(now)
+        store = self.quota_store
+        if store is not None and (self._quota_flush is None or self._quota_flush.done()):
+            self._quota_flush = self.loop.create_task(self._flush_quotas())
+        mono = time.monotonic()  # the throttle's clock
+        for route in self.snapshot.routes:
+            for stage in route.stages:
+                sweep = getattr(stage, "sweep", None)
+                if sweep is not None:
+                    sweep(mono)  # idle per-client buckets (bounded work per tick)
+        self._schedule_tick()
+
+    async def _flush_quotas(self) -> None:
+        try:
+            await self.quota_store.aflush()
+        except Exception as exc:  # the deltas stay in memory for the next flush
+            log.warning("quota flush failed: %s", exc)
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain timeout),
+        close idle keep-alive connections, then close everything."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        self.draining = True
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        for server in self._servers:
+            server.close()
+        contexts = [c for c in (self.context, self.admin_context) if c is not None]
+        for ctx in contexts:
+            ctx.draining = True
+            for proto in list(ctx.connections):
+                if proto.idle():
+                    proto.transport.close()
+        loop = self.loop
+        await self._close_websockets(min(timeout, 2.5))
+        deadline = loop.time() + timeout
+        while any(c.connections for c in contexts) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for ctx in contexts:
+            for proto in list(ctx.connections):
+                proto.transport.abort()
+        # Handshakes that completed during the drain (their 101 came after the first pass).
+        await self._close_websockets(0.5)
+        await self._close_servers()
+        if self.ws_registry is not None:  # $disconnect calls still running need the pools
+            await self.ws_registry.drain(min(max(timeout, 0.5), 5.0))
+        await self._stop_ws_forwarding()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        for source in self.auth_sources.values():
+            await source.close()
+        if self._quota_flush is not None:
+            await asyncio.gather(self._quota_flush, return_exceptions=True)
+        if hasattr(self.quota_store, "aclose"):
+            await self.quota_store.aclose()
+        elif self.quota_store is not None:
+            self.quota_store.close(flush=True)
+        if self.limiter is not None:
+            await self.limiter.close()
+        if self.shared_table is not None:
+            self.snapshot = None  # the stages hold views into the tables
+            self.shared_table.close()
+        if self.keyed_table is not None:
+            self.keyed_table.close()
+        if self._tick is not None:
+            self._tick.cancel()
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+        self.access_log.close()
+        log.info("stopped")
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        self._servers.clear()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop(drain_timeout=1.0)
+
+    # ------------------------------------------------------------------ helpers
+    def url(self, path: str = "/") -> str:
+        if not self.addresses:
+            host, port = self.tls_addresses[0]
+            return f"https://{host}:{port}{path}"
+        host, port = self.addresses[0]
+        return f"http://{host}:{port}{path}"
+
+    def stats(self) -> dict[str, Any]:
+        ctx = self.context
+        return {
+            "pid": os.getpid(),
+            "connections_open": len(ctx.connections),
+            "websockets_open": len(ctx.websockets),  # proxied and terminated
+            "access_log_lines": self.access_log.lines,
+            **ctx.stats.as_dict(),
+            "authorizers": {name: s.telemetry() for name, s in self.auth_sources.items()},
+            **({"cluster": self.limiter.telemetry()} if self.limiter is not None else {}),
+            **({"websockets": self.ws_registry.telemetry()}
+               if self.ws_registry is not None and self.config.websocket_apis else {}),
+        }
+
+    # ------------------------------------------------------------------ WebSocket APIs
+    def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> dict[bytes, Any]:
+        index, tag = 0, None
+        if self.ws_worker is not None and cfg.websocket_apis:
+            index, _, tag = self.ws_worker
+        self.ws_registry = ConnectionRegistry(loop, index, tag)
+        if not cfg.websocket_apis:
+            return {}
+        buckets: dict[str, Any] = {}
+        if self.limiter is not None:  # cluster: one Redis bucket per API for every host
+            for name, api in cfg.websocket_apis.items():
+                rate = api.limits.connections_per_second
+                buckets[name] = self.limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
+                                                   keyed=False).bucket()
+        elif self.shared_table is not None:  # workers of one host: the supervisor's table
+            for i, (name, api) in enumerate(cfg.websocket_apis.items()):
+                rate = api.limits.connections_per_second
+                buckets[name] = self.shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
+        verifiers = build_verifiers(cfg, self.auth_sources)
+        return build_websocket_apis(cfg, self.upstreams, verifiers, self.auth_sources,
+                                    self.ws_registry, buckets)
+
+    async def _start_ws_forwarding(self, cfg: Config) -> None:
+        if not cfg.websocket_apis:
+            return
+        if self.ws_worker is not None:
+            from edgeplane.runtime.admin import WorkerForwarder
+
+            directory = self.ws_worker[1]  # created private (0700) by the supervisor
+            path = os.path.join(directory, f"worker-{self.ws_worker[0]}.sock")
+            try:
+                os.unlink(path)  # a predecessor's (this index is ours now)
+            except FileNotFoundError:
+                pass
+            ctx = self.admin_context
+            server = await self.loop.create_unix_server(lambda: HttpProtocol(ctx), path)
+            os.chmod(path, 0o600)
+            self._servers.append(server)
+            self.ws_socket = path
+            self.ws_registry.forwarder = WorkerForwarder(
+                lambda i: os.path.join(directory, f"worker-{i}.sock"))
+        if cfg.cluster is not None:
+            from edgeplane.websocket.bus import RedisBus
+
+            c = cfg.cluster
+            self._ws_bus = RedisBus(self.ws_registry, c.redis, c.key_prefix,
+                                    timeout=max(1.0, c.timeout * 10), retry_interval=c.retry_interval)
+            await self._ws_bus.start()
+            self.ws_registry.bus = self._ws_bus
+
+    async def _stop_ws_forwarding(self) -> None:
+        if self.ws_socket is not None:
+            try:
+                os.unlink(self.ws_socket)
+            except OSError:
+                pass
+            self.ws_socket = None
+        if self._ws_bus is not None:
+            bus, self._ws_bus = self._ws_bus, None
+            await bus.close()
+
+    async def _close_websockets(self, timeout: float) -> None:
+        """Close every WebSocket with 1001 and give clients `timeout` to answer."""
+        ctx = self.context
+        if ctx is None or not ctx.websockets:
+            return
+        for ws in list(ctx.websockets):
+            ws.close(1001, "going away")
+        deadline = self.loop.time() + timeout
+        while ctx.websockets and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for ws in list(ctx.websockets):
+            abort = getattr(ws, "abort", None)  # a proxied relay: both legs
+            if abort is not None:
+                abort()
+            elif getattr(ws, "transport", None) is not None:
+                ws.transport.abort()
+        await asyncio.sleep(0)

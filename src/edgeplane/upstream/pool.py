@@ -1,0 +1,467 @@
+"""Upstream connections and their pools, with connection-level telemetry.
+
+Owns `UpstreamConnection` (the asyncio Protocol toward one upstream target, parsing
+responses with httptools), `TargetPool` (the connections to one target) and `Upstream`
+(round robin over the targets of one named upstream).
+
+Invariants (in the manner of aiohttp's connector):
+- A connection is in exactly one of: connecting, idle (in `idle`), busy (has an
+  `exchange`), closed. `in_use` counts busy ones; `len(idle) + in_use + connecting`
+  never exceeds `max_connections`.
+- Handing out is synchronous: there is no await between taking a connection from
+  `idle` (or from a finished connect) and attaching it to its exchange.
+- A connection the upstream closed, that sent bytes while idle, or whose response was
+  not read to its end is never handed out again.
+- A response head is bounded (`MAX_RESPONSE_HEAD`): an upstream that never ends its head
+  is dropped as an invalid response, not buffered.
+- Waiters are served first-in first-out; a waiter whose client went away is skipped.
+- Connects and sweeps are the only tasks/timers; the request path uses callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+if TYPE_CHECKING:
+    from edgeplane.config.model import PoolConfig, Target, UpstreamConfig
+
+log = logging.getLogger("edgeplane.upstream.pool")
+
+_ids = itertools.count(1)
+MAX_RESPONSE_HEAD = 64 * 1024  # bytes of one upstream response head (Envoy: 60 KiB)
+
+
+class PoolOverflow(Exception):
+    """Every connection is busy and the wait queue is full."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool", "id", "loop", "transport", "parser", "exchange", "created", "connect_time",
+        "requests", "bytes_in", "bytes_out", "idle_since", "closed", "close_reason",
+        "reset_parser", "local_port", "resp_headers", "head_bytes",
+    )
+
+    def __init__(self, pool: TargetPool) -> None:
+        self.pool = pool
+        self.id = next(_ids)
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Any = None
+        self.created = self.loop.time()
+        self.connect_time = 0.0
+        self.requests = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.idle_since = self.created
+        self.closed = False
+        self.close_reason = ""
+        self.reset_parser = False
+        self.local_port = 0
+        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = -1  # bytes read while a response head is incomplete; -1: none is
+
+    # -- transport events --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("sockname")
+        if sock:
+            self.local_port = sock[1]
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.exchange is None:
+            self.close("unsolicited_data")
+            return
+        exchange = self.exchange
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # A 101 head was parsed: the rest belongs to the new protocol. Only a
+            # WebSocket exchange can take it; anywhere else it is an invalid response.
+            upgraded = getattr(self.exchange, "on_upgraded", None)
+            if upgraded is None:
+                self.close("invalid_response")
+                if exchange is not None:
+                    exchange.on_upstream_failed("upstream switched protocols unexpectedly")
+                return
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            upgraded(self, data[offset:])
+            return
+        except httptools.HttpParserError as exc:
+            exchange = self.exchange
+            self.close("invalid_response")
+            if exchange is not None:
+                exchange.on_upstream_failed(f"invalid response from upstream: {exc}")
+            return
+        if self.head_bytes >= 0:  # the head is still incomplete after this read
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                self.close("invalid_response")
+                exchange.on_upstream_failed("upstream response head too large")
+                return
+        if exchange.out:
+            exchange.flush()
+        if self.reset_parser:
+            self.reset_parser = False
+            self.parser = httptools.HttpResponseParser(self)
+
+    def eof_received(self) -> bool | None:
+        self._lost("upstream_closed")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost("upstream_reset" if exc is not None else "upstream_closed")
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        exchange = self.exchange
+        self.closed = True
+        self.close_reason = reason
+        self.exchange = None
+        self.pool.on_closed(self, reason)
+        if exchange is not None:
+            exchange.on_upstream_lost(self, reason)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_upstream_write_paused(False)
+
+    # -- parser callbacks (forwarded to the exchange) -----------------------------
+    def on_message_begin(self) -> None:
+        self.resp_headers = []
+        self.head_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.resp_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_bytes = -1
+        exchange = self.exchange
+        if exchange is None:
+            raise httptools.HttpParserError("response without a request")
+        exchange.on_response_head(self.parser.get_status_code(), self.resp_headers)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_response_complete(self.parser.should_keep_alive())
+
+    # -- used by the exchange ---------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    def usable(self) -> bool:
+        return not self.closed and not self.transport.is_closing()
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()
+        self.pool.on_closed(self, reason)
+
+    def telemetry(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "local_port": self.local_port,
+            "state": "busy" if self.exchange is not None else "idle",
+            "connect_time_ms": round(self.connect_time * 1000, 3),
+            "requests": self.requests,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "age_s": round(now - self.created, 3),
+        }
+
+
+class TargetPool:
+    """Connections to one target."""
+
+    __slots__ = (
+        "target", "cfg", "loop", "idle", "in_use", "connecting", "waiters", "conns",
+        "opened", "reused", "requests", "connect_failures", "closed_by_reason",
+        "down_until", "closing", "_tasks", "host", "port", "authority", "name", "ssl",
+        "server_hostname",
+    )
+
+    def __init__(self, target: Target, cfg: PoolConfig, loop: asyncio.AbstractEventLoop,
+                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None) -> None:
+        self.target = target
+        # https targets: TLS with this context; SNI and the verified name default to the host.
+        self.ssl = ssl_context
+        self.server_hostname = (server_name or target.host) if ssl_context is not None else None
+        self.host = target.host
+        self.port = target.port
+        self.authority = target.authority.encode()
+        self.name = str(target)  # "http://host:port", for logs (computed once)
+        self.cfg = cfg
+        self.loop = loop
+        self.idle: list[UpstreamConnection] = []  # a stack: the warmest connection first
+        self.in_use = 0
+        self.connecting = 0
+        self.waiters: deque[Any] = deque()
+        self.conns: set[UpstreamConnection] = set()
+        self.opened = 0
+        self.reused = 0
+        self.requests = 0
+        self.connect_failures = 0
+        self.closed_by_reason: dict[str, int] = {}
+        self.down_until = 0.0
+        self.closing = False
+        self._tasks: set[asyncio.Task] = set()
+
+    def acquire(self, exchange: Any, fresh: bool = False) -> UpstreamConnection | None:
+        """A ready connection now, or None and `exchange.on_connection()` later."""
+        if not fresh:
+            idle = self.idle
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and not conn.transport.is_closing():
+                    self.in_use += 1
+                    self.reused += 1
+                    self.requests += 1
+                    conn.requests += 1
+                    conn.exchange = exchange
+                    return conn
+        # Waiters beyond what pending and still-allowed connects will serve are queued;
+        # that queue is what `max_waiters` bounds.
+        room = max(self.cfg.max_connections - self._total(), 0)
+        if len(self.waiters) - self.connecting - room >= self.cfg.max_waiters:
+            raise PoolOverflow
+        exchange.wait_started = self.loop.time()
+        self.waiters.append(exchange)
+        self._maybe_connect()
+        return None
+
+    def _total(self) -> int:
+        return len(self.idle) + self.in_use + self.connecting
+
+    def _maybe_connect(self) -> None:
+        if self.closing:
+            return
+        # One connect per waiter that has none coming, up to the cap; an idle
+        # connection is closed to make room for a fresh one when the cap is reached.
+        while self.connecting < len(self.waiters):
+            if self._total() >= self.cfg.max_connections:
+                if not self.idle:
+                    return
+                self.idle.pop(0).close("replaced")
+            self.connecting += 1
+            task = self.loop.create_task(self._connect())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self) -> None:
+        loop = self.loop
+        started = time.perf_counter()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
+                                       ssl=self.ssl, server_hostname=self.server_hostname),
+                self.cfg.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.connecting -= 1
+            self.connect_failures += 1
+            self.down_until = loop.time() + 1.0
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"TLS verification failed: {exc.verify_message}"
+            elif isinstance(exc, ssl.SSLError):
+                reason = f"TLS handshake failed: {exc.reason or exc}"
+            else:
+                reason = "connect timeout" if timed_out else f"connect failed: {exc.strerror or exc}"
+            log.warning("upstream %s: %s", self.target, reason)
+            waiter = self._next_waiter()
+            if waiter is not None:
+                waiter.on_connect_failed(504 if timed_out else 502, reason)
+            return
+        except asyncio.CancelledError:
+            self.connecting -= 1
+            raise
+        self.connecting -= 1
+        self.opened += 1
+        conn.connect_time = time.perf_counter() - started
+        self.conns.add(conn)
+        if self.closing:
+            conn.close("shutdown")
+            return
+        self.in_use += 1
+        self._hand_over(conn)
+
+    def _next_waiter(self) -> Any:
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.cancelled:
+                return waiter
+        return None
+
+    def _hand_over(self, conn: UpstreamConnection) -> None:
+        """`conn` is counted in `in_use`: give it to the first waiter, else idle it."""
+        waiter = self._next_waiter()
+        if waiter is None:
+            self._put_idle(conn)
+            return
+        self.requests += 1
+        conn.requests += 1
+        conn.exchange = waiter
+        waiter.on_connection(conn)
+
+    def _put_idle(self, conn: UpstreamConnection) -> None:
+        """`conn`, counted in `in_use`, becomes idle -- or is closed when the idle list is
+        full, and then `on_closed` takes it out of `in_use`: counted down once either way."""
+        if self.closing or len(self.idle) >= self.cfg.max_idle:
+            conn.close("idle_pool_full" if not self.closing else "shutdown")
+            return
+        self.in_use -= 1
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+
+    def release(self, conn: UpstreamConnection, reusable: bool, reason: str = "not_reusable") -> None:
+        """The exchange is done with `conn`."""
+        conn.exchange = None
+        if conn.closed:
+            return  # on_closed already took it out of in_use
+        if reusable and not conn.transport.is_closing():
+            if self.waiters:
+                self.reused += 1
+                self._hand_over(conn)
+            else:
+                self._put_idle(conn)
+        else:
+            conn.close(reason)
+
+    def detach(self, conn: UpstreamConnection) -> None:
+        """`conn` leaves the pool for good, transport open (a WebSocket relay owns it)."""
+        conn.closed = True
+        conn.close_reason = "upgraded"
+        conn.exchange = None
+        self.conns.discard(conn)
+        self.in_use -= 1
+        counts = self.closed_by_reason
+        counts["upgraded"] = counts.get("upgraded", 0) + 1
+        if self.waiters:
+            self._maybe_connect()
+
+    def on_closed(self, conn: UpstreamConnection, reason: str) -> None:
+        counts = self.closed_by_reason
+        counts[reason] = counts.get(reason, 0) + 1
+        self.conns.discard(conn)
+        if conn.exchange is not None or not self._remove_idle(conn):
+            # Busy (or just released by a close): it was counted in use.
+            self.in_use -= 1
+        if self.waiters:
+            self._maybe_connect()
+
+    def _remove_idle(self, conn: UpstreamConnection) -> bool:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            return False
+        return True
+
+    def sweep(self, now: float) -> None:
+        """Called about once a second: expire idle connections and stale waiters."""
+        limit = now - self.cfg.idle_timeout
+        for conn in [c for c in self.idle if c.idle_since < limit]:
+            conn.close("idle_timeout")
+        waiters = self.waiters
+        wait_limit = now - self.cfg.wait_timeout
+        while waiters and (waiters[0].cancelled or waiters[0].wait_started < wait_limit):
+            waiter = waiters.popleft()
+            if not waiter.cancelled:
+                waiter.on_connect_failed(503, "no upstream connection available in time")
+
+    def cancel_waiter(self, exchange: Any) -> None:
+        exchange.cancelled = True
+
+    async def close(self) -> None:
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in list(self.idle):
+            conn.close("shutdown")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def telemetry(self, now: float) -> dict[str, Any]:
+        return {
+            "target": self.name,
+            "opened": self.opened,
+            "reused": self.reused,
+            "requests": self.requests,
+            "connect_failures": self.connect_failures,
+            "closed": dict(sorted(self.closed_by_reason.items())),
+            "in_use": self.in_use,
+            "idle": len(self.idle),
+            "connecting": self.connecting,
+            "waiters": sum(1 for w in self.waiters if not w.cancelled),
+            "connections": [c.telemetry(now) for c in sorted(self.conns, key=lambda c: c.id)],
+        }
+
+
+class Upstream:
+    """A named upstream: its target pools, picked round robin, skipping a target
+    whose last connect failed within the past second while another is available."""
+
+    __slots__ = ("name", "pools", "_next", "loop")
+
+    def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = cfg.name
+        self.loop = loop
+        ctx = None
+        if any(t.scheme == "https" for t in cfg.targets):
+            from edgeplane.http.tls import client_context
+
+            ctx = client_context(cfg.tls)
+        self.pools = [TargetPool(t, cfg.pool, loop, ctx if t.scheme == "https" else None,
+                                 cfg.tls.server_name) for t in cfg.targets]
+        self._next = 0
+
+    def pick(self) -> TargetPool:
+        pools = self.pools
+        n = len(pools)
+        if n == 1:
+            return pools[0]
+        now = self.loop.time()
+        for _ in range(n):
+            pool = pools[self._next]
+            self._next = (self._next + 1) % n
+            if pool.down_until <= now:
+                return pool
+        return pool
+
+    def sweep(self, now: float) -> None:
+        for pool in self.pools:
+            pool.sweep(now)
+
+    async def close(self) -> None:
+        for pool in self.pools:
+            await pool.close()
+
+    def telemetry(self, now: float) -> dict[str, Any]:
+        return {"name": self.name, "targets": [p.telemetry(now) for p in self.pools]}

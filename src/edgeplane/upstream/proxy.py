@@ -1,0 +1,516 @@
+"""The `http` integration: forward one request upstream and relay the response.
+
+Owns proxy semantics (RFC 9110 7.6): hop-by-hop headers removed (Connection and every
+header it names, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*),
+X-Forwarded-For/-Proto/-Host appended, Host rewritten unless `preserve_host`, the path
+rewritten from the integration's template, the request id sent upstream and echoed back;
+and the relay state machine of one exchange (`ProxyExchange`), driven by callbacks from
+the client side (`server.HttpProtocol`) and the upstream side (`pool.UpstreamConnection`).
+
+Invariants:
+- Bodies stream both ways; nothing buffers a whole body. Before a connection is attached
+  the request body is buffered and client reading pauses past `_BUFFER_MAX`; after, each
+  side pauses reading the other while its own write buffer is above the high-water mark.
+- An exchange ends exactly once (`done`): by a complete response, a local error reply,
+  or an abort. After that it ignores every callback.
+- The upstream connection is returned to the pool reusable only when the response was
+  read to its end, the request was fully sent and the upstream allows keep-alive.
+- A retry happens at most once, only for an idempotent request on a reused connection
+  that failed before any response byte, and only when the body sent so far is still held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from edgeplane.http.codec import header_tokens
+from edgeplane.upstream.pool import PoolOverflow
+from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
+from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_UPSTREAM
+from edgeplane.http.request import body_drainable
+
+if TYPE_CHECKING:
+    from edgeplane.upstream.pool import TargetPool, Upstream, UpstreamConnection
+    from edgeplane.http.protocol import HttpProtocol
+    from edgeplane.http.request import Request
+
+log = logging.getLogger("edgeplane.upstream.proxy")
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus what the proxy sets itself.
+_REQUEST_SKIP = frozenset((
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
+    b"host", b"content-length", b"expect", b"x-request-id",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+))
+_RESPONSE_SKIP = frozenset((
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+    b"content-length", b"x-request-id",
+))
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+_BUFFER_MAX = 64 * 1024  # request body held while no connection is attached
+_REPLAY_MAX = 64 * 1024  # request body kept for a possible retry
+_CHUNK_END = b"0\r\n\r\n"
+
+
+def compile_path_template(template: str | None) -> tuple[tuple[bool, Any], ...] | None:
+    """"/v2/{proxy}" -> ((False, b"/v2/"), (True, "proxy")): literal bytes or a param."""
+    if template is None:
+        return None
+    parts: list[tuple[bool, Any]] = []
+    rest = template
+    while rest:
+        start = rest.find("{")
+        if start < 0:
+            parts.append((False, rest.encode()))
+            break
+        end = rest.index("}", start)
+        if start:
+            parts.append((False, rest[:start].encode()))
+        parts.append((True, rest[start + 1 : end].rstrip("+")))
+        rest = rest[end + 1 :]
+    return tuple(parts)
+
+
+class HttpIntegration:
+    """Compiled once per route: where and how to forward."""
+
+    __slots__ = ("upstream", "template", "timeout", "preserve_host", "name", "claim_headers",
+                 "response_skip", "websocket", "websocket_exchange")
+
+    def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool,
+                 claim_headers: frozenset[bytes] = frozenset(),
+                 gateway_response_headers: frozenset[bytes] = frozenset(), websocket: Any = None,
+                 websocket_exchange: Any = None):
+        # `wsrelay.RelaySettings` for WebSocket handshakes on this route (see ws_proxy).
+        self.websocket = websocket
+        # The exchange class for those handshakes (`websocket.proxy.WsUpgradeExchange`,
+        # passed in because it subclasses `ProxyExchange` from this module).
+        self.websocket_exchange = websocket_exchange
+        self.claim_headers = claim_headers  # header names the route's authorizer sets
+        # Upstream response headers the gateway owns on this route (CORS, as AWS does).
+        self.response_skip = _RESPONSE_SKIP | gateway_response_headers
+        self.upstream = upstream
+        self.template = compile_path_template(path)
+        self.timeout = timeout
+        self.preserve_host = preserve_host
+        self.name = upstream.name
+
+    def handle(self, proto: HttpProtocol, req: Request) -> None:
+        if req.websocket and self.websocket is not None:
+            exchange: ProxyExchange = self.websocket_exchange(self, proto, req, self.websocket)
+        else:
+            exchange = ProxyExchange(self, proto, req)
+        req.exchange = exchange
+        exchange.start()
+
+    def request_head(self, proto: HttpProtocol, req: Request, pool: TargetPool) -> bytes:
+        template = self.template
+        if template is None:
+            path = req.path
+        else:
+            params = req.params
+            path = b"".join([params[v] if is_param else v for is_param, v in template])
+        if req.query:
+            path = path + b"?" + req.query
+        lines = [req.method, b" ", path, b" HTTP/1.1\r\nhost: "]
+        host = req.host if self.preserve_host and req.host else pool.authority
+        lines.append(host)
+        lines.append(b"\r\n")
+        first_header = len(lines)
+        xff = xfp = xfh = None
+        skip = _REQUEST_SKIP
+        connection_named = False
+        for name, value in req.headers:
+            if name in skip:
+                if name == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif name == b"x-forwarded-proto":
+                    xfp = value if xfp is None else xfp + b", " + value
+                elif name == b"x-forwarded-host":
+                    xfh = value if xfh is None else xfh + b", " + value
+                elif name == b"connection":
+                    connection_named = True
+                continue
+            if name[0] == 112 and name.startswith(b"proxy-"):  # 112 = "p"
+                continue
+            lines += (name, b": ", value, b"\r\n")
+        if connection_named:
+            lines = _drop_named(lines, first_header, frozenset(header_tokens(req.headers, b"connection")))
+        if self.claim_headers:
+            # Claims forwarded by the authorizer replace any client-sent header of that name.
+            lines = _drop_named(lines, first_header, self.claim_headers)
+            for name, value in req.extra_upstream or ():
+                lines += (name, b": ", value, b"\r\n")
+        peer = proto.peer_ip.encode()
+        lines += (b"x-forwarded-for: ", peer if xff is None else xff + b", " + peer, b"\r\n")
+        scheme = proto.scheme
+        lines += (b"x-forwarded-proto: ", scheme if xfp is None else xfp + b", " + scheme, b"\r\n")
+        if req.host:
+            lines += (b"x-forwarded-host: ", req.host if xfh is None else xfh + b", " + req.host, b"\r\n")
+        lines += (b"x-request-id: ", req.request_id, b"\r\n")
+        if req.chunked:
+            lines.append(b"transfer-encoding: chunked\r\n\r\n")
+        elif req.content_length is not None:
+            lines += (b"content-length: ", b"%d" % req.content_length, b"\r\n\r\n")
+        else:
+            lines.append(b"\r\n")
+        return b"".join(lines)
+
+
+def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list[bytes]:
+    """Remove the header lines (name, ": ", value, CRLF quadruples from `start`) whose
+    lower-cased name is in `names` (headers named by Connection, or set by the gateway)."""
+    out = lines[:start]
+    for i in range(start, len(lines), 4):
+        if lines[i].lower() not in names:
+            out += lines[i : i + 4]
+    return out
+
+
+class ProxyExchange:
+    __slots__ = (
+        "integ", "proto", "req", "pool", "conn", "timeout", "head", "replay", "replay_size",
+        "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
+        "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
+        "t_dispatch", "buffered", "upstream_paused", "out",
+    )
+
+    def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
+        self.integ = integ
+        self.proto = proto
+        self.req = req
+        self.pool: TargetPool | None = None
+        self.conn: UpstreamConnection | None = None
+        self.timeout = integ.timeout
+        self.head = b""
+        self.replay: list[bytes] | None = [] if req.method in _IDEMPOTENT else None
+        self.replay_size = 0
+        self.retried = False
+        self.done = False
+        self.cancelled = False
+        self.wait_started = 0.0
+        self.request_sent = False
+        self.got_bytes = False
+        self.chunked_out = False
+        self.close_delimited = False
+        self.head_only = req.method == b"HEAD"
+        self.skip_interim = False
+        self.keep_alive = True
+        self.t_dispatch = 0.0
+        self.buffered = 0
+        self.upstream_paused = False
+        # Response bytes produced while parsing one upstream read; written to the client
+        # in one call per read (`flush`), so a small response costs one send.
+        self.out: list[bytes] = []
+
+    # -- start ------------------------------------------------------------------------
+    def start(self) -> None:
+        proto = self.proto
+        self.t_dispatch = time.perf_counter()
+        proto.set_deadline(T_UPSTREAM, self.timeout)
+        if self.req.expect_continue and not self.req.complete:
+            proto.write(CONTINUE_100)
+        self._acquire(False)
+
+    def _acquire(self, fresh: bool) -> None:
+        pool = self.integ.upstream.pick()
+        self.pool = pool
+        try:
+            conn = pool.acquire(self, fresh)
+        except PoolOverflow:
+            self._fail(503, "upstream connection pool is full")
+            return
+        if conn is not None:
+            self.on_connection(conn)
+
+    def on_connection(self, conn: UpstreamConnection) -> None:
+        """`conn` is ours (the pool set conn.exchange): send what we have."""
+        if self.done:
+            self.pool.release(conn, True)
+            return
+        self.conn = conn
+        req = self.req
+        proto = self.proto
+        if not self.head:
+            self.head = self.integ.request_head(proto, req, self.pool)
+        req.upstream = self.pool.name
+        if self.replay:
+            # A retry: what was sent before goes again on the fresh connection.
+            conn.write(b"".join([self.head, *self.replay]))
+        else:
+            body = req.body_buf
+            if body:
+                req.body_buf = None
+                self._keep_for_replay(body)
+                frames = [self._frame(c) for c in body] if req.chunked else body
+                conn.write(b"".join([self.head, *frames]))
+                proto.resume_reading(P_BUFFER)
+            else:
+                conn.write(self.head)
+        self.buffered = 0
+        if req.complete:
+            self._request_done()
+
+    def on_connect_failed(self, status: int, reason: str) -> None:
+        if not self.done:
+            self._fail(status, reason)
+
+    # -- request body -----------------------------------------------------------------
+    def _frame(self, chunk: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+
+    def _keep_for_replay(self, chunks: list[bytes]) -> None:
+        if self.replay is None:
+            return
+        for chunk in chunks:
+            self.replay_size += len(chunk)
+            if self.replay_size > _REPLAY_MAX:
+                self.replay = None
+                return
+            self.replay.append(self._frame(chunk) if self.req.chunked else chunk)
+
+    def on_request_body(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        conn = self.conn
+        if conn is None:
+            req = self.req
+            if req.body_buf is None:
+                req.body_buf = [chunk]
+            else:
+                req.body_buf.append(chunk)
+            self.buffered += len(chunk)
+            if self.buffered > _BUFFER_MAX:
+                self.proto.pause_reading(P_BUFFER)
+            return
+        if self.replay is not None:
+            self._keep_for_replay([chunk])
+        conn.write(self._frame(chunk) if self.req.chunked else chunk)
+
+    def on_request_complete(self) -> None:
+        if not self.done and self.conn is not None:
+            if self.req.chunked:
+                self._request_done()
+            else:
+                self.request_sent = True
+
+    def _request_done(self) -> None:
+        if self.req.chunked:
+            self.conn.write(_CHUNK_END)
+            if self.replay is not None:
+                self.replay.append(_CHUNK_END)
+        self.request_sent = True
+
+    def request_stalled(self) -> bool:
+        return not self.req.complete and not self.got_bytes
+
+    # -- response ---------------------------------------------------------------------
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.done:
+            return
+        self.got_bytes = True
+        if status < 200:
+            if status == 101:
+                self._upstream_failed("upstream switched protocols unexpectedly")
+                return
+            self.skip_interim = True  # 1xx: dropped; the final response follows
+            return
+        req = self.req
+        proto = self.proto
+        line = STATUS_LINES.get(status)
+        if line is None:
+            self._upstream_failed(f"invalid status {status} from upstream")
+            return
+        req.integration_latency = time.perf_counter() - self.t_dispatch
+        parts = [line]
+        skip = self.integ.response_skip
+        content_length = None
+        upstream_chunked = False
+        connection_named = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in skip:
+                if lname == b"content-length":
+                    content_length = value
+                elif lname == b"transfer-encoding":
+                    upstream_chunked = True
+                elif lname == b"connection":
+                    connection_named = True
+                continue
+            if lname[0] == 112 and lname.startswith(b"proxy-"):  # 112 = "p"
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if connection_named:
+            tokens = frozenset(header_tokens([(n.lower(), v) for n, v in headers], b"connection"))
+            parts = _drop_named(parts, 1, tokens)
+        keep = req.keep_alive and not proto.ctx.draining
+        if self.head_only or status == 204 or status == 304:
+            if content_length is not None and status != 204:
+                parts += (b"content-length: ", content_length, b"\r\n")
+        elif content_length is not None and not upstream_chunked:
+            parts += (b"content-length: ", content_length, b"\r\n")
+        elif req.version == "1.1":
+            parts.append(b"transfer-encoding: chunked\r\n")
+            self.chunked_out = True
+            self.close_delimited = not upstream_chunked
+        else:
+            self.close_delimited = not upstream_chunked
+            keep = False  # HTTP/1.0 client: the body ends when we close
+        if not keep:
+            parts.append(b"connection: close\r\n")
+        elif req.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        if req.extra_response:
+            parts.append(req.extra_response)
+        parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
+        self.keep_alive = keep
+        req.status = status
+        req.response_started = True
+        self.out.append(b"".join(parts))
+        if self.head_only:
+            # llhttp cannot be told the request was HEAD: end here, fresh parser next.
+            conn = self.conn
+            conn.reset_parser = True
+            self.on_response_complete(conn.parser.should_keep_alive())
+
+    def on_response_body(self, chunk: bytes) -> None:
+        if self.done or self.skip_interim:
+            return
+        self.req.response_length += len(chunk)
+        if self.chunked_out:
+            self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.out.append(chunk)
+
+    def flush(self) -> None:
+        """End of one upstream read: send what it produced; the response is alive."""
+        out = self.out
+        if out and not self.done:
+            self.proto.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+            if not self.proto.write_paused:  # else the client's send deadline stands
+                self.proto.set_deadline(T_UPSTREAM, self.timeout)
+
+    def on_response_complete(self, upstream_keep_alive: bool) -> None:
+        if self.done:
+            return
+        if self.skip_interim:
+            self.skip_interim = False
+            return
+        self.done = True
+        req = self.req
+        proto = self.proto
+        out = self.out
+        if self.chunked_out:
+            out.append(_CHUNK_END)
+        if out:
+            proto.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        conn = self.conn
+        self.conn = None
+        if self.upstream_paused:
+            conn.transport.resume_reading()
+        self.pool.release(conn, upstream_keep_alive and self.request_sent, "not_reusable")
+        # The upstream may answer before the whole body arrived: read the rest only
+        # when it is small; otherwise close after this response.
+        keep = self.keep_alive and (req.complete or body_drainable(req))
+        if proto._pause & P_UPSTREAM:
+            proto.resume_reading(P_UPSTREAM)
+        proto.finish_response(req, keep)
+
+    # -- failures ---------------------------------------------------------------------
+    def on_upstream_lost(self, conn: UpstreamConnection, reason: str) -> None:
+        """The upstream closed or reset `conn` while it was ours."""
+        if self.done or conn is not self.conn:
+            return
+        self.conn = None
+        if self.close_delimited and self.req.response_started:
+            # The body was delimited by the close: that is its proper end.
+            self.conn = conn
+            self.on_response_complete(False)
+            return
+        if (
+            not self.got_bytes
+            and not self.retried
+            and self.replay is not None
+            and conn.requests > 1
+        ):
+            # A reused keep-alive connection raced with the upstream closing it.
+            self.retried = True
+            self._acquire(True)  # the same head and held body go again
+            return
+        self._upstream_failed("upstream closed the connection" if reason == "upstream_closed"
+                              else "upstream reset the connection")
+
+    def on_upstream_failed(self, reason: str) -> None:
+        """Unparsable response (the connection is already closed)."""
+        if not self.done:
+            self.conn = None
+            self._upstream_failed(reason)
+
+    def _upstream_failed(self, reason: str) -> None:
+        if self.conn is not None:
+            self.conn.close("invalid_response")
+            self.conn = None
+        self._fail(502, reason)
+
+    def on_timeout(self) -> None:
+        if self.done:
+            return
+        if self.conn is not None:
+            self.conn.close("timeout")
+            self.conn = None
+        elif self.pool is not None:
+            self.cancelled = True
+        self._fail(504, "integration timeout")
+
+    def _fail(self, status: int, reason: str) -> None:
+        self.done = True
+        req = self.req
+        proto = self.proto
+        req.integration_error = reason
+        proto.resume_reading(P_UPSTREAM | P_BUFFER)
+        if req.response_started:
+            req.error = reason
+            proto.ctx.count_error(str(status))
+            proto.ctx.access_log.record(req, proto)
+            req.responded = True
+            proto.abort()
+            return
+        proto.send_error(req, status, reason)
+
+    def abort(self, reason: str) -> None:
+        """The client side is gone or failed: drop the upstream side."""
+        if self.done:
+            return
+        self.done = True
+        self.cancelled = True
+        if self.req.integration_error is None:
+            self.req.integration_error = reason
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.close("client_aborted")
+
+    # -- flow control -----------------------------------------------------------------
+    def pause_upstream(self) -> None:
+        conn = self.conn
+        if conn is not None and not self.upstream_paused:
+            self.upstream_paused = True
+            conn.transport.pause_reading()
+
+    def resume_upstream(self) -> None:
+        conn = self.conn
+        if conn is not None and self.upstream_paused:
+            self.upstream_paused = False
+            conn.transport.resume_reading()
+
+    def on_upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self.proto.pause_reading(P_UPSTREAM)
+        else:
+            self.proto.resume_reading(P_UPSTREAM)
