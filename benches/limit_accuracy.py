@@ -35,8 +35,9 @@ the last request that reached the upstream, and the expected count over that win
 as a cross-check, and `upstream_conformance_burst`: the smallest burst for which the
 arrival times at the upstream fit a token bucket of `rate` (the limiter's excess over
 the configured burst plus the jitter between admission at the gateway and arrival at
-the upstream; a check that holds for every window of the run, not only its ends). The 200 / >=400 counts are the load generator's (loadgen.py counts
-every status >= 400 as an error; wrk every non-2xx/3xx), and the 429s per the gateways'
+the upstream; a check that holds for every window of the run, not only its ends). The
+200 / >=400 counts are the load generator's (loadgen.py counts every status >= 400 as an
+error; wrk every non-2xx/3xx), and the 429s per the gateways'
 `/stats` (summed over the workers whose admin answered).
 
 Prints the result as JSON (also to `--json FILE`), then one summary line per phase.
@@ -253,7 +254,7 @@ async def worker_stats(gw: dict, tries: int = 200) -> dict[int, dict]:
     for _ in range(tries):
         try:
             stats = await _http_get_json(gw["admin"], "/stats")
-        except (OSError, asyncio.TimeoutError, RuntimeError, ValueError):
+        except (TimeoutError, OSError, RuntimeError, ValueError):
             await asyncio.sleep(0.01)
             continue
         seen[stats["pid"]] = stats

@@ -86,7 +86,7 @@ class Histogram:
         return {"counts": self.counts, "total": self.total, "sum_us": self.sum_us, "max_us": self.max_us}
 
     def merge(self, d: dict) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, d["counts"])]
+        self.counts = [a + b for a, b in zip(self.counts, d["counts"], strict=False)]
         self.total += d["total"]
         self.sum_us += d["sum_us"]
         self.max_us = max(self.max_us, d["max_us"])
@@ -165,7 +165,7 @@ def _timerfd() -> _TimerFd | None:
 class _Conn(asyncio.Protocol):
     """One client connection; reports to its `_Worker`."""
 
-    def __init__(self, worker: "_Worker") -> None:
+    def __init__(self, worker: _Worker) -> None:
         self.w = worker
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)

@@ -24,9 +24,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 INSTALL = {
     "nginx": "apt-get install -y nginx-light",

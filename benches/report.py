@@ -87,7 +87,8 @@ def _table(headers: list[str], rows: list[list], align_left: int = 2) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     def line(vals: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i < align_left else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+        return "  ".join(v.ljust(w) if i < align_left else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(vals, widths, strict=False)))
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
@@ -117,7 +118,8 @@ def results_table(results: list[dict]) -> str:
 
 def ratios_table(rows: list[dict]) -> str:
     return _table(["scenario", "peer", "gateway req/CPU-s", "peer req/CPU-s", "ratio"],
-                  [[r["scenario"], r["peer"] + ("" if r["peer_scenario"] == r["scenario"] else f" ({r['peer_scenario']})"),
+                  [[r["scenario"],
+                    r["peer"] + ("" if r["peer_scenario"] == r["scenario"] else f" ({r['peer_scenario']})"),
                     r["gateway_req_per_cpu_s"], r["peer_req_per_cpu_s"], r["ratio"]] for r in rows])
 
 

@@ -91,8 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated scenarios, or all (default): {', '.join(SCENARIOS)}")
     p.add_argument("--compare", default="", metavar="PEERS",
                    help="comma-separated peers to run the same scenarios through: nginx,haproxy,envoy")
-    p.add_argument("-d", "--duration", type=float, default=None, help="measured seconds per run (default 10; --quick 3)")
-    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds before each measured run (default 2; --quick 1)")
+    p.add_argument("-d", "--duration", type=float, default=None,
+                   help="measured seconds per run (default 10; --quick 3)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="warm-up seconds before each measured run (default 2; --quick 1)")
     p.add_argument("-c", "--connections", type=int, default=None, help="client connections (default 64)")
     p.add_argument("-w", "--workers", type=int, default=1,
                    help="gateway worker processes (default 1); peers get the same worker/thread count")
@@ -182,7 +184,7 @@ def _wait_load(ctx: Ctx, proc: subprocess.Popen, timeout: float, scrape_admin: i
         except subprocess.TimeoutExpired:
             if time.monotonic() > deadline:
                 ctx.procs.stop(proc)
-                raise RuntimeError("load generator did not finish in time")
+                raise RuntimeError("load generator did not finish in time") from None
             if scrape_admin:
                 for path in ("/upstreams", "/stats"):
                     _admin_get(scrape_admin, path)
@@ -413,12 +415,12 @@ def execute(ctx: Ctx) -> dict:
             print(s.note, flush=True)
             ctx.notes.append(s.note)
         print(f"running {s.name}: edgeplane ...", flush=True)
-        results += run_target(ctx, f"{s.name} through edgeplane", lambda: bench_gateway(ctx, s, version))
+        results += run_target(ctx, f"{s.name} through edgeplane", lambda s=s: bench_gateway(ctx, s, version))
         if s.peer_mode is None:
             continue
         for peer in found:
             print(f"running {s.name}: {peer.name} ...", flush=True)
-            results += run_target(ctx, f"{s.name} through {peer.name}", lambda: bench_peer(ctx, peer, s))
+            results += run_target(ctx, f"{s.name} through {peer.name}", lambda peer=peer, s=s: bench_peer(ctx, peer, s))
     ratio_rows = report.ratios(results, [p.name for p in found])
     return {
         "meta": {

@@ -51,7 +51,6 @@ sys.path.insert(0, str(HERE))
 
 import uvloop  # noqa: E402
 
-from edgeplane.policies.throttle.shared_limits import SharedLimitTable  # noqa: E402
 from edgeplane.policies.throttle.buckets import (  # noqa: E402
     BucketMap,
     LevelChain,
@@ -60,6 +59,7 @@ from edgeplane.policies.throttle.buckets import (  # noqa: E402
     TokenBucket,
     ratelimit_headers,
 )
+from edgeplane.policies.throttle.shared_limits import SharedLimitTable  # noqa: E402
 from limit_accuracy import REDIS_MISSING, RedisServer, redis_binary  # noqa: E402
 
 BIG = 10**12
@@ -124,8 +124,8 @@ class _Leased:
     """A `RedisLimiter` with a route and a server-wide leased level on a private loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, url: str, lease: float, tag: str) -> None:
-        from edgeplane.policies.throttle.cluster import RedisLimiter
         from edgeplane.config.model import ClusterConfig
+        from edgeplane.policies.throttle.cluster import RedisLimiter
 
         # 1 s per round trip: a busy 2-CPU machine must not count as "Redis down".
         self.limiter = RedisLimiter(ClusterConfig(redis=url, lease=lease, timeout=1.0,

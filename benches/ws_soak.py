@@ -80,10 +80,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from procs import Procs, free_port, wait_http  # noqa: E402
-
 from wsproto.connection import Connection, ConnectionState, ConnectionType  # noqa: E402
-from wsproto.events import (BytesMessage, CloseConnection, Message, Ping, TextMessage)  # noqa: E402
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage  # noqa: E402
+
+from procs import Procs, free_port, wait_http  # noqa: E402
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -351,7 +351,7 @@ class Peer:
                     return ev
             left = deadline - loop.time()
             if left <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             data = await asyncio.wait_for(self.reader.read(65536), left)
             if not data:
                 return None
@@ -380,7 +380,7 @@ class Peer:
                     return f"close:{code}" if code is not None else "eof"
                 if isinstance(ev, CloseConnection):
                     code = int(ev.code)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return f"close:{code}+no-eof" if code is not None else "timeout"
         except (ConnectionError, OSError):
             return f"close:{code}" if code is not None else "reset"
@@ -416,7 +416,7 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 8.0) -> t
     return status, head, body
 
 
-async def open_ws(ctx: "Soak", mode: str, query: str = "", *, prefix: bytes = b"", extra: bytes = b"",
+async def open_ws(ctx: Soak, mode: str, query: str = "", *, prefix: bytes = b"", extra: bytes = b"",
                   rcvbuf: int | None = None, pipelined: int = 0):
     """(status, Peer or None, writer). The writer is closed by the caller (run_client)."""
     reader, writer = await _connect(ctx.gw_port, rcvbuf)
@@ -542,7 +542,7 @@ async def b_no_read(ctx, mode, rng):
             data = await asyncio.wait_for(p.reader.read(1 << 20), 5)
             if not data:
                 return f"cut({time.monotonic() - t0:.0f}s)"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return "still-open"
     except (ConnectionError, OSError):
         return "reset"
@@ -558,7 +558,7 @@ async def b_half_open(ctx, mode, rng):
         try:
             data = await asyncio.wait_for(reader.read(65536), HEAD_TIMEOUT + 5)
             return "partial:" + (data.split(b" ", 2)[1].decode() if data else "eof")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "partial:no-timeout"
         except (ConnectionError, OSError):
             return "partial:reset"
@@ -643,7 +643,7 @@ async def b_close_then_silence(ctx, mode, rng):
         while await asyncio.wait_for(p.reader.read(65536), 3):
             pass
         return "eof"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return "still-open"
     except (ConnectionError, OSError):
         return "reset"
@@ -833,7 +833,7 @@ class Soak:
         rng = random.Random(self.rng.random())
         try:
             result = await asyncio.wait_for(fn(self, mode, rng), self.args.client_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = "client-timeout"
         except (ConnectionError, OSError) as exc:
             result = f"error:{type(exc).__name__}"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import httptools
 import orjson
@@ -38,7 +38,8 @@ def base_config(upstream_port: int | None = None, routes: list | None = None, **
     if routes is None and upstream_port is not None:
         routes = [
             {"route": "GET /ping", "integration": {"type": "mock", "status": 200, "body": {"ok": True}}},
-            {"route": "ANY /files/{proxy+}", "integration": {"type": "http", "upstream": "demo", "path": "/v2/{proxy}"}},
+            {"route": "ANY /files/{proxy+}",
+             "integration": {"type": "http", "upstream": "demo", "path": "/v2/{proxy}"}},
             {"route": "GET /users/{id}", "integration": {"type": "http", "upstream": "demo"}},
             {"route": "$default", "integration": {"type": "http", "upstream": "demo"}},
         ]
@@ -156,7 +157,7 @@ class RawClient:
     buffer: bytearray = field(default_factory=bytearray)
 
     @classmethod
-    async def connect(cls, addr: tuple[str, int]) -> "RawClient":
+    async def connect(cls, addr: tuple[str, int]) -> RawClient:
         reader, writer = await asyncio.open_connection(addr[0], addr[1])
         return cls(reader, writer)
 
@@ -278,7 +279,7 @@ class RawUpstream:
             self._tasks.discard(task)
             writer.close()
 
-    async def __aenter__(self) -> "RawUpstream":
+    async def __aenter__(self) -> RawUpstream:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -72,7 +72,8 @@ def test_wrk_result_parsing():
     text = ("Running 1s test @ http://127.0.0.1:1/2b\n"
             'BENCH_RESULT {"requests": 5000, "duration_us": 1000000, "bytes": 1, '
             '"errors": {"connect": 0, "read": 1, "write": 0, "status": 2, "timeout": 0}, '
-            '"latency_us": {"p50": 100.0, "p90": 200.0, "p99": 900.0, "p99.9": 1500.0, "max": 2000.0, "mean": 120.0}}\n')
+            '"latency_us": {"p50": 100.0, "p90": 200.0, "p99": 900.0, "p99.9": 1500.0, "max": 2000.0, '
+            '"mean": 120.0}}\n')
     r = wrkrun.parse(text, 64, True)
     assert r["requests"] == 5000 and r["rps"] == 5000.0 and r["errors_total"] == 3
     assert r["latency_ms"]["p99"] == 0.9

@@ -14,11 +14,11 @@ import pytest
 from redis.asyncio import Redis
 
 from conftest import RawClient, base_config
-from edgeplane.policies.api_keys.store import generate_key
-from edgeplane.policies.throttle.cluster import TAKE_SCRIPT, RedisLimiter
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import ClusterConfig
+from edgeplane.policies.api_keys.store import generate_key
 from edgeplane.policies.throttle.buckets import LevelChain
+from edgeplane.policies.throttle.cluster import TAKE_SCRIPT, RedisLimiter
 
 pytestmark = pytest.mark.timeout(60)
 KEY, KEY_HASH = generate_key()
@@ -363,8 +363,8 @@ async def test_redis_frozen_counts_as_down_and_nothing_hangs(upstream, gateway, 
 async def test_a_quota_flush_sent_twice_is_counted_once(redis_server):
     """A flush whose answer timed out may have been applied: it is sent again as the same
     batch with the same id, and the script applies an id once."""
-    from edgeplane.policies.throttle.cluster import RedisQuotaStore
     from edgeplane.policies.quota.store import QuotaPeriod
+    from edgeplane.policies.throttle.cluster import RedisQuotaStore
 
     limiter = RedisLimiter(ClusterConfig(redis=redis_server.url))
     store = RedisQuotaStore(limiter, [QuotaPeriod("DAY")])

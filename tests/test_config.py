@@ -17,8 +17,11 @@ from edgeplane.config.loader import (
     parse_duration,
     parse_size,
 )
+from edgeplane.config.schema import build_schema, schema_json
+from edgeplane.plugins.registry import default_registry
+
+CONFIG_SCHEMA = build_schema(default_registry())
 from edgeplane.routing.router import compile_routes
-from edgeplane.config.schema import CONFIG_SCHEMA, schema_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONF = ROOT / "conf" / "edgeplane.yaml"

@@ -335,7 +335,7 @@ def test_ipv6_exact_origin() -> None:
 
 
 def test_from_config_and_method_aliases() -> None:
-    from edgeplane.config.model import CorsConfig
+    from edgeplane.policies.cors.plugin import CorsConfig
 
     cfg = CorsConfig(allow_origins=("https://app.example.com",), allow_methods=("PUT",),
                      allow_headers=("x-a",), expose_headers=("x-e",), allow_credentials=True,

@@ -448,7 +448,8 @@ def test_main_subprocess():
 def test_main_sigint_exits_zero():
     async def run() -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "import sys; from edgeplane.runtime.demo_upstream import main; sys.exit(main(['--port', '0']))",
+            sys.executable, "-c",
+            "import sys; from edgeplane.runtime.demo_upstream import main; sys.exit(main(['--port', '0']))",
             stderr=asyncio.subprocess.PIPE,
         )
         try:

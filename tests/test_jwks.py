@@ -206,7 +206,7 @@ def test_refresh_policy_backoff_keeps_retrying():
         p.begin(now)
         now = p.on_failure(now)
         retries.append(now)
-    gaps = [b - a for a, b in zip([0.0] + retries, retries)]
+    gaps = [b - a for a, b in zip([0.0] + retries, retries, strict=False)]
     assert gaps == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
     assert p.failures == 10
     p.begin(now)

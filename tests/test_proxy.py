@@ -107,7 +107,8 @@ async def test_large_body_streams_both_ways(upstream, gateway, client_factory):
     assert r.json()["body_length"] == 2_000_000
 
 
-async def test_chunked_upstream_response_rechunked_and_http10_close_delimited(upstream, gateway, client_factory, parser):
+async def test_chunked_upstream_response_rechunked_and_http10_close_delimited(
+        upstream, gateway, client_factory, parser):
     gw = await gateway(base_config(upstream.port, http={"parser": parser}))
     c = await client_factory(gw.addresses[0])
     r = await c.request("GET", "/stream/5")

@@ -160,7 +160,7 @@ def test_try_consume_is_sync_and_cheap():
     t0 = time.perf_counter()
     now = T(2026, 11, 25)
     for i in range(100_000):
-        c.try_consume("key-%d" % (i & 1023), 1_000_000, now)
+        c.try_consume(f"key-{i & 1023}", 1_000_000, now)
     per_call = (time.perf_counter() - t0) / 100_000
     assert per_call < 20e-6  # generous; about 1 us on a current CPU
 

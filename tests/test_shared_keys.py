@@ -21,10 +21,10 @@ import uuid
 
 import pytest
 
-from shm_workers import run_workers
+from edgeplane.policies.throttle.buckets import TokenBucket
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SHM_DIR, SharedLimitTable
-from edgeplane.policies.throttle.buckets import TokenBucket
+from shm_workers import run_workers
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from shm_workers import run_workers
 from edgeplane.policies.throttle.shared_limits import SharedLimitTable
+from shm_workers import run_workers
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -175,13 +175,13 @@ def test_per_check_cost(table_factory):
     b = views[0].bucket(0, rate=1e9, burst=1e9)            # always admits
     n = 100_000
     t0 = time.perf_counter()
-    for k in range(n):
+    for _k in range(n):
         b.take(1.0)
     admit = (time.perf_counter() - t0) / n
     r = views[1].bucket(1, rate=1e-9, burst=1)
     r.take(1.0)
     t0 = time.perf_counter()
-    for k in range(n):
+    for _k in range(n):
         r.take(1.0)                                        # always refuses
     refuse = (time.perf_counter() - t0) / n
     print(f"\nper-check cost, 4 workers: admit {admit * 1e6:.2f} us, refuse {refuse * 1e6:.2f} us")

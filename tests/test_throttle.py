@@ -8,8 +8,8 @@ import pytest
 
 from edgeplane.policies.throttle.buckets import (
     BucketMap,
-    ThrottleChain,
     LevelChain,
+    ThrottleChain,
     TokenBucket,
     ratelimit_headers,
     retry_after_header,
@@ -315,7 +315,8 @@ def test_ratelimit_policy_name_escaped_and_window_min_1():
 
 @pytest.mark.parametrize(
     "seconds,expected",
-    [(0.0, 1), (0.0001, 1), (1.0, 1), (1.2, 2), (2.0000000000001, 2), (59.5, 60), (math.inf, 2147483647), (1e300, 2147483647)],
+    [(0.0, 1), (0.0001, 1), (1.0, 1), (1.2, 2), (2.0000000000001, 2), (59.5, 60),
+     (math.inf, 2147483647), (1e300, 2147483647)],
 )
 def test_retry_after_header(seconds, expected):
     assert retry_after_header(seconds) == b"retry-after: %d\r\n" % expected

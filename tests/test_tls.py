@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import base_config
-from edgeplane.runtime.cli import main as cli_main
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.http.tls import ListenerTls, inspect_pair
+from edgeplane.runtime.cli import main as cli_main
 
 # ---------------------------------------------------------------------------
 # a small PKI
@@ -43,7 +43,7 @@ def _key_pem(key) -> bytes:
 
 def _make_ca(cn: str):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
@@ -60,7 +60,7 @@ def _make_ca(cn: str):
 
 def _make_leaf(ca_cert, ca_key, cn: str, dns: list[str] = (), ips: list[str] = ()):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -334,7 +334,7 @@ class TlsOrigin:
         finally:
             writer.close()
 
-    async def __aenter__(self) -> "TlsOrigin":
+    async def __aenter__(self) -> TlsOrigin:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ctx)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -11,8 +11,8 @@ import yaml
 
 from conftest import base_config
 from edgeplane import Gateway
-from edgeplane.policies.api_keys.store import generate_key
 from edgeplane.config.loader import ConfigError, load_config
+from edgeplane.policies.api_keys.store import generate_key
 
 
 @pytest.fixture

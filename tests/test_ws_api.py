@@ -18,7 +18,7 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMes
 
 from conftest import RawClient, base_config
 from edgeplane import Gateway
-from edgeplane.websocket.api import parse_selection
+from edgeplane.websocket.selection import parse_selection
 from wsutil import OP_TEXT, build_frame
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_logged_exceptions")]
@@ -40,7 +40,7 @@ class Backend:
         self._writers: set = set()
         self._tasks: set = set()
 
-    async def __aenter__(self) -> "Backend":
+    async def __aenter__(self) -> Backend:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -125,7 +125,7 @@ class Ws:
     @classmethod
     async def connect(cls, addr, path: str = "/chat", headers: dict | None = None,
                       host: str = "gw.test", key: bytes | None = None, version: str = "13",
-                      upgrade: bool = True) -> "Ws":
+                      upgrade: bool = True) -> Ws:
         reader, writer = await asyncio.open_connection(*addr)
         c = cls(reader, writer)
         key = key if key is not None else base64.b64encode(os.urandom(16))
@@ -651,7 +651,7 @@ async def test_a_thousand_concurrent_connections(backend, gateway):
     n = 1000
     conns: list[Ws] = []
     try:
-        for i in range(0, n, 100):
+        for _i in range(0, n, 100):
             conns += await asyncio.gather(*(Ws.connect(gw.addresses[0]) for _ in range(100)))
         assert all(c.status == 101 for c in conns)
         assert gw.stats()["websockets"]["open"] == n

@@ -26,9 +26,21 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from edgeplane.websocket.relay import Relay, RelaySettings, RelayStats, start_relay
-from wsutil import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, HolderServer, Holder,
-                    WSPeer, WSServer, accept_upgrade, build_frame, close_payload,
-                    request_upgrade)
+from wsutil import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_TEXT,
+    Holder,
+    HolderServer,
+    WSPeer,
+    WSServer,
+    accept_upgrade,
+    build_frame,
+    close_payload,
+    request_upgrade,
+)
 
 pytestmark = pytest.mark.usefixtures("no_logged_exceptions")
 
@@ -90,7 +102,7 @@ class Harness:
         self.links: list[Link] = []
         self.client_peers: list[WSPeer] = []
 
-    async def __aenter__(self) -> "Harness":
+    async def __aenter__(self) -> Harness:
         await self.up.__aenter__()
         await self.gw.__aenter__()
         return self

@@ -57,12 +57,12 @@ import hashlib
 import os
 import struct
 from collections import deque
-from typing import Awaitable, Callable, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import (AcceptConnection, CloseConnection, Event, Message, Ping, Request,
-                            TextMessage)
+from wsproto.events import AcceptConnection, CloseConnection, Event, Message, Ping, Request, TextMessage
 from wsproto.frame_protocol import CloseReason
 
 __all__ = [
@@ -181,7 +181,7 @@ class WSPeer(asyncio.Protocol):
                  target: str = "/", auto_pong: bool = True, auto_close: bool = True,
                  close_reply: tuple[int, str] | None = None, echo: bool = False,
                  record_raw: bool = False,
-                 on_open: Callable[["WSPeer"], None] | None = None) -> None:
+                 on_open: Callable[[WSPeer], None] | None = None) -> None:
         if role not in ("client", "server"):
             raise ValueError("role must be 'client' or 'server'")
         self.role = role
@@ -443,7 +443,7 @@ class WSServer:
             if fut.done():
                 self._by_port.pop(peer_port, None)
 
-    async def __aenter__(self) -> "WSServer":
+    async def __aenter__(self) -> WSServer:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._factory, "127.0.0.1", 0, backlog=4096)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -507,7 +507,7 @@ class Holder(asyncio.Protocol):
                     del self.buffer[: i + len(sep)]
                     return head
                 if self.lost:
-                    raise PeerClosed("connection closed before %r" % sep)
+                    raise PeerClosed(f"connection closed before {sep!r}")
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
 
@@ -539,7 +539,7 @@ class HolderServer:
             if fut.done():
                 self._by_port.pop(peer_port, None)
 
-    async def __aenter__(self) -> "HolderServer":
+    async def __aenter__(self) -> HolderServer:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._factory, "127.0.0.1", 0, backlog=4096)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -580,7 +580,7 @@ async def accept_upgrade(holder: Holder, timeout: float = DEFAULT_TIMEOUT) -> by
         if name.strip().lower() == b"sec-websocket-key":
             key = value.strip()
     if not key:
-        raise ValueError("not a WebSocket upgrade request: %r" % head[:200])
+        raise ValueError(f"not a WebSocket upgrade request: {head[:200]!r}")
     holder.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + _accept_token(key)
                            + b"\r\n\r\n")
@@ -598,7 +598,7 @@ async def request_upgrade(holder: Holder, host: str = "upstream.test", target: s
     head = await holder.read_until(b"\r\n\r\n", timeout)
     lines = head.split(b"\r\n")
     if not lines[0].startswith(b"HTTP/1.1 101"):
-        raise ValueError("upgrade refused: %r" % lines[0])
+        raise ValueError(f"upgrade refused: {lines[0]!r}")
     accept = b""
     for line in lines[1:]:
         name, _, value = line.partition(b":")

@@ -7,23 +7,49 @@ wording of a bad value inside those messages.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One refused value: `location` ("routes[2].integration.upstream"), `message`, and
+    the 1-based `line` of the file where it is known (None for a dict or an unknown
+    place)."""
+
+    location: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
 
 
 class LocatedErrors(Exception):
-    """`errors` lists every problem as "location: message"; `source` names the input."""
+    """`errors` lists every problem as "location: message"; `entries` holds the same
+    problems as `Problem`s (with lines where known); `source` names the input."""
 
     what = "input"  # how `__str__` names the refused thing
 
-    def __init__(self, errors: Iterable[str], source: str = "<input>") -> None:
+    def __init__(self, errors: Iterable[str], source: str = "<input>",
+                 entries: Sequence[Problem] | None = None) -> None:
         self.errors: list[str] = list(errors)
         self.source = source
+        if entries is None:
+            entries = [Problem(*_split(e)) for e in self.errors]
+        self.entries: list[Problem] = list(entries)
         super().__init__(self.errors)
 
     def __str__(self) -> str:
         n = len(self.errors)
         head = f"invalid {self.what} {self.source}: {n} error{'s' if n != 1 else ''}"
         return head + "".join(f"\n  - {e}" for e in self.errors)
+
+
+def _split(error: str) -> tuple[str, str]:
+    location, sep, message = error.partition(": ")
+    return (location, message) if sep else ("(root)", error)
 
 
 def short(value: Any, limit: int = 60) -> str:

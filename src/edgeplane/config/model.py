@@ -102,83 +102,6 @@ class Integration:
 
 
 @dataclass(frozen=True, slots=True)
-class IpRulesConfig:
-    allow: tuple[str, ...] = ()  # CIDRs or addresses; empty = everyone not denied
-    deny: tuple[str, ...] = ()  # CIDRs or addresses; deny wins
-
-
-@dataclass(frozen=True, slots=True)
-class CorsConfig:
-    allow_origins: tuple[str, ...] = ()  # exact, "*", or "https://*.example.com"
-    allow_methods: tuple[str, ...] = ()  # or ("*",)
-    allow_headers: tuple[str, ...] = ()  # or ("*",)
-    expose_headers: tuple[str, ...] = ()
-    allow_credentials: bool = False
-    max_age: int | None = None  # seconds
-
-
-@dataclass(frozen=True, slots=True)
-class JwtAuthorizerConfig:
-    name: str
-    issuer: str
-    audiences: tuple[str, ...]
-    algorithms: tuple[str, ...]
-    identity_source: str = "$request.header.Authorization"
-    jwks_file: str | None = None
-    jwks_url: str | None = None
-    jwks_refresh: float = 300.0
-    hs_secret_env: str | None = None  # HS* secret from this environment variable
-    hs_secret_file: str | None = None  # ... or from this file
-    leeway: float = 0.0
-    max_token_bytes: int = 8192
-    cache_ttl: float = 300.0  # a verified token is cached until min(exp, now + ttl)
-    cache_max_entries: int = 10_000
-    type: str = "jwt"
-
-    @property
-    def header(self) -> bytes:
-        """Lower-case header name of the identity source."""
-        return self.identity_source.rsplit(".", 1)[1].lower().encode()
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKeyAuthorizerConfig:
-    name: str
-    keys_file: str  # YAML key file: ids, sha256 hashes, optional usage plan
-    identity_source: str = "$request.header.X-API-Key"
-    type: str = "api_key"
-
-    @property
-    def header(self) -> bytes:
-        return self.identity_source.rsplit(".", 1)[1].lower().encode()
-
-
-@dataclass(frozen=True, slots=True)
-class HttpAuthorizerConfig:
-    """A custom authorizer, like an AWS Lambda REQUEST authorizer (payload 2.0)."""
-
-    name: str
-    url: str
-    identity_source: tuple[str, ...] = ("$request.header.Authorization",)
-    result_ttl: float = 300.0  # 0 = no caching; at most 3600 s
-    timeout: float = 10.0
-    forward_context: tuple[tuple[str, str], ...] = ()  # (header name, context key)
-    cache_max_entries: int = 10_000
-    type: str = "http"
-
-
-@dataclass(frozen=True, slots=True)
-class ThrottleConfig:
-    """A token bucket: `rate` tokens per second, `burst` tokens at most."""
-
-    rate: float = 10_000.0  # AWS account-level defaults
-    burst: int = 5_000
-    headers: bool = True  # server-wide only: RateLimit headers on responses
-    key: str | None = None  # route only: per-client identity expression; None = one bucket
-    unresolved: str = "shared"  # route only: a client key that cannot be resolved -> "shared" | "refuse"
-
-
-@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """Cluster mode: throttles and quotas shared by several hosts through one Redis."""
 
@@ -188,19 +111,6 @@ class ClusterConfig:
     timeout: float = 0.1  # seconds per Redis round trip before Redis counts as down
     lease: float = 0.1  # share of a bucket's burst one worker leases at a time
     retry_interval: float = 1.0  # seconds between probes while Redis is down
-
-
-@dataclass(frozen=True, slots=True)
-class UsagePlanConfig:
-    """API keys attach to a plan (key file `plan:`): a per-key throttle and a quota."""
-
-    name: str
-    throttle: ThrottleConfig | None = None  # one bucket per API key
-    # AWS method throttling: route key -> the plan's per-key bucket on that route instead
-    route_throttles: dict[str, ThrottleConfig] = field(default_factory=dict)
-    quota_limit: int | None = None  # requests per period per API key
-    quota_period: str = "DAY"  # DAY | WEEK | MONTH
-    quota_offset: int = 0  # days into the period (WEEK: 0 = Sunday, as AWS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,11 +171,10 @@ class RouteConfig:
     auth: str | None = None  # name of an authorizer
     scopes: tuple[str, ...] = ()  # JWT: at least one must be granted
     forward_claims: tuple[tuple[str, str], ...] = ()  # (header name, claim name)
-    cors: CorsConfig | None = None  # None = the server-wide `cors` (if any)
-    cors_off: bool = False  # `cors: false` on the route: no CORS even if server-wide
-    ip_rules: IpRulesConfig | None = None
-    throttle: ThrottleConfig | None = None
     websocket: WebSocketLimits | None = None  # proxied WebSockets: top-level values + overrides
+    # Route-level policy keys (`cors`, `ip_rules`, `throttle`, a plugin's): key -> the
+    # model its policy loaded (`Policy.load_route`).
+    policies: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_default(self) -> bool:
@@ -309,17 +218,24 @@ class Config:
     access_log: AccessLogConfig = AccessLogConfig()
     drain_timeout: float = 30.0
     log_level: str = "info"
-    authorizers: dict[str, JwtAuthorizerConfig | ApiKeyAuthorizerConfig | HttpAuthorizerConfig] = \
-        field(default_factory=dict)
-    ip_rules: IpRulesConfig | None = None  # server-wide, checked before every route
-    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
-    cors: CorsConfig | None = None  # for every route that does not set its own
-    throttle: ThrottleConfig | None = None  # server-wide bucket (only when configured)
-    usage_plans: dict[str, UsagePlanConfig] = field(default_factory=dict)
+    # name -> the model its type's policy loaded (`Policy.load_authorizer`); each has
+    # `name` and `type`
+    authorizers: dict[str, Any] = field(default_factory=dict)
     data_dir: str = "data"  # quota counters: DATA_DIR/edgeplane.db
     cluster: ClusterConfig | None = None  # None = limits and quotas local to this host
     tls: TlsConfig | None = None  # None = no TLS listeners
     websocket: WebSocketLimits = WebSocketLimits()  # defaults for both WebSocket modes
     websocket_apis: dict[str, WebSocketApiConfig] = field(default_factory=dict)
+    # Top-level policy sections (`cors`, `throttle`, `usage_plans`, a plugin's): key ->
+    # the model its policy loaded (`Policy.load_section`).
+    policies: dict[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()  # the `plugins:` modules
+    registry: Any = field(default=None, compare=False, repr=False)  # plugins.registry.Registry
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def trusted_proxies(self) -> tuple[str, ...]:
+        """Peers whose X-Forwarded-For is believed (the `trusted_proxies` section)."""
+        value: tuple[str, ...] = self.policies.get("trusted_proxies", ())
+        return value

@@ -2,31 +2,34 @@
 
 This module owns the *shape* of the config file: which keys exist, their types,
 enumerations and numeric ranges. It is data, not code: `edgeplane.config` validates the
-raw YAML against `CONFIG_SCHEMA` first (pass 1), then runs the semantic checks a schema
+raw YAML against `build_schema(registry)` first (pass 1), then runs the semantic checks a schema
 cannot express (pass 2: upstream references, route key syntax, duplicate routes, URLs,
 listen addresses, duration ranges, ...). `edgeplane schema` prints `schema_json()` so that
 editors (YAML language server, VS Code) can validate and complete config files.
 
 Invariants:
-- every key the loader reads is declared here, and every object is closed
+- every key the loader reads is declared here or by the unit that reads it (a policy's
+  `sections`/`route_keys`/`authorizer_schema`, an integration's `schema`), and every
+  object is closed
   (`additionalProperties: false`), so a typo is always an error, never ignored;
 - `$defs` entries that the loader reports with a hand-written message carry a `title`
-  (see `config._EXPECTED`);
+  (see `config.values.EXPECTED`);
 - `DURATION_RE` and `SIZE_RE` are the single definitions of those string formats: the
   loader parses with the same expressions.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
-__all__ = ["CONFIG_SCHEMA", "DURATION_RE", "SIZE_RE", "schema_json"]
+from jsonschema import Draft202012Validator
 
-# "500ms", "30s", "1.5s", "5m", "2h", or a bare number of seconds ("30").
-DURATION_RE = r"^\s*([0-9]+(\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$"
-# "10240", "512B", "10KiB", "10MiB", "1GiB", "10kB"/"10KB" (x1000), "1MB", "1GB".
-SIZE_RE = r"^\s*[0-9]+\s*([bB]|[kKmMgG][iI]?[bB])?\s*$"
+from edgeplane.config.values import DURATION_RE, SIZE_RE
+from edgeplane.plugins.registry import Registry, default_registry
+
+__all__ = ["DURATION_RE", "SIZE_RE", "STRINGS", "build_schema", "validator_for", "schema_json"]
 
 _DURATION = {
     "title": "duration",
@@ -152,63 +155,6 @@ _TLS = {
     },
 }
 
-_HTTP_INTEGRATION = {
-    "additionalProperties": False,
-    "required": ["upstream"],
-    "properties": {
-        "type": {"const": "http"},
-        "upstream": {"type": "string", "description": "Name of an entry of `upstreams`."},
-        "path": {
-            "type": "string",
-            "description": "Upstream path template, e.g. '/v2/{proxy}'; default: the request path.",
-        },
-        "timeout": {
-            "$ref": "#/$defs/duration",
-            "default": "29s",
-            "description": "Integration timeout, 50ms..30s; past it the client gets 504.",
-        },
-        "preserve_host": {
-            "type": "boolean",
-            "default": False,
-            "description": "Forward the client's Host header instead of the target's.",
-        },
-    },
-}
-
-_MOCK_INTEGRATION = {
-    "additionalProperties": False,
-    "properties": {
-        "type": {"const": "mock"},
-        "status": {"type": "integer", "minimum": 200, "maximum": 599, "default": 200},
-        "body": {
-            "type": ["object", "array", "string", "null"],
-            "description": "Object/array: sent as JSON. String: sent as UTF-8 text. Absent: empty.",
-        },
-        "content_type": {"type": "string"},
-        "headers": {
-            "type": "object",
-            "additionalProperties": {"type": "string"},
-            "description": "Extra response headers, name -> value.",
-        },
-    },
-}
-
-_INTEGRATION = {
-    "type": "object",
-    "required": ["type"],
-    "properties": {"type": {"enum": ["http", "mock"]}},
-    "allOf": [
-        {
-            "if": {"required": ["type"], "properties": {"type": {"const": "http"}}},
-            "then": _HTTP_INTEGRATION,
-        },
-        {
-            "if": {"required": ["type"], "properties": {"type": {"const": "mock"}}},
-            "then": _MOCK_INTEGRATION,
-        },
-    ],
-}
-
 _ROUTE = {
     "type": "object",
     "additionalProperties": False,
@@ -227,14 +173,13 @@ _ROUTE = {
         "scopes": {"type": "array", "items": {"type": "string"}, "maxItems": 10},
         "forward_claims": {"type": "object", "additionalProperties": {"type": "string"},
                            "description": "Upstream header name -> JWT claim name."},
-        "cors": {"anyOf": [{"$ref": "#/$defs/cors"}, {"const": False}]},
-        "ip_rules": {"$ref": "#/$defs/ipRules"},
-        "throttle": {"$ref": "#/$defs/throttle"},
         "websocket": {"$ref": "#/$defs/websocketLimits",
                       "description": "Limits of WebSocket connections proxied by this route; "
                                      "unset keys inherit the top-level 'websocket' values."},
     },
 }
+
+STRINGS = {"type": "array", "items": {"type": "string"}}
 
 _WEBSOCKET_LIMITS = {
     "type": "object",
@@ -303,121 +248,6 @@ _WEBSOCKET_API = {
     },
 }
 
-_STRINGS = {"type": "array", "items": {"type": "string"}}
-
-_IP_RULES = {
-    "type": "object",
-    "additionalProperties": False,
-    "description": "Allow and deny lists of CIDRs or addresses (IPv4 and IPv6); deny wins; "
-                   "with an allow list, only listed clients pass. Denied requests get 403.",
-    "properties": {"allow": _STRINGS, "deny": _STRINGS},
-}
-
-_CORS = {
-    "type": "object",
-    "additionalProperties": False,
-    "description": "CORS, as AWS HTTP APIs: preflights are answered by the gateway.",
-    "properties": {
-        "allow_origins": _STRINGS,
-        "allow_methods": _STRINGS,
-        "allow_headers": _STRINGS,
-        "expose_headers": _STRINGS,
-        "allow_credentials": {"type": "boolean", "default": False},
-        "max_age": {"type": "integer", "minimum": 0, "maximum": 86400},
-    },
-}
-
-_JWT_AUTHORIZER = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "issuer", "audience"],
-    "properties": {
-        "type": {"const": "jwt"},
-        "identity_source": {"type": "string", "pattern": "^\\$request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
-                            "default": "$request.header.Authorization"},
-        "issuer": {"type": "string", "minLength": 1},
-        "audience": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
-                                                    "minItems": 1, "maxItems": 50}]},
-        "algorithms": {"type": "array", "minItems": 1, "items": {"enum": [
-            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
-            "EdDSA", "HS256", "HS384", "HS512"]}},
-        "jwks": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"file": {"type": "string"}, "url": {"type": "string"},
-                           "refresh": {"$ref": "#/$defs/duration", "default": "300s"}},
-        },
-        "hs_secret": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"env": {"type": "string"}, "file": {"type": "string"}},
-        },
-        "leeway": {"$ref": "#/$defs/duration", "default": 0},
-        "max_token_bytes": {"$ref": "#/$defs/size", "default": 8192},
-        "cache": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"ttl": {"$ref": "#/$defs/duration", "default": "300s"},
-                           "max_entries": {"type": "integer", "minimum": 0, "default": 10000}},
-        },
-    },
-}
-
-_API_KEY_AUTHORIZER = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "keys_file"],
-    "properties": {
-        "type": {"const": "api_key"},
-        "keys_file": {"type": "string", "description": "YAML key file (ids, sha256 hashes, plans)."},
-        "identity_source": {"type": "string", "pattern": "^\\$request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
-                            "default": "$request.header.X-API-Key"},
-    },
-}
-
-_THROTTLE = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "rate": {"type": "number", "exclusiveMinimum": 0, "description": "Tokens per second."},
-        "burst": {"type": "integer", "minimum": 1, "description": "Bucket size."},
-        "headers": {"type": "boolean", "default": True},
-        "key": {"type": "string", "pattern": "^\\$(request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+|context\\.identity\\.sourceIp|context\\.identity\\.apiKeyId|context\\.authorizer\\.claims\\.[A-Za-z0-9_:.-]+)$",
-                "description": "Per-client key: $context.identity.sourceIp, $context.identity.apiKeyId, "
-                               "$context.authorizer.claims.NAME or $request.header.NAME."},
-        "unresolved": {"enum": ["shared", "refuse"], "default": "shared"},
-    },
-}
-
-_IDENTITY = {"type": "string", "pattern": "^\\$(request\\.(header|querystring)\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+|context\\.(routeKey|identity\\.sourceIp))$"}
-
-_HTTP_AUTHORIZER = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "url"],
-    "properties": {
-        "type": {"const": "http"},
-        "url": {"type": "string", "description": "http(s) URL the payload (version 2.0) is POSTed to."},
-        "identity_source": {"anyOf": [_IDENTITY, {"type": "array", "items": _IDENTITY, "minItems": 1}],
-                            "default": ["$request.header.Authorization"]},
-        "result_ttl": {"$ref": "#/$defs/duration", "default": "300s"},
-        "timeout": {"$ref": "#/$defs/duration", "default": "10s"},
-        "forward_context": {"type": "object", "additionalProperties": {"type": "string"},
-                            "description": "Upstream header name -> key of the authorizer's context."},
-        "cache_max_entries": {"type": "integer", "minimum": 1, "default": 10000},
-    },
-}
-
-_AUTHORIZER = {
-    "type": "object",
-    "required": ["type"],
-    "properties": {"type": {"enum": ["jwt", "api_key", "http"]}},
-    "allOf": [
-        {"if": {"properties": {"type": {"const": "jwt"}}}, "then": {"$ref": "#/$defs/jwtAuthorizer"}},
-        {"if": {"properties": {"type": {"const": "api_key"}}}, "then": {"$ref": "#/$defs/apiKeyAuthorizer"}},
-        {"if": {"properties": {"type": {"const": "http"}}}, "then": {"$ref": "#/$defs/httpAuthorizer"}},
-    ],
-}
 
 _LIMITS = {
     "type": "object",
@@ -449,7 +279,7 @@ _ACCESS_LOG = {
     },
 }
 
-CONFIG_SCHEMA: dict[str, Any] = {
+_CORE_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://edgeplane.dev/schemas/config.json",
     "title": "edgeplane configuration",
@@ -501,38 +331,13 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_-]*$"},
             "additionalProperties": {"$ref": "#/$defs/authorizer"},
         },
-        "ip_rules": {"$ref": "#/$defs/ipRules"},
-        "trusted_proxies": _STRINGS,
-        "cors": {"$ref": "#/$defs/cors"},
-        "tls": {"$ref": "#/$defs/tls"},
-        "throttle": {"$ref": "#/$defs/throttle"},
-        "usage_plans": {
-            "type": "object",
-            "propertyNames": {"pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"},
-            "additionalProperties": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "throttle": {"$ref": "#/$defs/throttle"},
-                    "routes": {
-                        "type": "object",
-                        "description": "Route key (as in `routes`) -> the plan's per-key throttle "
-                                       "on that route, replacing `throttle` there (AWS method throttling).",
-                        "additionalProperties": {"$ref": "#/$defs/throttle"},
-                    },
-                    "quota": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["limit", "period"],
-                        "properties": {
-                            "limit": {"type": "integer", "minimum": 1},
-                            "period": {"enum": ["DAY", "WEEK", "MONTH"]},
-                            "offset": {"type": "integer", "minimum": 0, "default": 0},
-                        },
-                    },
-                },
-            },
+        "plugins": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Python modules to load policy or integration plugins from "
+                           "('my_pkg.my_policy'); each defines `plugin` or `plugins`.",
         },
+        "tls": {"$ref": "#/$defs/tls"},
         "websocket": {"$ref": "#/$defs/websocketLimits"},
         "websocket_apis": {
             "type": "object",
@@ -566,17 +371,9 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "listenAddress": _LISTEN_ADDRESS,
         "pool": _POOL,
         "upstream": _UPSTREAM,
-        "integration": _INTEGRATION,
         "route": _ROUTE,
         "limits": _LIMITS,
         "accessLog": _ACCESS_LOG,
-        "ipRules": _IP_RULES,
-        "throttle": _THROTTLE,
-        "cors": _CORS,
-        "jwtAuthorizer": _JWT_AUTHORIZER,
-        "apiKeyAuthorizer": _API_KEY_AUTHORIZER,
-        "httpAuthorizer": _HTTP_AUTHORIZER,
-        "authorizer": _AUTHORIZER,
         "upstreamTls": _UPSTREAM_TLS,
         "tls": _TLS,
         "websocketLimits": _WEBSOCKET_LIMITS,
@@ -587,6 +384,46 @@ CONFIG_SCHEMA: dict[str, Any] = {
 }
 
 
-def schema_json() -> str:
+def _typed_union(types: dict[str, Any]) -> dict[str, Any]:
+    """An object whose `type` picks one of `types` (type name -> schema of the object)."""
+    return {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"enum": sorted(types)}},
+        "allOf": [{"if": {"required": ["type"], "properties": {"type": {"const": name}}},
+                   "then": {**schema, "properties": {"type": {"const": name}, **schema.get("properties", {})}}}
+                  for name, schema in sorted(types.items())],
+    }
+
+
+def build_schema(registry: Registry) -> dict[str, Any]:
+    """The whole file's schema: the core sections plus every registered unit's keys."""
+    schema = copy.deepcopy(_CORE_SCHEMA)
+    defs = schema["$defs"]
+    route = defs["route"]["properties"]
+    for policy in registry.policies():
+        defs.update(copy.deepcopy(dict(policy.defs)))
+        for key, fragment in policy.sections.items():
+            schema["properties"][key] = copy.deepcopy(fragment)
+        for key, fragment in policy.route_keys.items():
+            route[key] = copy.deepcopy(fragment)
+    authorizers = {t: p.authorizer_schema or {"type": "object"} for t, p in registry.authorizer_types().items()}
+    defs["authorizer"] = _typed_union(authorizers)
+    integrations = registry.integrations()
+    for plugin in integrations.values():
+        defs.update(copy.deepcopy(dict(plugin.defs)))
+    defs["integration"] = _typed_union({t: p.schema for t, p in integrations.items()})
+    return schema
+
+
+def validator_for(registry: Registry) -> Draft202012Validator:
+    """A validator of `build_schema(registry)`, built once per registry."""
+    validator = registry.cache.get("validator")
+    if validator is None:
+        validator = registry.cache["validator"] = Draft202012Validator(build_schema(registry))
+    return validator
+
+
+def schema_json(registry: Registry | None = None) -> str:
     """The schema as pretty JSON (what `edgeplane schema` prints)."""
-    return json.dumps(CONFIG_SCHEMA, indent=2) + "\n"
+    return json.dumps(build_schema(registry or default_registry()), indent=2) + "\n"

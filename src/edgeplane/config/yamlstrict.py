@@ -54,3 +54,29 @@ def load_strict(text: str) -> Any:
         raise YamlSyntaxError(f"{where}: YAML syntax error: {what}") from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"(yaml): YAML syntax error: {exc}") from None
+
+
+def line_index(text: str) -> dict[tuple[Any, ...], int]:
+    """Path into the document -> 1-based line where that key or item starts. Best
+    effort: empty for text that does not compose (the syntax error is reported then)."""
+    try:
+        root = yaml.compose(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return {}
+    out: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = (path + (key_node.value,))
+                    out[key] = key_node.start_mark.line + 1
+                    walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return out

@@ -28,7 +28,7 @@ close it).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import h11
 import httptools
@@ -125,9 +125,9 @@ class H11RequestParser:
                     return
                 etype = type(event)
                 if etype is h11.Request:
-                    self._on_request(event)
+                    self._on_request(cast(h11.Request, event))
                 elif etype is h11.Data:
-                    self._cb.on_body(bytes(event.data))
+                    self._cb.on_body(bytes(cast(h11.Data, event).data))
                 elif etype is h11.EndOfMessage:
                     self._cb.on_message_complete()
                     if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:

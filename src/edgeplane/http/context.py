@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from edgeplane.http.responses import DateHeader
 
 if TYPE_CHECKING:
-    from edgeplane.runtime.accesslog import AccessLog
     from edgeplane.config.model import Limits
+    from edgeplane.runtime.accesslog import AccessLog
 
 
 class Stats:

@@ -42,6 +42,7 @@ from edgeplane.http.codec import HeadTooLarge, HttpParserError, HttpParserUpgrad
 from edgeplane.http.request import _DRAIN_BODY_MAX, Request, body_drainable
 from edgeplane.http.responses import STATUS_LINES
 from edgeplane.http.tls import client_subject
+from edgeplane.plugins.hooks import run_log_hooks, run_response_hooks
 
 if TYPE_CHECKING:
     from edgeplane.http.context import ServerContext
@@ -508,15 +509,37 @@ class HttpProtocol(asyncio.Protocol):
     def run_chain(self, req: Request, start: int) -> None:
         """Run the route's stages from `start`, then its integration. A stage returns
         True (go on), False (it answered) or None (it goes on asynchronously and calls
-        `resume_chain` when done; meanwhile the request body is held)."""
+        `resume_chain` when done; meanwhile the request body is held). An exception from
+        a stage or the integration is the gateway's: 500, never the client's 400."""
         stages = req.route.stages
-        for i in range(start, len(stages)):
-            result = stages[i](self, req)
-            if result is not True:
-                if result is None:
-                    req.pending = True
-                return
-        req.route.integration.handle(self, req)
+        try:
+            for i in range(start, len(stages)):
+                result = stages[i](self, req)
+                if result is not True:
+                    if result is None:
+                        req.pending = True
+                    elif result is not False:
+                        raise TypeError(f"stage {stages[i]!r} returned {type(result).__name__}; "
+                                        "expected True, False or None")
+                    return
+            req.route.integration.handle(self, req)
+        except Exception as exc:
+            self.internal_error(req, exc, f"route {req.route_key!r}")
+
+    def internal_error(self, req: Request, exc: BaseException, where: str) -> None:
+        """A bug inside the gateway (a stage, an integration, a plugin's hook): logged once
+        with its traceback and request id, counted, answered 500 (or the connection is
+        dropped when the response has started). The worker and other clients go on."""
+        self.ctx.count_error("internal")
+        log.error("internal error in %s (request %s)", where, req.request_id.decode("latin-1"),
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        req.pending = False
+        if req.responded or self._closed:
+            return
+        if req.exchange is not None:
+            req.exchange.abort("internal error")
+        req.hooks_failed = True  # the 500 goes out without the route's response hooks
+        self._fail_active(req, 500, f"internal error in {where}: {exc.__class__.__name__}")
 
     def resume_chain(self, req: Request, start: int) -> None:
         """An asynchronous stage finished well: continue, unless the client left."""
@@ -564,6 +587,13 @@ class HttpProtocol(asyncio.Protocol):
         keep = req.keep_alive and not close and not self.ctx.draining and not self._peer_eof
         if keep and not req.complete and not body_drainable(req):
             keep = False
+        route = req.route
+        if route is not None and route.response_hooks and not req.hooks_failed:
+            try:
+                status, extra = _hooked_head(self, req, status, content_type, extra)
+            except Exception as exc:
+                self.internal_error(req, exc, f"a response hook of route {req.route_key!r}")
+                return
         data = responses.local_reply(
             status,
             body,
@@ -591,6 +621,9 @@ class HttpProtocol(asyncio.Protocol):
         """The response to the active request is fully written."""
         req.responded = True
         access_log = self.ctx.access_log
+        route = req.route
+        if route is not None and route.log_hooks:
+            run_log_hooks(route.log_hooks, access_log.fields(req, self))
         if access_log.enabled:
             access_log.record(req, self)
         req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC
@@ -746,6 +779,16 @@ class HttpProtocol(asyncio.Protocol):
             self.ctx.count_error(str(status))
             self.ctx.access_log.record(req, self)
         self.abort()
+
+
+def _hooked_head(proto: HttpProtocol, req: Request, status: int, content_type: bytes,
+                 extra: bytes) -> tuple[int, bytes]:
+    """A local reply's status and extra header lines after the route's response hooks."""
+    lines = [line.split(b": ", 1) for line in (extra + req.extra_response).split(b"\r\n") if line]
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in lines]
+    req.extra_response = b""
+    status = run_response_hooks(proto, req, status, headers)
+    return status, b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers)
 
 
 def status_line(status: int) -> bytes:

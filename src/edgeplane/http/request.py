@@ -25,7 +25,7 @@ class Request:
         "route", "params", "route_key", "exchange", "t_start", "t_wall", "status",
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
-        "extra_upstream", "api_key", "pending", "websocket", "ws_log",
+        "extra_upstream", "api_key", "pending", "websocket", "ws_log", "context", "auth_context", "hooks_failed",
     )
 
     def __init__(self, now: float) -> None:
@@ -71,6 +71,9 @@ class Request:
         self.pending = False  # an asynchronous stage is running (see run_chain)
         self.websocket = False  # a WebSocket opening handshake (GET, 1.1, Upgrade: websocket)
         self.ws_log: dict | None = None  # a WebSocket's counters, logged when it closes
+        self.context: dict[str, Any] | None = None  # plugins' per-request scratch (RequestView.context)
+        self.auth_context: dict[str, Any] | None = None  # a custom authorizer's `context`
+        self.hooks_failed = False  # a hook raised: the 500 skips the response hooks
 
 
 def body_drainable(req: Request) -> bool:

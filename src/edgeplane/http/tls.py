@@ -24,8 +24,9 @@ import datetime
 import ipaddress
 import os
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -207,7 +208,7 @@ def make_dev_cert(hosts: Iterable[str], days: int = 90) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgeplane development")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)

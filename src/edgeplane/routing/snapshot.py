@@ -11,33 +11,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from edgeplane.policies.cors.policy import CORS_RESPONSE_HEADERS
-from edgeplane.upstream.proxy import HttpIntegration
-from edgeplane.websocket.proxy import WsUpgradeExchange, relay_settings
-from edgeplane.routing.chain import PlanState, build_stages, build_verifiers, route_cors
+from edgeplane.plugins.base import CompileContext
 from edgeplane.policies.throttle.stores import LocalLimits
+from edgeplane.routing.chain import compile_chain
 from edgeplane.routing.router import Router, compile_routes
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config, RouteConfig
+    from edgeplane.plugins.registry import Registry
     from edgeplane.upstream.pool import Upstream
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
-
-
-class MockIntegration:
-    """Answers from the gateway itself with a fixed status, headers and body."""
-
-    __slots__ = ("status", "body", "content_type", "extra")
-
-    def __init__(self, status: int, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...]):
-        self.status = status
-        self.body = body
-        self.content_type = content_type.encode()
-        self.extra = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in headers)
-
-    def handle(self, proto: HttpProtocol, req: Request) -> None:
-        proto.send_local(req, self.status, self.body, self.content_type, self.extra)
 
 
 class FunctionIntegration:
@@ -56,13 +40,19 @@ class FunctionIntegration:
 
 
 class CompiledRoute:
-    __slots__ = ("key", "config", "stages", "integration")
+    """A matched route's compiled chain: stages in order, the integration, response hooks
+    (already in reverse order) and log hooks. Empty hook tuples cost nothing."""
 
-    def __init__(self, config: RouteConfig | None, key: str, stages: tuple, integration: Any):
+    __slots__ = ("key", "config", "stages", "integration", "response_hooks", "log_hooks")
+
+    def __init__(self, config: RouteConfig | None, key: str, stages: tuple[Any, ...], integration: Any,
+                 response_hooks: tuple[Any, ...] = (), log_hooks: tuple[Any, ...] = ()):
         self.config = config
         self.key = key
         self.stages = stages
         self.integration = integration
+        self.response_hooks = response_hooks
+        self.log_hooks = log_hooks
 
 
 class Snapshot:
@@ -77,43 +67,36 @@ class Snapshot:
         self.websocket_apis = websocket_apis or {}
 
 
-def compile_route(config: Config, rc: RouteConfig, upstreams: dict[str, Upstream],
-                  verifiers: dict[str, Any], auth_sources: dict[str, Any],
-                  limits: Any = None, plans: Any = None) -> CompiledRoute:
-    integ = rc.integration
-    if integ.type == "mock":
-        handler: Any = MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
-    else:
-        handler = HttpIntegration(
-            upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host,
-            claim_headers=gateway_set_headers(config, rc),
-            gateway_response_headers=CORS_RESPONSE_HEADERS if route_cors(config, rc) else frozenset(),
-            websocket=relay_settings(rc.websocket or config.websocket, config.limits.send_timeout),
-            websocket_exchange=WsUpgradeExchange,
-        )
-    return CompiledRoute(rc, rc.key, build_stages(config, rc, verifiers, auth_sources, limits, plans),
-                         handler)
+def compile_route(rc: RouteConfig, ctx: CompileContext, registry: Registry) -> CompiledRoute:
+    """The route's chain (every registered policy asked in phase order) and its
+    integration (the plugin of its `type`)."""
+    chain = compile_chain(rc, ctx, registry)
+    plugin = registry.integrations()[rc.integration.type]
+    handler = plugin.compile(rc, ctx, chain.upstream_headers, chain.response_headers)
+    return CompiledRoute(rc, rc.key, tuple(chain.stages), handler, tuple(chain.response_hooks),
+                         tuple(chain.log_hooks))
 
 
-def gateway_set_headers(config: Config, rc: RouteConfig) -> frozenset[bytes]:
-    """Upstream headers the route's authorizer sets: a client may not send them."""
-    names = {h.encode() for h, _ in rc.forward_claims}
-    auth = config.authorizers.get(rc.auth) if rc.auth else None
-    if auth is not None and auth.type == "http":
-        names |= {h.encode() for h, _ in auth.forward_context}
-    return frozenset(names)
+def compile_context(config: Config, upstreams: dict[str, Upstream], runtime: dict[str, Any] | None = None,
+                    resources: dict[str, Any] | None = None) -> CompileContext:
+    """A snapshot's compile context, with every policy's `prepare` already run."""
+    ctx = CompileContext(config, upstreams, resources or {}, runtime or {})
+    for policy in config.registry.policies():
+        state = policy.prepare(ctx)
+        if state is not None:
+            ctx.state[policy.name] = state
+    return ctx
 
 
-def build_snapshot(config: Config, upstreams: dict[str, Upstream],
-                   auth_sources: dict[str, Any] | None = None, limits: Any = None,
-                   quota_counter: Any = None, websocket_apis: dict[bytes, Any] | None = None) -> Snapshot:
-    """`limits` (`limits.limits_for`) says where throttle buckets live; in-process by default.
-    One server-wide bucket is shared by every route (AWS's account level)."""
-    auth_sources = auth_sources or {}
-    verifiers = build_verifiers(config, auth_sources)
+def build_snapshot(config: Config, upstreams: dict[str, Upstream], runtime: dict[str, Any] | None = None,
+                   limits: Any = None, quota_counter: Any = None,
+                   websocket_apis: dict[bytes, Any] | None = None) -> Snapshot:
+    """`runtime`: each plugin's per-gateway state (JWKS sources, authorizer clients);
+    `limits` (`throttle.stores.limits_for`) says where throttle buckets live, in process
+    by default; `quota_counter` is the usage plans' counter."""
     limits = limits if limits is not None else LocalLimits(config)
-    plans = PlanState(config, quota_counter, limits) if config.usage_plans else None
-    routes = [compile_route(config, rc, upstreams, verifiers, auth_sources, limits, plans)
-              for rc in config.routes]
+    ctx = compile_context(config, upstreams, runtime,
+                          {"limits": limits, "quota_counter": quota_counter})
+    routes = [compile_route(rc, ctx, config.registry) for rc in config.routes]
     router = compile_routes([(c.config, c) for c in routes])
     return Snapshot(config, router, routes, websocket_apis)

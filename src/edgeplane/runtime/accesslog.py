@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
@@ -45,7 +45,8 @@ class AccessLog:
         elif cfg.destination == "stderr":
             self._fd = sys.stderr.fileno()
         elif cfg.destination == "file":
-            self._fd = os.open(cfg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            # the loader requires `path` with destination 'file'
+            self._fd = os.open(cast(str, cfg.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._owns_fd = True
         self._buf: list[bytes] = []
         self._size = 0
@@ -57,6 +58,15 @@ class AccessLog:
     def record(self, req: Any, proto: Any) -> None:
         if not self.enabled:
             return
+        line = orjson.dumps(self.fields(req, proto), default=repr, option=orjson.OPT_APPEND_NEWLINE)
+        self._buf.append(line)
+        self._size += len(line)
+        self.lines += 1
+        if self._size > self._limit:
+            self.flush()
+
+    def fields(self, req: Any, proto: Any) -> dict[str, Any]:
+        """The access-log record of `req` (also what log hooks receive)."""
         now = time.perf_counter()
         wall = req.t_wall
         second = int(wall)
@@ -86,12 +96,9 @@ class AccessLog:
         }
         if req.ws_log is not None:  # one line per WebSocket connection, when it closes
             fields["websocket"] = req.ws_log
-        line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
-        self._buf.append(line)
-        self._size += len(line)
-        self.lines += 1
-        if self._size > self._limit:
-            self.flush()
+        if req.context:  # what plugins put in RequestView.context
+            fields["context"] = req.context
+        return fields
 
     def flush(self) -> None:
         if not self._buf:

@@ -75,11 +75,13 @@ def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
         ]})
 
     handlers = {"/healthz": healthz, "/upstreams": upstreams, "/stats": stats, "/routes": routes}
-    compiled = []
+    compiled: list[CompiledRoute] = []
+    pairs: list[tuple[RouteConfig, CompiledRoute]] = []
     for i, (path, fn) in enumerate(handlers.items()):
         rc = RouteConfig(key=f"GET {path}", method="GET", path=path, host=None,
                          integration=_PLACEHOLDER, index=i)
         compiled.append(CompiledRoute(rc, rc.key, (), FunctionIntegration(fn)))
+        pairs.append((rc, compiled[-1]))
     registry = getattr(gateway, "ws_registry", None)
     if registry is not None:
         for method in ("POST", "GET", "DELETE", "ANY"):
@@ -87,7 +89,8 @@ def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
                              path="/@connections/{id}", host=None, integration=_PLACEHOLDER,
                              index=len(compiled))
             compiled.append(CompiledRoute(rc, rc.key, (), ConnectionsIntegration(registry, method)))
-    router = compile_routes([(c.config, c) for c in compiled])
+            pairs.append((rc, compiled[-1]))
+    router = compile_routes(pairs)
     return Snapshot(None, router, compiled)
 
 
@@ -226,7 +229,7 @@ class WorkerForwarder:
             return _parse_response(data)
         except (FileNotFoundError, ConnectionRefusedError):
             return 410, b'{"message":"Gone"}'  # no such worker: its connections are gone
-        except (OSError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, OSError, ValueError):
             return 502, b'{"message":"Bad Gateway"}'
         finally:
             if writer is not None:

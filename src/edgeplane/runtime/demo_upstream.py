@@ -30,8 +30,8 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from email.utils import formatdate
-from typing import Iterator
 
 import httptools
 import orjson

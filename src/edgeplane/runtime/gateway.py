@@ -10,14 +10,16 @@ flush, pool sweeps), and stop with a drain. The CLI's `serve` and each process o
     print(gw.addresses, gw.admin_address)
     await gw.stop()
 
+Plugins: every registered policy's `start`/`stop` run with the gateway (JWKS sources,
+custom-authorizer clients), its compile step with each snapshot, its `stats` in /stats.
+
 WebSocket APIs (`websocket_apis`): the gateway owns this worker's `ConnectionRegistry`
-(`ws_connections`) and passes the compiled APIs into the snapshot. Under a supervisor
-(`EDGEPLANE_WORKER_INDEX` in the environment) each worker also serves the admin app on its
-own Unix socket, `<dir>/worker-<index>.sock`, in the private directory the supervisor
-created (`EDGEPLANE_WS_SOCKET_DIR`); the workers of one supervisor share its host tag
-(`EDGEPLANE_WS_HOST_TAG`), so a connection id names its worker and host, and the
-per-API new-connection buckets live in the supervisor's shared limit table (indices
-`limits.ws_api_index`). With `cluster:` the registry also listens on Redis pub/sub.
+and passes the compiled APIs into the snapshot. Under a supervisor (`ws_worker`, set by
+`runtime.workers`) each worker also serves the admin app on its own Unix socket,
+`<dir>/worker-<index>.sock`, in the private directory the supervisor created; the
+workers of one supervisor share its host tag, so a connection id names its worker and
+host, and the per-API new-connection buckets live in the supervisor's shared limit table
+(indices `stores.ws_api_index`). With `cluster:` the registry also listens on Redis pub/sub.
 
 Invariants: `start()` either binds everything or raises with nothing left bound;
 `stop()` is idempotent and leaves no listeners, connections or tasks behind; WebSockets
@@ -31,6 +33,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.runtime.accesslog import AccessLog
@@ -38,18 +41,16 @@ from edgeplane.runtime.admin import build_admin_snapshot
 from edgeplane.config.loader import load_config
 from edgeplane.http.context import ServerContext
 from edgeplane.config.model import Config
+from edgeplane.plugins.base import RuntimeContext
 from edgeplane.upstream.pool import Upstream
 from edgeplane.http.responses import DateHeader
 from edgeplane.http.protocol import HttpProtocol
-from edgeplane.policies.http_authorizer.client import HttpAuthorizerClient
-from edgeplane.policies.jwt.jwks_source import JwksSource
 from edgeplane.policies.quota.store import QuotaPeriod, QuotaStore
-from edgeplane.policies.throttle.stores import limits_for, ws_api_index
+from edgeplane.policies.throttle.stores import limits_for, plans_of, ws_api_index
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SharedLimitTable
 from edgeplane.routing.snapshot import Snapshot, build_snapshot
 from edgeplane.http.tls import ListenerTls
-from edgeplane.routing.chain import build_verifiers
 from edgeplane.websocket.api import build_websocket_apis
 from edgeplane.websocket.connections import ConnectionRegistry
 
@@ -60,10 +61,31 @@ log = logging.getLogger("edgeplane")
 
 
 class Gateway:
-    def __init__(self, config: Config | dict | str | os.PathLike, *, reuse_port: bool = False,
+    """One worker's gateway: listeners, upstream pools, the compiled snapshot, plugins.
+
+    Build it from a config file path, a dict or a loaded `Config`; `plugins` adds policy
+    or integration objects beside the installed ones (only with a path or a dict: a
+    `Config` carries the registry it was loaded with). Then `await start()` binds every
+    listener (or raises with nothing bound) and `await stop()` drains: in-flight requests
+    get up to `drain_timeout` (the config's unless given), WebSockets close with 1001.
+    `async with Gateway(...) as gw:` does both, honouring the configured drain timeout.
+
+    Public surface: `config`, `addresses` (HTTP listeners), `tls_addresses`,
+    `admin_address`, `url(path)`, `stats()`, `start()`, `stop()`. Everything else is
+    internal. `reuse_port`, `shared_limits` and `ws_worker` are set by the supervisor of
+    `workers: N` (`runtime.workers`), not by embedders.
+    """
+
+    def __init__(self, config: Config | dict[str, Any] | str | os.PathLike[str], *,
+                 plugins: Sequence[Any] = (), reuse_port: bool = False,
                  shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
                  ws_worker: tuple[int, str, bytes] | None = None) -> None:
-        self.config = config if isinstance(config, Config) else load_config(config)
+        if isinstance(config, Config):
+            if plugins:
+                raise ValueError("plugins= needs a config path or dict (a Config carries its registry)")
+            self.config = config
+        else:
+            self.config = load_config(config, plugins=plugins)
         self.reuse_port = reuse_port
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
         # throttle tables (shared_limits, shared_keys).
@@ -75,7 +97,7 @@ class Gateway:
         self._quota_flush: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.upstreams: dict[str, Upstream] = {}
-        self.auth_sources: dict[str, Any] = {}
+        self._runtime: RuntimeContext | None = None  # the plugins' per-gateway state
         self.snapshot: Snapshot | None = None
         self.context: ServerContext | None = None
         self.admin_context: ServerContext | None = None
@@ -90,12 +112,7 @@ class Gateway:
         self._tick: asyncio.TimerHandle | None = None
         self._started = False
         self._stopped = False
-        # WebSocket APIs: (worker index, socket directory) under a supervisor, else None.
-        env = os.environ
-        if ws_worker is None and env.get("EDGEPLANE_WORKER_INDEX", "").isdigit() \
-                and env.get("EDGEPLANE_WS_SOCKET_DIR") and env.get("EDGEPLANE_WS_HOST_TAG"):
-            ws_worker = (int(env["EDGEPLANE_WORKER_INDEX"]), env["EDGEPLANE_WS_SOCKET_DIR"],
-                         bytes.fromhex(env["EDGEPLANE_WS_HOST_TAG"]))
+        # WebSocket APIs: (worker index, socket directory, host tag) under a supervisor.
         self.ws_worker = ws_worker
         self.ws_registry: ConnectionRegistry | None = None
         self.ws_socket: str | None = None  # this worker's admin Unix socket
@@ -110,14 +127,10 @@ class Gateway:
         loop = self.loop = asyncio.get_running_loop()
         self.access_log = AccessLog(cfg.access_log)
         self.upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
-        # JWKS URLs: a first bounded fetch now (a failure starts with no keys: 401s
-        # until a background retry succeeds), then refreshed off the request path.
-        jwks = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, loop)
-                for name, a in cfg.authorizers.items() if getattr(a, "jwks_url", None)}
-        await asyncio.gather(*(s.start() for s in jwks.values()))
-        # Per authorizer, what talks to the outside: JWKS sources and custom-authorizer clients.
-        self.auth_sources = {**jwks, **{name: HttpAuthorizerClient(a, loop)
-                                        for name, a in cfg.authorizers.items() if a.type == "http"}}
+        # What the plugins open per gateway (JWKS sources, custom-authorizer clients).
+        runtime = self._runtime = RuntimeContext(loop, cfg, self.upstreams)
+        for policy in cfg.registry.policies():
+            await policy.start(runtime)
         if self.shared_limits is not None and cfg.cluster is None:
             name, index, *keys = self.shared_limits
             self.shared_table = SharedLimitTable.attach(name, index)
@@ -128,7 +141,7 @@ class Gateway:
 
             self.limiter = RedisLimiter(cfg.cluster, loop)
         periods = [QuotaPeriod(p.quota_period, p.quota_offset)
-                   for p in cfg.usage_plans.values() if p.quota_limit]
+                   for p in plans_of(cfg).values() if p.quota_limit]
         if periods and self.limiter is not None:
             self.quota_store = RedisQuotaStore(self.limiter, periods)
             try:
@@ -144,7 +157,7 @@ class Gateway:
         counter = self.quota_store.counter if self.quota_store is not None else None
         limits = limits_for(cfg, self.shared_table, self.keyed_table, self.limiter)
         ws_apis = self._build_websockets(cfg, loop)
-        self.snapshot = build_snapshot(cfg, self.upstreams, self.auth_sources, limits, counter,
+        self.snapshot = build_snapshot(cfg, self.upstreams, runtime.state, limits, counter,
                                        websocket_apis=ws_apis)
         self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
                                      self.access_log, self.date)
@@ -249,8 +262,9 @@ class Gateway:
         await self._stop_ws_forwarding()
         for upstream in self.upstreams.values():
             await upstream.close()
-        for source in self.auth_sources.values():
-            await source.close()
+        if self._runtime is not None:
+            for policy in self.config.registry.policies():
+                await policy.stop(self._runtime)
         if self._quota_flush is not None:
             await asyncio.gather(self._quota_flush, return_exceptions=True)
         if hasattr(self.quota_store, "aclose"):
@@ -285,7 +299,7 @@ class Gateway:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.stop(drain_timeout=1.0)
+        await self.stop()  # drains for the configured drain_timeout
 
     # ------------------------------------------------------------------ helpers
     def url(self, path: str = "/") -> str:
@@ -297,17 +311,26 @@ class Gateway:
 
     def stats(self) -> dict[str, Any]:
         ctx = self.context
-        return {
+        out: dict[str, Any] = {
             "pid": os.getpid(),
             "connections_open": len(ctx.connections),
             "websockets_open": len(ctx.websockets),  # proxied and terminated
             "access_log_lines": self.access_log.lines,
             **ctx.stats.as_dict(),
-            "authorizers": {name: s.telemetry() for name, s in self.auth_sources.items()},
+            "authorizers": {},
             **({"cluster": self.limiter.telemetry()} if self.limiter is not None else {}),
             **({"websockets": self.ws_registry.telemetry()}
                if self.ws_registry is not None and self.config.websocket_apis else {}),
         }
+        if self._runtime is not None:
+            for policy in self.config.registry.policies():
+                for section, values in (policy.stats(self._runtime) or {}).items():
+                    merged = out.setdefault(section, {})
+                    if isinstance(merged, dict) and isinstance(values, dict):
+                        merged.update(values)
+                    else:
+                        out[section] = values
+        return out
 
     # ------------------------------------------------------------------ WebSocket APIs
     def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> dict[bytes, Any]:
@@ -327,9 +350,8 @@ class Gateway:
             for i, (name, api) in enumerate(cfg.websocket_apis.items()):
                 rate = api.limits.connections_per_second
                 buckets[name] = self.shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
-        verifiers = build_verifiers(cfg, self.auth_sources)
-        return build_websocket_apis(cfg, self.upstreams, verifiers, self.auth_sources,
-                                    self.ws_registry, buckets)
+        runtime = self._runtime.state if self._runtime is not None else {}
+        return build_websocket_apis(cfg, self.upstreams, runtime, self.ws_registry, buckets)
 
     async def _start_ws_forwarding(self, cfg: Config) -> None:
         if not cfg.websocket_apis:

@@ -37,7 +37,7 @@ from edgeplane.config.loader import load_config
 from edgeplane.runtime.gateway import Gateway
 from edgeplane.runtime.logs import setup_logging
 from edgeplane.config.model import Config
-from edgeplane.policies.throttle.stores import shared_limit_count
+from edgeplane.policies.throttle.stores import plans_of, shared_limit_count
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SharedLimitTable
 
@@ -57,13 +57,24 @@ def resolve_workers(config: Config) -> int:
 
 
 # ---------------------------------------------------------------------- one process
+def _ws_worker_from_env() -> tuple[int, str, bytes] | None:
+    """(worker index, socket directory, host tag) the supervisor gave this worker for
+    WebSocket APIs, or None outside a supervisor."""
+    env = os.environ
+    if env.get("EDGEPLANE_WORKER_INDEX", "").isdigit() and env.get("EDGEPLANE_WS_SOCKET_DIR") \
+            and env.get("EDGEPLANE_WS_HOST_TAG"):
+        return (int(env["EDGEPLANE_WORKER_INDEX"]), env["EDGEPLANE_WS_SOCKET_DIR"],
+                bytes.fromhex(env["EDGEPLANE_WS_HOST_TAG"]))
+    return None
+
+
 async def _serve(config: Config, reuse_port: bool, ready_fd: int | None,
                  shared_limits: tuple[str, int] | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config, reuse_port=reuse_port, shared_limits=shared_limits)
+    gateway = Gateway(config, reuse_port=reuse_port, shared_limits=shared_limits, ws_worker=_ws_worker_from_env())
     await gateway.start()
     # Everything built at start-up (config, snapshot, modules) lives for the whole
     # process: move it out of the collector's generations so a collection only walks
@@ -207,15 +218,16 @@ class Supervisor:
 
     def _create_shared_state(self) -> None:
         cfg = self.config
-        plan_limits = any(p.throttle or p.route_throttles for p in cfg.usage_plans.values())
-        if cfg.cluster is None and (cfg.throttle is not None or any(r.throttle for r in cfg.routes)
+        plan_limits = any(p.throttle or p.route_throttles for p in plans_of(cfg).values())
+        route_throttles = [r.policies["throttle"] for r in cfg.routes if "throttle" in r.policies]
+        if cfg.cluster is None and (cfg.policies.get("throttle") is not None or route_throttles
                                     or plan_limits or cfg.websocket_apis):
             # Tables for the whole server, so every limit holds across workers (indices:
             # 0 = server-wide, 1 + i = routes[i], then the usage plans, then the WebSocket
             # APIs' new-connection buckets; see limits.py).
             n_limits = shared_limit_count(cfg)
             self.shared_table = SharedLimitTable.create(f"edgeplane-{os.getpid()}", self.n, n_limits)
-            if plan_limits or any(r.throttle and r.throttle.key for r in cfg.routes):
+            if plan_limits or any(t.key for t in route_throttles):
                 self.keyed_table = SharedKeyTable.create(f"edgeplane-{os.getpid()}-keys", self.n, n_limits)
         if cfg.websocket_apis:
             # @connections calls reach the worker that holds a connection through its

@@ -124,7 +124,7 @@ async def fetch(pool: TargetPool, method: str, path: str, *, headers: dict[str, 
         exchange.on_connection(conn)
     try:
         return await asyncio.wait_for(asyncio.shield(exchange.future), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _abandon(exchange, "timeout")
         raise FetchError(f"no complete response within {timeout:g}s") from None
     except asyncio.CancelledError:

@@ -26,7 +26,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -54,7 +54,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.id = next(_ids)
         self.loop = pool.loop
-        self.transport: asyncio.Transport | None = None
+        # None until `connection_made`: only connected connections are handed out or written to.
+        self.transport = cast(asyncio.Transport, None)
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Any = None
         self.created = self.loop.time()
@@ -72,7 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- transport events --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("sockname")
         if sock:
             self.local_port = sock[1]
@@ -283,7 +284,7 @@ class TargetPool:
                                        ssl=self.ssl, server_hostname=self.server_hostname),
                 self.cfg.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.connecting -= 1
             self.connect_failures += 1
             self.down_until = loop.time() + 1.0

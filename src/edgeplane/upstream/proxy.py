@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from edgeplane.http.codec import header_tokens
 from edgeplane.upstream.pool import PoolOverflow
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
+from edgeplane.plugins.hooks import run_response_hooks
 from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_UPSTREAM
 from edgeplane.http.request import body_drainable
 
@@ -159,6 +160,20 @@ class HttpIntegration:
         else:
             lines.append(b"\r\n")
         return b"".join(lines)
+
+
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+
+
+def _hooked_head(proto: HttpProtocol, req: Request, status: int,
+                 headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The upstream's head after the route's response hooks. Framing headers are the
+    gateway's: hooks neither see nor change them."""
+    framing = [(n, v) for n, v in headers if n.lower() in _FRAMING]
+    visible = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers
+               if n.lower() not in _FRAMING]
+    status = run_response_hooks(proto, req, status, visible)
+    return status, framing + [(n.encode("latin-1"), v.encode("latin-1")) for n, v in visible]
 
 
 def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list[bytes]:
@@ -326,6 +341,13 @@ class ProxyExchange:
             self._upstream_failed(f"invalid status {status} from upstream")
             return
         req.integration_latency = time.perf_counter() - self.t_dispatch
+        if req.route.response_hooks:
+            try:
+                status, headers = _hooked_head(proto, req, status, headers)
+                line = STATUS_LINES[status]
+            except Exception as exc:  # a plugin's bug: 500, logged with its traceback
+                proto.internal_error(req, exc, f"a response hook of route {req.route_key!r}")
+                return
         parts = [line]
         skip = self.integ.response_skip
         content_length = None

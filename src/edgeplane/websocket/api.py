@@ -39,150 +39,35 @@ Invariants:
 
 from __future__ import annotations
 
-import re
+import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from edgeplane.upstream.client import FetchError, fetch
 from edgeplane.config.model import Integration, RouteConfig
-from edgeplane.http.responses import STATUS_LINES
-from edgeplane.routing.snapshot import CompiledRoute
-from edgeplane.policies.ip_rules.rules import TrustedProxies
-from edgeplane.routing.chain import build_stages
-from edgeplane.policies.throttle.buckets import UNAVAILABLE, TokenBucket
-from edgeplane.websocket.connections import WsConnection, WsRoute, connect_headers, context_headers
 from edgeplane.http.codec import header_value
+from edgeplane.http.responses import STATUS_LINES
+from edgeplane.policies.ip_rules.rules import TrustedProxies
+from edgeplane.policies.throttle.buckets import UNAVAILABLE, TokenBucket
+from edgeplane.routing.chain import compile_chain
+from edgeplane.routing.snapshot import CompiledRoute, compile_context
+from edgeplane.upstream.client import FetchError, fetch
+from edgeplane.websocket.connections import WsConnection, WsRoute, connect_headers, context_headers
 from edgeplane.websocket.handshake import accept_key, client_handshake_error
+from edgeplane.websocket.selection import parse_selection
 
 if TYPE_CHECKING:
+    from edgeplane.plugins.base import CompileContext
     from edgeplane.config.model import Config, WebSocketApiConfig, WebSocketLimits
-    from edgeplane.upstream.pool import Upstream
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
+    from edgeplane.upstream.pool import Upstream
     from edgeplane.websocket.connections import ConnectionRegistry
 
-__all__ = ["Selector", "parse_selection", "check_route_key", "WebSocketApiHandler",
-           "build_websocket_apis"]
+__all__ = ["WebSocketApiHandler", "build_websocket_apis"]
 
 _PLACEHOLDER = Integration(type="mock")
-
-
-# ---------------------------------------------------------------------------- selection
-
-_NAME = r"[A-Za-z0-9_\-]+"
-_PATH = rf"{_NAME}(?:\.{_NAME})*"
-_SIMPLE_RE = re.compile(rf"^\$request\.body\.({_PATH})$")
-_PART_RE = re.compile(r"\$\{([^{}]*)\}")
-_FIELD_RE = re.compile(rf"^request\.body\.({_PATH})$")
-_EXPECTED = ("expected '$request.body.NAME' (NAME may be a dotted path such as 'a.b') or a "
-             "template such as '${request.body.service}/${request.body.action}'")
-_MAX_KEY = 128
-
-
-class Selector:
-    """A compiled route selection expression: literal strings and field paths."""
-
-    __slots__ = ("parts", "expression", "single")
-
-    def __init__(self, expression: str, parts: tuple[str | tuple[str, ...], ...]) -> None:
-        self.expression = expression
-        self.parts = parts  # str = literal text, tuple = a path into the JSON body
-        self.single = parts[0] if len(parts) == 1 and isinstance(parts[0], tuple) else None
-
-    def select(self, message: str | bytes) -> str | None:
-        """The route key `message` selects, or None (then `$default` answers it)."""
-        try:
-            body = orjson.loads(message)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(body, dict):
-            return None
-        if self.single is not None:
-            key = _text(_lookup(body, self.single))
-        else:
-            out = []
-            for part in self.parts:
-                if isinstance(part, str):
-                    out.append(part)
-                    continue
-                value = _text(_lookup(body, part))
-                if value is None:
-                    return None
-                out.append(value)
-            key = "".join(out)
-        if not key or key[0] == "$":
-            return None
-        return key
-
-
-def _lookup(body: dict, path: tuple[str, ...]) -> Any:
-    value: Any = body
-    for name in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(name)
-    return value
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return orjson.dumps(value).decode()
-    return None  # missing, null, an object or a list
-
-
-def parse_selection(expression: Any) -> Selector:
-    """Compile a route selection expression; ValueError with the reason if it is bad."""
-    if not isinstance(expression, str):
-        raise ValueError(f"{_EXPECTED}, got {type(expression).__name__}")
-    m = _SIMPLE_RE.match(expression)
-    if m is not None:
-        return Selector(expression, (tuple(m.group(1).split(".")),))
-    if "${" not in expression:
-        why = "only $request.body fields can select a route" if expression.startswith("$") \
-            else "not an expression"
-        raise ValueError(f"invalid route selection expression {expression!r}: {why}; {_EXPECTED}")
-    parts: list[str | tuple[str, ...]] = []
-    pos = 0
-    for m in _PART_RE.finditer(expression):
-        if m.start() > pos:
-            parts.append(_literal(expression[pos:m.start()], expression))
-        inner = _FIELD_RE.match(m.group(1))
-        if inner is None:
-            raise ValueError(f"invalid route selection expression {expression!r}: "
-                             f"'${{{m.group(1)}}}' is not a $request.body field; {_EXPECTED}")
-        parts.append(tuple(inner.group(1).split(".")))
-        pos = m.end()
-    if pos < len(expression):
-        parts.append(_literal(expression[pos:], expression))
-    return Selector(expression, tuple(parts))
-
-
-def _literal(text: str, expression: str) -> str:
-    if any(ch in text for ch in "${}") or not text.isprintable():
-        raise ValueError(f"invalid route selection expression {expression!r}: unexpected "
-                         f"{text!r} between the fields (an unclosed '${{', a stray '$', brace "
-                         f"or control character); {_EXPECTED}")
-    return text
-
-
-def check_route_key(key: str) -> str | None:
-    """Why a WebSocket API route key is invalid, or None when it is fine."""
-    if key in ("$connect", "$disconnect", "$default"):
-        return None
-    if key.startswith("$"):
-        return (f"unknown special route key {key!r} (WebSocket APIs know '$connect', "
-                "'$disconnect' and '$default')")
-    if not key or len(key) > _MAX_KEY:
-        return f"a route key has 1..{_MAX_KEY} characters"
-    if not key.isprintable():
-        return f"route key {key!r} contains a control character"
-    return None
 
 
 # ---------------------------------------------------------------------------- compiled API
@@ -191,8 +76,7 @@ class WsApi:
     """One WebSocket API, compiled once per snapshot."""
 
     def __init__(self, config: Config, cfg: WebSocketApiConfig, upstreams: dict[str, Upstream],
-                 verifiers: dict[str, Any], auth_sources: dict[str, Any],
-                 registry: ConnectionRegistry, conn_bucket: Any) -> None:
+                 compile_ctx: CompileContext, registry: ConnectionRegistry, conn_bucket: Any) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.limits: WebSocketLimits = cfg.limits
@@ -209,12 +93,14 @@ class WsApi:
         self.default = self.routes.get("$default")
         connect = cfg.routes.get("$connect")
         # $connect as an ordinary route: the same IP-rule and authorizer stages as HTTP.
-        rc = RouteConfig(key="$connect", method="GET", path=cfg.path, host=cfg.host,
-                         integration=_PLACEHOLDER, index=-1,
-                         auth=connect.auth if connect else None,
-                         scopes=connect.scopes if connect else (), cors_off=True)
-        self.connect_route = CompiledRoute(rc, "$connect",
-                                           build_stages(config, rc, verifiers, auth_sources),
+        connect_rc = RouteConfig(key="$connect", method="GET", path=cfg.path, host=cfg.host,
+                                integration=_PLACEHOLDER, index=-1,
+                                auth=connect.auth if connect else None,
+                                scopes=connect.scopes if connect else (), policies={"cors": False})
+        # Compiled without throttle/quota resources: the API's own new-connection bucket
+        # limits $connect (AWS), not the HTTP throttles.
+        chain = compile_chain(connect_rc, compile_ctx, config.registry)
+        self.connect_route = CompiledRoute(connect_rc, "$connect", tuple(chain.stages),
                                            ConnectIntegration(self))
         self.conn_bucket = conn_bucket  # new connections: `wait(now)`/`spend(now)`
         self.trusted = TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None
@@ -327,10 +213,11 @@ class ConnectIntegration:
             _accept(api, proto, req, conn_id, None)
             return
         proto.set_deadline(0, 0)  # the backend call is bounded by its own timeout
-        task = proto.loop.create_task(self._ask(proto, req, conn_id, route))
+        task = proto.loop.create_task(self._ask(proto, req, conn_id, route, route.upstream))
         api.registry.track(task)
 
-    async def _ask(self, proto: HttpProtocol, req: Request, conn_id: str, route: WsRoute) -> None:
+    async def _ask(self, proto: HttpProtocol, req: Request, conn_id: str, route: WsRoute,
+                   upstream: Upstream) -> None:
         api = self.api
         headers = connect_headers(req, proto, api.auth_headers)
         headers.update(context_headers(api.name, conn_id, "$connect", "CONNECT", None,
@@ -338,7 +225,7 @@ class ConnectIntegration:
         path = route.path + ("?" + req.query.decode("latin-1") if req.query else "")
         started = time.perf_counter()
         try:
-            status, rheaders, body = await fetch(route.upstream.pick(), "POST", path, headers=headers,
+            status, rheaders, body = await fetch(upstream.pick(), "POST", path, headers=headers,
                                                  timeout=route.timeout, max_bytes=64 * 1024)
         except FetchError as exc:
             req.integration_latency = time.perf_counter() - started
@@ -349,7 +236,7 @@ class ConnectIntegration:
             proto.send_error(req, 504 if timeout else 502, f"$connect integration failed: {exc}")
             return
         req.integration_latency = time.perf_counter() - started
-        req.upstream = route.upstream.name
+        req.upstream = upstream.name
         if _gone(proto, req):
             return
         if not 200 <= status < 300:
@@ -381,7 +268,7 @@ def _accept(api: WsApi, proto: HttpProtocol, req: Request, conn_id: str, protoco
     if protocol and protocol in offered:
         head += (b"sec-websocket-protocol: ", protocol, b"\r\n")
     head.append(b"\r\n")
-    proto.transport.write(b"".join(head))
+    cast(asyncio.Transport, proto.transport).write(b"".join(head))  # not None: not `_gone`
     api.source_ip(proto, req)
     paused = proto.write_paused
     transport, tail = proto.detach()
@@ -390,19 +277,20 @@ def _accept(api: WsApi, proto: HttpProtocol, req: Request, conn_id: str, protoco
     conn.start(tail, paused)
 
 
-def build_websocket_apis(config: Config, upstreams: dict[str, Upstream], verifiers: dict[str, Any],
-                         auth_sources: dict[str, Any], registry: ConnectionRegistry,
+def build_websocket_apis(config: Config, upstreams: dict[str, Upstream], runtime: dict[str, Any],
+                         registry: ConnectionRegistry,
                          conn_buckets: dict[str, Any] | None = None) -> dict[bytes, WebSocketApiHandler]:
     """Request path -> handler, for `Snapshot.websocket_apis`. `conn_buckets` (API name ->
     a bucket with `wait`/`spend`) shares the new-connection limits across workers or
     hosts; by default each API gets an in-process token bucket."""
     by_path: dict[bytes, list[WsApi]] = {}
+    compile_ctx = compile_context(config, upstreams, runtime)
     for name, cfg in config.websocket_apis.items():
         bucket = (conn_buckets or {}).get(name)
         if bucket is None:
             rate = cfg.limits.connections_per_second
             bucket = TokenBucket(rate, max(1, int(rate)), policy="websocket")
-        api = WsApi(config, cfg, upstreams, verifiers, auth_sources, registry, bucket)
+        api = WsApi(config, cfg, upstreams, compile_ctx, registry, bucket)
         registry.apis[name] = api
         by_path.setdefault(cfg.path.encode(), []).append(api)
     return {path: WebSocketApiHandler(apis) for path, apis in by_path.items()}

@@ -54,7 +54,7 @@ class RedisBus:
         self._task = self.registry.loop.create_task(self._listen())
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("websocket @connections: redis not reachable yet; retrying in the background")
 
     async def _listen(self) -> None:
@@ -102,7 +102,7 @@ class RedisBus:
 
         try:
             return await asyncio.wait_for(self.client.publish(channel, data), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             self.errors += 1
             log.warning("websocket @connections: redis publish failed: %s", exc)
             return -1
@@ -122,7 +122,7 @@ class RedisBus:
             if receivers < 0:
                 return 503, orjson.dumps({"message": "Service Unavailable"})
             return await asyncio.wait_for(fut, self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return 504, orjson.dumps({"message": "Endpoint request timed out"})
         finally:
             self.waiting.pop(seq, None)

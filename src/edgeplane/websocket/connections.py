@@ -31,8 +31,8 @@ import logging
 import os
 import re
 import time
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -42,9 +42,9 @@ from wsproto.utilities import LocalProtocolError
 from edgeplane.upstream.client import FetchError, fetch
 
 if TYPE_CHECKING:
+    from edgeplane.config.model import WebSocketLimits
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
-    from edgeplane.config.model import WebSocketLimits
     from edgeplane.upstream.pool import Upstream
 
 log = logging.getLogger("edgeplane.websocket")
@@ -136,7 +136,7 @@ def error_message(message: str, conn_id: str, request_id: str) -> bytes:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
         f"{int(epoch * 1000) % 1000:03d}Z"
 
 
@@ -224,11 +224,11 @@ class WsConnection(asyncio.Protocol):
                 if self.write_paused_at != _INF:
                     self.pending_pong = event  # RFC 6455 5.5.3: the newest is enough
                 elif ws.state is ConnectionState.OPEN:
-                    self._write(ws.send(event.response()))
+                    self._write(ws.send(cast(Ping, event).response()))
             elif kind is Pong:
                 self.pong_due = _INF
             elif kind is CloseConnection:
-                self._on_close(event)
+                self._on_close(cast(CloseConnection, event))
                 return
 
     def _on_data(self, event: Any) -> None:
@@ -287,15 +287,16 @@ class WsConnection(asyncio.Protocol):
         if self.in_flight >= MAX_IN_FLIGHT and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
-        registry.track(self.loop.create_task(self._integrate(route, body, ctype, message_id)))
+        registry.track(self.loop.create_task(self._integrate(route, route.upstream, body, ctype, message_id)))
 
-    async def _integrate(self, route: WsRoute, body: bytes, ctype: str, message_id: str) -> None:
+    async def _integrate(self, route: WsRoute, upstream: Upstream, body: bytes, ctype: str,
+                         message_id: str) -> None:
         headers = dict(self.base_headers)
         headers["x-route-key"] = route.key
         headers["x-message-id"] = message_id
         headers["content-type"] = ctype
         try:
-            status, _, answer = await fetch(route.upstream.pick(), "POST", route.path, headers=headers,
+            status, _, answer = await fetch(upstream.pick(), "POST", route.path, headers=headers,
                                             body=body, timeout=route.timeout,
                                             max_bytes=self.limits.max_message_bytes)
         except FetchError as exc:
@@ -394,7 +395,7 @@ class WsConnection(asyncio.Protocol):
         reason = self.close_reason if self.close_code is not None else "connection lost"
         route = self.api.disconnect
         if route is not None and route.upstream is not None:
-            registry.track(self.loop.create_task(self._disconnect(route, code, reason)))
+            registry.track(self.loop.create_task(self._disconnect(route, route.upstream, code, reason)))
         req = self.req
         req.status = 101
         req.response_length = self.bytes_sent
@@ -408,13 +409,13 @@ class WsConnection(asyncio.Protocol):
                           "closeCode": code, "closeReason": reason}
         ctx.access_log.record(req, self.proto)
 
-    async def _disconnect(self, route: WsRoute, code: int, reason: str) -> None:
+    async def _disconnect(self, route: WsRoute, upstream: Upstream, code: int, reason: str) -> None:
         headers = dict(self.base_headers)
         headers.update({"x-route-key": "$disconnect", "x-event-type": "DISCONNECT",
                         "x-disconnect-status-code": str(code),
                         "x-disconnect-reason": reason.encode("ascii", "replace").decode()})
         try:
-            await fetch(route.upstream.pick(), "POST", route.path, headers=headers, timeout=route.timeout)
+            await fetch(upstream.pick(), "POST", route.path, headers=headers, timeout=route.timeout)
         except FetchError as exc:  # best effort, as AWS
             self.registry.stats["integration_failures"] += 1
             log.debug("websocket %s: $disconnect failed: %s", self.id, exc)

@@ -4,8 +4,8 @@ Owns: the client-side checks every handshake must pass before anything else happ
 (`client_handshake_error`: `Sec-WebSocket-Version` 13, else 426 with
 `Sec-WebSocket-Version: 13`; a `Sec-WebSocket-Key` of 16 base64-encoded bytes, else 400),
 and the `Sec-WebSocket-Accept` value (`accept_key`). Header lookups are `codec`'s
-(lower-case names, as the server stores request headers). Proxy mode (`ws_proxy`) and WebSocket APIs (`ws_api`) decide what to do
-with the answers.
+(lower-case names, as the server stores request headers). Proxy mode (`ws_proxy`) and WebSocket
+APIs (`ws_api`) decide what to do with the answers.
 """
 
 from __future__ import annotations

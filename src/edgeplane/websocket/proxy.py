@@ -28,15 +28,15 @@ client sees a 101 only when the relay is about to start; every open relay is in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from edgeplane.upstream.proxy import ProxyExchange
 from edgeplane.http.codec import header_tokens, header_value
+from edgeplane.upstream.proxy import ProxyExchange
 from edgeplane.websocket.handshake import accept_key, client_handshake_error
 from edgeplane.websocket.relay import RelaySettings, start_relay
 
 if TYPE_CHECKING:
-    from edgeplane.upstream.pool import UpstreamConnection
+    from edgeplane.upstream.pool import TargetPool, UpstreamConnection
 
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
 # What the gateway writes itself in the 101, or must not pass on.
@@ -91,7 +91,8 @@ class WsUpgradeExchange(ProxyExchange):
         super().start()
 
     def build_head(self) -> bytes:
-        head = self.integ.request_head(self.proto, self.req, self.pool)
+        # called once a connection is attached: `pool` is set
+        head = self.integ.request_head(self.proto, self.req, cast("TargetPool", self.pool))
         lines = [line for line in head[:-4].split(b"\r\n")
                  if not line[:25].lower().startswith(b"sec-websocket-extensions:")]
         return b"\r\n".join(lines) + b"\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
@@ -118,7 +119,7 @@ class WsUpgradeExchange(ProxyExchange):
         protocol = header_value(lowered, b"sec-websocket-protocol")
         if protocol:
             parts += (b"sec-websocket-protocol: ", protocol, b"\r\n")
-        for (name, value), (lname, _) in zip(headers, lowered):
+        for (name, value), (lname, _) in zip(headers, lowered, strict=False):
             if lname not in _UPGRADE_SKIP and not lname.startswith(b"proxy-"):
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
@@ -161,7 +162,7 @@ class WsUpgradeExchange(ProxyExchange):
             proto.write(b"".join(out))
             out.clear()
         self.conn = None
-        self.pool.detach(conn)
+        cast("TargetPool", self.pool).detach(conn)  # set: `conn` is this exchange's connection
         req.integration_latency = None
         # Kept until the connection's log line: only what that line reads.
         self.head = b""

@@ -7,6 +7,11 @@ WebSocket on each leg with a wsproto ``Connection`` and keeps the counters the a
 needs. The HTTP upgrade itself (headers, subprotocols, refusing extensions), routing and
 authorisation live in the handshake code that calls ``start_relay``.
 
+Here: the settings, the stats, the pair of legs as one relay (``Relay``: its single timer,
+the close handshake between the legs, limits, teardown, ``on_closed``) and
+``start_relay``. Each leg's own state machine (its wsproto connection, the frame pump,
+flow control, the control frames it sends) is ``relay_leg.Leg``.
+
 API
 ---
 - ``RelaySettings`` (frozen): limits and timeouts, validated at construction.
@@ -102,34 +107,31 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
-from wsproto.frame_protocol import CloseReason
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from edgeplane.policies.throttle.buckets import TokenBucket
+from edgeplane.websocket.relay_leg import NO_STATUS, Leg
 
 __all__ = ["RelaySettings", "RelayStats", "Relay", "start_relay"]
 
 log = logging.getLogger("edgeplane.websocket.relay")
 
-_OPEN = ConnectionState.OPEN
 _REMOTE_CLOSING = ConnectionState.REMOTE_CLOSING
 _CLOSED = ConnectionState.CLOSED
 
 GOING_AWAY = 1001
-NO_STATUS = 1005
 ABNORMAL = 1006  # recorded in stats only, never sent
 TOO_BIG = 1009
 POLICY = 1008
 UPSTREAM_ERROR = 1011  # "internal error": what the client gets when the upstream broke
 
 _REASONS = {1002: "protocol error", 1007: "invalid frame payload data"}
-_PING_PAYLOAD = b"edgeplane"
 _FINAL_GRACE = 1.0  # max seconds to flush an echoed close reply after close_timeout
-_BATCH_BYTES = 32 * 1024  # frames for one destination are written in batches up to this
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,205 +187,11 @@ class RelayStats:
         self.closed_by: str | None = None
         self.error: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
 
     def __repr__(self) -> str:
         return "RelayStats(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
-
-
-class _Leg(asyncio.Protocol):
-    """One side of the relay: the protocol installed on one transport."""
-
-    __slots__ = (
-        "relay", "name", "is_client", "conn", "transport", "other", "bucket",
-        "write_paused", "paused_since", "read_paused", "last_rx", "ping_due", "pending_pong",
-        "parts", "msg_bytes", "in_message", "messages", "bytes", "pumping",
-        "lost", "failed", "close_code", "peer_close",
-    )
-
-    def __init__(self, relay: Relay, name: str, transport: asyncio.Transport, now: float) -> None:
-        self.relay = relay
-        self.name = name
-        self.is_client = name == "client"
-        self.conn = Connection(ConnectionType.SERVER if self.is_client else ConnectionType.CLIENT)
-        self.transport = transport
-        self.other: _Leg = self  # set by the relay
-        self.bucket: TokenBucket | None = None
-        self.write_paused = False
-        self.paused_since = 0.0
-        self.read_paused = False
-        self.last_rx = now
-        self.ping_due = 0.0  # 0.0: no ping outstanding
-        self.pending_pong: bytes | None = None
-        self.parts: list = []  # chunks of a data frame that arrived in several reads
-        self.msg_bytes = 0
-        self.in_message = False
-        self.messages = 0  # messages / bytes relayed *from* this leg
-        self.bytes = 0
-        self.pumping = False
-        self.lost = False
-        self.failed = False
-        self.close_code: int | None = None  # first close code on this leg's wire (or 1006)
-        self.peer_close: tuple[int, str | None] | None = None  # the close this leg sent us
-
-    # -- asyncio.Protocol -------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        if self.failed or self.lost:
-            return
-        conn = self.conn
-        if conn.state is _CLOSED:
-            return  # bytes after a completed close handshake are ignored
-        now = self.relay.loop.time()
-        self.last_rx = now
-        self.ping_due = 0.0
-        conn.receive_data(data)
-        if not self.pumping:
-            self.pump(now)
-
-    def eof_received(self) -> bool:
-        return False  # close our side too; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost:
-            self.relay._lost(self, exc)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self.paused_since = now = self.relay.loop.time()
-        self.relay._arm(now + self.relay.settings.send_timeout)
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self.ping_due = 0.0
-        if self.pending_pong is not None:
-            payload, self.pending_pong = self.pending_pong, None
-            self.send_pong(payload)
-        src = self.other
-        if src.read_paused and not src.lost and not src.failed:
-            src.read_paused = False
-            now = self.relay.loop.time()
-            src.last_rx = now
-            src.ping_due = 0.0
-            if not src.pumping:
-                src.pump(now)  # what was parsed-later while we were paused
-            if not src.read_paused:
-                src.transport.resume_reading()
-
-    # -- the hot path -----------------------------------------------------------------
-    def pump(self, now: float) -> None:
-        """Process the events wsproto has for this leg, relaying data to the other leg.
-
-        Frames for the destination are gathered and written in batches of up to
-        ``_BATCH_BYTES`` (one write call per batch, not per frame). Anything that may
-        write a close to the destination flushes the batch first, so wire order is kept.
-        Stops early (and pauses reading this leg) when the destination pauses writing."""
-        self.pumping = True
-        try:
-            relay = self.relay
-            dst = self.other
-            out: list = []
-            pending = 0
-            for ev in self.conn.events():
-                t = type(ev)
-                if t is TextMessage or t is BytesMessage:
-                    if relay.closing:
-                        continue
-                    data = ev.data
-                    n = len(data) if t is BytesMessage or data.isascii() else len(data.encode())
-                    if not self.in_message:
-                        self.in_message = True
-                        bucket = self.bucket
-                        if bucket is not None and bucket.take(now):
-                            if out:
-                                dst.transport.write(b"".join(out))
-                                out = []
-                            relay._rate_exceeded(self)
-                            continue
-                    size = self.msg_bytes + n
-                    if size > relay.max_message_bytes:
-                        if out:
-                            dst.transport.write(b"".join(out))
-                            out = []
-                        relay._too_big(self)
-                        continue
-                    relay.last_data = now
-                    self.bytes += n
-                    if not ev.frame_finished:
-                        self.parts.append(data)
-                        self.msg_bytes = size
-                        continue
-                    if self.parts:
-                        self.parts.append(data)
-                        data = ("" if t is TextMessage else b"").join(self.parts)
-                        self.parts = []
-                        ev = t(data=data, frame_finished=True, message_finished=ev.message_finished)
-                    frame = dst.conn.send(ev)
-                    out.append(frame)
-                    if ev.message_finished:
-                        self.in_message = False
-                        self.msg_bytes = 0
-                        self.messages += 1
-                    else:
-                        self.msg_bytes = size
-                    pending += len(frame)
-                    if pending >= _BATCH_BYTES:
-                        dst.transport.write(b"".join(out))
-                        out = []
-                        pending = 0
-                        if dst.write_paused:
-                            self.read_paused = True
-                            self.transport.pause_reading()
-                            break
-                elif t is Ping:
-                    self.send_pong(ev.payload)
-                elif t is Pong:
-                    pass
-                else:
-                    if out:
-                        dst.transport.write(b"".join(out))
-                        out = []
-                    relay._close_frame(self, ev)
-            if out:
-                dst.transport.write(b"".join(out))
-                if dst.write_paused and not relay.closing:
-                    self.read_paused = True
-                    self.transport.pause_reading()
-        finally:
-            self.pumping = False
-
-    # -- sending control frames --------------------------------------------------------
-    def send_pong(self, payload: bytes) -> None:
-        if self.conn.state is not _OPEN or self.lost or self.failed:
-            return
-        if self.write_paused:
-            self.pending_pong = payload  # only the newest ping is answered
-            return
-        self.transport.write(self.conn.send(Pong(payload)))
-
-    def send_ping(self) -> None:
-        if self.conn.state is _OPEN and not self.lost:
-            self.transport.write(self.conn.send(Ping(_PING_PAYLOAD)))
-
-    def send_close(self, code: int, reason: str | None) -> bool:
-        """Send a close frame if this leg may still get one; True when sent."""
-        if self.lost or self.failed or self.conn.state not in (_OPEN, _REMOTE_CLOSING):
-            return False
-        if self.close_code is None:
-            self.close_code = int(code)
-        if code == NO_STATUS:
-            ev = CloseConnection(code=CloseReason.NO_STATUS_RCVD, reason=None)
-        else:
-            ev = CloseConnection(code=code, reason=reason)
-        self.transport.write(self.conn.send(ev))
-        return True
-
-    def handshake_done(self) -> None:
-        """Both close frames exchanged on this leg: the server side closes TCP."""
-        if self.is_client and not self.lost:
-            self.transport.close()
-        # upstream leg: the gateway is the WebSocket client; the upstream closes TCP
-        # (eof_received -> close), bounded by the relay's close deadline.
 
 
 class Relay:
@@ -409,8 +217,8 @@ class Relay:
         self._timer_at = math.inf
         self._close_deadline = math.inf
         self._final = False
-        self.client: _Leg
-        self.upstream: _Leg
+        self.client: Leg
+        self.upstream: Leg
 
     # -- public -------------------------------------------------------------------------
     @property
@@ -515,12 +323,12 @@ class Relay:
         self.client.send_close(client_code, client_reason)
         self.upstream.send_close(upstream_code, upstream_reason)
 
-    def _rate_exceeded(self, leg: _Leg) -> None:
+    def _rate_exceeded(self, leg: Leg) -> None:
         s = self.settings
         self._gateway_close("rate_limited", f"client exceeded {s.messages_per_second:g} messages/s",
                             POLICY, "message rate exceeded", GOING_AWAY, "going away")
 
-    def _too_big(self, leg: _Leg) -> None:
+    def _too_big(self, leg: Leg) -> None:
         error = f"{leg.name} message exceeded {self.max_message_bytes} bytes"
         if leg.is_client:
             self._gateway_close("message_too_big", error, TOO_BIG, "message too big",
@@ -529,7 +337,7 @@ class Relay:
             self._gateway_close("message_too_big", error, GOING_AWAY, "going away",
                                 TOO_BIG, "message too big")
 
-    def _cut_off(self, leg: _Leg, reason: str, error: str) -> None:
+    def _cut_off(self, leg: Leg, reason: str, error: str) -> None:
         """A dead or stuck leg: abort its transport, close the other one with 1001."""
         if leg.close_code is None:
             leg.close_code = ABNORMAL
@@ -539,19 +347,19 @@ class Relay:
         leg.transport.abort()
         self._other_gone(leg.other)
 
-    def _other_gone(self, leg: _Leg) -> None:
+    def _other_gone(self, leg: Leg) -> None:
         """``leg``'s counterpart can no longer take part: close ``leg`` on its own."""
         if leg.conn.state is _REMOTE_CLOSING:
             self._echo_reply(leg)
         else:
             leg.send_close(GOING_AWAY, "going away")
 
-    def _echo_reply(self, leg: _Leg) -> None:
+    def _echo_reply(self, leg: Leg) -> None:
         code, reason = leg.peer_close or (NO_STATUS, None)
         if leg.send_close(code, reason):
             leg.handshake_done()
 
-    def _close_frame(self, leg: _Leg, ev: CloseConnection) -> None:
+    def _close_frame(self, leg: Leg, ev: CloseConnection) -> None:
         state = leg.conn.state
         other = leg.other
         if state is _REMOTE_CLOSING:  # the peer starts a close handshake on this leg
@@ -569,7 +377,7 @@ class Relay:
         else:  # wsproto ParseFailed: fail this leg
             self._protocol_error(leg, int(ev.code), ev.reason)
 
-    def _protocol_error(self, leg: _Leg, code: int, detail: str | None) -> None:
+    def _protocol_error(self, leg: Leg, code: int, detail: str | None) -> None:
         if not self.closing:
             self._begin_closing(f"gateway:{leg.name}_protocol_error",
                                 f"{leg.name} protocol error: {detail}")
@@ -585,7 +393,7 @@ class Relay:
         if not leg.lost:
             leg.transport.close()
 
-    def _lost(self, leg: _Leg, exc: Exception | None) -> None:
+    def _lost(self, leg: Leg, exc: Exception | None) -> None:
         leg.lost = True
         leg.write_paused = False
         leg.read_paused = False
@@ -668,8 +476,8 @@ def start_relay(loop: asyncio.AbstractEventLoop, client_transport: asyncio.Trans
     call)."""
     relay = Relay(loop, settings, on_closed)
     now = relay._stats.started
-    client = _Leg(relay, "client", client_transport, now)
-    upstream = _Leg(relay, "upstream", upstream_transport, now)
+    client = Leg(relay, "client", client_transport, now)
+    upstream = Leg(relay, "upstream", upstream_transport, now)
     client.other, upstream.other = upstream, client
     relay.client, relay.upstream = client, upstream
     if settings.messages_per_second is not None:

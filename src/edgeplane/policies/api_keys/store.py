@@ -82,7 +82,7 @@ import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from edgeplane.config.errors import LocatedErrors
 from edgeplane.config.errors import describe as _describe
@@ -331,7 +331,8 @@ def parse_keys(obj: Any, source: str = "<keys>") -> KeyStore:
             ok = False
 
         if ok and digest is not None:
-            entries.append((ApiKey(id=key_id, plan=plan, enabled=enabled), digest))
+            # `ok`: key_id is a valid str
+            entries.append((ApiKey(id=cast(str, key_id), plan=plan, enabled=enabled), digest))
 
     if errors:
         raise ApiKeyFileError(errors, source)

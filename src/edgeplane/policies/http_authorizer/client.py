@@ -24,19 +24,19 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
 import orjson
 
-from edgeplane.upstream.client import FetchError, fetch
-from edgeplane.policies.jwt.jwks_source import split_url
 from edgeplane.config.model import PoolConfig, UpstreamConfig
-from edgeplane.upstream.pool import Upstream
 from edgeplane.http.request import forwarded, header
+from edgeplane.plugins.api import FastStage
+from edgeplane.policies.jwt.jwks_source import split_url
+from edgeplane.upstream.client import FetchError, fetch
+from edgeplane.upstream.pool import Upstream
 
 if TYPE_CHECKING:
-    from edgeplane.config.model import HttpAuthorizerConfig
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
 
@@ -48,7 +48,7 @@ class HttpAuthorizerClient:
 
     __slots__ = ("cfg", "upstream", "path", "cache", "calls", "failures")
 
-    def __init__(self, cfg: HttpAuthorizerConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg = cfg
         target, self.path = split_url(cfg.url)
         self.upstream = Upstream(UpstreamConfig(name=f"authorizer:{cfg.name}", targets=(target,),
@@ -103,7 +103,7 @@ class HttpAuthorizerClient:
                 "cached": len(self.cache)}
 
 
-class HttpAuthorizerStage:
+class HttpAuthorizerStage(FastStage):
     __slots__ = ("client", "sources", "forward", "name", "tasks")
 
     def __init__(self, client: HttpAuthorizerClient) -> None:
@@ -111,7 +111,7 @@ class HttpAuthorizerStage:
         self.name = client.cfg.name
         # Each source compiled to (kind, detail): ("h", b"authorization"), ("q", "token"),
         # ("route", None), ("ip", None).
-        self.sources = []
+        self.sources: list[tuple[str, Any]] = []
         for source in client.cfg.identity_source:
             if source.startswith("$request.header."):
                 self.sources.append(("h", source[16:].lower().encode()))
@@ -124,13 +124,14 @@ class HttpAuthorizerStage:
         self.forward = [(h.encode(), k) for h, k in client.cfg.forward_context]
         self.tasks: set[asyncio.Task] = set()
 
-    def _identity(self, proto: HttpProtocol, req: Request) -> tuple | None:
-        values = []
-        query = None
+    def _identity(self, proto: HttpProtocol, req: Request) -> tuple[str, ...] | None:
+        values: list[str] = []
+        query: dict[str, str] | None = None
+        value: str | None
         for kind, detail in self.sources:
             if kind == "h":
-                value = header(req, detail)
-                value = None if value is None else value.decode("latin-1")
+                raw = header(req, detail)
+                value = None if raw is None else raw.decode("latin-1")
             elif kind == "q":
                 if query is None:
                     query = dict(parse_qsl(req.query.decode("latin-1")))
@@ -158,20 +159,21 @@ class HttpAuthorizerStage:
         task.add_done_callback(self.tasks.discard)
         return None
 
-    async def _ask(self, proto: HttpProtocol, req: Request, identity: tuple, index: int) -> None:
+    async def _ask(self, proto: HttpProtocol, req: Request, identity: tuple[str, ...], index: int) -> None:
         client = self.client
+        transport = cast(asyncio.Transport, proto.transport)  # set once connected, never unset
         try:
             allowed, context = await client.ask(payload(proto, req, identity))
         except (FetchError, ValueError) as exc:
             client.failures += 1
             req.pending = False
-            if not req.responded and not proto.transport.is_closing():
+            if not req.responded and not transport.is_closing():
                 req.integration_error = f"authorizer {self.name}: {exc}"
                 proto.send_error(req, 500, f"authorizer {self.name} failed: {exc}")
             return
         client.remember(identity, time.monotonic(), allowed, context)
         req.pending = False
-        if req.responded or proto.transport.is_closing():
+        if req.responded or transport.is_closing():
             return
         if self._decide(proto, req, allowed, context):
             proto.resume_chain(req, index)
@@ -180,6 +182,7 @@ class HttpAuthorizerStage:
         if not allowed:
             proto.send_error(req, 403, f"{self.name}: not authorized")
             return False
+        req.auth_context = context
         if self.forward:
             req.extra_upstream = [*(req.extra_upstream or ()), *forwarded(self.forward, context)]
         return True

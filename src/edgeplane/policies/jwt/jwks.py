@@ -36,8 +36,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa

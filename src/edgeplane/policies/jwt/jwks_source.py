@@ -24,9 +24,16 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from edgeplane.upstream.client import FetchError, fetch, header_value
-from edgeplane.policies.jwt.jwks import MAX_JWKS_BYTES, JwksError, KeySet, RefreshPolicy, cache_control_max_age, parse_jwks
 from edgeplane.config.model import PoolConfig, Target, UpstreamConfig
+from edgeplane.policies.jwt.jwks import (
+    MAX_JWKS_BYTES,
+    JwksError,
+    KeySet,
+    RefreshPolicy,
+    cache_control_max_age,
+    parse_jwks,
+)
+from edgeplane.upstream.client import FetchError, fetch, header_value
 from edgeplane.upstream.pool import Upstream
 
 log = logging.getLogger("edgeplane.policies.jwt.jwks")
@@ -113,7 +120,7 @@ class JwksSource:
             delay = self.policy.delay(time.monotonic())
             try:
                 await asyncio.wait_for(self._wake.wait(), max(delay, 0.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             await self.refresh()

@@ -49,9 +49,10 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -519,7 +520,8 @@ class VerificationCache:
         if self.negative_max_entries == 0 or self.negative_ttl == 0 or error.kind in _TIME_DEPENDENT:
             return
         neg = self._neg
-        neg[token] = (JwtError(error.kind, error.description), now + self.negative_ttl, keyset.version if keyset is not None else None)
+        neg[token] = (JwtError(error.kind, error.description), now + self.negative_ttl,
+                      keyset.version if keyset is not None else None)
         neg.move_to_end(token)
         while len(neg) > self.negative_max_entries:
             neg.popitem(last=False)

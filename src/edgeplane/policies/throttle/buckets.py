@@ -160,7 +160,7 @@ class TokenBucket:
         self._policy = Policy(policy, self.rate, self.burst)
 
     @classmethod
-    def _fresh(cls, rate: float, burst: int, policy: Policy) -> "TokenBucket":
+    def _fresh(cls, rate: float, burst: int, policy: Policy) -> TokenBucket:
         # Fast constructor for BucketMap misses: arguments already validated.
         b = cls.__new__(cls)
         b.rate = rate
@@ -359,8 +359,7 @@ class ThrottleChain:
         server = self._server
 
         # Phase 1: refill and check every level; nothing is taken yet.
-        allowed = True
-        worst = None
+        worst = None  # set on the first level that refuses
         wait = 0.0
         for b in (plan, route, server):
             if b is None:
@@ -375,12 +374,11 @@ class ThrottleChain:
                     tokens = float(b.burst)
                 b._tokens = tokens
             if tokens + _EPS < n:
-                allowed = False
                 w = math.inf if n > b.burst else (n - tokens) / b.rate
                 if worst is None or w > wait:
                     wait = w
                     worst = b
-        if not allowed:
+        if worst is not None:
             return ThrottleResult(False, wait, 0, (worst.burst - worst._tokens) / worst.rate, worst._policy)
 
         # Phase 2: all allow -> take from all; track the most restrictive level.

@@ -365,7 +365,7 @@ class RedisLimiter:
             raise
         else:
             now = time.monotonic()
-            for b, reply in zip(batch, replies):
+            for b, reply in zip(batch, replies, strict=False):
                 if isinstance(reply, NoScriptError):  # Redis restarted: load it and retry
                     b.failed()
                     self._load_script = True
@@ -475,7 +475,7 @@ class RedisQuotaStore:
         values = await asyncio.wait_for(self.client.eval(_QUOTA_SCRIPT, len(keys), *keys, *args),
                                         self.limiter.config.timeout * 4)
         self._unsent = None
-        counter.apply_totals({k: int(v) for k, v in zip(order, values)})
+        counter.apply_totals({k: int(v) for k, v in zip(order, values, strict=False)})
         self.flushes += 1
         return sum(deltas.values())
 
@@ -497,10 +497,10 @@ async def _scan_values(client: Redis, head: bytes, batch: int = 1000):
     async for rkey in client.scan_iter(match=head + b"*", count=batch):
         keys.append(rkey)
         if len(keys) >= batch:
-            yield [(k, v) for k, v in zip(keys, await client.mget(keys)) if v is not None]
+            yield [(k, v) for k, v in zip(keys, await client.mget(keys), strict=False) if v is not None]
             keys = []
     if keys:
-        yield [(k, v) for k, v in zip(keys, await client.mget(keys)) if v is not None]
+        yield [(k, v) for k, v in zip(keys, await client.mget(keys), strict=False) if v is not None]
 
 
 async def redis_usage(url: str, prefix: str, key_id: str | None = None) -> list[dict[str, Any]]:

@@ -142,9 +142,21 @@ import mmap
 import os
 import struct
 import time
+from typing import TYPE_CHECKING, cast
 
-from edgeplane.policies.throttle.shared_limits import (MAX_LIMITS, MAX_WORKERS, _check_index, _claim_worker, _create_segment,
-                            _existing_view, _map_segment, _Segment)
+from edgeplane.policies.throttle.shared_limits import (
+    MAX_LIMITS,
+    MAX_WORKERS,
+    _check_index,
+    _claim_worker,
+    _create_segment,
+    _existing_view,
+    _map_segment,
+    _Segment,
+)
+
+if TYPE_CHECKING:
+    from edgeplane.policies.throttle.buckets import Policy
 
 __all__ = ["SharedKeyTable", "SharedKeyedLimit", "SharedKeyBucket", "MAX_SLOTS"]
 
@@ -178,6 +190,12 @@ class SharedKeyBucket:
     interface, with the key hashed once at creation (cheap: make one per request)."""
 
     __slots__ = ("_lim", "_tag", "_off", "rate", "burst", "_policy")
+    _lim: SharedKeyedLimit
+    _tag: int
+    _off: int
+    rate: float
+    burst: float
+    _policy: Policy | None
 
     def take(self, now: float, n: int = 1) -> float:
         """0.0 when `n` tokens were taken at `now`, else seconds to wait (inf if n > burst)."""
@@ -225,10 +243,10 @@ class SharedKeyedLimit:
         self.rate = rate
         self.burst = burst
         self.slots = table.slots
-        self._policy = None  # the `throttle.Policy` it advertises; set by whoever wires it
+        self._policy: Policy | None = None  # the `throttle.Policy` it advertises; set by whoever wires it
         self._epoch = table.epoch
         self._n = n
-        self._i = table.worker_index
+        self._i = cast(int, table.worker_index)  # not None: `SharedKeyTable.limit` refused that
         self._buf = table._buf          # bytes of the whole segment, for unpack_from
         self._tq = table._tq            # the same, as uint64 cells (tags)
         self._cq = table._cq            # as int64 cells (counters)
@@ -345,7 +363,7 @@ class SharedKeyTable(_Segment):
         self.slots = slots
         self.epoch = epoch
         self.worker_index = worker_index
-        self._mm = mm
+        self._mm: mmap.mmap | None = mm
         self._buf = memoryview(mm)
         self._tq = self._buf.cast("Q")
         self._cq = self._buf.cast("q")

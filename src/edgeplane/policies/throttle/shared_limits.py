@@ -92,7 +92,11 @@ import os
 import re
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from edgeplane.policies.throttle.buckets import Policy
 
 __all__ = ["SharedLimitTable", "SharedBucket", "MAX_WORKERS", "MAX_LIMITS"]
 
@@ -231,7 +235,7 @@ class SharedBucket:
 
     __slots__ = ("_c", "_m", "_i", "rate", "burst", "_epoch", "index", "_policy")
 
-    def __init__(self, c: memoryview, m: memoryview, i: int, rate: float, burst: float,
+    def __init__(self, c: memoryview, m: memoryview[float], i: int, rate: float, burst: float,
                  epoch: float, index: int) -> None:
         self._c = c          # int64 consumed counters of every worker for this limit
         self._m = m          # float64 running maxima of A of every worker
@@ -240,7 +244,7 @@ class SharedBucket:
         self.burst = burst
         self._epoch = epoch
         self.index = index
-        self._policy = None  # the `throttle.Policy` it advertises; set by whoever wires it
+        self._policy: Policy | None = None  # the `throttle.Policy` it advertises; set by whoever wires it
 
     def take(self, now: float, n: int = 1) -> float:
         """Take `n` tokens at monotonic time `now`: 0.0 when admitted, else the number of
@@ -341,7 +345,7 @@ class SharedLimitTable(_Segment):
         self.epoch = epoch
         self.worker_index = worker_index
         self._owner = owner
-        self._mm = mm
+        self._mm: mmap.mmap | None = mm
         self._q = memoryview(mm).cast("q")
         self._d = memoryview(mm).cast("d")
         self._buckets: dict[int, SharedBucket] = {}
@@ -418,6 +422,7 @@ class SharedLimitTable(_Segment):
         n = self.n_workers
         base = self._limits_cell + limit_index * 2 * n
         b = SharedBucket(self._q[base:base + n], self._d[base + n:base + 2 * n],
-                         self.worker_index, float(rate), float(burst), self.epoch, limit_index)
+                         cast(int, self.worker_index),  # not None: _existing_view refused that
+                         float(rate), float(burst), self.epoch, limit_index)
         self._buckets[limit_index] = b
         return b

@@ -31,16 +31,22 @@ from edgeplane.policies.throttle.buckets import BucketMap, LevelChain, Policy, T
 if TYPE_CHECKING:
     from edgeplane.config.model import Config, RouteConfig
 
-__all__ = ["LocalLimits", "SharedLimits", "ClusterLimits", "limits_for", "ws_api_index", "shared_limit_count"]
+__all__ = ["plans_of", "LocalLimits", "SharedLimits", "ClusterLimits", "limits_for", "ws_api_index", "shared_limit_count"]
+
+
+def plans_of(config: Config) -> dict[str, Any]:
+    """The usage plans (`usage_plans` section), by name."""
+    plans: dict[str, Any] = config.policies.get("usage_plans") or {}
+    return plans
 
 
 def ws_api_index(config: Config, i: int) -> int:
     """Shared-memory index of the i-th WebSocket API's new-connection bucket."""
-    return 1 + len(config.routes) + len(config.usage_plans) + i
+    return 1 + len(config.routes) + len(plans_of(config)) + i
 
 
 def _plan_route_pairs(config: Config) -> list[tuple[str, str]]:
-    return [(name, key) for name, plan in config.usage_plans.items() for key in plan.route_throttles]
+    return [(name, key) for name, plan in plans_of(config).items() for key in plan.route_throttles]
 
 
 def shared_limit_count(config: Config) -> int:
@@ -51,7 +57,7 @@ def shared_limit_count(config: Config) -> int:
 
 def _plan_throttle(config: Config, name: str, route: RouteConfig | None) -> Any:
     """The plan's throttle on `route`: its per-route one if it has one, else its default."""
-    plan = config.usage_plans[name]
+    plan = plans_of(config)[name]
     if route is not None and route.key in plan.route_throttles:
         return plan.route_throttles[route.key]
     return plan.throttle
@@ -61,7 +67,7 @@ class LocalLimits:
     """One process owns every bucket."""
 
     def __init__(self, config: Config) -> None:
-        t = config.throttle
+        t = config.policies.get("throttle")
         self._server = TokenBucket(t.rate, t.burst, policy="server") if t is not None else None
         self.config = config
 
@@ -69,7 +75,7 @@ class LocalLimits:
         return self._server
 
     def route(self, rc: RouteConfig) -> Any:
-        t = rc.throttle
+        t = rc.policies.get("throttle")
         if t.key is None:
             return TokenBucket(t.rate, t.burst, policy="route")
         return BucketMap(t.rate, t.burst, policy="client")
@@ -89,9 +95,9 @@ class SharedLimits:
         self.config = config
         self.table = table
         self.keyed_table = keyed_table
-        t = config.throttle
+        t = config.policies.get("throttle")
         self._server = self._bucket(0, t.rate, t.burst, "server") if t is not None else None
-        self._plan_index = {name: len(config.routes) + 1 + i for i, name in enumerate(config.usage_plans)}
+        self._plan_index = {name: len(config.routes) + 1 + i for i, name in enumerate(plans_of(config))}
         base = ws_api_index(config, len(config.websocket_apis))
         self._plan_route_index = {pair: base + j for j, pair in enumerate(_plan_route_pairs(config))}
 
@@ -111,7 +117,7 @@ class SharedLimits:
         return self._server
 
     def route(self, rc: RouteConfig) -> Any:
-        t = rc.throttle
+        t = rc.policies.get("throttle")
         if t.key is None:
             return self._bucket(1 + rc.index, t.rate, t.burst, "route")
         return self._keyed(1 + rc.index, t.rate, t.burst, "client")
@@ -131,7 +137,7 @@ class ClusterLimits:
     def __init__(self, config: Config, limiter: Any) -> None:
         self.config = config
         self.limiter = limiter
-        t = config.throttle
+        t = config.policies.get("throttle")
         self._server = limiter.limit("server", t.rate, t.burst, "server", keyed=False).bucket() \
             if t is not None else None
 
@@ -139,7 +145,7 @@ class ClusterLimits:
         return self._server
 
     def route(self, rc: RouteConfig) -> Any:
-        t = rc.throttle
+        t = rc.policies.get("throttle")
         name = f"route:{rc.host or ''}{rc.key}"
         if t.key is None:
             return self.limiter.limit(name, t.rate, t.burst, "route", keyed=False).bucket()
@@ -147,7 +153,7 @@ class ClusterLimits:
 
     def plan(self, name: str, route: RouteConfig | None = None) -> Any:
         t = _plan_throttle(self.config, name, route)
-        own = route is not None and route.key in self.config.usage_plans[name].route_throttles
+        own = route is not None and route.key in plans_of(self.config)[name].route_throttles
         return self.limiter.limit(f"plan:{name}:{route.key}" if own else f"plan:{name}", t.rate, t.burst,
                                   "plan", keyed=True)
 

@@ -1,0 +1,92 @@
+"""`LoadContext`: what a config section's loader gets, built-in or plugin.
+
+Owns the error collector of one load and the generic value readers every section
+shares (durations, sizes, integers, upstream references), so a plugin's loader reports
+problems exactly as the core does: `ctx.fail(path, message)` with a path into the file
+(`("routes", 2, "throttle", "rate")`). Readers skip values of the wrong type silently:
+the schema pass reported them already. It also carries what later sections need to
+know about earlier ones: `raw` (the whole file), `upstream_names`, `authorizer_types`
+(authorizer name -> its type as written), and `websocket_defaults`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from edgeplane.config import model
+from edgeplane.config.errors import short as _short
+from edgeplane.config.humanize import Errors, Path
+from edgeplane.config.values import fmt_seconds, parse_duration, parse_size
+
+__all__ = ["LoadContext", "Path"]
+
+
+class LoadContext:
+    """Shared by every section of one load; only used when no error at all was found."""
+
+    def __init__(self, raw: dict[str, Any], errors: Errors, registry: Any) -> None:
+        self.raw = raw
+        self.errors = errors
+        self.registry = registry
+        upstreams = raw.get("upstreams")
+        self.upstream_names: list[str] = [n for n in upstreams if isinstance(n, str)] \
+            if isinstance(upstreams, dict) else []
+        section = raw.get("authorizers")
+        self.authorizer_types: dict[str, Any] = {
+            n: a.get("type") for n, a in section.items() if isinstance(n, str) and isinstance(a, dict)
+        } if isinstance(section, dict) else {}
+        self.websocket_defaults = model.WebSocketLimits()  # the top-level `websocket:` section
+
+    def fail(self, path: Path, msg: str) -> None:
+        self.errors.add(path, msg)
+
+    def duration(self, section: dict, key: str, path: Path, default: float, *,
+                 low: float = 0.0, high: float | None = None, low_inclusive: bool = False) -> float:
+        if key not in section:
+            return default
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return default  # type error: reported by the schema
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.fail(path + (key,), str(exc))
+            return default
+        too_low = seconds < low if low_inclusive else seconds <= low
+        if too_low:
+            bound = f">= {fmt_seconds(low)}" if low_inclusive else f"> {fmt_seconds(low)}"
+            self.fail(path + (key,), f"must be {bound}, got {_short(value)}")
+        elif high is not None and seconds > high:
+            self.fail(path + (key,), f"must be <= {fmt_seconds(high)}, got {_short(value)}")
+        return seconds
+
+    def size(self, section: dict, key: str, path: Path, default: int, *, low: int = 0) -> int:
+        if key not in section:
+            return default
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return default
+        try:
+            n = parse_size(value)
+        except ValueError as exc:
+            self.fail(path + (key,), str(exc))
+            return default
+        if n < low:
+            self.fail(path + (key,), f"must be at least {low} bytes, got {_short(value)}")
+        return n
+
+    def integer(self, section: dict, key: str, default: int) -> int:
+        value = section.get(key, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+    def known_upstream(self, upstream: Any, path: Path, upstream_names: list[str]) -> None:
+        if isinstance(upstream, str) and upstream not in upstream_names:
+            known = ", ".join(sorted(upstream_names)) if upstream_names else "none are defined"
+            msg = f"unknown upstream {upstream!r} (known: {known})"
+            close = difflib.get_close_matches(upstream, upstream_names, n=1, cutoff=0.6)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+            self.fail(path, msg)
+

@@ -1,0 +1,269 @@
+"""The core sections every gateway has: listeners, admin, TLS, upstreams, limits, logs.
+
+Owns loading `listen`, `admin`, `tls`, `upstreams` (targets, pool, upstream TLS),
+`limits`, `access_log` and `cluster` into their models, with every listener checked
+against the others for collisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from edgeplane.config import model
+from edgeplane.config.context import LoadContext, Path
+from edgeplane.config.errors import describe as _describe
+from edgeplane.config.errors import short as _short
+from edgeplane.config.humanize import loc
+from edgeplane.config.values import check_host, collides, fmt_addr, normalize_route_host, parse_listen, parse_target
+
+
+class CoreSections(LoadContext):
+    def listen(self, raw: dict) -> tuple[model.ListenAddress, ...]:
+        return tuple(self.listen_list(raw.get("listen"), ("listen",), []))
+
+    def listen_list(self, value: Any, path: Path,
+                    seen: list[tuple[Path, model.ListenAddress]]) -> list[model.ListenAddress]:
+        """One address or a list of them at `path`; each must not collide with an
+        earlier one or with `seen` (extended with what is parsed here)."""
+        if isinstance(value, str):
+            items: list[tuple[Path, Any]] = [(path, value)]
+        elif isinstance(value, list):
+            items = [(path + (i,), v) for i, v in enumerate(value)]
+        else:
+            return []
+        out: list[model.ListenAddress] = []
+        for item_path, text in items:
+            if not isinstance(text, str):
+                continue
+            try:
+                addr = parse_listen(text)
+            except ValueError as exc:
+                self.fail(item_path, str(exc))
+                continue
+            for other_path, other in seen:
+                if collides(addr, other):
+                    self.fail(item_path, f"{text!r} collides with {loc(other_path)} "
+                                         f"('{fmt_addr(other)}')")
+                    break
+            seen.append((item_path, addr))
+            out.append(addr)
+        return out
+
+    def admin(self, raw: dict, listen: Iterable[model.ListenAddress]) -> model.AdminConfig:
+        section = raw.get("admin")
+        if not isinstance(section, dict) or not isinstance(section.get("listen"), str):
+            return model.AdminConfig()
+        path = ("admin", "listen")
+        try:
+            addr = parse_listen(section["listen"])
+        except ValueError as exc:
+            self.fail(path, str(exc))
+            return model.AdminConfig()
+        for data in listen:
+            if collides(addr, data):
+                self.fail(path, f"admin listener '{fmt_addr(addr)}' collides with data "
+                                f"listener '{fmt_addr(data)}'")
+                break
+        return model.AdminConfig(addr)
+
+    def upstreams(self, raw: dict) -> dict[str, model.UpstreamConfig]:
+        section = raw.get("upstreams")
+        if not isinstance(section, dict):
+            return {}
+        out: dict[str, model.UpstreamConfig] = {}
+        for name, spec in section.items():
+            path: Path = ("upstreams", name)
+            if not isinstance(name, str):
+                self.fail(path, f"upstream names must be strings, got {_describe(name)}")
+                continue
+            if not isinstance(spec, dict):
+                continue
+            targets = self.targets(spec.get("targets"), path + ("targets",))
+            pool = self.pool(spec.get("pool"), path + ("pool",))
+            tls = self.upstream_tls(spec.get("tls"), path + ("tls",), targets)
+            out[name] = model.UpstreamConfig(name, targets, pool, tls)
+        return out
+
+    def targets(self, value: Any, path: Path) -> tuple[model.Target, ...]:
+        if not isinstance(value, list):
+            return ()
+        out: list[model.Target] = []
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                continue
+            try:
+                target = parse_target(text)
+            except ValueError as exc:
+                self.fail(path + (i,), str(exc))
+                continue
+            if target in out:
+                self.fail(path + (i,), f"duplicate target {str(target)!r}")
+                continue
+            out.append(target)
+        return tuple(out)
+
+    def ca_file(self, ca_file: str, path: Path) -> None:
+        """A PEM CA bundle that OpenSSL can load."""
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except FileNotFoundError:
+            self.fail(path, f"file not found: {ca_file}")
+        except (OSError, ssl.SSLError) as exc:
+            self.fail(path, f"cannot load CA file {ca_file}: {getattr(exc, 'reason', None) or exc}")
+
+    def upstream_tls(self, section: Any, path: Path,
+                     targets: tuple[model.Target, ...]) -> model.UpstreamTls:
+        if not isinstance(section, dict):
+            return model.UpstreamTls()
+        if targets and not any(t.scheme == "https" for t in targets):
+            self.fail(path, "only used with https:// targets")
+        ca_file = section.get("ca_file") if isinstance(section.get("ca_file"), str) else None
+        if ca_file is not None:
+            self.ca_file(ca_file, path + ("ca_file",))
+        server_name = section.get("server_name")
+        if isinstance(server_name, str):
+            try:
+                check_host(server_name, f"invalid server name {server_name!r}")
+            except ValueError as exc:
+                self.fail(path + ("server_name",), str(exc))
+        else:
+            server_name = None
+        verify = section.get("verify", True)
+        return model.UpstreamTls(ca_file=ca_file, verify=verify if isinstance(verify, bool) else True,
+                                 server_name=server_name)
+
+    def tls(self, raw: dict, taken: list[tuple[Path, model.ListenAddress]]) -> model.TlsConfig | None:
+        from edgeplane.http.tls import CertError, inspect_pair
+
+        section = raw.get("tls")
+        if not isinstance(section, dict):
+            return None
+        p: Path = ("tls",)
+        listen = self.listen_list(section.get("listen"), p + ("listen",), list(taken))
+        certs: list[model.TlsCertificate] = []
+        entries = section.get("certificates")
+        for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+            cp: Path = p + ("certificates", i)
+            if not isinstance(entry, dict):
+                continue
+            cert, key = entry.get("cert"), entry.get("key")
+            if not isinstance(cert, str) or not isinstance(key, str):
+                continue
+            try:
+                info = inspect_pair(cert, key)
+            except CertError as exc:
+                self.fail(cp, str(exc))
+                continue
+            hosts: list[str] = []
+            given = entry.get("hosts")
+            if isinstance(given, list):
+                for j, h in enumerate(given):
+                    if not isinstance(h, str):
+                        continue
+                    try:
+                        hosts.append(normalize_route_host(h))
+                    except ValueError as exc:
+                        self.fail(cp + ("hosts", j), str(exc))
+            else:
+                hosts = list(info.dns_names)
+                if not hosts and i > 0:
+                    self.fail(cp, f"{cert} has no DNS names in its subjectAltName: set 'hosts' "
+                                  "(only the first, default certificate may go without)")
+            certs.append(model.TlsCertificate(cert, key, tuple(hosts)))
+        version = section.get("min_version", "1.2")
+        if isinstance(version, float):
+            version = f"{version:g}"
+        if isinstance(version, (str, int)) and not isinstance(version, bool) and str(version) not in ("1.2", "1.3"):
+            self.fail(p + ("min_version",), f"must be '1.2' or '1.3', got {_short(version)}")
+            version = "1.2"
+        client_ca = section.get("client_ca") if isinstance(section.get("client_ca"), str) else None
+        client_cert = section.get("client_cert")
+        if client_cert is not None and client_ca is None:
+            self.fail(p + ("client_cert",), "needs 'client_ca' (the CA client certificates chain to)")
+        if client_ca is not None:
+            self.ca_file(client_ca, p + ("client_ca",))
+        mode = "none" if client_ca is None else (client_cert if client_cert in ("optional", "required")
+                                                 else "required")
+        return model.TlsConfig(listen=tuple(listen), certificates=tuple(certs),
+                               min_version=version if version in ("1.2", "1.3") else "1.2",
+                               client_ca=client_ca, client_cert=mode)
+
+    def pool(self, section: Any, path: Path) -> model.PoolConfig:
+        if not isinstance(section, dict):
+            return model.PoolConfig()
+        d = model.PoolConfig()
+        return model.PoolConfig(
+            max_connections=self.integer(section, "max_connections", d.max_connections),
+            max_idle=self.integer(section, "max_idle", d.max_idle),
+            idle_timeout=self.duration(section, "idle_timeout", path, d.idle_timeout),
+            connect_timeout=self.duration(section, "connect_timeout", path, d.connect_timeout),
+            max_waiters=self.integer(section, "max_waiters", d.max_waiters),
+            wait_timeout=self.duration(section, "wait_timeout", path, d.wait_timeout),
+        )
+
+    def limits(self, raw: dict) -> model.Limits:
+        section = raw.get("limits")
+        if not isinstance(section, dict):
+            return model.Limits()
+        d, p = model.Limits(), ("limits",)
+        return model.Limits(
+            max_head_bytes=self.size(section, "max_head_bytes", p, d.max_head_bytes, low=256),
+            max_headers=self.integer(section, "max_headers", d.max_headers),
+            max_body_bytes=self.size(section, "max_body_bytes", p, d.max_body_bytes),
+            head_timeout=self.duration(section, "head_timeout", p, d.head_timeout),
+            body_timeout=self.duration(section, "body_timeout", p, d.body_timeout),
+            keepalive_timeout=self.duration(section, "keepalive_timeout", p, d.keepalive_timeout),
+            send_timeout=self.duration(section, "send_timeout", p, d.send_timeout),
+            max_pipelined=self.integer(section, "max_pipelined", d.max_pipelined),
+        )
+
+    def access_log(self, raw: dict) -> model.AccessLogConfig:
+        section = raw.get("access_log")
+        if not isinstance(section, dict):
+            return model.AccessLogConfig()
+        d, p = model.AccessLogConfig(), ("access_log",)
+        destination = section.get("destination", d.destination)
+        if destination is False:  # YAML 1.1 reads a bare `off` as false
+            destination = "off"
+        if destination not in ("stdout", "stderr", "file", "off"):
+            destination = d.destination
+        log_path = section.get("path")
+        if not isinstance(log_path, str):
+            log_path = None
+        if destination == "file" and "path" not in section:
+            self.fail(p, "missing required key 'path' (destination is 'file')")
+        elif destination == "file" and log_path is not None and not log_path.strip():
+            self.fail(p + ("path",), "must not be empty")
+        elif destination != "file" and "path" in section:
+            self.fail(p + ("path",), f"only used with destination 'file' (destination is {destination!r})")
+        return model.AccessLogConfig(
+            destination=destination,
+            path=log_path if destination == "file" else None,
+            flush_interval=self.duration(section, "flush_interval", p, d.flush_interval),
+            buffer_bytes=self.size(section, "buffer_bytes", p, d.buffer_bytes, low=1),
+        )
+
+
+    def cluster(self, raw: dict) -> model.ClusterConfig | None:
+        section = raw.get("cluster")
+        if not isinstance(section, dict) or not isinstance(section.get("redis"), str):
+            return None
+        path: Path = ("cluster",)
+        url = section["redis"]
+        try:
+            from redis.asyncio.connection import parse_url
+
+            parse_url(url)
+        except (ValueError, TypeError) as exc:
+            self.fail(path + ("redis",), f"not a Redis URL: {exc}")
+        lease = section.get("lease", 0.1)
+        return model.ClusterConfig(
+            redis=url,
+            key_prefix=section.get("key_prefix", "edgeplane:"),
+            failure_mode=section.get("failure_mode", "open"),
+            timeout=self.duration(section, "timeout", path, 0.1, high=60.0),
+            lease=float(lease) if isinstance(lease, (int, float)) and not isinstance(lease, bool) else 0.1,
+            retry_interval=self.duration(section, "retry_interval", path, 1.0, high=3600.0))

@@ -1,0 +1,118 @@
+"""The `http` integration unit: proxy the request to an upstream (AWS HTTP_PROXY).
+
+Owns `routes[].integration` of `type: http` (upstream, path template checked against
+the route key's parameters, timeout 50ms..30s, preserve_host) and compiles the route's
+`upstream.proxy.HttpIntegration`, with the WebSocket relay settings for handshakes on
+that route and the header sets the route's policies own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from edgeplane.config import model
+from edgeplane.config.values import INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN, TEMPLATE_PARAM_RE
+from edgeplane.plugins import Integration
+from edgeplane.upstream.proxy import HttpIntegration
+from edgeplane.websocket.proxy import WsUpgradeExchange, relay_settings
+
+if TYPE_CHECKING:
+    from edgeplane.config.context import LoadContext
+    from edgeplane.config.model import RouteConfig
+    from edgeplane.plugins import CompileContext
+    from edgeplane.routing.router import ParsedKey
+
+
+_HTTP_INTEGRATION = {
+    "additionalProperties": False,
+    "required": ["upstream"],
+    "properties": {
+        "type": {"const": "http"},
+        "upstream": {"type": "string", "description": "Name of an entry of `upstreams`."},
+        "path": {
+            "type": "string",
+            "description": "Upstream path template, e.g. '/v2/{proxy}'; default: the request path.",
+        },
+        "timeout": {
+            "$ref": "#/$defs/duration",
+            "default": "29s",
+            "description": "Integration timeout, 50ms..30s; past it the client gets 504.",
+        },
+        "preserve_host": {
+            "type": "boolean",
+            "default": False,
+            "description": "Forward the client's Host header instead of the target's.",
+        },
+    },
+}
+
+
+def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
+          parsed: ParsedKey | None) -> model.Integration:
+    upstream = spec.get("upstream")
+    ctx.known_upstream(upstream, path + ("upstream",), ctx.upstream_names)
+    template = spec.get("path")
+    if isinstance(template, str):
+        _check_template(template, path + ("path",), parsed, ctx)
+    else:
+        template = None
+    timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
+                            high=INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+    preserve = spec.get("preserve_host", False)
+    return model.Integration(
+        type="http",
+        upstream=upstream if isinstance(upstream, str) else None,
+        path=template,
+        timeout=timeout,
+        preserve_host=preserve if isinstance(preserve, bool) else False,
+    )
+
+def _check_template(template: str, path: tuple[Any, ...], parsed: ParsedKey | None, ctx: LoadContext) -> None:
+    if not template.startswith("/"):
+        ctx.fail(path, f"path template {template!r} must start with '/'")
+        return
+    bad = next((ch for ch in template if ch in "?# " or not ch.isprintable() or not ch.isascii()), None)
+    if bad is not None:
+        ctx.fail(path, f"path template {template!r} contains {bad!r}: only a path is "
+                        "allowed (printable ASCII, no query, fragment or spaces)")
+        return
+    if TEMPLATE_PARAM_RE.sub("", template).count("{") or TEMPLATE_PARAM_RE.sub("", template).count("}"):
+        ctx.fail(path, f"path template {template!r} has an unbalanced '{{' or '}}'")
+        return
+    defined = parsed.param_names if parsed is not None else None
+    for name in TEMPLATE_PARAM_RE.findall(template):
+        if name.endswith("+"):
+            ctx.fail(path, f"write {{{name[:-1]}}} in a path template, not {{{name}}}")
+            continue
+        if defined is None:
+            continue  # the route key is invalid: reported already
+        if name not in defined:
+            if defined:
+                have = ", ".join("{" + n + "}" for n in defined)
+                ctx.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "  # type: ignore[union-attr]
+                                f"defines {have}")
+            else:
+                ctx.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "  # type: ignore[union-attr]
+                                "defines no parameters")
+
+
+
+class HttpIntegrationPlugin(Integration):
+    type = "http"
+    schema = _HTTP_INTEGRATION
+
+    def load(self, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext, route_key: Any) -> Any:
+        return _load(spec, path, ctx, route_key)
+
+    def compile(self, route: RouteConfig, ctx: CompileContext, upstream_headers: frozenset[bytes],
+                response_headers: frozenset[bytes]) -> HttpIntegration:
+        integ, config = route.integration, ctx.config
+        return HttpIntegration(
+            ctx.upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host,
+            claim_headers=upstream_headers, gateway_response_headers=response_headers,
+            websocket=relay_settings(route.websocket or config.websocket, config.limits.send_timeout),
+            websocket_exchange=WsUpgradeExchange,
+        )
+
+
+plugin = HttpIntegrationPlugin()
