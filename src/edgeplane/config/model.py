@@ -234,6 +234,10 @@ class Config:
     source: str = "<dict>"  # file path the config came from, for messages
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def authorizers_of(self, kind: str) -> dict[str, Any]:
+        """The authorizers whose type is `kind`, by name."""
+        return {name: a for name, a in self.authorizers.items() if a.type == kind}
+
     @property
     def trusted_proxies(self) -> tuple[str, ...]:
         """Peers whose X-Forwarded-For is believed (the `trusted_proxies` section)."""

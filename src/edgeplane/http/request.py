@@ -87,6 +87,11 @@ def body_drainable(req: Request) -> bool:
 
 
 
+def identity_header(source: str) -> bytes:
+    """The lower-case header name of a `$request.header.NAME` identity source."""
+    return source.rsplit(".", 1)[1].lower().encode()
+
+
 def header(req: Request, name: bytes) -> bytes | None:
     """The first value of header `name` (lower-case bytes), or None."""
     for key, value in req.headers:

@@ -64,9 +64,11 @@ class CompileContext:
         self.runtime = runtime  # plugin name -> its RuntimeContext.state entry
         self.state: dict[str, Any] = {}
 
-    def authorizer(self, route: RouteConfig) -> Any:
-        """The config of the route's authorizer, or None."""
-        return self.config.authorizers.get(route.auth) if route.auth else None
+    def authorizer(self, route: RouteConfig, kind: str | None = None) -> Any:
+        """The config of the route's authorizer (only if its type is `kind`, when given),
+        or None."""
+        cfg = self.config.authorizers.get(route.auth) if route.auth else None
+        return cfg if cfg is not None and (kind is None or cfg.type == kind) else None
 
 
 class Policy:

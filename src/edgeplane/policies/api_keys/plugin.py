@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.http.request import header
+from edgeplane.http.request import header, identity_header
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.api_keys.store import ApiKeyFileError, KeyStore, load_key_file
 
@@ -32,7 +32,7 @@ class ApiKeyAuthorizerConfig:
 
     @property
     def header(self) -> bytes:
-        return self.identity_source.rsplit(".", 1)[1].lower().encode()
+        return identity_header(self.identity_source)
 
 
 _API_KEY_AUTHORIZER = {
@@ -100,12 +100,11 @@ class ApiKeyPolicy(Policy):
 
     def prepare(self, ctx: CompileContext) -> dict[str, KeyStore]:
         """The key file of each API-key authorizer, read once per snapshot."""
-        return {name: load_key_file(cfg.keys_file)
-                for name, cfg in ctx.config.authorizers.items() if cfg.type == "api_key"}
+        return {name: load_key_file(cfg.keys_file) for name, cfg in ctx.config.authorizers_of("api_key").items()}
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> ApiKeyStage | None:
-        cfg = ctx.authorizer(route)
-        if cfg is None or cfg.type != "api_key":
+        cfg = ctx.authorizer(route, "api_key")
+        if cfg is None:
             return None
         return ApiKeyStage(ctx.state[self.name][route.auth], cfg)
 

@@ -87,7 +87,7 @@ class HttpAuthorizerPolicy(Policy):
 
     async def start(self, runtime: RuntimeContext) -> None:
         runtime.state[self.name] = {name: HttpAuthorizerClient(a, runtime.loop)
-                                    for name, a in runtime.config.authorizers.items() if a.type == "http"}
+                                    for name, a in runtime.config.authorizers_of("http").items()}
 
     async def stop(self, runtime: RuntimeContext) -> None:
         for client in runtime.state.pop(self.name, {}).values():
@@ -98,8 +98,7 @@ class HttpAuthorizerPolicy(Policy):
         return {"authorizers": {name: c.telemetry() for name, c in clients.items()}}
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> HttpAuthorizerStage | None:
-        cfg = ctx.authorizer(route)
-        if cfg is None or cfg.type != "http":
+        if ctx.authorizer(route, "http") is None:
             return None
         return HttpAuthorizerStage(ctx.runtime[self.name][route.auth])
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.http.request import forwarded, header
+from edgeplane.http.request import forwarded, header, identity_header
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.jwt.jwks import JwksError, parse_jwks
 from edgeplane.policies.jwt.jwks_source import JwksSource, split_url
@@ -51,8 +51,7 @@ class JwtAuthorizerConfig:
 
     @property
     def header(self) -> bytes:
-        """Lower-case header name of the identity source."""
-        return self.identity_source.rsplit(".", 1)[1].lower().encode()
+        return identity_header(self.identity_source)
 
 
 _JWT_AUTHORIZER = {
@@ -219,8 +218,7 @@ class JwtPolicy(Policy):
         # JWKS URLs: a first bounded fetch now (a failure starts with no keys: 401s until
         # a background retry succeeds), then refreshed off the request path.
         sources = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, runtime.loop)
-                   for name, a in runtime.config.authorizers.items()
-                   if a.type == "jwt" and a.jwks_url}
+                   for name, a in runtime.config.authorizers_of("jwt").items() if a.jwks_url}
         runtime.state[self.name] = sources
         await asyncio.gather(*(source.start() for source in sources.values()))
 
@@ -236,9 +234,7 @@ class JwtPolicy(Policy):
         """One cached verifier per JWT authorizer, shared by every route using it."""
         sources = ctx.runtime.get(self.name) or {}
         out = {}
-        for name, cfg in ctx.config.authorizers.items():
-            if cfg.type != "jwt":
-                continue
+        for name, cfg in ctx.config.authorizers_of("jwt").items():
             keys: Any = None
             if cfg.jwks_file:
                 with open(cfg.jwks_file, "rb") as fh:
@@ -250,8 +246,8 @@ class JwtPolicy(Policy):
         return out
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> JwtStage | None:
-        cfg = ctx.authorizer(route)
-        if cfg is None or cfg.type != "jwt":
+        cfg = ctx.authorizer(route, "jwt")
+        if cfg is None:
             return None
         sources = ctx.runtime.get(self.name) or {}
         return JwtStage(ctx.state[self.name][route.auth], cfg, route, sources.get(route.auth))

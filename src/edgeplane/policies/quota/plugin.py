@@ -166,9 +166,8 @@ class UsagePlansPolicy(Policy):
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> QuotaStage | None:
         counter = ctx.resources.get("quota_counter")
-        auth = ctx.authorizer(route)
         quotas = ctx.state.get(self.name)
-        if counter is None or not quotas or auth is None or auth.type != "api_key":
+        if counter is None or not quotas or ctx.authorizer(route, "api_key") is None:
             return None
         return QuotaStage(counter, quotas)
 

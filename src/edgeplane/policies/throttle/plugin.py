@@ -170,10 +170,9 @@ class ThrottlePolicy(Policy):
         if limits is None:
             return None
         config = ctx.config
-        auth = ctx.authorizer(route)
         plans = ctx.state.get(self.name)
-        plan_levels = plans.levels_for(route) if plans is not None and auth is not None \
-            and auth.type == "api_key" else None
+        keyed = ctx.authorizer(route, "api_key") is not None
+        plan_levels = plans.levels_for(route) if plans is not None and keyed else None
         server_level = limits.server()
         throttle = route.policies.get("throttle")
         if throttle is None and server_level is None and not plan_levels:
