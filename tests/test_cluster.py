@@ -187,7 +187,7 @@ async def test_redis_killed_fails_open_without_hanging_then_recovers(upstream, g
     assert await _statuses(addr, 3) == [200] * 3
     await _settle(gw)
     redis_server.kill()
-    with caplog.at_level(logging.WARNING, logger="edgeplane.policies.throttle.cluster"):
+    with caplog.at_level(logging.WARNING, logger="edgeplane.cluster"):
         t0 = time.monotonic()
         statuses = await _statuses(addr, 200)   # the next refill meets the dead Redis; open: admitted
         assert time.monotonic() - t0 < 10

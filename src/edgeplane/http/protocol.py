@@ -47,7 +47,7 @@ from edgeplane.plugins.hooks import run_log_hooks, run_response_hooks
 if TYPE_CHECKING:
     from edgeplane.http.context import ServerContext
 
-log = logging.getLogger("edgeplane.http.protocol")
+log = logging.getLogger("edgeplane.server")
 
 # Timer kinds: what happens when the connection's deadline passes.
 T_NONE = 0
@@ -539,7 +539,11 @@ class HttpProtocol(asyncio.Protocol):
         if req.exchange is not None:
             req.exchange.abort("internal error")
         req.hooks_failed = True  # the 500 goes out without the route's response hooks
-        self._fail_active(req, 500, f"internal error in {where}: {exc.__class__.__name__}")
+        reason = f"internal error in {where}: {exc.__class__.__name__}"
+        if req.response_started:
+            self._abort_active(req, 500, reason)
+        else:  # the request itself was fine: the connection stays usable
+            self.send_error(req, 500, reason)
 
     def resume_chain(self, req: Request, start: int) -> None:
         """An asynchronous stage finished well: continue, unless the client left."""

@@ -33,7 +33,7 @@ import httptools
 if TYPE_CHECKING:
     from edgeplane.config.model import PoolConfig, Target, UpstreamConfig
 
-log = logging.getLogger("edgeplane.upstream.pool")
+log = logging.getLogger("edgeplane.pool")
 
 _ids = itertools.count(1)
 MAX_RESPONSE_HEAD = 64 * 1024  # bytes of one upstream response head (Envoy: 60 KiB)

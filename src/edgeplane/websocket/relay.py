@@ -119,7 +119,7 @@ from edgeplane.websocket.relay_leg import NO_STATUS, Leg
 
 __all__ = ["RelaySettings", "RelayStats", "Relay", "start_relay"]
 
-log = logging.getLogger("edgeplane.websocket.relay")
+log = logging.getLogger("edgeplane.wsrelay")
 
 _REMOTE_CLOSING = ConnectionState.REMOTE_CLOSING
 _CLOSED = ConnectionState.CLOSED

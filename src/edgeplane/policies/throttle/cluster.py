@@ -106,7 +106,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisLimiter", "LeasedLimit", "LeasedBucket", "RedisQuotaStore", "redis_usage", "TAKE_SCRIPT"]
 
-log = logging.getLogger("edgeplane.policies.throttle.cluster")
+log = logging.getLogger("edgeplane.cluster")
 
 TAKE_SCRIPT = """
 local rate = tonumber(ARGV[1])
