@@ -36,7 +36,7 @@ from edgeplane.policies.jwt.jwks import (
 from edgeplane.upstream.client import FetchError, fetch, header_value
 from edgeplane.upstream.pool import Upstream
 
-log = logging.getLogger("edgeplane.policies.jwt.jwks")
+log = logging.getLogger("edgeplane.jwks")
 
 FETCH_TIMEOUT = 1.5
 
