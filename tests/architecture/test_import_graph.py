@@ -104,14 +104,10 @@ def test_the_checker_finds_a_cycle() -> None:
     assert find_cycles(graph) == [["a", "b", "c"]]
 
 
-# Known, tracked exceptions: each must still be over the limit (remove it once split).
-KNOWN_LONG = {"edgeplane.http.protocol": "the downstream protocol: split of output/timers pending (issue 10)"}
-
-
 def test_no_module_is_longer_than_the_limit() -> None:
     long = {name: n for name, path in _modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
-    assert set(long) == set(KNOWN_LONG), f"modules over {MAX_LINES} lines: {long}"
+    assert long == {}, f"modules over {MAX_LINES} lines: {long}"
 
 
 def test_every_package_says_what_it_holds() -> None:

@@ -2,8 +2,9 @@
 
 Owns the client side of a request: parsing (via `codec`), limits, timeouts, pipelining,
 keep-alive, routing a parsed head to its compiled route, and writing local replies.
-Proxying lives in `proxy`; this module only hands the active request to the route's
-integration and offers it `write`, `send_local`, `finish_response` and flow control.
+Proxying lives in `upstream.proxy`; this module only hands the active request to the
+route's integration. Writing answers and the connection's deadlines are the inherited
+`replies.Replies` half (`write`, `send_local`, `send_error`, `finish_response`, timers).
 
 Per-connection state lives on `HttpProtocol`; per-request state on `Request` (kept apart,
 as uvicorn does). Shared per-worker state (snapshot, counters, access log, Date header)
@@ -37,33 +38,17 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from edgeplane.http import responses
 from edgeplane.http.codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, header_tokens, new_request_parser
-from edgeplane.http.request import _DRAIN_BODY_MAX, Request, body_drainable
+from edgeplane.http.request import _DRAIN_BODY_MAX, Request
 from edgeplane.http.responses import STATUS_LINES
+from edgeplane.http.replies import (P_BUFFER, P_DEAD, P_PIPELINE, P_UPSTREAM, T_BODY, T_FIRST, T_HEAD,  # noqa: F401
+                                    T_KEEPALIVE, T_LINGER, T_NONE, T_SEND, T_UPSTREAM, Replies)
 from edgeplane.http.tls import client_subject
-from edgeplane.plugins.hooks import run_log_hooks, run_response_hooks
 
 if TYPE_CHECKING:
     from edgeplane.http.context import ServerContext
 
 log = logging.getLogger("edgeplane.server")
-
-# Timer kinds: what happens when the connection's deadline passes.
-T_NONE = 0
-T_FIRST = 1  # connected, no byte yet -> close quietly
-T_HEAD = 2  # head incomplete -> 408
-T_BODY = 3  # request body stalled (local reply pending) -> 408
-T_UPSTREAM = 4  # waiting for the integration -> 504 (408 if the client stalls its body)
-T_SEND = 5  # client stopped reading our response -> abort
-T_KEEPALIVE = 6  # idle keep-alive -> close quietly
-T_LINGER = 7  # answered and half-closed, dropping what the client still sends -> close
-
-# Reasons to pause reading from the client (bitmask).
-P_PIPELINE = 1  # too many parsed requests waiting
-P_UPSTREAM = 2  # upstream write buffer above its high-water mark
-P_DEAD = 4  # parser failed; nothing more to read
-P_BUFFER = 8  # body buffered while waiting for an upstream connection
 
 _SPECIAL_HEADERS = frozenset(
     (b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id")
@@ -71,7 +56,6 @@ _SPECIAL_HEADERS = frozenset(
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
 _PIPELINE_BUFFER_MAX = 256 * 1024
 _UPGRADE_TAIL_MAX = 64 * 1024  # client bytes held while a WebSocket handshake completes
-_LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
 
 
 class _Reject(Exception):
@@ -87,7 +71,7 @@ class _Stop(Exception):
     message that ended the connection is parsed, dispatched or answered."""
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(Replies, asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
         "_queued_bytes", "_pause", "write_paused", "_timer", "_timer_at", "_deadline",
@@ -526,25 +510,6 @@ class HttpProtocol(asyncio.Protocol):
         except Exception as exc:
             self.internal_error(req, exc, f"route {req.route_key!r}")
 
-    def internal_error(self, req: Request, exc: BaseException, where: str) -> None:
-        """A bug inside the gateway (a stage, an integration, a plugin's hook): logged once
-        with its traceback and request id, counted, answered 500 (or the connection is
-        dropped when the response has started). The worker and other clients go on."""
-        self.ctx.count_error("internal")
-        log.error("internal error in %s (request %s)", where, req.request_id.decode("latin-1"),
-                  exc_info=(type(exc), exc, exc.__traceback__))
-        req.pending = False
-        if req.responded or self._closed:
-            return
-        if req.exchange is not None:
-            req.exchange.abort("internal error")
-        req.hooks_failed = True  # the 500 goes out without the route's response hooks
-        reason = f"internal error in {where}: {exc.__class__.__name__}"
-        if req.response_started:
-            self._abort_active(req, 500, reason)
-        else:  # the request itself was fine: the connection stays usable
-            self.send_error(req, 500, reason)
-
     def resume_chain(self, req: Request, start: int) -> None:
         """An asynchronous stage finished well: continue, unless the client left."""
         req.pending = False
@@ -573,102 +538,6 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.close()
             else:
                 self.set_deadline(T_KEEPALIVE, self.ctx.limits.keepalive_timeout)
-
-    # ------------------------------------------------------------------ output
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def send_local(
-        self,
-        req: Request,
-        status: int,
-        body: bytes,
-        content_type: bytes = responses.JSON_TYPE,
-        extra: bytes = b"",
-        close: bool = False,
-    ) -> None:
-        """Answer `req` (which must be active and not yet started) from the gateway."""
-        keep = req.keep_alive and not close and not self.ctx.draining and not self._peer_eof
-        if keep and not req.complete and not body_drainable(req):
-            keep = False
-        route = req.route
-        if route is not None and route.response_hooks and not req.hooks_failed:
-            try:
-                status, extra = _hooked_head(self, req, status, content_type, extra)
-            except Exception as exc:
-                self.internal_error(req, exc, f"a response hook of route {req.route_key!r}")
-                return
-        data = responses.local_reply(
-            status,
-            body,
-            content_type=content_type,
-            keep_alive=keep,
-            http10=req.version == "1.0",
-            date=self.ctx.date.line,
-            request_id=req.request_id or None,
-            extra=extra + req.extra_response if req.extra_response else extra,
-            head_only=req.method == b"HEAD",
-        )
-        req.status = status
-        req.response_length = len(body)
-        req.response_started = True
-        self.transport.write(data)
-        self.finish_response(req, keep)
-
-    def send_error(self, req: Request, status: int, reason: str, extra: bytes = b"") -> None:
-        """A gateway error: AWS-style body, counted, and logged once (access log)."""
-        req.error = reason
-        self.ctx.count_error(str(status))
-        self.send_local(req, status, responses.gateway_error_body(status), extra=extra)
-
-    def finish_response(self, req: Request, keep_alive: bool) -> None:
-        """The response to the active request is fully written."""
-        req.responded = True
-        access_log = self.ctx.access_log
-        route = req.route
-        if route is not None and route.log_hooks:
-            run_log_hooks(route.log_hooks, access_log.fields(req, self))
-        if access_log.enabled:
-            access_log.record(req, self)
-        req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC
-        if not keep_alive or self.ctx.draining:
-            # Linger when the client may still be sending: after a parse failure, or
-            # with a request body that was not read to its end.
-            self._close_after_response(
-                self._parser_dead or (not req.complete and (req.chunked or bool(req.content_length)))
-            )
-        elif req.complete:
-            refused_upgrade = self._upgrade_tail is not None and req is self._last_parsed
-            self._advance()
-            if refused_upgrade:  # this response refused the upgrade: the connection stays HTTP
-                self.resume_http()
-        else:
-            # The body is still arriving; it is read and dropped, then we move on.
-            self.set_deadline(T_BODY, self.ctx.limits.body_timeout)
-
-    def _close_after_response(self, linger: bool = False) -> None:
-        self._upgrade_tail = None
-        self._stop_parsing()
-        self._queue.clear()
-        self._active = None
-        transport = self.transport
-        if transport is None:
-            self.set_deadline(T_NONE, 0)
-            return
-        if linger and not self._peer_eof and not self._closed and transport.can_write_eof():
-            transport.write_eof()  # FIN once the answer is flushed
-            self._pause = 0
-            transport.resume_reading()  # data_received drops everything now
-            self.set_deadline(T_LINGER, _LINGER_SECONDS)
-        else:
-            self.set_deadline(T_NONE, 0)
-            transport.close()
-
-    def abort(self) -> None:
-        """Drop the connection without a reply (response already started)."""
-        self._stop_parsing()
-        if self.transport is not None:
-            self.transport.abort()
 
     def _stop_parsing(self) -> None:
         self._parser_dead = True
@@ -708,91 +577,6 @@ class HttpProtocol(asyncio.Protocol):
             self._dispatch(req)
         else:
             self._queue.append(req)
-
-    # ------------------------------------------------------------------ timers
-    def set_deadline(self, kind: int, seconds: float) -> None:
-        self._timer_kind = kind
-        if kind == T_NONE:
-            return
-        deadline = self.loop.time() + seconds
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None:
-            self._timer_at = deadline
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-        elif deadline < self._timer_at:
-            timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        kind = self._timer_kind
-        if kind == T_NONE or self._closed:
-            return
-        if self.loop.time() < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
-            return
-        self._timer_kind = T_NONE
-        if kind == T_FIRST or kind == T_KEEPALIVE:
-            if self.write_paused:
-                self.transport.abort()  # close() would wait for a reader that never reads
-            else:
-                self.transport.close()
-        elif kind == T_HEAD:
-            self._parse_failed(408, "request head not received in time")  # counted as "408"
-        elif kind == T_LINGER:
-            self.transport.close()
-        elif kind == T_BODY:
-            self.ctx.count_error("body_timeout")
-            self.abort()
-        elif kind == T_UPSTREAM:
-            req = self._active
-            if req is None or req.exchange is None:
-                self.abort()
-            elif not req.complete and req.exchange.request_stalled():
-                req.exchange.abort("client did not send the request body in time")
-                self._fail_active(req, 408, "request body not received in time")
-            else:
-                req.exchange.on_timeout()
-        elif kind == T_SEND:
-            self.ctx.count_error("send_timeout")
-            req = self._active
-            if req is not None and not req.responded:
-                if req.exchange is not None:
-                    req.exchange.abort("client stopped reading")
-                req.responded = True  # counted and logged here, not again as a 499
-                req.error = "client stopped reading the response"
-                self.ctx.access_log.record(req, self)
-            self.abort()
-
-    def _fail_active(self, req: Request, status: int, reason: str) -> None:
-        if req.response_started:
-            self._abort_active(req, status, reason)
-        else:
-            req.keep_alive = False
-            self.send_error(req, status, reason)
-
-    def _abort_active(self, req: Request, status: int, reason: str) -> None:
-        """A failure after the response started: dropping the connection is the only
-        honest signal left. Counted and logged once (connection_lost then skips it)."""
-        if not req.responded:
-            req.responded = True
-            req.error = reason
-            self.ctx.count_error(str(status))
-            self.ctx.access_log.record(req, self)
-        self.abort()
-
-
-def _hooked_head(proto: HttpProtocol, req: Request, status: int, content_type: bytes,
-                 extra: bytes) -> tuple[int, bytes]:
-    """A local reply's status and extra header lines after the route's response hooks."""
-    lines = [line.split(b": ", 1) for line in (extra + req.extra_response).split(b"\r\n") if line]
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in lines]
-    req.extra_response = b""
-    status = run_response_hooks(proto, req, status, headers)
-    return status, b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers)
 
 
 def status_line(status: int) -> bytes:
