@@ -6,6 +6,11 @@
 - `redis_server`: a real redis-server (tests/redis_server.py) for the cluster-mode tests.
 - `RawClient`: send exact bytes, read responses parsed with httptools.
 - `RawUpstream`: a misbehaving upstream driven by a test-supplied coroutine.
+- `REPO`: the repository root.
+
+Test modules live in folders that mirror `src/edgeplane` (tests/http, tests/policies/jwt,
+...); helper modules (this one, `wsutil`, `ws_peers`, `redis_server`, `shm_workers`) stay
+here and are imported by name (`pythonpath = ["tests"]`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httptools
 import orjson
@@ -23,6 +29,7 @@ from edgeplane import Gateway
 from edgeplane.runtime.demo_upstream import DemoUpstream
 
 PARSERS = ["httptools", "h11"]
+REPO = Path(__file__).resolve().parents[1]  # the repository root (tests live in subfolders)
 
 
 def base_config(upstream_port: int | None = None, routes: list | None = None, **extra) -> dict:

@@ -14,6 +14,7 @@ import httptools
 import orjson
 import pytest
 
+from conftest import REPO
 from edgeplane.runtime.demo_upstream import DemoUpstream, main
 
 
@@ -418,7 +419,7 @@ async def test_no_timer_left_after_stop():
 def test_main_subprocess():
     async def run() -> None:
         env = dict(os.environ)
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+        src = str(REPO / "src")
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "edgeplane.runtime.demo_upstream", "--port", "0",

@@ -10,9 +10,9 @@ from pathlib import Path
 import orjson
 import yaml
 
-from conftest import base_config
+from conftest import REPO, base_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import REPO
 import pytest
 
-BENCHES = Path(__file__).resolve().parent.parent / "benches"
+BENCHES = REPO / "benches"
 
 
 def _load(name: str):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
+from conftest import REPO
 from edgeplane.config import model
 from edgeplane.config.loader import (
     ConfigError,
@@ -23,7 +24,7 @@ from edgeplane.plugins.registry import default_registry
 CONFIG_SCHEMA = build_schema(default_registry())
 from edgeplane.routing.router import compile_routes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 DEFAULT_CONF = ROOT / "conf" / "edgeplane.yaml"
 EXAMPLES = sorted((ROOT / "conf" / "examples").glob("*.yaml"))
 

@@ -2,7 +2,7 @@
 injected clock and N worker views in one process, slot collisions, the segment's
 lifecycle, then real worker processes hammering one client key.
 
-Run `python tests/test_shared_keys.py [seconds] [workers] [rate]` for the long
+Run `PYTHONPATH=tests python tests/policies/throttle/test_shared_keys.py [seconds] [workers] [rate]` for the long
 measurement (one key at 1,000/s, burst 100, hammered by every worker: expect
 burst + rate*T +/- 5%; a second key used by worker 0 alone: what a private in-process
 bucket admits) and the per-check cost.

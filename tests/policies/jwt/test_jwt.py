@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from conftest import REPO
 from edgeplane.policies.jwt import verify as J
 from edgeplane.policies.jwt.jwks import KeySet, parse_jwks
 from edgeplane.policies.jwt.verify import (
@@ -579,7 +580,7 @@ def test_bench_runs():
     import subprocess
     import sys
     from pathlib import Path
-    bench = Path(__file__).resolve().parent.parent / "benches" / "jwt_bench.py"
+    bench = REPO / "benches" / "jwt_bench.py"
     out = subprocess.run([sys.executable, str(bench), "--seconds", "0.01"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     for alg in ("RS256", "ES256", "EdDSA"):
