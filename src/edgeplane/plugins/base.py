@@ -22,6 +22,7 @@ snapshot state in `CompileContext.state[name]`.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -143,8 +144,9 @@ class Integration:
 
     def load(self, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext, route_key: Any) -> Any:
         """The integration's model (an object with a `type` attribute). `route_key` is
-        the parsed route key (`router.ParsedKey`) or None when it was invalid."""
-        return spec
+        the parsed route key (`router.ParsedKey`) or None when it was invalid. The
+        default: the mapping's keys as attributes (`spec["type"]` included)."""
+        return SimpleNamespace(**spec)
 
     def compile(self, route: RouteConfig, ctx: CompileContext, upstream_headers: frozenset[bytes],
                 response_headers: frozenset[bytes]) -> Any:
