@@ -13,10 +13,10 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
+
+import pytest
 
 from conftest import REPO
-import pytest
 
 BENCHES = REPO / "benches"
 

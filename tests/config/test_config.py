@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,9 +19,9 @@ from edgeplane.config.loader import (
 )
 from edgeplane.config.schema import build_schema, schema_json
 from edgeplane.plugins.registry import default_registry
+from edgeplane.routing.router import compile_routes
 
 CONFIG_SCHEMA = build_schema(default_registry())
-from edgeplane.routing.router import compile_routes
 
 ROOT = REPO
 DEFAULT_CONF = ROOT / "conf" / "edgeplane.yaml"

@@ -203,8 +203,8 @@ async def test_400_readable_by_a_client_that_keeps_sending(upstream, gateway, pa
 
 
 async def test_lingering_close_ends_after_the_linger_time(upstream, gateway, monkeypatch):
-    from edgeplane.http import replies
-    monkeypatch.setattr(replies, "_LINGER_SECONDS", 0.2)
+    from edgeplane.http import protocol
+    monkeypatch.setattr(protocol, "_LINGER_SECONDS", 0.2)
     gw = await gateway(config(upstream.port, max_body_bytes=1000))
     c = await RawClient.connect(gw.addresses[0])
     await c.send(build_request("POST", "/echo", {"Content-Length": "5000"}) + b"b" * 100)

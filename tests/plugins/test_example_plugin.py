@@ -7,8 +7,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import RawClient
 
+from conftest import RawClient
 from edgeplane import ConfigError, Gateway, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"

@@ -8,8 +8,8 @@ import logging
 from typing import Any
 
 import pytest
-from conftest import RawClient, base_config
 
+from conftest import RawClient, base_config
 from edgeplane import ConfigError, Gateway
 from edgeplane.plugins import LocalReply, Phase, PluginError, Policy, RequestView, ResponseView, RouteStage
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 from conftest import RawClient, base_config
-
 from edgeplane import Gateway
 
 

@@ -62,7 +62,7 @@ def humanize(err: ValidationError) -> list[tuple[Path, str, bool]]:
     v, value, inst = err.validator, err.validator_value, err.instance
     if v == "additionalProperties" and isinstance(inst, dict):
         allowed = sorted(err.schema.get("properties", {}))
-        out = []
+        out: list[tuple[Path, str, bool]] = []
         for k in inst:
             if k in allowed:
                 continue
@@ -104,7 +104,7 @@ def humanize(err: ValidationError) -> list[tuple[Path, str, bool]]:
         deep = [e for e in err.context
                 if len(e.absolute_path) > len(path) or e.validator not in ("type", "const", "enum", "pattern")]
         if deep:
-            out: list[tuple[Path, str, bool]] = []
+            out = []
             for e in deep:
                 out.extend(humanize(e))
             return out

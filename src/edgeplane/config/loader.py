@@ -220,7 +220,7 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry)
     limits = b.limits(raw)
     access_log = b.access_log(raw)
     drain = b.duration(raw, "drain_timeout", (), 30.0, low_inclusive=True)
-    http = raw.get("http") if isinstance(raw.get("http"), dict) else {}
+    http = raw["http"] if isinstance(raw.get("http"), dict) else {}
     config = model.Config(
         listen=listen,
         workers=raw.get("workers", 1),

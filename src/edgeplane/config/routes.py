@@ -9,7 +9,7 @@ in `RouteConfig.policies[key]`, keyed by the config key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeplane.config import model
 from edgeplane.config.context import LoadContext, Path
@@ -18,6 +18,10 @@ from edgeplane.routing.router import ParsedKey, RouteKeyError, parse_route_key, 
 
 
 class RouteSections(LoadContext):
+    if TYPE_CHECKING:  # provided by `WebSocketSections` beside this mixin on the loader's builder
+        def websocket_limits(self, section: dict[str, Any], path: Path,
+                             base: model.WebSocketLimits) -> model.WebSocketLimits: ...
+
     def authorizers(self, raw: dict[str, Any]) -> dict[str, Any]:
         section = raw.get("authorizers")
         out: dict[str, Any] = {}
@@ -67,7 +71,7 @@ class RouteSections(LoadContext):
                 self.fail(path + ("host",), str(exc))
                 host_ok = False
         integration = self.integration(spec.get("integration"), path + ("integration",), parsed)
-        auth = spec.get("auth")
+        auth: Any = spec.get("auth")  # any YAML value: checked below
         kinds = self.authorizer_types
         if isinstance(auth, str) and auth not in kinds:
             known = ", ".join(sorted(kinds)) or "none defined"
@@ -94,7 +98,7 @@ class RouteSections(LoadContext):
                     policies[rkey] = value
         websocket = None
         if isinstance(spec.get("websocket"), dict):
-            websocket = self.websocket_limits(spec["websocket"], path + ("websocket",),  # type: ignore[attr-defined]
+            websocket = self.websocket_limits(spec["websocket"], path + ("websocket",),
                                               self.websocket_defaults)
             if integration is not None and integration.type != "http":
                 self.fail(path + ("websocket",), "only used with an http integration "

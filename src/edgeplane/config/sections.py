@@ -8,7 +8,7 @@ against the others for collisions.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from edgeplane.config import model
 from edgeplane.config.context import LoadContext, Path
@@ -185,8 +185,9 @@ class CoreSections(LoadContext):
             self.fail(p + ("client_cert",), "needs 'client_ca' (the CA client certificates chain to)")
         if client_ca is not None:
             self.ca_file(client_ca, p + ("client_ca",))
-        mode = "none" if client_ca is None else (client_cert if client_cert in ("optional", "required")
-                                                 else "required")
+        mode: Literal["none", "optional", "required"] = (
+            "none" if client_ca is None
+            else (client_cert if client_cert in ("optional", "required") else "required"))
         return model.TlsConfig(listen=tuple(listen), certificates=tuple(certs),
                                min_version=version if version in ("1.2", "1.3") else "1.2",
                                client_ca=client_ca, client_cert=mode)

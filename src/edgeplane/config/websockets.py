@@ -7,13 +7,17 @@ integrations, `$connect`-only authorizers, and per-API limits over the defaults.
 
 from __future__ import annotations
 
-from typing import Any
-
 from edgeplane.config import model
 from edgeplane.config.context import LoadContext, Path
 from edgeplane.config.errors import short as _short
-from edgeplane.config.values import (INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN, MAX_THROTTLE,
-                                     WS_MAX_MESSAGE, hosts_overlap, normalize_route_host)
+from edgeplane.config.values import (
+    INTEGRATION_TIMEOUT_MAX,
+    INTEGRATION_TIMEOUT_MIN,
+    MAX_THROTTLE,
+    WS_MAX_MESSAGE,
+    hosts_overlap,
+    normalize_route_host,
+)
 from edgeplane.routing.router import RouteKeyError, parse_route_key
 
 
@@ -88,8 +92,9 @@ class WebSocketSections(LoadContext):
                       upstream_names: list[str]) -> model.WebSocketApiConfig | None:
         from edgeplane.websocket.selection import parse_selection
 
-        api_path = spec.get("path")
-        ok = isinstance(api_path, str)
+        raw_path = spec.get("path")
+        api_path = raw_path if isinstance(raw_path, str) else ""  # read only while `ok`
+        ok = isinstance(raw_path, str)
         if ok and (not api_path.startswith("/") or " " in api_path):
             self.fail(path + ("path",), f"invalid path {api_path!r}: it must start with '/' and "
                                         "have no spaces")
@@ -182,7 +187,7 @@ class WebSocketSections(LoadContext):
             self.fail(path + ("scopes",), "scopes belong to the $connect route (with a JWT authorizer)")
         elif scopes and auth is None:
             self.fail(path + ("scopes",), "scopes need a JWT authorizer ('auth')")
-        elif scopes and self.authorizer_types.get(auth, "jwt") != "jwt":
+        elif scopes and auth is not None and self.authorizer_types.get(auth, "jwt") != "jwt":
             self.fail(path + ("scopes",), f"{auth!r} is not a JWT authorizer: scopes need a JWT authorizer")
         ret = spec.get("return_response", False)
         if ret is True and special:

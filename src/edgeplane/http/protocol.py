@@ -39,10 +39,23 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from edgeplane.http.codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, header_tokens, new_request_parser
+from edgeplane.http.replies import (  # noqa: F401
+    P_BUFFER,
+    P_DEAD,
+    P_PIPELINE,
+    P_UPSTREAM,
+    T_BODY,
+    T_FIRST,
+    T_HEAD,
+    T_KEEPALIVE,
+    T_LINGER,
+    T_NONE,
+    T_SEND,
+    T_UPSTREAM,
+    Replies,
+)
 from edgeplane.http.request import _DRAIN_BODY_MAX, Request
 from edgeplane.http.responses import STATUS_LINES
-from edgeplane.http.replies import (P_BUFFER, P_DEAD, P_PIPELINE, P_UPSTREAM, T_BODY, T_FIRST, T_HEAD,  # noqa: F401
-                                    T_KEEPALIVE, T_LINGER, T_NONE, T_SEND, T_UPSTREAM, Replies)
 from edgeplane.http.tls import client_subject
 
 if TYPE_CHECKING:
@@ -55,6 +68,7 @@ _SPECIAL_HEADERS = frozenset(
 )
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
 _PIPELINE_BUFFER_MAX = 256 * 1024
+_LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
 _UPGRADE_TAIL_MAX = 64 * 1024  # client bytes held while a WebSocket handshake completes
 
 
@@ -74,8 +88,8 @@ class _Stop(Exception):
 class HttpProtocol(Replies, asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
-        "_queued_bytes", "_pause", "write_paused", "_timer", "_timer_at", "_deadline",
-        "_timer_kind", "_head_partial", "_head_bytes", "_head_raw", "_parser_dead", "_closed",
+        "_queued_bytes", "_pause", "write_paused", "_head_partial", "_head_bytes", "_head_raw",
+        "_parser_dead", "_closed",
         "_peer_eof", "_last_parsed", "tls", "scheme", "client_cert_subject", "_upgrade_tail",
     )
 
@@ -85,7 +99,8 @@ class HttpProtocol(Replies, asyncio.Protocol):
         self.scheme = b"https" if tls else b"http"  # X-Forwarded-Proto
         self.client_cert_subject: str | None = None  # mTLS: RFC 4514 subject of the client cert
         self.loop = ctx.loop
-        self.transport: asyncio.Transport | None = None
+        # Set by connection_made; None only before it (nothing here runs then).
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser: Any = None
         self.peer_ip = "-"
         self._parsing: Request | None = None
@@ -239,7 +254,7 @@ class HttpProtocol(Replies, asyncio.Protocol):
                 # `detach` ran during this very read (a handler accepted synchronously):
                 # the rest of the read belongs to the new protocol.
                 if offset < len(data) and not transport.is_closing():
-                    transport.get_protocol().data_received(data[offset:])
+                    transport.get_protocol().data_received(data[offset:])  # type: ignore[attr-defined]
                 return
             self._upgrade_tail = bytearray(data[offset:])
             if req.responded:  # already answered as plain HTTP (a 404, a mock): go on as HTTP
@@ -302,14 +317,14 @@ class HttpProtocol(Replies, asyncio.Protocol):
             self.set_deadline(T_HEAD, self.ctx.limits.head_timeout)
 
     def on_url(self, url: bytes) -> None:
-        req = self._parsing
+        req: Request = self._parsing  # type: ignore[assignment]  # set while parsing
         req.target += url
         self._head_bytes += len(url)
         if self._head_bytes > self.ctx.limits.max_head_bytes:
             raise _Reject(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        req = self._parsing
+        req: Request = self._parsing  # type: ignore[assignment]  # set while parsing
         self._head_bytes += len(name) + len(value) + 4
         limits = self.ctx.limits
         if self._head_bytes > limits.max_head_bytes:
@@ -340,7 +355,7 @@ class HttpProtocol(Replies, asyncio.Protocol):
                 req.request_id = value
 
     def on_headers_complete(self) -> None:
-        req = self._parsing
+        req: Request = self._parsing  # type: ignore[assignment]  # set while parsing
         parser = self.parser
         ctx = self.ctx
         self._head_partial = False
@@ -369,7 +384,7 @@ class HttpProtocol(Replies, asyncio.Protocol):
                 self.pause_reading(P_PIPELINE)
 
     def on_body(self, chunk: bytes) -> None:
-        req = self._parsing
+        req: Request = self._parsing  # type: ignore[assignment]  # set while parsing
         req.body_size += len(chunk)
         if req.body_size > self.ctx.limits.max_body_bytes:
             raise _Reject(413, "request body too large")
@@ -384,7 +399,7 @@ class HttpProtocol(Replies, asyncio.Protocol):
         else:
             req.body_buf.append(chunk)
         if req.pending:  # held while an asynchronous stage (an authorizer call) runs
-            if sum(map(len, req.body_buf)) > _DRAIN_BODY_MAX:
+            if sum(len(b) for b in req.body_buf) > _DRAIN_BODY_MAX:
                 self.pause_reading(P_BUFFER)
         elif req is not self._active:
             self._queued_bytes += len(chunk)
@@ -538,6 +553,24 @@ class HttpProtocol(Replies, asyncio.Protocol):
                 self.transport.close()
             else:
                 self.set_deadline(T_KEEPALIVE, self.ctx.limits.keepalive_timeout)
+
+    def _close_after_response(self, linger: bool = False) -> None:
+        self._upgrade_tail = None
+        self._stop_parsing()
+        self._queue.clear()
+        self._active = None
+        transport = self.transport
+        if transport is None:
+            self.set_deadline(T_NONE, 0)
+            return
+        if linger and not self._peer_eof and not self._closed and transport.can_write_eof():
+            transport.write_eof()  # FIN once the answer is flushed
+            self._pause = 0
+            transport.resume_reading()  # data_received drops everything now
+            self.set_deadline(T_LINGER, _LINGER_SECONDS)
+        else:
+            self.set_deadline(T_NONE, 0)
+            transport.close()
 
     def _stop_parsing(self) -> None:
         self._parser_dead = True

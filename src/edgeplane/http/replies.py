@@ -46,18 +46,22 @@ P_UPSTREAM = 2  # upstream write buffer above its high-water mark
 P_DEAD = 4  # parser failed; nothing more to read
 P_BUFFER = 8  # body buffered while waiting for an upstream connection
 
-_LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
 
 
 class Replies:
     """Mixin: the output and timer methods of `protocol.HttpProtocol`."""
 
-    __slots__ = ()
+    # The connection timer: one handle, moved lazily (see `set_deadline`).
+    __slots__ = ("_timer", "_timer_at", "_deadline", "_timer_kind")
+    _timer: asyncio.TimerHandle | None
+    _timer_at: float
+    _deadline: float
+    _timer_kind: int
 
     # Connection state owned by HttpProtocol (declared here for the type checker).
     ctx: ServerContext
     loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport | None
+    transport: asyncio.Transport
     write_paused: bool
     _active: Request | None
     _queue: deque[Request]
@@ -65,10 +69,6 @@ class Replies:
     _peer_eof: bool
     _parser_dead: bool
     _pause: int
-    _timer: asyncio.TimerHandle | None
-    _timer_at: float
-    _deadline: float
-    _timer_kind: int
     _upgrade_tail: bytearray | None
     _last_parsed: Request | None
 
@@ -76,6 +76,7 @@ class Replies:
     def resume_http(self) -> None: ...
     def _stop_parsing(self) -> None: ...
     def _parse_failed(self, status: int, reason: str) -> None: ...
+    def _close_after_response(self, linger: bool = False) -> None: ...
 
     # ------------------------------------------------------------------ output
     def internal_error(self, req: Request, exc: BaseException, where: str) -> None:
@@ -167,24 +168,6 @@ class Replies:
         else:
             # The body is still arriving; it is read and dropped, then we move on.
             self.set_deadline(T_BODY, self.ctx.limits.body_timeout)
-
-    def _close_after_response(self, linger: bool = False) -> None:
-        self._upgrade_tail = None
-        self._stop_parsing()
-        self._queue.clear()
-        self._active = None
-        transport = self.transport
-        if transport is None:
-            self.set_deadline(T_NONE, 0)
-            return
-        if linger and not self._peer_eof and not self._closed and transport.can_write_eof():
-            transport.write_eof()  # FIN once the answer is flushed
-            self._pause = 0
-            transport.resume_reading()  # data_received drops everything now
-            self.set_deadline(T_LINGER, _LINGER_SECONDS)
-        else:
-            self.set_deadline(T_NONE, 0)
-            transport.close()
 
     def abort(self) -> None:
         """Drop the connection without a reply (response already started)."""

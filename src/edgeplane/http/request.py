@@ -64,7 +64,7 @@ class Request:
         self.error: str | None = None  # the gateway's reason for an error status (logged)
         # Set by stages (see stages.py):
         self.client_ip: str | None = None  # when trusted proxies name another client
-        self.claims: dict | None = None  # verified JWT claims
+        self.claims: Any = None  # verified JWT claims (a read-only mapping, `jwt.verify.Claims`)
         self.extra_response = b""  # header lines for the response (CORS)
         self.extra_upstream: list[tuple[bytes, bytes]] | None = None  # forwarded claims
         self.api_key: Any = None  # apikeys.ApiKey of an API-key authorizer

@@ -8,7 +8,7 @@ that route and the header sets the route's policies own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.config import model
 from edgeplane.config.values import INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN, TEMPLATE_PARAM_RE
@@ -79,20 +79,20 @@ def _check_template(template: str, path: tuple[Any, ...], parsed: ParsedKey | No
     if TEMPLATE_PARAM_RE.sub("", template).count("{") or TEMPLATE_PARAM_RE.sub("", template).count("}"):
         ctx.fail(path, f"path template {template!r} has an unbalanced '{{' or '}}'")
         return
-    defined = parsed.param_names if parsed is not None else None
+    defined = parsed.param_names if parsed is not None else ()
     for name in TEMPLATE_PARAM_RE.findall(template):
         if name.endswith("+"):
             ctx.fail(path, f"write {{{name[:-1]}}} in a path template, not {{{name}}}")
             continue
-        if defined is None:
+        if parsed is None:
             continue  # the route key is invalid: reported already
         if name not in defined:
             if defined:
                 have = ", ".join("{" + n + "}" for n in defined)
-                ctx.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "  # type: ignore[union-attr]
+                ctx.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "
                                 f"defines {have}")
             else:
-                ctx.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "  # type: ignore[union-attr]
+                ctx.fail(path, f"unknown parameter {{{name}}}: route {parsed.key!r} "
                                 "defines no parameters")
 
 
@@ -108,7 +108,8 @@ class HttpIntegrationPlugin(Integration):
                 response_headers: frozenset[bytes]) -> HttpIntegration:
         integ, config = route.integration, ctx.config
         return HttpIntegration(
-            ctx.upstreams[integ.upstream], integ.path, integ.timeout, integ.preserve_host,
+            ctx.upstreams[cast(str, integ.upstream)], integ.path,  # always set on an http integration
+            integ.timeout, integ.preserve_host,
             claim_headers=upstream_headers, gateway_response_headers=response_headers,
             websocket=relay_settings(route.websocket or config.websocket, config.limits.send_timeout),
             websocket_exchange=WsUpgradeExchange,

@@ -12,8 +12,18 @@ May import: `http` (types only) and `config.model` (types only). Imported by `co
 `routing`, the policy units and `runtime`.
 """
 
-from edgeplane.plugins.api import (FastStage, LocalReply, LogHook, Phase, PluginError, RequestHook,
-                                   RequestView, ResponseHook, ResponseView, RouteStage)
+from edgeplane.plugins.api import (
+                                   FastStage,
+                                   LocalReply,
+                                   LogHook,
+                                   Phase,
+                                   PluginError,
+                                   RequestHook,
+                                   RequestView,
+                                   ResponseHook,
+                                   ResponseView,
+                                   RouteStage,
+)
 from edgeplane.plugins.base import CompileContext, Integration, Policy, RuntimeContext
 
 __all__ = [

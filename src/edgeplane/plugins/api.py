@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -157,7 +157,8 @@ class RequestView:
         """The authorizer's verdict: JWT claims, or {"apiKeyId": ..., "plan": ...}."""
         req = self._req
         if req.claims is not None:
-            return req.claims
+            claims: Mapping[str, Any] = req.claims
+            return claims
         if req.api_key is not None:
             return {"apiKeyId": req.api_key.id, "plan": req.api_key.plan}
         return None
@@ -211,7 +212,7 @@ class ResponseView:
         return list(self._headers)
 
 
-RequestHook = Callable[[RequestView], Union[LocalReply, None, Awaitable[Union[LocalReply, None]]]]
+RequestHook = Callable[[RequestView], LocalReply | None | Awaitable[LocalReply | None]]
 ResponseHook = Callable[[ResponseView], None]
 LogHook = Callable[[dict[str, Any]], None]
 

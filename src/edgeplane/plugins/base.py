@@ -22,8 +22,8 @@ snapshot state in `CompileContext.state[name]`.
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgeplane.plugins.api import Phase

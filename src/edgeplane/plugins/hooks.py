@@ -21,8 +21,7 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.plugins.api import (FastStage, LocalReply, PluginError, RequestView, ResponseView,
-                                   check_header_value)
+from edgeplane.plugins.api import FastStage, LocalReply, PluginError, RequestView, ResponseView, check_header_value
 
 if TYPE_CHECKING:
     from edgeplane.http.request import Request
@@ -36,9 +35,14 @@ HttpProtocol = Any
 __all__ = ["PublicStage", "check_hook", "run_response_hooks", "run_log_hooks", "reply_extra"]
 
 
+def _is_async(fn: Any) -> bool:
+    """`async def` functions, and objects whose `__call__` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
 def check_hook(policy: str, kind: str, fn: Any) -> None:
     """Refuse, at load, an `async def` where a synchronous hook is required."""
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+    if _is_async(fn):
         raise PluginError(f"policy {policy!r}: the {kind} hook {getattr(fn, '__qualname__', fn)!r} is "
                           f"`async def`; {kind} hooks run synchronously: make it a plain function")
 
@@ -83,8 +87,7 @@ class PublicStage(FastStage):
         self.policy = policy
         self.fn = fn
         self.index = index
-        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None))
+        self.is_async = _is_async(fn)
         self.tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, proto: HttpProtocol, req: Request) -> bool | None:

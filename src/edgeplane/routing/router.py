@@ -53,8 +53,9 @@ order `match` prefers them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Sequence, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from edgeplane.config.model import RouteConfig
 
@@ -234,35 +235,36 @@ def _parse_segment(text: str, key: str, *, last: bool) -> Segment:
 # compiled tries
 
 
-class _Leaf:
+class _Leaf(Generic[T]):
     __slots__ = ("payload", "names", "route")
 
-    def __init__(self, payload: object, names: tuple[str, ...], route: RouteConfig) -> None:
+    def __init__(self, payload: T, names: tuple[str, ...], route: RouteConfig) -> None:
         self.payload = payload
         self.names = names
         self.route = route
 
 
-class _Node:
+class _Node(Generic[T]):
     __slots__ = ("literals", "param", "greedy", "methods", "any")
 
     def __init__(self) -> None:
-        self.literals: dict[bytes, _Node] = {}
-        self.param: _Node | None = None
-        self.greedy: _Node | None = None  # terminal: only methods/any are used
-        self.methods: dict[bytes, _Leaf] = {}
-        self.any: _Leaf | None = None
+        self.literals: dict[bytes, _Node[T]] = {}
+        self.param: _Node[T] | None = None
+        self.greedy: _Node[T] | None = None  # terminal: only methods/any are used
+        self.methods: dict[bytes, _Leaf[T]] = {}
+        self.any: _Leaf[T] | None = None
 
 
-class _Trie:
+class _Trie(Generic[T]):
     __slots__ = ("root", "default")
 
     def __init__(self) -> None:
-        self.root = _Node()
-        self.default: _Leaf | None = None
+        self.root: _Node[T] = _Node()
+        self.default: _Leaf[T] | None = None
 
 
-def _walk(node: _Node, segs: list[bytes], i: int, n: int, method: bytes, captured: list[bytes]) -> _Leaf | None:
+def _walk(node: _Node[T], segs: list[bytes], i: int, n: int, method: bytes,
+          captured: list[bytes]) -> _Leaf[T] | None:
     """Depth-first, most specific first; `captured` holds the parameter values so far."""
     if i == n:
         leaf = node.methods.get(method)
@@ -293,13 +295,14 @@ def _walk(node: _Node, segs: list[bytes], i: int, n: int, method: bytes, capture
     return None
 
 
-def _match_trie(trie: _Trie, segs: list[bytes] | None, n: int, method: bytes) -> tuple[object, dict[str, bytes]] | None:
+def _match_trie(trie: _Trie[T], segs: list[bytes] | None, n: int, method: bytes) -> tuple[T, dict[str, bytes]] | None:
     if segs is not None:
         captured: list[bytes] = []
         leaf = _walk(trie.root, segs, 1, n, method, captured)
         if leaf is not None:
             if leaf.names:
-                return leaf.payload, dict(zip(leaf.names, captured))
+                # equal lengths by construction; strict= would cost a kwargs dict per match
+                return leaf.payload, dict(zip(leaf.names, captured))  # noqa: B905
             return leaf.payload, {}
     leaf = trie.default
     if leaf is not None:
@@ -314,9 +317,9 @@ class Router(Generic[T]):
 
     def __init__(
         self,
-        exact: dict[bytes, _Trie],
-        wild: list[tuple[bytes, _Trie]],
-        hostless: _Trie,
+        exact: dict[bytes, _Trie[T]],
+        wild: list[tuple[bytes, _Trie[T]]],
+        hostless: _Trie[T],
         table: list[RouteConfig],
     ) -> None:
         self._exact = exact
@@ -348,13 +351,13 @@ class Router(Generic[T]):
             if trie is not None:
                 found = _match_trie(trie, segs, n, method)
                 if found is not None:
-                    return found  # type: ignore[return-value]
+                    return found
             for suffix, trie in self._wild:
                 if host.endswith(suffix) and len(host) > len(suffix):
                     found = _match_trie(trie, segs, n, method)
                     if found is not None:
-                        return found  # type: ignore[return-value]
-        return _match_trie(self._hostless, segs, n, method)  # type: ignore[return-value]
+                        return found
+        return _match_trie(self._hostless, segs, n, method)
 
     def table(self) -> list[RouteConfig]:
         """Routes in match-priority order (what `edgeplane routes` prints)."""
@@ -390,9 +393,9 @@ def compile_routes(entries: Sequence[tuple[RouteConfig, T]]) -> Router[T]:
     Raises `RouteKeyError` for a bad key and `ValueError` for a duplicate route; config
     loading has already reported both, so a loaded `Config` always compiles.
     """
-    exact: dict[bytes, _Trie] = {}
-    wild: dict[bytes, _Trie] = {}
-    hostless = _Trie()
+    exact: dict[bytes, _Trie[T]] = {}
+    wild: dict[bytes, _Trie[T]] = {}
+    hostless: _Trie[T] = _Trie()
     for route, payload in entries:
         parsed = parse_route_key(route.key)
         host = route.host.lower() if route.host else None
@@ -408,7 +411,7 @@ def compile_routes(entries: Sequence[tuple[RouteConfig, T]]) -> Router[T]:
     return Router(exact, wild_list, hostless, table)
 
 
-def _insert(trie: _Trie, parsed: ParsedKey, route: RouteConfig, payload: object) -> None:
+def _insert(trie: _Trie[T], parsed: ParsedKey, route: RouteConfig, payload: T) -> None:
     leaf = _Leaf(payload, parsed.param_names, route)
     if parsed.segments is None:
         if trie.default is not None:
@@ -497,7 +500,7 @@ def _integration_summary(route: RouteConfig) -> str:
     return str(it.type)
 
 
-def format_table(router_or_routes: "Router[object] | Sequence[RouteConfig]") -> str:
+def format_table(router_or_routes: Router[object] | Sequence[RouteConfig]) -> str:
     """A plain-text table of routes in match-priority order, for `edgeplane routes`."""
     if isinstance(router_or_routes, Router):
         routes = router_or_routes.table()
@@ -515,7 +518,7 @@ def format_table(router_or_routes: "Router[object] | Sequence[RouteConfig]") -> 
             (str(prio), r.host or "(any)", method, path, _integration_summary(r), f"routes[{r.index}]")
         )
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     if not routes:
         lines.append("(no routes: every request gets 404)")
     return "\n".join(lines) + "\n"

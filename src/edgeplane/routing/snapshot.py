@@ -9,7 +9,8 @@ reference; in-flight requests keep the route objects they matched.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from edgeplane.plugins.base import CompileContext
 from edgeplane.policies.throttle.stores import LocalLimits
@@ -18,10 +19,10 @@ from edgeplane.routing.router import Router, compile_routes
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config, RouteConfig
-    from edgeplane.plugins.registry import Registry
-    from edgeplane.upstream.pool import Upstream
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
+    from edgeplane.plugins.registry import Registry
+    from edgeplane.upstream.pool import Upstream
 
 
 class FunctionIntegration:
@@ -97,6 +98,7 @@ def build_snapshot(config: Config, upstreams: dict[str, Upstream], runtime: dict
     limits = limits if limits is not None else LocalLimits(config)
     ctx = compile_context(config, upstreams, runtime,
                           {"limits": limits, "quota_counter": quota_counter})
-    routes = [compile_route(rc, ctx, config.registry) for rc in config.routes]
-    router = compile_routes([(c.config, c) for c in routes])
+    pairs = [(rc, compile_route(rc, ctx, config.registry)) for rc in config.routes]
+    routes = [c for _, c in pairs]
+    router = compile_routes(pairs)
     return Snapshot(config, router, routes, websocket_apis)

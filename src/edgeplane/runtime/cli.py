@@ -12,12 +12,15 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+from typing import IO, TYPE_CHECKING, cast
 
 from edgeplane import __version__
 from edgeplane.runtime.logs import setup_logging
+
+if TYPE_CHECKING:
+    import subprocess
 
 DEFAULT_CONFIG = "conf/edgeplane.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -131,14 +134,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             demo.wait()
 
 
-def _start_demo_upstream(port: int):
+def _start_demo_upstream(port: int) -> subprocess.Popen[bytes]:
     import subprocess
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeplane.runtime.demo_upstream", "--port", str(port)],
         stderr=subprocess.PIPE,
     )
-    line = proc.stderr.readline().decode().strip()  # "demo upstream listening on ..."
+    stderr = cast(IO[bytes], proc.stderr)  # set: stderr=PIPE
+    line = stderr.readline().decode().strip()  # "demo upstream listening on ..."
     print(line or "demo upstream failed to start", file=sys.stderr, flush=True)
     return proc
 

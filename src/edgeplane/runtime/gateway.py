@@ -34,28 +34,29 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from edgeplane.runtime.accesslog import AccessLog
-from edgeplane.runtime.admin import build_admin_snapshot
 from edgeplane.config.loader import load_config
-from edgeplane.http.context import ServerContext
 from edgeplane.config.model import Config
-from edgeplane.plugins.base import RuntimeContext
-from edgeplane.upstream.pool import Upstream
-from edgeplane.http.responses import DateHeader
+from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
+from edgeplane.http.responses import DateHeader
+from edgeplane.http.tls import ListenerTls
+from edgeplane.plugins.base import RuntimeContext
 from edgeplane.policies.quota.store import QuotaPeriod, QuotaStore
-from edgeplane.policies.throttle.stores import limits_for, plans_of, ws_api_index
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SharedLimitTable
+from edgeplane.policies.throttle.stores import limits_for, plans_of, ws_api_index
 from edgeplane.routing.snapshot import Snapshot, build_snapshot
-from edgeplane.http.tls import ListenerTls
+from edgeplane.runtime.accesslog import AccessLog
+from edgeplane.runtime.admin import build_admin_snapshot
+from edgeplane.upstream.pool import Upstream
 from edgeplane.websocket.api import build_websocket_apis
 from edgeplane.websocket.connections import ConnectionRegistry
 
 if TYPE_CHECKING:
     from edgeplane.policies.throttle.cluster import RedisLimiter, RedisQuotaStore
+    from edgeplane.websocket.bus import RedisBus
 
 log = logging.getLogger("edgeplane")
 
@@ -90,11 +91,11 @@ class Gateway:
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
         # throttle tables (shared_limits, shared_keys).
         self.shared_limits = shared_limits
-        self.shared_table = None
-        self.keyed_table = None
+        self.shared_table: SharedLimitTable | None = None
+        self.keyed_table: SharedKeyTable | None = None
         self.quota_store: QuotaStore | RedisQuotaStore | None = None
         self.limiter: RedisLimiter | None = None  # cluster mode: the Redis side of throttles
-        self._quota_flush: asyncio.Task | None = None
+        self._quota_flush: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.upstreams: dict[str, Upstream] = {}
         self._runtime: RuntimeContext | None = None  # the plugins' per-gateway state
@@ -116,7 +117,7 @@ class Gateway:
         self.ws_worker = ws_worker
         self.ws_registry: ConnectionRegistry | None = None
         self.ws_socket: str | None = None  # this worker's admin Unix socket
-        self._ws_bus = None
+        self._ws_bus: RedisBus | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -137,18 +138,20 @@ class Gateway:
             if keys and keys[0]:
                 self.keyed_table = SharedKeyTable.attach(keys[0], index)
         if cfg.cluster is not None:
-            from edgeplane.policies.throttle.cluster import REDIS_ERRORS, RedisLimiter, RedisQuotaStore  # redis-py: only here
+            # redis-py: only here
+            from edgeplane.policies.throttle.cluster import REDIS_ERRORS, RedisLimiter, RedisQuotaStore
 
             self.limiter = RedisLimiter(cfg.cluster, loop)
         periods = [QuotaPeriod(p.quota_period, p.quota_offset)
                    for p in plans_of(cfg).values() if p.quota_limit]
         if periods and self.limiter is not None:
+            cluster = self.limiter.config  # `cfg.cluster`: the limiter exists only with it
             self.quota_store = RedisQuotaStore(self.limiter, periods)
             try:
-                await asyncio.wait_for(self.quota_store.aload(), max(1.0, cfg.cluster.timeout * 10))
+                await asyncio.wait_for(self.quota_store.aload(), max(1.0, cluster.timeout * 10))
             except REDIS_ERRORS as exc:
                 log.warning("quota counts not loaded from redis %s (%s): counting from the next "
-                            "successful flush", cfg.cluster.redis, exc.__class__.__name__)
+                            "successful flush", cluster.redis, exc.__class__.__name__)
         elif periods:
             # Quota counts survive restarts: loaded now, flushed off the request path on
             # the tick and at stop (crash bound: what was admitted since the last flush).
@@ -190,14 +193,15 @@ class Gateway:
                  if self.admin_address else "")
 
     async def _bind(self, ctx: ServerContext, host: str, port: int,
-                    tls: ListenerTls | None = None) -> asyncio.AbstractServer:
+                    tls: ListenerTls | None = None) -> asyncio.Server:
         if tls is None:
             factory = lambda: HttpProtocol(ctx)  # noqa: E731
             extra: dict[str, Any] = {}
         else:
             factory = lambda: HttpProtocol(ctx, True)  # noqa: E731
             extra = {"ssl": tls.default, "ssl_handshake_timeout": ctx.limits.head_timeout}
-        server = await self.loop.create_server(
+        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: start() binds
+        server = await loop.create_server(
             factory, host, port, reuse_port=self.reuse_port or None,
             backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET, **extra,
         )
@@ -205,19 +209,22 @@ class Gateway:
         return server
 
     def _schedule_tick(self) -> None:
-        self._tick = self.loop.call_later(min(self.config.access_log.flush_interval, 1.0), self._on_tick)
+        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: start() or its tick schedules
+        self._tick = loop.call_later(min(self.config.access_log.flush_interval, 1.0), self._on_tick)
 
     def _on_tick(self) -> None:
+        # start() set what the tick reads; stop() cancels it before clearing the snapshot
+        loop = cast(asyncio.AbstractEventLoop, self.loop)
         self.date.refresh()
-        self.access_log.flush()
-        now = self.loop.time()
+        cast(AccessLog, self.access_log).flush()
+        now = loop.time()
         for upstream in self.upstreams.values():
             upstream.sweep(now)
         store = self.quota_store
         if store is not None and (self._quota_flush is None or self._quota_flush.done()):
-            self._quota_flush = self.loop.create_task(self._flush_quotas())
+            self._quota_flush = loop.create_task(self._flush_quotas())
         mono = time.monotonic()  # the throttle's clock
-        for route in self.snapshot.routes:
+        for route in cast(Snapshot, self.snapshot).routes:
             for stage in route.stages:
                 sweep = getattr(stage, "sweep", None)
                 if sweep is not None:
@@ -226,7 +233,7 @@ class Gateway:
 
     async def _flush_quotas(self) -> None:
         try:
-            await self.quota_store.aflush()
+            await cast("QuotaStore | RedisQuotaStore", self.quota_store).aflush()  # set: the tick checked
         except Exception as exc:  # the deltas stay in memory for the next flush
             log.warning("quota flush failed: %s", exc)
 
@@ -246,7 +253,7 @@ class Gateway:
             for proto in list(ctx.connections):
                 if proto.idle():
                     proto.transport.close()
-        loop = self.loop
+        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: started
         await self._close_websockets(min(timeout, 2.5))
         deadline = loop.time() + timeout
         while any(c.connections for c in contexts) and loop.time() < deadline:
@@ -267,10 +274,11 @@ class Gateway:
                 await policy.stop(self._runtime)
         if self._quota_flush is not None:
             await asyncio.gather(self._quota_flush, return_exceptions=True)
-        if hasattr(self.quota_store, "aclose"):
-            await self.quota_store.aclose()
-        elif self.quota_store is not None:
-            self.quota_store.close(flush=True)
+        store = self.quota_store
+        if store is not None and hasattr(store, "aclose"):  # RedisQuotaStore
+            await store.aclose()
+        elif store is not None:
+            store.close(flush=True)
         if self.limiter is not None:
             await self.limiter.close()
         if self.shared_table is not None:
@@ -281,7 +289,7 @@ class Gateway:
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run
-        self.access_log.close()
+        cast(AccessLog, self.access_log).close()  # set: started
         log.info("stopped")
 
     async def _close_servers(self) -> None:
@@ -290,7 +298,7 @@ class Gateway:
         for server in self._servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._servers.clear()
 
@@ -310,12 +318,12 @@ class Gateway:
         return f"http://{host}:{port}{path}"
 
     def stats(self) -> dict[str, Any]:
-        ctx = self.context
+        ctx = cast(ServerContext, self.context)  # stats are asked of a started gateway
         out: dict[str, Any] = {
             "pid": os.getpid(),
             "connections_open": len(ctx.connections),
             "websockets_open": len(ctx.websockets),  # proxied and terminated
-            "access_log_lines": self.access_log.lines,
+            "access_log_lines": cast(AccessLog, self.access_log).lines,
             **ctx.stats.as_dict(),
             "authorizers": {},
             **({"cluster": self.limiter.telemetry()} if self.limiter is not None else {}),
@@ -356,6 +364,7 @@ class Gateway:
     async def _start_ws_forwarding(self, cfg: Config) -> None:
         if not cfg.websocket_apis:
             return
+        registry = cast(ConnectionRegistry, self.ws_registry)  # set: built before the listeners
         if self.ws_worker is not None:
             from edgeplane.runtime.admin import WorkerForwarder
 
@@ -365,21 +374,22 @@ class Gateway:
                 os.unlink(path)  # a predecessor's (this index is ours now)
             except FileNotFoundError:
                 pass
-            ctx = self.admin_context
-            server = await self.loop.create_unix_server(lambda: HttpProtocol(ctx), path)
+            ctx = cast(ServerContext, self.admin_context)  # set: start() made it
+            loop = cast(asyncio.AbstractEventLoop, self.loop)
+            server = await loop.create_unix_server(lambda: HttpProtocol(ctx), path)
             os.chmod(path, 0o600)
             self._servers.append(server)
             self.ws_socket = path
-            self.ws_registry.forwarder = WorkerForwarder(
+            registry.forwarder = WorkerForwarder(
                 lambda i: os.path.join(directory, f"worker-{i}.sock"))
         if cfg.cluster is not None:
             from edgeplane.websocket.bus import RedisBus
 
             c = cfg.cluster
-            self._ws_bus = RedisBus(self.ws_registry, c.redis, c.key_prefix,
-                                    timeout=max(1.0, c.timeout * 10), retry_interval=c.retry_interval)
-            await self._ws_bus.start()
-            self.ws_registry.bus = self._ws_bus
+            bus = self._ws_bus = RedisBus(registry, c.redis, c.key_prefix,
+                                          timeout=max(1.0, c.timeout * 10), retry_interval=c.retry_interval)
+            await bus.start()
+            registry.bus = bus
 
     async def _stop_ws_forwarding(self) -> None:
         if self.ws_socket is not None:
@@ -399,8 +409,9 @@ class Gateway:
             return
         for ws in list(ctx.websockets):
             ws.close(1001, "going away")
-        deadline = self.loop.time() + timeout
-        while ctx.websockets and self.loop.time() < deadline:
+        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: the context exists
+        deadline = loop.time() + timeout
+        while ctx.websockets and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for ws in list(ctx.websockets):
             abort = getattr(ws, "abort", None)  # a proxied relay: both legs

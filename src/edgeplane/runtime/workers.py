@@ -22,9 +22,9 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,14 +34,14 @@ from typing import Any
 import uvloop
 
 from edgeplane.config.loader import load_config
-from edgeplane.runtime.gateway import Gateway
-from edgeplane.runtime.logs import setup_logging
 from edgeplane.config.model import Config
-from edgeplane.policies.throttle.stores import plans_of, shared_limit_count
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SharedLimitTable
+from edgeplane.policies.throttle.stores import plans_of, shared_limit_count
+from edgeplane.runtime.gateway import Gateway
+from edgeplane.runtime.logs import setup_logging
 
-log = logging.getLogger("edgeplane.runtime.workers")
+log = logging.getLogger("edgeplane.workers")
 
 ENV_CONFIG = "EDGEPLANE_WORKER_CONFIG"
 ENV_READY = "EDGEPLANE_READY_FD"
@@ -69,7 +69,7 @@ def _ws_worker_from_env() -> tuple[int, str, bytes] | None:
 
 
 async def _serve(config: Config, reuse_port: bool, ready_fd: int | None,
-                 shared_limits: tuple[str, int] | None = None) -> None:
+                 shared_limits: tuple[str, int, str | None] | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -187,7 +187,8 @@ class Supervisor:
             env["EDGEPLANE_WS_HOST_TAG"] = self.ws_host_tag
         env["EDGEPLANE_WORKER_INDEX"] = str(i)
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from edgeplane.runtime.workers import worker_main; raise SystemExit(worker_main())"],
+            [sys.executable, "-c",
+             "from edgeplane.runtime.workers import worker_main; raise SystemExit(worker_main())"],
             env=env, pass_fds=(write_fd,),
         )
         os.close(write_fd)

@@ -26,18 +26,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.codec import header_tokens
-from edgeplane.upstream.pool import PoolOverflow
-from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
-from edgeplane.plugins.hooks import run_response_hooks
 from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_UPSTREAM
 from edgeplane.http.request import body_drainable
+from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
+from edgeplane.plugins.hooks import run_response_hooks
+from edgeplane.upstream.pool import PoolOverflow
 
 if TYPE_CHECKING:
-    from edgeplane.upstream.pool import TargetPool, Upstream, UpstreamConnection
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
+    from edgeplane.upstream.pool import TargetPool, Upstream, UpstreamConnection
 
-log = logging.getLogger("edgeplane.upstream.proxy")
+log = logging.getLogger("edgeplane.proxy")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus what the proxy sets itself.
 _REQUEST_SKIP = frozenset((
@@ -113,7 +113,7 @@ class HttpIntegration:
         if template is None:
             path = req.path
         else:
-            params = req.params
+            params: dict[str, bytes] = req.params  # type: ignore[assignment]  # set: the route has the template's params
             path = b"".join([params[v] if is_param else v for is_param, v in template])
         if req.query:
             path = path + b"?" + req.query
@@ -244,15 +244,16 @@ class ProxyExchange:
 
     def on_connection(self, conn: UpstreamConnection) -> None:
         """`conn` is ours (the pool set conn.exchange): send what we have."""
+        pool: TargetPool = self.pool  # type: ignore[assignment]  # set by `_acquire` before any connection
         if self.done:
-            self.pool.release(conn, True)
+            pool.release(conn, True)
             return
         self.conn = conn
         req = self.req
         proto = self.proto
         if not self.head:
-            self.head = self.integ.request_head(proto, req, self.pool)
-        req.upstream = self.pool.name
+            self.head = self.integ.request_head(proto, req, pool)
+        req.upstream = pool.name
         if self.replay:
             # A retry: what was sent before goes again on the fresh connection.
             conn.write(b"".join([self.head, *self.replay]))
@@ -315,7 +316,7 @@ class ProxyExchange:
 
     def _request_done(self) -> None:
         if self.req.chunked:
-            self.conn.write(_CHUNK_END)
+            self.conn.write(_CHUNK_END)  # type: ignore[union-attr]  # set: called once connected
             if self.replay is not None:
                 self.replay.append(_CHUNK_END)
         self.request_sent = True
@@ -395,7 +396,7 @@ class ProxyExchange:
         self.out.append(b"".join(parts))
         if self.head_only:
             # llhttp cannot be told the request was HEAD: end here, fresh parser next.
-            conn = self.conn
+            conn: UpstreamConnection = self.conn  # type: ignore[assignment]  # set: its parser called us
             conn.reset_parser = True
             self.on_response_complete(conn.parser.should_keep_alive())
 
@@ -432,11 +433,12 @@ class ProxyExchange:
         if out:
             proto.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        conn = self.conn
+        conn: UpstreamConnection = self.conn  # type: ignore[assignment]  # set: its parser called us
         self.conn = None
         if self.upstream_paused:
             conn.transport.resume_reading()
-        self.pool.release(conn, upstream_keep_alive and self.request_sent, "not_reusable")
+        self.pool.release(conn,  # type: ignore[union-attr]
+                          upstream_keep_alive and self.request_sent, "not_reusable")
         # The upstream may answer before the whole body arrived: read the rest only
         # when it is small; otherwise close after this response.
         keep = self.keep_alive and (req.complete or body_drainable(req))

@@ -39,9 +39,8 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -58,10 +57,10 @@ from edgeplane.websocket.handshake import accept_key, client_handshake_error
 from edgeplane.websocket.selection import parse_selection
 
 if TYPE_CHECKING:
-    from edgeplane.plugins.base import CompileContext
     from edgeplane.config.model import Config, WebSocketApiConfig, WebSocketLimits
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
+    from edgeplane.plugins.base import CompileContext
     from edgeplane.upstream.pool import Upstream
     from edgeplane.websocket.connections import ConnectionRegistry
 
@@ -268,7 +267,7 @@ def _accept(api: WsApi, proto: HttpProtocol, req: Request, conn_id: str, protoco
     if protocol and protocol in offered:
         head += (b"sec-websocket-protocol: ", protocol, b"\r\n")
     head.append(b"\r\n")
-    cast(asyncio.Transport, proto.transport).write(b"".join(head))  # not None: not `_gone`
+    proto.transport.write(b"".join(head))
     api.source_ip(proto, req)
     paused = proto.write_paused
     transport, tail = proto.detach()

@@ -573,7 +573,7 @@ class ConnectionRegistry:
         now = self.answer_now(method, conn_id, body, forwarded)
         if now is not None:
             return now
-        index, tag = parse_id(conn_id)  # type: ignore[misc]
+        index, tag = cast("tuple[int, bytes]", parse_id(conn_id))  # well-formed: answer_now checked it
         self.stats["forwarded_calls"] += 1
         if tag == self.host_tag:
             return await self.forwarder.call(index, method, conn_id, body)

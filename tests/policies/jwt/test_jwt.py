@@ -579,7 +579,6 @@ def test_bench_runs():
     """benches/jwt_bench.py never rots (tiny measuring time; figures are not asserted)."""
     import subprocess
     import sys
-    from pathlib import Path
     bench = REPO / "benches" / "jwt_bench.py"
     out = subprocess.run([sys.executable, str(bench), "--seconds", "0.01"], capture_output=True,
                          text=True, timeout=60, check=True).stdout

@@ -1,7 +1,8 @@
 """Cross-process token buckets (`edgeplane.shared_limits`): arithmetic with an injected
 clock and N worker views in one process, then real worker processes hammering one limit.
 
-Run `PYTHONPATH=tests python tests/policies/throttle/test_shared_limits.py [seconds] [workers]` for the issue's 10-second,
+Run `PYTHONPATH=tests python tests/policies/throttle/test_shared_limits.py [seconds] [workers]`
+for the issue's 10-second,
 4-worker measurement (1,000/s, burst 100: expect 10,100 +/- 5%).
 """
 

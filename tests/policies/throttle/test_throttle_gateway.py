@@ -110,8 +110,9 @@ async def test_route_limit_holds_across_two_workers(upstream, tmp_path):
 async def test_per_client_limits_hold_across_two_workers(upstream, tmp_path):
     """Per-client buckets live in the shared keyed table: client a's burst of 10 holds
     across two real workers (per-process maps would admit ~20); client b is separate."""
-    from conftest import RawClient
     from test_processes import _start_serve, _stop, _worker_pids
+
+    from conftest import RawClient
 
     cfg = throttled(upstream.port, {"rate": 0.01, "burst": 10, "key": "$request.header.X-Client-Id"})
     cfg["workers"] = 2

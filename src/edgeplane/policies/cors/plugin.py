@@ -8,8 +8,8 @@ are dropped (`response_headers`). The sans-IO policy is `policy.CorsPolicy`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from edgeplane.config.schema import STRINGS
 from edgeplane.http.request import header

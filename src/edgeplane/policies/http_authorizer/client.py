@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -161,7 +161,7 @@ class HttpAuthorizerStage(FastStage):
 
     async def _ask(self, proto: HttpProtocol, req: Request, identity: tuple[str, ...], index: int) -> None:
         client = self.client
-        transport = cast(asyncio.Transport, proto.transport)  # set once connected, never unset
+        transport = proto.transport
         try:
             allowed, context = await client.ask(payload(proto, req, identity))
         except (FetchError, ValueError) as exc:

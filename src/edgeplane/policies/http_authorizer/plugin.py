@@ -36,7 +36,9 @@ class HttpAuthorizerConfig:
     type: str = "http"
 
 
-_IDENTITY = {"type": "string", "pattern": "^\\$(request\\.(header|querystring)\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+|context\\.(routeKey|identity\\.sourceIp))$"}
+_IDENTITY = {"type": "string",
+             "pattern": "^\\$(request\\.(header|querystring)\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+                        "|context\\.(routeKey|identity\\.sourceIp))$"}
 
 _HTTP_AUTHORIZER = {
     "type": "object",

@@ -7,17 +7,17 @@ both. A denied client gets 403 Forbidden. The sans-IO matching is `rules`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.config.schema import STRINGS
 from edgeplane.http.request import header_all
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.ip_rules.rules import IpRules, TrustedProxies, parse_entry
-from dataclasses import dataclass
 
 if TYPE_CHECKING:
     from edgeplane.config.context import LoadContext
-    from edgeplane.config.model import Config, RouteConfig
+    from edgeplane.config.model import RouteConfig
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
     from edgeplane.plugins import CompileContext
@@ -97,7 +97,8 @@ class IpRulesPolicy(Policy):
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> IpStage | None:
         config = ctx.config
-        rules = [IpRules(r.allow, r.deny) for r in (config.policies.get("ip_rules"), route.policies.get("ip_rules")) if r]
+        rules = [IpRules(r.allow, r.deny)
+                 for r in (config.policies.get("ip_rules"), route.policies.get("ip_rules")) if r]
         if not rules:
             return None
         combined = rules[0] if len(rules) == 1 else rules[0] & rules[1]

@@ -20,8 +20,17 @@ from edgeplane.http.request import forwarded, header, identity_header
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.jwt.jwks import JwksError, parse_jwks
 from edgeplane.policies.jwt.jwks_source import JwksSource, split_url
-from edgeplane.policies.jwt.verify import (UNKNOWN_KID, CachedVerifier, JwtConfig, JwtError, JwtVerifier,
-                                           VerificationCache, check_scopes, extract_bearer, www_authenticate)
+from edgeplane.policies.jwt.verify import (
+    UNKNOWN_KID,
+    CachedVerifier,
+    JwtConfig,
+    JwtError,
+    JwtVerifier,
+    VerificationCache,
+    check_scopes,
+    extract_bearer,
+    www_authenticate,
+)
 
 if TYPE_CHECKING:
     from edgeplane.config.context import LoadContext
@@ -122,6 +131,7 @@ class JwtStage(FastStage):
                 " ".join(self.scopes)) + "\r\n").encode()
             proto.send_error(req, 403, "insufficient_scope", extra=extra)
             return False
+        # Request.claims is declared `dict | None` (http.request); a Claims reads the same way.
         req.claims = claims
         if self.forward:
             req.extra_upstream = forwarded(self.forward, claims)
@@ -153,8 +163,8 @@ def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadConte
     aud = spec.get("audience")
     audiences = (aud,) if isinstance(aud, str) else tuple(a for a in aud or () if isinstance(a, str))
     algorithms = tuple(spec.get("algorithms") or ("RS256",))
-    jwks = spec.get("jwks") if isinstance(spec.get("jwks"), dict) else {}
-    secret = spec.get("hs_secret") if isinstance(spec.get("hs_secret"), dict) else {}
+    jwks = spec["jwks"] if isinstance(spec.get("jwks"), dict) else {}
+    secret = spec["hs_secret"] if isinstance(spec.get("hs_secret"), dict) else {}
     hs = [a for a in algorithms if a.startswith("HS")]
     asym = [a for a in algorithms if not a.startswith("HS")]
     if asym and not jwks:
@@ -182,7 +192,7 @@ def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadConte
         ctx.fail(path + ("hs_secret", "env"), f"environment variable {secret['env']} is not set")
     elif isinstance(secret.get("file"), str) and not os.path.isfile(secret["file"]):
         ctx.fail(path + ("hs_secret", "file"), f"no such file: {secret['file']}")
-    cache = spec.get("cache") if isinstance(spec.get("cache"), dict) else {}
+    cache = spec["cache"] if isinstance(spec.get("cache"), dict) else {}
     issuer = spec.get("issuer")
     if not isinstance(issuer, str) or not audiences:
         return None

@@ -21,7 +21,7 @@ from edgeplane.policies.quota.store import QuotaPeriod
 from edgeplane.policies.throttle.model import _THROTTLE, ThrottleConfig, load_throttle
 
 if TYPE_CHECKING:
-    from edgeplane.config.context import LoadContext
+    from edgeplane.config.context import LoadContext, Path
     from edgeplane.config.model import Config, RouteConfig
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
@@ -106,7 +106,7 @@ def _load_plans(section: Any, ctx: LoadContext) -> dict[str, UsagePlanConfig]:
             continue
         path: Path = ("usage_plans", name)
         throttle = load_throttle(spec.get("throttle"), path + ("throttle",), ctx, route_level=True)
-        per_route = spec.get("routes") if isinstance(spec.get("routes"), dict) else {}
+        per_route = spec["routes"] if isinstance(spec.get("routes"), dict) else {}
         route_throttles = {}
         for key, t_spec in per_route.items():
             t = load_throttle(t_spec, path + ("routes", key), ctx, route_level=True)
@@ -114,7 +114,7 @@ def _load_plans(section: Any, ctx: LoadContext) -> dict[str, UsagePlanConfig]:
                 ctx.fail(path + ("routes", key, "key"), "a usage plan's throttle is per API key already")
             if t is not None:
                 route_throttles[key] = t
-        quota = spec.get("quota") if isinstance(spec.get("quota"), dict) else {}
+        quota = spec["quota"] if isinstance(spec.get("quota"), dict) else {}
         period, offset = quota.get("period", "DAY"), quota.get("offset", 0)
         try:
             QuotaPeriod(period, offset)
@@ -140,7 +140,7 @@ def _check_plan_routes(ctx: LoadContext, plans: dict[str, UsagePlanConfig], rout
             if route is None:
                 close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=0.6)
                 ctx.fail(path, "no route has this key" + (f"; did you mean {close[0]!r}?" if close else ""))
-            elif ctx.authorizer_types.get(route.auth) != "api_key":
+            elif route.auth is None or ctx.authorizer_types.get(route.auth) != "api_key":
                 ctx.fail(path, "the route has no api_key authorizer, so no request there carries a plan")
 
 

@@ -35,7 +35,9 @@ _THROTTLE = {
         "rate": {"type": "number", "exclusiveMinimum": 0, "description": "Tokens per second."},
         "burst": {"type": "integer", "minimum": 1, "description": "Bucket size."},
         "headers": {"type": "boolean", "default": True},
-        "key": {"type": "string", "pattern": "^\\$(request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+|context\\.identity\\.sourceIp|context\\.identity\\.apiKeyId|context\\.authorizer\\.claims\\.[A-Za-z0-9_:.-]+)$",
+        "key": {"type": "string",
+                "pattern": "^\\$(request\\.header\\.[!#$%&'*+.^_`|~0-9A-Za-z-]+|context\\.identity\\.sourceIp"
+                           "|context\\.identity\\.apiKeyId|context\\.authorizer\\.claims\\.[A-Za-z0-9_:.-]+)$",
                 "description": "Per-client key: $context.identity.sourceIp, $context.identity.apiKeyId, "
                                "$context.authorizer.claims.NAME or $request.header.NAME."},
         "unresolved": {"enum": ["shared", "refuse"], "default": "shared"},

@@ -43,7 +43,8 @@ class ThrottleStage(FastStage):
         self.chain = chain
         self.route_level = route_level  # swept when it holds per-client buckets
         self.plans = plans or {}  # usage plan name -> per-API-key limit
-        self.key_kind = self.key_detail = None
+        self.key_kind: str | None = None
+        self.key_detail: Any = None  # bytes for "header", the claim name for "claim"
         self.refuse_unresolved = False
         if route is not None and route.key is not None:
             self.key_kind, self.key_detail = _key_expression(route.key)

@@ -24,14 +24,16 @@ then the plans' per-route buckets (AWS method throttling); in Redis those are na
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.policies.throttle.buckets import BucketMap, LevelChain, Policy, ThrottleChain, TokenBucket
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config, RouteConfig
+    from edgeplane.policies.throttle.model import ThrottleConfig
 
-__all__ = ["plans_of", "LocalLimits", "SharedLimits", "ClusterLimits", "limits_for", "ws_api_index", "shared_limit_count"]
+__all__ = ["plans_of", "LocalLimits", "SharedLimits", "ClusterLimits", "limits_for", "ws_api_index",
+           "shared_limit_count"]
 
 
 def plans_of(config: Config) -> dict[str, Any]:
@@ -75,7 +77,7 @@ class LocalLimits:
         return self._server
 
     def route(self, rc: RouteConfig) -> Any:
-        t = rc.policies.get("throttle")
+        t = cast("ThrottleConfig", rc.policies.get("throttle"))  # route(): only for a throttled route
         if t.key is None:
             return TokenBucket(t.rate, t.burst, policy="route")
         return BucketMap(t.rate, t.burst, policy="client")
@@ -117,7 +119,7 @@ class SharedLimits:
         return self._server
 
     def route(self, rc: RouteConfig) -> Any:
-        t = rc.policies.get("throttle")
+        t = cast("ThrottleConfig", rc.policies.get("throttle"))  # route(): only for a throttled route
         if t.key is None:
             return self._bucket(1 + rc.index, t.rate, t.burst, "route")
         return self._keyed(1 + rc.index, t.rate, t.burst, "client")
@@ -145,7 +147,7 @@ class ClusterLimits:
         return self._server
 
     def route(self, rc: RouteConfig) -> Any:
-        t = rc.policies.get("throttle")
+        t = cast("ThrottleConfig", rc.policies.get("throttle"))  # route(): only for a throttled route
         name = f"route:{rc.host or ''}{rc.key}"
         if t.key is None:
             return self.limiter.limit(name, t.rate, t.burst, "route", keyed=False).bucket()
@@ -153,8 +155,8 @@ class ClusterLimits:
 
     def plan(self, name: str, route: RouteConfig | None = None) -> Any:
         t = _plan_throttle(self.config, name, route)
-        own = route is not None and route.key in plans_of(self.config)[name].route_throttles
-        return self.limiter.limit(f"plan:{name}:{route.key}" if own else f"plan:{name}", t.rate, t.burst,
+        own = route.key if route is not None and route.key in plans_of(self.config)[name].route_throttles else None
+        return self.limiter.limit(f"plan:{name}:{own}" if own is not None else f"plan:{name}", t.rate, t.burst,
                                   "plan", keyed=True)
 
     def chain(self, route: Any, server: Any) -> Any:
