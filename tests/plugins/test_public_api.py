@@ -211,3 +211,20 @@ def test_a_plugin_module_that_cannot_be_imported_is_a_located_error():
         Gateway({**base_config(None, routes=[]), "plugins": ["no_such_module_x"]})
     assert err.value.errors == [
         "plugins[0]: cannot import plugin module 'no_such_module_x': No module named 'no_such_module_x'"]
+
+
+def test_a_plugin_loader_that_raises_is_a_located_error_with_a_logged_traceback(caplog):
+    class Fragile(Policy):
+        name = "fragile"
+        route_keys = {"fragile": {"type": "integer"}}
+
+        def load_route(self, key: str, value: Any, path: tuple[Any, ...], ctx: Any) -> Any:
+            return 100 // value
+
+    cfg = base_config(None, routes=[{"route": "GET /a", "integration": {"type": "mock"}, "fragile": 0}])
+    with caplog.at_level(logging.ERROR, logger="edgeplane.config"), pytest.raises(ConfigError) as err:
+        Gateway(cfg, plugins=[Fragile()])
+    assert err.value.errors == [
+        "routes[0].fragile: plugin 'fragile' failed on this value: "
+        "ZeroDivisionError: integer division or modulo by zero"]
+    assert [r.exc_info is not None for r in caplog.records] == [True]

@@ -12,6 +12,8 @@ know about earlier ones: `raw` (the whole file), `upstream_names`, `authorizer_t
 from __future__ import annotations
 
 import difflib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from edgeplane.config import model
@@ -20,6 +22,8 @@ from edgeplane.config.humanize import Errors, Path
 from edgeplane.config.values import fmt_seconds, parse_duration, parse_size
 
 __all__ = ["LoadContext", "Path"]
+
+log = logging.getLogger("edgeplane.config")
 
 
 class LoadContext:
@@ -37,6 +41,18 @@ class LoadContext:
             n: a.get("type") for n, a in section.items() if isinstance(n, str) and isinstance(a, dict)
         } if isinstance(section, dict) else {}
         self.websocket_defaults = model.WebSocketLimits()  # the top-level `websocket:` section
+
+    def call_plugin(self, unit: Any, path: Path, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a plugin's loader or check; an exception in it (a bug in the plugin, or a
+        value it did not expect) is a located error naming the plugin, and its
+        traceback is logged, instead of a crash of the whole load."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            name = getattr(unit, "name", None) or getattr(unit, "type", None) or type(unit).__name__
+            log.error("config: plugin %r failed at %s", name, path or "(root)", exc_info=True)
+            self.fail(path, f"plugin {name!r} failed on this value: {type(exc).__name__}: {exc}")
+            return None
 
     def fail(self, path: Path, msg: str) -> None:
         self.errors.add(path, msg)

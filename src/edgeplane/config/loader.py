@@ -208,7 +208,7 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry)
     policies: dict[str, Any] = {}
     for key, owner in registry.section_owners().items():
         if key in raw:
-            value = owner.load_section(key, raw[key], (key,), b)
+            value = b.call_plugin(owner, (key,), owner.load_section, key, raw[key], (key,), b)
             if value is not None:
                 policies[key] = value
     authorizers = b.authorizers(raw)
@@ -245,5 +245,5 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry)
         raw=raw,
     )
     for policy in registry.policies():  # also on a config with errors: every problem is listed
-        policy.check(config, b)
+        b.call_plugin(policy, (), policy.check, config, b)
     return None if errors else config

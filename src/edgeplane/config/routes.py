@@ -34,7 +34,8 @@ class RouteSections(LoadContext):
             owner = owners.get(spec.get("type"))
             if owner is None:
                 continue  # an unknown type: reported by the schema pass
-            cfg = owner.load_authorizer(name, spec, ("authorizers", name), self)
+            cfg = self.call_plugin(owner, ("authorizers", name), owner.load_authorizer, name, spec,
+                                   ("authorizers", name), self)
             if cfg is not None:
                 out[name] = cfg
         return out
@@ -93,7 +94,8 @@ class RouteSections(LoadContext):
         policies: dict[str, Any] = {}
         for rkey, owner in self.registry.route_key_owners().items():
             if rkey in spec:
-                value = owner.load_route(rkey, spec[rkey], path + (rkey,), self)
+                value = self.call_plugin(owner, path + (rkey,), owner.load_route, rkey, spec[rkey],
+                                         path + (rkey,), self)
                 if value is not None:
                     policies[rkey] = value
         websocket = None
@@ -116,4 +118,4 @@ class RouteSections(LoadContext):
         plugin = self.registry.integrations().get(spec.get("type"))
         if plugin is None:
             return None  # an unknown type: reported by the schema pass
-        return plugin.load(spec, path, self, parsed)
+        return self.call_plugin(plugin, path, plugin.load, spec, path, self, parsed)
