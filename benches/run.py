@@ -17,7 +17,7 @@ intended send time.
 
 Output: tables on stdout, and JSON (`--json FILE`, default
 benches/out/results-<timestamp>.json).  `--smoke` is the few-second end-to-end check
-run by tests/test_bench_smoke.py (Python load generator, plain + mock, tiny load);
+run by tests/benches/test_bench_smoke.py (Python load generator, plain + mock, tiny load);
 it exits 1 when a figure is not sane.  Every child process is stopped in `finally`,
 on errors and Ctrl-C alike.
 

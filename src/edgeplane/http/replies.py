@@ -150,8 +150,11 @@ class Replies:
         access_log = self.ctx.access_log
         route = req.route
         if route is not None and route.log_hooks:
-            run_log_hooks(route.log_hooks, access_log.fields(req, self))
-        if access_log.enabled:
+            record = access_log.fields(req, self)  # one record: the line, then the hooks
+            if access_log.enabled:
+                access_log.write(record)
+            run_log_hooks(route.log_hooks, record)
+        elif access_log.enabled:
             access_log.record(req, self)
         req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC
         if not keep_alive or self.ctx.draining:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib.metadata import entry_points
+from types import MappingProxyType
 from typing import Any
 
 from edgeplane.plugins.api import Phase, PluginError
@@ -114,17 +115,17 @@ class Registry:
     def policy(self, name: str) -> Policy | None:
         return next((p for p in self._policies if p.name == name), None)
 
-    def integrations(self) -> dict[str, Integration]:
-        return dict(self._integrations)
+    def integrations(self) -> Mapping[str, Integration]:
+        return MappingProxyType(self._integrations)
 
-    def section_owners(self) -> dict[str, Policy]:
-        return dict(self._sections)
+    def section_owners(self) -> Mapping[str, Policy]:
+        return MappingProxyType(self._sections)
 
-    def route_key_owners(self) -> dict[str, Policy]:
-        return dict(self._route_keys)
+    def route_key_owners(self) -> Mapping[str, Policy]:
+        return MappingProxyType(self._route_keys)
 
-    def authorizer_types(self) -> dict[str, Policy]:
-        return dict(self._authorizers)
+    def authorizer_types(self) -> Mapping[str, Policy]:
+        return MappingProxyType(self._authorizers)
 
     def extended(self, units: Sequence[Any], modules: tuple[str, ...] = ()) -> Registry:
         return Registry([*self._policies, *self._integrations.values(), *units], self.modules + modules)

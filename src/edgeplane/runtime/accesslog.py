@@ -56,9 +56,12 @@ class AccessLog:
         self._clf = ""
 
     def record(self, req: Any, proto: Any) -> None:
-        if not self.enabled:
-            return
-        line = orjson.dumps(self.fields(req, proto), default=repr, option=orjson.OPT_APPEND_NEWLINE)
+        if self.enabled:
+            self.write(self.fields(req, proto))
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """Buffer one record as a JSON line (flushed on the tick or past the buffer size)."""
+        line = orjson.dumps(fields, default=repr, option=orjson.OPT_APPEND_NEWLINE)
         self._buf.append(line)
         self._size += len(line)
         self.lines += 1
