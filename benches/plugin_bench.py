@@ -110,9 +110,9 @@ async def main(n: int, rounds: int) -> None:
     gw = Gateway(_config(), plugins=[Noop(), Stages(), Stages2(), Stages3()])
     await gw.start()
     try:
-        proto = HttpProtocol(gw.context)  # type: ignore[arg-type]
+        proto = HttpProtocol(gw._context)  # type: ignore[arg-type]
         proto.peer_ip = "127.0.0.1"
-        routes = {r.key.split(" ")[1][1:]: r for r in gw.snapshot.routes}  # type: ignore[union-attr]
+        routes = {r.key.split(" ")[1][1:]: r for r in gw._snapshot.routes}  # type: ignore[union-attr]
         rows = []
         for name, route in routes.items():
             req = Request(0.0)

@@ -374,7 +374,7 @@ async def test_https_upstream_verification(pki, gateway, client_factory, tls, st
             assert r.json() == {"origin": "tls"}
             assert len(origin.requests) == 2
             assert b"host: 127.0.0.1:%d" % origin.port in origin.requests[0]
-            pool = gw.upstreams["secure"].pools[0]
+            pool = gw._upstreams["secure"].pools[0]
             assert pool.opened == 1 and pool.reused == 1
             expected_sni = (tls or {}).get("server_name")  # IP targets send no SNI
             assert origin.sni[0] == expected_sni

@@ -25,4 +25,4 @@ async def test_the_constructor_ignores_worker_environment(upstream, monkeypatch,
     monkeypatch.setenv("EDGEPLANE_WS_SOCKET_DIR", str(tmp_path))
     monkeypatch.setenv("EDGEPLANE_WS_HOST_TAG", "abcd0123")
     gw = Gateway(base_config(upstream.port))
-    assert gw.ws_worker is None
+    assert gw._ws_worker is None

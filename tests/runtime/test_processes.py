@@ -174,7 +174,7 @@ async def test_embedded_gateway_stop_drains(upstream):
     assert r.status == 200 and r.header("connection") == "close"
     assert await idle.closed(5)
     await stopper
-    assert not gw.context.connections
+    assert not gw._context.connections
     await c.close()
     await idle.close()
 

@@ -45,13 +45,14 @@ def _json(status: int, obj: object) -> tuple[int, bytes, bytes]:
 class AdminSource(Protocol):
     """What the admin API reads of a running worker (`runtime.gateway.Gateway`)."""
 
-    draining: bool
-    loop: Any
-    upstreams: dict[str, Any]
-    snapshot: Snapshot | None
-    ws_registry: Any
+    @property
+    def draining(self) -> bool: ...
+
+    _snapshot: Snapshot | None
+    _ws_registry: Any
 
     def stats(self) -> dict[str, Any]: ...
+    def upstream_telemetry(self) -> list[dict[str, Any]]: ...
 
 
 def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
@@ -61,14 +62,13 @@ def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
         return _json(200, {"status": "ok", "pid": os.getpid()})
 
     def upstreams(req):
-        now = gateway.loop.time()
-        return _json(200, {"upstreams": [u.telemetry(now) for u in gateway.upstreams.values()]})
+        return _json(200, {"upstreams": gateway.upstream_telemetry()})
 
     def stats(req):
         return _json(200, gateway.stats())
 
     def routes(req):
-        table = gateway.snapshot.router.table()
+        table = gateway._snapshot.router.table()
         return _json(200, {"routes": [
             {"priority": i + 1, "route": rc.key, "host": rc.host, "integration": rc.integration.type}
             for i, rc in enumerate(table)
@@ -82,7 +82,7 @@ def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
                          integration=_PLACEHOLDER, index=i)
         compiled.append(CompiledRoute(rc, rc.key, (), FunctionIntegration(fn)))
         pairs.append((rc, compiled[-1]))
-    registry = getattr(gateway, "ws_registry", None)
+    registry = getattr(gateway, "_ws_registry", None)
     if registry is not None:
         for method in ("POST", "GET", "DELETE", "ANY"):
             rc = RouteConfig(key=f"{method} /@connections/{{id}}", method=None if method == "ANY" else method,

@@ -72,8 +72,8 @@ class Gateway:
     `async with Gateway(...) as gw:` does both, honouring the configured drain timeout.
 
     Public surface: `config`, `addresses` (HTTP listeners), `tls_addresses`,
-    `admin_address`, `url(path)`, `stats()`, `start()`, `stop()`. Everything else is
-    internal. `reuse_port`, `shared_limits` and `ws_worker` are set by the supervisor of
+    `admin_address`, `url(path)`, `stats()`, `upstream_telemetry()`, `draining`,
+    `start()`, `stop()`. Everything else is internal (underscored). `reuse_port`, `shared_limits` and `ws_worker` are set by the supervisor of
     `workers: N` (`runtime.workers`), not by embedders.
     """
 
@@ -87,36 +87,36 @@ class Gateway:
             self.config = config
         else:
             self.config = load_config(config, plugins=plugins)
-        self.reuse_port = reuse_port
+        self._reuse_port = reuse_port
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
         # throttle tables (shared_limits, shared_keys).
-        self.shared_limits = shared_limits
-        self.shared_table: SharedLimitTable | None = None
-        self.keyed_table: SharedKeyTable | None = None
-        self.quota_store: QuotaStore | RedisQuotaStore | None = None
-        self.limiter: RedisLimiter | None = None  # cluster mode: the Redis side of throttles
+        self._shared_limits = shared_limits
+        self._shared_table: SharedLimitTable | None = None
+        self._keyed_table: SharedKeyTable | None = None
+        self._quota_store: QuotaStore | RedisQuotaStore | None = None
+        self._limiter: RedisLimiter | None = None  # cluster mode: the Redis side of throttles
         self._quota_flush: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.upstreams: dict[str, Upstream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._upstreams: dict[str, Upstream] = {}
         self._runtime: RuntimeContext | None = None  # the plugins' per-gateway state
-        self.snapshot: Snapshot | None = None
-        self.context: ServerContext | None = None
-        self.admin_context: ServerContext | None = None
-        self.access_log: AccessLog | None = None
-        self.date = DateHeader()
+        self._snapshot: Snapshot | None = None
+        self._context: ServerContext | None = None
+        self._admin_context: ServerContext | None = None
+        self._access_log: AccessLog | None = None
+        self._date = DateHeader()
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []  # the `tls.listen` listeners
-        self.tls: ListenerTls | None = None
+        self._tls: ListenerTls | None = None
         self.admin_address: tuple[str, int] | None = None
-        self.draining = False
+        self._draining = False
         self._servers: list[asyncio.AbstractServer] = []
         self._tick: asyncio.TimerHandle | None = None
         self._started = False
         self._stopped = False
         # WebSocket APIs: (worker index, socket directory, host tag) under a supervisor.
-        self.ws_worker = ws_worker
-        self.ws_registry: ConnectionRegistry | None = None
-        self.ws_socket: str | None = None  # this worker's admin Unix socket
+        self._ws_worker = ws_worker
+        self._ws_registry: ConnectionRegistry | None = None
+        self._ws_socket: str | None = None  # this worker's admin Unix socket
         self._ws_bus: RedisBus | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -125,60 +125,60 @@ class Gateway:
             return
         self._started = True
         cfg = self.config
-        loop = self.loop = asyncio.get_running_loop()
-        self.access_log = AccessLog(cfg.access_log)
-        self.upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
+        loop = self._loop = asyncio.get_running_loop()
+        self._access_log = AccessLog(cfg.access_log)
+        self._upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
         # What the plugins open per gateway (JWKS sources, custom-authorizer clients).
-        runtime = self._runtime = RuntimeContext(loop, cfg, self.upstreams)
+        runtime = self._runtime = RuntimeContext(loop, cfg, self._upstreams)
         for policy in cfg.registry.policies():
             await policy.start(runtime)
-        if self.shared_limits is not None and cfg.cluster is None:
-            name, index, *keys = self.shared_limits
-            self.shared_table = SharedLimitTable.attach(name, index)
+        if self._shared_limits is not None and cfg.cluster is None:
+            name, index, *keys = self._shared_limits
+            self._shared_table = SharedLimitTable.attach(name, index)
             if keys and keys[0]:
-                self.keyed_table = SharedKeyTable.attach(keys[0], index)
+                self._keyed_table = SharedKeyTable.attach(keys[0], index)
         if cfg.cluster is not None:
             # redis-py: only here
             from edgeplane.policies.throttle.cluster import REDIS_ERRORS, RedisLimiter, RedisQuotaStore
 
-            self.limiter = RedisLimiter(cfg.cluster, loop)
+            self._limiter = RedisLimiter(cfg.cluster, loop)
         periods = [QuotaPeriod(p.quota_period, p.quota_offset)
                    for p in plans_of(cfg).values() if p.quota_limit]
-        if periods and self.limiter is not None:
-            cluster = self.limiter.config  # `cfg.cluster`: the limiter exists only with it
-            self.quota_store = RedisQuotaStore(self.limiter, periods)
+        if periods and self._limiter is not None:
+            cluster = self._limiter.config  # `cfg.cluster`: the limiter exists only with it
+            self._quota_store = RedisQuotaStore(self._limiter, periods)
             try:
-                await asyncio.wait_for(self.quota_store.aload(), max(1.0, cluster.timeout * 10))
+                await asyncio.wait_for(self._quota_store.aload(), max(1.0, cluster.timeout * 10))
             except REDIS_ERRORS as exc:
                 log.warning("quota counts not loaded from redis %s (%s): counting from the next "
                             "successful flush", cluster.redis, exc.__class__.__name__)
         elif periods:
             # Quota counts survive restarts: loaded now, flushed off the request path on
             # the tick and at stop (crash bound: what was admitted since the last flush).
-            self.quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
-            self.quota_store.load(periods=periods)
-        counter = self.quota_store.counter if self.quota_store is not None else None
-        limits = limits_for(cfg, self.shared_table, self.keyed_table, self.limiter)
+            self._quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
+            self._quota_store.load(periods=periods)
+        counter = self._quota_store.counter if self._quota_store is not None else None
+        limits = limits_for(cfg, self._shared_table, self._keyed_table, self._limiter)
         ws_apis = self._build_websockets(cfg, loop)
-        self.snapshot = build_snapshot(cfg, self.upstreams, runtime.state, limits, counter,
+        self._snapshot = build_snapshot(cfg, self._upstreams, runtime.state, limits, counter,
                                        websocket_apis=ws_apis)
-        self.context = ServerContext(loop, self.snapshot, cfg.limits, cfg.parser,
-                                     self.access_log, self.date)
+        self._context = ServerContext(loop, self._snapshot, cfg.limits, cfg.parser,
+                                     self._access_log, self._date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
-        self.admin_context = ServerContext(loop, build_admin_snapshot(self), cfg.limits,
-                                           "httptools", admin_log, self.date, name="admin")
+        self._admin_context = ServerContext(loop, build_admin_snapshot(self), cfg.limits,
+                                           "httptools", admin_log, self._date, name="admin")
         try:
             for addr in cfg.listen:
-                server = await self._bind(self.context, addr.host, addr.port)
+                server = await self._bind(self._context, addr.host, addr.port)
                 self.addresses.append(server.sockets[0].getsockname()[:2])
             if cfg.tls is not None:
-                self.tls = ListenerTls.from_config(cfg.tls)
+                self._tls = ListenerTls.from_config(cfg.tls)
                 for addr in cfg.tls.listen:
-                    server = await self._bind(self.context, addr.host, addr.port, tls=self.tls)
+                    server = await self._bind(self._context, addr.host, addr.port, tls=self._tls)
                     self.tls_addresses.append(server.sockets[0].getsockname()[:2])
             if cfg.admin.listen is not None:
                 a = cfg.admin.listen
-                server = await self._bind(self.admin_context, a.host, a.port)
+                server = await self._bind(self._admin_context, a.host, a.port)
                 self.admin_address = server.sockets[0].getsockname()[:2]
             await self._start_ws_forwarding(cfg)
         except BaseException:
@@ -200,31 +200,31 @@ class Gateway:
         else:
             factory = lambda: HttpProtocol(ctx, True)  # noqa: E731
             extra = {"ssl": tls.default, "ssl_handshake_timeout": ctx.limits.head_timeout}
-        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: start() binds
+        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: start() binds
         server = await loop.create_server(
-            factory, host, port, reuse_port=self.reuse_port or None,
+            factory, host, port, reuse_port=self._reuse_port or None,
             backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET, **extra,
         )
         self._servers.append(server)
         return server
 
     def _schedule_tick(self) -> None:
-        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: start() or its tick schedules
+        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: start() or its tick schedules
         self._tick = loop.call_later(min(self.config.access_log.flush_interval, 1.0), self._on_tick)
 
     def _on_tick(self) -> None:
         # start() set what the tick reads; stop() cancels it before clearing the snapshot
-        loop = cast(asyncio.AbstractEventLoop, self.loop)
-        self.date.refresh()
-        cast(AccessLog, self.access_log).flush()
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        self._date.refresh()
+        cast(AccessLog, self._access_log).flush()
         now = loop.time()
-        for upstream in self.upstreams.values():
+        for upstream in self._upstreams.values():
             upstream.sweep(now)
-        store = self.quota_store
+        store = self._quota_store
         if store is not None and (self._quota_flush is None or self._quota_flush.done()):
             self._quota_flush = loop.create_task(self._flush_quotas())
         mono = time.monotonic()  # the throttle's clock
-        for route in cast(Snapshot, self.snapshot).routes:
+        for route in cast(Snapshot, self._snapshot).routes:
             for stage in route.stages:
                 sweep = getattr(stage, "sweep", None)
                 if sweep is not None:
@@ -233,7 +233,7 @@ class Gateway:
 
     async def _flush_quotas(self) -> None:
         try:
-            await cast("QuotaStore | RedisQuotaStore", self.quota_store).aflush()  # set: the tick checked
+            await cast("QuotaStore | RedisQuotaStore", self._quota_store).aflush()  # set: the tick checked
         except Exception as exc:  # the deltas stay in memory for the next flush
             log.warning("quota flush failed: %s", exc)
 
@@ -243,17 +243,17 @@ class Gateway:
         if not self._started or self._stopped:
             return
         self._stopped = True
-        self.draining = True
+        self._draining = True
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         for server in self._servers:
             server.close()
-        contexts = [c for c in (self.context, self.admin_context) if c is not None]
+        contexts = [c for c in (self._context, self._admin_context) if c is not None]
         for ctx in contexts:
             ctx.draining = True
             for proto in list(ctx.connections):
                 if proto.idle():
                     proto.transport.close()
-        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: started
+        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: started
         await self._close_websockets(min(timeout, 2.5))
         deadline = loop.time() + timeout
         while any(c.connections for c in contexts) and loop.time() < deadline:
@@ -264,32 +264,32 @@ class Gateway:
         # Handshakes that completed during the drain (their 101 came after the first pass).
         await self._close_websockets(0.5)
         await self._close_servers()
-        if self.ws_registry is not None:  # $disconnect calls still running need the pools
-            await self.ws_registry.drain(min(max(timeout, 0.5), 5.0))
+        if self._ws_registry is not None:  # $disconnect calls still running need the pools
+            await self._ws_registry.drain(min(max(timeout, 0.5), 5.0))
         await self._stop_ws_forwarding()
-        for upstream in self.upstreams.values():
+        for upstream in self._upstreams.values():
             await upstream.close()
         if self._runtime is not None:
             for policy in self.config.registry.policies():
                 await policy.stop(self._runtime)
         if self._quota_flush is not None:
             await asyncio.gather(self._quota_flush, return_exceptions=True)
-        store = self.quota_store
+        store = self._quota_store
         if store is not None and hasattr(store, "aclose"):  # RedisQuotaStore
             await store.aclose()
         elif store is not None:
             store.close(flush=True)
-        if self.limiter is not None:
-            await self.limiter.close()
-        if self.shared_table is not None:
-            self.snapshot = None  # the stages hold views into the tables
-            self.shared_table.close()
-        if self.keyed_table is not None:
-            self.keyed_table.close()
+        if self._limiter is not None:
+            await self._limiter.close()
+        if self._shared_table is not None:
+            self._snapshot = None  # the stages hold views into the tables
+            self._shared_table.close()
+        if self._keyed_table is not None:
+            self._keyed_table.close()
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run
-        cast(AccessLog, self.access_log).close()  # set: started
+        cast(AccessLog, self._access_log).close()  # set: started
         log.info("stopped")
 
     async def _close_servers(self) -> None:
@@ -310,6 +310,18 @@ class Gateway:
         await self.stop()  # drains for the configured drain_timeout
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def draining(self) -> bool:
+        """True from the moment `stop()` begins."""
+        return self._draining
+
+    def upstream_telemetry(self) -> list[dict[str, Any]]:
+        """Per upstream and target: pool counters and per-connection telemetry (what the
+        admin API's /upstreams answers)."""
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        return [u.telemetry(now) for u in self._upstreams.values()]
+
     def url(self, path: str = "/") -> str:
         if not self.addresses:
             host, port = self.tls_addresses[0]
@@ -318,17 +330,17 @@ class Gateway:
         return f"http://{host}:{port}{path}"
 
     def stats(self) -> dict[str, Any]:
-        ctx = cast(ServerContext, self.context)  # stats are asked of a started gateway
+        ctx = cast(ServerContext, self._context)  # stats are asked of a started gateway
         out: dict[str, Any] = {
             "pid": os.getpid(),
             "connections_open": len(ctx.connections),
             "websockets_open": len(ctx.websockets),  # proxied and terminated
-            "access_log_lines": cast(AccessLog, self.access_log).lines,
+            "access_log_lines": cast(AccessLog, self._access_log).lines,
             **ctx.stats.as_dict(),
             "authorizers": {},
-            **({"cluster": self.limiter.telemetry()} if self.limiter is not None else {}),
-            **({"websockets": self.ws_registry.telemetry()}
-               if self.ws_registry is not None and self.config.websocket_apis else {}),
+            **({"cluster": self._limiter.telemetry()} if self._limiter is not None else {}),
+            **({"websockets": self._ws_registry.telemetry()}
+               if self._ws_registry is not None and self.config.websocket_apis else {}),
         }
         if self._runtime is not None:
             for policy in self.config.registry.policies():
@@ -343,43 +355,43 @@ class Gateway:
     # ------------------------------------------------------------------ WebSocket APIs
     def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> dict[bytes, Any]:
         index, tag = 0, None
-        if self.ws_worker is not None and cfg.websocket_apis:
-            index, _, tag = self.ws_worker
-        self.ws_registry = ConnectionRegistry(loop, index, tag)
+        if self._ws_worker is not None and cfg.websocket_apis:
+            index, _, tag = self._ws_worker
+        self._ws_registry = ConnectionRegistry(loop, index, tag)
         if not cfg.websocket_apis:
             return {}
         buckets: dict[str, Any] = {}
-        if self.limiter is not None:  # cluster: one Redis bucket per API for every host
+        if self._limiter is not None:  # cluster: one Redis bucket per API for every host
             for name, api in cfg.websocket_apis.items():
                 rate = api.limits.connections_per_second
-                buckets[name] = self.limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
+                buckets[name] = self._limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
                                                    keyed=False).bucket()
-        elif self.shared_table is not None:  # workers of one host: the supervisor's table
+        elif self._shared_table is not None:  # workers of one host: the supervisor's table
             for i, (name, api) in enumerate(cfg.websocket_apis.items()):
                 rate = api.limits.connections_per_second
-                buckets[name] = self.shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
+                buckets[name] = self._shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
         runtime = self._runtime.state if self._runtime is not None else {}
-        return build_websocket_apis(cfg, self.upstreams, runtime, self.ws_registry, buckets)
+        return build_websocket_apis(cfg, self._upstreams, runtime, self._ws_registry, buckets)
 
     async def _start_ws_forwarding(self, cfg: Config) -> None:
         if not cfg.websocket_apis:
             return
-        registry = cast(ConnectionRegistry, self.ws_registry)  # set: built before the listeners
-        if self.ws_worker is not None:
+        registry = cast(ConnectionRegistry, self._ws_registry)  # set: built before the listeners
+        if self._ws_worker is not None:
             from edgeplane.runtime.admin import WorkerForwarder
 
-            directory = self.ws_worker[1]  # created private (0700) by the supervisor
-            path = os.path.join(directory, f"worker-{self.ws_worker[0]}.sock")
+            directory = self._ws_worker[1]  # created private (0700) by the supervisor
+            path = os.path.join(directory, f"worker-{self._ws_worker[0]}.sock")
             try:
                 os.unlink(path)  # a predecessor's (this index is ours now)
             except FileNotFoundError:
                 pass
-            ctx = cast(ServerContext, self.admin_context)  # set: start() made it
-            loop = cast(asyncio.AbstractEventLoop, self.loop)
+            ctx = cast(ServerContext, self._admin_context)  # set: start() made it
+            loop = cast(asyncio.AbstractEventLoop, self._loop)
             server = await loop.create_unix_server(lambda: HttpProtocol(ctx), path)
             os.chmod(path, 0o600)
             self._servers.append(server)
-            self.ws_socket = path
+            self._ws_socket = path
             registry.forwarder = WorkerForwarder(
                 lambda i: os.path.join(directory, f"worker-{i}.sock"))
         if cfg.cluster is not None:
@@ -392,24 +404,24 @@ class Gateway:
             registry.bus = bus
 
     async def _stop_ws_forwarding(self) -> None:
-        if self.ws_socket is not None:
+        if self._ws_socket is not None:
             try:
-                os.unlink(self.ws_socket)
+                os.unlink(self._ws_socket)
             except OSError:
                 pass
-            self.ws_socket = None
+            self._ws_socket = None
         if self._ws_bus is not None:
             bus, self._ws_bus = self._ws_bus, None
             await bus.close()
 
     async def _close_websockets(self, timeout: float) -> None:
         """Close every WebSocket with 1001 and give clients `timeout` to answer."""
-        ctx = self.context
+        ctx = self._context
         if ctx is None or not ctx.websockets:
             return
         for ws in list(ctx.websockets):
             ws.close(1001, "going away")
-        loop = cast(asyncio.AbstractEventLoop, self.loop)  # set: the context exists
+        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: the context exists
         deadline = loop.time() + timeout
         while ctx.websockets and loop.time() < deadline:
             await asyncio.sleep(0.02)

@@ -156,7 +156,7 @@ async def _settle(gw) -> None:
     """Wait until no refill is in flight (the answers have been applied)."""
     for _ in range(200):
         await asyncio.sleep(0.01)
-        if gw.limiter._flight is None and not gw.limiter._pending:
+        if gw._limiter._flight is None and not gw._limiter._pending:
             return
 
 
@@ -198,10 +198,10 @@ async def test_redis_killed_fails_open_without_hanging_then_recovers(upstream, g
     redis_server.start()                     # same port; empty, so the bucket is full again
     for _ in range(100):
         await _statuses(addr, 1)
-        if gw.limiter.up:
+        if gw._limiter.up:
             break
         await asyncio.sleep(0.05)
-    assert gw.limiter.up
+    assert gw._limiter.up
     await _settle(gw)
     after = await _statuses(addr, 300)       # ~50 + 100/s x the run + the lease bound, then 429s
     assert 429 in after and after.count(200) >= 50   # limits enforced again
@@ -239,15 +239,15 @@ async def test_quota_in_redis_is_shared_and_survives_a_new_gateway(upstream, gat
     hdr = {"x-api-key": KEY}
     gw1 = await gateway(cfg)
     assert await _statuses(gw1.addresses[0], 4, hdr) == [200] * 4
-    await gw1.quota_store.aflush()
+    await gw1._quota_store.aflush()
     gw2 = await gateway(cfg)                  # another host: loads the count from Redis
     assert await _statuses(gw2.addresses[0], 3, hdr) == [200, 200, 429]
     c = await RawClient.connect(gw2.addresses[0])
     r = await c.request("GET", "/search", headers=hdr)
     await c.close()
     assert orjson.loads(r.body) == {"message": "Limit Exceeded"}
-    await gw2.quota_store.aflush()
-    await gw1.quota_store.aflush()            # gw1 learns the total
+    await gw2._quota_store.aflush()
+    await gw1._quota_store.aflush()            # gw1 learns the total
     assert await _statuses(gw1.addresses[0], 1, hdr) == [429]
     raw = Redis.from_url(redis_server.url)
     day = time.strftime("%Y-%m-%d", time.gmtime())
@@ -349,15 +349,15 @@ async def test_redis_frozen_counts_as_down_and_nothing_hangs(upstream, gateway, 
         statuses += await _statuses(addr, 100)
         assert time.monotonic() - t0 < 10
         assert statuses[-100:] == [200] * 100  # open
-        assert gw.limiter.up is False and gw.stats()["cluster"]["redis_errors"] >= 1
+        assert gw._limiter.up is False and gw.stats()["cluster"]["redis_errors"] >= 1
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     for _ in range(100):
         await _statuses(addr, 1)
-        if gw.limiter.up:
+        if gw._limiter.up:
             break
         await asyncio.sleep(0.05)
-    assert gw.limiter.up
+    assert gw._limiter.up
 
 
 async def test_a_quota_flush_sent_twice_is_counted_once(redis_server):
