@@ -73,7 +73,8 @@ class Gateway:
 
     Public surface: `config`, `addresses` (HTTP listeners), `tls_addresses`,
     `admin_address`, `url(path)`, `stats()`, `upstream_telemetry()`, `draining`,
-    `start()`, `stop()`. Everything else is internal (underscored). `reuse_port`, `shared_limits` and `ws_worker` are set by the supervisor of
+    `start()`, `stop()`. Everything else is internal (underscored). The keywords
+    `reuse_port`, `shared_limits` and `ws_worker` are set by the supervisor of
     `workers: N` (`runtime.workers`), not by embedders.
     """
 
