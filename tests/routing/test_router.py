@@ -304,12 +304,13 @@ def test_format_table():
                  integration=Integration(type="http", upstream="files", path="/v2/{proxy}"))]
     text = format_table(routes)
     lines = text.splitlines()
-    assert lines[0].split() == ["#", "HOST", "METHOD", "PATH", "INTEGRATION", "ROUTE"]
-    assert "api.example.com" in lines[1] and "/files/{proxy+}" in lines[1]
-    assert "http -> files path=/v2/{proxy}" in lines[1] and "routes[2]" in lines[1]
-    assert "GET" in lines[2] and "mock 200 (11 bytes application/json)" in lines[2]
-    assert "$default" in lines[3] and "http -> demo" in lines[3]
+    assert lines[0].split() == ["#", "HOST", "METHOD", "PATH", "INTEGRATION", "POLICIES", "ROUTE"]
+    assert lines[1].split() == ["1", "api.example.com", "ANY", "/files/{proxy+}", "http", "-", "routes[2]"]
+    assert lines[2].split() == ["2", "(any)", "GET", "/ping", "mock", "-", "routes[1]"]
+    assert lines[3].split() == ["3", "(any)", "*", "$default", "http", "-", "routes[0]"]
     assert format_table(compile_routes([(r, None) for r in routes])) == text
+    described = format_table(routes, lambda r: (f"to {r.integration.upstream}", "p1, p2")).splitlines()
+    assert "to files" in described[1] and "p1, p2" in described[1]
     assert "no routes" in format_table([])
 
 

@@ -79,6 +79,25 @@ def test_routes_prints_priority_order(tmp_path):
     assert order == sorted(order)
 
 
+def test_routes_names_each_routes_integration_and_policies_from_the_registry(tmp_path):
+    cfg = base_config(9001, routes=[
+        {"route": "GET /open", "integration": {"type": "mock"}, "cors": False},
+        {"route": "GET /files/{name}", "integration": {"type": "http", "upstream": "demo", "path": "/v2/{name}"},
+         "ip_rules": {"deny": ["10.0.0.0/8"]}, "throttle": {"rate": 5, "burst": 5}},
+    ], cors={"allow_origins": ["https://app.example"]})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_cli("routes", "-c", str(path))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["#", "HOST", "METHOD", "PATH", "INTEGRATION", "POLICIES", "ROUTE"]
+    files = next(line for line in lines if "/files/{name}" in line)
+    assert "http -> demo path=/v2/{name} timeout=29s" in files and "ip_rules, cors, throttle" in files
+    open_route = next(line for line in lines if "/open" in line)
+    assert "mock 200 (0 bytes application/json)" in open_route
+    assert open_route.split()[-2] == "-"  # cors: false on this route, and nothing else
+
+
 def test_schema_is_json_schema():
     res = run_cli("schema")
     assert res.returncode == 0

@@ -115,5 +115,14 @@ class HttpIntegrationPlugin(Integration):
             websocket_exchange=WsUpgradeExchange,
         )
 
+    def summary(self, model: Any) -> str:
+        parts = [f"http -> {model.upstream}"]
+        if model.path:
+            parts.append(f"path={model.path}")
+        parts.append(f"timeout={model.timeout:g}s")
+        if model.preserve_host:
+            parts.append("preserve_host")
+        return " ".join(parts)
+
 
 plugin = HttpIntegrationPlugin()

@@ -125,5 +125,8 @@ class MockIntegrationPlugin(Integration):
         integ = route.integration
         return MockIntegration(integ.status, integ.body, integ.content_type, integ.headers)
 
+    def summary(self, model: Any) -> str:
+        return f"mock {model.status} ({len(model.body)} bytes {model.content_type})"
+
 
 plugin = MockIntegrationPlugin()

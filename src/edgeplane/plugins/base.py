@@ -112,6 +112,17 @@ class Policy:
         `RouteStage`), or None when the route does not use the policy."""
         return None
 
+    def applies(self, route: RouteConfig, config: Config) -> bool:
+        """Whether this policy acts on `route` (for `edgeplane routes`): by default, when
+        the route sets one of its `route_keys`, the file sets one of its `sections`, or
+        the route's authorizer is of its `authorizer_type`."""
+        if any(key in route.policies for key in self.route_keys):
+            return True
+        if any(key in config.policies for key in self.sections):
+            return True
+        auth = config.authorizers.get(route.auth) if route.auth else None
+        return auth is not None and auth.type == self.authorizer_type
+
     def upstream_headers(self, route: RouteConfig, config: Config) -> frozenset[bytes]:
         """Lower-case names of upstream headers this policy sets on `route`: copies the
         client sent are stripped by the integration."""
@@ -152,3 +163,7 @@ class Integration:
                 response_headers: frozenset[bytes]) -> Any:
         """The handler object: `handler.handle(proto, req)` answers the request."""
         raise NotImplementedError
+
+    def summary(self, model: Any) -> str:
+        """One line about a route's integration, for `edgeplane routes`."""
+        return self.type

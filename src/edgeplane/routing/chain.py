@@ -9,13 +9,14 @@ Nothing here runs per request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.plugins.api import FastStage, PluginError, RouteStage
 from edgeplane.plugins.hooks import PublicStage, check_hook
 
 if TYPE_CHECKING:
-    from edgeplane.config.model import RouteConfig
+    from edgeplane.config.model import Config, RouteConfig
     from edgeplane.plugins.base import CompileContext
     from edgeplane.plugins.registry import Registry
 
@@ -31,6 +32,20 @@ class Chain:
         self.log_hooks: list[Any] = []
         self.upstream_headers: frozenset[bytes] = frozenset()
         self.response_headers: frozenset[bytes] = frozenset()
+
+
+def describer(config: Config) -> Callable[[RouteConfig], tuple[str, str]]:
+    """For `edgeplane routes`: a route's integration summary and the policies that act on
+    it, in chain order, as the registry's units describe them."""
+    registry = config.registry
+
+    def describe(route: RouteConfig) -> tuple[str, str]:
+        plugin = registry.integrations().get(route.integration.type)
+        summary = plugin.summary(route.integration) if plugin is not None else str(route.integration.type)
+        policies = [p.name for p in registry.policies() if p.applies(route, config)]
+        return summary, ", ".join(policies)
+
+    return describe
 
 
 def compile_chain(route: RouteConfig, ctx: CompileContext, registry: Registry) -> Chain:

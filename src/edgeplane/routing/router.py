@@ -53,7 +53,7 @@ order `match` prefers them.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -485,28 +485,16 @@ def check_routes(routes: Sequence[RouteConfig]) -> list[str]:
     return [f"routes[{i}]: {msg}" for i, msg in route_problems(routes)]
 
 
-def _integration_summary(route: RouteConfig) -> str:
-    it = route.integration
-    if it.type == "http":
-        parts = [f"http -> {it.upstream}"]
-        if it.path:
-            parts.append(f"path={it.path}")
-        parts.append(f"timeout={it.timeout:g}s")
-        if it.preserve_host:
-            parts.append("preserve_host")
-        return " ".join(parts)
-    if it.type == "mock":
-        return f"mock {it.status} ({len(it.body)} bytes {it.content_type})"
-    return str(it.type)
-
-
-def format_table(router_or_routes: Router[object] | Sequence[RouteConfig]) -> str:
-    """A plain-text table of routes in match-priority order, for `edgeplane routes`."""
+def format_table(router_or_routes: Router[object] | Sequence[RouteConfig],
+                 describe: Callable[[RouteConfig], tuple[str, str]] | None = None) -> str:
+    """A plain-text table of routes in match-priority order, for `edgeplane routes`.
+    `describe(route)` gives the INTEGRATION and POLICIES cells (`routing.chain.describer`
+    asks the plugin registry); without it they name the integration type only."""
     if isinstance(router_or_routes, Router):
         routes = router_or_routes.table()
     else:
         routes = _sorted_routes(list(router_or_routes))
-    header = ("#", "HOST", "METHOD", "PATH", "INTEGRATION", "ROUTE")
+    header = ("#", "HOST", "METHOD", "PATH", "INTEGRATION", "POLICIES", "ROUTE")
     rows = [header]
     for prio, r in enumerate(routes, 1):
         parsed = parse_route_key(r.key)
@@ -514,9 +502,9 @@ def format_table(router_or_routes: Router[object] | Sequence[RouteConfig]) -> st
             method, path = "*", "$default"
         else:
             method, path = parsed.method or "ANY", parsed.path or "/"
-        rows.append(
-            (str(prio), r.host or "(any)", method, path, _integration_summary(r), f"routes[{r.index}]")
-        )
+        integration, policies = describe(r) if describe is not None else (str(r.integration.type), "-")
+        rows.append((str(prio), r.host or "(any)", method, path, integration, policies or "-",
+                     f"routes[{r.index}]"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     if not routes:

@@ -166,9 +166,10 @@ def cmd_routes(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    from edgeplane.routing.chain import describer
     from edgeplane.routing.router import format_table
 
-    print(format_table(config.routes))
+    print(format_table(config.routes, describer(config)))
     if config.websocket_apis:
         print("\nWebSocket APIs (checked before the routes above):")
         for name, api in config.websocket_apis.items():

@@ -112,6 +112,9 @@ class CorsPlugin(Policy):
         cors = route_cors(ctx.config, route)
         return CorsStage(CorsPolicy.from_config(cors)) if cors is not None else None
 
+    def applies(self, route: RouteConfig, config: Config) -> bool:
+        return route_cors(config, route) is not None
+
     def response_headers(self, route: RouteConfig, config: Config) -> frozenset[bytes]:
         return CORS_RESPONSE_HEADERS if route_cors(config, route) is not None else frozenset()
 

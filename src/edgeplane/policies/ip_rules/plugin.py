@@ -17,7 +17,7 @@ from edgeplane.policies.ip_rules.rules import IpRules, TrustedProxies, parse_ent
 
 if TYPE_CHECKING:
     from edgeplane.config.context import LoadContext
-    from edgeplane.config.model import RouteConfig
+    from edgeplane.config.model import Config, RouteConfig
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
     from edgeplane.plugins import CompileContext
@@ -94,6 +94,9 @@ class IpRulesPolicy(Policy):
         _cidrs(allow, path + ("allow",), ctx)
         _cidrs(deny, path + ("deny",), ctx)
         return IpRulesConfig(allow=allow, deny=deny)
+
+    def applies(self, route: RouteConfig, config: Config) -> bool:
+        return "ip_rules" in route.policies or "ip_rules" in config.policies
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> IpStage | None:
         config = ctx.config

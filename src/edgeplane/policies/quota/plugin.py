@@ -159,6 +159,12 @@ class UsagePlansPolicy(Policy):
     def check(self, config: Config, ctx: LoadContext) -> None:
         _check_plan_routes(ctx, config.policies.get("usage_plans") or {}, config.routes)
 
+    def applies(self, route: RouteConfig, config: Config) -> bool:
+        plans = config.policies.get("usage_plans") or {}
+        auth = config.authorizers.get(route.auth) if route.auth else None
+        return auth is not None and auth.type == "api_key" and any(
+            p.quota_limit is not None for p in plans.values())
+
     def prepare(self, ctx: CompileContext) -> dict[str, tuple[int, QuotaPeriod]]:
         plans = ctx.config.policies.get("usage_plans") or {}
         return {n: (p.quota_limit, QuotaPeriod(p.quota_period, p.quota_offset))

@@ -160,6 +160,14 @@ class ThrottlePolicy(Policy):
     def check(self, config: Config, ctx: LoadContext) -> None:
         _check_throttle_keys(ctx, config.routes)
 
+    def applies(self, route: RouteConfig, config: Config) -> bool:
+        if "throttle" in route.policies or "throttle" in config.policies:
+            return True
+        auth = config.authorizers.get(route.auth) if route.auth else None
+        plans = config.policies.get("usage_plans") or {}
+        return auth is not None and auth.type == "api_key" and any(
+            p.throttle is not None or route.key in p.route_throttles for p in plans.values())
+
     def prepare(self, ctx: CompileContext) -> PlanState | None:
         limits = ctx.resources.get("limits")
         if limits is None or not ctx.config.policies.get("usage_plans"):
