@@ -2,9 +2,14 @@
 
 - `loader`: `load_config`, the two passes (schema, then semantic checks) over the raw dict.
 - `model`: the frozen dataclasses every other package reads.
-- `schema`: the JSON Schema of the file, assembled with the policies' fragments.
-- `errors`: located errors (`LocatedErrors`) and value descriptions for messages.
-- `yamlstrict`: YAML that refuses duplicate keys.
+- `schema`: the JSON Schema of the file, assembled from the plugin registry.
+- `context`: `LoadContext`, what every section's loader gets (built-in or plugin).
+- `sections`, `routes`, `websockets`: the core sections' loaders.
+- `values`, `humanize`: value parsers; jsonschema findings rewritten for humans.
+- `errors`: located errors (`LocatedErrors`, `Problem`) and value descriptions.
+- `yamlstrict`: YAML that refuses duplicate keys, and line numbers of paths.
 
-May import: `plugins` (the registry of policy and integration units). Nothing else.
+May import: `plugins` (the registry), `routing.router` (route-key syntax),
+`websocket.selection` (route selection syntax), `http.tls` (certificate checks).
+Policy units' own loaders live with the units, not here.
 """
