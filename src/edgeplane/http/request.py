@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from edgeplane.http.fields import check_field
+
 _DRAIN_BODY_MAX = 64 * 1024  # unread body we are willing to read and discard
 
 
@@ -107,11 +109,15 @@ def header_all(req: Request, name: bytes) -> list[bytes]:
 
 def forwarded(pairs: list[tuple[bytes, str]], values: Any) -> list[tuple[bytes, bytes]]:
     """Header lines for `(header, key)` pairs taken from claims or an authorizer context:
-    strings as they are, anything else as compact JSON (control characters escaped)."""
+    strings as they are (UTF-8), anything else as compact JSON (control characters
+    escaped). Raises `fields.UnsafeField` for a string with control characters or
+    longer than `fields.MAX_VALUE_BYTES`: such a value is never forwarded."""
     out = []
     for name, key in pairs:
         value = values.get(key)
         if value is not None:
             text = value if isinstance(value, str) else orjson.dumps(value).decode()
-            out.append((name, text.encode("utf-8", "replace")))
+            raw = text.encode("utf-8", "replace")
+            check_field(name, raw)
+            out.append((name, raw))
     return out

@@ -8,8 +8,8 @@
   `edgeplane.integrations`), `plugins:` modules in a config, or objects an embedder passes.
 - `hooks`: running public stages and hooks inside the server (adapters, error handling).
 
-May import: `http` (types only) and `config.model` (types only). Imported by `config`,
-`routing`, the policy units and `runtime`.
+May import: `http.fields` (the header choke point), otherwise `http` and `config.model`
+for types only. Imported by `config`, `routing`, the policy units and `runtime`.
 """
 
 from edgeplane.plugins.api import (

@@ -31,6 +31,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from edgeplane.http.fields import UnsafeField, check_field
+
 if TYPE_CHECKING:
     from edgeplane.http.request import Request
 
@@ -83,12 +85,14 @@ class LocalReply:
 
 
 def check_header_value(name: str, value: str) -> None:
-    """The choke point for header names and values a plugin writes: no control
-    characters (CR, LF, NUL, ...) and a token name. Raises ValueError."""
-    if not name or any(not (c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~")) for c in name):
-        raise ValueError(f"invalid header name {name!r}")
-    if any((c < " " and c != "\t") or c == "\x7f" for c in value):
-        raise ValueError(f"header {name!r}: value has control characters")
+    """The header names and values a plugin writes go through the gateway's one choke
+    point (`http.fields.check_field`): a token name, no control characters (CR, LF,
+    NUL, ...), at most 8 KiB. Raises ValueError (`UnsafeField`)."""
+    try:
+        raw_name, raw_value = name.encode("ascii"), value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise UnsafeField(f"header {name!r}: only Latin-1 text can be written") from None
+    check_field(raw_name, raw_value)
 
 
 class RequestView:

@@ -69,7 +69,7 @@ def full_set(keys) -> dict:
 
 
 def test_parses_every_kty(keys):
-    ks = parse_jwks(orjson.dumps(full_set(keys)))
+    ks = parse_jwks(orjson.dumps(full_set(keys)), allow_mixed_key_types=True)
     assert ks.errors == ()
     assert ks.kids == {"r1", "e256", "e384", "e521", "ed1", "h1"}
     assert ks.get("r1").kty == "RSA" and ks.get("r1").algorithms == {"RS256"}
@@ -82,7 +82,7 @@ def test_parses_every_kty(keys):
     assert ks.get("nope") is None and ks.get(None) is None
     assert "ss" not in repr(ks.get("h1"))
     # a dict and bytes give the same set
-    assert parse_jwks(full_set(keys)).version == ks.version
+    assert parse_jwks(full_set(keys), allow_mixed_key_types=True).version == ks.version
 
 
 def test_rsa_without_alg_allows_rs_and_ps(keys):
@@ -114,7 +114,6 @@ def test_bad_entries_are_skipped_with_reasons(keys):
         {"kty": "oct", "kid": "short", "k": b64(b"k" * 16)},
         {"kty": "oct", "kid": "padded", "k": b64(b"k" * 32) + "="},
         {"kty": "RSA", "kid": 7, "n": "AQAB", "e": "AQAB"},
-        dict(good),  # repeated kid
     ]}
     ks = parse_jwks(doc)
     assert ks.kids == {"good"}
@@ -123,7 +122,7 @@ def test_bad_entries_are_skipped_with_reasons(keys):
     for needle in ("not a JSON object", "unsupported kty", "'n'", "use 'enc'", "key_ops",
                    "1024 bits", "does not fit", "private key member 'd'", "not on the curve",
                    "must be 32 bytes", "X25519", "32 bytes",
-                   "shorter than 32", "not base64url", "'kid' must be a string", "repeats"):
+                   "shorter than 32", "not base64url", "'kid' must be a string"):
         assert needle in text, needle
 
 
@@ -145,10 +144,10 @@ def test_size_and_count_limits(keys):
 
 
 def test_version_tracks_kids_and_material(keys):
-    a = parse_jwks(full_set(keys))
-    same = parse_jwks({"keys": list(reversed(full_set(keys)["keys"]))})
+    a = parse_jwks(full_set(keys), allow_mixed_key_types=True)
+    same = parse_jwks({"keys": list(reversed(full_set(keys)["keys"]))}, allow_mixed_key_types=True)
     assert a.version == same.version
-    fewer = parse_jwks({"keys": full_set(keys)["keys"][1:]})
+    fewer = parse_jwks({"keys": full_set(keys)["keys"][1:]}, allow_mixed_key_types=True)
     assert fewer.version != a.version
     rekeyed = parse_jwks({"keys": [ec_jwk(keys["p384"], "e256", "P-384")]})
     assert not rekeyed.has(a.get("e256"))

@@ -94,7 +94,7 @@ class Keys:
                      "x": b64(self.ed.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))})
         jwks.append({"kty": "oct", "kid": "oct", "k": b64(self.oct)})
         self.jwks = {"keys": jwks}
-        self.keyset = parse_jwks(self.jwks)
+        self.keyset = parse_jwks(self.jwks, allow_mixed_key_types=True)
 
     def for_alg(self, alg: str):
         """(private key, kid) that legitimately signs `alg`."""
@@ -464,7 +464,8 @@ def test_kid_removal_drops_entries(keys):
     ed_token = make_token("EdDSA", keys.ed, claims(), kid="ed")
     cv.verify(rsa_token, NOW)
     cv.verify(ed_token, NOW)
-    holder.keyset = parse_jwks({"keys": [k for k in keys.jwks["keys"] if k["kid"] != "rsa"]})
+    holder.keyset = parse_jwks({"keys": [k for k in keys.jwks["keys"] if k["kid"] != "rsa"]},
+                               allow_mixed_key_types=True)
     assert cv.verify(ed_token, NOW)["sub"] == "user-1"          # key still there: still a hit
     assert cv.verifier.calls == 2
     with pytest.raises(JwtError) as info:
@@ -509,7 +510,8 @@ def test_negative_cache(keys):
 
 
 def test_negative_cache_cleared_by_rotation(keys):
-    holder = Holder(parse_jwks({"keys": [k for k in keys.jwks["keys"] if k["kid"] != "ed"]}))
+    holder = Holder(parse_jwks({"keys": [k for k in keys.jwks["keys"] if k["kid"] != "ed"]},
+                               allow_mixed_key_types=True))
     cv = cached(keys, holder)
     token = make_token("EdDSA", keys.ed, claims(), kid="ed")
     for _ in range(3):

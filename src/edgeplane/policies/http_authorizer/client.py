@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from edgeplane.config.model import PoolConfig, UpstreamConfig
+from edgeplane.http.fields import UnsafeField
 from edgeplane.http.request import forwarded, header
 from edgeplane.plugins.api import FastStage
 from edgeplane.policies.jwt.jwks_source import split_url
@@ -184,7 +185,15 @@ class HttpAuthorizerStage(FastStage):
             return False
         req.auth_context = context
         if self.forward:
-            req.extra_upstream = [*(req.extra_upstream or ()), *forwarded(self.forward, context)]
+            try:
+                req.extra_upstream = [*(req.extra_upstream or ()), *forwarded(self.forward, context)]
+            except UnsafeField as exc:
+                # The authorizer (the operator's service) answered a value that could
+                # split the upstream request: never forwarded; the gateway side's 500.
+                log.warning("route %r: %s: refused request %s: forwarded context %s",
+                            req.route_key, self.name, req.request_id.decode("latin-1"), exc)
+                proto.send_error(req, 500, "Internal Server Error")
+                return False
         return True
 
 

@@ -10,12 +10,19 @@ This module owns three things and does no I/O (no sockets, no files, no clock):
      ``kty: oct`` (``k``, at least 32 bytes, for HS*).
    - Each key keeps ``kid``, ``kty``, ``crv``, and the optional ``alg`` and ``use``.
      Keys with ``use: enc``, with ``key_ops`` lacking ``verify``, with an ``alg`` that does
-     not fit their type, with private members (``d``, ``p``...) or a repeated ``kid`` are
-     *skipped*, each with a reason in `KeySet.errors`. One bad entry never hides the
-     good ones and never raises.
+     not fit their type or with private members (``d``, ``p``...) are *skipped*, each
+     with a reason in `KeySet.errors`. One such entry never hides the good ones.
    - The document as a whole is refused (`JwksError`) when it is over
      `MAX_JWKS_BYTES` (150,000 bytes, the AWS limit), holds more than `MAX_KEYS` (100)
      entries, is not ``{"keys": [...]}``, or leaves no usable key.
+   - Hygiene: the set is refused (`JwksRefused`, every problem listed, each naming its
+     kids) when two entries share a ``kid`` (which key a token means would be a guess),
+     when an RSA key has the ROCA fingerprint (CVE-2017-15361, `roca`: its private key
+     can be computed from the public one), or when it mixes symmetric (``oct``) and
+     asymmetric keys, an algorithm-confusion risk, unless the caller passes
+     ``allow_mixed_key_types=True``. Only the mix has an opt-out. Refusing the whole set,
+     rather than skipping the entries, is deliberate: an issuer publishing such a set is
+     misconfigured or compromised, and a URL refresh then keeps the last good set.
    - Base64url members are strict: the unpadded URL-safe alphabet only.
 
 2. **Key identity.** `Key.thumbprint` is the RFC 7638 SHA-256 thumbprint of the public
@@ -43,10 +50,13 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from edgeplane.policies.jwt.roca import has_roca_fingerprint
+
 __all__ = [
     "MAX_JWKS_BYTES",
     "MAX_KEYS",
     "JwksError",
+    "JwksRefused",
     "Key",
     "KeySet",
     "RefreshPolicy",
@@ -76,6 +86,11 @@ PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
 
 class JwksError(ValueError):
     """The JWK Set as a whole is unusable (too big, not a set, no usable key)."""
+
+
+class JwksRefused(JwksError):
+    """The JWK Set parses but fails the hygiene checks (repeated kid, ROCA key, mixed
+    symmetric and asymmetric keys). The message names the offending kids."""
 
 
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*")
@@ -275,11 +290,12 @@ def secret_key(secret: bytes, kid: str | None = None) -> Key:
                thumbprint=tp, algorithms=HMAC_ALGS, source="config")
 
 
-def parse_jwks(data: bytes | str | dict) -> KeySet:
+def parse_jwks(data: bytes | str | dict, *, allow_mixed_key_types: bool = False) -> KeySet:
     """A JWK Set document (bytes, str or already-decoded dict) -> `KeySet`.
 
-    Raises `JwksError` when the document is unusable as a whole; bad entries are skipped
-    and described in `KeySet.errors`."""
+    Raises `JwksError` when the document is unusable as a whole, `JwksRefused` when it
+    fails the hygiene checks (see the module docstring); bad entries are skipped and
+    described in `KeySet.errors`."""
     if isinstance(data, (bytes, bytearray, memoryview, str)):
         raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
         if len(raw) > MAX_JWKS_BYTES:
@@ -297,7 +313,7 @@ def parse_jwks(data: bytes | str | dict) -> KeySet:
         raise JwksError(f"JWKS holds {len(entries)} keys (limit {MAX_KEYS})")
     keys: list[Key] = []
     errors: list[str] = []
-    seen: set[str] = set()
+    refusals = _repeated_kids(entries)
     for i, jwk in enumerate(entries):
         label = f"keys[{i}]"
         if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str):
@@ -307,16 +323,45 @@ def parse_jwks(data: bytes | str | dict) -> KeySet:
         except (ValueError, TypeError, OverflowError) as exc:
             errors.append(f"{label}: {exc}")
             continue
-        if key.kid is not None:
-            if key.kid in seen:
-                errors.append(f"{label}: kid repeats an earlier key")
-                continue
-            seen.add(key.kid)
+        if key.kty == "RSA" and has_roca_fingerprint(key.public_key.public_numbers().n):
+            refusals.append(f"{label}: RSA key with the ROCA weakness (CVE-2017-15361): its "
+                            "private key can be computed from the public key; replace it")
+            continue
         keys.append(key)
+    symmetric = [k for k in keys if k.kty == "oct"]
+    asymmetric = [k for k in keys if k.kty != "oct"]
+    if symmetric and asymmetric and not allow_mixed_key_types:
+        refusals.append(
+            f"mixes symmetric keys ({_names(symmetric)}) with asymmetric keys "
+            f"({_names(asymmetric)}), an algorithm-confusion risk; keep HMAC keys in a set "
+            "of their own (or opt in with allow_mixed_key_types)")
+    if refusals:
+        raise JwksRefused("; ".join(refusals))
     if not keys:
         detail = "; ".join(errors) if errors else "the set is empty"
         raise JwksError(f"JWKS has no usable key: {detail}")
     return KeySet(keys, errors)
+
+
+def _repeated_kids(entries: list[Any]) -> list[str]:
+    """One refusal per kid that more than one entry names. Every entry counts, usable or
+    not: a set where one kid means two keys is ambiguous whichever of them we could use."""
+    where: dict[str, list[int]] = {}
+    for i, jwk in enumerate(entries):
+        if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str):
+            where.setdefault(jwk["kid"], []).append(i)
+    return [f"kid {kid!r} names {len(idx)} keys ({', '.join(f'keys[{i}]' for i in idx)}); "
+            "a kid must name one key"
+            for kid, idx in where.items() if len(idx) > 1]
+
+
+def _names(keys: list[Key], limit: int = 8) -> str:
+    """``kty kid 'a', ...`` for a refusal message: at most `limit` names, then a count."""
+    shown = [f"{k.kty} kid {k.kid!r}" if k.kid is not None else f"{k.kty} key without kid"
+             for k in keys[:limit]]
+    if len(keys) > limit:
+        shown.append(f"and {len(keys) - limit} more")
+    return ", ".join(shown)
 
 
 def cache_control_max_age(value: str | bytes | None) -> float | None:

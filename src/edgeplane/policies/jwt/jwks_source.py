@@ -12,7 +12,10 @@ cannot hammer the issuer).
 Invariants:
 - `keyset()` never awaits and never fails: it returns the last good key set (None
   before the first successful fetch, which makes every token 401).
-- A failed refresh keeps the last good keys; it is logged and counted.
+- A failed refresh keeps the last good keys; it is logged and counted. A served set that
+  fails the key-set hygiene checks (`jwks.JwksRefused`: repeated kid, ROCA key, mixed
+  symmetric/asymmetric keys without the opt-out) is such a failure: it is never adopted,
+  and the warning says which kids and why.
 - At most one fetch is in flight; `close()` cancels it and the loop.
 """
 
@@ -28,6 +31,7 @@ from edgeplane.config.model import PoolConfig, Target, UpstreamConfig
 from edgeplane.policies.jwt.jwks import (
     MAX_JWKS_BYTES,
     JwksError,
+    JwksRefused,
     KeySet,
     RefreshPolicy,
     cache_control_max_age,
@@ -53,12 +57,14 @@ def split_url(url: str) -> tuple[Target, str]:
 
 
 class JwksSource:
-    __slots__ = ("name", "url", "target", "path", "policy", "upstream", "_keys", "_task",
-                 "_wake", "fetches", "failures", "last_error")
+    __slots__ = ("name", "url", "target", "path", "policy", "upstream", "allow_mixed_key_types",
+                 "_keys", "_task", "_wake", "fetches", "failures", "last_error")
 
-    def __init__(self, name: str, url: str, refresh: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, url: str, refresh: float, loop: asyncio.AbstractEventLoop,
+                 *, allow_mixed_key_types: bool = False) -> None:
         self.name = name
         self.url = url
+        self.allow_mixed_key_types = allow_mixed_key_types
         self.target, self.path = split_url(url)
         self.policy = RefreshPolicy(interval=refresh, min_interval=min(30.0, refresh))
         cfg = UpstreamConfig(name=f"jwks:{name}", targets=(self.target,),
@@ -94,13 +100,15 @@ class JwksSource:
                 timeout=FETCH_TIMEOUT, max_bytes=MAX_JWKS_BYTES)
             if status != 200:
                 raise FetchError(f"status {status}")
-            keys = parse_jwks(body)
+            keys = parse_jwks(body, allow_mixed_key_types=self.allow_mixed_key_types)
         except (FetchError, JwksError) as exc:
             self.failures += 1
             self.last_error = str(exc)
             retry = self.policy.on_failure(time.monotonic())
-            log.warning("JWKS %s (%s): refresh failed: %s; keeping %s; retry in %.0fs",
-                        self.url, self.name, exc,
+            # A refused set is the issuer's problem, not the network's: say so, and why.
+            what = "refused the served key set" if isinstance(exc, JwksRefused) else "refresh failed"
+            log.warning("JWKS %s (%s): %s: %s; keeping %s; retry in %.0fs",
+                        self.url, self.name, what, exc,
                         f"{len(self._keys)} keys" if self._keys else "no keys",
                         max(0.0, retry - time.monotonic()))
             return False

@@ -6,16 +6,23 @@ HS secrets, leeway, cache), the route's `scopes`/`forward_claims` at compile tim
 token, 403 `insufficient_scope`. Per gateway it runs a `JwksSource` for each JWKS URL
 (fetched at start, refreshed off the request path); per snapshot one cached verifier
 per authorizer, shared by every route using it. The sans-IO core is `verify`/`jwks`.
+
+A `jwks.file` that fails the key-set hygiene checks (repeated kid, ROCA key, symmetric and
+asymmetric keys mixed without `jwks.allow_mixed_key_types`) is a located load error
+(`authorizers.NAME.jwks.file: invalid JWKS: ...`); a `jwks.url` serving such a set is a
+failed fetch (`JwksSource` keeps the last good set and logs why).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edgeplane.http.fields import UnsafeField
 from edgeplane.http.request import forwarded, header, identity_header
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.jwt.jwks import JwksError, parse_jwks
@@ -50,6 +57,8 @@ class JwtAuthorizerConfig:
     jwks_file: str | None = None
     jwks_url: str | None = None
     jwks_refresh: float = 300.0
+    # Accept a key set holding both oct and RSA/EC/OKP keys (refused by default).
+    jwks_allow_mixed_key_types: bool = False
     hs_secret_env: str | None = None  # HS* secret from this environment variable
     hs_secret_file: str | None = None  # ... or from this file
     leeway: float = 0.0
@@ -81,7 +90,8 @@ _JWT_AUTHORIZER = {
             "type": "object",
             "additionalProperties": False,
             "properties": {"file": {"type": "string"}, "url": {"type": "string"},
-                           "refresh": {"$ref": "#/$defs/duration", "default": "300s"}},
+                           "refresh": {"$ref": "#/$defs/duration", "default": "300s"},
+                           "allow_mixed_key_types": {"type": "boolean", "default": False}},
         },
         "hs_secret": {
             "type": "object",
@@ -134,7 +144,16 @@ class JwtStage(FastStage):
         # Request.claims is declared `dict | None` (http.request); a Claims reads the same way.
         req.claims = claims
         if self.forward:
-            req.extra_upstream = forwarded(self.forward, claims)
+            try:
+                req.extra_upstream = forwarded(self.forward, claims)
+            except UnsafeField as exc:
+                # The token is valid, but one of its claims could split the upstream
+                # request (a display name with CR LF...): never forwarded, the client's 400.
+                logging.getLogger("edgeplane.jwks").warning(
+                    "route %r: %s: refused request %s: forwarded claim %s",
+                    req.route_key, self.name, req.request_id.decode("latin-1"), exc)
+                proto.send_error(req, 400, f"{self.name}: a forwarded claim cannot be sent upstream")
+                return False
         return True
 
     def _refuse(self, proto: HttpProtocol, req: Request, description: str) -> None:
@@ -178,10 +197,11 @@ def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadConte
             split_url(jwks["url"])
         except ValueError as exc:
             ctx.fail(path + ("jwks", "url"), str(exc))
+    allow_mixed = jwks.get("allow_mixed_key_types") is True
     if isinstance(jwks.get("file"), str):
         try:
             with open(jwks["file"], "rb") as fh:
-                parse_jwks(fh.read())
+                parse_jwks(fh.read(), allow_mixed_key_types=allow_mixed)
         except OSError as exc:
             ctx.fail(path + ("jwks", "file"), f"cannot read: {exc.strerror or exc}")
         except JwksError as exc:
@@ -201,6 +221,7 @@ def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadConte
         identity_source=spec.get("identity_source", "$request.header.Authorization"),
         jwks_file=jwks.get("file"), jwks_url=jwks.get("url"),
         jwks_refresh=ctx.duration(jwks, "refresh", path + ("jwks",), 300.0),
+        jwks_allow_mixed_key_types=allow_mixed,
         hs_secret_env=secret.get("env"), hs_secret_file=secret.get("file"),
         leeway=ctx.duration(spec, "leeway", path, 0.0, low_inclusive=True),
         max_token_bytes=ctx.size(spec, "max_token_bytes", path, 8192, low=256),
@@ -227,7 +248,8 @@ class JwtPolicy(Policy):
     async def start(self, runtime: RuntimeContext) -> None:
         # JWKS URLs: a first bounded fetch now (a failure starts with no keys: 401s until
         # a background retry succeeds), then refreshed off the request path.
-        sources = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, runtime.loop)
+        sources = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, runtime.loop,
+                                    allow_mixed_key_types=a.jwks_allow_mixed_key_types)
                    for name, a in runtime.config.authorizers_of("jwt").items() if a.jwks_url}
         runtime.state[self.name] = sources
         await asyncio.gather(*(source.start() for source in sources.values()))
@@ -248,7 +270,7 @@ class JwtPolicy(Policy):
             keys: Any = None
             if cfg.jwks_file:
                 with open(cfg.jwks_file, "rb") as fh:
-                    keys = parse_jwks(fh.read())
+                    keys = parse_jwks(fh.read(), allow_mixed_key_types=cfg.jwks_allow_mixed_key_types)
             elif name in sources:
                 keys = sources[name].keyset  # a provider: the current key set, per call
             cache = VerificationCache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
