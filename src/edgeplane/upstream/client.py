@@ -9,7 +9,12 @@ Invariants:
 - Bounded: the response body is cut off at `max_bytes` (the connection is then closed,
   not reused) and the whole call is bounded by `timeout`.
 - The connection goes back to the pool reusable only when the response was read to its
-  end and the upstream allows keep-alive, as in the proxy.
+  end and the upstream allows keep-alive, as in the proxy. The pool's hygiene rules hold
+  here too, because they live in `pool.UpstreamConnection`, not in the exchange: the
+  release from `on_response_complete` (a parser callback) takes effect only after the
+  read is parsed; bytes after the response close the connection without failing this
+  call (its answer was complete); a response head past `pool.MAX_RESPONSE_HEAD`, within
+  one read or across reads, fails it through `on_upstream_failed`.
 - The future is resolved exactly once; every later callback is ignored.
 """
 

@@ -10,12 +10,33 @@ Invariants (in the manner of aiohttp's connector):
   never exceeds `max_connections`.
 - Handing out is synchronous: there is no await between taking a connection from
   `idle` (or from a finished connect) and attaching it to its exchange.
-- A connection the upstream closed, that sent bytes while idle, or whose response was
-  not read to its end is never handed out again.
-- A response head is bounded (`MAX_RESPONSE_HEAD`): an upstream that never ends its head
-  is dropped as an invalid response, not buffered.
+- A connection is handed to the next exchange (or idled) only after the parser has
+  finished with the read that completed the previous response, never from inside a
+  parser callback: a release during `feed_data` is recorded (`release_pending`) and
+  completed by `data_received`. Otherwise the rest of that read would be parsed as the
+  next exchange's response -- a response delivered to the wrong client.
+- A connection is reused only when provably clean. Bytes after the end of a response
+  in the same read (the parser begins another message, reports body bytes, or fails
+  after the response completed) close it (`excess_data`), as do bytes arriving while
+  it is idle (`unsolicited_data`); both are logged once at warning and counted in
+  `closed_by_reason`. The exchange that already completed is not failed: its client
+  got a good response. CR/LF after a response are not counted as dirty: llhttp skips
+  them without a callback (RFC 9112 2.2 lets a recipient ignore empty lines before a
+  message), they cannot be parsed as a response, so they cannot reach another client.
+- A connection the upstream closed, or whose response was not read to its end, is never
+  handed out again.
+- A response head is bounded (`MAX_RESPONSE_HEAD`) across reads (bytes of reads that
+  leave a head incomplete) and within the read that completes it (its header lines are
+  counted when that read could hold more; the parser is stopped before the head reaches
+  the exchange): such an upstream is dropped as an invalid response (502), not relayed.
+  Memory for a head within one read is bounded by the transport's read size.
 - Waiters are served first-in first-out; a waiter whose client went away is skipped.
 - Connects and sweeps are the only tasks/timers; the request path uses callbacks.
+
+Known inherent race (not solvable at this layer; nginx and Envoy share it): bytes an
+upstream sends in a later read, after the connection was handed to the next exchange,
+cannot be told apart from that exchange's response. Only bytes that arrive with the
+response, or while the connection is idle, are caught.
 """
 
 from __future__ import annotations
@@ -43,11 +64,22 @@ class PoolOverflow(Exception):
     """Every connection is busy and the wait queue is full."""
 
 
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop parsing this read; the connection's state
+    (closed, released, head size) tells `_parse_failed` why."""
+
+
+def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    """Bytes of a response head with these header lines (the status line estimated)."""
+    return sum(len(name) + len(value) + 4 for name, value in headers) + 17
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "id", "loop", "transport", "parser", "exchange", "created", "connect_time",
         "requests", "bytes_in", "bytes_out", "idle_since", "closed", "close_reason",
-        "reset_parser", "local_port", "resp_headers", "head_bytes",
+        "reset_parser", "local_port", "resp_headers", "read_len", "head_read", "in_feed",
+        "release_pending",
     )
 
     def __init__(self, pool: TargetPool) -> None:
@@ -69,7 +101,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.reset_parser = False
         self.local_port = 0
         self.resp_headers: list[tuple[bytes, bytes]] = []
-        self.head_bytes = -1  # bytes read while a response head is incomplete; -1: none is
+        self.read_len = 0  # length of the read being parsed
+        self.head_read = -1  # bytes of reads that left a head incomplete; -1: no head in progress
+        self.in_feed = False  # inside `parser.feed_data`: a release must wait until it returns
+        self.release_pending = False  # released reusable during the current feed
 
     # -- transport events --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,33 +115,33 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self.exchange is None:
-            self.close("unsolicited_data")
-            return
         exchange = self.exchange
+        if exchange is None:
+            self._excess("unsolicited_data", "while idle")
+            return
+        self.read_len = len(data)
+        self.in_feed = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            self.in_feed = False
             # A 101 head was parsed: the rest belongs to the new protocol. Only a
             # WebSocket exchange can take it; anywhere else it is an invalid response.
             upgraded = getattr(self.exchange, "on_upgraded", None)
             if upgraded is None:
-                self.close("invalid_response")
-                if exchange is not None:
-                    exchange.on_upstream_failed("upstream switched protocols unexpectedly")
+                self._parse_failed("upstream switched protocols unexpectedly")
                 return
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             upgraded(self, data[offset:])
             return
         except httptools.HttpParserError as exc:
-            exchange = self.exchange
-            self.close("invalid_response")
-            if exchange is not None:
-                exchange.on_upstream_failed(f"invalid response from upstream: {exc}")
+            self.in_feed = False
+            self._parse_failed(f"invalid response from upstream: {exc}")
             return
-        if self.head_bytes >= 0:  # the head is still incomplete after this read
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_RESPONSE_HEAD:
+        self.in_feed = False
+        if self.head_read >= 0:  # the head is still incomplete after this read
+            self.head_read += len(data)
+            if self.head_read > MAX_RESPONSE_HEAD:
                 self.close("invalid_response")
                 exchange.on_upstream_failed("upstream response head too large")
                 return
@@ -115,6 +150,33 @@ class UpstreamConnection(asyncio.Protocol):
         if self.reset_parser:
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
+        if self.release_pending:
+            # The response ended in this read and nothing followed it: reusable now.
+            self.release_pending = False
+            if not self.closed:
+                self.pool.reuse(self)
+
+    def _parse_failed(self, reason: str) -> None:
+        """The parser stopped (a callback raised) or failed on this read."""
+        self.release_pending = False
+        if self.closed:
+            return  # closed while parsing (its exchange or the pool saw to it)
+        exchange = self.exchange
+        if exchange is None:
+            # The response ended earlier in this read: these are bytes after it. Its
+            # exchange completed and its client got a good response; only we close.
+            self._excess("excess_data", "with the response")
+            return
+        if self.head_read > MAX_RESPONSE_HEAD:  # set so by `on_headers_complete`
+            reason = "upstream response head too large"
+        self.close("invalid_response")
+        exchange.on_upstream_failed(reason)
+
+    def _excess(self, reason: str, when: str) -> None:
+        pool = self.pool
+        log.warning("upstream sent data after the end of the response; connection closed "
+                    "(upstream %s, target %s, %s)", pool.upstream, pool.name, when)
+        self.close(reason)
 
     def eof_received(self) -> bool | None:
         self._lost("upstream_closed")
@@ -143,24 +205,39 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.on_upstream_write_paused(False)
 
     # -- parser callbacks (forwarded to the exchange) -----------------------------
+    # `exchange` is None inside a feed only once the response was released (or the
+    # connection closed): whatever the parser reports after that is excess, so parsing
+    # stops there (`_StopParsing`) and `_parse_failed` decides.
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            raise _StopParsing
         self.resp_headers = []
-        self.head_bytes = 0
+        self.head_read = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.head_bytes = -1
+        # The head bound within a read. The head is at most the earlier reads that left it
+        # incomplete plus this whole read: only when that exceeds the bound (a read past
+        # 64 KiB, rare) are its lines counted. Not counted per header: this is per response.
+        if self.head_read + self.read_len > MAX_RESPONSE_HEAD and _head_size(
+                self.resp_headers) > MAX_RESPONSE_HEAD:
+            self.head_read = MAX_RESPONSE_HEAD + 1  # tells `_parse_failed` why
+            raise _StopParsing
+        self.head_read = -1
         exchange = self.exchange
         if exchange is None:
-            raise httptools.HttpParserError("response without a request")
+            raise _StopParsing
         exchange.on_response_head(self.parser.get_status_code(), self.resp_headers)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
-        if exchange is not None:
-            exchange.on_response_body(body)
+        if exchange is None:
+            # After a HEAD response (ended at its head) llhttp may still expect a body:
+            # bytes here were sent past the end of that response.
+            raise _StopParsing
+        exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
         exchange = self.exchange
@@ -205,12 +282,14 @@ class TargetPool:
         "target", "cfg", "loop", "idle", "in_use", "connecting", "waiters", "conns",
         "opened", "reused", "requests", "connect_failures", "closed_by_reason",
         "down_until", "closing", "_tasks", "host", "port", "authority", "name", "ssl",
-        "server_hostname",
+        "server_hostname", "upstream",
     )
 
     def __init__(self, target: Target, cfg: PoolConfig, loop: asyncio.AbstractEventLoop,
-                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
+                 upstream: str = "") -> None:
         self.target = target
+        self.upstream = upstream  # the upstream's name, for logs
         # https targets: TLS with this context; SNI and the verified name default to the host.
         self.ssl = ssl_context
         self.server_hostname = (server_name or target.host) if ssl_context is not None else None
@@ -347,14 +426,25 @@ class TargetPool:
         conn.exchange = None
         if conn.closed:
             return  # on_closed already took it out of in_use
-        if reusable and not conn.transport.is_closing():
-            if self.waiters:
-                self.reused += 1
-                self._hand_over(conn)
-            else:
-                self._put_idle(conn)
-        else:
+        if not reusable or conn.transport.is_closing():
             conn.close(reason)
+        elif conn.in_feed:
+            # Called from a parser callback: the rest of this read is still to be parsed
+            # and must not become the next exchange's response. `conn.data_received`
+            # calls `reuse` once the read is parsed and proved clean.
+            conn.release_pending = True
+        else:
+            self.reuse(conn)
+
+    def reuse(self, conn: UpstreamConnection) -> None:
+        """`conn`, counted in `in_use` and released clean, goes to a waiter or idles."""
+        if conn.transport.is_closing():
+            conn.close("not_reusable")
+        elif self.waiters:
+            self.reused += 1
+            self._hand_over(conn)
+        else:
+            self._put_idle(conn)
 
     def detach(self, conn: UpstreamConnection) -> None:
         """`conn` leaves the pool for good, transport open (a WebSocket relay owns it)."""
@@ -440,7 +530,7 @@ class Upstream:
 
             ctx = client_context(cfg.tls)
         self.pools = [TargetPool(t, cfg.pool, loop, ctx if t.scheme == "https" else None,
-                                 cfg.tls.server_name) for t in cfg.targets]
+                                 cfg.tls.server_name, cfg.name) for t in cfg.targets]
         self._next = 0
 
     def pick(self) -> TargetPool:
