@@ -14,7 +14,8 @@ flow control, the control frames it sends) is ``relay_leg.Leg``.
 
 API
 ---
-- ``RelaySettings`` (frozen): limits and timeouts, validated at construction.
+- ``RelaySettings`` (frozen): limits and timeouts (``error_flush_*``: see 10), validated
+  at construction.
 - ``start_relay(loop, client_transport, upstream_transport, *, settings, client_tail=b"",
   upstream_tail=b"", on_closed=None) -> Relay``: take both transports over and start
   relaying. The tails are bytes that arrived right after each handshake; they are
@@ -57,26 +58,46 @@ Invariants
 8. **Close handshake.** A close from one leg is forwarded with the same code and reason
    (1005, no code, is forwarded as an empty close) and the other leg's reply is forwarded
    back. Once any close has started, data frames are no longer relayed in either
-   direction (a leg that sent or received a close may not be sent data). The client leg's
-   TCP connection is closed by the gateway once its handshake is complete; on the
-   upstream leg the gateway is the WebSocket client and waits for the upstream to close
-   TCP. A leg that started a close always gets a reply: the other leg's reply when it
-   comes, else (other leg gone or broken, or ``close_timeout`` passed) its own close
-   echoed.
+   direction (a leg that sent or received a close may not be sent data), except for the
+   flush after a client protocol error (10). The client leg's TCP connection is closed
+   by the gateway once its handshake is complete; on the upstream leg the gateway is the
+   WebSocket client and waits for the upstream to close TCP. A leg that started a close
+   always gets a reply: the other leg's reply when it comes, else (other leg gone or
+   broken, or ``close_timeout`` passed) its own close echoed.
 9. **Bounded teardown.** ``close_timeout`` after the close started every transport still
    open is aborted, except a leg that is only now being sent its (echoed) reply, which is
    given at most ``min(1 s, close_timeout)`` more to flush it. A gateway-initiated close
    (``Relay.close``, timeouts, limits) therefore completes within ``close_timeout``.
-10. **Failures.** A protocol error (wsproto ParseFailed: unmasked client frame, reserved
-   bits, unknown opcode, bad UTF-8, control frame > 125 bytes or fragmented, continuation
-   without a start, data frame inside a fragmented message, invalid close code) fails
-   that leg: it is sent the close code wsproto chose (1002/1007) with a fixed reason and
-   its TCP connection is closed without waiting for a reply. The other leg gets 1001 when
-   the client failed, 1011 "upstream error" when the upstream failed (1014 "bad gateway"
-   would be more precise, but wsproto 1.3 and other clients refuse it as a reserved code). A leg whose TCP
-   connection ends without a close frame, or that is cut off, makes the relay close the
-   other leg with 1001. 1006 is never sent; it is what the stats record for a leg whose
-   connection ended with no close frame exchanged.
+10. **Failures, and what arrives before the close.** A protocol error (wsproto
+   ParseFailed: unmasked client frame, reserved bits, unknown opcode, bad UTF-8, control
+   frame > 125 bytes or fragmented, continuation without a start, data frame inside a
+   fragmented message, invalid close code) fails that leg: nothing of the bad frame or of
+   anything after it is processed (a valid earlier fragment of the same message may
+   already be relayed), it is sent the close code wsproto chose (1002/1007) with a fixed
+   reason and its TCP connection is closed without waiting for a reply.
+   *Ordering invariant* (as on a direct connection): the healthy leg gets, before its
+   close, every data frame the failed leg sent before the bad frame; the failed leg
+   gets, before its close, every data frame the healthy leg sent before it could know
+   of the failure (for a failed client: before the upstream's close reply, within the
+   flush bounds below), in order.
+   - **Client fails:** the upstream is sent 1001 at once, not 1002/1007: in RFC 6455
+     7.4.1 those say the sender ends the connection over bad data *it received on that
+     connection*, and the upstream's leg carried none (an upstream would blame its own
+     frames); for it, its client is going away (1001). The upstream's
+     data frames (already on the wire, or sent before its close reply) are still relayed
+     to the client -- the *flush* -- until its close reply arrives, it fails or goes away,
+     ``error_flush_timeout`` (at most ``close_timeout / 2``, so the client's close still
+     gets time to flush) passes, or a frame would take the flushed payload past
+     ``error_flush_bytes`` (not relayed); only then is the client sent its 1002/1007. A
+     client that leaves during the flush ends it. ``error_flush_timeout=0``: no flush.
+   - **Upstream fails:** every frame it sent before the bad one has already been written
+     to the client (the pump writes its batch before acting on a close event), so the
+     client gets 1011 "upstream error" right after them (1014 "bad gateway" would be more
+     precise, but wsproto 1.3 and other clients refuse it as a reserved code); the
+     client's frames in flight toward the broken upstream are dropped.
+   A leg whose TCP connection ends without a close frame, or that is cut off, makes the
+   relay close the other leg with 1001. 1006 is never sent; it is what the stats record
+   for a leg whose connection ended with no close frame exchanged.
 11. **Backpressure, both ways.** When a destination pauses writing, the relay stops
    processing the source's frames (bytes already read stay unparsed in wsproto) and
    pauses reading the source transport; ``resume_writing`` processes what is pending and
@@ -145,6 +166,8 @@ class RelaySettings:
     pong_timeout: float = 10.0
     send_timeout: float = 60.0
     close_timeout: float = 5.0
+    error_flush_timeout: float = 1.0
+    error_flush_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1:
@@ -162,6 +185,11 @@ class RelaySettings:
             raise ValueError("messages_per_second must be a finite number > 0 or None")
         if not isinstance(self.message_burst, int) or self.message_burst < 1:
             raise ValueError("message_burst must be an integer >= 1")
+        if not (isinstance(self.error_flush_timeout, (int, float)) and self.error_flush_timeout >= 0
+                and math.isfinite(self.error_flush_timeout)):
+            raise ValueError("error_flush_timeout must be a finite number >= 0 (0 = no flush)")
+        if not isinstance(self.error_flush_bytes, int) or self.error_flush_bytes < 0:
+            raise ValueError("error_flush_bytes must be an integer >= 0")
 
 
 class RelayStats:
@@ -199,7 +227,8 @@ class Relay:
 
     __slots__ = ("_t0", "loop", "settings", "client", "upstream", "closing", "closed", "last_data",
                  "max_message_bytes", "_stats", "_on_closed", "_timer", "_timer_at",
-                 "_close_deadline", "_final")
+                 "_close_deadline", "_final", "flush_from", "flush_left", "_flush_until",
+                 "_violation")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: RelaySettings,
                  on_closed: Callable[[RelayStats], None] | None) -> None:
@@ -217,6 +246,13 @@ class Relay:
         self._timer_at = math.inf
         self._close_deadline = math.inf
         self._final = False
+        # The flush after a client protocol error (invariant 10): the upstream leg whose
+        # data still goes to the client, what it may still relay, until when, and the
+        # client's pending close code.
+        self.flush_from: Leg | None = None
+        self.flush_left = 0
+        self._flush_until = math.inf
+        self._violation = 0
         self.client: Leg
         self.upstream: Leg
 
@@ -253,10 +289,12 @@ class Relay:
             return
         now = self.loop.time()
         if self.closing:
+            if now >= self._flush_until:
+                self._end_flush()
             if now >= self._close_deadline:
                 self._deadline_passed(now)
             else:
-                self._arm(self._close_deadline)
+                self._arm(min(self._flush_until, self._close_deadline))
             return
         s = self.settings
         started = self._stats.started
@@ -329,6 +367,9 @@ class Relay:
                             POLICY, "message rate exceeded", GOING_AWAY, "going away")
 
     def _too_big(self, leg: Leg) -> None:
+        if self.flush_from is leg:  # the rest of that message must not follow: stop here
+            self._end_flush()
+            return
         error = f"{leg.name} message exceeded {self.max_message_bytes} bytes"
         if leg.is_client:
             self._gateway_close("message_too_big", error, TOO_BIG, "message too big",
@@ -349,7 +390,9 @@ class Relay:
 
     def _other_gone(self, leg: Leg) -> None:
         """``leg``'s counterpart can no longer take part: close ``leg`` on its own."""
-        if leg.conn.state is _REMOTE_CLOSING:
+        if self.flush_from is leg.other:  # nothing more can come for the failed client
+            self._end_flush()
+        elif leg.conn.state is _REMOTE_CLOSING:
             self._echo_reply(leg)
         else:
             leg.send_close(GOING_AWAY, "going away")
@@ -372,7 +415,9 @@ class Relay:
                 self._echo_reply(leg)  # nobody left to ask: answer it ourselves
         elif state is _CLOSED:  # the reply to a close we sent on this leg
             leg.handshake_done()
-            if other.conn.state is _REMOTE_CLOSING and other.send_close(ev.code, ev.reason):
+            if self.flush_from is leg:  # everything it sent before its close is relayed
+                self._end_flush()
+            elif other.conn.state is _REMOTE_CLOSING and other.send_close(ev.code, ev.reason):
                 other.handshake_done()
         else:  # wsproto ParseFailed: fail this leg
             self._protocol_error(leg, int(ev.code), ev.reason)
@@ -381,20 +426,41 @@ class Relay:
         if not self.closing:
             self._begin_closing(f"gateway:{leg.name}_protocol_error",
                                 f"{leg.name} protocol error: {detail}")
-            if leg.is_client:
-                leg.other.send_close(GOING_AWAY, "going away")
-            else:
+            if not leg.is_client:
                 leg.other.send_close(UPSTREAM_ERROR, "upstream error")
+            elif leg.other.send_close(GOING_AWAY, "going away") and self.settings.error_flush_timeout:
+                # Invariant 10: the client's frames stop here (it is failed: nothing it
+                # sends is processed); the upstream's keep coming until its close reply
+                # or a bound, and only then does the client get its close.
+                s = self.settings
+                leg.failed = True
+                leg.parts = []
+                self._violation = code
+                self.flush_from = leg.other
+                self.flush_left = s.error_flush_bytes
+                self._flush_until = self.loop.time() + min(s.error_flush_timeout, s.close_timeout / 2)
+                self._arm(self._flush_until)
+                return
         else:
-            self._other_gone(leg.other)
-        leg.send_close(code, _REASONS.get(code, "protocol error"))
-        leg.failed = True
-        leg.parts = []
-        if not leg.lost:
-            leg.transport.close()
+            self._other_gone(leg.other)  # (ends a flush toward it first)
+        leg.fail(code, _REASONS.get(code, "protocol error"))
+
+    def _end_flush(self) -> None:
+        """The flush after a client protocol error is over: fail the client now."""
+        src = self.flush_from
+        if src is None:
+            return
+        self.flush_from = None
+        self._flush_until = math.inf
+        code = self._violation
+        src.other.fail(code, _REASONS.get(code, "protocol error"))
+        if src.read_paused:  # it waited on the client; its close reply may be pending
+            self.loop.call_soon(self._unpause_all)
 
     def _lost(self, leg: Leg, exc: Exception | None) -> None:
         leg.lost = True
+        if self.flush_from is leg.other:  # the failed client left during its flush
+            self._end_flush()
         leg.write_paused = False
         leg.read_paused = False
         if leg.close_code is None:

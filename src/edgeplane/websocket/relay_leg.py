@@ -8,7 +8,7 @@ the newest unanswered ping), the control frames it sends (pong, ping, close) and
 counters of what was relayed from it. Everything that involves both legs or time --
 timers, the close handshake between the legs, limits, stats, `on_closed` -- is the
 relay's: a leg reports to its owner through `LegOwner`. The contract (invariants 2, 3,
-5, 8 and 11 for what happens here) is in `relay`'s docstring.
+5, 8, 10 and 11 for what happens here) is in `relay`'s docstring.
 
 This module does not import `relay` (which imports it): `LegOwner` is what a leg
 needs of its relay.
@@ -45,9 +45,13 @@ class LegOwner(Protocol):
     """What a leg reads and calls of its relay (`relay.Relay`)."""
 
     loop: asyncio.AbstractEventLoop
-    closing: bool  # a close has started: no more data is relayed
+    closing: bool  # a close has started: no more data is relayed (but see flush_from)
     last_data: float  # loop time of the last data frame relayed, either way
     max_message_bytes: int
+    flush_from: Leg | None  # while closing: the leg whose data still goes to a failed peer
+    flush_left: int  # payload bytes that flush may still relay
+
+    def _end_flush(self) -> None: ...
 
     @property
     def settings(self) -> _LegSettings: ...
@@ -160,10 +164,20 @@ class Leg(asyncio.Protocol):
             for ev in self.conn.events():
                 t = type(ev)
                 if t is TextMessage or t is BytesMessage:
-                    if relay.closing:
-                        continue
                     data = ev.data
                     n = len(data) if t is BytesMessage or data.isascii() else len(data.encode())
+                    if relay.closing:  # one check on the hot path, as before the flush
+                        if relay.flush_from is not self:
+                            continue
+                        # The other leg failed: what this leg sent before its close reply
+                        # still goes there first, up to a byte bound (relay invariant 10).
+                        if n > relay.flush_left:
+                            if out:
+                                dst.transport.write(b"".join(out))
+                                out = []
+                            relay._end_flush()
+                            continue
+                        relay.flush_left -= n
                     if not self.in_message:
                         self.in_message = True
                         bucket = self.bucket
@@ -250,6 +264,20 @@ class Leg(asyncio.Protocol):
             ev = CloseConnection(code=code, reason=reason)
         self.transport.write(self.conn.send(ev))
         return True
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail this leg (RFC 6455 7.1.7): send it a close with ``code`` if it may still get
+        one (even while its own frames are already ignored) and close TCP without waiting
+        for a reply. Nothing it sends afterwards is processed."""
+        self.failed = True
+        self.parts = []
+        if self.lost:
+            return
+        if self.conn.state in (_OPEN, _REMOTE_CLOSING):
+            if self.close_code is None:
+                self.close_code = code
+            self.transport.write(self.conn.send(CloseConnection(code=code, reason=reason)))
+        self.transport.close()
 
     def handshake_done(self) -> None:
         """Both close frames exchanged on this leg: the server side closes TCP."""
