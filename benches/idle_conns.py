@@ -28,7 +28,7 @@ from procs import free_port, rss_bytes, wait_http  # noqa: E402
 
 CONFIG = """\
 listen: ["127.0.0.1:{port}"]
-admin: {{listen: "127.0.0.1:{admin}"}}
+admin: {{listen: "127.0.0.1:{admin}", insecure: true}}
 access_log: {{destination: "off"}}
 limits: {{keepalive_timeout: 600s}}
 routes:

@@ -201,7 +201,7 @@ def gateway_config(upstream_port: int, rate: float, burst: int, workers: int,
                    cluster: dict | None) -> dict:
     cfg = {
         "listen": ["127.0.0.1:0"],
-        "admin": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0", "insecure": True},
         "access_log": {"destination": "off"},
         "log_level": "warning",
         "workers": workers,

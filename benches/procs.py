@@ -188,10 +188,19 @@ def rss_bytes(root: int) -> dict[int, int]:
 # --------------------------------------------------------------------------- network
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this process handed out before (the kernel may
+    return the same ephemeral port to two binds in a row once the first is closed)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 15.0,

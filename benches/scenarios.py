@@ -91,7 +91,7 @@ def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: in
         "listen": [f"127.0.0.1:{port}"],
         "workers": workers,
         "log_level": "warning",
-        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "admin": {"listen": f"127.0.0.1:{admin_port}", "insecure": True},
         "access_log": access_log,
         "upstreams": {"demo": {"targets": [f"http://127.0.0.1:{upstream_port}"]}},
         "routes": [route],

@@ -669,7 +669,7 @@ class Bench:
         port, admin = free_port(), free_port()
         cfg = json.loads(json.dumps(GATEWAY_CONFIG))
         cfg["listen"] = [f"127.0.0.1:{port}"]
-        cfg["admin"] = {"listen": f"127.0.0.1:{admin}"}
+        cfg["admin"] = {"listen": f"127.0.0.1:{admin}", "insecure": True}
         cfg["upstreams"] = {"echo": {
             "targets": [f"http://127.0.0.1:{upstream_port}"],
             "pool": {"max_connections": max_connections, "max_waiters": max_connections},

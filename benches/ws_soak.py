@@ -752,7 +752,7 @@ class Soak:
                                                    "timeout": f"{CHAT_TIMEOUT}s"}}
         return {
             "listen": [f"127.0.0.1:{self.gw_port}"], "workers": 1,
-            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}", "insecure": True},
             "access_log": {"destination": "file", "path": str(self.workdir / "access.log")},
             "log_level": "info", "drain_timeout": "2s",
             "upstreams": {

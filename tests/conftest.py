@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root (tests live in
 def base_config(upstream_port: int | None = None, routes: list | None = None, **extra) -> dict:
     cfg: dict = {
         "listen": ["127.0.0.1:0"],
-        "admin": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0", "insecure": True},  # loopback, anonymous on purpose
         "access_log": {"destination": "off"},
         "upstreams": {},
         "routes": [],

@@ -31,7 +31,7 @@ ISSUE_YAML = """
 listen: ["127.0.0.1:8080"]
 workers: 1                      # or auto
 http: {parser: httptools}       # or h11
-admin: {listen: "127.0.0.1:9901"}
+admin: {listen: "127.0.0.1:9901", insecure: true}
 upstreams:
   users: {targets: ["http://127.0.0.1:9001"]}
 routes:
@@ -158,6 +158,7 @@ def test_every_optional_key_is_converted():
 def test_overrides_apply_before_validation_without_mutating_input():
     raw = base(workers=1)
     cfg = load_config(raw, overrides={"workers": 4, "log_level": "debug", "admin.listen": "127.0.0.1:9901",
+                                      "admin.insecure": True,
                                       "drain_timeout": None})
     assert cfg.workers == 4 and cfg.log_level == "debug"
     assert cfg.admin.listen == model.ListenAddress("127.0.0.1", 9901)
@@ -216,7 +217,7 @@ def test_unknown_key_with_suggestion():
 
 def test_unknown_key_without_close_match_lists_allowed_keys():
     errors = errors_of(base(http={"zzz": 1}))
-    assert errors == ["http: unknown key 'zzz' (allowed: parser)"]
+    assert errors == ["http: unknown key 'zzz' (allowed: parser, path_normalization)"]
 
 
 def test_unknown_upstream_lists_known_sorted():
@@ -292,12 +293,12 @@ def test_bad_listen(listen, fragment):
 
 def test_listen_collisions():
     errors = errors_of(base(listen=["127.0.0.1:8080", "0.0.0.0:8080", "127.0.0.1:0", "127.0.0.1:0"],
-                            admin={"listen": "127.0.0.1:8080"}))
+                            admin={"listen": "127.0.0.1:8080", "insecure": True}))
     assert errors == [
         "admin.listen: admin listener '127.0.0.1:8080' collides with data listener '127.0.0.1:8080'",
         "listen[1]: '0.0.0.0:8080' collides with listen[0] ('127.0.0.1:8080')",
     ]
-    assert errors_of(base(listen="[::]:80", admin={"listen": "127.0.0.1:80"})) == [
+    assert errors_of(base(listen="[::]:80", admin={"listen": "127.0.0.1:80", "insecure": True})) == [
         "admin.listen: admin listener '127.0.0.1:80' collides with data listener '[::]:80'"]
     assert errors_of(base(listen=[])) == ["listen: must not be empty"]
 

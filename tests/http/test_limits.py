@@ -310,14 +310,18 @@ async def test_keepalive_connection_serves_requests_slower_than_head_timeout(gat
     await c.close()
 
 
-async def test_stalled_request_body_gets_408(upstream, gateway, parser):
-    gw = await gateway(config(upstream.port, parser, timeout="300ms"))
+@pytest.mark.parametrize("sent", [9, 70_000])  # held before connecting; streamed upstream
+async def test_stalled_request_body_gets_408(upstream, gateway, parser, sent):
+    gw = await gateway(config(upstream.port, parser, timeout="5s",
+                              min_body_rate={"bytes": 1, "per": "300ms"}))
     c = await RawClient.connect(gw.addresses[0])
-    await c.send(build_request("POST", "/echo", {"Content-Length": "100"}) + b"only-some")
+    await c.send(build_request("POST", "/echo", {"Content-Length": "100000"}) + b"x" * sent)
     await expect_error(c, 408, "Request Timeout")
     await c.close()
     target = await target_stats(gw)
     assert target["in_use"] == 0 and target["idle"] == 0
+    # A body under `request_buffering` never took an upstream connection at all.
+    assert target["opened"] == (0 if sent < 65536 else 1)
 
 
 # ----------------------------------------------------------------------- integration timeout

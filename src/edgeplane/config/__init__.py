@@ -10,6 +10,7 @@
 - `yamlstrict`: YAML that refuses duplicate keys, and line numbers of paths.
 
 May import: `plugins` (the registry), `routing.router` (route-key syntax),
-`websocket.selection` (route selection syntax), `http.tls` (certificate checks).
+`websocket.selection` (route selection syntax), `http.tls` (certificate checks),
+`http.paths` (the path normalisation policy).
 Policy units' own loaders live with the units, not here.
 """

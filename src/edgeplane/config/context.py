@@ -41,6 +41,7 @@ class LoadContext:
             n: a.get("type") for n, a in section.items() if isinstance(n, str) and isinstance(a, dict)
         } if isinstance(section, dict) else {}
         self.websocket_defaults = model.WebSocketLimits()  # the top-level `websocket:` section
+        self.warnings: list[tuple[Path, str]] = []  # (location, message), see `warn`
 
     def call_plugin(self, unit: Any, path: Path, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a plugin's loader or check; an exception in it (a bug in the plugin, or a
@@ -56,6 +57,10 @@ class LoadContext:
 
     def fail(self, path: Path, msg: str) -> None:
         self.errors.add(path, msg)
+
+    def warn(self, path: Path, msg: str) -> None:
+        """A valid but risky setting: `validate` prints it, `serve` logs it at start."""
+        self.warnings.append((path, msg))
 
     def duration(self, section: dict, key: str, path: Path, default: float, *,
                  low: float = 0.0, high: float | None = None, low_inclusive: bool = False) -> float:

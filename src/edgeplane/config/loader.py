@@ -33,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -225,6 +226,7 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry)
         listen=listen,
         workers=raw.get("workers", 1),
         parser=http.get("parser", "httptools"),
+        path_policy=b.path_policy(http),
         admin=admin,
         upstreams=upstreams,
         routes=routes,
@@ -246,4 +248,14 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry)
     )
     for policy in registry.policies():  # also on a config with errors: every problem is listed
         b.call_plugin(policy, (), policy.check, config, b)
-    return None if errors else config
+    if config.authorizers and config.path_policy.relaxed:
+        b.warn(("http", "path_normalization"),
+               f"{', '.join(config.path_policy.relaxed)} switched off while authorizers are "
+               "configured: a path spelled differently may reach the upstream without "
+               "matching the route its authorizer protects")
+    if errors:
+        return None
+    if b.warnings:
+        ordered = sorted(b.warnings, key=lambda w: path_sort_key(w[0]))
+        config = dataclasses.replace(config, warnings=tuple(f"{loc(p)}: {m}" for p, m in ordered))
+    return config

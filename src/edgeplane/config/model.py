@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from edgeplane.http.paths import STRICT, PathPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
@@ -47,7 +49,10 @@ class PoolConfig:
     max_idle: int = 128  # per target
     idle_timeout: float = 60.0  # idle pooled connection is closed after this
     connect_timeout: float = 5.0
-    max_waiters: int = 1024  # requests queued when max_connections is reached
+    # Requests queued when max_connections is reached: by default one per client
+    # connection a worker may hold, so a burst the listener admitted is queued, never
+    # refused; each waits at most wait_timeout.
+    max_waiters: int = 65_536
     wait_timeout: float = 5.0  # a queued request gets 503 after this
 
 
@@ -191,6 +196,15 @@ class Limits:
     keepalive_timeout: float = 60.0  # idle client connection closed after this
     send_timeout: float = 60.0  # client not reading our response -> abort
     max_pipelined: int = 16  # parsed requests queued behind the active one
+    # A request body is read up to this many bytes before an upstream connection is
+    # taken (the whole body when it is smaller): a trickling client pins nothing.
+    request_buffering: int = 64 * 1024
+    # While a body is read for an integration it must grow by `min_body_bytes` in
+    # every `min_body_window` seconds, else 408 (`min_body_rate: {bytes, per}`).
+    min_body_bytes: int = 1024
+    min_body_window: float = 10.0
+    max_connections: int = 0  # open client connections per worker (0 = auto, see http.context)
+    max_connections_per_ip: int = 0  # per client address and worker; 0 = no cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +217,23 @@ class AccessLogConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
+    """The admin listener and who may call it (enforced by `runtime.admin`).
+
+    With a listener, either `token` and/or `mtls` is set (every non-public path needs
+    all the configured credentials) or `insecure` says anonymous access is wanted."""
+
+    # The GET endpoints `public_paths` may open (the @connections API never is public).
+    # (Not annotated: a class constant, not a field.)
+    PUBLIC_PATH_CHOICES = ("/healthz", "/routes", "/stats", "/upstreams")
+
     listen: ListenAddress | None = None  # None = no admin listener
+    # Bearer token read at load from `auth.token_file` / `auth.token_env`; never written
+    # in the config itself, never shown (repr) nor copied into `Config.raw`.
+    token: bytes | None = field(default=None, repr=False)
+    mtls: bool = False  # require a client certificate chaining to `tls.client_ca`
+    tls: TlsConfig | None = None  # the listener speaks TLS: one certificate, no `listen`
+    insecure: bool = False  # anonymous access, asked for explicitly
+    public_paths: tuple[str, ...] = ("/healthz",)  # served without credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +241,7 @@ class Config:
     listen: tuple[ListenAddress, ...]
     workers: int | Literal["auto"] = 1
     parser: Literal["httptools", "h11"] = "httptools"
+    path_policy: PathPolicy = STRICT  # `http.path_normalization`
     admin: AdminConfig = AdminConfig()
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
@@ -232,6 +263,7 @@ class Config:
     plugins: tuple[str, ...] = ()  # the `plugins:` modules
     registry: Any = field(default=None, compare=False, repr=False)  # plugins.registry.Registry
     source: str = "<dict>"  # file path the config came from, for messages
+    warnings: tuple[str, ...] = ()  # "location: message" of valid but risky settings
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def authorizers_of(self, kind: str) -> dict[str, Any]:

@@ -77,8 +77,9 @@ _POOL = {
         "max_waiters": {
             "type": "integer",
             "minimum": 0,
-            "default": 1024,
-            "description": "Requests queued when max_connections is reached (then 503).",
+            "default": 65536,
+            "description": "Requests queued when max_connections is reached; each waits "
+                           "at most wait_timeout (then 503).",
         },
         "wait_timeout": {"$ref": "#/$defs/duration", "default": "5s"},
     },
@@ -261,6 +262,31 @@ _LIMITS = {
         "keepalive_timeout": {"$ref": "#/$defs/duration", "default": "60s"},
         "send_timeout": {"$ref": "#/$defs/duration", "default": "60s"},
         "max_pipelined": {"type": "integer", "minimum": 0, "default": 16},
+        "request_buffering": {
+            "$ref": "#/$defs/size", "default": "64KiB",
+            "description": "Request body read before an upstream connection is taken; "
+                           "larger bodies stream after this much arrived. 0 = stream at once.",
+        },
+        "min_body_rate": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "A body read for an integration must grow by `bytes` every `per`, "
+                           "else 408. bytes: 0 = only a body that stops for body_timeout is cut.",
+            "properties": {
+                "bytes": {"$ref": "#/$defs/size", "default": "1KiB"},
+                "per": {"$ref": "#/$defs/duration", "default": "10s"},
+            },
+        },
+        "max_connections": {
+            "anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}], "default": "auto",
+            "description": "Open client connections per worker; past it, new ones are closed "
+                           "at accept (logged at most once a second). auto: the descriptor "
+                           "limit less one per possible upstream connection and 64.",
+        },
+        "max_connections_per_ip": {
+            "type": "integer", "minimum": 0, "default": 0,
+            "description": "Open client connections per source address and worker; 0 = no cap.",
+        },
     },
 }
 
@@ -304,16 +330,73 @@ _CORE_SCHEMA: dict[str, Any] = {
         "http": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"parser": {"enum": ["httptools", "h11"], "default": "httptools"}},
+            "properties": {
+                "parser": {"enum": ["httptools", "h11"], "default": "httptools"},
+                "path_normalization": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "description": "How request paths are normalised before routing "
+                                   "(README: Security model). Every step is on by default.",
+                    "properties": {
+                        "merge_slashes": {"type": "boolean", "default": True},
+                        "remove_dot_segments": {"type": "boolean", "default": True},
+                        "decode_unreserved": {"type": "boolean", "default": True},
+                        "escaped_slashes": {"enum": ["reject", "keep"], "default": "reject",
+                                            "description": "%2F and %5C: 400, or kept encoded."},
+                        "backslashes": {"enum": ["reject", "keep"], "default": "reject",
+                                        "description": "A raw backslash: 400, or sent as %5C."},
+                        "path_parameters": {"enum": ["reject", "keep"], "default": "reject",
+                                            "description": "';': 400, or sent as %3B."},
+                    },
+                },
+            },
         },
         "admin": {
             "type": "object",
             "additionalProperties": False,
+            "description": "The admin API listener. With `listen`, set `auth` or `insecure: true`.",
             "properties": {
                 "listen": {
                     "anyOf": [{"$ref": "#/$defs/listenAddress"}, {"type": "null"}],
                     "description": "Admin listener; absent or null = no admin listener.",
-                }
+                },
+                "auth": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "description": "Credentials every non-public admin path needs (all of those set).",
+                    "properties": {
+                        "token_file": {"type": "string", "description":
+                                       "File holding the bearer token (read at start)."},
+                        "token_env": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                                      "description": "Environment variable holding the bearer token."},
+                        "mtls": {"type": "boolean", "default": False, "description":
+                                 "Require a client certificate signed by admin.tls.client_ca."},
+                        "token": {"description": "Refused: a token is never written in the config; "
+                                                 "use token_file or token_env."},
+                    },
+                },
+                "tls": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["cert", "key"],
+                    "description": "Serve the admin listener over TLS.",
+                    "properties": {
+                        "cert": {"type": "string", "description": "PEM certificate (chain) file."},
+                        "key": {"type": "string", "description": "PEM private key file (unencrypted)."},
+                        "client_ca": {"type": "string", "description":
+                                      "CA file client certificates must chain to (with auth.mtls)."},
+                        "min_version": {"type": ["string", "number"], "default": "1.2",
+                                        "description": "Lowest TLS version: '1.2' or '1.3'."},
+                    },
+                },
+                "insecure": {"type": "boolean", "default": False, "description":
+                             "Serve the admin API without credentials (only without auth)."},
+                "public_paths": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "default": ["/healthz"],
+                    "description": "Admin GET paths served without credentials ([] = none).",
+                },
             },
         },
         "upstreams": {

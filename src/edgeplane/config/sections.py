@@ -1,7 +1,7 @@
 """The core sections every gateway has: listeners, admin, TLS, upstreams, limits, logs.
 
 Owns loading `listen`, `admin`, `tls`, `upstreams` (targets, pool, upstream TLS),
-`limits`, `access_log` and `cluster` into their models, with every listener checked
+`limits`, `http.path_normalization`, `access_log` and `cluster` into their models, with every listener checked
 against the others for collisions.
 """
 
@@ -16,6 +16,24 @@ from edgeplane.config.errors import describe as _describe
 from edgeplane.config.errors import short as _short
 from edgeplane.config.humanize import loc
 from edgeplane.config.values import check_host, collides, fmt_addr, normalize_route_host, parse_listen, parse_target
+from edgeplane.http.paths import PathPolicy
+
+_TOKEN_MAX = 4096  # bytes of an admin bearer token
+_TOKEN_WEAK = 16  # fewer characters: a warning
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also IPv4-mapped) and the name localhost; no DNS at load."""
+    import ipaddress
+
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 class CoreSections(LoadContext):
@@ -51,21 +69,166 @@ class CoreSections(LoadContext):
         return out
 
     def admin(self, raw: dict, listen: Iterable[model.ListenAddress]) -> model.AdminConfig:
+        """`admin`: the listener, its TLS and who may call it. A listener must either
+        name credentials (`auth`) or say that anyone may call it (`insecure: true`);
+        tokens are read here, once, from a file or the environment, never the config."""
         section = raw.get("admin")
         if not isinstance(section, dict) or not isinstance(section.get("listen"), str):
             return model.AdminConfig()
-        path = ("admin", "listen")
+        p: Path = ("admin",)
         try:
             addr = parse_listen(section["listen"])
         except ValueError as exc:
-            self.fail(path, str(exc))
+            self.fail(p + ("listen",), str(exc))
             return model.AdminConfig()
         for data in listen:
             if collides(addr, data):
-                self.fail(path, f"admin listener '{fmt_addr(addr)}' collides with data "
-                                f"listener '{fmt_addr(data)}'")
+                self.fail(p + ("listen",), f"admin listener '{fmt_addr(addr)}' collides with data "
+                                           f"listener '{fmt_addr(data)}'")
                 break
-        return model.AdminConfig(addr)
+        tls = self._admin_tls(section.get("tls"), p + ("tls",))
+        auth = section.get("auth")
+        token, mtls = self._admin_auth(auth, p + ("auth",), section) if isinstance(auth, dict) else (None, False)
+        public = self._admin_public_paths(section.get("public_paths"), p + ("public_paths",))
+        insecure = section.get("insecure") is True
+        loopback = _is_loopback(addr.host)
+        where = f"admin listener '{fmt_addr(addr)}'"
+        if "auth" in section and insecure:
+            self.fail(p + ("insecure",), "contradicts admin.auth (insecure: true means no credentials "
+                                         "are asked): remove one of them")
+        elif "auth" not in section and not insecure:
+            reach = ("is not on a loopback address" if not loopback
+                     else "serves any local user or process that connects")
+            self.fail(p, f"the {where} {reach} and has no authentication: add admin.auth "
+                         "(token_file or token_env, and/or mtls: true) to require credentials, or "
+                         "set admin.insecure: true to serve it without credentials on purpose")
+        elif insecure and not loopback:
+            self.warn(p + ("insecure",), f"the {where} is not on a loopback address: /stats, /routes, "
+                                         "/upstreams and @connections are served to anyone who reaches it")
+        if token is not None and tls is None and not loopback:
+            self.warn(p + ("auth",), f"the bearer token crosses the network in clear text to the "
+                                     f"{where}: add admin.tls")
+        if tls is not None and tls.client_ca is not None:
+            if not mtls:
+                self.fail(p + ("tls", "client_ca"), "only used with admin.auth.mtls: true")
+            from dataclasses import replace
+
+            # With public paths a client without a certificate must still complete the
+            # handshake (a load balancer's /healthz); every other path then answers 401.
+            tls = replace(tls, client_cert="optional" if public else "required")
+        return model.AdminConfig(addr, token=token, mtls=mtls, tls=tls, insecure=insecure,
+                                 public_paths=public)
+
+    def _admin_tls(self, section: Any, p: Path) -> model.TlsConfig | None:
+        """`admin.tls`: one certificate, an optional client CA (mTLS), a minimum version."""
+        from edgeplane.http.tls import CertError, inspect_pair
+
+        if not isinstance(section, dict):
+            return None
+        cert, key = section.get("cert"), section.get("key")
+        if not isinstance(cert, str) or not isinstance(key, str):
+            return None  # the schema reported the missing key
+        try:
+            inspect_pair(cert, key)
+        except CertError as exc:
+            self.fail(p, str(exc))
+        client_ca = section.get("client_ca") if isinstance(section.get("client_ca"), str) else None
+        if client_ca is not None:
+            self.ca_file(client_ca, p + ("client_ca",))
+        version = section.get("min_version", "1.2")
+        if isinstance(version, float):  # YAML reads a bare 1.2 as a number
+            version = f"{version:g}"
+        if version not in ("1.2", "1.3"):
+            self.fail(p + ("min_version",), f"must be '1.2' or '1.3', got {_short(version)}")
+            version = "1.2"
+        return model.TlsConfig(listen=(), certificates=(model.TlsCertificate(cert, key, ()),),
+                               min_version=version, client_ca=client_ca)
+
+    def _admin_auth(self, auth: dict, p: Path, section: dict) -> tuple[bytes | None, bool]:
+        """`admin.auth` -> (the bearer token or None, whether a client certificate is required)."""
+        if "token" in auth:
+            self.fail(p + ("token",), "a token is never written in the config (the file travels: "
+                                      "version control, backups, the workers' environment): put it "
+                                      "in a file named by token_file, or in an environment variable "
+                                      "named by token_env")
+        file, env = auth.get("token_file"), auth.get("token_env")
+        token = None
+        if isinstance(file, str) and isinstance(env, str):
+            self.fail(p, "token_file and token_env are both set: choose one")
+        elif isinstance(file, str):
+            token = self._admin_token_file(file, p + ("token_file",))
+        elif isinstance(env, str):
+            import os
+
+            value = os.environ.get(env)
+            if value is None:
+                self.fail(p + ("token_env",), f"environment variable {env} is not set")
+            else:
+                token = self._admin_token(value.encode("utf-8", "surrogateescape"), p + ("token_env",),
+                                          f"environment variable {env}")
+        mtls = auth.get("mtls") is True
+        tls = section.get("tls")
+        if mtls and not (isinstance(tls, dict) and "client_ca" in tls):
+            self.fail(p + ("mtls",), "needs admin.tls with client_ca (the CA file that client "
+                                     "certificates must chain to)")
+        if not mtls and not {"token", "token_file", "token_env"} & auth.keys():
+            self.fail(p, "names no credential: set token_file or token_env (a bearer token), "
+                         "and/or mtls: true (a client certificate)")
+        return token, mtls
+
+    def _admin_token_file(self, file: str, p: Path) -> bytes | None:
+        import os
+        import stat
+
+        try:
+            with open(file, "rb") as fh:
+                data = fh.read(_TOKEN_MAX + 2)  # a trailing newline and one byte too many
+                mode = os.fstat(fh.fileno()).st_mode
+        except FileNotFoundError:
+            self.fail(p, f"file not found: {file}")
+            return None
+        except OSError as exc:
+            self.fail(p, f"cannot read {file}: {exc.strerror or exc}")
+            return None
+        token = self._admin_token(data, p, f"file {file}")
+        if token is not None and mode & stat.S_IROTH:
+            self.warn(p, f"{file} is readable by every user (mode {stat.S_IMODE(mode):o}): chmod o-r {file}")
+        return token
+
+    def _admin_token(self, data: bytes, p: Path, what: str) -> bytes | None:
+        """The token in `data` (surrounding whitespace, such as a final newline, removed);
+        messages never quote it."""
+        token = data.strip()
+        if not token:
+            self.fail(p, f"{what} is empty")
+            return None
+        if len(token) > _TOKEN_MAX:
+            self.fail(p, f"the token in {what} is longer than {_TOKEN_MAX} bytes")
+            return None
+        if not all(0x21 <= b <= 0x7E for b in token):
+            self.fail(p, f"the token in {what} must be printable ASCII without spaces (it is sent "
+                         "as 'Authorization: Bearer TOKEN')")
+            return None
+        if len(token) < _TOKEN_WEAK:
+            self.warn(p, f"the token in {what} has only {len(token)} characters: use at least 32 "
+                         "random ones (e.g. openssl rand -hex 32)")
+        return token
+
+    def _admin_public_paths(self, value: Any, p: Path) -> tuple[str, ...]:
+        """`admin.public_paths`: admin GET endpoints served without credentials."""
+        if not isinstance(value, list):
+            return model.AdminConfig().public_paths
+        choices = model.AdminConfig.PUBLIC_PATH_CHOICES
+        out: list[str] = []
+        for i, path in enumerate(value):
+            if not isinstance(path, str):
+                continue
+            if path not in choices:
+                self.fail(p + (i,), f"{path!r} cannot be public: choose among {', '.join(choices)} "
+                                    "(@connections always needs credentials)")
+            elif path not in out:
+                out.append(path)
+        return tuple(out)
 
     def upstreams(self, raw: dict) -> dict[str, model.UpstreamConfig]:
         section = raw.get("upstreams")
@@ -219,7 +382,42 @@ class CoreSections(LoadContext):
             keepalive_timeout=self.duration(section, "keepalive_timeout", p, d.keepalive_timeout),
             send_timeout=self.duration(section, "send_timeout", p, d.send_timeout),
             max_pipelined=self.integer(section, "max_pipelined", d.max_pipelined),
+            request_buffering=self.size(section, "request_buffering", p, d.request_buffering),
+            **self._min_body_rate(section, p, d),
+            max_connections=0 if section.get("max_connections") == "auto"
+            else self.integer(section, "max_connections", d.max_connections),
+            max_connections_per_ip=self.integer(section, "max_connections_per_ip",
+                                                d.max_connections_per_ip),
         )
+
+    def _min_body_rate(self, section: dict, p: Path, d: model.Limits) -> dict[str, Any]:
+        """`min_body_rate: {bytes, per}`; `bytes: 0` leaves only the gap rule: one byte
+        per `body_timeout` (a body that stops entirely is always cut)."""
+        rate = section.get("min_body_rate")
+        if not isinstance(rate, dict):
+            return {}
+        rp = (*p, "min_body_rate")
+        need = self.size(rate, "bytes", rp, d.min_body_bytes)
+        window = self.duration(rate, "per", rp, d.min_body_window)
+        if need == 0:
+            return {"min_body_bytes": 1,
+                    "min_body_window": self.duration(section, "body_timeout", p, d.body_timeout)}
+        return {"min_body_bytes": need, "min_body_window": window}
+
+    def path_policy(self, http: dict) -> PathPolicy:
+        """`http.path_normalization`: each step on by default (see http.paths)."""
+        section = http.get("path_normalization")
+        if not isinstance(section, dict):
+            return PathPolicy()
+        d = PathPolicy()
+        values: dict[str, Any] = {}
+        for key in ("merge_slashes", "remove_dot_segments", "decode_unreserved"):
+            value = section.get(key, getattr(d, key))
+            values[key] = value if isinstance(value, bool) else getattr(d, key)
+        for key in ("escaped_slashes", "backslashes", "path_parameters"):
+            value = section.get(key, getattr(d, key))
+            values[key] = value if value in ("reject", "keep") else getattr(d, key)
+        return PathPolicy(**values)
 
     def access_log(self, raw: dict) -> model.AccessLogConfig:
         section = raw.get("access_log")

@@ -8,7 +8,9 @@ and the request-id generator. One `ServerContext` per listener group in a worker
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import resource
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.responses import DateHeader
@@ -16,6 +18,8 @@ from edgeplane.http.responses import DateHeader
 if TYPE_CHECKING:
     from edgeplane.config.model import Limits
     from edgeplane.runtime.accesslog import AccessLog
+
+log = logging.getLogger("edgeplane.server")
 
 
 class Stats:
@@ -36,10 +40,25 @@ class Stats:
         }
 
 
+def connection_cap(limits: Limits, snapshot: Any) -> int:
+    """`limits.max_connections`, or with `auto` (0) what the descriptor limit allows:
+    the soft RLIMIT_NOFILE (the runner lifts it to the hard limit first) less one
+    descriptor per possible upstream connection and 64 for everything else, so the
+    gateway refuses a client before it could no longer open that client's upstream."""
+    if limits.max_connections:
+        return limits.max_connections
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    config = getattr(snapshot, "config", None)
+    upstreams = config.upstreams.values() if config is not None else ()
+    reserve = 64 + sum(u.pool.max_connections * len(u.targets) for u in upstreams)
+    return max(256, min(soft, 1 << 20) - reserve)
+
+
 class ServerContext:
     __slots__ = (
         "loop", "snapshot", "limits", "parser_kind", "connections", "stats", "date",
         "access_log", "draining", "rid_prefix", "rid_counter", "name", "websockets",
+        "per_ip", "refused", "refused_logged_at", "max_connections",
     )
 
     def __init__(
@@ -70,6 +89,49 @@ class ServerContext:
         # The server inlines the generation (hot path): rid_prefix + 12 hex digits.
         self.rid_prefix = f"{r[:8]}-{r[8:12]}-{r[12:16]}-{r[16:20]}-".encode()
         self.rid_counter = 0
+        self.max_connections = connection_cap(limits, snapshot)
+        self.per_ip: dict[str, int] = {}  # open connections per peer (only with a per-IP cap)
+        self.refused = 0  # connections refused at accept since the last log line
+        self.refused_logged_at = 0.0
+
+    def admit(self, proto: Any) -> bool:
+        """Count a new connection in, or refuse it (connection caps). Open WebSockets
+        count toward `max_connections`; the per-address cap counts HTTP connections."""
+        limits = self.limits
+        if len(self.connections) + len(self.websockets) >= self.max_connections:
+            self._refuse("limits.max_connections", self.max_connections, "open connections")
+            return False
+        if limits.max_connections_per_ip:
+            ip = proto.peer_ip
+            count = self.per_ip.get(ip, 0)
+            if count >= limits.max_connections_per_ip:
+                self._refuse("limits.max_connections_per_ip", limits.max_connections_per_ip,
+                             f"connections from {ip}")
+                return False
+            self.per_ip[ip] = count + 1
+        self.connections.add(proto)
+        return True
+
+    def release(self, proto: Any) -> None:
+        """A connection admitted by `admit` closed or became a WebSocket."""
+        self.connections.discard(proto)
+        if self.per_ip:
+            ip = proto.peer_ip
+            count = self.per_ip.get(ip, 0) - 1
+            if count > 0:
+                self.per_ip[ip] = count
+            else:
+                self.per_ip.pop(ip, None)
+
+    def _refuse(self, key: str, cap: int, what: str) -> None:
+        self.count_error("connection_limit")
+        self.refused += 1
+        now = self.loop.time()
+        if now - self.refused_logged_at >= 1.0:  # one line a second, with the count since
+            log.warning("%s: refused %d new connection(s): %d %s on this worker is the cap (%s)",
+                        self.name, self.refused, cap, what, key)
+            self.refused = 0
+            self.refused_logged_at = now
 
     def next_request_id(self) -> bytes:
         self.rid_counter += 1

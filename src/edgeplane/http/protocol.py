@@ -36,15 +36,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import httptools
-
 from edgeplane.http.codec import HeadTooLarge, HttpParserError, HttpParserUpgrade, header_tokens, new_request_parser
+from edgeplane.http.paths import PathRejected, split_target
 from edgeplane.http.replies import (  # noqa: F401
     P_BUFFER,
     P_DEAD,
     P_PIPELINE,
     P_UPSTREAM,
     T_BODY,
+    T_BODY_RATE,
     T_FIRST,
     T_HEAD,
     T_KEEPALIVE,
@@ -91,6 +91,7 @@ class HttpProtocol(Replies, asyncio.Protocol):
         "_queued_bytes", "_pause", "write_paused", "_head_partial", "_head_bytes", "_head_raw",
         "_parser_dead", "_closed",
         "_peer_eof", "_last_parsed", "tls", "scheme", "client_cert_subject", "_upgrade_tail",
+        "_accepted_at",
     )
 
     def __init__(self, ctx: ServerContext, tls: bool = False) -> None:
@@ -122,6 +123,9 @@ class HttpProtocol(Replies, asyncio.Protocol):
         self._last_parsed: Request | None = None
         # After an upgrade request's head: the bytes that followed it (None = no upgrade).
         self._upgrade_tail: bytearray | None = None
+        # Loop time of accept until the first request begins: its head deadline runs
+        # from accept, so waiting before the first byte does not buy a second timeout.
+        self._accepted_at = 0.0
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,16 +137,18 @@ class HttpProtocol(Replies, asyncio.Protocol):
             self.client_cert_subject = client_subject(transport.get_extra_info("ssl_object"))
         ctx = self.ctx
         self.parser = new_request_parser(ctx.parser_kind, self, ctx.limits.max_head_bytes)
-        ctx.connections.add(self)
         ctx.stats.connections_total += 1
-        if ctx.draining:
-            transport.close()
+        if ctx.draining or not ctx.admit(self):
+            self._closed = True
+            self.transport.abort()  # refused at accept: no answer, the fd comes back at once
             return
+        self._accepted_at = self.loop.time()
         self.set_deadline(T_FIRST, ctx.limits.head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.ctx.connections:
+            self.ctx.release(self)
         self._closed = True
-        self.ctx.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -278,7 +284,7 @@ class HttpProtocol(Replies, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.ctx.connections.discard(self)
+        self.ctx.release(self)
         req = self._active
         if req is not None:
             req.responded = True
@@ -314,7 +320,11 @@ class HttpProtocol(Replies, asyncio.Protocol):
         self._head_bytes = 0
         self._head_raw = 0
         if self._active is None:
-            self.set_deadline(T_HEAD, self.ctx.limits.head_timeout)
+            timeout = self.ctx.limits.head_timeout
+            if self._accepted_at:  # the first request: its deadline counts from accept
+                timeout -= self.loop.time() - self._accepted_at
+                self._accepted_at = 0.0
+            self.set_deadline(T_HEAD, timeout)
 
     def on_url(self, url: bytes) -> None:
         req: Request = self._parsing  # type: ignore[assignment]  # set while parsing
@@ -442,30 +452,11 @@ class HttpProtocol(Replies, asyncio.Protocol):
         if req.host_count == 0 and version == "1.1":
             self._refuse(req, 400, "missing Host header")
             return
-        target = req.target
-        if target[:1] == b"/":
-            q = target.find(b"?")
-            if q < 0:
-                req.path = target
-            else:
-                req.path = target[:q]
-                req.query = target[q + 1 :]
-            if b"#" in target:
-                self._refuse(req, 400, "fragment in request target")
-        elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-            try:
-                url = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
-                self._refuse(req, 400, "invalid absolute-form target")
-                return
-            req.path = url.path or b"/"
-            req.query = url.query or b""
-            if url.host:  # RFC 9112 3.2.2: the target's authority replaces Host
-                req.host = url.host if url.port is None else url.host + b":%d" % url.port
-        elif target == b"*" and req.method == b"OPTIONS":
-            req.path = b"*"
-        else:
-            self._refuse(req, 400, "invalid request target")
+        try:
+            req.path, req.query, req.host = split_target(req.target, req.method, req.host,
+                                                         self.ctx.snapshot.path_policy)
+        except PathRejected as exc:
+            self._refuse(req, 400, str(exc))
             return
         if req.content_length is not None and req.content_length > self.ctx.limits.max_body_bytes:
             self._refuse(req, 413, "request body too large")

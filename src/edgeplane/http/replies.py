@@ -39,6 +39,7 @@ T_UPSTREAM = 4  # waiting for the integration -> 504 (408 if the client stalls i
 T_SEND = 5  # client stopped reading our response -> abort
 T_KEEPALIVE = 6  # idle keep-alive -> close quietly
 T_LINGER = 7  # answered and half-closed, dropping what the client still sends -> close
+T_BODY_RATE = 8  # request body being read for the integration: its rate window ended
 
 # Reasons to pause reading from the client (bitmask).
 P_PIPELINE = 1  # too many parsed requests waiting
@@ -222,9 +223,15 @@ class Replies:
                 self.abort()
             elif not req.complete and req.exchange.request_stalled():
                 req.exchange.abort("client did not send the request body in time")
-                self._fail_active(req, 408, "request body not received in time")
+                self.fail_active(req, 408, "request body not received in time")
             else:
                 req.exchange.on_timeout()
+        elif kind == T_BODY_RATE:
+            req = self._active
+            if req is None or req.exchange is None:
+                self.abort()
+            else:
+                req.exchange.on_body_window()
         elif kind == T_SEND:
             self.ctx.count_error("send_timeout")
             req = self._active
@@ -236,7 +243,7 @@ class Replies:
                 self.ctx.access_log.record(req, self)
             self.abort()
 
-    def _fail_active(self, req: Request, status: int, reason: str) -> None:
+    def fail_active(self, req: Request, status: int, reason: str) -> None:
         if req.response_started:
             self._abort_active(req, status, reason)
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from edgeplane.http.paths import STRICT
 from edgeplane.plugins.base import CompileContext
 from edgeplane.policies.throttle.stores import LocalLimits
 from edgeplane.routing.chain import compile_chain
@@ -57,11 +58,13 @@ class CompiledRoute:
 
 
 class Snapshot:
-    __slots__ = ("config", "router", "routes", "websocket_apis")
+    __slots__ = ("config", "router", "routes", "websocket_apis", "path_policy")
 
     def __init__(self, config: Config | None, router: Router, routes: list[CompiledRoute],
                  websocket_apis: dict[bytes, Any] | None = None):
         self.config = config
+        # How request paths are normalised before routing (`http.path_normalization`).
+        self.path_policy = config.path_policy if config is not None else STRICT
         self.router = router
         self.routes = routes
         # request path -> the WebSocket API handler (`ws_api`): checked before routing

@@ -13,20 +13,34 @@ Owns the admin routes, compiled into an ordinary snapshot whose integrations are
   app on its own Unix socket), another host through Redis. Unknown or closed: 410;
   malformed id: 400; other methods: 405.
 
+Who may call (`AdminAuth`, a stage on every route but the `admin.public_paths`): all
+the configured credentials, a verified client certificate (`admin.auth.mtls`) and a
+bearer token equal to the one read at load (`hmac.compare_digest`). Anything else is
+401 with `WWW-Authenticate: Bearer realm="edgeplane-admin"` and `{"message": ...}`.
+Without credentials the app is anonymous only when the config says so
+(`admin.insecure`); `build_admin_snapshot` refuses a listener that is neither.
+
 Invariants: a forwarded call (`x-edgeplane-forwarded`) is only served locally, so a call
-never loops; a POST body larger than the connection's `max_message_bytes` is 413.
+never loops; the header means something only on a worker's Unix socket, whose file mode
+(0600 in a 0700 directory) is the credential of the workers that forward there, so on
+TCP it grants nothing and is ignored; a POST body larger than the connection's
+`max_message_bytes` is 413.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
+import socket
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 import orjson
 
-from edgeplane.config.model import Integration, RouteConfig
+from edgeplane.config.model import AdminConfig, Integration, RouteConfig
+from edgeplane.http.request import header_all
+from edgeplane.http.tls import ListenerTls
 from edgeplane.routing.router import compile_routes
 from edgeplane.routing.snapshot import CompiledRoute, FunctionIntegration, Snapshot
 
@@ -55,7 +69,11 @@ class AdminSource(Protocol):
     def upstream_telemetry(self) -> list[dict[str, Any]]: ...
 
 
-def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
+def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
+    """The admin app; every route but `admin.public_paths` behind `admin_auth(admin)`."""
+    auth = admin_auth(admin)
+    guarded: tuple[AdminAuth, ...] = (auth,) if auth is not None else ()
+
     def healthz(req):
         if gateway.draining:
             return _json(503, {"status": "draining"})
@@ -80,7 +98,8 @@ def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
     for i, (path, fn) in enumerate(handlers.items()):
         rc = RouteConfig(key=f"GET {path}", method="GET", path=path, host=None,
                          integration=_PLACEHOLDER, index=i)
-        compiled.append(CompiledRoute(rc, rc.key, (), FunctionIntegration(fn)))
+        stages = () if path in admin.public_paths else guarded
+        compiled.append(CompiledRoute(rc, rc.key, stages, FunctionIntegration(fn)))
         pairs.append((rc, compiled[-1]))
     registry = getattr(gateway, "_ws_registry", None)
     if registry is not None:
@@ -88,10 +107,83 @@ def build_admin_snapshot(gateway: AdminSource) -> Snapshot:
             rc = RouteConfig(key=f"{method} /@connections/{{id}}", method=None if method == "ANY" else method,
                              path="/@connections/{id}", host=None, integration=_PLACEHOLDER,
                              index=len(compiled))
-            compiled.append(CompiledRoute(rc, rc.key, (), ConnectionsIntegration(registry, method)))
+            compiled.append(CompiledRoute(rc, rc.key, guarded, ConnectionsIntegration(registry, method)))
             pairs.append((rc, compiled[-1]))
     router = compile_routes(pairs)
     return Snapshot(None, router, compiled)
+
+
+def admin_listener_tls(admin: AdminConfig) -> ListenerTls | None:
+    """The admin listener's TLS context (None: plain HTTP), built like the data plane's."""
+    return ListenerTls.from_config(admin.tls) if admin.tls is not None else None
+
+
+# ---------------------------------------------------------------------------- credentials
+
+# The 401 body is the gateway's usual {"message":"Unauthorized"} (`send_error`).
+_CHALLENGE = b'www-authenticate: Bearer realm="edgeplane-admin"\r\n'
+# RFC 6750 section 3.1: a token was presented and is not the right one.
+_CHALLENGE_INVALID = b'www-authenticate: Bearer realm="edgeplane-admin", error="invalid_token"\r\n'
+
+
+def admin_auth(admin: AdminConfig) -> AdminAuth | None:
+    """The credential stage `admin` asks for; None when anonymous access was asked for
+    (`insecure`) or there is no TCP listener (only a worker's Unix socket serves the app).
+    A listener with neither credentials nor `insecure` (a hand-built config: the loader
+    refuses it) raises ValueError: the admin API fails closed."""
+    if admin.token is not None or admin.mtls:
+        return AdminAuth(admin.token, admin.mtls)
+    if admin.listen is not None and not admin.insecure:
+        raise ValueError("admin listener without credentials: set admin.auth "
+                         "(token and/or mtls) or admin.insecure")
+    return None
+
+
+class AdminAuth:
+    """Stage: the caller presents every configured credential, or gets 401."""
+
+    __slots__ = ("token", "mtls")
+
+    def __init__(self, token: bytes | None, mtls: bool) -> None:
+        self.token = token
+        self.mtls = mtls
+
+    def __call__(self, proto: HttpProtocol, req: Request) -> bool:
+        if on_worker_socket(proto):
+            return True
+        # Set only for a certificate that verified against admin.tls.client_ca (one that
+        # does not fails the handshake), and only on a TLS listener.
+        if self.mtls and proto.client_cert_subject is None:
+            return _refuse(proto, req, "admin: no client certificate", _CHALLENGE)
+        if self.token is not None:
+            presented = _bearer(req)
+            if presented is None:
+                return _refuse(proto, req, "admin: no bearer token", _CHALLENGE)
+            if not hmac.compare_digest(presented, self.token):
+                return _refuse(proto, req, "admin: wrong bearer token", _CHALLENGE_INVALID)
+        return True
+
+
+def on_worker_socket(proto: HttpProtocol) -> bool:
+    """The connection came in on a worker's private Unix socket (`runtime.gateway`)."""
+    sock = proto.transport.get_extra_info("socket")
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def _bearer(req: Request) -> bytes | None:
+    """The token of the one `Authorization: Bearer TOKEN` header (several: None)."""
+    values = header_all(req, b"authorization")
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip() or None
+
+
+def _refuse(proto: HttpProtocol, req: Request, reason: str, challenge: bytes) -> bool:
+    proto.send_error(req, 401, reason, extra=challenge)
+    return False
 
 
 # ---------------------------------------------------------------------------- @connections
@@ -137,7 +229,7 @@ class ConnectionsIntegration:
 
     def _run(self, proto: HttpProtocol, req: Request, conn_id: str, body: bytes) -> None:
         registry = self.registry
-        forwarded = any(k == FORWARDED for k, _ in req.headers)
+        forwarded = on_worker_socket(proto) and any(k == FORWARDED for k, _ in req.headers)
         now = registry.answer_now(self.method, conn_id, body, forwarded)
         if now is not None:
             _answer(proto, req, *now)

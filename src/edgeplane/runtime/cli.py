@@ -117,6 +117,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     setup_logging(config.log_level)
+    import logging
+
+    for warning in config.warnings:  # once, by the supervisor, before any worker starts
+        logging.getLogger("edgeplane").warning("config %s: %s", args.config, warning)
     from edgeplane.runtime.workers import resolve_workers, run_single, run_supervisor
 
     n = resolve_workers(config)
@@ -158,6 +162,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    for warning in config.warnings:
+        print(f"{args.config}: warning: {warning}")
     print(f"{args.config}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
     return 0
 

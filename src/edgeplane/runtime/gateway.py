@@ -21,7 +21,14 @@ workers of one supervisor share its host tag, so a connection id names its worke
 host, and the per-API new-connection buckets live in the supervisor's shared limit table
 (indices `stores.ws_api_index`). With `cluster:` the registry also listens on Redis pub/sub.
 
-Invariants: `start()` either binds everything or raises with nothing left bound;
+Listeners: each is bound exclusively and, unless `lock_ports=False` (the workers of a
+supervisor, which holds the locks), owned through its lock file (`runtime.ports`): a
+fixed port is locked before the bind, port 0 on the chosen port right after. A failure
+raises a `ListenerError` naming the listener kind (data, TLS, admin) and its address.
+Running out of file descriptors is logged (at most once a second) whether asyncio's loop
+reports it on accept or the tick's probe finds the descriptor table full (uvloop).
+
+Invariants: `start()` either binds everything or raises with nothing left bound or locked;
 `stop()` is idempotent and leaves no listeners, connections or tasks behind; WebSockets
 are closed with 1001 and their $disconnect calls run before the upstream pools close.
 """
@@ -49,7 +56,8 @@ from edgeplane.policies.throttle.shared_limits import SharedLimitTable
 from edgeplane.policies.throttle.stores import limits_for, plans_of, ws_api_index
 from edgeplane.routing.snapshot import Snapshot, build_snapshot
 from edgeplane.runtime.accesslog import AccessLog
-from edgeplane.runtime.admin import build_admin_snapshot
+from edgeplane.runtime.admin import admin_listener_tls, build_admin_snapshot
+from edgeplane.runtime.ports import DescriptorAlarm, ListenerLock, bind_error, fmt_address, lock_listener
 from edgeplane.upstream.pool import Upstream
 from edgeplane.websocket.api import build_websocket_apis
 from edgeplane.websocket.connections import ConnectionRegistry
@@ -74,12 +82,12 @@ class Gateway:
     Public surface: `config`, `addresses` (HTTP listeners), `tls_addresses`,
     `admin_address`, `url(path)`, `stats()`, `upstream_telemetry()`, `draining`,
     `start()`, `stop()`. Everything else is internal (underscored). The keywords
-    `reuse_port`, `shared_limits` and `ws_worker` are set by the supervisor of
-    `workers: N` (`runtime.workers`), not by embedders.
+    `reuse_port`, `lock_ports`, `shared_limits` and `ws_worker` are set by the supervisor
+    of `workers: N` (`runtime.workers`), not by embedders.
     """
 
     def __init__(self, config: Config | dict[str, Any] | str | os.PathLike[str], *,
-                 plugins: Sequence[Any] = (), reuse_port: bool = False,
+                 plugins: Sequence[Any] = (), reuse_port: bool = False, lock_ports: bool = True,
                  shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
                  ws_worker: tuple[int, str, bytes] | None = None) -> None:
         if isinstance(config, Config):
@@ -89,6 +97,9 @@ class Gateway:
         else:
             self.config = load_config(config, plugins=plugins)
         self._reuse_port = reuse_port
+        self._lock_ports = lock_ports
+        self._listener_locks: list[ListenerLock] = []
+        self._fd_alarm = DescriptorAlarm()
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
         # throttle tables (shared_limits, shared_keys).
         self._shared_limits = shared_limits
@@ -166,9 +177,10 @@ class Gateway:
         self._context = ServerContext(loop, self._snapshot, cfg.limits, cfg.parser,
                                      self._access_log, self._date)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
-        self._admin_context = ServerContext(loop, build_admin_snapshot(self), cfg.limits,
+        self._admin_context = ServerContext(loop, build_admin_snapshot(self, cfg.admin), cfg.limits,
                                            "httptools", admin_log, self._date, name="admin")
         try:
+            self._fd_alarm.install(loop)
             for addr in cfg.listen:
                 server = await self._bind(self._context, addr.host, addr.port)
                 self.addresses.append(server.sockets[0].getsockname()[:2])
@@ -179,7 +191,8 @@ class Gateway:
                     self.tls_addresses.append(server.sockets[0].getsockname()[:2])
             if cfg.admin.listen is not None:
                 a = cfg.admin.listen
-                server = await self._bind(self._admin_context, a.host, a.port)
+                server = await self._bind(self._admin_context, a.host, a.port,
+                                          tls=admin_listener_tls(cfg.admin))
                 self.admin_address = server.sockets[0].getsockname()[:2]
             await self._start_ws_forwarding(cfg)
         except BaseException:
@@ -189,8 +202,9 @@ class Gateway:
         self._schedule_tick()
         urls = [f"http://{h}:{p}" for h, p in self.addresses]
         urls += [f"https://{h}:{p}" for h, p in self.tls_addresses]
+        admin_scheme = "https" if cfg.admin.tls is not None else "http"
         log.info("listening on %s%s", ", ".join(urls),
-                 f"; admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
+                 f"; admin on {admin_scheme}://{self.admin_address[0]}:{self.admin_address[1]}"
                  if self.admin_address else "")
 
     async def _bind(self, ctx: ServerContext, host: str, port: int,
@@ -201,12 +215,25 @@ class Gateway:
         else:
             factory = lambda: HttpProtocol(ctx, True)  # noqa: E731
             extra = {"ssl": tls.default, "ssl_handshake_timeout": ctx.limits.head_timeout}
+        kind = "admin" if ctx is self._admin_context else "TLS" if tls is not None else "data"
         loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: start() binds
-        server = await loop.create_server(
-            factory, host, port, reuse_port=self._reuse_port or None,
-            backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET, **extra,
-        )
-        self._servers.append(server)
+        lock = lock_listener(kind, host, port) if self._lock_ports and port else None
+        try:
+            server = await loop.create_server(
+                factory, host, port, reuse_port=self._reuse_port or None,
+                backlog=4096, family=socket.AF_INET6 if ":" in host else socket.AF_INET, **extra,
+            )
+        except OSError as exc:
+            if lock is not None:
+                lock.release()
+            raise bind_error(kind, host, port, exc) from exc
+        self._servers.append(server)  # from here on, start()'s cleanup closes it
+        bound = server.sockets[0].getsockname()[:2]
+        if self._lock_ports and not port:
+            lock = lock_listener(kind, host, bound[1])
+        if lock is not None:
+            self._listener_locks.append(lock)
+        self._fd_alarm.listeners[bound] = f"{kind} listener {fmt_address(*bound)}"
         return server
 
     def _schedule_tick(self) -> None:
@@ -217,6 +244,7 @@ class Gateway:
         # start() set what the tick reads; stop() cancels it before clearing the snapshot
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         self._date.refresh()
+        self._fd_alarm.probe()  # uvloop drops connections on EMFILE without telling anyone
         cast(AccessLog, self._access_log).flush()
         now = loop.time()
         for upstream in self._upstreams.values():
@@ -302,6 +330,10 @@ class Gateway:
             except TimeoutError:
                 pass
         self._servers.clear()
+        for lock in self._listener_locks:  # after the close: never unlocked while bound
+            lock.release()
+        self._listener_locks.clear()
+        self._fd_alarm.uninstall()
 
     async def __aenter__(self) -> Gateway:
         await self.start()

@@ -3,12 +3,22 @@
 Owns process lifecycle:
 - `run_single(config)`: one event loop (uvloop) running a `Gateway`; SIGTERM/SIGINT drain
   (stop accepting, finish in-flight requests within `drain_timeout`, close idle
-  keep-alive connections) and exit 0.
+  keep-alive connections) and exit 0. The gateway locks its listen addresses.
 - `run_supervisor(config, n)`: N worker processes, each binding its own listening socket
   with SO_REUSEPORT so the kernel spreads connections across them. The supervisor first
-  binds (without listening) a placeholder socket per address to resolve port 0 and keep
-  the port reserved, restarts a worker that dies (with backoff), and on SIGTERM forwards
-  it to every worker, waits for them to drain, and exits 0.
+  claims every address (data, TLS, admin) with `ports.claim_placeholder`: its lock file,
+  and a placeholder socket bound (not listening) exclusively before SO_REUSEPORT is set,
+  so a port held by anyone else fails here, named, and port 0 is resolved once for all
+  workers. It restarts a worker that dies (with backoff), and on SIGTERM forwards it to
+  every worker, waits for them to drain, and exits 0.
+
+One owner per port: the workers do not lock (they would fight each other); they inherit
+the supervisor's lock descriptors, so the locks stay held until the last process serving
+the ports is gone, and are removed by the supervisor after its workers exited. A worker
+that cannot start makes the first start fail (exit 1) instead of a restart loop.
+
+Both the single process and the supervisor lift the soft RLIMIT_NOFILE to the hard limit
+at start (workers inherit it).
 
 Workers learn their config from the environment (`EDGEPLANE_WORKER_CONFIG`, JSON of the
 raw config with resolved ports) and report readiness by writing one byte to the pipe
@@ -40,6 +50,7 @@ from edgeplane.policies.throttle.shared_limits import SharedLimitTable
 from edgeplane.policies.throttle.stores import plans_of, shared_limit_count
 from edgeplane.runtime.gateway import Gateway
 from edgeplane.runtime.logs import setup_logging
+from edgeplane.runtime.ports import ListenerLock, claim_placeholder, fmt_address, raise_nofile_limit
 
 log = logging.getLogger("edgeplane.workers")
 
@@ -74,7 +85,9 @@ async def _serve(config: Config, reuse_port: bool, ready_fd: int | None,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config, reuse_port=reuse_port, shared_limits=shared_limits, ws_worker=_ws_worker_from_env())
+    # A worker (reuse_port) serves under its supervisor's locks; a single process owns its own.
+    gateway = Gateway(config, reuse_port=reuse_port, lock_ports=not reuse_port,
+                      shared_limits=shared_limits, ws_worker=_ws_worker_from_env())
     await gateway.start()
     # Everything built at start-up (config, snapshot, modules) lives for the whole
     # process: move it out of the collector's generations so a collection only walks
@@ -86,8 +99,8 @@ async def _serve(config: Config, reuse_port: bool, ready_fd: int | None,
         os.close(ready_fd)
         _exit_with_supervisor(loop, stop)
     else:
-        addrs = ", ".join(_fmt(h, p) for h, p in gateway.addresses)
-        admin = f"; admin {_fmt(*gateway.admin_address)}" if gateway.admin_address else ""
+        addrs = ", ".join(fmt_address(h, p) for h, p in gateway.addresses)
+        admin = f"; admin {fmt_address(*gateway.admin_address)}" if gateway.admin_address else ""
         print(f"edgeplane ready: 1 worker on {addrs}{admin}", file=sys.stderr, flush=True)
     await stop.wait()
     log.info("draining (up to %.1fs)", config.drain_timeout)
@@ -111,6 +124,8 @@ def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
 
 def run_single(config: Config, *, reuse_port: bool = False, ready_fd: int | None = None,
                shared_limits: tuple[str, int, str | None] | None = None) -> int:
+    if ready_fd is None:  # not a worker: a worker inherits its supervisor's limit
+        raise_nofile_limit()
     uvloop.run(_serve(config, reuse_port, ready_fd, shared_limits))
     return 0
 
@@ -124,29 +139,21 @@ def worker_main() -> int:
     shared = os.environ.get(ENV_SHARED)
     index = int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0"))
     keys = os.environ.get(ENV_SHARED_KEYS)
-    return run_single(config, reuse_port=True, ready_fd=int(ready) if ready else None,
-                      shared_limits=(shared, index, keys) if shared else None)
+    try:
+        return run_single(config, reuse_port=True, ready_fd=int(ready) if ready else None,
+                          shared_limits=(shared, index, keys) if shared else None)
+    except OSError as exc:  # a bind error names its listener: one line, not a traceback
+        print(f"edgeplane worker {index} (pid {os.getpid()}): cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 # ---------------------------------------------------------------------- supervisor
-def _placeholder(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Supervisor:
     def __init__(self, config: Config, n: int) -> None:
         self.config = config
         self.n = n
         self.placeholders: list[socket.socket] = []
+        self.locks: list[ListenerLock] = []  # one per listen address; inherited by the workers
         self.worker_raw: dict[str, Any] = {}
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.started_at = [0.0] * n
@@ -158,22 +165,27 @@ class Supervisor:
         self.ws_host_tag = ""
 
     def _resolve_ports(self) -> None:
-        raw = json.loads(json.dumps(self.config.raw))
-        listen = []
-        for addr in self.config.listen:
-            sock = _placeholder(addr.host, addr.port)
-            self.placeholders.append(sock)
-            listen.append(_fmt(addr.host, sock.getsockname()[1]))
-        raw["listen"] = listen
-        if self.config.admin.listen is not None:
-            a = self.config.admin.listen
-            sock = _placeholder(a.host, a.port)
-            self.placeholders.append(sock)
-            raw.setdefault("admin", {})["listen"] = _fmt(a.host, sock.getsockname()[1])
+        """Claim every listen address and give the workers the resolved ports."""
+        cfg = self.config
+        raw = json.loads(json.dumps(cfg.raw))
+        raw["listen"] = [self._claim("data", a.host, a.port) for a in cfg.listen]
+        if cfg.tls is not None:
+            raw["tls"]["listen"] = [self._claim("TLS", a.host, a.port) for a in cfg.tls.listen]
+        if cfg.admin.listen is not None:
+            a = cfg.admin.listen
+            raw.setdefault("admin", {})["listen"] = self._claim("admin", a.host, a.port)
         raw["workers"] = 1
         self.worker_raw = raw
 
-    def _spawn(self, i: int) -> subprocess.Popen:
+    def _claim(self, kind: str, host: str, port: int) -> str:
+        sock, lock = claim_placeholder(kind, host, port)
+        self.placeholders.append(sock)
+        if lock is not None:
+            self.locks.append(lock)
+        return fmt_address(host, sock.getsockname()[1])
+
+    def _spawn(self, i: int) -> bool:
+        """Start worker `i`; True once it reported its listeners bound."""
         read_fd, write_fd = os.pipe()
         env = dict(os.environ)
         env[ENV_CONFIG] = json.dumps(self.worker_raw)
@@ -189,7 +201,7 @@ class Supervisor:
         proc = subprocess.Popen(
             [sys.executable, "-c",
              "from edgeplane.runtime.workers import worker_main; raise SystemExit(worker_main())"],
-            env=env, pass_fds=(write_fd,),
+            env=env, pass_fds=(write_fd, *(lock.fileno() for lock in self.locks)),
         )
         os.close(write_fd)
         self.procs[i] = proc
@@ -198,19 +210,22 @@ class Supervisor:
         os.close(read_fd)
         if ready != b"R":
             log.error("worker %d (pid %d) failed to start", i, proc.pid)
-        else:
-            log.info("worker %d started (pid %d)", i, proc.pid)
-        return proc
+            return False
+        log.info("worker %d started (pid %d)", i, proc.pid)
+        return True
 
     def run(self) -> int:
-        self._resolve_ports()
+        raise_nofile_limit()
         try:
+            self._resolve_ports()
             self._create_shared_state()
             stop_signal: list[int] = []
             signal.signal(signal.SIGTERM, lambda s, f: stop_signal.append(s))
             signal.signal(signal.SIGINT, lambda s, f: stop_signal.append(s))
             for i in range(self.n):
-                self._spawn(i)
+                if not self._spawn(i):
+                    # Its reason is on stderr above; restarting would only repeat it.
+                    raise OSError(f"worker {i} failed to start (its error is above)")
         except BaseException:
             self._shutdown()  # no table, directory or worker is left behind
             raise
@@ -261,7 +276,8 @@ class Supervisor:
                     self._spawn(i)
 
     def _shutdown(self) -> int:
-        log.info("supervisor stopping: draining %d workers", self.n)
+        if any(proc is not None for proc in self.procs):
+            log.info("supervisor stopping: draining %d workers", self.n)
         for proc in self.procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -287,6 +303,10 @@ class Supervisor:
             self.ws_dir = None
         for sock in self.placeholders:
             sock.close()
+        self.placeholders.clear()
+        for lock in self.locks:  # the workers that shared them have exited
+            lock.release()
+        self.locks.clear()
         return code
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from edgeplane.http.fields import UnsafeField, field_line
 from edgeplane.upstream.pool import PoolOverflow
 
 if TYPE_CHECKING:
@@ -116,10 +117,13 @@ class ClientExchange:
 async def fetch(pool: TargetPool, method: str, path: str, *, headers: dict[str, str] | None = None,
                 body: bytes = b"", timeout: float = 1.5, max_bytes: int = 1 << 20) -> tuple[int, list, bytes]:
     """One request; returns (status, raw headers, body) or raises FetchError."""
-    lines = [f"{method} {path} HTTP/1.1", f"host: {pool.authority.decode()}",
-             "user-agent: edgeplane", f"content-length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    lines = [f"{method} {path} HTTP/1.1\r\nhost: {pool.authority.decode()}\r\n"
+             f"user-agent: edgeplane\r\ncontent-length: {len(body)}\r\n".encode("latin-1")]
+    try:  # every header value passes the choke point: nothing can add a line or a request
+        lines += [field_line(k.encode("latin-1"), v.encode("utf-8")) for k, v in (headers or {}).items()]
+    except (UnsafeField, UnicodeEncodeError) as exc:
+        raise FetchError(f"refused to send the request: {exc}") from None
+    head = b"".join(lines) + b"\r\n" + body
     exchange = ClientExchange(pool, head, max_bytes)
     try:
         conn = pool.acquire(exchange)

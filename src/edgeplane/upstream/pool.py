@@ -42,8 +42,10 @@ response, or while the connection is idle, are caught.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
+import resource
 import ssl
 import time
 from collections import deque
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeplane.pool")
 
 _ids = itertools.count(1)
+_fd_logged = [float("-inf")]  # loop time of the last out-of-descriptors line
 MAX_RESPONSE_HEAD = 64 * 1024  # bytes of one upstream response head (Envoy: 60 KiB)
 
 
@@ -372,9 +375,19 @@ class TargetPool:
                 reason = f"TLS verification failed: {exc.verify_message}"
             elif isinstance(exc, ssl.SSLError):
                 reason = f"TLS handshake failed: {exc.reason or exc}"
+            elif getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE):
+                # The gateway's own limit, not the upstream's fault: logged as such, once a
+                # second (every proxied request fails alike while it lasts).
+                reason = "connect failed: out of file descriptors"
+                if loop.time() - _fd_logged[0] >= 1.0:
+                    _fd_logged[0] = loop.time()
+                    log.error("out of file descriptors: upstream connect to %s failed; limit %d "
+                              "(raise it, or lower limits.max_connections)", self.target,
+                              resource.getrlimit(resource.RLIMIT_NOFILE)[0])
             else:
                 reason = "connect timeout" if timed_out else f"connect failed: {exc.strerror or exc}"
-            log.warning("upstream %s: %s", self.target, reason)
+            if not reason.endswith("descriptors"):
+                log.warning("upstream %s: %s", self.target, reason)
             waiter = self._next_waiter()
             if waiter is not None:
                 waiter.on_connect_failed(504 if timed_out else 502, reason)

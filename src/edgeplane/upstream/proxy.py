@@ -26,7 +26,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.codec import header_tokens
-from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_UPSTREAM
+from edgeplane.http.fields import UnsafeField, check_field
+from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_BODY_RATE, T_UPSTREAM
 from edgeplane.http.request import body_drainable
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
 from edgeplane.plugins.hooks import run_response_hooks
@@ -145,6 +146,7 @@ class HttpIntegration:
             # Claims forwarded by the authorizer replace any client-sent header of that name.
             lines = _drop_named(lines, first_header, self.claim_headers)
             for name, value in req.extra_upstream or ():
+                check_field(name, value)  # the choke point (also checked when they were set)
                 lines += (name, b": ", value, b"\r\n")
         peer = proto.peer_ip.encode()
         lines += (b"x-forwarded-for: ", peer if xff is None else xff + b", " + peer, b"\r\n")
@@ -191,7 +193,8 @@ class ProxyExchange:
         "integ", "proto", "req", "pool", "conn", "timeout", "head", "replay", "replay_size",
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
-        "t_dispatch", "buffered", "upstream_paused", "out",
+        "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
+        "upstream_deadline",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -218,6 +221,10 @@ class ProxyExchange:
         self.t_dispatch = 0.0
         self.buffered = 0
         self.upstream_paused = False
+        # The body is being read before an upstream connection is taken (`start`).
+        self.awaiting_body = False
+        self.window_bytes = 0  # body bytes received when the current rate window began
+        self.upstream_deadline = 0.0  # loop time the integration timeout passes (once acquired)
         # Response bytes produced while parsing one upstream read; written to the client
         # in one call per read (`flush`), so a small response costs one send.
         self.out: list[bytes] = []
@@ -225,13 +232,61 @@ class ProxyExchange:
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
         proto = self.proto
+        req = self.req
         self.t_dispatch = time.perf_counter()
-        proto.set_deadline(T_UPSTREAM, self.timeout)
-        if self.req.expect_continue and not self.req.complete:
+        if req.complete:
+            self._acquire(False)
+            return
+        if req.expect_continue:
             proto.write(CONTINUE_100)
+        # Request buffering (nginx's proxy_request_buffering, bounded): the body is read
+        # before an upstream connection is taken, up to `limits.request_buffering` bytes;
+        # a larger body is streamed once that much arrived. A client trickling its body
+        # therefore never holds an upstream connection, and is cut by the rate rule.
+        limits = proto.ctx.limits
+        self.buffered = sum(map(len, req.body_buf)) if req.body_buf else 0
+        self.window_bytes = req.body_size
+        if self.buffered < limits.request_buffering:
+            self.awaiting_body = True
+            proto.set_deadline(T_BODY_RATE, limits.min_body_window)
+            return
         self._acquire(False)
 
+    def on_body_window(self) -> None:
+        """The connection timer in the body phase (`T_BODY_RATE`): the body must have
+        grown by `limits.min_body_bytes` in the window that just ended, else 408."""
+        proto = self.proto
+        req = self.req
+        if self.done:
+            return
+        now = proto.loop.time()
+        if req.complete or self.got_bytes:  # the rate rule is over: back to the integration timeout
+            proto.set_deadline(T_UPSTREAM, max(self.upstream_deadline - now, 0.0) if self.conn else self.timeout)
+            return
+        limits = proto.ctx.limits
+        if req.body_size - self.window_bytes < limits.min_body_bytes:
+            self.abort("client sent the request body too slowly")
+            proto.fail_active(req, 408, "request body arrived slower than limits.min_body_rate")
+            return
+        self.window_bytes = req.body_size
+        window = limits.min_body_window
+        if self.upstream_deadline:
+            if now >= self.upstream_deadline:
+                self.on_timeout()
+                return
+            window = min(window, self.upstream_deadline - now)
+        proto.set_deadline(T_BODY_RATE, window)
+
     def _acquire(self, fresh: bool) -> None:
+        self.awaiting_body = False
+        if not self.upstream_deadline:
+            proto = self.proto
+            self.upstream_deadline = proto.loop.time() + self.timeout
+            if self.req.complete:
+                proto.set_deadline(T_UPSTREAM, self.timeout)
+            else:  # streaming the body: the rate timer also watches the integration timeout
+                self.window_bytes = self.req.body_size
+                proto.set_deadline(T_BODY_RATE, min(proto.ctx.limits.min_body_window, self.timeout))
         pool = self.integ.upstream.pick()
         self.pool = pool
         try:
@@ -252,7 +307,13 @@ class ProxyExchange:
         req = self.req
         proto = self.proto
         if not self.head:
-            self.head = self.integ.request_head(proto, req, pool)
+            try:
+                self.head = self.integ.request_head(proto, req, pool)
+            except UnsafeField as exc:  # the gateway built a value it must not write
+                self.conn = None
+                pool.release(conn, True)
+                proto.internal_error(req, exc, f"route {req.route_key!r}: the upstream request head")
+                return
         req.upstream = pool.name
         if self.replay:
             # A retry: what was sent before goes again on the fresh connection.
@@ -300,7 +361,10 @@ class ProxyExchange:
             else:
                 req.body_buf.append(chunk)
             self.buffered += len(chunk)
-            if self.buffered > _BUFFER_MAX:
+            if self.awaiting_body:
+                if self.buffered >= self.proto.ctx.limits.request_buffering:
+                    self._acquire(False)  # large: stream it from here, under the rate rule
+            elif self.buffered > _BUFFER_MAX:
                 self.proto.pause_reading(P_BUFFER)
             return
         if self.replay is not None:
@@ -308,6 +372,9 @@ class ProxyExchange:
         conn.write(self._frame(chunk) if self.req.chunked else chunk)
 
     def on_request_complete(self) -> None:
+        if self.awaiting_body and not self.done:
+            self._acquire(False)  # the whole body is here: now take a connection
+            return
         if not self.done and self.conn is not None:
             if self.req.chunked:
                 self._request_done()
@@ -499,8 +566,10 @@ class ProxyExchange:
         req.integration_error = reason
         proto.resume_reading(P_UPSTREAM | P_BUFFER)
         if req.response_started:
+            # The client already has the upstream's status line: it is what the access
+            # log keeps (with the error); /stats counts the cut, not a 502 never sent.
             req.error = reason
-            proto.ctx.count_error(str(status))
+            proto.ctx.count_error("upstream_aborted")
             proto.ctx.access_log.record(req, proto)
             req.responded = True
             proto.abort()
