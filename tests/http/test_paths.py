@@ -129,7 +129,8 @@ def test_hosts(raw, expected):
 
 @pytest.mark.parametrize("raw", [
     b"", b"exa%6dple.com", b"a b", b"host:99999", b"host:8o", b"[::1", b"::1", b"user@host",
-    b"host/path", b"-host", b".host", b"host\x00", b"*.example.com",
+    b"host/path", b"-host", b".host", b"host\x00", b"*.example.com", b"api.example.com..",
+    b"api..example.com",
 ])
 def test_bad_hosts(raw):
     with pytest.raises(HostRejected):

@@ -284,3 +284,25 @@ async def test_the_gateways_own_client_refuses_unsafe_values():
             assert "x-name: Zoë\r\n".encode() in rec.received
         finally:
             await pool.close()
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_trailer_fields_never_become_upstream_headers(gateway, parser):
+    rec = Recorder()
+    async with rec.upstream:
+        gw = await gateway(base_config(rec.upstream.port, routes=[
+            {"route": "ANY /{proxy+}", "host": "internal.example.com",
+             "integration": {"type": "mock", "status": 403}},
+            {"route": "$default", "integration": {"type": "http", "upstream": "demo",
+                                                  "preserve_host": True}}],
+            http={"parser": parser}))
+        c = await RawClient.connect(gw.addresses[0])
+        await c.send(b"POST /x HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\nHost: internal.example.com\r\nX-Request-Id: a b\r\n"
+                     b"Authorization: Bearer forged\r\n\r\n")
+        r = await c.read_response()
+        assert r.status == 200
+        await c.close()
+        head = bytes(rec.received).split(b"\r\n\r\n", 1)[0].lower()
+        assert b"host: gw.test\r\n" in head and b"internal.example.com" not in rec.received
+        assert b"forged" not in rec.received and b"x-request-id: a b" not in head

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from edgeplane.config.model import Integration, RouteConfig
@@ -209,11 +211,12 @@ def test_greedy_capture():
     assert r.match(b"GET", b"/files/a/", None)[1] == {"proxy": b"a/"}
 
 
-def test_greedy_needs_a_non_empty_segment():
+def test_greedy_takes_its_bare_prefix_with_the_trailing_slash():
     r = build("ANY /files/{proxy+}")
     assert hit(r, "GET", "/files") is None
-    assert hit(r, "GET", "/files/") is None
-    assert hit(r, "GET", "/files//") is None
+    # "/files/" has no route key of its own: it belongs to the greedy route (empty capture)
+    assert r.match(b"GET", b"/files/", None) == ("ANY /files/{proxy+}", {"proxy": b""})
+    assert hit(r, "GET", "/files//") is None  # (merged to "/files/" by normalisation first)
 
 
 def test_greedy_combined_with_params():
@@ -351,3 +354,18 @@ def test_unreachable_connect_route():
 def test_compile_rejects_duplicates():
     with pytest.raises(ValueError, match="duplicate"):
         compile_routes([(rc("GET /a/{x}", 0), 1), (rc("GET /a/{y}", 1), 2)])
+
+
+@pytest.mark.parametrize("key,why", [
+    ("GET /caf%c3%a9", "write 'caf%C3%A9'"),
+    ("GET /%61dmin", "write 'admin'"),
+    ("GET /a/../b", "dot segment"),
+    ("GET /a/%2E", "dot segment"),
+    ("GET /a%00", "refused (encoded control character"),
+    ("GET /x;y", "write 'x%3By'"),
+])
+def test_literals_must_be_written_as_requests_are_matched(key, why):
+    # requests are normalised before matching: a literal in another spelling never matches
+    with pytest.raises(RouteKeyError, match=re.escape(why)):
+        parse_route_key(key)
+    assert parse_route_key("GET /caf%C3%A9/.well-known").key == "GET /caf%C3%A9/.well-known"

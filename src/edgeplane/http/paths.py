@@ -151,7 +151,7 @@ class HostRejected(PathRejected):
 def normalize_host(host: bytes) -> bytes:
     """The lower-cased host[:port], or HostRejected (empty, bad characters, bad port)."""
     host = host.lower()
-    if _HOST.fullmatch(host) is None:
+    if _HOST.fullmatch(host) is None or b".." in host:  # ".." : an empty DNS label
         raise HostRejected("invalid Host header" if host else "empty Host header")
     colon = host.rfind(b":")
     if colon > host.rfind(b"]") and colon + 1 < len(host) and int(host[colon + 1:]) > 65535:

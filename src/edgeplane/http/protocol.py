@@ -339,6 +339,11 @@ class HttpProtocol(Replies, asyncio.Protocol):
         limits = self.ctx.limits
         if self._head_bytes > limits.max_head_bytes:
             raise _Reject(431, "request head too large")
+        if not self._head_partial:
+            # A trailer field of a chunked body: dropped, as h11 drops them. Routing, the
+            # authorizers and the Host and request-id checks ran on the head; a trailer
+            # must not add to or change what they judged (it would reach the upstream).
+            return
         name = name.lower()
         headers = req.headers
         headers.append((name, value))

@@ -206,6 +206,8 @@ class Replies:
             return
         self._timer_kind = T_NONE
         if kind == T_FIRST or kind == T_KEEPALIVE:
+            if kind == T_FIRST:  # connected and never sent a byte: counted, not logged
+                self.ctx.count_error("no_request")
             if self.write_paused:
                 self.transport.abort()  # close() would wait for a reader that never reads
             else:

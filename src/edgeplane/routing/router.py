@@ -29,8 +29,10 @@ This module owns three things:
    Request paths are raw bytes without the query. An empty segment (``//``, a trailing
    ``/``) matches neither a literal nor a parameter, so ``/users/`` does not match
    ``/users``. Parameters capture raw bytes; a greedy ``{proxy+}`` captures the rest of
-   the path without its leading slash (``a/b/c``) and needs at least one non-empty
-   segment. Methods compare case-sensitively (RFC 9110); ``HEAD`` does not match ``GET``.
+   the path without its leading slash (``a/b/c``); the prefix with only a trailing
+   slash (``/files/``) matches it with an empty capture, since no other route key can
+   name that path (it must not fall through to ``$default``); ``/files`` does not.
+   Methods compare case-sensitively (RFC 9110); ``HEAD`` does not match ``GET``.
 
 3. **Static checks** (`check_routes`) that config loading reports as errors:
 
@@ -58,6 +60,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from edgeplane.config.model import RouteConfig
+from edgeplane.http.paths import PathPolicy, PathRejected, normalize_path
 
 __all__ = [
     "RouteKeyError",
@@ -80,6 +83,9 @@ _PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _LITERAL_RE = re.compile(r"^[!-~]+$")
 _LITERAL_FORBIDDEN = "?#{}"
 # Methods whose request target is never an origin-form path.
+# The canonical spelling of a route literal: what a request normalises to when the
+# `keep` policies let %2F, %5C and ';' through (encoded).
+_KEEP = PathPolicy(escaped_slashes="keep", backslashes="keep", path_parameters="keep")
 _PATHLESS_METHODS = {"CONNECT": "CONNECT requests carry an authority ('host:port'), never a path"}
 
 
@@ -228,6 +234,19 @@ def _parse_segment(text: str, key: str, *, last: bool) -> Segment:
             f"path segment {text!r} in route key {key!r} has a character that is not "
             "printable ASCII (write non-ASCII characters percent-encoded)"
         )
+    # Requests are matched after normalisation (http.paths): a literal that is not in
+    # that form could never match, so say how to write it.
+    try:
+        canonical = normalize_path(b"/" + text.encode("ascii"), _KEEP)[1:].decode("ascii")
+    except PathRejected as exc:
+        raise RouteKeyError(f"path segment {text!r} in route key {key!r} can never match: "
+                            f"requests with it are refused ({exc})") from None
+    if canonical in ("", "."):  # "." or ".." (in any spelling): resolved away first
+        raise RouteKeyError(f"path segment {text!r} in route key {key!r} is a dot segment: "
+                            "request paths are normalised before matching, so it never matches")
+    if canonical != text:
+        raise RouteKeyError(f"path segment {text!r} in route key {key!r} can never match: "
+                            f"requests are matched in normalised form; write {canonical!r}")
     return Segment("literal", text)
 
 
@@ -289,7 +308,9 @@ def _walk(node: _Node[T], segs: list[bytes], i: int, n: int, method: bytes,
             leaf = child.any
         if leaf is not None:
             rest = b"/".join(segs[i:])
-            if rest.strip(b"/"):
+            # The bare prefix with its trailing slash ("/admin/") is the greedy route's
+            # too: no other route key can name it, so it must not fall to $default.
+            if rest.strip(b"/") or (i == n - 1 and not rest):
                 captured.append(rest)
                 return leaf
     return None
