@@ -1,37 +1,62 @@
 """Request parsers for the downstream protocol: httptools (hot path) or h11.
 
-Owns the choice of parser and the adapter that makes h11 look like
-`httptools.HttpRequestParser`, so `server.HttpProtocol` has one set of callbacks
-(`on_message_begin`, `on_url`, `on_header`, `on_headers_complete`, `on_body`,
-`on_message_complete`) and one error type (`httptools.HttpParserError`, with
-`httptools.HttpParserUpgrade` for upgrade/CONNECT requests) whichever parser runs.
+Owns the choice of parser and what makes the two give the same answers through one
+callback interface and one error type, httptools' (`HttpParserError`, and
+`HttpParserUpgrade` for upgrade/CONNECT requests), whichever parser runs. Also owns
+reading header values the gateway interprets itself (`header_value`, `header_tokens`:
+lower-case names, comma-separated tokens). h11 also serves as the differential oracle in
+the tests: both parsers get the same byte corpus and must agree on what is valid.
 
-Also owns reading header values the gateway interprets itself (`header_value`,
-`header_tokens`: lower-case names, comma-separated tokens), for the proxy's
-Connection handling and the WebSocket handshakes.
+Strict rules, the same for both parsers where llhttp and h11 differ (each refusal a 400):
+- Before a request line at most one empty line (CRLF) is ignored, as RFC 9112 2.2 asks;
+  a second one, a bare CR or a bare LF is refused, also between pipelined requests.
+  (llhttp skips any run of CR and LF, h11 refuses even one CRLF.)
+- The request line is `method SP request-target SP HTTP/d.d` with single spaces, the
+  method one of llhttp's HTTP methods (case-sensitive; PRI refused), the version one of
+  0.9, 1.0, 1.1, 2.0. (llhttp also takes runs of spaces and the RTSP/ and ICE/
+  protocols; h11 any token method and any d.d.)
+- A chunk-size line is 1 to 16 hex digits, leading zeros included (every 64-bit size
+  fits; llhttp takes any number of zeros, h11 up to 20 digits), then extensions `;name`
+  or `;name=value` (a token or quoted-string) with nothing empty and no whitespace, then
+  CRLF; at most `_CHUNK_LINE_MAX` bytes. (llhttp takes `5;;a` and `5;=a`, h11 anything
+  after `;` and spaces before the CRLF.)
+- The trailer section holds `name:value` lines with CRLF ends, no control characters or
+  obs-fold, at most `_TRAILERS_MAX` bytes, and none of the fields llhttp acts on there
+  (Content-Length, Transfer-Encoding, Connection, Proxy-Connection, Upgrade). (h11
+  accepts bare LF, obs-fold and controls there, and ignores those fields.)
 
-h11 also serves as the differential oracle in the tests: both parsers get the same byte
-corpus and must agree on what is a valid request.
+How: `ChunkedScanner` follows chunked framing on the raw bytes ahead of either parser and
+refuses a bad size line or trailer before the parser delivers what follows it.
+`LlhttpRequestParser` is httptools' parser with `_LlhttpGuard` as its callbacks: it
+passes `on_url` and `on_header` straight to the protocol (no frame added per header) and
+wraps the per-message ones to know, at each, the offset llhttp has reached in the read:
+so it checks the bytes before each request line and the line itself, finds the head's
+end (one `bytes.find`), and starts the scanner at the body when llhttp reports the first
+chunk. Cost over bare httptools (timeit, one core): +0.8 us per request, +0.2 us per
+body read, +1.1 us per chunk of a chunked body; nothing per body byte.
 
 Invariants of the h11 adapter: it only parses; it never writes. After each request it
 completes a synthetic response cycle inside h11 so the next pipelined request can be
 parsed, and stops parsing once h11 says the connection must close. It calls
-`on_message_begin` at the first byte of a request, as llhttp does (so head timeouts and
-head-size accounting work the same), and refuses, before h11 sees a complete head,
+`on_message_begin` at the first byte of a request line, as llhttp does (so head timeouts
+and head-size accounting work the same), and refuses, before h11 sees a complete head,
 what llhttp refuses but h11 would accept: bare LF line ends, obs-fold, control
 characters, more than one Content-Length (or a list), and Content-Length together with
 Transfer-Encoding. A head over the size limit raises `HeadTooLarge`. HTTP/1.0 requests
 with `Connection: keep-alive` keep the connection open, as with llhttp (h11 alone would
-close it).
+close it). Trailer fields are not passed to `on_header` (llhttp passes them).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 import httptools
+
+if TYPE_CHECKING:
+    from array import array
 
 HttpParserError = httptools.HttpParserError
 HttpParserUpgrade = httptools.HttpParserUpgrade
@@ -49,22 +74,325 @@ _SYNTHETIC_RESPONSE = h11.Response(status_code=200, headers=[(b"content-length",
 _HEAD_END = re.compile(rb"\n\r?\n")
 _HEAD_BAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|\n[ \t]")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)")
-_TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:")
+_TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:([^\r\n]*)")
+
+# llhttp's table of HTTP methods (llhttp 9, `METHODS_HTTP` without PRI): it refuses any
+# other method for HTTP/x.y, including the RTSP ones it knows (DESCRIBE, SETUP, ...).
+_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH"
+    b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
+    b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+_VERSIONS = frozenset((b"0.9", b"1.0", b"1.1", b"2.0"))  # the ones llhttp parses
+
+_RUN = re.compile(rb"[\r\n]*")  # what llhttp skips before a request line
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;%b(?:=(?:%b|%b))?)*\r\n" % (_TOKEN, _TOKEN, _QUOTED))
+_TRAILER_LINE = re.compile(rb"(%b):[\t\x20-\x7e\x80-\xff]*\r\n" % _TOKEN)
+# Fields llhttp acts on even in trailers (its "special" headers); framing and connection
+# control have no place there (RFC 9110 6.5.1), and h11 would ignore them.
+_TRAILER_REFUSED = frozenset(
+    (b"content-length", b"transfer-encoding", b"connection", b"proxy-connection", b"upgrade")
+)
+_CHUNK_LINE_MAX = 1024
+_TRAILERS_MAX = 8192
 
 
-def _check_head(head: bytes) -> None:
-    """Refuse a complete raw head that llhttp would refuse but h11 accepts."""
+def _check_head(head: bytes) -> bool:
+    """Refuse a complete raw head that llhttp would refuse but h11 accepts. True when
+    llhttp would refuse its framing only after the head is complete (the caller does)."""
     if head.count(b"\n") != head.count(b"\r\n"):
         raise HttpParserError("bare LF in request head")
     if _HEAD_BAD.search(head) is not None:
         raise HttpParserError("invalid character or obs-fold in request head")
     lower = head.lower()
+    codings = _TRANSFER_ENCODING.findall(lower)
     lengths = _CONTENT_LENGTH.findall(lower)
     if lengths:
         if len(lengths) > 1 or b"," in lengths[0]:
             raise HttpParserError("duplicate Content-Length")
-        if _TRANSFER_ENCODING.search(lower) is not None:
+        if codings:
             raise HttpParserError("both Content-Length and Transfer-Encoding")
+    # llhttp takes "chunked" only when nothing but SP follows it (h11 strips HTAB too)
+    return any(coding.rstrip(b" ").endswith(b"\t") for coding in codings)
+
+
+def _check_run(run: bytes, complete: bool) -> None:
+    """The bytes seen before a request line: nothing or one CRLF. `complete`: the request
+    line has started (else more may come, so a lone CR may still become CRLF)."""
+    if not run or run == b"\r\n" or (run == b"\r" and not complete):
+        return
+    if run[:3] == b"\r\n\r" or run[:3] == b"\r\n\n":
+        raise HttpParserError("more than one empty line before the request line")
+    raise HttpParserError("bare CR or LF before the request line")
+
+
+def _check_request_line(line: bytes) -> None:
+    """`line` up to its LF, without it (so ending in CR): single spaces, HTTP/ protocol.
+    PRI is refused here, at once: llhttp waits for the rest of an HTTP/2 preface and
+    then refuses it, whatever the version."""
+    if line.count(b" ") != 2 or line[-9:-4] != b"HTTP/" or line[:4] == b"PRI ":
+        raise HttpParserError("request line is not 'method SP target SP HTTP/x.y'")
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkedScanner:
+    """Follows one chunked body on the raw bytes, ahead of the parser (sans-IO).
+
+    `feed` scans bytes in stream order and raises `HttpParserError` at the first size
+    line or trailer line the strict rules refuse. Chunk data is skipped by count, never
+    looked at. Partial lines are carried between reads, up to the line limits.
+    """
+
+    __slots__ = ("_state", "_left", "_carry", "_trailers")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._left = 0  # chunk data bytes still to skip
+        self._carry = b""  # the start of a line that continues in the next read
+        self._trailers = 0  # trailer-section bytes so far
+
+    def feed(self, data: bytes, pos: int = 0) -> int:
+        """Scan `data[pos:]`. Returns the offset just past the body's end (after the
+        trailer section's empty line), or -1 when the body goes on past `data`."""
+        n = len(data)
+        state = self._state
+        while pos < n:
+            if state == _DATA:
+                left = self._left
+                if n - pos < left:
+                    self._left = left - (n - pos)
+                    pos = n
+                    break
+                pos += left
+                state = _DATA_END
+                if data.startswith(b"\r\n", pos):  # the usual case, without a line search
+                    pos += 2
+                    state = _SIZE
+                continue
+            if state == _DONE:
+                break
+            if state == _SIZE and not self._carry:  # the usual case, without a line search
+                m = _CHUNK_SIZE_LINE.match(data, pos)
+                if m is not None and m.end() - pos <= _CHUNK_LINE_MAX:
+                    pos = m.end()
+                    self._left = int(m[1], 16)
+                    if self._left:
+                        state = _DATA
+                    elif data.startswith(b"\r\n", pos):  # the last chunk, no trailers
+                        self._state = _DONE
+                        return pos + 2
+                    else:
+                        state = _TRAILER
+                    continue
+            nl = data.find(b"\n", pos)
+            if nl < 0 or self._carry:  # a line split across reads
+                line = self._whole_line(data, pos, nl, state)
+                if line is None:
+                    break
+                text, lo, hi = line, 0, len(line)
+            else:
+                text, lo, hi = data, pos, nl + 1
+            pos = nl + 1
+            if state != _TRAILER and hi - lo > _CHUNK_LINE_MAX:
+                raise HttpParserError("chunk size line too long")
+            if state == _SIZE:
+                m = _CHUNK_SIZE_LINE.fullmatch(text, lo, hi)
+                if m is None:
+                    raise HttpParserError("invalid chunk size line")
+                self._left = int(m[1], 16)
+                state = _DATA if self._left else _TRAILER
+            elif state == _DATA_END:
+                if hi - lo != 2 or not text.startswith(b"\r\n", lo):
+                    raise HttpParserError("chunk data not followed by CRLF")
+                state = _SIZE
+            elif hi - lo == 2 and text.startswith(b"\r\n", lo):  # the trailer section's end
+                self._state = _DONE
+                return pos
+            else:
+                self._trailers += hi - lo
+                m = _TRAILER_LINE.fullmatch(text, lo, hi)
+                if m is None or m.group(1).lower() in _TRAILER_REFUSED:
+                    raise HttpParserError("invalid trailer field")
+                if self._trailers > _TRAILERS_MAX:
+                    raise HttpParserError("trailer section too large")
+        self._state = state
+        return -1
+
+    def _whole_line(self, data: bytes, pos: int, nl: int, state: int) -> bytes | None:
+        """Carry the start of a line that ends in a later read; the whole line once it
+        ends in this one."""
+        if nl < 0:
+            carry = self._carry = self._carry + data[pos:]
+            limit = _TRAILERS_MAX - self._trailers if state == _TRAILER else _CHUNK_LINE_MAX
+            if len(carry) > limit:
+                raise HttpParserError("chunk size line or trailer section too long")
+            return None
+        line = self._carry + data[pos : nl + 1]
+        self._carry = b""
+        return line
+
+
+_RUN_PHASE, _HEAD_PHASE, _BODY_PHASE = range(3)
+
+
+class _LlhttpGuard:
+    """The callbacks llhttp calls (see the module docstring): the protocol's own for the
+    URL and headers, wrapped ones that keep `pos` for the rest.
+
+    `data` is the read being parsed; `pos` the offset in it up to which the bytes are
+    accounted for: after the bytes before a request line (`_RUN_PHASE`), at the request
+    line's start (`_HEAD_PHASE`), after the head and the body bytes delivered so far
+    (`_BODY_PHASE`). What a read leaves unaccounted (a partial run, head or first size
+    line) is carried into the next one by `after_read`.
+    """
+
+    __slots__ = (
+        "on_url", "on_header", "_begin", "_head_done", "_body", "_done",
+        "data", "pos", "phase", "run", "start", "line", "line_ok", "tail", "pending",
+        "chunks", "chunk_end",
+    )
+
+    def __init__(self, proto: Any) -> None:
+        self.on_url = proto.on_url  # llhttp calls these two directly
+        self.on_header = proto.on_header
+        self._begin = proto.on_message_begin
+        self._head_done = proto.on_headers_complete
+        self._body = proto.on_body
+        self._done = proto.on_message_complete
+        self.data = b""
+        self.pos = 0
+        self.phase = _RUN_PHASE
+        self.run = b""  # bytes before the next request line, carried from earlier reads
+        self.start = -1  # offset of the request line in `data`; -1: began in an earlier read
+        self.line: bytearray | None = None  # the request line so far, when it spans reads
+        self.line_ok = False  # the request line was checked
+        self.tail = b""  # the head's last 3 bytes so far, when it spans reads
+        self.pending = b""  # the body's start, before llhttp reports its first chunk
+        self.chunks: ChunkedScanner | None = None
+        self.chunk_end = -1  # where `chunks` found the body's end in `data`
+
+    def on_message_begin(self) -> None:
+        data = self.data
+        pos = self.pos
+        if self.run or data[pos] == 13 or data[pos] == 10:  # llhttp skipped CR/LF bytes
+            end = _RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
+            _check_run(self.run + data[pos:end], True)
+            self.run = b""
+            pos = end
+        self.pos = self.start = pos
+        self.phase = _HEAD_PHASE
+        self._begin()
+
+    def on_headers_complete(self) -> None:
+        data = self.data
+        start = self.start
+        if start >= 0:  # the whole head is in this read (the common case): no copies
+            nl = data.find(b"\n", start)
+            # llhttp checked the rest: 72 is the "H" of "HTTP/d.d" (not RTSP/, ICE/)
+            if data[nl - 9] != 72 or data.count(b" ", start, nl) != 2:
+                _check_request_line(data[start:nl])  # raises
+            end = data.find(b"\r\n\r\n", nl - 1)
+            if end < 0:  # llhttp saw a head end that the search did not
+                raise HttpParserError("request head framing out of step")
+        else:
+            if not self.line_ok:
+                _check_request_line(bytes(self.line or b"") + data[: data.find(b"\n")])
+            tail = self.tail
+            split = (tail + data[:3]).find(b"\r\n\r\n")  # a head end split across reads
+            end = split - len(tail) if split >= 0 else data.find(b"\r\n\r\n")
+            self.tail = b""
+            self.line = None
+            if split < 0 and end < 0:  # llhttp saw a head end that the search did not
+                raise HttpParserError("request head framing out of step")
+        self.pos = end + 4
+        self.start = -1
+        self.phase = _BODY_PHASE
+        self._head_done()
+
+    def on_body(self, chunk: bytes) -> None:
+        self.pos += len(chunk)  # meaningful for Content-Length bodies; chunked use `chunks`
+        self._body(chunk)
+
+    def on_chunk_header(self) -> None:
+        if self.chunks is None:  # the first size line: scan the body from its start
+            chunks = self.chunks = ChunkedScanner()
+            if self.pending:
+                chunks.feed(self.pending)
+                self.pending = b""
+            self.chunk_end = chunks.feed(self.data, self.pos)
+
+    def on_message_complete(self) -> None:
+        if self.chunks is not None:
+            if self.chunk_end < 0:
+                raise HttpParserError("chunked framing out of step")
+            self.pos = self.chunk_end
+            self.chunks = None
+            self.chunk_end = -1
+        self.phase = _RUN_PHASE
+        self._done()
+
+    def after_read(self) -> None:
+        """llhttp stopped short of the read's end: vet and carry what it left."""
+        data = self.data
+        pos = self.pos
+        phase = self.phase
+        if phase == _RUN_PHASE:
+            end = _RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
+            self.run += data[pos:end]
+            _check_run(self.run, False)
+        elif phase == _HEAD_PHASE:
+            if self.start >= 0:  # the head began in this read and goes on in the next
+                self.line, self.line_ok, self.tail = None, False, b""
+            if not self.line_ok:
+                nl = data.find(b"\n", pos)
+                if nl >= 0:
+                    _check_request_line(bytes(self.line or b"") + data[pos:nl])
+                    self.line_ok = True
+                    self.line = None
+                elif self.line is None:
+                    self.line = bytearray(data[pos:])
+                else:
+                    self.line += data[pos:]
+            self.tail = data[-3:] if len(data) - pos >= 3 else (self.tail + data[pos:])[-3:]
+            self.start = -1
+        else:  # a chunked body's first size line, not complete yet
+            self.pending += data[pos:]
+            if len(self.pending) > _CHUNK_LINE_MAX:
+                raise HttpParserError("chunk size line too long")
+
+
+_llhttp_feed = httptools.HttpRequestParser.feed_data
+
+
+class LlhttpRequestParser(httptools.HttpRequestParser):
+    """httptools' request parser held to the strict rules (see the module docstring)."""
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, callbacks: Any) -> None:
+        guard = _LlhttpGuard(callbacks)
+        super().__init__(guard)
+        self._guard = guard
+
+    def feed_data(self, data: bytes | bytearray | memoryview | array[int]) -> None:
+        # The guard searches the read (memoryview has no `find`); the server feeds bytes.
+        raw = data if isinstance(data, bytes) else bytes(data)
+        guard = self._guard
+        guard.data = raw
+        guard.pos = 0
+        chunks = guard.chunks
+        if chunks is not None:  # inside a chunked body: vet its lines before llhttp reads them
+            if guard.chunk_end >= 0:
+                raise HttpParserError("chunked framing out of step")
+            guard.chunk_end = chunks.feed(raw)
+        _llhttp_feed(self, raw)
+        if guard.pos < len(raw) and guard.chunks is None:  # else the scanner carries it
+            guard.after_read()
+        guard.data = b""  # not kept alive while the connection idles
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -76,7 +404,7 @@ class H11RequestParser:
 
     __slots__ = (
         "_conn", "_cb", "_method", "_version", "_keep_alive", "_upgrade", "_stopped", "_begun",
-        "_max_head",
+        "_max_head", "_run", "_chunks", "_bad_coding",
     )
 
     def __init__(self, callbacks: Any, max_head_bytes: int = 64 * 1024) -> None:
@@ -89,6 +417,9 @@ class H11RequestParser:
         self._upgrade = False
         self._stopped = False
         self._begun = False  # on_message_begin called for the request being received
+        self._run = b""  # bytes before the next request line (CR/LF), already taken from h11
+        self._chunks: ChunkedScanner | None = None  # while a chunked body is being received
+        self._bad_coding = False  # the head's Transfer-Encoding is one llhttp refuses
 
     def get_method(self) -> bytes:
         return self._method
@@ -109,12 +440,18 @@ class H11RequestParser:
     def feed_data(self, data: bytes) -> None:
         if self._stopped:
             return
-        conn = self._conn
         try:
-            conn.receive_data(bytes(data))
+            data = bytes(data)
+            chunks = self._chunks
+            if chunks is not None and chunks.feed(data) >= 0:  # vetted before h11 reads it
+                self._chunks = None
+            conn = self._conn
+            conn.receive_data(data)
             while True:
-                if conn.their_state is h11.IDLE and not self._begin():
-                    return
+                if conn.their_state is h11.IDLE:
+                    if not self._begin():
+                        return
+                    conn = self._conn  # a fresh one when an empty line was taken off
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     return
@@ -129,8 +466,13 @@ class H11RequestParser:
                 elif etype is h11.Data:
                     self._cb.on_body(bytes(cast(h11.Data, event).data))
                 elif etype is h11.EndOfMessage:
+                    if self._chunks is not None:
+                        raise HttpParserError("chunked framing out of step")
                     self._cb.on_message_complete()
-                    if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                    # h11 proposes a switch on any Upgrade header; llhttp (and so
+                    # `should_upgrade`) also needs "Connection: upgrade". Otherwise the
+                    # synthetic response in `_finish_cycle` declines it.
+                    if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL and self._upgrade:
                         self._stopped = True
                         raise HttpParserUpgrade(self._tail_offset(data))
                     self._finish_cycle()
@@ -149,34 +491,60 @@ class H11RequestParser:
             raise
 
     def _begin(self) -> bool:
-        """Between requests: note the start of the next one and vet its head once it is
-        complete. False when nothing is buffered (wait for more bytes)."""
+        """Between requests: take off the empty line allowed before a request line, note
+        the start of the next one and vet its head once it is complete. False when
+        nothing is buffered (wait for more bytes)."""
         buf = self._conn.trailing_data[0]
         if not buf:
             return False
         if not self._begun:
+            skip = _RUN.match(buf).end()  # type: ignore[union-attr]  # always matches
+            if skip or self._run:
+                run = self._run + buf[:skip]
+                _check_run(run, skip < len(buf))
+                if skip:
+                    buf = buf[skip:]
+                    self._restart(buf)
+                self._run = b"" if buf else run
+            if not buf:
+                return False
             self._begun = True
             self._cb.on_message_begin()
         end = _HEAD_END.search(buf)
         if end is not None:
-            _check_head(buf[: end.end()])
+            self._bad_coding = _check_head(buf[: end.end()])
         return True
+
+    def _restart(self, data: bytes) -> None:
+        """Go on with a fresh h11 connection holding `data` (h11 has no way to drop
+        buffered bytes; between requests nothing else of the old one matters)."""
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        if data:
+            self._conn.receive_data(data)
 
     def _on_request(self, event: h11.Request) -> None:
         cb = self._cb
-        self._method = bytes(event.method)
+        method = bytes(event.method)
+        if method not in _METHODS:
+            raise HttpParserError("invalid method")
+        if event.http_version not in _VERSIONS:
+            raise HttpParserError("invalid HTTP version")
+        self._method = method
         self._version = event.http_version.decode()
         connection_tokens: list[bytes] = []
-        upgrade = False
+        upgrade = chunked = False
         if not self._begun:
             cb.on_message_begin()
         self._begun = False
         cb.on_url(bytes(event.target))
         for name, value in event.headers.raw_items():
-            if name.lower() == b"connection":
+            lname = name.lower()
+            if lname == b"connection":
                 connection_tokens.extend(_tokens(value))
-            elif name.lower() == b"upgrade":
+            elif lname == b"upgrade":
                 upgrade = True
+            elif lname == b"transfer-encoding":
+                chunked = True  # h11 refuses any coding but a lone "chunked"
             cb.on_header(bytes(name), bytes(value))
         if self._version == "1.0":
             self._keep_alive = b"keep-alive" in connection_tokens
@@ -184,6 +552,12 @@ class H11RequestParser:
             self._keep_alive = b"close" not in connection_tokens
         self._upgrade = self._method == b"CONNECT" or (upgrade and b"upgrade" in connection_tokens)
         cb.on_headers_complete()
+        if self._bad_coding:  # where llhttp refuses it: once the head was handled
+            raise HttpParserError("Request has invalid `Transfer-Encoding`")
+        if chunked:  # after the head is handled, as llhttp reports its first chunk after it
+            chunks = ChunkedScanner()
+            if chunks.feed(self._conn.trailing_data[0]) < 0:
+                self._chunks = chunks
 
     def _finish_cycle(self) -> None:
         conn = self._conn
@@ -195,9 +569,7 @@ class H11RequestParser:
             # HTTP/1.0 with "Connection: keep-alive": h11 always closes after HTTP/1.0,
             # llhttp keeps it open. Go on with a fresh h11 connection and the bytes
             # already received.
-            data = conn.trailing_data[0]
-            self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
-            self._conn.receive_data(data)
+            self._restart(conn.trailing_data[0])
         else:
             self._stopped = True
 
@@ -205,7 +577,7 @@ class H11RequestParser:
 def new_request_parser(kind: str, callbacks: Any, max_head_bytes: int) -> Any:
     if kind == "h11":
         return H11RequestParser(callbacks, max_head_bytes)
-    return httptools.HttpRequestParser(callbacks)
+    return LlhttpRequestParser(callbacks)
 
 
 def header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:

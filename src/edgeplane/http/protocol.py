@@ -233,6 +233,8 @@ class HttpProtocol(Replies, asyncio.Protocol):
                 self._parse_failed(cause.status, cause.reason)
             elif isinstance(cause, _Stop):
                 pass
+            elif isinstance(cause, HttpParserError):  # the codec's strict checks
+                self._parse_failed(400, f"malformed request: {cause}")
             elif isinstance(exc, HeadTooLarge):
                 self._parse_failed(431, "request head too large")
             else:
@@ -335,15 +337,15 @@ class HttpProtocol(Replies, asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req: Request = self._parsing  # type: ignore[assignment]  # set while parsing
-        self._head_bytes += len(name) + len(value) + 4
-        limits = self.ctx.limits
-        if self._head_bytes > limits.max_head_bytes:
-            raise _Reject(431, "request head too large")
         if not self._head_partial:
             # A trailer field of a chunked body: dropped, as h11 drops them. Routing, the
             # authorizers and the Host and request-id checks ran on the head; a trailer
             # must not add to or change what they judged (it would reach the upstream).
-            return
+            return  # (the codec bounds trailer sections for both parsers)
+        self._head_bytes += len(name) + len(value) + 4
+        limits = self.ctx.limits
+        if self._head_bytes > limits.max_head_bytes:
+            raise _Reject(431, "request head too large")
         name = name.lower()
         headers = req.headers
         headers.append((name, value))
