@@ -160,3 +160,25 @@ def test_the_automatic_connection_cap_leaves_room_for_upstream_connections():
     assert connection_cap(cfg.limits, snapshot) == max(256, soft - 500 - 64)
     fixed = load_config(config(9, max_connections=7))
     assert connection_cap(fixed.limits, snapshot) == 7
+
+
+async def test_at_the_cap_the_oldest_connection_without_a_request_makes_room(upstream, gateway, caplog):
+    gw = await gateway(config(upstream.port, max_connections=3, head_timeout="30s"))
+    served = await RawClient.connect(gw.addresses[0])
+    assert (await served.request("GET", "/ping")).status == 200  # has sent a request: kept
+    silent = await RawClient.connect(gw.addresses[0])  # never sends a byte
+    await asyncio.sleep(0.05)  # the scenario: it is the older of the two head-less ones
+    trickler = await RawClient.connect(gw.addresses[0])
+    await trickler.send(b"GET /pi")  # a head that never completes
+    newcomer = await RawClient.connect(gw.addresses[0])
+    assert (await newcomer.request("GET", "/ping")).status == 200
+    assert await silent.closed(timeout=5)  # evicted: the oldest head-less connection
+    another = await RawClient.connect(gw.addresses[0])
+    assert (await another.request("GET", "/ping")).status == 200
+    assert await trickler.closed(timeout=5)  # then the next oldest
+    assert (await served.request("GET", "/ping")).status == 200  # never the served ones
+    stats = orjson.loads((await (await RawClient.connect(gw.admin_address)).request("GET", "/stats")).body)
+    assert stats["errors"]["connection_evicted"] == 2
+    assert any("had not sent a complete request head" in r.getMessage() for r in caplog.records)
+    for c in (served, newcomer, another):
+        await c.close()

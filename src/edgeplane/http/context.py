@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import resource
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.responses import DateHeader
@@ -58,7 +59,7 @@ class ServerContext:
     __slots__ = (
         "loop", "snapshot", "limits", "parser_kind", "connections", "stats", "date",
         "access_log", "draining", "rid_prefix", "rid_counter", "name", "websockets",
-        "per_ip", "refused", "refused_logged_at", "max_connections",
+        "per_ip", "refused", "refused_logged_at", "max_connections", "headless", "evicted",
     )
 
     def __init__(
@@ -92,15 +93,29 @@ class ServerContext:
         self.max_connections = connection_cap(limits, snapshot)
         self.per_ip: dict[str, int] = {}  # open connections per peer (only with a per-IP cap)
         self.refused = 0  # connections refused at accept since the last log line
+        self.evicted = 0  # connections evicted at the cap since the last log line
         self.refused_logged_at = 0.0
+        # Admitted connections that have not completed a request head yet, oldest first:
+        # at the cap the oldest of them makes room for a newcomer (`admit`).
+        self.headless: OrderedDict[Any, None] = OrderedDict()
 
     def admit(self, proto: Any) -> bool:
         """Count a new connection in, or refuse it (connection caps). Open WebSockets
         count toward `max_connections`; the per-address cap counts HTTP connections."""
         limits = self.limits
         if len(self.connections) + len(self.websockets) >= self.max_connections:
-            self._refuse("limits.max_connections", self.max_connections, "open connections")
-            return False
+            if not self.headless:
+                self._refuse("limits.max_connections", self.max_connections, "open connections")
+                return False
+            # Every slot is taken, some by connections that never completed a request
+            # head (idle or trickling ones): the one that had its chance longest goes, so
+            # slow clients cannot lock new ones out by holding the cap.
+            victim = self.headless.popitem(last=False)[0]
+            self.release(victim)
+            victim.evict()
+            self.count_error("connection_evicted")
+            self.evicted += 1
+            self._log_refusals("limits.max_connections", self.max_connections, "open connections")
         if limits.max_connections_per_ip:
             ip = proto.peer_ip
             count = self.per_ip.get(ip, 0)
@@ -110,11 +125,13 @@ class ServerContext:
                 return False
             self.per_ip[ip] = count + 1
         self.connections.add(proto)
+        self.headless[proto] = None
         return True
 
     def release(self, proto: Any) -> None:
         """A connection admitted by `admit` closed or became a WebSocket."""
         self.connections.discard(proto)
+        self.headless.pop(proto, None)
         if self.per_ip:
             ip = proto.peer_ip
             count = self.per_ip.get(ip, 0) - 1
@@ -126,11 +143,15 @@ class ServerContext:
     def _refuse(self, key: str, cap: int, what: str) -> None:
         self.count_error("connection_limit")
         self.refused += 1
+        self._log_refusals(key, cap, what)
+
+    def _log_refusals(self, key: str, cap: int, what: str) -> None:
         now = self.loop.time()
-        if now - self.refused_logged_at >= 1.0:  # one line a second, with the count since
-            log.warning("%s: refused %d new connection(s): %d %s on this worker is the cap (%s)",
-                        self.name, self.refused, cap, what, key)
-            self.refused = 0
+        if now - self.refused_logged_at >= 1.0:  # one line a second, with the counts since
+            log.warning("%s: %d %s on this worker is the cap (%s): refused %d new connection(s), "
+                        "closed %d that had not sent a complete request head", self.name, cap, what,
+                        key, self.refused, self.evicted)
+            self.refused = self.evicted = 0
             self.refused_logged_at = now
 
     def next_request_id(self) -> bytes:

@@ -4,7 +4,8 @@ Owns the client side of a request: parsing (via `codec`), limits, timeouts, pipe
 keep-alive, routing a parsed head to its compiled route, and writing local replies.
 Proxying lives in `upstream.proxy`; this module only hands the active request to the
 route's integration. Writing answers and the connection's deadlines are the inherited
-`replies.Replies` half (`write`, `send_local`, `send_error`, `finish_response`, timers).
+`replies.Replies` half (`write`, `send_local`, `send_error`, `finish_response`, timers);
+the WebSocket hand-over is the inherited `upgrade.Upgrades` half.
 
 Per-connection state lives on `HttpProtocol`; per-request state on `Request` (kept apart,
 as uvicorn does). Shared per-worker state (snapshot, counters, access log, Date header)
@@ -57,6 +58,7 @@ from edgeplane.http.replies import (  # noqa: F401
 from edgeplane.http.request import _DRAIN_BODY_MAX, Request
 from edgeplane.http.responses import STATUS_LINES
 from edgeplane.http.tls import client_subject
+from edgeplane.http.upgrade import _UPGRADE_TAIL_MAX, Upgrades
 
 if TYPE_CHECKING:
     from edgeplane.http.context import ServerContext
@@ -69,7 +71,6 @@ _SPECIAL_HEADERS = frozenset(
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
 _PIPELINE_BUFFER_MAX = 256 * 1024
 _LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
-_UPGRADE_TAIL_MAX = 64 * 1024  # client bytes held while a WebSocket handshake completes
 
 
 class _Reject(Exception):
@@ -85,13 +86,13 @@ class _Stop(Exception):
     message that ended the connection is parsed, dispatched or answered."""
 
 
-class HttpProtocol(Replies, asyncio.Protocol):
+class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "parser", "peer_ip", "_parsing", "_active", "_queue",
         "_queued_bytes", "_pause", "write_paused", "_head_partial", "_head_bytes", "_head_raw",
         "_parser_dead", "_closed",
         "_peer_eof", "_last_parsed", "tls", "scheme", "client_cert_subject", "_upgrade_tail",
-        "_accepted_at",
+        "_accepted_at", "_headless",
     )
 
     def __init__(self, ctx: ServerContext, tls: bool = False) -> None:
@@ -126,6 +127,7 @@ class HttpProtocol(Replies, asyncio.Protocol):
         # Loop time of accept until the first request begins: its head deadline runs
         # from accept, so waiting before the first byte does not buy a second timeout.
         self._accepted_at = 0.0
+        self._headless = True  # in ctx.headless until its first complete request head
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,6 +177,16 @@ class HttpProtocol(Replies, asyncio.Protocol):
             self._stop_parsing()
             return True
         return None
+
+    def evict(self) -> None:
+        """Closed to make room at the connection cap (`ServerContext.admit`); it has not
+        sent a complete request head, so there is nothing to answer."""
+        self._closed = True
+        self._headless = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport.abort()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -249,69 +261,6 @@ class HttpProtocol(Replies, asyncio.Protocol):
             if self._head_raw > self.ctx.limits.max_head_bytes:
                 self._parse_failed(431, "request head too large")
 
-    def _upgraded(self, data: bytes, exc: HttpParserUpgrade) -> None:
-        """The parser stopped after a request with `Connection: upgrade`. A WebSocket
-        handshake keeps what follows for `detach` (or `resume_http` if the upgrade is
-        refused); any other upgrade is answered as plain HTTP and the connection closes
-        after it (no bytes after the head are trusted)."""
-        req = self._last_parsed
-        if req is not None and req.websocket:
-            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            transport = self.transport
-            if self._closed and transport is not None and transport.get_protocol() is not self:
-                # `detach` ran during this very read (a handler accepted synchronously):
-                # the rest of the read belongs to the new protocol.
-                if offset < len(data) and not transport.is_closing():
-                    transport.get_protocol().data_received(data[offset:])  # type: ignore[attr-defined]
-                return
-            self._upgrade_tail = bytearray(data[offset:])
-            if req.responded:  # already answered as plain HTTP (a 404, a mock): go on as HTTP
-                self.resume_http()
-            return
-        if req is not None:
-            req.keep_alive = False
-        self._stop_parsing()
-        if self._active is None and not self._closed:
-            self._close_after_response()  # it was answered already (synchronously)
-
-    def detach(self) -> tuple[asyncio.Transport, bytes]:
-        """Hand the connection to a WebSocket: after the 101 was written, HTTP stops here
-        and the caller gets the transport and the bytes the client sent after the
-        upgrade request (it then sets its own protocol on the transport)."""
-        transport = self.transport
-        tail = bytes(self._upgrade_tail or b"")
-        self._upgrade_tail = None
-        self._parser_dead = True
-        self._closed = True  # this protocol's callbacks are no longer called
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.ctx.release(self)
-        req = self._active
-        if req is not None:
-            req.responded = True
-            req.exchange = None
-        self._active = None
-        self._queue.clear()
-        self._parsing = None
-        self.parser = None
-        if self._pause:
-            self._pause = 0
-            transport.resume_reading()
-        return transport, tail
-
-    def resume_http(self) -> None:
-        """The upgrade was refused with an ordinary response: the connection stays HTTP.
-        Called by `finish_response`: parse what followed the upgrade request as HTTP."""
-        tail = self._upgrade_tail
-        self._upgrade_tail = None
-        self.resume_reading(P_BUFFER)
-        if self._parser_dead or self._closed:
-            return
-        self.parser = new_request_parser(self.ctx.parser_kind, self, self.ctx.limits.max_head_bytes)
-        if tail:
-            self.data_received(bytes(tail))
-
     # parser callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
         if self._parser_dead:
@@ -376,6 +325,9 @@ class HttpProtocol(Replies, asyncio.Protocol):
         parser = self.parser
         ctx = self.ctx
         self._head_partial = False
+        if self._headless:  # the first complete head: no longer evictable at the cap
+            self._headless = False
+            ctx.headless.pop(self, None)
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive() and not ctx.draining
