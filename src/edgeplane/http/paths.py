@@ -37,6 +37,10 @@ from typing import Literal
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# Anything normalisation may change or refuse: a byte that is not a plain path byte
+# (controls, space, %, ;, backslash) or the start of a dot segment or an empty one. One
+# search is the whole cost of a path that needs nothing (the common case).
+_NEEDS_WORK = re.compile(rb"[^!-$&-:<-\[\]-~\x80-\xff]|/\.|//")
 # A valid Host: a DNS-style name or an IP literal, then an optional port. `%` is
 # refused (an encoded host would route differently from its decoded spelling).
 _HOST = re.compile(rb"(?:[a-z0-9](?:[a-z0-9\-._~]*)|\[[0-9a-f:.]+\])(?::[0-9]{0,5})?")
@@ -72,10 +76,7 @@ class PathRejected(ValueError):
 
 def normalize_path(path: bytes, policy: PathPolicy = STRICT) -> bytes:
     """The normalised form of an origin-form path (no query), or PathRejected."""
-    if (b"%" not in path and b"/." not in path and b"//" not in path and b"\\" not in path
-            and b";" not in path):
-        if _CONTROL.search(path) is not None:
-            raise PathRejected("control character in path")
+    if _NEEDS_WORK.search(path) is None:
         return path
     if _CONTROL.search(path) is not None:
         raise PathRejected("control character in path")
@@ -159,18 +160,33 @@ def normalize_host(host: bytes) -> bytes:
     return host
 
 
+_HOSTS: dict[bytes, bytes] = {}  # raw Host value -> normalised; bounded by _HOSTS_MAX
+_HOSTS_MAX = 1024
+
+
+def _remember_host(raw: bytes) -> bytes:
+    host = normalize_host(raw)  # raises for a bad one: never remembered
+    if len(_HOSTS) >= _HOSTS_MAX:  # many spellings (a scan): start over, stay bounded
+        _HOSTS.clear()
+    _HOSTS[raw] = host
+    return host
+
+
 def split_target(target: bytes, method: bytes, host: bytes | None,
                  policy: PathPolicy = STRICT) -> tuple[bytes, bytes, bytes | None]:
     """(normalised path, query, normalised host) of a request target (RFC 9112 3.2):
     origin-form, absolute-form (whose authority replaces Host, which must still be
     valid), or `*` for OPTIONS. Raises PathRejected (a 400) for anything else."""
     if host is not None:
-        host = normalize_host(host)
+        known = _HOSTS.get(host)  # hosts repeat: each spelling is validated once
+        host = known if known is not None else _remember_host(host)
     if target[:1] == b"/":
         if b"#" in target:
             raise PathRejected("fragment in request target")
-        path, sep, query = target.partition(b"?")
-        return normalize_path(path, policy), query, host
+        q = target.find(b"?")
+        if q < 0:
+            return normalize_path(target, policy), b"", host
+        return normalize_path(target[:q], policy), target[q + 1:], host
     lowered = target[:8].lower()
     if lowered.startswith(b"http://") or lowered == b"https://":
         scheme_end = target.index(b"//") + 2

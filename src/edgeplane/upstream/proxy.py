@@ -261,7 +261,8 @@ class ProxyExchange:
             return
         now = proto.loop.time()
         if req.complete or self.got_bytes:  # the rate rule is over: back to the integration timeout
-            proto.set_deadline(T_UPSTREAM, max(self.upstream_deadline - now, 0.0) if self.conn else self.timeout)
+            proto.set_deadline(T_UPSTREAM, max(self.upstream_deadline - now, 0.0) if self.upstream_deadline
+                              else self.timeout)
             return
         limits = proto.ctx.limits
         if req.body_size - self.window_bytes < limits.min_body_bytes:
@@ -279,12 +280,12 @@ class ProxyExchange:
 
     def _acquire(self, fresh: bool) -> None:
         self.awaiting_body = False
-        if not self.upstream_deadline:
+        if not fresh:  # the first attempt (a retry keeps the deadline it has)
             proto = self.proto
-            self.upstream_deadline = proto.loop.time() + self.timeout
             if self.req.complete:
                 proto.set_deadline(T_UPSTREAM, self.timeout)
             else:  # streaming the body: the rate timer also watches the integration timeout
+                self.upstream_deadline = proto.loop.time() + self.timeout
                 self.window_bytes = self.req.body_size
                 proto.set_deadline(T_BODY_RATE, min(proto.ctx.limits.min_body_window, self.timeout))
         pool = self.integ.upstream.pick()
