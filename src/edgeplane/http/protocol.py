@@ -415,6 +415,7 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
             req.path, req.query, req.host = split_target(req.target, req.method, req.host,
                                                          self.ctx.snapshot.path_policy)
         except PathRejected as exc:
+            req.path = req.target[:1024]  # logged as received (the log escapes it): what was refused
             self._refuse(req, 400, str(exc))
             return
         if req.content_length is not None and req.content_length > self.ctx.limits.max_body_bytes:
