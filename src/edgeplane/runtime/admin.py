@@ -109,8 +109,48 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
                              index=len(compiled))
             compiled.append(CompiledRoute(rc, rc.key, guarded, ConnectionsIntegration(registry, method)))
             pairs.append((rc, compiled[-1]))
+    reload_from_source = getattr(gateway, "reload_from_source", None)
+    if reload_from_source is not None:
+        rc = RouteConfig(key="POST /config/reload", method="POST", path="/config/reload", host=None,
+                         integration=_PLACEHOLDER, index=len(compiled))
+        compiled.append(CompiledRoute(rc, rc.key, guarded, ReloadIntegration(reload_from_source)))
+        pairs.append((rc, compiled[-1]))
     router = compile_routes(pairs)
     return Snapshot(None, router, compiled)
+
+
+class ReloadIntegration:
+    """`POST /config/reload`: reload the config from its file (as SIGHUP does). 200 with
+    what the reload did; 422 with every error by location when the new config is refused
+    (the old one keeps serving); 409 when there is no file to reload from."""
+
+    __slots__ = ("reload", "tasks")
+
+    def __init__(self, reload: Any) -> None:
+        self.reload = reload  # `Gateway.reload_from_source`, a coroutine function
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def handle(self, proto: HttpProtocol, req: Request) -> None:
+        task = proto.loop.create_task(self._later(proto, req))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _later(self, proto: HttpProtocol, req: Request) -> None:
+        from edgeplane.config.loader import ConfigError
+        from edgeplane.runtime.reload import ReloadRefused
+
+        try:
+            status, body = 200, await self.reload()
+        except ConfigError as exc:
+            status, body = 422, {"message": "config refused; the running config keeps serving",
+                                 "errors": list(exc.errors)}
+        except ReloadRefused as exc:
+            status, body = 422, {"message": "config cannot be applied live; the running config "
+                                            "keeps serving", "errors": exc.problems}
+        except LookupError as exc:  # no file behind the running config
+            status, body = 409, {"message": str(exc)}
+        if not req.responded and proto.transport is not None and not proto.transport.is_closing():
+            _answer(proto, req, status, orjson.dumps(body))
 
 
 def admin_listener_tls(admin: AdminConfig) -> ListenerTls | None:

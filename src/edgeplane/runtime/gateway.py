@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from edgeplane.config.loader import load_config
+from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config
 from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
@@ -58,6 +58,7 @@ from edgeplane.routing.snapshot import Snapshot, build_snapshot
 from edgeplane.runtime.accesslog import AccessLog
 from edgeplane.runtime.admin import admin_listener_tls, build_admin_snapshot
 from edgeplane.runtime.ports import DescriptorAlarm, ListenerLock, bind_error, fmt_address, lock_listener
+from edgeplane.runtime.reload import ReloadRefused, apply, config_hash
 from edgeplane.upstream.pool import Upstream
 from edgeplane.websocket.api import build_websocket_apis
 from edgeplane.websocket.connections import ConnectionRegistry
@@ -96,6 +97,7 @@ class Gateway:
             self.config = config
         else:
             self.config = load_config(config, plugins=plugins)
+        self._plugins = plugins  # a reload loads its config with the same extra plugins
         self._reuse_port = reuse_port
         self._lock_ports = lock_ports
         self._listener_locks: list[ListenerLock] = []
@@ -122,6 +124,11 @@ class Gateway:
         self.admin_address: tuple[str, int] | None = None
         self._draining = False
         self._servers: list[asyncio.AbstractServer] = []
+        # (kind, host, port as configured) -> (server, its lock): what a reload re-binds
+        self._bound: dict[tuple[str, str, int], tuple[asyncio.Server, ListenerLock | None]] = {}
+        self._limits: Any = None  # the throttle stores of the current snapshot (a reload's `previous`)
+        self._retiring: set[asyncio.Task[None]] = set()  # what replaced configs still close
+        self._reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last": None}
         self._tick: asyncio.TimerHandle | None = None
         self._started = False
         self._stopped = False
@@ -170,8 +177,8 @@ class Gateway:
             self._quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
             self._quota_store.load(periods=periods)
         counter = self._quota_store.counter if self._quota_store is not None else None
-        limits = limits_for(cfg, self._shared_table, self._keyed_table, self._limiter)
-        ws_apis = self._build_websockets(cfg, loop)
+        limits = self._limits = limits_for(cfg, self._shared_table, self._keyed_table, self._limiter)
+        ws_apis = self._build_websockets(cfg, loop, self._upstreams, runtime)
         self._snapshot = build_snapshot(cfg, self._upstreams, runtime.state, limits, counter,
                                        websocket_apis=ws_apis)
         self._context = ServerContext(loop, self._snapshot, cfg.limits, cfg.parser,
@@ -233,6 +240,7 @@ class Gateway:
             lock = lock_listener(kind, host, bound[1])
         if lock is not None:
             self._listener_locks.append(lock)
+        self._bound[(kind, host, port)] = (server, lock)
         self._fd_alarm.listeners[bound] = f"{kind} listener {fmt_address(*bound)}"
         return server
 
@@ -296,6 +304,10 @@ class Gateway:
         if self._ws_registry is not None:  # $disconnect calls still running need the pools
             await self._ws_registry.drain(min(max(timeout, 0.5), 5.0))
         await self._stop_ws_forwarding()
+        for task in list(self._retiring):  # replaced configs: their runtimes stop now
+            task.cancel()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         for upstream in self._upstreams.values():
             await upstream.close()
         if self._runtime is not None:
@@ -320,6 +332,87 @@ class Gateway:
         await asyncio.sleep(0)  # let connection_lost callbacks run
         cast(AccessLog, self._access_log).close()  # set: started
         log.info("stopped")
+
+    # ------------------------------------------------------------------ reload
+    async def reload(self, config: Config | dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+        """Apply a new config live (`runtime.reload`): validated whole first; a refused
+        or invalid one changes nothing and raises (`ConfigError` with every problem by
+        location, or `ReloadRefused` naming what cannot change live). Returns what the
+        reload did; every attempt is logged and counted (`stats()["reloads"]`)."""
+        if not self._started or self._stopped:
+            raise RuntimeError("reload needs a running gateway")
+        started = time.perf_counter()
+        try:
+            new = config if isinstance(config, Config) else load_config(config, plugins=self._plugins)
+            report = await apply(self, new)
+        except (ConfigError, ReloadRefused) as exc:
+            self._reloads["failed"] += 1
+            problems = exc.errors if isinstance(exc, ConfigError) else exc.problems
+            self._reloads["last"] = {"ok": False, "errors": problems, "at": time.time()}
+            log.error("reload refused; the running config (%s) keeps serving:\n  %s",
+                      config_hash(self.config), "\n  ".join(problems))
+            raise
+        self._reloads["ok"] += 1
+        self._reloads["last"] = {"ok": True, "at": time.time(), **report}
+        log.info("reloaded config %s in %.1f ms: %d routes; upstreams kept %s, new %s, retired %s",
+                 report["hash"], (time.perf_counter() - started) * 1000, report["routes"],
+                 report["upstreams_kept"] or "-", report["upstreams_new"] or "-",
+                 report["upstreams_retired"] or "-")
+        return report
+
+    async def reload_from_source(self) -> dict[str, Any]:
+        """Reload from the file the running config came from (SIGHUP, the admin call).
+        LookupError when it came from a dict or a Config (nothing to read again)."""
+        source = self.config.source
+        if not source or source.startswith("<") or not os.path.exists(source):
+            raise LookupError(f"the running config has no file to reload from ({source})")
+        return await self.reload(source)
+
+    async def _rebind(self, new: Config) -> None:
+        """Bind the data and TLS listeners `new` adds, close the ones it drops. A bind
+        failure closes what this call bound and raises: the old set stays."""
+        old = self.config
+        wanted = {("data", a.host, a.port) for a in new.listen}
+        if new.tls is not None:
+            wanted |= {("TLS", a.host, a.port) for a in new.tls.listen}
+        have = {("data", a.host, a.port) for a in old.listen}
+        if old.tls is not None:
+            have |= {("TLS", a.host, a.port) for a in old.tls.listen}
+        added: list[tuple[str, str, int]] = []
+        try:
+            for kind, host, port in sorted(wanted - have):
+                ctx = cast(ServerContext, self._context)
+                server = await self._bind(ctx, host, port, tls=self._tls if kind == "TLS" else None)
+                (self.tls_addresses if kind == "TLS" else self.addresses).append(server.sockets[0].getsockname()[:2])
+                added.append((kind, host, port))
+        except BaseException:
+            for key in added:
+                self._unbind(key)
+            raise
+        for key in sorted(have - wanted):
+            self._unbind(key)
+
+    def _unbind(self, key: tuple[str, str, int]) -> None:
+        entry = self._bound.pop(key, None)
+        if entry is None:
+            return
+        server, lock = entry
+        address = server.sockets[0].getsockname()[:2] if server.sockets else None
+        server.close()  # open connections stay and finish; no new ones
+        if server in self._servers:
+            self._servers.remove(server)
+        for listing in (self.addresses, self.tls_addresses):
+            if address in listing:
+                listing.remove(address)
+        if lock is not None:
+            lock.release()
+            if lock in self._listener_locks:
+                self._listener_locks.remove(lock)
+
+    def _retire(self, closing: Any) -> None:
+        task = cast(asyncio.AbstractEventLoop, self._loop).create_task(closing)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _close_servers(self) -> None:
         for server in self._servers:
@@ -371,6 +464,7 @@ class Gateway:
             "access_log_lines": cast(AccessLog, self._access_log).lines,
             **ctx.stats.as_dict(),
             "authorizers": {},
+            "reloads": dict(self._reloads),
             **({"cluster": self._limiter.telemetry()} if self._limiter is not None else {}),
             **({"websockets": self._ws_registry.telemetry()}
                if self._ws_registry is not None and self.config.websocket_apis else {}),
@@ -386,11 +480,13 @@ class Gateway:
         return out
 
     # ------------------------------------------------------------------ WebSocket APIs
-    def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> dict[bytes, Any]:
+    def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop, upstreams: dict[str, Upstream],
+                          runtime_ctx: RuntimeContext) -> dict[bytes, Any]:
         index, tag = 0, None
         if self._ws_worker is not None and cfg.websocket_apis:
             index, _, tag = self._ws_worker
-        self._ws_registry = ConnectionRegistry(loop, index, tag)
+        if self._ws_registry is None:  # one registry for the gateway's life: reloads keep it
+            self._ws_registry = ConnectionRegistry(loop, index, tag)
         if not cfg.websocket_apis:
             return {}
         buckets: dict[str, Any] = {}
@@ -403,8 +499,7 @@ class Gateway:
             for i, (name, api) in enumerate(cfg.websocket_apis.items()):
                 rate = api.limits.connections_per_second
                 buckets[name] = self._shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
-        runtime = self._runtime.state if self._runtime is not None else {}
-        return build_websocket_apis(cfg, self._upstreams, runtime, self._ws_registry, buckets)
+        return build_websocket_apis(cfg, upstreams, runtime_ctx.state, self._ws_registry, buckets)
 
     async def _start_ws_forwarding(self, cfg: Config) -> None:
         if not cfg.websocket_apis:

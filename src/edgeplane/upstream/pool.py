@@ -532,10 +532,11 @@ class Upstream:
     """A named upstream: its target pools, picked round robin, skipping a target
     whose last connect failed within the past second while another is available."""
 
-    __slots__ = ("name", "pools", "_next", "loop")
+    __slots__ = ("name", "pools", "_next", "loop", "cfg")
 
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
+        self.cfg = cfg  # a reload keeps this upstream (and its pools) while it is unchanged
         self.loop = loop
         ctx = None
         if any(t.scheme == "https" for t in cfg.targets):

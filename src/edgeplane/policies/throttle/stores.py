@@ -66,12 +66,24 @@ def _plan_throttle(config: Config, name: str, route: RouteConfig | None) -> Any:
 
 
 class LocalLimits:
-    """One process owns every bucket."""
+    """One process owns every bucket. Built again on a reload with the previous one as
+    `previous`: a limit whose identity (its level, route key or plan, and settings) is
+    unchanged keeps its bucket, tokens and per-client state included."""
 
-    def __init__(self, config: Config) -> None:
-        t = config.policies.get("throttle")
-        self._server = TokenBucket(t.rate, t.burst, policy="server") if t is not None else None
+    def __init__(self, config: Config, previous: LocalLimits | None = None) -> None:
         self.config = config
+        self._kept: dict[tuple[Any, ...], Any] = previous._made if previous is not None else {}
+        self._made: dict[tuple[Any, ...], Any] = {}  # identity -> bucket, for the next reload
+        t = config.policies.get("throttle")
+        self._server = (self._keep(("server", t), lambda: TokenBucket(t.rate, t.burst, policy="server"))
+                        if t is not None else None)
+
+    def _keep(self, identity: tuple[Any, ...], make: Any) -> Any:
+        bucket = self._kept.get(identity)
+        if bucket is None:
+            bucket = make()
+        self._made[identity] = bucket
+        return bucket
 
     def server(self) -> Any:
         return self._server
@@ -79,12 +91,13 @@ class LocalLimits:
     def route(self, rc: RouteConfig) -> Any:
         t = cast("ThrottleConfig", rc.policies.get("throttle"))  # route(): only for a throttled route
         if t.key is None:
-            return TokenBucket(t.rate, t.burst, policy="route")
-        return BucketMap(t.rate, t.burst, policy="client")
+            return self._keep(("route", rc.host, rc.key, t), lambda: TokenBucket(t.rate, t.burst, policy="route"))
+        return self._keep(("client", rc.host, rc.key, t), lambda: BucketMap(t.rate, t.burst, policy="client"))
 
     def plan(self, name: str, route: RouteConfig | None = None) -> Any:
         t = _plan_throttle(self.config, name, route)
-        return BucketMap(t.rate, t.burst, policy="plan")
+        key = None if route is None else (route.host, route.key)
+        return self._keep(("plan", name, key, t), lambda: BucketMap(t.rate, t.burst, policy="plan"))
 
     def chain(self, route: Any, server: Any) -> Any:
         return ThrottleChain(route=route, server=server)
@@ -164,9 +177,11 @@ class ClusterLimits:
 
 
 def limits_for(config: Config, shared_table: Any = None, keyed_table: Any = None,
-               limiter: Any = None) -> LocalLimits | SharedLimits | ClusterLimits:
+               limiter: Any = None, previous: Any = None) -> LocalLimits | SharedLimits | ClusterLimits:
+    """`previous`: the limits of the config being replaced by a reload (local buckets of
+    unchanged limits carry over; shared and Redis buckets live outside the process)."""
     if limiter is not None:
         return ClusterLimits(config, limiter)
     if shared_table is not None:
         return SharedLimits(config, shared_table, keyed_table)
-    return LocalLimits(config)
+    return LocalLimits(config, previous if isinstance(previous, LocalLimits) else None)
