@@ -360,6 +360,12 @@ class Gateway:
                  report["upstreams_retired"] or "-")
         return report
 
+    def _refresh_admin(self, new: Config) -> None:
+        """The admin app on the new config (a changed token or public paths)."""
+        ctx = cast(ServerContext, self._admin_context)
+        ctx.snapshot = build_admin_snapshot(self, new.admin)
+        ctx.limits = new.limits
+
     async def reload_from_source(self) -> dict[str, Any]:
         """Reload from the file the running config came from (SIGHUP, the admin call).
         LookupError when it came from a dict or a Config (nothing to read again)."""

@@ -40,7 +40,6 @@ from edgeplane.plugins.base import RuntimeContext
 from edgeplane.policies.throttle.stores import limits_for, plans_of, shared_limit_count
 from edgeplane.routing.snapshot import build_snapshot
 from edgeplane.runtime.accesslog import AccessLog
-from edgeplane.runtime.admin import build_admin_snapshot
 from edgeplane.upstream.pool import Upstream
 
 if TYPE_CHECKING:
@@ -151,8 +150,7 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
         # The listeners were created with the old default context: its SNI callback now
         # picks from the new contexts, so every new handshake gets the new certificates.
         gw._tls.default.sni_callback = tls._on_sni
-    gw._admin_context.snapshot = build_admin_snapshot(gw, new.admin)
-    gw._admin_context.limits = new.limits
+    gw._refresh_admin(new)
     gw.config, gw._snapshot, gw._upstreams, gw._runtime, gw._limits = new, snapshot, upstreams, runtime, limits
     if retired_log is not None:
         retired_log.close()
