@@ -377,13 +377,18 @@ class Gateway:
     async def _rebind(self, new: Config) -> None:
         """Bind the data and TLS listeners `new` adds, close the ones it drops. A bind
         failure closes what this call bound and raises: the old set stays."""
-        old = self.config
         wanted = {("data", a.host, a.port) for a in new.listen}
         if new.tls is not None:
             wanted |= {("TLS", a.host, a.port) for a in new.tls.listen}
-        have = {("data", a.host, a.port) for a in old.listen}
-        if old.tls is not None:
-            have |= {("TLS", a.host, a.port) for a in old.tls.listen}
+        have = {key for key in self._bound if key[0] != "admin"}
+        # A listener configured with port 0 is the same one as the port it got.
+        for kind, host, port in list(have):
+            server = self._bound[(kind, host, port)][0]
+            actual = server.sockets[0].getsockname()[1] if server.sockets else port
+            if port == 0 and (kind, host, actual) in wanted:
+                self._bound[(kind, host, actual)] = self._bound.pop((kind, host, port))
+                have.discard((kind, host, port))
+                have.add((kind, host, actual))
         added: list[tuple[str, str, int]] = []
         try:
             for kind, host, port in sorted(wanted - have):

@@ -1,0 +1,235 @@
+"""Hot reload inside one gateway (`Gateway.reload`, `POST /config/reload`).
+
+Through a real gateway on loopback: kept-alive raw clients, the demo upstream, a real
+WebSocket upstream, real API-key files and certificates rewritten between reloads.
+The signal and multi-worker paths are in test_lifecycle.py (real processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+
+import orjson
+import pytest
+import yaml
+
+from conftest import RawClient, base_config
+from edgeplane.config.loader import ConfigError
+from edgeplane.runtime.reload import ReloadRefused
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def mock(route: str, body: dict) -> dict:
+    return {"route": route, "integration": {"type": "mock", "status": 200, "body": body}}
+
+
+async def admin(gw, method: str, path: str) -> tuple[int, dict]:
+    c = await RawClient.connect(gw.admin_address)
+    try:
+        r = await c.request(method, path)
+        return r.status, orjson.loads(r.body)
+    finally:
+        await c.close()
+
+
+async def test_the_next_request_on_a_kept_alive_connection_routes_on_the_new_config(upstream, gateway):
+    gw = await gateway(base_config(upstream.port, routes=[mock("GET /v", {"v": 1})]))
+    c = await RawClient.connect(gw.addresses[0])
+    assert (await c.request("GET", "/v")).json() == {"v": 1}
+    report = await gw.reload(base_config(upstream.port, routes=[mock("GET /v", {"v": 2}),
+                                                                 mock("GET /new", {"new": True})]))
+    assert report["routes"] == 2 and len(report["hash"]) == 12
+    assert (await c.request("GET", "/v")).json() == {"v": 2}  # same connection
+    assert (await c.request("GET", "/new")).json() == {"new": True}
+    await c.close()
+    stats = gw.stats()["reloads"]
+    assert stats["ok"] == 1 and stats["failed"] == 0 and stats["last"]["hash"] == report["hash"]
+
+
+async def test_a_refused_config_changes_nothing(upstream, gateway, caplog):
+    gw = await gateway(base_config(upstream.port, routes=[mock("GET /v", {"v": 1})]))
+    bad = base_config(upstream.port, routes=[{"route": "GET /v", "integration": {"type": "http",
+                                                                                  "upstream": "nope"}}])
+    with pytest.raises(ConfigError) as exc:
+        await gw.reload(bad)
+    assert any("unknown upstream 'nope'" in e for e in exc.value.errors)
+    with pytest.raises(ReloadRefused, match="workers"):
+        await gw.reload(base_config(upstream.port, routes=[mock("GET /v", {"v": 3})], workers=2))
+    c = await RawClient.connect(gw.addresses[0])
+    assert (await c.request("GET", "/v")).json() == {"v": 1}
+    await c.close()
+    assert gw.stats()["reloads"]["failed"] == 2
+    assert any("reload refused" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_admin_call_reloads_from_the_file(upstream, gateway, tmp_path):
+    path = tmp_path / "edgeplane.yaml"
+    path.write_text(yaml.safe_dump(base_config(upstream.port, routes=[mock("GET /v", {"v": 1})])))
+    gw = await gateway(str(path))
+    path.write_text(yaml.safe_dump(base_config(upstream.port, routes=[mock("GET /v", {"v": 2})])))
+    status, body = await admin(gw, "POST", "/config/reload")
+    assert status == 200 and body["routes"] == 1
+    c = await RawClient.connect(gw.addresses[0])
+    assert (await c.request("GET", "/v")).json() == {"v": 2}
+    path.write_text("routes: [\n")  # broken YAML
+    status, body = await admin(gw, "POST", "/config/reload")
+    assert status == 422 and body["errors"] and "keeps serving" in body["message"]
+    assert (await c.request("GET", "/v")).json() == {"v": 2}
+    await c.close()
+
+
+async def test_an_unchanged_upstream_keeps_its_pool_and_a_changed_one_drains(upstream, gateway):
+    from edgeplane.runtime.demo_upstream import DemoUpstream
+
+    cfg = base_config(upstream.port)
+    gw = await gateway(cfg)
+    c = await RawClient.connect(gw.addresses[0])
+    assert (await c.request("GET", "/users/1")).status == 200
+    report = await gw.reload(base_config(upstream.port, routes=cfg["routes"] + [mock("GET /x", {})]))
+    assert report["upstreams_kept"] == ["demo"]
+    assert (await c.request("GET", "/users/2")).status == 200
+    target = gw.upstream_telemetry()[0]["targets"][0]
+    assert target["opened"] == 1 and target["reused"] >= 1  # the idle connection carried over
+    async with DemoUpstream() as other:
+        report = await gw.reload(base_config(other.port))
+        assert report["upstreams_new"] == ["demo"] and report["upstreams_retired"] == ["demo"]
+        r = await c.request("GET", "/users/3")
+        assert r.status == 200 and r.json()["headers"]["host"] == f"127.0.0.1:{other.port}"
+    await c.close()
+
+
+async def test_throttle_buckets_of_unchanged_limits_keep_their_tokens(upstream, gateway):
+    def cfg(burst: int, extra: list) -> dict:
+        return base_config(upstream.port, routes=[
+            {**mock("GET /t", {}), "throttle": {"rate": 0.001, "burst": burst}}, *extra])
+
+    gw = await gateway(cfg(1, []))
+    c = await RawClient.connect(gw.addresses[0])
+    assert (await c.request("GET", "/t")).status == 200
+    assert (await c.request("GET", "/t")).status == 429
+    await gw.reload(cfg(1, [mock("GET /other", {})]))  # this limit unchanged: still empty
+    assert (await c.request("GET", "/t")).status == 429
+    await gw.reload(cfg(2, [mock("GET /other", {})]))  # a new limit: a new, full bucket
+    assert (await c.request("GET", "/t")).status == 200
+    await c.close()
+
+
+async def test_api_keys_are_read_again(upstream, gateway, tmp_path):
+    from edgeplane.policies.api_keys.store import generate_key
+
+    first, first_hash = generate_key()
+    second, second_hash = generate_key()
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"keys:\n  - {{id: one, hash: '{first_hash}'}}\n")
+    cfg = base_config(upstream.port, routes=[{**mock("GET /p", {}), "auth": "partners"}])
+    cfg["authorizers"] = {"partners": {"type": "api_key", "keys_file": str(keys)}}
+    gw = await gateway(cfg)
+    c = await RawClient.connect(gw.addresses[0])
+    assert (await c.request("GET", "/p", {"X-API-Key": first})).status == 200
+    assert (await c.request("GET", "/p", {"X-API-Key": second})).status == 403
+    keys.write_text(f"keys:\n  - {{id: one, hash: '{first_hash}', enabled: false}}\n"
+                    f"  - {{id: two, hash: '{second_hash}'}}\n")
+    await gw.reload(cfg)
+    assert (await c.request("GET", "/p", {"X-API-Key": second})).status == 200  # added
+    assert (await c.request("GET", "/p", {"X-API-Key": first})).status == 403  # revoked
+    await c.close()
+
+
+async def test_listeners_are_added_and_removed(upstream, gateway):
+    gw = await gateway(base_config(upstream.port, routes=[mock("GET /v", {})]))
+    first = gw.addresses[0]
+    cfg = base_config(upstream.port, routes=[mock("GET /v", {})])
+    cfg["listen"] = [f"127.0.0.1:{first[1]}", "127.0.0.1:0"]
+    await gw.reload(cfg)
+    assert len(gw.addresses) == 2
+    added = gw.addresses[1]
+    c = await RawClient.connect(added)
+    assert (await c.request("GET", "/v")).status == 200
+    await c.close()
+    cfg["listen"] = ["127.0.0.1:0"]
+    await gw.reload(cfg)  # the fixed-port listener goes; a new ephemeral one comes
+    with pytest.raises(OSError):
+        await asyncio.wait_for(asyncio.open_connection(*first), 2)
+
+
+async def test_a_websocket_opened_before_a_reload_keeps_working(gateway):
+    from ws_peers import WsClient, WsUpstream
+
+    up = await WsUpstream("echo").start()
+    try:
+        cfg = base_config(up.port, routes=[{"route": "GET /ws", "integration": {"type": "http",
+                                                                                 "upstream": "demo"}}])
+        gw = await gateway(cfg)
+        ws = await WsClient.connect(gw.addresses[0], "/ws")
+        assert ws.status == 101
+        ws.send_text("before")
+        assert await ws.recv() == "before"
+        await gw.reload(base_config(up.port, routes=[mock("GET /ws", {"gone": True})]))
+        ws.send_text("after")
+        assert await ws.recv() == "after"  # still relayed on the route it opened with
+        c = await RawClient.connect(gw.addresses[0])
+        assert (await c.request("GET", "/ws")).json() == {"gone": True}  # new requests: new route
+        await c.close()
+        await ws.aclose()
+    finally:
+        await up.stop()
+
+
+async def test_a_rotated_certificate_is_served_on_the_next_handshake(upstream, gateway, tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Reload CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def write_leaf(cn: str) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(ca_name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("api.example.test")]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (tmp_path / "api.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / "api-key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    def peer_cn(writer) -> str:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+    write_leaf("first")
+    cfg = base_config(upstream.port, routes=[mock("GET /v", {})])
+    cfg["tls"] = {"listen": ["127.0.0.1:0"], "certificates": [
+        {"cert": str(tmp_path / "api.pem"), "key": str(tmp_path / "api-key.pem")}]}
+    gw = await gateway(cfg)
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+
+    async def served_cn() -> str:
+        _, writer = await asyncio.open_connection(*gw.tls_addresses[0], ssl=client,
+                                                  server_hostname="api.example.test")
+        try:
+            return peer_cn(writer)
+        finally:
+            writer.close()
+
+    assert await served_cn() == "first"
+    write_leaf("second")
+    await gw.reload(json.loads(json.dumps(cfg)))
+    assert await served_cn() == "second"
