@@ -90,7 +90,7 @@ class Gateway:
     def __init__(self, config: Config | dict[str, Any] | str | os.PathLike[str], *,
                  plugins: Sequence[Any] = (), reuse_port: bool = False, lock_ports: bool = True,
                  shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
-                 ws_worker: tuple[int, str, bytes] | None = None) -> None:
+                 ws_worker: tuple[int, str, bytes] | None = None, inherited: Any = None) -> None:
         if isinstance(config, Config):
             if plugins:
                 raise ValueError("plugins= needs a config path or dict (a Config carries its registry)")
@@ -98,6 +98,10 @@ class Gateway:
         else:
             self.config = load_config(config, plugins=plugins)
         self._plugins = plugins  # a reload loads its config with the same extra plugins
+        # `serve --takeover`: the predecessor's listening sockets (`takeover.Inherited`),
+        # used instead of binding; once this gateway hands its own over, its locks stay.
+        self._inherited = inherited
+        self._handed_over = False
         self._reuse_port = reuse_port
         self._lock_ports = lock_ports
         self._listener_locks: list[ListenerLock] = []
@@ -224,6 +228,17 @@ class Gateway:
             extra = {"ssl": tls.default, "ssl_handshake_timeout": ctx.limits.head_timeout}
         kind = "admin" if ctx is self._admin_context else "TLS" if tls is not None else "data"
         loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: start() binds
+        taken = self._inherited.take(kind, host, port) if self._inherited is not None else None
+        if taken is not None:  # a takeover: the predecessor's socket, still accepting
+            sock, lock = taken
+            server = await loop.create_server(factory, sock=sock, backlog=4096, **extra)
+            self._servers.append(server)
+            if lock is not None:
+                self._listener_locks.append(lock)
+            self._bound[(kind, host, port)] = (server, lock)
+            bound = server.sockets[0].getsockname()[:2]
+            self._fd_alarm.listeners[bound] = f"{kind} listener {fmt_address(*bound)}"
+            return server
         lock = lock_listener(kind, host, port) if self._lock_ports and port else None
         try:
             server = await loop.create_server(
@@ -274,13 +289,14 @@ class Gateway:
         except Exception as exc:  # the deltas stay in memory for the next flush
             log.warning("quota flush failed: %s", exc)
 
-    async def stop(self, drain_timeout: float | None = None) -> None:
+    async def stop(self, drain_timeout: float | None = None, *, handed_over: bool = False) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout),
         close idle keep-alive connections, then close everything."""
         if not self._started or self._stopped:
             return
         self._stopped = True
         self._draining = True
+        self._handed_over = handed_over
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         for server in self._servers:
             server.close()
@@ -420,6 +436,12 @@ class Gateway:
             if lock in self._listener_locks:
                 self._listener_locks.remove(lock)
 
+    def handover_listeners(self) -> list[tuple[str, str, int, asyncio.Server, ListenerLock | None]]:
+        """Every listener as (kind, host, configured port, server, lock), for a
+        successor (`runtime.takeover`). Once it serves, `stop()` with `handed_over`
+        keeps the lock files (the successor holds them now)."""
+        return [(kind, host, port, server, lock) for (kind, host, port), (server, lock) in self._bound.items()]
+
     def _retire(self, closing: Any) -> None:
         task = cast(asyncio.AbstractEventLoop, self._loop).create_task(closing)
         self._retiring.add(task)
@@ -435,7 +457,10 @@ class Gateway:
                 pass
         self._servers.clear()
         for lock in self._listener_locks:  # after the close: never unlocked while bound
-            lock.release()
+            if self._handed_over:
+                lock.detach()  # the successor holds it now: keep the file
+            else:
+                lock.release()
         self._listener_locks.clear()
         self._fd_alarm.uninstall()
 

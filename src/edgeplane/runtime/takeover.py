@@ -1,0 +1,198 @@
+"""Zero-downtime upgrade: a running instance hands its listening sockets to a successor.
+
+Owns both sides of the hand-over, over a Unix stream socket in the lock directory
+(`runtime_dir()/takeover-<pid>.sock`, mode 0600 in a 0700 directory: only this user can
+ask):
+
+- `HandoverServer` runs in the serving instance. A successor connects; it receives one
+  message: a JSON line describing every listener (kind, host, configured and bound
+  port) with the listening sockets' descriptors and their lock files' descriptors
+  attached (SCM_RIGHTS). When the successor answers `READY`, `on_ready` runs (the old
+  instance then stops accepting and drains); if it disconnects first, nothing changed.
+- `receive_listeners(config)` runs in the successor (`serve --takeover`): it finds the
+  running instance through the lock file of the config's first listener (which holds
+  its pid), takes the sockets, and returns them with a `confirm()` to call once serving.
+
+Invariants:
+- The exclusive-listener rule holds: a takeover is asked for by the running instance's
+  own user through its private socket; a stray second `serve` still gets AddressInUse.
+- Listening sockets are shared, not re-bound: the kernel queue never closes, so no
+  connection attempt is refused while both instances run. Locks travel with the
+  sockets (an flock belongs to the open file, which the successor now shares), and the
+  old instance closes its descriptors without removing the lock files (`detach`).
+- WebSocket connections, the in-process throttle buckets and quota deltas do not move:
+  the old instance keeps its WebSockets until they close or its drain ends, and flushes
+  quota counts to the store the successor loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from edgeplane.runtime.ports import ListenerLock, lock_name, runtime_dir
+
+log = logging.getLogger("edgeplane.takeover")
+
+_MAX_FDS = 250  # listeners and their locks in one message (SCM_RIGHTS caps near 253)
+_READY = b"READY\n"
+
+
+class TakeoverError(Exception):
+    """No instance to take over from, or the hand-over failed (nothing changed)."""
+
+
+def socket_path(pid: int) -> str:
+    return os.path.join(runtime_dir(), f"takeover-{pid}.sock")
+
+
+class HandoverServer:
+    """The serving side. `listeners()` returns [(kind, host, configured port, server,
+    lock or None)]; `on_ready()` is called once a successor serves on them."""
+
+    def __init__(self, listeners: Callable[[], list[tuple[str, str, int, Any, Any]]],
+                 on_ready: Callable[[], None]) -> None:
+        self._listeners = listeners
+        self._on_ready = on_ready
+        self._server: asyncio.AbstractServer | None = None
+        self.path = socket_path(os.getpid())
+        self.handed_over = False
+
+    async def start(self) -> None:
+        try:
+            os.unlink(self.path)  # a predecessor with our pid (recycled) left it
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)  # 0600 from the start: no window for other users
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path)
+        finally:
+            os.umask(old_umask)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.handed_over:
+            writer.close()
+            return
+        entries = self._listeners()
+        described, fds = [], []
+        for kind, host, port, server, lock in entries:
+            sock = server.sockets[0]
+            described.append({"kind": kind, "host": host, "port": port,
+                              "bound": sock.getsockname()[1], "lock": lock is not None})
+            fds.append(sock.fileno())
+            if lock is not None:
+                fds.append(lock.fd)
+        if len(fds) > _MAX_FDS:
+            log.error("takeover refused: %d descriptors to pass (at most %d)", len(fds), _MAX_FDS)
+            writer.close()
+            return
+        raw = writer.get_extra_info("socket")
+        message = json.dumps({"pid": os.getpid(), "listeners": described}).encode() + b"\n"
+        try:
+            # asyncio's transport has no sendmsg: the message is small, sent in one call
+            # on the (non-blocking, empty) socket.
+            socket.send_fds(raw, [message], fds)
+            answer = await asyncio.wait_for(reader.readline(), 60)
+        except (OSError, TimeoutError) as exc:
+            log.warning("takeover abandoned: %s; still serving", exc)
+            writer.close()
+            return
+        writer.close()
+        if answer != _READY:
+            log.warning("takeover abandoned by the successor; still serving")
+            return
+        self.handed_over = True
+        log.info("takeover: the successor serves on the listeners; draining")
+        self._on_ready()
+
+
+class Inherited:
+    """What the successor received: sockets by (kind, host, configured port), locks."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self._control = sock
+        self.pid = pid
+        self.sockets: dict[tuple[str, str, int], socket.socket] = {}
+        self.bound: dict[tuple[str, str, int], int] = {}
+        self.locks: dict[tuple[str, str, int], ListenerLock] = {}
+
+    def take(self, kind: str, host: str, port: int) -> tuple[socket.socket, ListenerLock | None] | None:
+        """The inherited listener for a configured address, if any (a port-0 listener
+        matches its bound port, and the other way round)."""
+        for key in list(self.sockets):
+            k, h, p = key
+            if k == kind and h == host and (p == port or self.bound[key] == port):
+                return self.sockets.pop(key), self.locks.pop(key, None)
+        return None
+
+    def confirm(self) -> None:
+        """We serve: the predecessor may stop accepting and drain."""
+        try:
+            self._control.sendall(_READY)
+        finally:
+            self._control.close()
+        for sock in self.sockets.values():  # listeners the new config dropped
+            sock.close()
+        for lock in self.locks.values():
+            lock.release()
+
+    def abandon(self) -> None:
+        self._control.close()
+        for sock in self.sockets.values():
+            sock.close()
+        for lock in self.locks.values():
+            lock.detach()  # the predecessor still holds it
+
+
+def receive_listeners(host: str, port: int) -> Inherited:
+    """Connect to the instance that owns `host:port` (its lock file names its pid)."""
+    path = os.path.join(runtime_dir(), lock_name(host, port))
+    try:
+        with open(path, "rb") as fh:
+            pid = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError) as exc:
+        raise TakeoverError(f"no running instance owns {host}:{port} (lock {path}: {exc})") from None
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.settimeout(30)
+    try:
+        control.connect(socket_path(pid))
+        message, fds, _flags, _addr = socket.recv_fds(control, 65536, _MAX_FDS)
+    except OSError as exc:
+        control.close()
+        raise TakeoverError(f"cannot take over from pid {pid}: {exc}") from None
+    try:
+        described = json.loads(message)["listeners"]
+    except (ValueError, KeyError) as exc:
+        for fd in fds:
+            os.close(fd)
+        control.close()
+        raise TakeoverError(f"pid {pid} answered an unreadable hand-over: {exc}") from None
+    inherited = Inherited(control, pid)
+    it = iter(fds)
+    for entry in described:
+        key = (entry["kind"], entry["host"], entry["port"])
+        fd = next(it)
+        family = socket.AF_INET6 if ":" in entry["host"] else socket.AF_INET
+        inherited.sockets[key] = socket.socket(family, socket.SOCK_STREAM, fileno=fd)
+        inherited.bound[key] = entry["bound"]
+        if entry["lock"]:
+            lock_fd = next(it)
+            lock = ListenerLock(entry["kind"], entry["host"], entry["bound"],
+                                os.path.join(runtime_dir(), lock_name(entry["host"], entry["bound"])), lock_fd)
+            lock.write_pid()  # the lock file now names the successor
+            inherited.locks[key] = lock
+    return inherited
