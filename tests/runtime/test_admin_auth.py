@@ -379,7 +379,7 @@ def test_auth_shape_errors(pki, token_file):
         "cert": pki.server[0], "key": pki.server[1], "client_ca": pki.client_ca}}) == [
         "admin.tls.client_ca: only used with admin.auth.mtls: true"]
     assert problems({"auth": {"token_file": token_file}, "public_paths": ["/healthz", "/health"]}) == [
-        "admin.public_paths[1]: '/health' cannot be public: choose among /healthz, /routes, /stats, "
+        "admin.public_paths[1]: '/health' cannot be public: choose among /healthz, /ready, /routes, /stats, "
         "/upstreams (@connections always needs credentials)"]
     errors = problems({"auth": {"token_file": token_file}, "tls": {"cert": pki.server[0], "key": pki.client[1]}})
     assert len(errors) == 1 and errors[0].startswith("admin.tls: key ") and "does not match" in errors[0]
@@ -422,12 +422,12 @@ def test_validate_prints_admin_errors_and_warnings(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert cli_main(["validate", "-c", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "  admin: the admin listener '0.0.0.0:9901' is not on a loopback address" in err
+    assert f"{path}:" in err and ": admin: the admin listener '0.0.0.0:9901' is not on a loopback address" in err
     cfg["admin"]["insecure"] = True
     path.write_text(yaml.safe_dump(cfg))
     assert cli_main(["validate", "-c", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"{path}: warning: admin.insecure: the admin listener '0.0.0.0:9901' is not on a loopback" in out
+    assert f"{path}:" in out and "warning: admin.insecure: the admin listener '0.0.0.0:9901' is not on a loopback" in out
 
 
 @pytest.mark.timeout(60)

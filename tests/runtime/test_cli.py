@@ -43,9 +43,9 @@ def test_validate_lists_every_error_by_location(tmp_path):
     res = run_cli("validate", "-c", str(path))
     assert res.returncode == 1
     err = res.stderr
-    assert "routes[2].integration.upstream: unknown upstream 'userz' (known: static, users)" in err
-    assert "routes[3]: duplicate of routes[0]" in err
-    assert "routes[4].integration" in err and "tiemout" in err
+    assert "routes[2] (GET /c).integration.upstream: unknown upstream 'userz' (known: static, users)" in err
+    assert "routes[3] (GET /a): duplicate of routes[0]" in err
+    assert "routes[4] (GET /d).integration: unknown key 'tiemout'" in err
     assert "Traceback" not in err
 
 
@@ -54,7 +54,7 @@ def test_validate_yaml_syntax_error_has_line(tmp_path):
     path.write_text("listen: [\n  routes: {\n")
     res = run_cli("validate", "-c", str(path))
     assert res.returncode == 1
-    assert "line" in res.stderr and "Traceback" not in res.stderr
+    assert ":3:1: YAML syntax error" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_validate_missing_file():
@@ -161,3 +161,84 @@ def test_routes_lists_websocket_apis():
     assert "WebSocket APIs (checked before the routes above):" in out
     assert "/chat  websocket_apis.chat  selection $request.body.action" in out
     assert "sendMessage    http -> users POST /message timeout=29s  return_response" in out
+
+
+
+def _busy_port():
+    """A listening socket on a free loopback port, held so no one else can bind it."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+async def test_serve_reads_stdin_and_listen_admin_override_the_file(tmp_path):
+    """`serve -c - --listen A --listen B --admin C`: the file's own addresses are held by
+    another socket here, so the gateway can only start on the overriding ones."""
+    import asyncio
+    import re
+
+    from conftest import RawClient
+
+    ready = re.compile(r"edgeplane ready: 1 worker on 127\.0\.0\.1:(\d+), 127\.0\.0\.1:(\d+); "
+                       r"admin 127\.0\.0\.1:(\d+)")
+    with _busy_port() as data, _busy_port() as admin:
+        text = yaml.safe_dump({
+            "listen": f"127.0.0.1:{data.getsockname()[1]}",
+            "admin": {"listen": f"127.0.0.1:{admin.getsockname()[1]}", "insecure": True},
+            "access_log": {"destination": "off"},
+            "routes": [{"route": "GET /ping", "integration": {"type": "mock", "status": 200, "body": {"ok": True}}}],
+        })
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeplane", "serve", "-c", "-", "--listen", "127.0.0.1:0",
+            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", cwd=tmp_path,
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(text.encode())
+        proc.stdin.close()
+        lines: list[str] = []
+        try:
+            while not (m := ready.search(lines[-1] if lines else "")):
+                line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+                assert line, "serve exited before ready:\n" + "".join(lines)
+                lines.append(line)
+            ports = [int(p) for p in m.groups()]
+            assert data.getsockname()[1] not in ports and admin.getsockname()[1] not in ports
+            for port in ports[:2]:
+                c = await RawClient.connect(("127.0.0.1", port))
+                assert (await c.request("GET", "/ping")).status == 200
+                await c.close()
+            c = await RawClient.connect(("127.0.0.1", ports[2]))
+            assert (await c.request("GET", "/healthz")).status == 200  # admin.insecure from the file stays
+            await c.close()
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def test_serve_override_errors_name_no_line_of_the_file(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text('listen: "127.0.0.1:0"\nadmin: {listen: "127.0.0.1:0", insecure: true}\n')
+    res = run_cli("serve", "-c", str(path), "--listen", "nowhere", "--admin", "127.0.0.1:99999")
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert lines[0] == f"{path}: invalid configuration (2 errors):"
+    assert lines[1].startswith(f"{path}: admin.listen (set by an override): ")
+    assert lines[2].startswith(f"{path}: listen[0] (set by an override): ")
+
+
+def test_routes_reads_stdin():
+    text = yaml.safe_dump(base_config(9001, routes=[{"route": "GET /from-stdin", "integration": {"type": "mock"}}]))
+    res = subprocess.run([sys.executable, "-m", "edgeplane", "routes", "-c", "-"], input=text,
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "/from-stdin" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "edgeplane", "routes", "-c", "-"], input="listen: 5\n",
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[1].startswith("<stdin>:1:1: listen: ")

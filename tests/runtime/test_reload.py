@@ -233,3 +233,24 @@ async def test_a_rotated_certificate_is_served_on_the_next_handshake(upstream, g
     write_leaf("second")
     await gw.reload(json.loads(json.dumps(cfg)))
     assert await served_cn() == "second"
+
+
+async def test_a_request_routed_before_its_upstream_changed_is_still_served(upstream, gateway):
+    from edgeplane.runtime.demo_upstream import DemoUpstream
+
+    route = {"route": "ANY /api/{proxy+}", "integration": {"type": "http", "upstream": "demo",
+                                                             "path": "/{proxy}", "timeout": "5s"}}
+    gw = await gateway(base_config(upstream.port, routes=[route]))
+    c = await RawClient.connect(gw.addresses[0])
+    # routed on the old config, its body still arriving (held before a connection is taken)
+    await c.send(b"POST /api/echo HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 10\r\n\r\n01234")
+    async with DemoUpstream() as other:
+        report = await gw.reload(base_config(other.port, routes=[route]))
+        assert report["upstreams_retired"] == ["demo"]
+        await c.send(b"56789")
+        r = await c.read_response(timeout=5)
+        assert r.status == 200 and r.json()["body"] == "0123456789"  # by the old upstream
+        assert r.json()["headers"]["host"] == f"127.0.0.1:{upstream.port}"
+        r = await c.request("POST", "/api/echo", body=b"next")
+        assert r.json()["headers"]["host"] == f"127.0.0.1:{other.port}"  # the next: the new one
+    await c.close()

@@ -7,7 +7,8 @@
 - `sections`, `routes`, `websockets`: the core sections' loaders.
 - `values`, `humanize`: value parsers; jsonschema findings rewritten for humans.
 - `errors`: located errors (`LocatedErrors`, `Problem`) and value descriptions.
-- `yamlstrict`: YAML that refuses duplicate keys, and line numbers of paths.
+- `yamlstrict`: YAML that refuses duplicate keys, and the line and column of each path.
+- `envsubst`: `${NAME}` / `${NAME:-default}` in a file's values, from the environment.
 
 May import: `plugins` (the registry), `routing.router` (route-key syntax),
 `websocket.selection` (route selection syntax), `http.tls` (certificate checks),

@@ -7,12 +7,20 @@ problems exactly as the core does: `ctx.fail(path, message)` with a path into th
 the schema pass reported them already. It also carries what later sections need to
 know about earlier ones: `raw` (the whole file), `upstream_names`, `authorizer_types`
 (authorizer name -> its type as written), and `websocket_defaults`.
+
+File paths: every path-valued key goes through `resolve_paths` (or `path`), so a
+relative path means the same file wherever the gateway is started: it resolves against
+`base_dir`, the folder of the config file (a config read from a dict, a string or stdin
+has none and keeps paths as written: relative to the current directory). The resolved
+path is written back into `raw`, so `Config.raw` names every file absolutely and a
+worker that loads it as a dict, from any directory, reads the same files.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,10 +37,12 @@ log = logging.getLogger("edgeplane.config")
 class LoadContext:
     """Shared by every section of one load; only used when no error at all was found."""
 
-    def __init__(self, raw: dict[str, Any], errors: Errors, registry: Any) -> None:
+    def __init__(self, raw: dict[str, Any], errors: Errors, registry: Any,
+                 base_dir: str | None = None) -> None:
         self.raw = raw
         self.errors = errors
         self.registry = registry
+        self.base_dir = base_dir  # the config file's folder (absolute); None: as written
         upstreams = raw.get("upstreams")
         self.upstream_names: list[str] = [n for n in upstreams if isinstance(n, str)] \
             if isinstance(upstreams, dict) else []
@@ -54,6 +64,27 @@ class LoadContext:
             log.error("config: plugin %r failed at %s", name, path or "(root)", exc_info=True)
             self.fail(path, f"plugin {name!r} failed on this value: {type(exc).__name__}: {exc}")
             return None
+
+    def path(self, value: str) -> str:
+        """A file path from the config: relative ones resolve against the config file's
+        folder. Empty text stays empty (the loader that reads it reports it)."""
+        if self.base_dir is None or not value or os.path.isabs(value):
+            return value
+        return os.path.normpath(os.path.join(self.base_dir, value))
+
+    def resolve_paths(self, section: Any, *keys: str | tuple[str, ...]) -> None:
+        """Rewrite in place each of `keys` of `section` (a mapping inside `raw`; a key
+        may be a tuple reaching into nested mappings: ("jwks", "file")) that holds a
+        string, as `path` resolves it. Values of another type are left for the schema."""
+        if not isinstance(section, dict):
+            return
+        for key in keys:
+            parts = (key,) if isinstance(key, str) else key
+            target: Any = section
+            for part in parts[:-1]:
+                target = target.get(part) if isinstance(target, dict) else None
+            if isinstance(target, dict) and isinstance(target.get(parts[-1]), str):
+                target[parts[-1]] = self.path(target[parts[-1]])
 
     def fail(self, path: Path, msg: str) -> None:
         self.errors.add(path, msg)
@@ -105,9 +136,21 @@ class LoadContext:
     def known_upstream(self, upstream: Any, path: Path, upstream_names: list[str]) -> None:
         if isinstance(upstream, str) and upstream not in upstream_names:
             known = ", ".join(sorted(upstream_names)) if upstream_names else "none are defined"
-            msg = f"unknown upstream {upstream!r} (known: {known})"
-            close = difflib.get_close_matches(upstream, upstream_names, n=1, cutoff=0.6)
-            if close:
-                msg += f"; did you mean {close[0]!r}?"
-            self.fail(path, msg)
+            self.fail(path, f"unknown upstream {upstream!r} (known: {known})"
+                            + _did_you_mean(upstream, upstream_names))
+
+    def known_authorizer(self, auth: str, path: Path) -> bool:
+        """Whether `auth` names an authorizer; if not, a located error with the names
+        there are and the closest one."""
+        names = list(self.authorizer_types)
+        if auth in self.authorizer_types:
+            return True
+        known = ", ".join(sorted(names)) or "none defined"
+        self.fail(path, f"unknown authorizer {auth!r} (known: {known})" + _did_you_mean(auth, names))
+        return False
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 

@@ -14,16 +14,47 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One refused value: `location` ("routes[2].integration.upstream"), `message`, and
-    the 1-based `line` of the file where it is known (None for a dict or an unknown
-    place)."""
+    """One refused (or, as a warning, risky) value.
+
+    `location` is the stable path text ("routes[2].integration.upstream") that
+    `LocatedErrors.errors` and tests match; `display` is the same place as people read
+    it, a route also named by its key ("routes[2] (GET /users/{id}).integration.upstream"),
+    and equals `location` where there is nothing to add. `line` and `column` (1-based)
+    point into the file where the value is spelled, None for a dict, a value set by an
+    override, or a place the file does not spell out. `path` is the location as data
+    (`("routes", 2, "integration", "upstream")`), empty when unknown."""
 
     location: str
     message: str
     line: int | None = None
+    column: int | None = None
+    path: tuple[Any, ...] = ()
+    display: str = ""
 
     def __str__(self) -> str:
         return f"{self.location}: {self.message}"
+
+    @property
+    def where(self) -> str:
+        """The location as printed: `display` when set, else `location`."""
+        return self.display or self.location
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape `edgeplane validate --format json` prints."""
+        return {"location": self.where, "path": list(self.path), "line": self.line,
+                "column": self.column, "message": self.message}
+
+
+class LocatedStr(str):
+    """A "location: message" string (what `Config.warnings` holds, so comparing with
+    plain strings keeps working) that also carries its `Problem`: line, column, display."""
+
+    problem: Problem
+
+    def __new__(cls, problem: Problem) -> LocatedStr:
+        self = super().__new__(cls, str(problem))
+        self.problem = problem
+        return self
 
 
 class LocatedErrors(Exception):

@@ -224,7 +224,7 @@ class AdminConfig:
 
     # The GET endpoints `public_paths` may open (the @connections API never is public).
     # (Not annotated: a class constant, not a field.)
-    PUBLIC_PATH_CHOICES = ("/healthz", "/routes", "/stats", "/upstreams")
+    PUBLIC_PATH_CHOICES = ("/healthz", "/ready", "/routes", "/stats", "/upstreams")
 
     listen: ListenAddress | None = None  # None = no admin listener
     # Bearer token read at load from `auth.token_file` / `auth.token_env`; never written
@@ -233,7 +233,7 @@ class AdminConfig:
     mtls: bool = False  # require a client certificate chaining to `tls.client_ca`
     tls: TlsConfig | None = None  # the listener speaks TLS: one certificate, no `listen`
     insecure: bool = False  # anonymous access, asked for explicitly
-    public_paths: tuple[str, ...] = ("/healthz",)  # served without credentials
+    public_paths: tuple[str, ...] = ("/healthz", "/ready")  # served without credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +248,7 @@ class Config:
     limits: Limits = Limits()
     access_log: AccessLogConfig = AccessLogConfig()
     drain_timeout: float = 30.0
+    drain_delay: float = 0.0  # on stop: not-ready but still serving this long, then the drain
     log_level: str = "info"
     # name -> the model its type's policy loaded (`Policy.load_authorizer`); each has
     # `name` and `type`

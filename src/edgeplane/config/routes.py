@@ -74,9 +74,8 @@ class RouteSections(LoadContext):
         integration = self.integration(spec.get("integration"), path + ("integration",), parsed)
         auth: Any = spec.get("auth")  # any YAML value: checked below
         kinds = self.authorizer_types
-        if isinstance(auth, str) and auth not in kinds:
-            known = ", ".join(sorted(kinds)) or "none defined"
-            self.fail(path + ("auth",), f"unknown authorizer {auth!r} (known: {known})")
+        if isinstance(auth, str):
+            self.known_authorizer(auth, path + ("auth",))
         scopes = tuple(x for x in spec.get("scopes") or () if isinstance(x, str))
         if (scopes or spec.get("forward_claims")) and kinds.get(auth, "jwt") != "jwt":
             self.fail(path + ("auth",), f"{auth!r} is not a JWT authorizer: scopes and "

@@ -394,7 +394,7 @@ _CORE_SCHEMA: dict[str, Any] = {
                 "public_paths": {
                     "type": "array",
                     "items": {"type": "string"},
-                    "default": ["/healthz"],
+                    "default": ["/healthz", "/ready"],
                     "description": "Admin GET paths served without credentials ([] = none).",
                 },
             },
@@ -408,6 +408,9 @@ _CORE_SCHEMA: dict[str, Any] = {
         "limits": {"$ref": "#/$defs/limits"},
         "access_log": {"$ref": "#/$defs/accessLog"},
         "drain_timeout": {"$ref": "#/$defs/duration", "default": "30s"},
+        "drain_delay": {"$ref": "#/$defs/duration", "default": "0s", "description":
+                        "On stop: report not-ready (/ready, /healthz 503) but keep serving this "
+                        "long before the drain starts (a load balancer's time to notice)."},
         "log_level": {"enum": ["debug", "info", "warning", "error"], "default": "info"},
         "authorizers": {
             "type": "object",

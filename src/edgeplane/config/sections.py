@@ -37,6 +37,22 @@ def _is_loopback(host: str) -> bool:
 
 
 class CoreSections(LoadContext):
+    def resolve_file_paths(self, raw: dict) -> None:
+        """Every core key that names a file or folder, resolved against the config
+        file's folder (`LoadContext.resolve_paths`), before any section reads one."""
+        self.resolve_paths(raw, "data_dir")
+        self.resolve_paths(raw.get("admin"), ("tls", "cert"), ("tls", "key"), ("tls", "client_ca"),
+                           ("auth", "token_file"))
+        tls = raw.get("tls")
+        self.resolve_paths(tls, "client_ca")
+        certificates = tls.get("certificates") if isinstance(tls, dict) else None
+        for entry in certificates if isinstance(certificates, list) else ():
+            self.resolve_paths(entry, "cert", "key")
+        self.resolve_paths(raw.get("access_log"), "path")
+        upstreams = raw.get("upstreams")
+        for spec in upstreams.values() if isinstance(upstreams, dict) else ():
+            self.resolve_paths(spec, ("tls", "ca_file"))
+
     def listen(self, raw: dict) -> tuple[model.ListenAddress, ...]:
         return tuple(self.listen_list(raw.get("listen"), ("listen",), []))
 

@@ -177,9 +177,8 @@ class WebSocketSections(LoadContext):
             if key != "$connect":
                 self.fail(path + ("auth",), "authorizers run only on $connect (once, on the upgrade "
                                             "request); move 'auth' to the $connect route")
-            elif auth not in self.authorizer_types:
-                known = ", ".join(sorted(self.authorizer_types)) or "none defined"
-                self.fail(path + ("auth",), f"unknown authorizer {auth!r} (known: {known})")
+            else:
+                self.known_authorizer(auth, path + ("auth",))
         else:
             auth = None
         scopes = tuple(x for x in spec.get("scopes") or () if isinstance(x, str))

@@ -60,6 +60,7 @@ class ServerContext:
         "loop", "snapshot", "limits", "parser_kind", "connections", "stats", "date",
         "access_log", "draining", "rid_prefix", "rid_counter", "name", "websockets",
         "per_ip", "refused", "refused_logged_at", "max_connections", "headless", "evicted",
+        "stop_reason",
     )
 
     def __init__(
@@ -84,6 +85,9 @@ class ServerContext:
         self.date = date
         self.access_log = access_log
         self.draining = False
+        # Set by the gateway just before it aborts the connections still open at the drain
+        # deadline: a request cut then is logged with this reason, not as a client close.
+        self.stop_reason: str | None = None
         self.name = name
         # Request ids look like UUIDs: 20 random hex digits per process, then a counter.
         r = os.urandom(10).hex()

@@ -156,12 +156,18 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
             self._timer = None
         req = self._active
         if req is not None and not req.responded:
+            stopped = self.ctx.stop_reason  # set when the gateway cut it (the drain deadline)
             if req.exchange is not None:
-                req.exchange.abort("client closed connection")
+                req.exchange.abort(stopped or "client closed connection")
             if req.dispatched:
-                req.status = 499  # nginx's "client closed request"; never sent
-                req.error = "client closed connection"
-                self.ctx.count_error("client_closed")
+                if stopped is None:
+                    req.status = 499  # nginx's "client closed request"; never sent
+                    req.error = "client closed connection"
+                    self.ctx.count_error("client_closed")
+                else:  # the status it had begun to send, else 503
+                    req.status = req.status if req.response_started else 503
+                    req.error = stopped
+                    self.ctx.count_error("drain_aborted")
                 self.ctx.access_log.record(req, self)
         self._active = None
         self._queue.clear()

@@ -5,6 +5,10 @@ it serialises one dict with orjson and appends the bytes to a list. `flush()` ru
 the worker's once-a-tick timer (or when the buffer passes `buffer_bytes`) and writes
 everything to stdout, stderr or a file in one call. Nothing here awaits.
 
+`reopen()` (SIGUSR1, for logrotate) flushes what is buffered into the file it was meant
+for, then opens `path` anew, so after a rename the next line lands in a new file. Lines
+are never split between the two files: a batch is written whole to one descriptor.
+
 Fields: requestId, sourceIp, requestTime (CLF, as AWS), requestTimeEpoch (ms), httpMethod,
 routeKey, path, protocol, status, responseLength, responseLatency (ms), integrationLatency
 (ms or null), integrationError, upstream, error (the gateway's reason for a local error),
@@ -34,19 +38,21 @@ def clf_time(epoch: float) -> str:
 
 
 class AccessLog:
-    __slots__ = ("enabled", "_fd", "_owns_fd", "_buf", "_size", "_limit", "lines", "_second", "_clf")
+    __slots__ = ("enabled", "_fd", "_owns_fd", "_path", "_buf", "_size", "_limit", "lines", "_second", "_clf")
 
     def __init__(self, cfg: AccessLogConfig) -> None:
         self.enabled = cfg.destination != "off"
         self._owns_fd = False
         self._fd = -1
+        self._path: str | None = None  # destination 'file': what `reopen()` opens again
         if cfg.destination == "stdout":
             self._fd = sys.stdout.fileno()
         elif cfg.destination == "stderr":
             self._fd = sys.stderr.fileno()
         elif cfg.destination == "file":
             # the loader requires `path` with destination 'file'
-            self._fd = os.open(cast(str, cfg.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._path = cast(str, cfg.path)
+            self._fd = _open(self._path)
             self._owns_fd = True
         self._buf: list[bytes] = []
         self._size = 0
@@ -119,11 +125,30 @@ class AccessLog:
         except OSError:
             self.enabled = False
 
+    def reopen(self) -> bool:
+        """Open the log file again (after logrotate renamed it); False when the
+        destination is not a file or the file cannot be opened (the old one stays)."""
+        if self._path is None or not self._owns_fd:
+            return False
+        self.flush()  # what was buffered belongs to the file being rotated out
+        try:
+            fd = _open(self._path)
+        except OSError:
+            return False
+        old, self._fd = self._fd, fd
+        os.close(old)
+        self.enabled = True  # a write error had switched it off: the new file gets a chance
+        return True
+
     def close(self) -> None:
         self.flush()
         if self._owns_fd:
             os.close(self._fd)
             self._owns_fd = False
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
 
 def _principal(req: Any) -> str | None:

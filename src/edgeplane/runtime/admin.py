@@ -3,6 +3,9 @@
 Owns the admin routes, compiled into an ordinary snapshot whose integrations are
 `FunctionIntegration`s:
 - `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "draining"}` during shutdown;
+- `GET /ready`: 200 `{"status": "ready"}` once the config is loaded and every listener
+  bound, 503 `{"status": "not ready"}` before that and from the moment the stop begins
+  (through `drain_delay` and the drain: the admin listener is the last one closed);
 - `GET /upstreams`: per-upstream, per-target pool and per-connection telemetry;
 - `GET /stats`: connection, request and error counters of the data listeners;
 - `GET /routes`: the compiled route table in match-priority order;
@@ -62,6 +65,9 @@ class AdminSource(Protocol):
     @property
     def draining(self) -> bool: ...
 
+    @property
+    def ready(self) -> bool: ...
+
     _snapshot: Snapshot | None
     _ws_registry: Any
 
@@ -79,6 +85,11 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
             return _json(503, {"status": "draining"})
         return _json(200, {"status": "ok", "pid": os.getpid()})
 
+    def ready(req):
+        if gateway.ready and not gateway.draining:
+            return _json(200, {"status": "ready", "pid": os.getpid()})
+        return _json(503, {"status": "not ready"})
+
     def upstreams(req):
         return _json(200, {"upstreams": gateway.upstream_telemetry()})
 
@@ -92,7 +103,7 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
             for i, rc in enumerate(table)
         ]})
 
-    handlers = {"/healthz": healthz, "/upstreams": upstreams, "/stats": stats, "/routes": routes}
+    handlers = {"/healthz": healthz, "/ready": ready, "/upstreams": upstreams, "/stats": stats, "/routes": routes}
     compiled: list[CompiledRoute] = []
     pairs: list[tuple[RouteConfig, CompiledRoute]] = []
     for i, (path, fn) in enumerate(handlers.items()):

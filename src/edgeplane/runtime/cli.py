@@ -3,10 +3,16 @@
 Commands:
   serve          run the gateway (one process, or a supervisor over N workers)
   validate       check a config file; list every error by its location
+  reload         make the running gateway reload its config (SIGHUP by pidfile, or the admin API)
   routes         print the compiled route table in match-priority order
   schema         print the JSON Schema of the config file
   demo-upstream  run the bundled demo upstream (echo, /status, /delay, /bytes, /stream)
   certs dev      write a self-signed development certificate and key
+
+Every command that reads a config takes `-c FILE`, or `-c -` for YAML on stdin (its
+relative paths then resolve against the current directory). A refused config is printed
+one problem per line, ``FILE:LINE:COLUMN: location: message``, the form editors and CI
+annotate; `validate --format json` prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -14,15 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import IO, TYPE_CHECKING, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from edgeplane import __version__
-from edgeplane.runtime.logs import setup_logging
+from edgeplane.runtime.logs import ENV_LOG_FILE, setup_logging
 
 if TYPE_CHECKING:
     import subprocess
 
 DEFAULT_CONFIG = "conf/edgeplane.yaml"
+STDIN = "<stdin>"  # how `-c -` names the config in messages and `Config.source`
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -37,7 +44,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     def config_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                       help=f"config file (YAML); default: {DEFAULT_CONFIG}")
+                       help=f"config file (YAML), or - to read it from stdin; default: {DEFAULT_CONFIG}")
 
     p = sub.add_parser("serve", help="run the gateway",
                        description="Run the gateway on a config file. SIGTERM or Ctrl-C drains "
@@ -47,14 +54,31 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="worker processes: a number or 'auto' (one per CPU); overrides 'workers:'")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides 'log_level:' (default info)")
     p.add_argument("--parser", choices=("httptools", "h11"), help="overrides 'http.parser:'")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help="data listener 'host:port'; repeat for several; replaces 'listen:'")
+    p.add_argument("--admin", metavar="ADDR",
+                   help="admin listener 'host:port'; replaces 'admin.listen:' (auth and tls stay)")
     p.add_argument("--demo-upstream", type=int, metavar="PORT",
                    help="also run the bundled demo upstream on 127.0.0.1:PORT (a child process "
                         "stopped with the gateway); for trying the default config")
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="write the pid of the gateway (the supervisor with workers) here; removed at "
+                        "exit; refuses to start while it names a running process")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="append the gateway's own log here instead of stderr (SIGUSR1 reopens it)")
+    p.add_argument("--takeover", action="store_true",
+                   help="zero-downtime upgrade: take the listening sockets of the running instance "
+                        "that owns this config's first listener (it then drains and exits); "
+                        "workers: 1 only. SIGUSR2 to the running instance does the same")
 
     p = sub.add_parser("validate", help="check a config file",
                        description="Load and validate a config file. Exit 0 when it is valid; "
-                                   "otherwise exit 1 and print every error as 'location: message'.")
+                                   "otherwise exit 1 and print every error as "
+                                   "'FILE:LINE:COLUMN: location: message'.")
     config_arg(p)
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="json: one object on stdout, {ok, file, errors, warnings}, each problem "
+                        "{location, path, line, column, message}; the exit code is the same")
 
     p = sub.add_parser("routes", help="print the compiled route table (and WebSocket APIs)",
                        description="Print the compiled route table in match-priority order.")
@@ -66,6 +90,20 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "when the config has a `cluster` section.")
     config_arg(p)
     p.add_argument("--key", metavar="ID", help="only this API key id")
+
+    p = sub.add_parser("reload", help="reload the running gateway's config",
+                       description="Make a running gateway reload its config file: SIGHUP to the pid in "
+                                   "--pidfile (the result goes to the gateway's log), or POST "
+                                   "/config/reload on --admin (the result is printed). Exit 1 when the "
+                                   "new config is refused (422: every error is printed) or the call fails.")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pidfile", metavar="PATH", help="the pidfile given to 'serve --pidfile'")
+    target.add_argument("--admin", metavar="ADDR",
+                        help="admin listener: 'host:port', 'http://host:port' or 'https://host:port'")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding the admin bearer token (default: $EDGEPLANE_ADMIN_TOKEN)")
+    p.add_argument("--cafile", metavar="FILE", help="CA certificate(s) to verify an https admin listener")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
 
     sub.add_parser("schema", help="print the config JSON Schema",
                    description="Print the JSON Schema (draft 2020-12) of the config file, "
@@ -93,42 +131,92 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read(path: str, overrides: dict | None = None):
+    """The config at `path` (`-`: YAML from stdin, paths relative to the current
+    directory); raises `ConfigError`."""
+    from edgeplane.config.loader import load_config, load_config_text
+
+    if path == "-":
+        return load_config_text(sys.stdin.read(), STDIN, overrides=overrides)
+    return load_config(path, overrides=overrides)
+
+
 def _load(path: str, overrides: dict | None = None):
-    from edgeplane.config.loader import ConfigError, load_config
+    """The config, or None after printing every error, one per line, as
+    ``FILE:LINE:COLUMN: location: message``."""
+    from edgeplane.config.loader import ConfigError
 
     try:
-        return load_config(path, overrides=overrides)
+        return _read(path, overrides)
     except ConfigError as exc:
-        print(f"{path}: invalid configuration ({len(exc.errors)} error(s)):", file=sys.stderr)
-        for err in exc.errors:
-            print(f"  {err}", file=sys.stderr)
+        source = STDIN if path == "-" else path
+        n = len(exc.entries)
+        print(f"{source}: invalid configuration ({n} error{'s' if n != 1 else ''}):", file=sys.stderr)
+        for problem in exc.entries:
+            print(located(source, problem), file=sys.stderr)
         return None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    overrides: dict = {}
+def located(source: str, problem: Any, kind: str = "") -> str:
+    """One problem as editors and CI annotate it: ``FILE:LINE:COLUMN: [kind: ]where: message``
+    (no line for a dict or an override; no location for a syntax or file error)."""
+    pos = source
+    if problem.line is not None:
+        pos += f":{problem.line}" + (f":{problem.column}" if problem.column is not None else "")
+    where = "" if problem.location in ("(yaml)", "(file)") else f"{problem.where}: "
+    return f"{pos}: {kind + ': ' if kind else ''}{where}{problem.message}"
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What `serve`'s options set over the file (dotted keys: `load_config(overrides=)`);
+    a reload of the same file applies them again."""
+    overrides: dict[str, Any] = {}
     if args.workers is not None:
         overrides["workers"] = args.workers if args.workers == "auto" else _int(args.workers)
     if args.log_level:
         overrides["log_level"] = args.log_level
     if args.parser:
-        overrides["http"] = {"parser": args.parser}
+        overrides["http.parser"] = args.parser  # the rest of `http:` stays
+    if args.listen:
+        overrides["listen"] = list(args.listen)
+    if args.admin:
+        overrides["admin.listen"] = args.admin
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgeplane.runtime.serving import ignore_quiet_signals
+
+    ignore_quiet_signals()  # a SIGHUP or SIGUSR1 before the loop handles them must not kill us
+    overrides = serve_overrides(args)
     config = _load(args.config, overrides)
     if config is None:
         return 1
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, args.log_file)
+    if args.log_file:  # the workers append to the same file
+        os.environ[ENV_LOG_FILE] = os.path.abspath(args.log_file)
     import logging
 
+    source = STDIN if args.config == "-" else args.config
     for warning in config.warnings:  # once, by the supervisor, before any worker starts
-        logging.getLogger("edgeplane").warning("config %s: %s", args.config, warning)
+        logging.getLogger("edgeplane").warning("config %s", located(source, _problem(warning)))
+    from edgeplane.runtime.systemd import PidFile
     from edgeplane.runtime.workers import resolve_workers, run_single, run_supervisor
 
     n = resolve_workers(config)
-    demo = _start_demo_upstream(args.demo_upstream) if args.demo_upstream is not None else None
+    pidfile = None
+    demo = None
     try:
+        if args.pidfile:
+            pidfile = PidFile(args.pidfile).replace() if args.takeover else PidFile(args.pidfile).acquire()
+        demo = _start_demo_upstream(args.demo_upstream) if args.demo_upstream is not None else None
+        if args.takeover and n > 1:
+            print("edgeplane: cannot start: --takeover needs workers: 1 (a supervisor's workers "
+                  "cannot hand over yet; restart it instead)", file=sys.stderr)
+            return 1
         if n <= 1:
-            return run_single(config)
-        return run_supervisor(config, n)
+            return run_single(config, overrides=overrides, takeover=args.takeover)
+        return run_supervisor(config, n, overrides=overrides)
     except OSError as exc:
         print(f"edgeplane: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -136,6 +224,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if demo is not None:
             demo.terminate()
             demo.wait()
+        if pidfile is not None:
+            pidfile.release()
+
+
+def _problem(warning: str) -> Any:
+    """The `Problem` of a `Config.warnings` entry (a `LocatedStr`)."""
+    from edgeplane.config.errors import Problem
+
+    found = getattr(warning, "problem", None)
+    if found is not None:
+        return found
+    location, _, message = warning.partition(": ")
+    return Problem(location, message)
 
 
 def _start_demo_upstream(port: int) -> subprocess.Popen[bytes]:
@@ -159,13 +260,34 @@ def _int(value: str) -> object:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.format == "json":
+        return _validate_json(args.config)
     config = _load(args.config)
     if config is None:
         return 1
+    source = STDIN if args.config == "-" else args.config
     for warning in config.warnings:
-        print(f"{args.config}: warning: {warning}")
-    print(f"{args.config}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
+        print(located(source, _problem(warning), "warning"))
+    print(f"{source}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams)")
     return 0
+
+
+def _validate_json(path: str) -> int:
+    """`validate --format json`: one JSON object on stdout, whatever the outcome."""
+    import json
+
+    from edgeplane.config.loader import ConfigError
+
+    out: dict[str, Any] = {"ok": True, "file": STDIN if path == "-" else path, "errors": [], "warnings": []}
+    try:
+        config = _read(path)
+    except ConfigError as exc:
+        out.update(ok=False, errors=[p.as_dict() for p in exc.entries])
+    else:
+        out["warnings"] = [_problem(w).as_dict() for w in config.warnings]
+        out.update(routes=len(config.routes), upstreams=len(config.upstreams))
+    print(json.dumps(out, indent=2))
+    return 0 if out["ok"] else 1
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
@@ -256,9 +378,73 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    import signal
+
+    from edgeplane.runtime.systemd import alive, read_pid
+
+    if args.pidfile:
+        pid = read_pid(args.pidfile)
+        if pid is None or not alive(pid):
+            print(f"edgeplane reload: {args.pidfile} names no running process"
+                  f"{f' (pid {pid})' if pid else ''}", file=sys.stderr)
+            return 1
+        os.kill(pid, signal.SIGHUP)
+        print(f"sent SIGHUP to pid {pid}: the gateway logs the result (and counts it in /stats reloads)")
+        return 0
+    return _reload_by_admin(args)
+
+
+def _reload_by_admin(args: argparse.Namespace) -> int:
+    import http.client
+    import json
+    import ssl
+    from urllib.parse import urlsplit
+
+    url = urlsplit(args.admin if "://" in args.admin else f"http://{args.admin}")
+    token = os.environ.get("EDGEPLANE_ADMIN_TOKEN", "")
+    try:
+        if args.token_file:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read()
+        if url.scheme not in ("http", "https") or not url.hostname or not url.port:
+            raise ValueError(f"--admin {args.admin!r}: expected host:port or http(s)://host:port")
+        conn: http.client.HTTPConnection
+        if url.scheme == "https":
+            context = ssl.create_default_context(cafile=args.cafile)
+            conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=args.timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=args.timeout)
+        headers = {"Content-Length": "0"}
+        if token.strip():
+            headers["Authorization"] = f"Bearer {token.strip()}"
+        try:
+            conn.request("POST", "/config/reload", headers=headers)
+            response = conn.getresponse()
+            status, raw = response.status, response.read()
+        finally:
+            conn.close()
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        print(f"edgeplane reload: {exc}", file=sys.stderr)
+        return 1
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"message": raw.decode("utf-8", "replace")}
+    if status == 200:
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"edgeplane reload: {status}: {body.get('message', '') if isinstance(body, dict) else body}",
+          file=sys.stderr)
+    for error in body.get("errors", []) if isinstance(body, dict) else []:
+        print(f"  {error}", file=sys.stderr)
+    return 1
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "validate": cmd_validate,
+    "reload": cmd_reload,
     "routes": cmd_routes,
     "schema": cmd_schema,
     "usage": cmd_usage,

@@ -40,7 +40,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.config.loader import ConfigError, load_config
@@ -53,14 +53,14 @@ from edgeplane.plugins.base import RuntimeContext
 from edgeplane.policies.quota.store import QuotaPeriod, QuotaStore
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SharedLimitTable
-from edgeplane.policies.throttle.stores import limits_for, plans_of, ws_api_index
+from edgeplane.policies.throttle.stores import limits_for, plans_of
 from edgeplane.routing.snapshot import Snapshot, build_snapshot
 from edgeplane.runtime.accesslog import AccessLog
 from edgeplane.runtime.admin import admin_listener_tls, build_admin_snapshot
+from edgeplane.runtime.gateway_ws import GatewayWebSockets
 from edgeplane.runtime.ports import DescriptorAlarm, ListenerLock, bind_error, fmt_address, lock_listener
 from edgeplane.runtime.reload import ReloadRefused, apply, config_hash
 from edgeplane.upstream.pool import Upstream
-from edgeplane.websocket.api import build_websocket_apis
 from edgeplane.websocket.connections import ConnectionRegistry
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeplane")
 
 
-class Gateway:
+class Gateway(GatewayWebSockets):
     """One worker's gateway: listeners, upstream pools, the compiled snapshot, plugins.
 
     Build it from a config file path, a dict or a loaded `Config`; `plugins` adds policy
@@ -81,7 +81,7 @@ class Gateway:
     `async with Gateway(...) as gw:` does both, honouring the configured drain timeout.
 
     Public surface: `config`, `addresses` (HTTP listeners), `tls_addresses`,
-    `admin_address`, `url(path)`, `stats()`, `upstream_telemetry()`, `draining`,
+    `admin_address`, `url(path)`, `stats()`, `upstream_telemetry()`, `draining`, `ready`,
     `start()`, `stop()`. Everything else is internal (underscored). The keywords
     `reuse_port`, `lock_ports`, `shared_limits` and `ws_worker` are set by the supervisor
     of `workers: N` (`runtime.workers`), not by embedders.
@@ -127,6 +127,9 @@ class Gateway:
         self._tls: ListenerTls | None = None
         self.admin_address: tuple[str, int] | None = None
         self._draining = False
+        self._ready = False  # /ready: from the end of start() until stop() begins
+        # reload_from_source's way when `runtime.serving` sets it (CLI overrides, the supervisor)
+        self._reload_via: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._servers: list[asyncio.AbstractServer] = []
         # (kind, host, port as configured) -> (server, its lock): what a reload re-binds
         self._bound: dict[tuple[str, str, int], tuple[asyncio.Server, ListenerLock | None]] = {}
@@ -211,6 +214,7 @@ class Gateway:
             await self._stop_ws_forwarding()
             raise
         self._schedule_tick()
+        self._ready = True
         urls = [f"http://{h}:{p}" for h, p in self.addresses]
         urls += [f"https://{h}:{p}" for h, p in self.tls_addresses]
         admin_scheme = "https" if cfg.admin.tls is not None else "http"
@@ -289,31 +293,41 @@ class Gateway:
         except Exception as exc:  # the deltas stay in memory for the next flush
             log.warning("quota flush failed: %s", exc)
 
-    async def stop(self, drain_timeout: float | None = None, *, handed_over: bool = False) -> None:
-        """Stop accepting, let in-flight requests finish (up to the drain timeout),
-        close idle keep-alive connections, then close everything."""
+    async def stop(self, drain_timeout: float | None = None, drain_delay: float | None = None, *,
+                   handed_over: bool = False) -> None:
+        """Report not-ready (/ready and /healthz 503) but keep serving for `drain_delay`,
+        then stop accepting, let in-flight requests finish (up to the drain timeout), close
+        idle keep-alive connections, and close everything (both: the config's unless
+        given). The admin listener closes last, so a load balancer can follow the drain
+        (unless `handed_over`: the successor answers on the same sockets, no delay)."""
         if not self._started or self._stopped:
             return
         self._stopped = True
-        self._draining = True
-        self._handed_over = handed_over
+        self._draining, self._ready, self._handed_over = True, False, handed_over
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
-        for server in self._servers:
-            server.close()
-        contexts = [c for c in (self._context, self._admin_context) if c is not None]
-        for ctx in contexts:
+        delay = 0.0 if handed_over else self.config.drain_delay if drain_delay is None else drain_delay
+        if delay > 0:
+            log.info("not ready; serving %.1fs more before draining (drain_delay)", delay)
+            await asyncio.sleep(delay)
+        for (kind, _, _), (server, _) in self._bound.items():
+            if kind != "admin" or handed_over:
+                server.close()
+        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: started
+        ctx, admin = self._context, self._admin_context  # None when start() failed early
+        if ctx is not None:
             ctx.draining = True
             for proto in list(ctx.connections):
                 if proto.idle():
                     proto.transport.close()
-        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: started
         await self._close_websockets(min(timeout, 2.5))
         deadline = loop.time() + timeout
-        while any(c.connections for c in contexts) and loop.time() < deadline:
+        while ctx is not None and ctx.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for ctx in contexts:
-            for proto in list(ctx.connections):
-                proto.transport.abort()
+        for c in (ctx, admin):  # the admin last: health and readiness stayed visible until now
+            if c is not None:  # the reason a request cut now is logged with:
+                c.draining, c.stop_reason = True, "gateway stopped: drain timeout"
+                for proto in list(c.connections):
+                    proto.transport.abort()
         # Handshakes that completed during the drain (their 101 came after the first pass).
         await self._close_websockets(0.5)
         await self._close_servers()
@@ -385,6 +399,8 @@ class Gateway:
     async def reload_from_source(self) -> dict[str, Any]:
         """Reload from the file the running config came from (SIGHUP, the admin call).
         LookupError when it came from a dict or a Config (nothing to read again)."""
+        if self._reload_via is not None:
+            return await self._reload_via()
         source = self.config.source
         if not source or source.startswith("<") or not os.path.exists(source):
             raise LookupError(f"the running config has no file to reload from ({source})")
@@ -477,6 +493,11 @@ class Gateway:
         """True from the moment `stop()` begins."""
         return self._draining
 
+    @property
+    def ready(self) -> bool:
+        """True once `start()` bound every listener, until `stop()` begins (/ready)."""
+        return self._ready
+
     def upstream_telemetry(self) -> list[dict[str, Any]]:
         """Per upstream and target: pool counters and per-connection telemetry (what the
         admin API's /upstreams answers)."""
@@ -514,85 +535,3 @@ class Gateway:
                     else:
                         out[section] = values
         return out
-
-    # ------------------------------------------------------------------ WebSocket APIs
-    def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop, upstreams: dict[str, Upstream],
-                          runtime_ctx: RuntimeContext) -> dict[bytes, Any]:
-        index, tag = 0, None
-        if self._ws_worker is not None and cfg.websocket_apis:
-            index, _, tag = self._ws_worker
-        if self._ws_registry is None:  # one registry for the gateway's life: reloads keep it
-            self._ws_registry = ConnectionRegistry(loop, index, tag)
-        if not cfg.websocket_apis:
-            return {}
-        buckets: dict[str, Any] = {}
-        if self._limiter is not None:  # cluster: one Redis bucket per API for every host
-            for name, api in cfg.websocket_apis.items():
-                rate = api.limits.connections_per_second
-                buckets[name] = self._limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
-                                                   keyed=False).bucket()
-        elif self._shared_table is not None:  # workers of one host: the supervisor's table
-            for i, (name, api) in enumerate(cfg.websocket_apis.items()):
-                rate = api.limits.connections_per_second
-                buckets[name] = self._shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
-        return build_websocket_apis(cfg, upstreams, runtime_ctx.state, self._ws_registry, buckets)
-
-    async def _start_ws_forwarding(self, cfg: Config) -> None:
-        if not cfg.websocket_apis:
-            return
-        registry = cast(ConnectionRegistry, self._ws_registry)  # set: built before the listeners
-        if self._ws_worker is not None:
-            from edgeplane.runtime.admin import WorkerForwarder
-
-            directory = self._ws_worker[1]  # created private (0700) by the supervisor
-            path = os.path.join(directory, f"worker-{self._ws_worker[0]}.sock")
-            try:
-                os.unlink(path)  # a predecessor's (this index is ours now)
-            except FileNotFoundError:
-                pass
-            ctx = cast(ServerContext, self._admin_context)  # set: start() made it
-            loop = cast(asyncio.AbstractEventLoop, self._loop)
-            server = await loop.create_unix_server(lambda: HttpProtocol(ctx), path)
-            os.chmod(path, 0o600)
-            self._servers.append(server)
-            self._ws_socket = path
-            registry.forwarder = WorkerForwarder(
-                lambda i: os.path.join(directory, f"worker-{i}.sock"))
-        if cfg.cluster is not None:
-            from edgeplane.websocket.bus import RedisBus
-
-            c = cfg.cluster
-            bus = self._ws_bus = RedisBus(registry, c.redis, c.key_prefix,
-                                          timeout=max(1.0, c.timeout * 10), retry_interval=c.retry_interval)
-            await bus.start()
-            registry.bus = bus
-
-    async def _stop_ws_forwarding(self) -> None:
-        if self._ws_socket is not None:
-            try:
-                os.unlink(self._ws_socket)
-            except OSError:
-                pass
-            self._ws_socket = None
-        if self._ws_bus is not None:
-            bus, self._ws_bus = self._ws_bus, None
-            await bus.close()
-
-    async def _close_websockets(self, timeout: float) -> None:
-        """Close every WebSocket with 1001 and give clients `timeout` to answer."""
-        ctx = self._context
-        if ctx is None or not ctx.websockets:
-            return
-        for ws in list(ctx.websockets):
-            ws.close(1001, "going away")
-        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: the context exists
-        deadline = loop.time() + timeout
-        while ctx.websockets and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for ws in list(ctx.websockets):
-            abort = getattr(ws, "abort", None)  # a proxied relay: both legs
-            if abort is not None:
-                abort()
-            elif getattr(ws, "transport", None) is not None:
-                ws.transport.abort()
-        await asyncio.sleep(0)

@@ -67,11 +67,16 @@ def config_hash(config: Config) -> str:
 
 
 def _throttle_layout(config: Config) -> tuple[Any, ...]:
-    routes = tuple((rc.host, rc.key, rc.policies.get("throttle")) for rc in config.routes)
+    """What fixes the shared-memory table's slots: the throttled routes at their
+    indices, the plans and the WebSocket APIs (unthrottled routes use no slot's counts)."""
+    routes = tuple((rc.index, rc.host, rc.key, rc.policies["throttle"]) for rc in config.routes
+                   if rc.policies.get("throttle") is not None)
     plans = tuple((name, plan.throttle, tuple(plan.route_throttles.items()))
                   for name, plan in plans_of(config).items())
-    return (config.policies.get("throttle"), routes, plans, tuple(config.websocket_apis),
-            shared_limit_count(config))
+    # Plans' and APIs' slots follow the routes' (stores.ws_api_index): with any of them,
+    # the number of routes fixes where they are.
+    shift = len(config.routes) if plans or config.websocket_apis else None
+    return config.policies.get("throttle"), routes, plans, tuple(config.websocket_apis), shift
 
 
 def _quota_periods(config: Config) -> set[tuple[Any, Any]]:
@@ -94,9 +99,11 @@ def refusals(old: Config, new: Config, *, shared_tables: bool) -> list[str]:
                    "the quota counts are kept per period")
     if (new.tls is None) != (old.tls is None):
         out.append(f"tls: TLS listeners cannot be switched on or off on reload ({how})")
-    if shared_tables and _throttle_layout(new) != _throttle_layout(old):
+    if shared_tables and (_throttle_layout(new) != _throttle_layout(old)
+                          or shared_limit_count(new) > shared_limit_count(old)):
         out.append("throttle: with workers > 1 the limits live in shared-memory tables laid "
-                   f"out by the config; adding, removing or changing a limit needs a {how}")
+                   "out by the config at start; adding, removing, moving or changing a throttled "
+                   f"route, a plan or a WebSocket API, or adding routes past the table, needs a {how}")
     if shared_tables and (bool(new.websocket_apis) != bool(old.websocket_apis)):
         out.append(f"websocket_apis: adding the first or removing the last API with workers > 1 ({how})")
     return out
@@ -167,15 +174,25 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
 async def _retire_later(old: Config, runtime: RuntimeContext | None, upstreams: list[Upstream],
                         grace: float) -> None:
     """Close what the old config used once requests that started on it had time to end.
-    Upstream pools drain at once (idle connections close, busy ones on release)."""
-    for u in upstreams:
-        await u.close()
-    if runtime is None:
-        return
+    A replaced upstream keeps serving the requests already routed to it (even those
+    still waiting for a connection or a body) and closes each connection as it is
+    released; it is swept like a live one, so a queued request still gets its 503 at
+    `wait_timeout`; it closes when idle or after the grace period."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
     try:
-        await asyncio.sleep(grace)
-    finally:  # also when the gateway stops first: stop them now
-        for policy in old.registry.policies():
+        for u in upstreams:
+            u.retire()
+        while any(u.busy() for u in upstreams) and loop.time() < deadline:
+            await asyncio.sleep(0.25)
+            for u in upstreams:
+                u.sweep(loop.time())
+        if runtime is not None:
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+    finally:  # also when the gateway stops first: close them now
+        for u in upstreams:
+            await u.close()
+        for policy in old.registry.policies() if runtime is not None else ():
             try:
                 await policy.stop(runtime)
             except Exception:  # a plugin's bug must not break the next reload

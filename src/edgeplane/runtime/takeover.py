@@ -43,7 +43,7 @@ _MAX_FDS = 250  # listeners and their locks in one message (SCM_RIGHTS caps near
 _READY = b"READY\n"
 
 
-class TakeoverError(Exception):
+class TakeoverError(OSError):
     """No instance to take over from, or the hand-over failed (nothing changed)."""
 
 
@@ -100,12 +100,14 @@ class HandoverServer:
             log.error("takeover refused: %d descriptors to pass (at most %d)", len(fds), _MAX_FDS)
             writer.close()
             return
-        raw = writer.get_extra_info("socket")
         message = json.dumps({"pid": os.getpid(), "listeners": described}).encode() + b"\n"
         try:
-            # asyncio's transport has no sendmsg: the message is small, sent in one call
-            # on the (non-blocking, empty) socket.
-            socket.send_fds(raw, [message], fds)
+            # The transport's socket object offers no sendmsg (uvloop's is a stand-in): a
+            # socket object on a duplicate descriptor sends the message (small: one call on
+            # the empty, non-blocking socket), then only the duplicate is closed.
+            fileno = writer.get_extra_info("socket").fileno()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(fileno)) as raw:
+                socket.send_fds(raw, [message], fds)
             answer = await asyncio.wait_for(reader.readline(), 60)
         except (OSError, TimeoutError) as exc:
             log.warning("takeover abandoned: %s; still serving", exc)

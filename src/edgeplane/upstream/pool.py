@@ -284,7 +284,7 @@ class TargetPool:
     __slots__ = (
         "target", "cfg", "loop", "idle", "in_use", "connecting", "waiters", "conns",
         "opened", "reused", "requests", "connect_failures", "closed_by_reason",
-        "down_until", "closing", "_tasks", "host", "port", "authority", "name", "ssl",
+        "down_until", "closing", "retiring", "_tasks", "host", "port", "authority", "name", "ssl",
         "server_hostname", "upstream",
     )
 
@@ -314,10 +314,15 @@ class TargetPool:
         self.closed_by_reason: dict[str, int] = {}
         self.down_until = 0.0
         self.closing = False
+        self.retiring = False  # a reload replaced it: serve what was routed here, keep nothing
         self._tasks: set[asyncio.Task] = set()
 
     def acquire(self, exchange: Any, fresh: bool = False) -> UpstreamConnection | None:
-        """A ready connection now, or None and `exchange.on_connection()` later."""
+        """A ready connection now, or None and `exchange.on_connection()` later (or
+        `exchange.on_connect_failed()`, at once when the pool is already closed)."""
+        if self.closing:  # a request routed before a reload removed this upstream
+            exchange.on_connect_failed(503, "upstream connection pool closed")
+            return None
         if not fresh:
             idle = self.idle
             while idle:
@@ -427,8 +432,8 @@ class TargetPool:
     def _put_idle(self, conn: UpstreamConnection) -> None:
         """`conn`, counted in `in_use`, becomes idle -- or is closed when the idle list is
         full, and then `on_closed` takes it out of `in_use`: counted down once either way."""
-        if self.closing or len(self.idle) >= self.cfg.max_idle:
-            conn.close("idle_pool_full" if not self.closing else "shutdown")
+        if self.closing or self.retiring or len(self.idle) >= self.cfg.max_idle:
+            conn.close("shutdown" if self.closing else "retired" if self.retiring else "idle_pool_full")
             return
         self.in_use -= 1
         conn.idle_since = self.loop.time()
@@ -503,6 +508,16 @@ class TargetPool:
     def cancel_waiter(self, exchange: Any) -> None:
         exchange.cancelled = True
 
+    def retire(self) -> None:
+        """A reload replaced this pool: requests already routed here are still served
+        (queued ones get connections), idle connections close, released ones too."""
+        self.retiring = True
+        for conn in list(self.idle):
+            conn.close("retired")
+
+    def busy(self) -> bool:
+        return bool(self.in_use or self.connecting or any(not w.cancelled for w in self.waiters))
+
     async def close(self) -> None:
         self.closing = True
         for task in list(self._tasks):
@@ -511,6 +526,11 @@ class TargetPool:
             conn.close("shutdown")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Requests still queued (a cancelled connect was theirs) get an answer, not a hang.
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.cancelled:
+                waiter.on_connect_failed(503, "upstream connection pool closed")
 
     def telemetry(self, now: float) -> dict[str, Any]:
         return {
@@ -563,6 +583,13 @@ class Upstream:
     def sweep(self, now: float) -> None:
         for pool in self.pools:
             pool.sweep(now)
+
+    def retire(self) -> None:
+        for pool in self.pools:
+            pool.retire()
+
+    def busy(self) -> bool:
+        return any(pool.busy() for pool in self.pools)
 
     async def close(self) -> None:
         for pool in self.pools:

@@ -69,6 +69,7 @@ class ApiKeyStage(FastStage):
 
 
 def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext) -> ApiKeyAuthorizerConfig | None:
+    ctx.resolve_paths(spec, "keys_file")  # against the config file's folder
     keys_file = spec.get("keys_file")
     if not isinstance(keys_file, str):
         return None

@@ -179,6 +179,7 @@ def jwt_config(cfg: JwtAuthorizerConfig) -> JwtConfig:
 
 
 def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext) -> JwtAuthorizerConfig | None:
+    ctx.resolve_paths(spec, ("jwks", "file"), ("hs_secret", "file"))  # against the config file's folder
     aud = spec.get("audience")
     audiences = (aud,) if isinstance(aud, str) else tuple(a for a in aud or () if isinstance(a, str))
     algorithms = tuple(spec.get("algorithms") or ("RS256",))

@@ -1,0 +1,369 @@
+"""One serving process: the event loop, its signals and its reloads (`serve`, and each
+worker of `workers: N`).
+
+Owns the life of one process that runs a `Gateway`:
+- `run_single(config)` (`workers: 1`): SIGTERM/SIGINT: not ready for `drain_delay`, then
+  drain (stop accepting, finish in-flight requests within `drain_timeout`, close idle
+  keep-alive connections) and exit 0. SIGHUP: reload the config file with the CLI's
+  overrides (`Gateway.reload`); a refused config is logged by location, the old one keeps
+  serving, and the process never exits for it. SIGUSR1: reopen the log files. The
+  gateway locks its listen addresses. sd_notify: READY=1 once serving, RELOADING=1 and
+  READY=1 around a reload, STOPPING=1 when the drain begins.
+- `worker_main()`: a worker started by the supervisor (`runtime.workers`). Its config is
+  the supervisor's spec file (`ENV_SPEC`: JSON with a generation, the worker form of the
+  config, the ports the supervisor claimed); it reports on its status pipe (`ENV_STATUS`):
+  `R` once serving, then `K <generation>` / `F <generation>` per reload. SIGHUP reloads
+  from the spec file when its generation is newer than the one served (a stray SIGHUP
+  changes nothing but still answers). `POST /config/reload` on its admin listener
+  validates the file as the supervisor will (`load_config`, then `reload.refusals` in the
+  worker form), then sends SIGHUP to the supervisor and answers.
+
+Invariants: SIGHUP and SIGUSR1 are ignored from the start of the process until the
+loop's handlers are installed (their default action would kill it); one reload runs at a
+time (a signal during one runs one more after it); only a process systemd started
+notifies it (the supervisor gives its workers no NOTIFY_SOCKET).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from edgeplane.config.loader import ConfigError, load_config
+from edgeplane.config.model import Config, ListenAddress
+from edgeplane.policies.throttle.stores import plans_of
+from edgeplane.runtime import logs, systemd
+from edgeplane.runtime.gateway import Gateway
+from edgeplane.runtime.ports import fmt_address, raise_nofile_limit
+from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals
+from edgeplane.runtime.takeover import HandoverServer, TakeoverError, receive_listeners
+
+log = logging.getLogger("edgeplane.workers")
+
+ENV_SPEC = "EDGEPLANE_WORKER_SPEC"  # path of the supervisor's worker.json
+ENV_STATUS = "EDGEPLANE_STATUS_FD"  # the worker's end of its status pipe
+ENV_SHARED = "EDGEPLANE_SHARED_LIMITS"  # name of the cross-worker throttle table
+ENV_SHARED_KEYS = "EDGEPLANE_SHARED_KEYS"  # name of the per-client (keyed) table, if any
+_QUIET = (signal.SIGHUP, signal.SIGUSR1)  # ignored until a handler is installed
+
+
+def ignore_quiet_signals() -> None:
+    """SIGHUP and SIGUSR1 do nothing until the serving loop handles them (their default
+    action kills the process: a reload or log rotation must never do that)."""
+    for sig in _QUIET:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def worker_raw(config: Config, ports: dict[str, str]) -> dict[str, Any]:
+    """The raw config a worker loads: `config` with each listen address replaced by the
+    port the supervisor claimed for it (`ports`, keyed by `port_key`) and `workers: 1`."""
+    raw: dict[str, Any] = json.loads(json.dumps(config.raw))
+
+    def resolved(kind: str, a: ListenAddress) -> str:
+        return ports.get(port_key(kind, a), fmt_address(a.host, a.port))
+
+    raw["listen"] = [resolved("data", a) for a in config.listen]
+    if config.tls is not None:
+        raw["tls"]["listen"] = [resolved("TLS", a) for a in config.tls.listen]
+    if config.admin.listen is not None:
+        raw.setdefault("admin", {})["listen"] = resolved("admin", config.admin.listen)
+    raw["workers"] = 1
+    return raw
+
+
+def needs_shared_tables(cfg: Config) -> bool:
+    """Whether the workers of `cfg` share limits through the supervisor's shared-memory
+    tables (their layout cannot change on reload)."""
+    return cfg.cluster is None and bool(
+        cfg.policies.get("throttle") is not None or cfg.websocket_apis
+        or any("throttle" in r.policies for r in cfg.routes)
+        or any(p.throttle or p.route_throttles for p in plans_of(cfg).values()))
+
+
+def port_key(kind: str, a: ListenAddress) -> str:
+    return f"{kind} {fmt_address(a.host, a.port)}"
+
+
+def addresses(config: Config) -> list[tuple[str, ListenAddress]]:
+    out = [("data", a) for a in config.listen]
+    if config.tls is not None:
+        out += [("TLS", a) for a in config.tls.listen]
+    if config.admin.listen is not None:
+        out.append(("admin", config.admin.listen))
+    return out
+
+
+def _ws_worker_from_env() -> tuple[int, str, bytes] | None:
+    """(worker index, socket directory, host tag) the supervisor gave this worker for
+    WebSocket APIs, or None outside a supervisor."""
+    env = os.environ
+    if env.get("EDGEPLANE_WORKER_INDEX", "").isdigit() and env.get("EDGEPLANE_WS_SOCKET_DIR") \
+            and env.get("EDGEPLANE_WS_HOST_TAG"):
+        return (int(env["EDGEPLANE_WORKER_INDEX"]), env["EDGEPLANE_WS_SOCKET_DIR"],
+                bytes.fromhex(env["EDGEPLANE_WS_HOST_TAG"]))
+    return None
+
+
+class _WorkerLink:
+    """A worker's side of its supervisor: the spec file, the status pipe, its generation."""
+
+    def __init__(self, spec_path: str, status_fd: int, generation: int) -> None:
+        self.spec_path = spec_path
+        self.status_fd = status_fd
+        self.generation = generation  # of the config this worker serves
+
+    def report(self, line: str) -> None:
+        try:
+            os.write(self.status_fd, f"{line}\n".encode())
+        except OSError:  # the supervisor is gone: `_exit_with_supervisor` drains this worker
+            pass
+
+
+def read_spec(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        spec: dict[str, Any] = json.load(f)
+    return spec
+
+
+class _Reloads:
+    """SIGHUP and `POST /config/reload` of one process, one reload at a time (a signal
+    during a reload runs one more after it)."""
+
+    def __init__(self, gateway: Gateway, overrides: dict[str, Any], link: _WorkerLink | None) -> None:
+        self.gateway = gateway
+        self.overrides = overrides
+        self.link = link
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def on_signal(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.again = False
+            try:
+                if self.link is not None:
+                    await self._from_supervisor(self.link)
+                else:
+                    await self.from_file()
+            except (ConfigError, ReloadRefused):
+                pass  # logged by location where it was raised
+            except LookupError as exc:
+                log.error("reload: %s", exc)
+            except Exception:
+                log.exception("reload failed; the running config keeps serving")
+            if not self.again:
+                return
+
+    async def from_file(self) -> dict[str, Any]:
+        """One process: reload the file the config came from, with the CLI's overrides."""
+        gateway = self.gateway
+        source = gateway.config.source
+        if not source or source.startswith("<") or not os.path.exists(source):
+            raise LookupError(f"the running config has no file to reload from ({source})")
+        systemd.reloading()
+        try:
+            if not self.overrides:
+                return await gateway.reload(source)  # loads, logs and counts a refusal itself
+            try:
+                new = load_config(source, overrides=self.overrides)
+            except ConfigError as exc:
+                # `Gateway.reload` logs and counts what it loads itself; this load needed the overrides.
+                gateway._reloads["failed"] += 1
+                gateway._reloads["last"] = {"ok": False, "errors": list(exc.errors), "at": time.time()}
+                log_refused(source, config_hash(gateway.config), list(exc.errors))
+                raise
+            return await gateway.reload(new)
+        finally:
+            systemd.ready()
+
+    async def _from_supervisor(self, link: _WorkerLink) -> None:
+        spec = read_spec(link.spec_path)
+        generation = spec["generation"]
+        if generation != link.generation:
+            try:
+                await self.gateway.reload(spec["raw"])
+            except Exception as exc:
+                if not isinstance(exc, (ConfigError, ReloadRefused)):
+                    log.exception("reload to generation %d failed", generation)
+                link.report(f"F {generation}")  # the supervisor restarts this worker on it
+                return
+            link.generation = generation
+        link.report(f"K {generation}")
+
+    async def via_supervisor(self) -> dict[str, Any]:
+        """A worker's `POST /config/reload`: validate the file as the supervisor will,
+        then signal the supervisor, which reloads every worker."""
+        link = self.link
+        assert link is not None  # set only on workers
+        spec = read_spec(link.spec_path)
+        if os.getppid() != spec["supervisor"]:
+            raise LookupError("the supervisor is gone; this worker is draining")
+        if spec["source"].startswith("<"):
+            raise LookupError(f"the running config has no file to reload from ({spec['source']})")
+        try:
+            new = load_config(spec["source"], overrides=spec["overrides"])
+            # Compared in the worker form, the one this worker's own config was loaded from.
+            form = load_config(worker_raw(new, spec["ports"]))
+            old = dataclasses.replace(self.gateway.config, workers=spec["workers"])
+            problems = refusals(old, dataclasses.replace(form, workers=new.workers),
+                                shared_tables=needs_shared_tables(old) or needs_shared_tables(form))
+            if problems:
+                raise ReloadRefused(problems)
+        except (ConfigError, ReloadRefused) as exc:
+            log_refused(spec["source"], config_hash(self.gateway.config),
+                        exc.errors if isinstance(exc, ConfigError) else exc.problems)
+            raise
+        os.kill(spec["supervisor"], signal.SIGHUP)
+        return {"status": "accepted", "hash": config_hash(form), "supervisor": spec["supervisor"],
+                "message": "validated; the supervisor applies it to every worker (see /stats reloads)"}
+
+
+def log_refused(source: str, running: str, errors: list[str]) -> None:
+    log.error("reload of %s refused; the running config (%s) keeps serving:\n  %s",
+              source, running, "\n  ".join(errors))
+
+
+def _reopen_logs(gateway: Gateway) -> None:
+    """SIGUSR1: the process log (when it is a file) and the access log (destination file)."""
+    files = logs.reopen()
+    access = gateway._access_log  # the current one: a reload may have replaced it
+    if access is not None and access.reopen():
+        files += 1
+    log.info("SIGUSR1: reopened %d log file(s)", files)
+
+
+async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | None,
+                 shared_limits: tuple[str, int, str | None] | None, inherited: Any = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # A worker (link) serves under its supervisor's locks; a single process owns its own.
+    gateway = Gateway(config, reuse_port=link is not None, lock_ports=link is None,
+                      shared_limits=shared_limits, ws_worker=_ws_worker_from_env(), inherited=inherited)
+    reloads = _Reloads(gateway, overrides, link)
+    gateway._reload_via = reloads.via_supervisor if link is not None else reloads.from_file
+    try:
+        await gateway.start()
+    except BaseException:
+        if inherited is not None:
+            inherited.abandon()  # the predecessor keeps serving
+        raise
+    if inherited is not None:
+        inherited.confirm()  # we serve: the predecessor stops accepting and drains
+        log.info("took over the listeners of pid %d", inherited.pid)
+    handed_over: list[bool] = []
+    handover = None
+    if link is None:  # a successor (`serve --takeover`, SIGUSR2) may take our listeners
+        def on_handed_over() -> None:
+            handed_over.append(True)
+            stop.set()
+
+        handover = HandoverServer(gateway.handover_listeners, on_handed_over)
+        await handover.start()
+        loop.add_signal_handler(signal.SIGUSR2, _spawn_successor)
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_signal)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, gateway)
+    # Everything built at start-up (config, snapshot, modules) lives for the whole
+    # process: move it out of the collector's generations so a collection only walks
+    # objects made since. Per-request objects are freed by reference counting.
+    gc.collect()
+    gc.freeze()
+    if link is not None:
+        link.report("R")
+        _exit_with_supervisor(loop, stop)
+    else:
+        addrs = ", ".join(fmt_address(h, p) for h, p in gateway.addresses)
+        admin = f"; admin {fmt_address(*gateway.admin_address)}" if gateway.admin_address else ""
+        print(f"edgeplane ready: 1 worker on {addrs}{admin}", file=sys.stderr, flush=True)
+        systemd.ready()
+    await stop.wait()
+    if link is None:
+        systemd.stopping()
+    if reloads.task is not None:
+        reloads.task.cancel()
+    cfg = gateway.config  # the current one: a reload may have changed the drain settings
+    delay = f"after {cfg.drain_delay:.1f}s not ready, " if cfg.drain_delay else ""
+    if handover is not None:
+        await handover.close()
+    if handed_over:
+        log.info("handed over to a successor; draining (up to %.1fs)", cfg.drain_timeout)
+    else:
+        log.info("draining (%sup to %.1fs)", delay, cfg.drain_timeout)
+    await gateway.stop(handed_over=bool(handed_over))
+
+
+def _spawn_successor() -> None:
+    """SIGUSR2 (nginx's binary upgrade): start `serve --takeover` with this process's
+    command line; it takes the listeners, and this process drains once it serves."""
+    argv = [sys.executable, "-m", "edgeplane", *sys.argv[1:]]
+    if "--takeover" not in argv:
+        argv.append("--takeover")
+    proc = subprocess.Popen(argv, start_new_session=True)  # outlives us
+    log.info("SIGUSR2: started a successor (pid %d) to take over the listeners", proc.pid)
+
+
+def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """A worker drains and exits if its supervisor dies (even by SIGKILL): no orphans
+    keep serving a port nobody manages."""
+    parent = os.getppid()
+
+    def check() -> None:
+        if os.getppid() != parent:
+            log.error("supervisor (pid %d) is gone; draining", parent)
+            stop.set()
+        else:
+            loop.call_later(1.0, check)
+
+    loop.call_later(1.0, check)
+
+
+def run_single(config: Config, *, overrides: dict[str, Any] | None = None, takeover: bool = False) -> int:
+    """Serve `config` in this process until SIGTERM/SIGINT (see the module docstring).
+    `takeover`: inherit the listeners of the instance that owns them (`runtime.takeover`)."""
+    raise_nofile_limit()
+    systemd.set_title("edgeplane: gateway")
+    inherited = None
+    if takeover:
+        first = config.listen[0] if config.listen else (config.tls.listen[0] if config.tls else None)
+        if first is None:
+            raise TakeoverError("--takeover needs a listener in the config")
+        inherited = receive_listeners(first.host, first.port)
+    uvloop.run(_serve(config, overrides or {}, None, None, inherited))
+    return 0
+
+
+def worker_main() -> int:
+    """Entry point of a worker process started by the supervisor."""
+    ignore_quiet_signals()  # inherited ignored already; this is for a hand-started worker
+    spec_path = os.environ[ENV_SPEC]
+    spec = read_spec(spec_path)
+    config = load_config(spec["raw"])
+    logs.setup_logging(config.log_level, os.environ.get(logs.ENV_LOG_FILE))
+    index = int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0"))
+    systemd.set_title(f"edgeplane: worker {index + 1}/{os.environ.get('EDGEPLANE_WORKERS', '?')}")
+    link = _WorkerLink(spec_path, int(os.environ[ENV_STATUS]), spec["generation"])
+    shared = os.environ.get(ENV_SHARED)
+    keys = os.environ.get(ENV_SHARED_KEYS)
+    try:
+        uvloop.run(_serve(config, {}, link, (shared, index, keys) if shared else None))
+        return 0
+    except OSError as exc:  # a bind error names its listener: one line, not a traceback
+        print(f"edgeplane worker {index} (pid {os.getpid()}): cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1

@@ -1,0 +1,536 @@
+"""The operable process: reload triggers (SIGHUP, `edgeplane reload`, the admin call through
+the supervisor), log reopening (SIGUSR1), clean stops, drain_delay and readiness, honest
+drain logs, shared-memory hygiene, sd_notify, process titles and the pidfile.
+
+Everything runs `edgeplane serve -c FILE` as a real process in its own session (so a
+signal to its process group reaches only it), on loopback port 0, and waits for what it
+checks by polling with a deadline; every test kills the process group it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from conftest import RawClient, base_config
+from edgeplane.policies.throttle.shared_limits import SHM_DIR
+
+pytestmark = pytest.mark.timeout(90)
+
+EDGEPLANE = str(Path(sys.executable).with_name("edgeplane"))
+READY = re.compile(r"edgeplane ready: (\d+) workers? on ([0-9.]+):(\d+)(?:; admin ([0-9.]+):(\d+))?")
+
+
+def mock(route: str, body: object, **extra: object) -> dict:
+    return {"route": route, "integration": {"type": "mock", "status": 200, "body": body}, **extra}
+
+
+def config(routes: list, **extra: object) -> dict:
+    return base_config(None, routes=routes, **extra)
+
+
+class Serve:
+    """One `edgeplane serve` process group; `lines` collects its stderr."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, path: Path) -> None:
+        self.proc = proc
+        self.path = path
+        self.lines: list[str] = []
+        self.addr: tuple[str, int] = ("", 0)
+        self.admin: tuple[str, int] = ("", 0)
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def write(self, cfg: dict) -> None:
+        self.path.write_text(yaml.safe_dump(cfg))
+
+    async def wait_line(self, pattern: str, timeout: float = 20.0, start: int = 0) -> str:
+        """The first stderr line from index `start` on that matches `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[start:]:
+                if rx.search(line):
+                    return line
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.lines))
+
+    async def stop(self, sig: int = signal.SIGTERM, group: bool = False) -> int:
+        if self.proc.returncode is None:
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, 10)
+        return code
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+async def serve(tmp_path):
+    started: list[Serve] = []
+
+    async def start(cfg: dict, *args: str, env: dict | None = None, name: str = "gw.yaml") -> Serve:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        proc = await asyncio.create_subprocess_exec(
+            EDGEPLANE, "serve", "-c", str(path), *args, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, **(env or {})})
+        s = Serve(proc, path)
+        started.append(s)
+        while True:
+            raw = await asyncio.wait_for(proc.stderr.readline(), 30)
+            if not raw:
+                raise AssertionError("serve exited before ready:\n" + "".join(s.lines))
+            s.lines.append(raw.decode())
+            m = READY.search(s.lines[-1])
+            if m:
+                break
+        s.addr = (m.group(2), int(m.group(3)))
+        if m.group(4):
+            s.admin = (m.group(4), int(m.group(5)))
+        s._reader = asyncio.ensure_future(_collect(proc.stderr, s.lines))
+        return s
+
+    yield start
+    for s in started:  # never leave a gateway or its workers behind
+        s.kill_group()
+        if s.proc.returncode is None:
+            await s.proc.wait()
+        if s._reader is not None:
+            s._reader.cancel()
+
+
+async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
+    while True:
+        raw = await stream.readline()
+        if not raw:
+            return
+        lines.append(raw.decode())
+
+
+async def get(addr: tuple[str, int], path: str, headers: dict | None = None):
+    c = await RawClient.connect(addr)
+    try:
+        return await c.request("GET", path, headers=headers)
+    finally:
+        await c.close()
+
+
+async def eventually(check, timeout: float = 20.0, what: str = "condition"):
+    """Poll the coroutine function `check` until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not reached (last: {last!r})")
+
+
+async def routes_by_worker(admin: tuple[str, int], n: int = 2) -> dict[int, list[str]]:
+    """pid -> its route keys, for each of `n` workers (new connections spread over them):
+    /healthz and /routes on one kept-alive connection come from the same worker."""
+    seen: dict[int, list[str]] = {}
+    for _ in range(200):
+        c = await RawClient.connect(admin)
+        try:
+            pid = (await c.request("GET", "/healthz")).json()["pid"]
+            seen[pid] = [r["route"] for r in (await c.request("GET", "/routes")).json()["routes"]]
+        finally:
+            await c.close()
+        if len(seen) == n:
+            return seen
+    raise AssertionError(f"only saw workers {sorted(seen)}")
+
+
+def shm_tables(pid: int) -> list[str]:
+    return sorted(n for n in os.listdir(SHM_DIR) if re.fullmatch(rf"edgeplane-{pid}(-keys)?", n))
+
+
+def throttled(routes: list) -> dict:
+    """A config with a server-wide and a per-client throttle: both shared tables exist."""
+    return config(routes, workers=2, throttle={"rate": 1000, "burst": 1000})
+
+
+def keyed(route: str, body: object) -> dict:
+    return mock(route, body, throttle={"rate": 1000, "burst": 1000, "key": "$context.identity.sourceIp"})
+
+
+async def cli(*args: str, env: dict | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        EDGEPLANE, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+# ---------------------------------------------------------------------- reload triggers
+async def test_sighup_single_process_applies_on_kept_alive_connection_and_refused_keeps_old(serve):
+    s = await serve(config([mock("GET /v", {"v": 1})]))
+    c = await RawClient.connect(s.addr)
+    try:
+        assert (await c.request("GET", "/v")).json() == {"v": 1}
+        s.write(config([mock("GET /v", {"v": 2}), mock("GET /new", {"new": True})]))
+        s.proc.send_signal(signal.SIGHUP)
+
+        async def changed():
+            return (await c.request("GET", "/v")).json() == {"v": 2}
+
+        await eventually(changed, what="the new route on the kept-alive connection")
+        assert (await c.request("GET", "/new")).status == 200
+
+        mark = len(s.lines)
+        bad = config([{"route": "GET /v", "integration": {"type": "http", "upstream": "nowhere"}}])
+        s.write(bad)
+        s.proc.send_signal(signal.SIGHUP)
+        line = await s.wait_line(r"reload refused", start=mark)
+        assert "ERROR" in line
+        await s.wait_line(r"routes\[0\].*integration\.upstream.*nowhere", start=mark)
+        assert (await c.request("GET", "/v")).json() == {"v": 2}  # the old config keeps serving
+        stats = (await get(s.admin, "/stats")).json()["reloads"]
+        assert stats["ok"] == 1 and stats["failed"] == 1
+    finally:
+        await c.close()
+    assert s.proc.returncode is None
+    assert await s.stop() == 0
+
+
+async def test_sighup_with_workers_reloads_every_worker_and_refused_changes_nothing(serve):
+    s = await serve(config([mock("GET /v", {"v": 1})], workers=2))
+    before = await routes_by_worker(s.admin)
+    assert all(routes == ["GET /v"] for routes in before.values())
+
+    mark = len(s.lines)
+    s.write(config([mock("GET /v", {"v": 2}), mock("GET /added", {})], workers=2))
+    s.proc.send_signal(signal.SIGHUP)
+    await s.wait_line(r"reloaded config \w+ in 2 workers", start=mark)
+    after = await routes_by_worker(s.admin)
+    assert set(after) == set(before), "a reload keeps the worker processes"
+    assert all(sorted(routes) == ["GET /added", "GET /v"] for routes in after.values())
+    bodies = {(await get(s.addr, "/v")).body for _ in range(20)}  # new connections: both workers
+    assert bodies == {orjson.dumps({"v": 2})}
+
+    # Refused by the supervisor (a change that cannot be made live): nothing changes.
+    mark = len(s.lines)
+    s.write(config([mock("GET /v", {"v": 3})], workers=3))
+    s.proc.send_signal(signal.SIGHUP)
+    await s.wait_line(r"ERROR edgeplane\.workers.*reload of .* refused", start=mark)
+    await s.wait_line(r"workers: 2 -> 3 cannot change on reload", start=mark)
+    assert await routes_by_worker(s.admin) == after
+    assert s.proc.returncode is None
+
+    # The admin call in a worker goes through the supervisor, which reloads every worker.
+    mark = len(s.lines)
+    s.write(config([mock("GET /v", {"v": 4})], workers=2))
+    r = await RawClient.connect(s.admin)
+    try:
+        answer = await r.request("POST", "/config/reload")
+    finally:
+        await r.close()
+    assert answer.status == 200 and answer.json()["status"] == "accepted", answer.body
+    await s.wait_line(r"reloaded config \w+ in 2 workers", start=mark)
+    assert all(routes == ["GET /v"] for routes in (await routes_by_worker(s.admin)).values())
+    s.write(config([mock("GET /v", {"v": 5})], workers=3))
+    r = await RawClient.connect(s.admin)
+    try:
+        refused = await r.request("POST", "/config/reload")
+    finally:
+        await r.close()
+    assert refused.status == 422 and any("workers: 2 -> 3" in e for e in refused.json()["errors"])
+    assert await s.stop() == 0
+
+
+FAIL_ON_RELOAD = """
+from edgeplane.plugins import Policy
+
+_starts = 0
+
+
+class FailOnReload(Policy):
+    name = "fail_on_reload"
+
+    async def start(self, runtime):
+        global _starts
+        _starts += 1
+        if _starts > 1:  # a fresh process starts; a reload in the same process fails
+            raise RuntimeError("fail_on_reload: no second start in one process")
+
+
+plugin = FailOnReload()
+"""
+
+
+async def test_a_worker_that_fails_to_apply_a_reload_is_restarted_on_the_new_config(serve, tmp_path):
+    (tmp_path / "fail_on_reload.py").write_text(FAIL_ON_RELOAD)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    s = await serve(config([mock("GET /v", {"v": 1})], workers=2, plugins=["fail_on_reload"]), env=env)
+    before = set(await routes_by_worker(s.admin))
+    mark = len(s.lines)
+    s.write(config([mock("GET /v", {"v": 2}), mock("GET /added", {})], workers=2, plugins=["fail_on_reload"]))
+    s.proc.send_signal(signal.SIGHUP)
+    await s.wait_line(r"WARNING edgeplane\.workers.*worker \d \(pid \d+\) failed to apply it; restarting it on config",
+                      start=mark)
+    await s.wait_line(r"reloaded config \w+ in 0 workers .*; 2 restarting on it", start=mark)
+
+    async def all_new():
+        try:  # while one worker restarts, the other serves alone (or answers 503, draining)
+            seen = await routes_by_worker(s.admin)
+        except (AssertionError, KeyError, OSError):
+            return None
+        return seen if all(sorted(r) == ["GET /added", "GET /v"] for r in seen.values()) else None
+
+    after = await eventually(all_new, what="every worker on the new config")
+    assert not set(after) & before, "every worker was restarted: each failed its reload"
+    assert s.proc.returncode is None
+    assert await s.stop() == 0
+
+
+async def test_supervisor_survives_sighup_and_sigterm_leaves_no_shared_memory(serve):
+    s = await serve(throttled([keyed("GET /v", {"v": 1})]))
+    assert shm_tables(s.pid) == [f"edgeplane-{s.pid}", f"edgeplane-{s.pid}-keys"]
+    workers = set(await routes_by_worker(s.admin))
+    for _ in range(3):
+        mark = len(s.lines)
+        s.proc.send_signal(signal.SIGHUP)
+        await s.wait_line(r"reloaded config \w+ in 2 workers", start=mark)
+    assert s.proc.returncode is None
+    assert set(await routes_by_worker(s.admin)) == workers
+    assert (await get(s.addr, "/v")).status == 200
+    assert await s.stop() == 0
+    assert shm_tables(s.pid) == []
+    assert not [n for n in os.listdir(os.environ.get("TMPDIR", "/tmp")) if n.startswith(f"edgeplane-{s.pid}-")]
+
+
+async def test_stale_shared_memory_of_a_killed_supervisor_is_removed_at_next_start(serve, tmp_path):
+    first = await serve(throttled([keyed("GET /v", {"v": 1})]))
+    workers = set(await routes_by_worker(first.admin))
+    stale = shm_tables(first.pid)
+    assert len(stale) == 2
+    first.proc.kill()  # SIGKILL: nothing of the supervisor runs
+    await first.proc.wait()
+
+    async def workers_gone():
+        return not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+    await eventually(workers_gone, what="the orphaned workers draining out")
+    assert shm_tables(first.pid) == stale  # left behind
+    second = await serve(throttled([keyed("GET /v", {"v": 1})]), name="second.yaml")
+    await second.wait_line(rf"removed {SHM_DIR}/edgeplane-{first.pid}.*supervisor that is gone")
+    assert shm_tables(first.pid) == []
+    assert len(shm_tables(second.pid)) == 2
+    assert await second.stop() == 0
+    assert shm_tables(second.pid) == []
+
+
+async def test_reload_command_by_pidfile_and_by_admin_address(serve, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t" * 40 + "\n")
+    admin = {"listen": "127.0.0.1:0", "auth": {"token_file": str(token)}}
+    pidfile = tmp_path / "edgeplane.pid"
+    s = await serve(config([mock("GET /v", {"v": 1})], admin=admin), "--pidfile", str(pidfile))
+    assert pidfile.read_text().strip() == str(s.pid)
+
+    # A second instance on the same pidfile refuses to start.
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config([], admin=admin)))
+    code, _, err = await cli("serve", "-c", str(other), "--pidfile", str(pidfile))
+    assert code == 1 and f"names a running process (pid {s.pid})" in err
+
+    s.write(config([mock("GET /v", {"v": 2})], admin=admin))
+    code, out, err = await cli("reload", "--pidfile", str(pidfile))
+    assert code == 0, err
+    assert f"sent SIGHUP to pid {s.pid}" in out
+
+    async def body_is(v):
+        return (await get(s.addr, "/v")).json() == {"v": v}
+
+    await eventually(lambda: body_is(2), what="reload by pidfile")
+
+    s.write(config([mock("GET /v", {"v": 3})], admin=admin))
+    admin_addr = f"{s.admin[0]}:{s.admin[1]}"
+    code, out, err = await cli("reload", "--admin", admin_addr, "--token-file", str(token))
+    assert code == 0, err
+    assert "hash" in orjson.loads(out)
+    assert await body_is(3)  # the admin call answers once the reload is applied
+
+    code, out, err = await cli("reload", "--admin", admin_addr)  # no token
+    assert code == 1 and "401" in err
+
+    s.write(config([mock("GET /v", {"v": 4})], admin=admin, limits={"max_connections": "many"}))
+    code, out, err = await cli("reload", "--admin", f"http://{admin_addr}",
+                               env={"EDGEPLANE_ADMIN_TOKEN": "t" * 40})
+    assert code == 1 and "422" in err and "limits.max_connections" in err
+    assert await body_is(3)
+    assert await s.stop() == 0
+    assert not pidfile.exists()
+
+
+# ---------------------------------------------------------------------- logs and stops
+async def test_sigusr1_reopens_the_access_log_and_the_process_log(serve, tmp_path):
+    access = tmp_path / "access.log"
+    own = tmp_path / "edgeplane.log"
+    s = await serve(config([mock("GET /v", {})], access_log={"destination": "file", "path": str(access),
+                                                              "flush_interval": "50ms"}),
+                    "--log-file", str(own))
+
+    async def logged(path: Path, needle: str):
+        return path.exists() and needle in path.read_text()
+
+    assert (await get(s.addr, "/v?before")).status == 200
+    await eventually(lambda: logged(access, "/v"), what="the first access-log line")
+    access.rename(tmp_path / "access.log.1")
+    own.rename(tmp_path / "edgeplane.log.1")
+    s.proc.send_signal(signal.SIGUSR1)
+    await eventually(lambda: logged(own, "SIGUSR1: reopened 2 log file(s)"), what="the reopened process log")
+    assert (await get(s.addr, "/v", headers={"x-after": "1"})).status == 200
+    await eventually(lambda: logged(access, '"path":"/v"'), what="a line in the new access log")
+    assert len((tmp_path / "access.log.1").read_text().splitlines()) == 1
+    assert s.proc.returncode is None
+    assert await s.stop() == 0
+
+
+async def test_sigterm_to_the_process_group_logs_no_error(serve, tmp_path):
+    s = await serve(throttled([keyed("GET /v", {"v": 1})]))
+    await routes_by_worker(s.admin)
+    assert await s.stop(group=True) == 0
+    assert not [line for line in s.lines if " ERROR " in line], "".join(s.lines)
+    assert any("supervisor stopping" in line for line in s.lines)
+    assert shm_tables(s.pid) == []
+
+
+async def test_drain_delay_reports_not_ready_while_still_serving(serve):
+    s = await serve(config([mock("GET /v", {"v": 1})], drain_delay="8s", drain_timeout="2s"))
+    ready = await get(s.admin, "/ready")
+    assert ready.status == 200 and ready.json()["status"] == "ready"
+    s.proc.send_signal(signal.SIGTERM)
+
+    async def draining():
+        r = await get(s.admin, "/healthz")
+        return r.status == 503 and r.json() == {"status": "draining"}
+
+    await eventually(draining, what="/healthz 503 during drain_delay")
+    not_ready = await get(s.admin, "/ready")
+    assert not_ready.status == 503 and not_ready.json() == {"status": "not ready"}
+    served = await get(s.addr, "/v")  # a new connection, still accepted and served
+    assert served.status == 200 and served.json() == {"v": 1}
+    assert s.proc.returncode is None
+    assert await s.stop() == 0
+    assert not [line for line in s.lines if " ERROR " in line], "".join(s.lines)
+
+
+async def test_request_cut_at_the_drain_deadline_is_not_logged_as_a_client_close(serve, upstream, tmp_path):
+    access = tmp_path / "access.log"
+    cfg = base_config(upstream.port, drain_timeout="300ms",
+                      access_log={"destination": "file", "path": str(access)})
+    s = await serve(cfg)
+    c = await RawClient.connect(s.addr)
+    try:
+        await c.send(b"GET /delay/20000 HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        await in_flight(s)
+        s.proc.send_signal(signal.SIGTERM)
+        assert await c.closed(20)
+    finally:
+        await c.close()
+    assert await s.stop() == 0
+    records = [orjson.loads(line) for line in access.read_text().splitlines()]
+    cut = [r for r in records if r["path"] == "/delay/20000"]
+    assert len(cut) == 1, records
+    assert cut[0]["status"] != 499 and cut[0]["error"] == "gateway stopped: drain timeout", cut[0]
+
+
+async def in_flight(s: Serve) -> None:
+    """The gateway has the request in flight (its /stats count the connection open)."""
+    async def counted():
+        return (await get(s.admin, "/stats")).json()["connections_open"] >= 1
+
+    await eventually(counted, what="the request in flight")
+
+
+# ---------------------------------------------------------------------- process plumbing
+def notify_socket(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's pid with each message
+    sock.settimeout(30)
+    return sock
+
+
+async def receive(sock: socket.socket) -> tuple[int, dict[str, str]]:
+    """(sender pid, fields) of the next sd_notify datagram."""
+    data, ancdata, _, _ = await asyncio.to_thread(sock.recvmsg, 4096, socket.CMSG_SPACE(12))
+    pid = 0
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid = int.from_bytes(payload[:4], sys.byteorder)
+    fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+    return pid, fields
+
+
+async def test_sd_notify_and_process_titles_with_workers(serve, tmp_path):
+    sock = notify_socket(str(tmp_path / "notify.sock"))
+    try:
+        s = await serve(config([mock("GET /v", {})], workers=2), env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+        pid, fields = await receive(sock)
+        assert pid == s.pid and fields["READY"] == "1" and fields["MAINPID"] == str(s.pid)
+
+        cmdline = Path(f"/proc/{s.pid}/cmdline").read_bytes()
+        assert cmdline.startswith(b"edgeplane: supervisor"), cmdline
+        titles = sorted(Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]
+                        for p in await routes_by_worker(s.admin))
+        assert titles == [b"edgeplane: worker 1/2", b"edgeplane: worker 2/2"]
+
+        s.proc.send_signal(signal.SIGHUP)
+        pid, fields = await receive(sock)
+        assert pid == s.pid and fields["RELOADING"] == "1"
+        assert 0 < int(fields["MONOTONIC_USEC"]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        pid, fields = await receive(sock)
+        assert pid == s.pid and fields["READY"] == "1"
+
+        s.proc.send_signal(signal.SIGTERM)
+        pid, fields = await receive(sock)
+        assert pid == s.pid and fields == {"STOPPING": "1"}
+        assert await s.stop() == 0
+    finally:
+        sock.close()
+
+
+async def test_sd_notify_on_an_abstract_socket_single_process(serve, tmp_path):
+    name = f"edgeplane-test-{os.getpid()}-{time.monotonic_ns()}"
+    sock = notify_socket("\0" + name)
+    try:
+        s = await serve(config([mock("GET /v", {})]), env={"NOTIFY_SOCKET": "@" + name})
+        pid, fields = await receive(sock)
+        assert pid == s.pid and fields["READY"] == "1"
+        assert Path(f"/proc/{s.pid}/cmdline").read_bytes().startswith(b"edgeplane: gateway")
+        s.proc.send_signal(signal.SIGHUP)
+        assert (await receive(sock))[1]["RELOADING"] == "1"
+        assert (await receive(sock))[1]["READY"] == "1"
+        s.proc.send_signal(signal.SIGTERM)
+        assert (await receive(sock))[1] == {"STOPPING": "1"}
+        assert await s.stop() == 0
+    finally:
+        sock.close()
