@@ -27,7 +27,7 @@ Owns three things.
      lock descriptors (`ListenerLock.fileno()` goes into `pass_fds`). flock ownership
      belongs to the open file description, so the lock stays held while any process
      serving the port lives: the workers of a SIGKILLed supervisor drain holding it.
-   - Hand-over (zero-downtime upgrade, a later issue): a lock is one descriptor. Sent
+   - Hand-over (`serve --takeover`, `runtime.takeover`): a lock is one descriptor. Sent
      over SCM_RIGHTS beside the listening socket it makes the receiver a holder too;
      the receiver rewrites the pid (`ListenerLock(...)` around the received fd, then
      `write_pid()`), the old process closes its copy with `detach()` (no unlink).
