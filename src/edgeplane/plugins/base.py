@@ -39,15 +39,32 @@ Schema = dict[str, Any]
 
 class RuntimeContext:
     """One gateway's runtime, as plugins see it: the loop, the config, the upstream pools
-    and one state slot per plugin (`state[plugin.name]`)."""
+    and one state slot per plugin (`state[plugin.name]`). During a reload's `start`,
+    `previous` is the runtime being replaced: a plugin may move into its new state what
+    serves an unchanged setting (a JWKS source, a decision cache), taking it out of
+    `previous.state` so the old runtime's `stop` leaves it open."""
 
-    __slots__ = ("loop", "config", "upstreams", "state")
+    __slots__ = ("loop", "config", "upstreams", "state", "previous")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config, upstreams: Mapping[str, Any]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config, upstreams: Mapping[str, Any],
+                 previous: RuntimeContext | None = None) -> None:
         self.loop = loop
         self.config = config
         self.upstreams = upstreams
         self.state: dict[str, Any] = {}
+        self.previous = previous
+
+    def carried(self, key: str, kind: str) -> dict[str, Any]:
+        """What `previous.state[key]` (a mapping by authorizer name) holds for the
+        authorizers of type `kind` whose settings did not change, taken out of it."""
+        previous = self.previous
+        if previous is None:
+            return {}
+        old = previous.state.get(key) or {}
+        before = previous.config.authorizers_of(kind)
+        now = self.config.authorizers_of(kind)
+        return {name: old.pop(name) for name in list(old)
+                if name in now and before.get(name) == now[name]}
 
 
 class CompileContext:

@@ -122,7 +122,7 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
             if name in new.upstreams and u.cfg == new.upstreams[name]}
     upstreams = {name: kept.get(name) or Upstream(u, loop) for name, u in new.upstreams.items()}
     fresh = [u for name, u in upstreams.items() if name not in kept]
-    runtime = RuntimeContext(loop, new, upstreams)
+    runtime = RuntimeContext(loop, new, upstreams, previous=gw._runtime)
     started_policies = []
     try:
         for policy in new.registry.policies():
@@ -136,12 +136,14 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
         access_log = AccessLog(new.access_log) if new.access_log != old.access_log else None
         await gw._rebind(new)  # listeners last: it is the only step visible from outside
     except BaseException:
+        runtime.previous = None  # what was moved stays with the new runtime: closed with it
         for policy in started_policies:
             await policy.stop(runtime)
         for u in fresh:
             await u.close()
         raise
     # ---- the swap: from here on nothing can fail half-way
+    runtime.previous = None  # the old runtime is not kept alive by the new one
     retired_upstreams = [u for name, u in gw._upstreams.items() if upstreams.get(name) is not u]
     retired_runtime = gw._runtime
     retired_log = None

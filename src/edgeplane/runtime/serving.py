@@ -226,8 +226,10 @@ class _Reloads:
             if problems:
                 raise ReloadRefused(problems)
         except (ConfigError, ReloadRefused) as exc:
-            log_refused(spec["source"], config_hash(self.gateway.config),
-                        exc.errors if isinstance(exc, ConfigError) else exc.problems)
+            errors = list(exc.errors) if isinstance(exc, ConfigError) else exc.problems
+            self.gateway._reloads["failed"] += 1  # counted where it was asked (this worker's /stats)
+            self.gateway._reloads["last"] = {"ok": False, "errors": errors, "at": time.time()}
+            log_refused(spec["source"], config_hash(self.gateway.config), errors)
             raise
         os.kill(spec["supervisor"], signal.SIGHUP)
         return {"status": "accepted", "hash": config_hash(form), "supervisor": spec["supervisor"],

@@ -88,7 +88,8 @@ class HttpAuthorizerPolicy(Policy):
         return _load(name, spec, path, ctx)
 
     async def start(self, runtime: RuntimeContext) -> None:
-        runtime.state[self.name] = {name: HttpAuthorizerClient(a, runtime.loop)
+        kept = runtime.carried(self.name, "http")  # a reload: unchanged ones keep their cache
+        runtime.state[self.name] = {name: kept.get(name) or HttpAuthorizerClient(a, runtime.loop)
                                     for name, a in runtime.config.authorizers_of("http").items()}
 
     async def stop(self, runtime: RuntimeContext) -> None:

@@ -249,11 +249,15 @@ class JwtPolicy(Policy):
     async def start(self, runtime: RuntimeContext) -> None:
         # JWKS URLs: a first bounded fetch now (a failure starts with no keys: 401s until
         # a background retry succeeds), then refreshed off the request path.
-        sources = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, runtime.loop,
-                                    allow_mixed_key_types=a.jwks_allow_mixed_key_types)
-                   for name, a in runtime.config.authorizers_of("jwt").items() if a.jwks_url}
-        runtime.state[self.name] = sources
-        await asyncio.gather(*(source.start() for source in sources.values()))
+        # On a reload, an unchanged authorizer keeps its source (its key set, its refresh
+        # schedule) and its verification cache; the others start anew.
+        kept = runtime.carried(self.name, "jwt")
+        runtime.state[_CACHES] = runtime.carried(_CACHES, "jwt")
+        fresh = {name: JwksSource(name, a.jwks_url, a.jwks_refresh, runtime.loop,
+                                  allow_mixed_key_types=a.jwks_allow_mixed_key_types)
+                 for name, a in runtime.config.authorizers_of("jwt").items() if a.jwks_url and name not in kept}
+        runtime.state[self.name] = {**kept, **fresh}
+        await asyncio.gather(*(source.start() for source in fresh.values()))
 
     async def stop(self, runtime: RuntimeContext) -> None:
         for source in runtime.state.pop(self.name, {}).values():
@@ -274,7 +278,10 @@ class JwtPolicy(Policy):
                     keys = parse_jwks(fh.read(), allow_mixed_key_types=cfg.jwks_allow_mixed_key_types)
             elif name in sources:
                 keys = sources[name].keyset  # a provider: the current key set, per call
-            cache = VerificationCache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
+            caches: dict[str, Any] = ctx.runtime.get(_CACHES, {})  # start() made it (kept ones in)
+            cache = caches.get(name)
+            if cache is None or cfg.jwks_file:  # a key file is read again: its cache starts empty
+                cache = caches[name] = VerificationCache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
             out[name] = CachedVerifier(JwtVerifier(jwt_config(cfg), keys), cache)
         return out
 
@@ -288,5 +295,7 @@ class JwtPolicy(Policy):
     def upstream_headers(self, route: RouteConfig, config: Config) -> frozenset[bytes]:
         return frozenset(h.encode() for h, _ in route.forward_claims)
 
+
+_CACHES = "jwt:caches"  # runtime.state key: verification caches by authorizer name
 
 plugin = JwtPolicy()
