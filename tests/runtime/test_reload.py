@@ -62,7 +62,7 @@ async def test_a_refused_config_changes_nothing(upstream, gateway, caplog):
     assert (await c.request("GET", "/v")).json() == {"v": 1}
     await c.close()
     assert gw.stats()["reloads"]["failed"] == 2
-    assert any("reload refused" in r.getMessage() for r in caplog.records)
+    assert any("refused; the running config" in r.getMessage() for r in caplog.records)
 
 
 async def test_the_admin_call_reloads_from_the_file(upstream, gateway, tmp_path):
@@ -296,3 +296,19 @@ async def test_an_unchanged_jwt_authorizer_keeps_its_key_set_source(upstream, ga
         assert fetches == 2 and gw._runtime.state["jwt"]["users"] is not source
     finally:
         server.close()
+
+
+async def test_a_reload_that_cannot_bind_answers_422_and_changes_nothing(upstream, gateway, tmp_path):
+    path = tmp_path / "edgeplane.yaml"
+    cfg = base_config(upstream.port, routes=[mock("GET /v", {"v": 1})])
+    path.write_text(yaml.safe_dump(cfg))
+    gw = await gateway(str(path))
+    cfg["routes"] = [mock("GET /v", {"v": 2})]
+    cfg["listen"] = [f"127.0.0.1:{gw.addresses[0][1]}", f"127.0.0.1:{upstream.port}"]  # taken
+    path.write_text(yaml.safe_dump(cfg))
+    status, body = await admin(gw, "POST", "/config/reload")
+    assert status == 422 and str(upstream.port) in body["errors"][0]
+    c = await RawClient.connect(gw.addresses[0])
+    assert (await c.request("GET", "/v")).json() == {"v": 1}
+    await c.close()
+    assert gw.stats()["reloads"]["failed"] == 1

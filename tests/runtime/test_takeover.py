@@ -23,9 +23,9 @@ from conftest import RawClient, base_config
 pytestmark = pytest.mark.timeout(90)
 
 
-async def _start_successor(path: str):
+async def _start_successor(path: str, *args: str):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeplane", "serve", "-c", path, "--takeover",
+        sys.executable, "-m", "edgeplane", "serve", "-c", path, "--takeover", *args,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     lines: list[str] = []
     while True:
@@ -103,3 +103,37 @@ async def test_takeover_without_a_running_instance_says_so(tmp_path):
     done = subprocess.run([sys.executable, "-m", "edgeplane", "serve", "-c", str(path), "--takeover"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "no running instance owns 127.0.0.1:1" in done.stderr
+
+
+async def test_a_successor_that_fails_leaves_the_running_instance_as_it_was(upstream, tmp_path):
+    cfg = base_config(upstream.port)
+    old, addr, admin, old_lines, old_drain = await _start_serve(tmp_path, cfg, "--pidfile",
+                                                                str(tmp_path / "gw.pid"))
+    try:
+        cfg["listen"] = [f"127.0.0.1:{addr[1]}"]
+        cfg["admin"]["listen"] = f"127.0.0.1:{admin[1]}"
+        good = tmp_path / "good.yaml"
+        good.write_text(yaml.safe_dump(cfg))
+        # the successor's config adds a listener on a port that is taken: it cannot start
+        bad = dict(cfg, listen=[f"127.0.0.1:{addr[1]}", f"127.0.0.1:{upstream.port}"])
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        failed = subprocess.run([sys.executable, "-m", "edgeplane", "serve", "-c", str(tmp_path / "bad.yaml"),
+                                 "--takeover", "--pidfile", str(tmp_path / "gw.pid")],
+                                capture_output=True, text=True, timeout=30)
+        assert failed.returncode != 0 and "cannot start" in failed.stderr
+        # the running instance still serves, owns the pidfile and its lock files
+        assert (await _get_json(addr, "/users/1"))[0] == 200
+        assert int((tmp_path / "gw.pid").read_text()) == old.pid
+        stray = subprocess.run([sys.executable, "-m", "edgeplane", "serve", "-c", str(good)],
+                               capture_output=True, text=True, timeout=30)
+        assert stray.returncode != 0 and f"pid {old.pid}" in stray.stderr
+        # and it can still be taken over
+        successor, _, new_drain = await _start_successor(str(good), "--pidfile", str(tmp_path / "gw.pid"))
+        assert await asyncio.wait_for(old.wait(), 20) == 0
+        assert int((tmp_path / "gw.pid").read_text()) == successor.pid
+        await _stop(successor, new_drain)
+    finally:
+        if old.returncode is None:
+            old.kill()
+            await old.wait()
+        await old_drain

@@ -144,7 +144,11 @@ def _load_raw(raw: Any, source: str, overrides: dict[str, Any] | None, plugins: 
     errors = Errors()
     if index is not None:  # YAML text: fresh objects, substituted into a new structure
         errors.stage = ENV
-        raw = substitute(raw, os.environ, index.plain, errors.add)
+        try:
+            raw = substitute(raw, os.environ, index.plain, errors.add)
+        except RecursionError:  # a YAML alias that contains itself (`a: &x [*x]`)
+            raise ConfigError(["(root): a YAML alias refers to itself (a recursive structure)"],
+                              source) from None
         errors.stage = LOAD
     else:
         raw = copy.deepcopy(raw)

@@ -160,6 +160,12 @@ class ReloadIntegration:
                                             "keeps serving", "errors": exc.problems}
         except LookupError as exc:  # no file behind the running config
             status, body = 409, {"message": str(exc)}
+        except OSError as exc:  # a listener that cannot be bound, a file that cannot be read
+            status, body = 422, {"message": "config cannot be applied; the running config keeps "
+                                            "serving", "errors": [str(exc)]}
+        except Exception:  # logged with its traceback by the reload; nothing was swapped in
+            status, body = 500, {"message": "reload failed inside the gateway; the running config "
+                                            "keeps serving (see the log)"}
         if not req.responded and proto.transport is not None and not proto.transport.is_closing():
             _answer(proto, req, status, orjson.dumps(body))
 

@@ -207,15 +207,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pidfile = None
     demo = None
     try:
-        if args.pidfile:
-            pidfile = PidFile(args.pidfile).replace() if args.takeover else PidFile(args.pidfile).acquire()
+        if args.pidfile and not args.takeover:
+            pidfile = PidFile(args.pidfile).acquire()
+        elif args.pidfile:  # named us only once we serve: a failed successor leaves it alone
+            pidfile = PidFile(args.pidfile)
         demo = _start_demo_upstream(args.demo_upstream) if args.demo_upstream is not None else None
         if args.takeover and n > 1:
             print("edgeplane: cannot start: --takeover needs workers: 1 (a supervisor's workers "
                   "cannot hand over yet; restart it instead)", file=sys.stderr)
             return 1
         if n <= 1:
-            return run_single(config, overrides=overrides, takeover=args.takeover)
+            return run_single(config, overrides=overrides, takeover=args.takeover,
+                              on_takeover=pidfile.replace if pidfile is not None else None)
         return run_supervisor(config, n, overrides=overrides)
     except OSError as exc:
         print(f"edgeplane: cannot start: {exc}", file=sys.stderr)

@@ -379,8 +379,15 @@ class Gateway(GatewayWebSockets):
             self._reloads["failed"] += 1
             problems = exc.errors if isinstance(exc, ConfigError) else exc.problems
             self._reloads["last"] = {"ok": False, "errors": problems, "at": time.time()}
-            log.error("reload refused; the running config (%s) keeps serving:\n  %s",
+            log.error("reload of %s refused; the running config (%s) keeps serving:\n  %s",
+                      getattr(config, "source", config) if not isinstance(config, dict) else "<dict>",
                       config_hash(self.config), "\n  ".join(problems))
+            raise
+        except Exception as exc:  # a bind error, a plugin's start: nothing was swapped in
+            self._reloads["failed"] += 1
+            self._reloads["last"] = {"ok": False, "errors": [f"{type(exc).__name__}: {exc}"], "at": time.time()}
+            log.error("reload failed; the running config (%s) keeps serving: %s", config_hash(self.config), exc,
+                      exc_info=not isinstance(exc, OSError))
             raise
         self._reloads["ok"] += 1
         self._reloads["last"] = {"ok": True, "at": time.time(), **report}

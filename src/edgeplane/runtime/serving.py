@@ -251,7 +251,8 @@ def _reopen_logs(gateway: Gateway) -> None:
 
 
 async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | None,
-                 shared_limits: tuple[str, int, str | None] | None, inherited: Any = None) -> None:
+                 shared_limits: tuple[str, int, str | None] | None, inherited: Any = None,
+                 on_takeover: Any = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -259,6 +260,8 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
     # A worker (link) serves under its supervisor's locks; a single process owns its own.
     gateway = Gateway(config, reuse_port=link is not None, lock_ports=link is None,
                       shared_limits=shared_limits, ws_worker=_ws_worker_from_env(), inherited=inherited)
+    # A successor that fails to start must leave the predecessor's lock files alone.
+    gateway._handed_over = inherited is not None
     reloads = _Reloads(gateway, overrides, link)
     gateway._reload_via = reloads.via_supervisor if link is not None else reloads.from_file
     try:
@@ -269,6 +272,9 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
         raise
     if inherited is not None:
         inherited.confirm()  # we serve: the predecessor stops accepting and drains
+        gateway._handed_over = False  # the lock files are ours now: removed at our exit
+        if on_takeover is not None:
+            on_takeover()  # the pidfile names us only now
         log.info("took over the listeners of pid %d", inherited.pid)
     handed_over: list[bool] = []
     handover = None
@@ -278,7 +284,12 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
             stop.set()
 
         handover = HandoverServer(gateway.handover_listeners, on_handed_over)
-        await handover.start()
+        try:
+            await handover.start()
+        except OSError as exc:  # an unusable lock directory: serving matters more than upgrades
+            log.warning("takeover unavailable (serve --takeover, SIGUSR2 will not find this "
+                        "instance): %s", exc)
+            handover = None
         loop.add_signal_handler(signal.SIGUSR2, _spawn_successor)
     loop.add_signal_handler(signal.SIGHUP, reloads.on_signal)
     loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, gateway)
@@ -319,6 +330,17 @@ def _spawn_successor() -> None:
         argv.append("--takeover")
     proc = subprocess.Popen(argv, start_new_session=True)  # outlives us
     log.info("SIGUSR2: started a successor (pid %d) to take over the listeners", proc.pid)
+    loop = asyncio.get_running_loop()
+
+    def reap() -> None:  # no zombie when it fails (then we keep serving)
+        code = proc.poll()
+        if code is None:
+            loop.call_later(1.0, reap)
+        elif code != 0:
+            log.error("the successor (pid %d) exited with %d before taking over; still serving",
+                      proc.pid, code)
+
+    loop.call_later(1.0, reap)
 
 
 def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -336,7 +358,8 @@ def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
     loop.call_later(1.0, check)
 
 
-def run_single(config: Config, *, overrides: dict[str, Any] | None = None, takeover: bool = False) -> int:
+def run_single(config: Config, *, overrides: dict[str, Any] | None = None, takeover: bool = False,
+               on_takeover: Any = None) -> int:
     """Serve `config` in this process until SIGTERM/SIGINT (see the module docstring).
     `takeover`: inherit the listeners of the instance that owns them (`runtime.takeover`)."""
     raise_nofile_limit()
@@ -344,10 +367,11 @@ def run_single(config: Config, *, overrides: dict[str, Any] | None = None, takeo
     inherited = None
     if takeover:
         first = config.listen[0] if config.listen else (config.tls.listen[0] if config.tls else None)
-        if first is None:
-            raise TakeoverError("--takeover needs a listener in the config")
+        if first is None or not first.port:
+            raise TakeoverError("--takeover finds the running instance by the config's first listener, "
+                                "which needs a fixed port (not 0)")
         inherited = receive_listeners(first.host, first.port)
-    uvloop.run(_serve(config, overrides or {}, None, None, inherited))
+    uvloop.run(_serve(config, overrides or {}, None, None, inherited, on_takeover))
     return 0
 
 

@@ -131,6 +131,7 @@ class Inherited:
         self.sockets: dict[tuple[str, str, int], socket.socket] = {}
         self.bound: dict[tuple[str, str, int], int] = {}
         self.locks: dict[tuple[str, str, int], ListenerLock] = {}
+        self.taken: list[ListenerLock] = []  # locks of the listeners we serve on
 
     def take(self, kind: str, host: str, port: int) -> tuple[socket.socket, ListenerLock | None] | None:
         """The inherited listener for a configured address, if any (a port-0 listener
@@ -138,11 +139,16 @@ class Inherited:
         for key in list(self.sockets):
             k, h, p = key
             if k == kind and h == host and (p == port or self.bound[key] == port):
-                return self.sockets.pop(key), self.locks.pop(key, None)
+                lock = self.locks.pop(key, None)
+                if lock is not None:
+                    self.taken.append(lock)
+                return self.sockets.pop(key), lock
         return None
 
     def confirm(self) -> None:
         """We serve: the predecessor may stop accepting and drain."""
+        for lock in self.taken:
+            lock.write_pid()  # the lock files now name us (not before: a failed start leaves them)
         try:
             self._control.sendall(_READY)
         finally:
@@ -195,6 +201,5 @@ def receive_listeners(host: str, port: int) -> Inherited:
             lock_fd = next(it)
             lock = ListenerLock(entry["kind"], entry["host"], entry["bound"],
                                 os.path.join(runtime_dir(), lock_name(entry["host"], entry["bound"])), lock_fd)
-            lock.write_pid()  # the lock file now names the successor
             inherited.locks[key] = lock
     return inherited

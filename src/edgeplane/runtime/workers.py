@@ -368,7 +368,10 @@ class Supervisor:
                     self.failed_starts[i] = 0
                     continue
                 self.failed_starts[i] += 1
-                if self.failed_starts[i] >= _START_FAILURES:
+                serving = any(p is not None and p.poll() is None for j, p in enumerate(self.procs) if j != i)
+                if self.failed_starts[i] >= _START_FAILURES and not serving:
+                    # Every worker is down: a crash loop. While others serve, keep retrying
+                    # (with backoff): a file it reads may be back (a JWKS being rewritten).
                     log.error("worker %d failed to start %d times in a row; the supervisor gives up",
                               i, self.failed_starts[i])
                     return True
