@@ -312,3 +312,15 @@ async def test_a_reload_that_cannot_bind_answers_422_and_changes_nothing(upstrea
     assert (await c.request("GET", "/v")).json() == {"v": 1}
     await c.close()
     assert gw.stats()["reloads"]["failed"] == 1
+
+
+async def test_refused_reload_errors_name_file_line_and_route(upstream, gateway, tmp_path):
+    path = tmp_path / "edgeplane.yaml"
+    path.write_text(yaml.safe_dump(base_config(upstream.port, routes=[mock("GET /v", {"v": 1})])))
+    gw = await gateway(str(path))
+    path.write_text(yaml.safe_dump(base_config(upstream.port, routes=[
+        {"route": "GET /v", "integration": {"type": "http", "upstream": "nope"}}])))
+    status, body = await admin(gw, "POST", "/config/reload")
+    assert status == 422
+    assert any(e.startswith(f"{path}:") and "routes[0] (GET /v).integration.upstream" in e
+               for e in body["errors"]), body["errors"]

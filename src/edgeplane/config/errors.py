@@ -77,6 +77,20 @@ class LocatedErrors(Exception):
         head = f"invalid {self.what} {self.source}: {n} error{'s' if n != 1 else ''}"
         return head + "".join(f"\n  - {e}" for e in self.errors)
 
+    def located(self) -> list[str]:
+        """Every problem as `FILE:LINE:COLUMN: where: message` (see `located`)."""
+        return [located(self.source, p) for p in self.entries]
+
+
+def located(source: str, problem: Problem, kind: str = "") -> str:
+    """One problem as editors and CI annotate it: ``FILE:LINE:COLUMN: [kind: ]where: message``
+    (no line for a dict or an override; no location for a syntax or file error)."""
+    pos = source
+    if problem.line is not None:
+        pos += f":{problem.line}" + (f":{problem.column}" if problem.column is not None else "")
+    where = "" if problem.location in ("(yaml)", "(file)") else f"{problem.where}: "
+    return f"{pos}: {kind + ': ' if kind else ''}{where}{problem.message}"
+
 
 def _split(error: str) -> tuple[str, str]:
     location, sep, message = error.partition(": ")

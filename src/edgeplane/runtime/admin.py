@@ -154,7 +154,7 @@ class ReloadIntegration:
             status, body = 200, await self.reload()
         except ConfigError as exc:
             status, body = 422, {"message": "config refused; the running config keeps serving",
-                                 "errors": list(exc.errors)}
+                                 "errors": exc.located()}
         except ReloadRefused as exc:
             status, body = 422, {"message": "config cannot be applied live; the running config "
                                             "keeps serving", "errors": exc.problems}

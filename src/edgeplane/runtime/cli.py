@@ -158,13 +158,10 @@ def _load(path: str, overrides: dict | None = None):
 
 
 def located(source: str, problem: Any, kind: str = "") -> str:
-    """One problem as editors and CI annotate it: ``FILE:LINE:COLUMN: [kind: ]where: message``
-    (no line for a dict or an override; no location for a syntax or file error)."""
-    pos = source
-    if problem.line is not None:
-        pos += f":{problem.line}" + (f":{problem.column}" if problem.column is not None else "")
-    where = "" if problem.location in ("(yaml)", "(file)") else f"{problem.where}: "
-    return f"{pos}: {kind + ': ' if kind else ''}{where}{problem.message}"
+    """One problem as `FILE:LINE:COLUMN: [kind: ]where: message` (`config.errors.located`)."""
+    from edgeplane.config.errors import located as _located
+
+    return _located(source, problem, kind)
 
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -377,7 +377,7 @@ class Gateway(GatewayWebSockets):
             report = await apply(self, new)
         except (ConfigError, ReloadRefused) as exc:
             self._reloads["failed"] += 1
-            problems = exc.errors if isinstance(exc, ConfigError) else exc.problems
+            problems = exc.located() if isinstance(exc, ConfigError) else exc.problems
             self._reloads["last"] = {"ok": False, "errors": problems, "at": time.time()}
             log.error("reload of %s refused; the running config (%s) keeps serving:\n  %s",
                       getattr(config, "source", config) if not isinstance(config, dict) else "<dict>",

@@ -185,8 +185,8 @@ class _Reloads:
             except ConfigError as exc:
                 # `Gateway.reload` logs and counts what it loads itself; this load needed the overrides.
                 gateway._reloads["failed"] += 1
-                gateway._reloads["last"] = {"ok": False, "errors": list(exc.errors), "at": time.time()}
-                log_refused(source, config_hash(gateway.config), list(exc.errors))
+                gateway._reloads["last"] = {"ok": False, "errors": exc.located(), "at": time.time()}
+                log_refused(source, config_hash(gateway.config), exc.located())
                 raise
             return await gateway.reload(new)
         finally:
@@ -226,7 +226,7 @@ class _Reloads:
             if problems:
                 raise ReloadRefused(problems)
         except (ConfigError, ReloadRefused) as exc:
-            errors = list(exc.errors) if isinstance(exc, ConfigError) else exc.problems
+            errors = exc.located() if isinstance(exc, ConfigError) else exc.problems
             self.gateway._reloads["failed"] += 1  # counted where it was asked (this worker's /stats)
             self.gateway._reloads["last"] = {"ok": False, "errors": errors, "at": time.time()}
             log_refused(spec["source"], config_hash(self.gateway.config), errors)

@@ -457,7 +457,7 @@ class Supervisor:
                 raise ReloadRefused(problems)
             self._claim_new(new)
         except (ConfigError, ReloadRefused, LookupError, OSError) as exc:
-            errors = (exc.errors if isinstance(exc, ConfigError) else exc.problems
+            errors = (exc.located() if isinstance(exc, ConfigError) else exc.problems
                       if isinstance(exc, ReloadRefused) else [str(exc)])
             log_refused(source, running, list(errors))
             systemd.ready()
