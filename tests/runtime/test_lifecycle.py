@@ -242,6 +242,13 @@ async def test_sighup_with_workers_reloads_every_worker_and_refused_changes_noth
     await s.wait_line(r"workers: 2 -> 3 cannot change on reload", start=mark)
     assert await routes_by_worker(s.admin) == after
     assert s.proc.returncode is None
+    for _ in range(10):  # every worker shows the supervisor's refusal in its /stats
+        c = await RawClient.connect(s.admin)
+        try:
+            refused = (await c.request("GET", "/stats")).json()["reloads"]["refused_by_supervisor"]
+        finally:
+            await c.close()
+        assert refused["count"] == 1 and any("workers: 2 -> 3" in e for e in refused["last"]["errors"])
 
     # The admin call in a worker goes through the supervisor, which reloads every worker.
     mark = len(s.lines)

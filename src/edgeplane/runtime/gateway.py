@@ -36,6 +36,7 @@ are closed with 1001 and their $disconnect calls run before the upstream pools c
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -136,6 +137,7 @@ class Gateway(GatewayWebSockets):
         self._limits: Any = None  # the throttle stores of the current snapshot (a reload's `previous`)
         self._retiring: set[asyncio.Task[None]] = set()  # what replaced configs still close
         self._reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last": None}
+        self._supervisor_refusals: str | None = None  # set by a supervisor's worker (serving.py)
         self._tick: asyncio.TimerHandle | None = None
         self._started = False
         self._stopped = False
@@ -397,6 +399,16 @@ class Gateway(GatewayWebSockets):
                  report["upstreams_retired"] or "-")
         return report
 
+    def _reload_stats(self) -> dict[str, Any]:
+        out = dict(self._reloads)
+        if self._supervisor_refusals:  # a worker: what its supervisor refused (never applied here)
+            try:
+                with open(self._supervisor_refusals) as fh:
+                    out["refused_by_supervisor"] = json.load(fh)
+            except (OSError, ValueError):
+                pass  # none yet
+        return out
+
     def _refresh_admin(self, new: Config) -> None:
         """The admin app on the new config (a changed token or public paths)."""
         ctx = cast(ServerContext, self._admin_context)
@@ -528,7 +540,7 @@ class Gateway(GatewayWebSockets):
             "access_log_lines": cast(AccessLog, self._access_log).lines,
             **ctx.stats.as_dict(),
             "authorizers": {},
-            "reloads": dict(self._reloads),
+            "reloads": self._reload_stats(),
             **({"cluster": self._limiter.telemetry()} if self._limiter is not None else {}),
             **({"websockets": self._ws_registry.telemetry()}
                if self._ws_registry is not None and self.config.websocket_apis else {}),

@@ -299,6 +299,7 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
     gc.collect()
     gc.freeze()
     if link is not None:
+        gateway._supervisor_refusals = os.path.join(os.path.dirname(link.spec_path), "refused.json")
         link.report("R")
         _exit_with_supervisor(loop, stop)
     else:

@@ -460,6 +460,7 @@ class Supervisor:
             errors = (exc.located() if isinstance(exc, ConfigError) else exc.problems
                       if isinstance(exc, ReloadRefused) else [str(exc)])
             log_refused(source, running, list(errors))
+            self._record_refusal(source, list(errors))
             systemd.ready()
             return
         wanted = {port_key(kind, a) for kind, a in addresses(new)}
@@ -477,6 +478,21 @@ class Supervisor:
         log.info("reload: config %s accepted (was %s); applying it in %d workers",
                  self.form_hash, running, len(self.pending))
         self._check_reload()
+
+    def _record_refusal(self, source: str, errors: list[str]) -> None:
+        """Workers show the supervisor's refusals in their /stats (`reloads.
+        refused_by_supervisor`): the supervisor has no admin listener of its own."""
+        self.refused = getattr(self, "refused", 0) + 1
+        if self.run_dir is None:
+            return
+        path = os.path.join(self.run_dir, "refused.json")
+        try:
+            with open(path + ".tmp", "w") as fh:
+                json.dump({"count": self.refused, "last": {"source": source, "errors": errors,
+                                                           "at": time.time()}}, fh)
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.warning("could not record the refused reload for the workers' /stats: %s", exc)
 
     def _check_reload(self) -> None:
         if self.reload_started is None:
