@@ -29,6 +29,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import time
 
 log = logging.getLogger("edgeplane")
@@ -86,7 +87,10 @@ def set_title(title: str) -> None:
     except ImportError:
         _set_comm(title)
         return
-    setproctitle.setproctitle(title)
+    # The command line stays after the title, as nginx's "master process /usr/sbin/nginx -c
+    # ..." does: `pgrep -f "serve -c /etc/edgeplane.yaml"` still finds the process.
+    args = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["serve"] else ""
+    setproctitle.setproctitle(f"{title} ({args})" if args else title)
 
 
 def _set_comm(title: str) -> None:
