@@ -60,7 +60,7 @@ from edgeplane.runtime.accesslog import AccessLog
 from edgeplane.runtime.admin import admin_listener_tls, build_admin_snapshot
 from edgeplane.runtime.gateway_ws import GatewayWebSockets
 from edgeplane.runtime.ports import DescriptorAlarm, ListenerLock, bind_error, fmt_address, lock_listener
-from edgeplane.runtime.reload import ReloadRefused, apply, config_hash
+from edgeplane.runtime.reload import ReloadRefused, apply, config_hash, reload_source
 from edgeplane.upstream.pool import Upstream
 from edgeplane.websocket.connections import ConnectionRegistry
 
@@ -378,16 +378,14 @@ class Gateway(GatewayWebSockets):
             new = config if isinstance(config, Config) else load_config(config, plugins=self._plugins)
             report = await apply(self, new)
         except (ConfigError, ReloadRefused) as exc:
-            self._reloads["failed"] += 1
             problems = exc.located() if isinstance(exc, ConfigError) else exc.problems
-            self._reloads["last"] = {"ok": False, "errors": problems, "at": time.time()}
+            self.count_refused(problems)
             log.error("reload of %s refused; the running config (%s) keeps serving:\n  %s",
                       getattr(config, "source", config) if not isinstance(config, dict) else "<dict>",
                       config_hash(self.config), "\n  ".join(problems))
             raise
         except Exception as exc:  # a bind error, a plugin's start: nothing was swapped in
-            self._reloads["failed"] += 1
-            self._reloads["last"] = {"ok": False, "errors": [f"{type(exc).__name__}: {exc}"], "at": time.time()}
+            self.count_refused([f"{type(exc).__name__}: {exc}"])
             log.error("reload failed; the running config (%s) keeps serving: %s", config_hash(self.config), exc,
                       exc_info=not isinstance(exc, OSError))
             raise
@@ -398,6 +396,11 @@ class Gateway(GatewayWebSockets):
                  report["upstreams_kept"] or "-", report["upstreams_new"] or "-",
                  report["upstreams_retired"] or "-")
         return report
+
+    def count_refused(self, errors: list[str]) -> None:
+        """Count a reload that changed nothing (`stats()["reloads"]`), with its errors."""
+        self._reloads["failed"] += 1
+        self._reloads["last"] = {"ok": False, "errors": errors, "at": time.time()}
 
     def _reload_stats(self) -> dict[str, Any]:
         out = dict(self._reloads)
@@ -420,10 +423,7 @@ class Gateway(GatewayWebSockets):
         LookupError when it came from a dict or a Config (nothing to read again)."""
         if self._reload_via is not None:
             return await self._reload_via()
-        source = self.config.source
-        if not source or source.startswith("<") or not os.path.exists(source):
-            raise LookupError(f"the running config has no file to reload from ({source})")
-        return await self.reload(source)
+        return await self.reload(reload_source(self.config.source))
 
     async def _rebind(self, new: Config) -> None:
         """Bind the data and TLS listeners `new` adds, close the ones it drops. A bind

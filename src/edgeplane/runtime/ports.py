@@ -66,6 +66,8 @@ import stat
 import time
 from typing import Any
 
+from edgeplane.runtime.systemd import alive
+
 log = logging.getLogger("edgeplane")
 
 FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})
@@ -105,7 +107,7 @@ class AddressInUse(ListenerError):
         if pid is None:
             owner = "edgeplane (pid not yet written)"
         else:
-            owner = f"edgeplane pid {pid}" + ("" if _alive(pid) else " (exited; its workers still serve)")
+            owner = f"edgeplane pid {pid}" + ("" if alive(pid) else " (exited; its workers still serve)")
         super().__init__(kind, host, port, f" is in use by {owner} (lock {path})", errno.EADDRINUSE)
         self.pid = pid
         self.path = path
@@ -259,16 +261,6 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _port_owners(port: int) -> list[tuple[str, int, str]]:
     """(address, pid, lock path) of other live edgeplane owners of `port`, any address: a
     hint for an EADDRINUSE, read without locking (a probe lock could make a starting
@@ -293,7 +285,7 @@ def _port_owners(port: int) -> list[tuple[str, int, str]]:
         finally:
             os.close(fd)
         # Our own lock (taken just before this bind) is not the owner.
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is not None and pid != os.getpid() and alive(pid):
             out.append((f"{name[:-len(suffix)]}:{port}", pid, path))
     return out
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,14 @@ class ReloadRefused(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+def reload_source(source: str) -> str:
+    """The file a running config is reloaded from, or LookupError when it came from a
+    dict, a `Config` or stdin, or the file is gone."""
+    if not source or source.startswith("<") or not os.path.exists(source):
+        raise LookupError(f"the running config has no file to reload from ({source})")
+    return source
 
 
 def config_hash(config: Config) -> str:

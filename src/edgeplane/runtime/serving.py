@@ -35,7 +35,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import uvloop
@@ -46,7 +45,7 @@ from edgeplane.policies.throttle.stores import plans_of
 from edgeplane.runtime import logs, systemd
 from edgeplane.runtime.gateway import Gateway
 from edgeplane.runtime.ports import fmt_address, raise_nofile_limit
-from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals
+from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals, reload_source
 from edgeplane.runtime.takeover import HandoverServer, TakeoverError, receive_listeners
 
 log = logging.getLogger("edgeplane.workers")
@@ -173,9 +172,7 @@ class _Reloads:
     async def from_file(self) -> dict[str, Any]:
         """One process: reload the file the config came from, with the CLI's overrides."""
         gateway = self.gateway
-        source = gateway.config.source
-        if not source or source.startswith("<") or not os.path.exists(source):
-            raise LookupError(f"the running config has no file to reload from ({source})")
+        source = reload_source(gateway.config.source)
         systemd.reloading()
         try:
             if not self.overrides:
@@ -184,8 +181,7 @@ class _Reloads:
                 new = load_config(source, overrides=self.overrides)
             except ConfigError as exc:
                 # `Gateway.reload` logs and counts what it loads itself; this load needed the overrides.
-                gateway._reloads["failed"] += 1
-                gateway._reloads["last"] = {"ok": False, "errors": exc.located(), "at": time.time()}
+                gateway.count_refused(exc.located())
                 log_refused(source, config_hash(gateway.config), exc.located())
                 raise
             return await gateway.reload(new)
@@ -227,8 +223,7 @@ class _Reloads:
                 raise ReloadRefused(problems)
         except (ConfigError, ReloadRefused) as exc:
             errors = exc.located() if isinstance(exc, ConfigError) else exc.problems
-            self.gateway._reloads["failed"] += 1  # counted where it was asked (this worker's /stats)
-            self.gateway._reloads["last"] = {"ok": False, "errors": errors, "at": time.time()}
+            self.gateway.count_refused(errors)  # counted where it was asked (this worker's /stats)
             log_refused(spec["source"], config_hash(self.gateway.config), errors)
             raise
         os.kill(spec["supervisor"], signal.SIGHUP)

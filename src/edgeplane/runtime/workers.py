@@ -62,7 +62,7 @@ from edgeplane.policies.throttle.shared_limits import SHM_DIR, SharedLimitTable
 from edgeplane.policies.throttle.stores import plans_of, shared_limit_count
 from edgeplane.runtime import logs, systemd
 from edgeplane.runtime.ports import ListenerLock, claim_placeholder, fmt_address, raise_nofile_limit
-from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals
+from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals, reload_source
 from edgeplane.runtime.serving import (
     ENV_SHARED,
     ENV_SHARED_KEYS,
@@ -447,9 +447,7 @@ class Supervisor:
         source = self.config.source
         running = self.form_hash
         try:
-            if source.startswith("<") or not os.path.exists(source):
-                raise LookupError(f"the running config has no file to reload from ({source})")
-            new = load_config(source, overrides=self.overrides)
+            new = load_config(reload_source(source), overrides=self.overrides)
             # With workers > 1 every limit lives in the shared tables: their layout is fixed.
             tables = needs_shared_tables(self.config) or needs_shared_tables(new)
             problems = refusals(self.config, new, shared_tables=tables)
