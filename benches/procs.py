@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,3 +226,34 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 15.
             last = str(exc)
         time.sleep(0.05)
     raise RuntimeError(f"not answering GET {path} on port {port} within {timeout:.0f}s ({last})")
+
+
+def edgeplane_argv() -> list[str]:
+    """The `edgeplane` command of this interpreter's environment."""
+    script = Path(sys.executable).parent / "edgeplane"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edgeplane"]
+
+
+def wait_line(path: Path, text: str, proc: subprocess.Popen, timeout: float, who: str | None = None) -> None:
+    """Wait until the log at `path` holds `text`; raise if `proc` exits or time runs out."""
+    who = who or path.stem
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if text in path.read_text():
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{who} exited with {proc.returncode} before printing '{text}'")
+        time.sleep(0.05)
+    raise RuntimeError(f"{who} did not print '{text}' within {timeout:.0f}s")
+
+
+def write_json(data: dict, path: str | None, prefix: str) -> Path:
+    """Write a run's JSON to `path`, or to benches/out/<prefix>-<timestamp>.json."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(path) if path else Path(__file__).resolve().parent / "out" / f"{prefix}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return out

@@ -102,7 +102,19 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from procs import CLK_TCK, Procs, cpu_plan, cpu_seconds, free_port, rss_bytes, wait_http  # noqa: E402
+from procs import (  # noqa: E402
+    CLK_TCK,
+    Procs,
+    cpu_plan,
+    cpu_seconds,
+    edgeplane_argv,
+    free_port,
+    rss_bytes,
+    wait_http,
+    wait_line,
+    write_json,
+)
+from report import table as _table  # noqa: E402
 from slow_clients import core_ticks  # noqa: E402
 from ws_bench import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, accept_key, client_frame  # noqa: E402
 
@@ -592,9 +604,6 @@ def load_main(argv: list[str]) -> int:
 # =========================================================================== controller
 
 
-def edgeplane_argv() -> list[str]:
-    script = Path(sys.executable).parent / "edgeplane"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "edgeplane"]
 
 
 def gateway_config(which: str, a: argparse.Namespace, port: int, admin: int, ups: list[int],
@@ -658,18 +667,6 @@ def catches(pid: int, sig: int, field: str = "SigCgt:") -> bool | None:
     return None
 
 
-def wait_line(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if text in path.read_text():
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{path.stem} exited with {proc.returncode} before printing '{text}'")
-        time.sleep(0.05)
-    raise RuntimeError(f"{path.stem} did not print '{text}' within {timeout:.0f}s")
 
 
 class Bench:
@@ -1111,13 +1108,6 @@ def _f(v, nd=2) -> str:
     return str(v)
 
 
-def table(rows: list[list[str]], head: list[str]) -> str:
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def must_be_zero(res: dict) -> list[str]:
@@ -1138,6 +1128,10 @@ def must_be_zero(res: dict) -> list[str]:
     if res["meta"]["stopped_early"]:
         bad.append(f"reload phase stopped early: {res['meta']['stopped_early']}")
     return bad
+
+
+def table(rows: list[list[str]], head: list[str]) -> str:
+    return _table(head, rows, align_left=1)  # report.table: first column left, the rest right
 
 
 def print_report(res: dict) -> None:
@@ -1226,11 +1220,6 @@ def print_report(res: dict) -> None:
     print("\n" + ("must-be-zero: all zero" if not bad else "must-be-zero NOT met:\n  " + "\n  ".join(bad)))
 
 
-def write_json(data: dict, path: str | None) -> Path:
-    out = Path(path) if path else BENCH_DIR / "out" / f"reload-under-load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    return out
 
 
 # =========================================================================== CLI
@@ -1321,7 +1310,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print_report(res)
-    print(f"\nJSON: {write_json(res, a.json)}")
+    print(f"\nJSON: {write_json(res, a.json, 'reload-under-load')}")
     return 1 if must_be_zero(res) else 0
 
 

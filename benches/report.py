@@ -83,7 +83,8 @@ def _row(label: str, bound: str, value, met: bool) -> dict:
 # --------------------------------------------------------------------------- text
 
 
-def _table(headers: list[str], rows: list[list], align_left: int = 2) -> str:
+def table(headers: list[str], rows: list[list], align_left: int = 2) -> str:
+    """A plain-text table: the first `align_left` columns left-aligned, the rest right."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     def line(vals: list[str]) -> str:
@@ -112,12 +113,12 @@ def results_table(results: list[dict]) -> str:
         rows.append([r["target"], scen, r["load"]["tool"], r["rps"], lat["p50"], lat["p90"], lat["p99"],
                      lat["p99.9"], r["errors_total"], r["cpu_s"], r["cpu_util"], r["cpu_us_per_req"],
                      r["req_per_cpu_s"], r.get("rss_idle_mib")])
-    return _table(["target", "scenario", "load", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors",
+    return table(["target", "scenario", "load", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors",
                    "CPU s", "CPU util", "us CPU/req", "req/CPU-s", "RSS idle MiB"], rows, align_left=3)
 
 
 def ratios_table(rows: list[dict]) -> str:
-    return _table(["scenario", "peer", "gateway req/CPU-s", "peer req/CPU-s", "ratio"],
+    return table(["scenario", "peer", "gateway req/CPU-s", "peer req/CPU-s", "ratio"],
                   [[r["scenario"],
                     r["peer"] + ("" if r["peer_scenario"] == r["scenario"] else f" ({r['peer_scenario']})"),
                     r["gateway_req_per_cpu_s"], r["peer_req_per_cpu_s"], r["ratio"]] for r in rows])
@@ -128,10 +129,10 @@ def openloop_table(results: list[dict]) -> str:
              r["latency_ms"]["p99.9"], r["latency_ms"]["max"], r["load"]["send_lag_ms"]["p99"],
              r["load"].get("waited_for_connection"), r["errors_total"], r["cpu_util"]]
             for r in results if r.get("kind") == "open"]
-    return _table(["target", "scenario", "rate", "achieved", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
+    return table(["target", "scenario", "rate", "achieved", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
                    "send lag p99 ms", "waited", "errors", "CPU util"], rows)
 
 
 def budget_table(rows: list[dict]) -> str:
-    return _table(["budget row", "budget", "measured", "met", "note"],
+    return table(["budget row", "budget", "measured", "met", "note"],
                   [[r["row"], r["budget"], r["measured"], r["met"], r["note"]] for r in rows], align_left=5)

@@ -48,7 +48,17 @@ sys.path.insert(0, str(BENCH_DIR))
 import peers as peers_mod  # noqa: E402
 import report  # noqa: E402
 import wrkrun  # noqa: E402
-from procs import CpuPlan, Procs, cpu_plan, cpu_seconds, free_port, rss_bytes, wait_http  # noqa: E402
+from procs import (  # noqa: E402
+    CpuPlan,
+    Procs,
+    cpu_plan,
+    cpu_seconds,
+    edgeplane_argv,
+    free_port,
+    rss_bytes,
+    wait_http,
+    write_json,
+)
 from scenarios import SCENARIOS, Scenario, gateway_config, parse_list, request_headers  # noqa: E402
 
 MIB = 1024 * 1024
@@ -252,9 +262,6 @@ def _result(target: str, version: str, s: Scenario, kind: str, load: dict, cpu: 
 # --------------------------------------------------------------------------- targets
 
 
-def edgeplane_argv() -> list[str]:
-    script = Path(sys.executable).parent / "edgeplane"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "edgeplane"]
 
 
 def edgeplane_version() -> str:
@@ -473,11 +480,6 @@ def smoke_check(data: dict) -> list[str]:
     return failures
 
 
-def write_json(data: dict, path: str | None) -> Path:
-    out = Path(path) if path else BENCH_DIR / "out" / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    return out
 
 
 def _interrupt(signum, frame):  # noqa: ARG001
@@ -511,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         failures = smoke_check(data)
         data["smoke"] = {"ok": not failures, "failures": failures}
     print_report(data)
-    path = write_json(data, args.json)
+    path = write_json(data, args.json, "results")
     print(f"\nJSON: {path}")
     if args.smoke:
         print("smoke: " + ("OK" if data["smoke"]["ok"] else "FAILED: " + "; ".join(data["smoke"]["failures"])))

@@ -71,7 +71,19 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from procs import Procs, cpu_plan, cpu_seconds, descendants, free_port, rss_bytes, wait_http  # noqa: E402
+from procs import (  # noqa: E402
+    Procs,
+    cpu_plan,
+    cpu_seconds,
+    descendants,
+    edgeplane_argv,
+    free_port,
+    rss_bytes,
+    wait_http,
+    wait_line,
+    write_json,
+)
+from report import table as _table  # noqa: E402
 
 MIB = 1024 * 1024
 PHASES = ("quiet", "heads", "idle", "bodies", "heads-capped")
@@ -622,9 +634,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def edgeplane_argv() -> list[str]:
-    script = Path(sys.executable).parent / "edgeplane"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "edgeplane"]
 
 
 def gateway_config(a: argparse.Namespace, port: int, admin: int, upstream_port: int, capped: bool) -> dict:
@@ -698,18 +707,6 @@ def read_status(path: Path) -> dict | None:
         return None
 
 
-def wait_line(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if text in path.read_text():
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"good client exited with {proc.returncode} before '{text}'")
-        time.sleep(0.05)
-    raise RuntimeError(f"good client did not print '{text}' within {timeout:.0f}s")
 
 
 class Bench:
@@ -812,7 +809,7 @@ class Bench:
                 [sys.executable, __file__, "_good", "--port", str(port), "--duration", str(a.duration),
                  "--think", str(a.think), "--out", str(good_out)],
                 self.client_cores)
-            wait_line(good_log, "measuring", good, 30)
+            wait_line(good_log, "measuring", good, 30, who="good client")
             pids = {"gateway": gw.pid, "upstream": self.upstream.pid}  # the good client reports its own
             if attacker:
                 pids["attacker"] = attacker.pid
@@ -979,13 +976,10 @@ def one_line(r: dict) -> str:
             f"gateway CPU {r['gateway']['cpu_s']} s, open {(r['gateway']['connections_open'] or {}).get('median')}")
 
 
+
+
 def table(rows: list[list[str]], head: list[str]) -> str:
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return _table(head, rows, align_left=1)  # report.table: first column left, the rest right
 
 
 def print_report(data: dict) -> None:
@@ -1075,11 +1069,6 @@ def print_report(data: dict) -> None:
                   f"{ka['errors'].get('reset_before_response', 0)} refused (it retries every 10 ms).")
 
 
-def write_json(data: dict, path: str | None) -> Path:
-    out = Path(path) if path else BENCH_DIR / "out" / f"slow-clients-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    return out
 
 
 def _interrupt(signum, frame):  # noqa: ARG001
@@ -1121,7 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print_report(data)
-    print(f"\nJSON: {write_json(data, a.json)}")
+    print(f"\nJSON: {write_json(data, a.json, 'slow-clients')}")
     return 0
 
 
