@@ -258,7 +258,13 @@ async def test_sighup_with_workers_reloads_every_worker_and_refused_changes_noth
         answer = await r.request("POST", "/config/reload")
     finally:
         await r.close()
-    assert answer.status == 200 and answer.json()["status"] == "accepted", answer.body
+    # It answers once every worker applied it: the change is live in both right away.
+    assert answer.status == 200 and answer.json()["status"] == "applied", answer.body
+    assert answer.json()["workers"] == 2 and answer.json()["restarting"] == 0
+    bodies = set()
+    for _ in range(12):
+        bodies.add((await get(s.addr, "/v")).body)
+    assert bodies == {orjson.dumps({"v": 4})}
     await s.wait_line(r"reloaded config \w+ in 2 workers", start=mark)
     assert all(routes == ["GET /v"] for routes in (await routes_by_worker(s.admin)).values())
     s.write(config([mock("GET /v", {"v": 5})], workers=3))

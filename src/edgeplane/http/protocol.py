@@ -140,12 +140,14 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
         ctx = self.ctx
         self.parser = new_request_parser(ctx.parser_kind, self, ctx.limits.max_head_bytes)
         ctx.stats.connections_total += 1
-        if ctx.draining or not ctx.admit(self):
+        if not ctx.admit(self):
             self._closed = True
             self.transport.abort()  # refused at accept: no answer, the fd comes back at once
             return
         self._accepted_at = self.loop.time()
         self.set_deadline(T_FIRST, ctx.limits.head_timeout)
+        if ctx.draining:  # accepted in the drain's last batch: its request is on its way
+            self.drain_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.ctx.connections:

@@ -41,6 +41,12 @@ T_KEEPALIVE = 6  # idle keep-alive -> close quietly
 T_LINGER = 7  # answered and half-closed, dropping what the client still sends -> close
 T_BODY_RATE = 8  # request body being read for the integration: its rate window ended
 
+# A drain (stop, takeover) leaves an idle connection this long to send one more request,
+# answered with `Connection: close`, before closing it quietly. Closing it at once would
+# fail any request already on its way: on a busy keep-alive connection, or a connection
+# the kernel queued to a listener the successor shares, there always is one.
+DRAIN_IDLE_GRACE = 1.0
+
 # Reasons to pause reading from the client (bitmask).
 P_PIPELINE = 1  # too many parsed requests waiting
 P_UPSTREAM = 2  # upstream write buffer above its high-water mark
@@ -180,6 +186,13 @@ class Replies:
             self.transport.abort()
 
     # ------------------------------------------------------------------ timers
+    def drain_idle(self) -> None:
+        """The gateway drains while this connection is idle: `DRAIN_IDLE_GRACE` (or its
+        own sooner deadline) for one more request, then it closes quietly."""
+        if self._timer_kind in (T_FIRST, T_KEEPALIVE):
+            left = self._deadline - self.loop.time()
+            self.set_deadline(self._timer_kind, max(0.0, min(DRAIN_IDLE_GRACE, left)))
+
     def set_deadline(self, kind: int, seconds: float) -> None:
         self._timer_kind = kind
         if kind == T_NONE:

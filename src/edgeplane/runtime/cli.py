@@ -69,7 +69,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--takeover", action="store_true",
                    help="zero-downtime upgrade: take the listening sockets of the running instance "
                         "that owns this config's first listener (it then drains and exits); "
-                        "workers: 1 only. SIGUSR2 to the running instance does the same")
+                        "any workers: on either side. SIGUSR2 to the running instance (the "
+                        "supervisor with workers) does the same")
 
     p = sub.add_parser("validate", help="check a config file",
                        description="Load and validate a config file. Exit 0 when it is valid; "
@@ -209,14 +210,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif args.pidfile:  # named us only once we serve: a failed successor leaves it alone
             pidfile = PidFile(args.pidfile)
         demo = _start_demo_upstream(args.demo_upstream) if args.demo_upstream is not None else None
-        if args.takeover and n > 1:
-            print("edgeplane: cannot start: --takeover needs workers: 1 (a supervisor's workers "
-                  "cannot hand over yet; restart it instead)", file=sys.stderr)
-            return 1
+        on_takeover = pidfile.replace if pidfile is not None else None
         if n <= 1:
-            return run_single(config, overrides=overrides, takeover=args.takeover,
-                              on_takeover=pidfile.replace if pidfile is not None else None)
-        return run_supervisor(config, n, overrides=overrides)
+            return run_single(config, overrides=overrides, takeover=args.takeover, on_takeover=on_takeover)
+        return run_supervisor(config, n, overrides=overrides, takeover=args.takeover, on_takeover=on_takeover)
     except OSError as exc:
         print(f"edgeplane: cannot start: {exc}", file=sys.stderr)
         return 1

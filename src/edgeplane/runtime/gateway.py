@@ -132,8 +132,10 @@ class Gateway(GatewayWebSockets):
         # reload_from_source's way when `runtime.serving` sets it (CLI overrides, the supervisor)
         self._reload_via: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._servers: list[asyncio.AbstractServer] = []
-        # (kind, host, port as configured) -> (server, its lock): what a reload re-binds
-        self._bound: dict[tuple[str, str, int], tuple[asyncio.Server, ListenerLock | None]] = {}
+        # (kind, host, port as configured) -> (servers, their lock): what a reload re-binds.
+        # One server per socket; more than one only for sockets received from a
+        # supervisor's worker slots (a takeover), all served.
+        self._bound: dict[tuple[str, str, int], tuple[list[asyncio.Server], ListenerLock | None]] = {}
         self._limits: Any = None  # the throttle stores of the current snapshot (a reload's `previous`)
         self._retiring: set[asyncio.Task[None]] = set()  # what replaced configs still close
         self._reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last": None}
@@ -235,16 +237,18 @@ class Gateway(GatewayWebSockets):
         kind = "admin" if ctx is self._admin_context else "TLS" if tls is not None else "data"
         loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: start() binds
         taken = self._inherited.take(kind, host, port) if self._inherited is not None else None
-        if taken is not None:  # a takeover: the predecessor's socket, still accepting
-            sock, lock = taken
-            server = await loop.create_server(factory, sock=sock, backlog=4096, **extra)
-            self._servers.append(server)
+        if taken is not None:  # a takeover, or a worker: sockets that are already listening
+            socks, lock = taken
             if lock is not None:
                 self._listener_locks.append(lock)
-            self._bound[(kind, host, port)] = (server, lock)
-            bound = server.sockets[0].getsockname()[:2]
+            servers = []
+            for sock in socks:
+                servers.append(await loop.create_server(factory, sock=sock, backlog=4096, **extra))
+                self._servers.append(servers[-1])  # from here on, start()'s cleanup closes it
+            self._bound[(kind, host, port)] = (servers, lock)
+            bound = servers[0].sockets[0].getsockname()[:2]
             self._fd_alarm.listeners[bound] = f"{kind} listener {fmt_address(*bound)}"
-            return server
+            return servers[0]
         lock = lock_listener(kind, host, port) if self._lock_ports and port else None
         try:
             server = await loop.create_server(
@@ -261,7 +265,7 @@ class Gateway(GatewayWebSockets):
             lock = lock_listener(kind, host, bound[1])
         if lock is not None:
             self._listener_locks.append(lock)
-        self._bound[(kind, host, port)] = (server, lock)
+        self._bound[(kind, host, port)] = ([server], lock)
         self._fd_alarm.listeners[bound] = f"{kind} listener {fmt_address(*bound)}"
         return server
 
@@ -298,10 +302,12 @@ class Gateway(GatewayWebSockets):
     async def stop(self, drain_timeout: float | None = None, drain_delay: float | None = None, *,
                    handed_over: bool = False) -> None:
         """Report not-ready (/ready and /healthz 503) but keep serving for `drain_delay`,
-        then stop accepting, let in-flight requests finish (up to the drain timeout), close
-        idle keep-alive connections, and close everything (both: the config's unless
-        given). The admin listener closes last, so a load balancer can follow the drain
-        (unless `handed_over`: the successor answers on the same sockets, no delay)."""
+        then stop accepting, let in-flight requests finish (up to the drain timeout), give
+        idle keep-alive connections `DRAIN_IDLE_GRACE` for one more request (answered with
+        `Connection: close`), and close everything (both: the config's unless given). The
+        admin listener closes last, so a load balancer can follow the drain. `handed_over`
+        (a successor answers on the same sockets): no delay, and proxied WebSockets stay
+        until they close or the drain timeout nears (`_outlive_handover`)."""
         if not self._started or self._stopped:
             return
         self._stopped = True
@@ -311,16 +317,20 @@ class Gateway(GatewayWebSockets):
         if delay > 0:
             log.info("not ready; serving %.1fs more before draining (drain_delay)", delay)
             await asyncio.sleep(delay)
-        for (kind, _, _), (server, _) in self._bound.items():
+        for (kind, _, _), (servers, _) in self._bound.items():
             if kind != "admin" or handed_over:
-                server.close()
+                for server in servers:
+                    server.close()
         loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: started
         ctx, admin = self._context, self._admin_context  # None when start() failed early
         if ctx is not None:
-            ctx.draining = True
+            ctx.draining = True  # every response from now on says `Connection: close`
             for proto in list(ctx.connections):
                 if proto.idle():
-                    proto.transport.close()
+                    proto.drain_idle()  # a request already on its way is still answered
+        if handed_over and ctx is not None:
+            # Keep what is open for the drain timeout, less the time to close it cleanly.
+            await self._outlive_handover(ctx, max(0.0, timeout - 2.5))
         await self._close_websockets(min(timeout, 2.5))
         deadline = loop.time() + timeout
         while ctx is not None and ctx.connections and loop.time() < deadline:
@@ -434,7 +444,7 @@ class Gateway(GatewayWebSockets):
         have = {key for key in self._bound if key[0] != "admin"}
         # A listener configured with port 0 is the same one as the port it got.
         for kind, host, port in list(have):
-            server = self._bound[(kind, host, port)][0]
+            server = self._bound[(kind, host, port)][0][0]
             actual = server.sockets[0].getsockname()[1] if server.sockets else port
             if port == 0 and (kind, host, actual) in wanted:
                 self._bound[(kind, host, actual)] = self._bound.pop((kind, host, port))
@@ -458,11 +468,12 @@ class Gateway(GatewayWebSockets):
         entry = self._bound.pop(key, None)
         if entry is None:
             return
-        server, lock = entry
-        address = server.sockets[0].getsockname()[:2] if server.sockets else None
-        server.close()  # open connections stay and finish; no new ones
-        if server in self._servers:
-            self._servers.remove(server)
+        servers, lock = entry
+        address = servers[0].sockets[0].getsockname()[:2] if servers[0].sockets else None
+        for server in servers:
+            server.close()  # open connections stay and finish; no new ones
+            if server in self._servers:
+                self._servers.remove(server)
         for listing in (self.addresses, self.tls_addresses):
             if address in listing:
                 listing.remove(address)
@@ -471,11 +482,12 @@ class Gateway(GatewayWebSockets):
             if lock in self._listener_locks:
                 self._listener_locks.remove(lock)
 
-    def handover_listeners(self) -> list[tuple[str, str, int, asyncio.Server, ListenerLock | None]]:
-        """Every listener as (kind, host, configured port, server, lock), for a
+    def handover_listeners(self) -> list[tuple[str, str, int, list[Any], ListenerLock | None]]:
+        """Every listener as (kind, host, configured port, sockets, lock), for a
         successor (`runtime.takeover`). Once it serves, `stop()` with `handed_over`
         keeps the lock files (the successor holds them now)."""
-        return [(kind, host, port, server, lock) for (kind, host, port), (server, lock) in self._bound.items()]
+        return [(kind, host, port, [server.sockets[0] for server in servers], lock)
+                for (kind, host, port), (servers, lock) in self._bound.items()]
 
     def _retire(self, closing: Any) -> None:
         task = cast(asyncio.AbstractEventLoop, self._loop).create_task(closing)

@@ -18,7 +18,7 @@ from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
 from edgeplane.policies.throttle.stores import ws_api_index
 from edgeplane.websocket.api import build_websocket_apis
-from edgeplane.websocket.connections import ConnectionRegistry
+from edgeplane.websocket.connections import ConnectionRegistry, WsConnection
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config
@@ -102,18 +102,33 @@ class GatewayWebSockets:
             bus, self._ws_bus = self._ws_bus, None
             await bus.close()
 
-    async def _close_websockets(self, timeout: float) -> None:
-        """Close every WebSocket with 1001 and give clients `timeout` to answer."""
+    async def _outlive_handover(self, ctx: ServerContext, timeout: float) -> None:
+        """Handed over: the successor serves new connections. Proxied WebSockets and
+        requests in flight stay here until they end on their own, for up to `timeout`
+        (as nginx's old workers do). WebSocket API connections close now with 1001: their
+        `@connections` calls reach the successor, which could not deliver to them here."""
+        await self._close_websockets(min(timeout, 2.5), api_only=True)
+        loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: the context exists
+        deadline = loop.time() + timeout
+        while (ctx.websockets or ctx.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def _close_websockets(self, timeout: float, *, api_only: bool = False) -> None:
+        """Close every WebSocket (`api_only`: those of WebSocket APIs) with 1001 and
+        give clients `timeout` to answer."""
         ctx = self._context
         if ctx is None or not ctx.websockets:
             return
-        for ws in list(ctx.websockets):
+        closing = [ws for ws in ctx.websockets if not api_only or isinstance(ws, WsConnection)]
+        if not closing:
+            return
+        for ws in closing:
             ws.close(1001, "going away")
         loop = cast(asyncio.AbstractEventLoop, self._loop)  # set: the context exists
         deadline = loop.time() + timeout
-        while ctx.websockets and loop.time() < deadline:
+        while any(ws in ctx.websockets for ws in closing) and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for ws in list(ctx.websockets):
+        for ws in [ws for ws in closing if ws in ctx.websockets]:
             abort = getattr(ws, "abort", None)  # a proxied relay: both legs
             if abort is not None:
                 abort()

@@ -34,9 +34,9 @@ Owns three things.
 
    Owners without an edgeplane lock (another program, an older edgeplane) are caught by
    the bind itself: a single process binds without SO_REUSEPORT, and the supervisor's
-   placeholder (`claim_placeholder`) is bound *before* SO_REUSEPORT is set on it, so
+   first socket (`listeners.claim`) is bound *before* SO_REUSEPORT is set on it, so
    that bind fails on a port anyone holds, even a same-user SO_REUSEPORT listener;
-   setting SO_REUSEPORT right after lets this supervisor's workers join.
+   setting SO_REUSEPORT right after lets its other worker slots join.
 
 2. Named bind errors: every `ListenerError` says the listener kind and address,
    `data listener 127.0.0.1:8080: [Errno 98] address already in use`, and when an
@@ -61,7 +61,6 @@ import ipaddress
 import logging
 import os
 import resource
-import socket
 import stat
 import time
 from typing import Any
@@ -288,35 +287,6 @@ def _port_owners(port: int) -> list[tuple[str, int, str]]:
         if pid is not None and pid != os.getpid() and alive(pid):
             out.append((f"{name[:-len(suffix)]}:{port}", pid, path))
     return out
-
-
-def claim_placeholder(kind: str, host: str, port: int) -> tuple[socket.socket, ListenerLock | None]:
-    """The supervisor's hold on one address: its lock and a bound, not listening,
-    socket that keeps the port (port 0 resolved) while workers bind theirs. The lock is
-    None only when the lock directory is unusable (`lock_listener`).
-
-    The bind is exclusive (SO_REUSEPORT is set only after it), so any other holder of
-    the port makes it fail; the workers' SO_REUSEPORT binds then join this socket."""
-    lock = lock_listener(kind, host, port) if port else None
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT on restart
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as the workers' sockets
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise bind_error(kind, host, port, exc) from exc
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if not port:
-            lock = lock_listener(kind, host, sock.getsockname()[1])
-    except BaseException:
-        sock.close()
-        if lock is not None:
-            lock.release()
-        raise
-    return sock, lock
 
 
 # ---------------------------------------------------------------------- descriptors

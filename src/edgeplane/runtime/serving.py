@@ -11,7 +11,8 @@ Owns the life of one process that runs a `Gateway`:
   READY=1 around a reload, STOPPING=1 when the drain begins.
 - `worker_main()`: a worker started by the supervisor (`runtime.workers`). Its config is
   the supervisor's spec file (`ENV_SPEC`: JSON with a generation, the worker form of the
-  config, the ports the supervisor claimed); it reports on its status pipe (`ENV_STATUS`):
+  config, the ports the supervisor claimed); it serves the listening sockets the
+  supervisor gave it (`runtime.listeners`) and reports on its control channel (`ENV_STATUS`):
   `R` once serving, then `K <generation>` / `F <generation>` per reload. SIGHUP reloads
   from the spec file when its generation is newer than the one served (a stray SIGHUP
   changes nothing but still answers). `POST /config/reload` on its admin listener
@@ -41,25 +42,33 @@ import uvloop
 
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config, ListenAddress
-from edgeplane.policies.throttle.stores import plans_of
 from edgeplane.runtime import logs, systemd
 from edgeplane.runtime.gateway import Gateway
+from edgeplane.runtime.listeners import Provided, provided_from_env, receive_added
 from edgeplane.runtime.ports import fmt_address, raise_nofile_limit
 from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals, reload_source
-from edgeplane.runtime.takeover import HandoverServer, TakeoverError, receive_listeners
+from edgeplane.runtime.supervisor_state import (
+    APPLIED,
+    ENV_SHARED,
+    ENV_SHARED_KEYS,
+    REFUSED,
+    needs_shared_tables,
+    read_outcome,
+)
+from edgeplane.runtime.takeover import HandoverServer, TakeoverError, receive_listeners, successor_argv
 
 log = logging.getLogger("edgeplane.workers")
 
 ENV_SPEC = "EDGEPLANE_WORKER_SPEC"  # path of the supervisor's worker.json
-ENV_STATUS = "EDGEPLANE_STATUS_FD"  # the worker's end of its status pipe
-ENV_SHARED = "EDGEPLANE_SHARED_LIMITS"  # name of the cross-worker throttle table
-ENV_SHARED_KEYS = "EDGEPLANE_SHARED_KEYS"  # name of the per-client (keyed) table, if any
-_QUIET = (signal.SIGHUP, signal.SIGUSR1)  # ignored until a handler is installed
+ENV_STATUS = "EDGEPLANE_STATUS_FD"  # the worker's end of its control channel
+_ADMIN_RELOAD_WAIT = 30.0  # how long `POST /config/reload` in a worker waits for the outcome
+_QUIET = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # ignored until a handler is installed
 
 
 def ignore_quiet_signals() -> None:
-    """SIGHUP and SIGUSR1 do nothing until the serving loop handles them (their default
-    action kills the process: a reload or log rotation must never do that)."""
+    """SIGHUP, SIGUSR1 and SIGUSR2 do nothing until the serving loop handles them (their
+    default action kills the process: a reload, a log rotation or an upgrade must never
+    do that)."""
     for sig in _QUIET:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -79,15 +88,6 @@ def worker_raw(config: Config, ports: dict[str, str]) -> dict[str, Any]:
         raw.setdefault("admin", {})["listen"] = resolved("admin", config.admin.listen)
     raw["workers"] = 1
     return raw
-
-
-def needs_shared_tables(cfg: Config) -> bool:
-    """Whether the workers of `cfg` share limits through the supervisor's shared-memory
-    tables (their layout cannot change on reload)."""
-    return cfg.cluster is None and bool(
-        cfg.policies.get("throttle") is not None or cfg.websocket_apis
-        or any("throttle" in r.policies for r in cfg.routes)
-        or any(p.throttle or p.route_throttles for p in plans_of(cfg).values()))
 
 
 def port_key(kind: str, a: ListenAddress) -> str:
@@ -115,12 +115,14 @@ def _ws_worker_from_env() -> tuple[int, str, bytes] | None:
 
 
 class _WorkerLink:
-    """A worker's side of its supervisor: the spec file, the status pipe, its generation."""
+    """A worker's side of its supervisor: the spec file, the control channel (status
+    lines up, listening sockets down), the sockets it was given, its generation."""
 
-    def __init__(self, spec_path: str, status_fd: int, generation: int) -> None:
+    def __init__(self, spec_path: str, status_fd: int, generation: int, provided: Provided) -> None:
         self.spec_path = spec_path
         self.status_fd = status_fd
         self.generation = generation  # of the config this worker serves
+        self.provided = provided  # what the worker's Gateway binds from (`runtime.listeners`)
 
     def report(self, line: str) -> None:
         try:
@@ -192,6 +194,7 @@ class _Reloads:
         spec = read_spec(link.spec_path)
         generation = spec["generation"]
         if generation != link.generation:
+            receive_added(link.status_fd, link.provided)  # sent before the SIGHUP
             try:
                 await self.gateway.reload(spec["raw"])
             except Exception as exc:
@@ -199,6 +202,8 @@ class _Reloads:
                     log.exception("reload to generation %d failed", generation)
                 link.report(f"F {generation}")  # the supervisor restarts this worker on it
                 return
+            finally:
+                link.provided.close_left()  # our copies; the supervisor keeps its own
             link.generation = generation
         link.report(f"K {generation}")
 
@@ -226,9 +231,25 @@ class _Reloads:
             self.gateway.count_refused(errors)  # counted where it was asked (this worker's /stats)
             log_refused(spec["source"], config_hash(self.gateway.config), errors)
             raise
+        run_dir = os.path.dirname(link.spec_path)
+        refused_before = (read_outcome(run_dir, REFUSED) or {}).get("count", 0)
         os.kill(spec["supervisor"], signal.SIGHUP)
+        # Answer with the outcome: every worker applied it (or restarts on it), or the
+        # supervisor refused it (a listener it could not bind, a file changed since).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _ADMIN_RELOAD_WAIT
+        while loop.time() < deadline:
+            await asyncio.sleep(0.02)
+            applied = read_outcome(run_dir, APPLIED)
+            if applied is not None and applied["generation"] > spec["generation"]:
+                return {"status": "applied", "hash": applied["hash"], "workers": applied["applied"],
+                        "restarting": applied["restarting"], "ms": applied["ms"]}
+            refused = read_outcome(run_dir, REFUSED)
+            if refused is not None and refused["count"] > refused_before:
+                raise ReloadRefused(refused["last"]["errors"])
         return {"status": "accepted", "hash": config_hash(form), "supervisor": spec["supervisor"],
-                "message": "validated; the supervisor applies it to every worker (see /stats reloads)"}
+                "message": f"validated; not every worker answered in {_ADMIN_RELOAD_WAIT:.0f}s "
+                           "(see /stats reloads and the supervisor's log)"}
 
 
 def log_refused(source: str, running: str, errors: list[str]) -> None:
@@ -252,9 +273,11 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # A worker (link) serves under its supervisor's locks; a single process owns its own.
+    # A worker (link) serves its supervisor's sockets under its locks; a single process
+    # binds (or inherits) and locks its own.
     gateway = Gateway(config, reuse_port=link is not None, lock_ports=link is None,
-                      shared_limits=shared_limits, ws_worker=_ws_worker_from_env(), inherited=inherited)
+                      shared_limits=shared_limits, ws_worker=_ws_worker_from_env(),
+                      inherited=link.provided if link is not None else inherited)
     # A successor that fails to start must leave the predecessor's lock files alone.
     gateway._handed_over = inherited is not None
     reloads = _Reloads(gateway, overrides, link)
@@ -272,12 +295,16 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
             on_takeover()  # the pidfile names us only now
         log.info("took over the listeners of pid %d", inherited.pid)
     handed_over: list[bool] = []
-    handover = None
-    if link is None:  # a successor (`serve --takeover`, SIGUSR2) may take our listeners
-        def on_handed_over() -> None:
-            handed_over.append(True)
-            stop.set()
 
+    def on_handed_over() -> None:
+        handed_over.append(True)
+        stop.set()
+
+    handover = None
+    if link is not None:  # SIGUSR2 from the supervisor: a successor serves; drain now
+        link.provided.close_left()
+        loop.add_signal_handler(signal.SIGUSR2, on_handed_over)
+    else:  # a successor (`serve --takeover`, SIGUSR2) may take our listeners
         handover = HandoverServer(gateway.handover_listeners, on_handed_over)
         try:
             await handover.start()
@@ -321,10 +348,7 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
 def _spawn_successor() -> None:
     """SIGUSR2 (nginx's binary upgrade): start `serve --takeover` with this process's
     command line; it takes the listeners, and this process drains once it serves."""
-    argv = [sys.executable, "-m", "edgeplane", *sys.argv[1:]]
-    if "--takeover" not in argv:
-        argv.append("--takeover")
-    proc = subprocess.Popen(argv, start_new_session=True)  # outlives us
+    proc = subprocess.Popen(successor_argv(), start_new_session=True)  # outlives us
     log.info("SIGUSR2: started a successor (pid %d) to take over the listeners", proc.pid)
     loop = asyncio.get_running_loop()
 
@@ -360,15 +384,18 @@ def run_single(config: Config, *, overrides: dict[str, Any] | None = None, takeo
     `takeover`: inherit the listeners of the instance that owns them (`runtime.takeover`)."""
     raise_nofile_limit()
     systemd.set_title("edgeplane: gateway")
-    inherited = None
-    if takeover:
-        first = config.listen[0] if config.listen else (config.tls.listen[0] if config.tls else None)
-        if first is None or not first.port:
-            raise TakeoverError("--takeover finds the running instance by the config's first listener, "
-                                "which needs a fixed port (not 0)")
-        inherited = receive_listeners(first.host, first.port)
+    inherited = receive_listeners(*takeover_address(config)) if takeover else None
     uvloop.run(_serve(config, overrides or {}, None, None, inherited, on_takeover))
     return 0
+
+
+def takeover_address(config: Config) -> tuple[str, int]:
+    """The address whose lock file names the instance to take over: the first listener."""
+    first = config.listen[0] if config.listen else (config.tls.listen[0] if config.tls else None)
+    if first is None or not first.port:
+        raise TakeoverError("--takeover finds the running instance by the config's first listener, "
+                            "which needs a fixed port (not 0)")
+    return first.host, first.port
 
 
 def worker_main() -> int:
@@ -380,7 +407,7 @@ def worker_main() -> int:
     logs.setup_logging(config.log_level, os.environ.get(logs.ENV_LOG_FILE))
     index = int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0"))
     systemd.set_title(f"edgeplane: worker {index + 1}/{os.environ.get('EDGEPLANE_WORKERS', '?')}")
-    link = _WorkerLink(spec_path, int(os.environ[ENV_STATUS]), spec["generation"])
+    link = _WorkerLink(spec_path, int(os.environ[ENV_STATUS]), spec["generation"], provided_from_env())
     shared = os.environ.get(ENV_SHARED)
     keys = os.environ.get(ENV_SHARED_KEYS)
     try:

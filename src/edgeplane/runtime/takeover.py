@@ -4,20 +4,28 @@ Owns both sides of the hand-over, over a Unix stream socket in the lock director
 (`runtime_dir()/takeover-<pid>.sock`, mode 0600 in a 0700 directory: only this user can
 ask):
 
-- `HandoverServer` runs in the serving instance. A successor connects; it receives one
-  message: a JSON line describing every listener (kind, host, configured and bound
-  port) with the listening sockets' descriptors and their lock files' descriptors
-  attached (SCM_RIGHTS). When the successor answers `READY`, `on_ready` runs (the old
-  instance then stops accepting and drains); if it disconnects first, nothing changed.
+- `HandoverServer` runs in a single serving process (asyncio), `SupervisorHandover` in
+  the supervisor of `workers: N` (its select loop). A successor connects; it receives
+  one message: a JSON line describing every listener (kind, host, configured and bound
+  port, how many sockets) with the listening sockets' descriptors and their lock
+  files' descriptors attached (SCM_RIGHTS). A single process has one socket per
+  listener; a supervisor has one per worker slot (SO_REUSEPORT, `runtime.listeners`).
+  When the successor answers `READY`, `on_ready` runs (the old instance then stops
+  accepting and drains); if it disconnects first, nothing changed.
 - `receive_listeners(config)` runs in the successor (`serve --takeover`): it finds the
   running instance through the lock file of the config's first listener (which holds
   its pid), takes the sockets, and returns them with a `confirm()` to call once serving.
+  Either kind of instance can take over from either kind: every socket received is
+  served (a socket of a reuseport group nobody accepts on would hold its share of new
+  connections forever), so a single process serves all of a supervisor's slots, and a
+  supervisor spreads what it received over its workers and binds any slots missing.
 
 Invariants:
 - The exclusive-listener rule holds: a takeover is asked for by the running instance's
   own user through its private socket; a stray second `serve` still gets AddressInUse.
 - Listening sockets are shared, not re-bound: the kernel queue never closes, so no
-  connection attempt is refused while both instances run. Locks travel with the
+  connection attempt is refused or reset while both instances run, and none queued is
+  lost when the old one closes its copies. Locks travel with the
   sockets (an flock belongs to the open file, which the successor now shares), and the
   old instance closes its descriptors without removing the lock files (`detach`).
 - WebSocket connections, the in-process throttle buckets and quota deltas do not move:
@@ -32,6 +40,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +50,7 @@ log = logging.getLogger("edgeplane.takeover")
 
 _MAX_FDS = 250  # listeners and their locks in one message (SCM_RIGHTS caps near 253)
 _READY = b"READY\n"
+Listener = tuple[str, str, int, list[socket.socket], Any]  # kind, host, configured port, sockets, lock
 
 
 class TakeoverError(OSError):
@@ -52,10 +62,10 @@ def socket_path(pid: int) -> str:
 
 
 class HandoverServer:
-    """The serving side. `listeners()` returns [(kind, host, configured port, server,
+    """The serving side. `listeners()` returns [(kind, host, configured port, sockets,
     lock or None)]; `on_ready()` is called once a successor serves on them."""
 
-    def __init__(self, listeners: Callable[[], list[tuple[str, str, int, Any, Any]]],
+    def __init__(self, listeners: Callable[[], list[Listener]],
                  on_ready: Callable[[], None]) -> None:
         self._listeners = listeners
         self._on_ready = on_ready
@@ -87,20 +97,11 @@ class HandoverServer:
         if self.handed_over:
             writer.close()
             return
-        entries = self._listeners()
-        described, fds = [], []
-        for kind, host, port, server, lock in entries:
-            sock = server.sockets[0]
-            described.append({"kind": kind, "host": host, "port": port,
-                              "bound": sock.getsockname()[1], "lock": lock is not None})
-            fds.append(sock.fileno())
-            if lock is not None:
-                fds.append(lock.fd)
-        if len(fds) > _MAX_FDS:
-            log.error("takeover refused: %d descriptors to pass (at most %d)", len(fds), _MAX_FDS)
+        described = describe(self._listeners())
+        if described is None:
             writer.close()
             return
-        message = json.dumps({"pid": os.getpid(), "listeners": described}).encode() + b"\n"
+        message, fds = described
         try:
             # The transport's socket object offers no sendmsg (uvloop's is a stand-in): a
             # socket object on a duplicate descriptor sends the message (small: one call on
@@ -122,18 +123,129 @@ class HandoverServer:
         self._on_ready()
 
 
+def describe(entries: list[Listener]) -> tuple[bytes, list[int]] | None:
+    """The hand-over message for `entries` and the descriptors it carries, in order
+    (each listener's sockets, then its lock's); None (logged) when too many."""
+    described, fds = [], []
+    for kind, host, port, socks, lock in entries:
+        described.append({"kind": kind, "host": host, "port": port, "sockets": len(socks),
+                          "bound": socks[0].getsockname()[1], "lock": lock is not None})
+        fds += [sock.fileno() for sock in socks]
+        if lock is not None:
+            fds.append(lock.fd)
+    if len(fds) > _MAX_FDS:
+        log.error("takeover refused: %d descriptors to pass (at most %d)", len(fds), _MAX_FDS)
+        return None
+    return json.dumps({"pid": os.getpid(), "listeners": described}).encode() + b"\n", fds
+
+
+class SupervisorHandover:
+    """The supervisor's side, driven by its select loop: `fileno()` goes into the read
+    set and `on_readable()` runs when it is readable. `listeners()` and `on_ready()` as
+    for `HandoverServer`. One successor at a time; nothing here blocks for long (the
+    message is small, the answer is awaited in the loop)."""
+
+    def __init__(self, listeners: Callable[[], list[Listener]], on_ready: Callable[[], None]) -> None:
+        self._listeners = listeners
+        self._on_ready = on_ready
+        self.path = socket_path(os.getpid())
+        self._server: socket.socket | None = None
+        self._peer: socket.socket | None = None
+        self._peer_since = 0.0
+        self.handed_over = False
+
+    def start(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # 0600 from the start: no window for other users
+        try:
+            server.bind(self.path)
+        except OSError:
+            server.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        server.listen(4)
+        server.setblocking(False)
+        self._server = server
+
+    def filenos(self) -> list[int]:
+        return [s.fileno() for s in (self._server, self._peer) if s is not None]
+
+    def on_readable(self, readable: list[int], now: float) -> None:
+        if self._peer is not None and (self._peer.fileno() in readable or now - self._peer_since > 60):
+            self._answer()
+        if self._server is not None and self._server.fileno() in readable:
+            try:
+                peer, _ = self._server.accept()
+            except BlockingIOError:
+                return
+            if self._peer is not None or self.handed_over:
+                peer.close()  # one successor at a time
+                return
+            described = describe(self._listeners())
+            if described is None:
+                peer.close()
+                return
+            try:
+                peer.settimeout(5)
+                socket.send_fds(peer, [described[0]], described[1])
+                peer.setblocking(False)
+            except OSError as exc:
+                log.warning("takeover abandoned: %s; still serving", exc)
+                peer.close()
+                return
+            self._peer, self._peer_since = peer, now
+
+    def _answer(self) -> None:
+        peer, self._peer = self._peer, None
+        assert peer is not None
+        try:
+            answer = peer.recv(64)
+        except OSError:
+            answer = b""
+        peer.close()
+        if answer != _READY:
+            log.warning("takeover abandoned by the successor; still serving")
+            return
+        self.handed_over = True
+        log.info("takeover: the successor serves on the listeners; draining the workers")
+        self._on_ready()
+
+    def close(self) -> None:
+        for sock in (self._server, self._peer):
+            if sock is not None:
+                sock.close()
+        self._server = self._peer = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def successor_argv() -> list[str]:
+    """SIGUSR2 (nginx's binary upgrade): this process's own command line with `--takeover`."""
+    argv = [sys.executable, "-m", "edgeplane", *sys.argv[1:]]
+    if "--takeover" not in argv:
+        argv.append("--takeover")
+    return argv
+
+
 class Inherited:
     """What the successor received: sockets by (kind, host, configured port), locks."""
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self._control = sock
         self.pid = pid
-        self.sockets: dict[tuple[str, str, int], socket.socket] = {}
+        self.sockets: dict[tuple[str, str, int], list[socket.socket]] = {}
         self.bound: dict[tuple[str, str, int], int] = {}
         self.locks: dict[tuple[str, str, int], ListenerLock] = {}
         self.taken: list[ListenerLock] = []  # locks of the listeners we serve on
 
-    def take(self, kind: str, host: str, port: int) -> tuple[socket.socket, ListenerLock | None] | None:
+    def take(self, kind: str, host: str, port: int) -> tuple[list[socket.socket], ListenerLock | None] | None:
         """The inherited listener for a configured address, if any (a port-0 listener
         matches its bound port, and the other way round)."""
         for key in list(self.sockets):
@@ -153,17 +265,22 @@ class Inherited:
             self._control.sendall(_READY)
         finally:
             self._control.close()
-        for sock in self.sockets.values():  # listeners the new config dropped
-            sock.close()
+        self._close_left()
         for lock in self.locks.values():
             lock.release()
 
     def abandon(self) -> None:
         self._control.close()
-        for sock in self.sockets.values():
-            sock.close()
-        for lock in self.locks.values():
+        self._close_left()
+        for lock in [*self.locks.values(), *self.taken]:
             lock.detach()  # the predecessor still holds it
+
+    def _close_left(self) -> None:
+        """Close the sockets nobody took (listeners the new config dropped)."""
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        self.sockets.clear()
 
 
 def receive_listeners(host: str, port: int) -> Inherited:
@@ -193,9 +310,9 @@ def receive_listeners(host: str, port: int) -> Inherited:
     it = iter(fds)
     for entry in described:
         key = (entry["kind"], entry["host"], entry["port"])
-        fd = next(it)
         family = socket.AF_INET6 if ":" in entry["host"] else socket.AF_INET
-        inherited.sockets[key] = socket.socket(family, socket.SOCK_STREAM, fileno=fd)
+        inherited.sockets[key] = [socket.socket(family, socket.SOCK_STREAM, fileno=next(it))
+                                  for _ in range(entry.get("sockets", 1))]
         inherited.bound[key] = entry["bound"]
         if entry["lock"]:
             lock_fd = next(it)

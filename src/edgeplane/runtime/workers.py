@@ -1,11 +1,12 @@
 """The supervisor of `workers: N`: N worker processes (`runtime.serving`) on shared ports.
 
 Owns the worker processes and what they share:
-- Ports: the supervisor first claims every address (data, TLS, admin) with
-  `ports.claim_placeholder`: its lock file, and a placeholder socket bound (not
-  listening) exclusively before SO_REUSEPORT is set, so a port held by anyone else fails
-  here, named, and port 0 is resolved once for all workers. Each worker binds its own
-  listening socket with SO_REUSEPORT, so the kernel spreads connections across them.
+- Ports: the supervisor claims every address (data, TLS, admin) with
+  `listeners.claim`: its lock file, then one listening socket per worker (SO_REUSEPORT,
+  the first bound exclusively so a port held by anyone else fails here, named; port 0
+  is resolved once for all workers). It keeps them all open; worker i serves slot i,
+  so the kernel spreads connections across the workers, and a worker that restarts
+  gets its slot back with the connections queued on it.
 - Life: it restarts a worker that dies (with backoff; it gives up, exiting 1, after
   `_START_FAILURES` starts in a row that never got ready), and on SIGTERM/SIGINT
   forwards SIGTERM to every worker, waits for them to drain, and exits 0. A worker that
@@ -16,14 +17,24 @@ Owns the worker processes and what they share:
   tables, which it does with workers > 1). Refused: every error is logged by location
   and nothing changes. Accepted: it claims the addresses the new config adds, writes the
   workers' spec (`worker.json` in its private directory: a new generation, the worker
-  form of the config) and sends SIGHUP to each worker, which reloads from it and answers
-  on its status pipe. A worker that fails to apply it, or has not answered in
-  `_RELOAD_TIMEOUT`, is stopped and restarted on the new config. Addresses the new
-  config dropped are released once every worker answered.
+  form of the config), sends each worker its slots of the added addresses on its
+  control channel, then SIGHUP; the worker reloads from the spec and answers on the
+  channel. A worker that fails to apply it, or has not answered in `_RELOAD_TIMEOUT`,
+  is stopped and restarted on the new config. Addresses the new config dropped are
+  released once every worker answered; then the outcome goes to `applied.json`
+  (`supervisor_state`), which a worker's `POST /config/reload` waits for.
 - SIGUSR1: reopen its own log file and forward to the workers (access logs).
-- Shared state: the cross-worker throttle tables in /dev/shm (`edgeplane-<pid>`,
-  `edgeplane-<pid>-keys`) and the private directory (`edgeplane-<pid>-*` in the temp
-  dir). Every exit path (SIGTERM, SIGINT, giving up on a crash loop, an exception)
+- Takeover (`runtime.takeover`): SIGUSR2 starts `serve --takeover`; a successor (single
+  or supervisor) connects to `SupervisorHandover` and receives every socket of every
+  slot with the lock files. Once it serves, the workers get SIGUSR2 (drain now, no
+  `drain_delay`: the successor answers) and the supervisor exits 0, keeping the lock
+  files. As a successor (`run_supervisor(takeover=True)`) it adopts the sockets it
+  received, binds any slots missing, and confirms once every worker is ready; a start
+  that fails leaves the predecessor as it was. Throttle tables and WebSockets do not
+  move: the successor's tables start empty, the old workers keep their WebSockets until
+  they close or the drain ends.
+- Shared state (`runtime.supervisor_state`): the cross-worker throttle tables in
+  /dev/shm and the private directory. Every exit path (SIGTERM, SIGINT, giving up on a crash loop, an exception)
   removes them; those of a dead supervisor (SIGKILL) are found by the pid in their
   names and removed at the next start (`remove_stale_state`).
 
@@ -31,7 +42,7 @@ One owner per port: the workers do not lock (they would fight each other); they 
 the supervisor's lock descriptors, so the locks stay held until the last process serving
 the ports is gone, and are removed by the supervisor after its workers exited. A worker
 that cannot start makes the first start fail (exit 1) instead of a restart loop. Signals
-reach only workers that reported ready; workers start with SIGHUP and SIGUSR1 ignored.
+reach only workers that reported ready; workers start with SIGHUP, SIGUSR1 and SIGUSR2 ignored.
 
 sd_notify (`runtime.systemd`): READY=1 once every worker is up, RELOADING=1 and READY=1
 around each reload, STOPPING=1 when the drain begins. Process titles:
@@ -44,38 +55,33 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config
-from edgeplane.policies.throttle.shared_keys import SharedKeyTable
-from edgeplane.policies.throttle.shared_limits import SHM_DIR, SharedLimitTable
-from edgeplane.policies.throttle.stores import plans_of, shared_limit_count
-from edgeplane.runtime import logs, systemd
-from edgeplane.runtime.ports import ListenerLock, claim_placeholder, fmt_address, raise_nofile_limit
+from edgeplane.runtime import listeners, logs, systemd
+from edgeplane.runtime.listeners import Claim
+from edgeplane.runtime.ports import fmt_address, raise_nofile_limit
 from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals, reload_source
 from edgeplane.runtime.serving import (
-    ENV_SHARED,
-    ENV_SHARED_KEYS,
     ENV_SPEC,
     ENV_STATUS,
     addresses,
     ignore_quiet_signals,
     log_refused,
-    needs_shared_tables,
     port_key,
     run_single,
+    takeover_address,
     worker_raw,
 )
+from edgeplane.runtime.supervisor_state import SharedState, needs_shared_tables, remove_stale_state
+from edgeplane.runtime.takeover import Inherited, SupervisorHandover, receive_listeners, successor_argv
 
 __all__ = ["Supervisor", "remove_stale_state", "resolve_workers", "run_single", "run_supervisor"]
 
@@ -93,64 +99,25 @@ def resolve_workers(config: Config) -> int:
     return int(workers)
 
 
-# ---------------------------------------------------------------------- stale state
-_STALE_SHM = re.compile(r"edgeplane-(\d+)(?:-keys)?")
-_STALE_DIR = re.compile(r"edgeplane-(\d+)-[A-Za-z0-9_]+")
-
-
-def remove_stale_state(shm_dir: str = SHM_DIR, tmp_dir: str | None = None) -> list[str]:
-    """Remove the shared-memory tables and private directories of supervisors that are
-    gone (their pid is in the name); returns the paths removed. Only this user's."""
-    removed: list[str] = []
-    for directory, pattern in ((shm_dir, _STALE_SHM), (tmp_dir or tempfile.gettempdir(), _STALE_DIR)):
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            m = pattern.fullmatch(name)
-            path = os.path.join(directory, name)
-            if m is None or _supervisor_alive(int(m.group(1))):
-                continue
-            try:
-                st = os.lstat(path)
-                if st.st_uid != os.geteuid():
-                    continue
-                if pattern is _STALE_DIR:
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-            except OSError:
-                continue
-            removed.append(path)
-    for path in removed:
-        log.warning("removed %s, left by a supervisor that is gone", path)
-    return removed
-
-
-def _supervisor_alive(pid: int) -> bool:
-    """Whether `pid` may still be the supervisor that named a table: alive and, where
-    /proc tells, an edgeplane process (not a pid reused by another program)."""
-    if pid == os.getpid() or not systemd.alive(pid):
-        return False  # ours is not created yet: one with our pid is a dead namesake's
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"edgeplane" in f.read()
-    except OSError:
-        return True
-
-
 # ---------------------------------------------------------------------- supervisor
 class Supervisor:
-    def __init__(self, config: Config, n: int, *, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: Config, n: int, *, overrides: dict[str, Any] | None = None,
+                 inherited: Inherited | None = None, on_takeover: Any = None) -> None:
         self.config = config
         self.n = n
         self.overrides = overrides or {}
-        # port key (`serving.port_key`) -> (resolved address, placeholder socket, lock); the
-        # locks are inherited by the workers
-        self.claims: dict[str, tuple[str, socket.socket, ListenerLock | None]] = {}
+        # port key (`serving.port_key`) -> its listening sockets, one per worker slot, and
+        # its lock (`runtime.listeners`); the workers inherit the lock descriptors
+        self.claims: dict[str, Claim] = {}
+        # `serve --takeover`: the predecessor's sockets, until confirmed (then its pidfile)
+        self.inherited = inherited
+        self.on_takeover = on_takeover
+        self.handover: SupervisorHandover | None = None  # a successor may take ours
+        self.handed_over = False  # the lock files belong to a successor now
+        self.successor: subprocess.Popen[bytes] | None = None  # started by SIGUSR2
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
-        self.status: list[int | None] = [None] * n  # read ends of the status pipes, once ready
+        self.channels: list[socket.socket | None] = [None] * n  # control channels, once ready
+        self.status: list[int | None] = [None] * n  # their descriptors, for select
         self.partial = [b""] * n
         self.started_at = [0.0] * n
         self.backoff = [0.5] * n
@@ -161,11 +128,7 @@ class Supervisor:
         self.restart_queue: list[int] = []
         self.restarting: int | None = None
         self.signals: list[int] = []
-        self.shared_table: SharedLimitTable | None = None
-        self.keyed_table: SharedKeyTable | None = None
-        self.run_dir: str | None = None  # private (0700): worker.json, WebSocket sockets
-        self.ws_dir: str | None = None  # WebSocket APIs: the workers' admin sockets
-        self.ws_host_tag = ""
+        self.state = SharedState()  # throttle tables, the private directory
         self.generation = 0
         self.form_hash = ""  # config_hash of the workers' config (`_write_spec`)
         self.pending: dict[int, int] = {}  # worker -> generation it has not confirmed yet
@@ -175,37 +138,45 @@ class Supervisor:
 
     # ------------------------------------------------------------------ ports
     def _claim_new(self, config: Config) -> list[str]:
-        """Claim every address of `config` not claimed yet; all or none."""
+        """Claim every address of `config` not claimed yet (from the predecessor's
+        sockets on a takeover); all or none."""
         added: list[str] = []
         try:
             for kind, a in addresses(config):
                 key = port_key(kind, a)
-                if key not in self.claims:
-                    sock, lock = claim_placeholder(kind, a.host, a.port)
-                    self.claims[key] = (fmt_address(a.host, sock.getsockname()[1]), sock, lock)
-                    added.append(key)
+                if key in self.claims:
+                    continue
+                taken = self.inherited.take(kind, a.host, a.port) if self.inherited is not None else None
+                if taken is not None:
+                    self.claims[key] = listeners.adopt(kind, a.host, a.port, *taken, self.n)
+                else:
+                    self.claims[key] = listeners.claim(kind, a.host, a.port, self.n)
+                added.append(key)
         except BaseException:
             self._release(added)
             raise
         return added
 
     def _release(self, keys: list[str]) -> None:
+        # A successor holds the lock files now, or (an unconfirmed takeover) the predecessor still does.
+        keep = self.handed_over or self.inherited is not None
         for key in keys:
-            _, sock, lock = self.claims.pop(key)
-            sock.close()
-            if lock is not None:  # a worker may hold its inherited copy: the file goes now
-                lock.release()
+            self.claims.pop(key).close(keep_lock_file=keep)
+
+    def _resolved(self, key: str) -> str:
+        found = self.claims[key]
+        return fmt_address(found.host, found.bound)
 
     def _write_spec(self) -> None:
         cfg = self.config
-        ports = {key: resolved for key, (resolved, _, _) in self.claims.items()}
+        ports = {key: self._resolved(key) for key in self.claims}
         raw = worker_raw(cfg, ports)
         # What the workers log and count: the digest of the config they load, this one.
         self.form_hash = config_hash(dataclasses.replace(cfg, raw=raw))
         spec = {"generation": self.generation, "raw": raw, "ports": ports,
                 "source": os.path.abspath(cfg.source) if not cfg.source.startswith("<") else cfg.source,
                 "overrides": self.overrides, "workers": cfg.workers, "supervisor": os.getpid()}
-        path = os.path.join(str(self.run_dir), "worker.json")
+        path = os.path.join(str(self.state.run_dir), "worker.json")
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(spec, f)
@@ -214,28 +185,30 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
     def _spawn(self, i: int) -> bool:
         """Start worker `i`; True once it reported its listeners bound."""
-        read_fd, write_fd = os.pipe()
+        # The control channel: status lines up, listening sockets down (`runtime.listeners`).
+        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        read_fd = channel.fileno()
         env = dict(os.environ)
         env.pop(systemd.ENV_NOTIFY, None)  # only the supervisor talks to systemd
-        env[ENV_SPEC] = os.path.join(str(self.run_dir), "worker.json")
-        env[ENV_STATUS] = str(write_fd)
+        env[ENV_SPEC] = os.path.join(str(self.state.run_dir), "worker.json")
+        env[ENV_STATUS] = str(theirs.fileno())
         env["EDGEPLANE_WORKERS"] = str(self.n)
-        if self.shared_table is not None:
-            env[ENV_SHARED] = self.shared_table.name
-        if self.keyed_table is not None:
-            env[ENV_SHARED_KEYS] = self.keyed_table.name
-        if self.ws_dir is not None:
-            env["EDGEPLANE_WS_SOCKET_DIR"] = self.ws_dir
-            env["EDGEPLANE_WS_HOST_TAG"] = self.ws_host_tag
+        env.update(self.state.worker_env())
         env["EDGEPLANE_WORKER_INDEX"] = str(i)
-        locks = [lock.fileno() for _, _, lock in self.claims.values() if lock is not None]
-        proc = subprocess.Popen(
-            [sys.executable, "-c",
-             "from edgeplane.runtime.serving import worker_main; raise SystemExit(worker_main())"],
-            env=env, pass_fds=(write_fd, *locks),
-            preexec_fn=ignore_quiet_signals,  # inherited through exec until the worker's loop handles them
-        )
-        os.close(write_fd)
+        env[listeners.ENV_LISTEN_FDS], slot_fds = listeners.worker_fds(list(self.claims.values()), i, self.n)
+        locks = [found.lock.fileno() for found in self.claims.values() if found.lock is not None]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c",
+                 "from edgeplane.runtime.serving import worker_main; raise SystemExit(worker_main())"],
+                env=env, pass_fds=(theirs.fileno(), *locks, *slot_fds),
+                preexec_fn=ignore_quiet_signals,  # inherited through exec until the worker's loop handles them
+            )
+        except BaseException:
+            channel.close()
+            raise
+        finally:
+            theirs.close()
         self.procs[i] = proc
         self.started_at[i] = time.monotonic()
         # Blocks until the worker bound its sockets (or died, or hung); signals that
@@ -249,14 +222,14 @@ class Supervisor:
                     break
                 line += chunk
         if line != b"R\n":
-            os.close(read_fd)
+            channel.close()
             if proc.poll() is None:
                 proc.kill()
             if not self._stop_requested():  # else it was stopped while starting: no failure
                 log.error("worker %d (pid %d) failed to start", i, proc.pid)
             return False
-        os.set_blocking(read_fd, False)
-        self.status[i] = read_fd
+        channel.setblocking(False)
+        self.channels[i], self.status[i] = channel, read_fd
         self.partial[i] = b""
         log.info("worker %d started (pid %d)", i, proc.pid)
         return True
@@ -281,13 +254,13 @@ class Supervisor:
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, lambda s, f: self.signals.append(s))
         code = 1
         try:
             remove_stale_state()
             self._claim_new(self.config)
-            self._create_shared_state()
+            self.state.create(self.config, self.n)
             self._write_spec()
             for i in range(self.n):
                 if self._stop_requested():
@@ -295,44 +268,72 @@ class Supervisor:
                 if not self._spawn(i) and not self._stop_requested():
                     # Its reason is on stderr above; restarting would only repeat it.
                     raise OSError(f"worker {i} failed to start (its error is above)")
+            if self.inherited is not None and not self._stop_requested():
+                self._confirm_takeover(self.inherited)
             code = 0 if self._stop_requested() else self._supervise(wake_r)
         finally:  # every exit path: no worker, table, directory or lock is left behind
             signal.set_wakeup_fd(old_wakeup)
+            if self.inherited is not None:
+                self.inherited.abandon()  # the predecessor keeps serving on its sockets
+            if self.handover is not None:
+                self.handover.close()
             code = max(code, self._shutdown())
             os.close(wake_r)
             os.close(wake_w)
         return code
 
-    def _create_shared_state(self) -> None:
-        cfg = self.config
-        plan_limits = any(p.throttle or p.route_throttles for p in plans_of(cfg).values())
-        route_throttles = [r.policies["throttle"] for r in cfg.routes if "throttle" in r.policies]
-        if needs_shared_tables(cfg):
-            # Tables for the whole server, so every limit holds across workers (indices:
-            # 0 = server-wide, 1 + i = routes[i], then the usage plans, then the WebSocket
-            # APIs' new-connection buckets; see limits.py).
-            n_limits = shared_limit_count(cfg)
-            self.shared_table = SharedLimitTable.create(f"edgeplane-{os.getpid()}", self.n, n_limits)
-            if plan_limits or any(t.key for t in route_throttles):
-                self.keyed_table = SharedKeyTable.create(f"edgeplane-{os.getpid()}-keys", self.n, n_limits)
-        self.run_dir = tempfile.mkdtemp(prefix=f"edgeplane-{os.getpid()}-")
-        if cfg.websocket_apis:
-            # @connections calls reach the worker that holds a connection through its
-            # Unix socket in this private directory; the host tag goes into every id.
-            self.ws_dir = self.run_dir
-            self.ws_host_tag = os.urandom(4).hex()
+    # ------------------------------------------------------------------ takeover
+    def _confirm_takeover(self, inherited: Inherited) -> None:
+        inherited.confirm()  # the lock files name us; the predecessor drains its workers
+        self.inherited = None
+        if self.on_takeover is not None:
+            self.on_takeover()  # the pidfile names us only now
+        log.info("took over the listeners of pid %d", inherited.pid)
+
+    def _start_handover(self) -> None:
+        def listeners_now() -> list[Any]:
+            return [(c.kind, c.host, c.port, c.sockets, c.lock) for c in self.claims.values()]
+
+        self.handover = SupervisorHandover(listeners_now, lambda: setattr(self, "handed_over", True))
+        try:
+            self.handover.start()
+        except OSError as exc:  # an unusable lock directory: serving matters more than upgrades
+            log.warning("takeover unavailable (serve --takeover, SIGUSR2 will not find this "
+                        "instance): %s", exc)
+            self.handover = None
+
+    def _spawn_successor(self) -> None:
+        if self.successor is not None and self.successor.poll() is None:
+            log.warning("SIGUSR2: a successor (pid %d) is already starting", self.successor.pid)
+            return
+        self.successor = subprocess.Popen(successor_argv(), start_new_session=True)  # outlives us
+        log.info("SIGUSR2: started a successor (pid %d) to take over the listeners", self.successor.pid)
+
+    def _reap_successor(self) -> None:
+        if self.successor is None or self.successor.poll() is None:
+            return
+        if self.successor.returncode != 0 and not self.handed_over:
+            log.error("the successor (pid %d) exited with %d before taking over; still serving",
+                      self.successor.pid, self.successor.returncode)
+        self.successor = None
 
     def _supervise(self, wake_fd: int) -> int:
         admin = self.config.admin.listen
-        addrs = ", ".join(self.claims[port_key("data", a)][0] for a in self.config.listen)
-        admin_text = f"; admin {self.claims[port_key('admin', admin)][0]}" if admin is not None else ""
+        addrs = ", ".join(self._resolved(port_key("data", a)) for a in self.config.listen)
+        admin_text = f"; admin {self._resolved(port_key('admin', admin))}" if admin is not None else ""
         print(f"edgeplane ready: {self.n} workers on {addrs}{admin_text}", file=sys.stderr, flush=True)
         systemd.ready(f"{self.n} workers")
+        self._start_handover()
         while True:
-            fds = [wake_fd, *(fd for fd in self.status if fd is not None)]
+            handover = self.handover.filenos() if self.handover is not None else []
+            fds = [wake_fd, *(fd for fd in self.status if fd is not None), *handover]
             readable = select.select(fds, [], [], 0.2)[0]
             if wake_fd in readable:
                 _drain_fd(wake_fd)
+            if self.handover is not None:
+                self.handover.on_readable(readable, time.monotonic())
+                if self.handed_over:
+                    return 0  # `_shutdown` drains the workers at once, keeping the lock files
             while self.signals:
                 sig = self.signals.pop(0)
                 if sig in (signal.SIGTERM, signal.SIGINT):
@@ -342,6 +343,9 @@ class Supervisor:
                 elif sig == signal.SIGUSR1:
                     log.info("SIGUSR1: reopened %d log file(s); forwarding to the workers", logs.reopen())
                     self._signal_workers(signal.SIGUSR1)
+                elif sig == signal.SIGUSR2:
+                    self._spawn_successor()
+            self._reap_successor()
             self._read_statuses()
             if self._reap():
                 return 1
@@ -395,10 +399,10 @@ class Supervisor:
         return False
 
     def _close_status(self, i: int) -> None:
-        fd = self.status[i]
-        if fd is not None:
-            os.close(fd)
-            self.status[i] = None
+        channel = self.channels[i]
+        if channel is not None:
+            channel.close()
+        self.channels[i] = self.status[i] = None
 
     def _read_statuses(self) -> None:
         for i, fd in enumerate(self.status):
@@ -453,12 +457,12 @@ class Supervisor:
             problems = refusals(self.config, new, shared_tables=tables)
             if problems:
                 raise ReloadRefused(problems)
-            self._claim_new(new)
+            added = self._claim_new(new)
         except (ConfigError, ReloadRefused, LookupError, OSError) as exc:
             errors = (exc.located() if isinstance(exc, ConfigError) else exc.problems
                       if isinstance(exc, ReloadRefused) else [str(exc)])
             log_refused(source, running, list(errors))
-            self._record_refusal(source, list(errors))
+            self.state.record_refusal(source, list(errors))
             systemd.ready()
             return
         wanted = {port_key(kind, a) for kind, a in addresses(new)}
@@ -467,7 +471,14 @@ class Supervisor:
         self.generation += 1
         self._write_spec()
         self.reload_started = started
+        new_claims = [self.claims[key] for key in added]
         for i, proc in self._live():
+            try:
+                # the sockets of added addresses first: the worker takes them on the SIGHUP
+                listeners.send_added(self.channels[i], new_claims, i, self.n)  # type: ignore[arg-type]
+            except OSError as exc:
+                self._restart_on_new_config(i, f"could not get the new listeners ({exc})")
+                continue
             try:
                 proc.send_signal(signal.SIGHUP)
             except ProcessLookupError:
@@ -476,21 +487,6 @@ class Supervisor:
         log.info("reload: config %s accepted (was %s); applying it in %d workers",
                  self.form_hash, running, len(self.pending))
         self._check_reload()
-
-    def _record_refusal(self, source: str, errors: list[str]) -> None:
-        """Workers show the supervisor's refusals in their /stats (`reloads.
-        refused_by_supervisor`): the supervisor has no admin listener of its own."""
-        self.refused = getattr(self, "refused", 0) + 1
-        if self.run_dir is None:
-            return
-        path = os.path.join(self.run_dir, "refused.json")
-        try:
-            with open(path + ".tmp", "w") as fh:
-                json.dump({"count": self.refused, "last": {"source": source, "errors": errors,
-                                                           "at": time.time()}}, fh)
-            os.replace(path + ".tmp", path)
-        except OSError as exc:
-            log.warning("could not record the refused reload for the workers' /stats: %s", exc)
 
     def _check_reload(self) -> None:
         if self.reload_started is None:
@@ -502,9 +498,10 @@ class Supervisor:
         if self.pending:
             return
         restarts = len(self.restart_queue) + (self.restarting is not None)
-        log.info("reloaded config %s in %d workers in %.1f ms%s", self.form_hash, self.n - restarts,
-                 (time.monotonic() - self.reload_started) * 1000,
+        ms = (time.monotonic() - self.reload_started) * 1000
+        log.info("reloaded config %s in %d workers in %.1f ms%s", self.form_hash, self.n - restarts, ms,
                  f"; {restarts} restarting on it, one at a time" if restarts else "")
+        self.state.record_applied(self.generation, self.form_hash, self.n - restarts, restarts, ms)
         self.reload_started = None
         self._release(self.release_after)  # no worker listens on them any more
         self.release_after = []
@@ -517,11 +514,15 @@ class Supervisor:
     def _shutdown(self) -> int:
         systemd.stopping()
         cfg = self.config
-        if any(proc is not None for proc in self.procs):
+        if self.handed_over:
+            log.info("handed over to a successor; draining %d workers", self.n)
+        elif any(proc is not None for proc in self.procs):
             log.info("supervisor stopping: draining %d workers", self.n)
+        # SIGUSR2 to a worker: handed over, drain now (no drain_delay: the successor serves)
+        stop_signal = signal.SIGUSR2 if self.handed_over else signal.SIGTERM
         for proc in self.procs:
             if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(stop_signal)
         deadline = time.monotonic() + cfg.drain_delay + cfg.drain_timeout + 5
         code = 0
         for i, proc in enumerate(self.procs):
@@ -535,14 +536,7 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
                 code = 1
-        for table in (self.shared_table, self.keyed_table):
-            if table is not None:
-                table.close()
-                table.unlink()
-        self.shared_table = self.keyed_table = None
-        if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self.run_dir = self.ws_dir = None
+        self.state.remove()
         self._release(list(self.claims))  # the workers that shared the locks have exited
         return code
 
@@ -555,5 +549,11 @@ def _drain_fd(fd: int) -> None:
         pass
 
 
-def run_supervisor(config: Config, n: int, *, overrides: dict[str, Any] | None = None) -> int:
-    return Supervisor(config, n, overrides=overrides).run()
+def run_supervisor(config: Config, n: int, *, overrides: dict[str, Any] | None = None,
+                   takeover: bool = False, on_takeover: Any = None) -> int:
+    """Run N workers until SIGTERM/SIGINT (see the module docstring). `takeover`: inherit
+    the listeners of the instance that owns them (`runtime.takeover`), single or not."""
+    inherited = None
+    if takeover:
+        inherited = receive_listeners(*takeover_address(config))
+    return Supervisor(config, n, overrides=overrides, inherited=inherited, on_takeover=on_takeover).run()
