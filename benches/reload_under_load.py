@@ -49,6 +49,14 @@ edges, the other config is written and a reload is triggered). Trigger (`--trigg
   controller reads the signal mask of the pid (`SigCgt` in /proc/PID/status): a process
   that does not catch SIGHUP would die of it (the default action), so the run refuses
   and says SIGHUP is not wired;
+- `takeover`: SIGUSR2 to the serving instance (the supervisor with `--workers N`), which
+  starts `serve --takeover` with its own command line; the reload is confirmed when the
+  pidfile names the successor (it writes it once it serves). Every takeover alternates
+  the config as the other triggers do (the successor reads the file). The old instance
+  keeps the WebSockets it holds until they close (`drain_timeout` is set past the end
+  of the run), so answers it gives on its kept-alive connections after the hand-over
+  are expected, not stale: they are counted, not required to be zero. Use an interval
+  of a few seconds (a successor starts a Python process, and its workers).
 - `auto` (default): `sighup` if the pid catches SIGHUP, else `admin` (noted).
 Every reload is checked: one that is not counted within 5 s ends the reload phase, and
 the run reports it (e.g. a supervisor that catches SIGHUP but does not reload yet).
@@ -72,6 +80,7 @@ reload (trigger and confirmation), so a failure can be tied to the swap.
     .venv/bin/python benches/reload_under_load.py --duration 5                 # small
     .venv/bin/python benches/reload_under_load.py --duration 30 --interval 0.5 --trigger admin
     .venv/bin/python benches/reload_under_load.py --workers 2 --trigger sighup
+    .venv/bin/python benches/reload_under_load.py --workers 2 --trigger takeover --interval 3
 
 Exit status: 0 when every must-be-zero figure is zero, 1 when one is not (or the run
 failed), 2 when the asked trigger cannot be used, 130 on Ctrl-C; every child is stopped
@@ -126,6 +135,7 @@ PROBE_EVERY = 0.010
 CHURN_EVERY = 0.050
 TIMEOUT = 5.0  # one HTTP request, one handshake, one close
 RELOAD_CONFIRM_TIMEOUT = 5.0
+TAKEOVER_TIMEOUT = 30.0  # SIGUSR2 until the successor names itself in the pidfile
 THROTTLE = {"A": 1_000_000, "B": 2_000_000}
 
 
@@ -618,6 +628,8 @@ def gateway_config(which: str, a: argparse.Namespace, port: int, admin: int, ups
     return {
         "listen": [f"127.0.0.1:{port}"],
         "workers": a.workers,
+        # takeover: old instances keep their WebSockets until the run ends
+        **({"drain_timeout": f"{int(2 * a.duration + a.warmup + 60)}s"} if a.trigger == "takeover" else {}),
         "log_level": "info",
         "admin": {"listen": f"127.0.0.1:{admin}", "insecure": True},
         "access_log": {"destination": "off"},
@@ -678,12 +690,24 @@ class Bench:
         self.notes: list[str] = []
         self.trigger = a.trigger
         self.helpers: dict[str, subprocess.Popen] = {}  # upstreams
+        self.instances: list[int] = []  # takeover: every gateway instance's pid, oldest first
+        self.cpu_seen: dict[int, float] = {}  # takeover: last CPU-seconds seen per instance
 
-    @staticmethod
-    def cpu(pids: dict[str, int]) -> dict[str, float]:
+    def gateway_cpu(self) -> float:
+        """CPU-seconds of every gateway instance so far. Successors are not descendants of
+        the first instance (each starts its own session), so each is sampled on its own;
+        an instance that exited counts with its last sample (taken at every takeover)."""
+        for pid in self.instances:
+            now = cpu_seconds(pid)
+            self.cpu_seen[pid] = max(self.cpu_seen.get(pid, 0.0), now)
+        return sum(self.cpu_seen.values())
+
+    def cpu(self, pids: dict[str, int]) -> dict[str, float]:
         """CPU-seconds of each process tree, this controller's, and the machine's busy
         seconds (every core, /proc/stat): the rest is someone else's load."""
-        out = {k: cpu_seconds(v) for k, v in pids.items()}
+        out = {k: cpu_seconds(v) for k, v in pids.items() if k != "gateway" or not self.instances}
+        if self.instances:
+            out["gateway"] = self.gateway_cpu()
         out["controller"] = sum(os.times()[:2])
         out["machine"] = sum(busy for busy, _ in core_ticks().values()) / CLK_TCK
         return out
@@ -742,7 +766,42 @@ class Bench:
         return out[:20]
 
     # ------------------------------------------------------------------ triggers
+    def current_pid(self) -> int:
+        return self.instances[-1] if self.instances else self.gw.pid
+
+    def gateway_gone(self) -> str | None:
+        """Why the serving gateway is gone, or None while it serves."""
+        if self.trigger != "takeover":
+            return None if self.gw.poll() is None else f"the gateway exited with {self.gw.returncode}"
+        return None if os.path.exists(f"/proc/{self.current_pid()}") else f"gateway pid {self.current_pid()} is gone"
+
+    def stop_instances(self) -> None:
+        """Takeover: SIGTERM every instance still running (each leads its own process
+        group), wait for them to drain, SIGKILL what is left."""
+        for pid in self.instances[1:]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in self.instances[1:]):
+            time.sleep(0.05)
+        for pid in self.instances[1:]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def choose_trigger(self) -> None:
+        if self.trigger == "takeover":
+            caught = catches(self.gw.pid, signal.SIGUSR2)
+            msg = f"SIGUSR2: the gateway (pid {self.gw.pid}) {'catches' if caught else 'does not catch'} it"
+            print(msg, flush=True)
+            self.notes.append(msg)
+            if not caught:
+                raise TriggerUnavailable(msg)
+            self.instances = [self.gw.pid]
+            return
         caught = catches(self.gw.pid, signal.SIGHUP)
         ignored = catches(self.gw.pid, signal.SIGHUP, "SigIgn:")
         who = "the supervisor" if self.a.workers > 1 else "the gateway"
@@ -768,6 +827,8 @@ class Bench:
         log_at = self.log_size()
         t_trigger = time.time()
         rec: dict = {"to": which, "t_trigger": t_trigger}
+        if self.trigger == "takeover":
+            return self.takeover(rec, log_at)
         if self.trigger == "admin":
             status, data, took = http_call(self.admin, "POST", "/config/reload")
             rec.update(call_ms=round(took * 1e3, 2), status=status)
@@ -814,6 +875,28 @@ class Bench:
             rec["answer"] = [x.get("errors") for x in lasts]
         return rec
 
+    def takeover(self, rec: dict, log_at: int) -> dict:
+        """SIGUSR2 to the serving instance; done when the pidfile names its successor."""
+        old = self.current_pid()
+        self.gateway_cpu()  # the old instance's CPU so far: it exits once drained
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.monotonic() + TAKEOVER_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                pid = int(self.pidfile.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != old:
+                self.instances.append(pid)
+                rec.update(ok=True, t_done=time.time(), pid=pid)
+                rec["confirm_ms"] = round((rec["t_done"] - rec["t_trigger"]) * 1e3, 2)
+                return rec
+            time.sleep(0.01)
+        rec.update(ok=False, t_done=time.time(), gateway_log=self.log_errors_since(log_at),
+                   answer=f"SIGUSR2 sent to pid {old}; no successor named in the pidfile within "
+                          f"{TAKEOVER_TIMEOUT:.0f}s")
+        return rec
+
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         a = self.a
@@ -841,7 +924,9 @@ class Bench:
             self.cfg_files[which] = path
         self.live = self.workdir / "live.yaml"
         self.write_config("A")
-        self.gw = self.procs.start("gateway", edgeplane_argv() + ["serve", "-c", str(self.live)], self.plan.server)
+        self.pidfile = self.workdir / "gateway.pid"
+        self.gw = self.procs.start("gateway", edgeplane_argv() + ["serve", "-c", str(self.live), "--pidfile",
+                                                                  str(self.pidfile)], self.plan.server)
         try:
             wait_http(self.admin, "/healthz", self.gw)
             wait_http(self.port, "/only-a", self.gw)
@@ -905,16 +990,17 @@ class Bench:
                 break
             for b in before.values():
                 b["reloads"]["ok"] = b["reloads"].get("ok", 0) + 1
-            if self.gw.poll() is not None:
-                stopped_early = f"the gateway exited with {self.gw.returncode}"
+            stopped_early = self.gateway_gone()
+            if stopped_early is not None:
                 break
         remaining = t_start + a.duration - time.monotonic()
         if remaining > 0 and stopped_early is None:
             time.sleep(remaining)
         r1, cpu_r1 = time.time(), self.cpu(pids)
-        rss1 = sum(rss_bytes(self.gw.pid).values())
-        stats1 = self.worker_stats() if self.gw.poll() is None else {}
-        upstreams = http_call(self.admin, "GET", "/upstreams")[1] if self.gw.poll() is None else None
+        rss1 = sum(rss_bytes(self.current_pid()).values())
+        serving = self.gateway_gone() is None
+        stats1 = self.worker_stats() if serving else {}
+        upstreams = http_call(self.admin, "GET", "/upstreams")[1] if serving else None
 
         # ---- stop the load, collect
         os.kill(load.pid, signal.SIGUSR1)
@@ -926,13 +1012,15 @@ class Bench:
         if load.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"load process failed ({load.returncode})\n{self.procs.log_tail('load')}")
         raw = json.loads(out_path.read_text())
-        gw_alive = self.gw.poll() is None
+        gw_alive = self.gateway_gone() is None
+        self.stop_instances()
         self.procs.stop(self.gw, timeout=10)
         log_text = (self.workdir / "gateway.log").read_text(errors="replace")
         phases = {"baseline": (b0, b1, cpu_delta(cpu_b0, cpu_b1)), "reload": (r0, r1, cpu_delta(cpu_r0, cpu_r1))}
         return analyse(a, raw, phases, reloads, stats0, stats1, upstreams, log_text, ups, {
             "pinning": self.plan.note, "trigger": self.trigger, "notes": self.notes,
             "stopped_early": stopped_early, "gateway_alive_at_end": gw_alive,
+            "instances": len(self.instances) or 1,
             "rss_mib": {"before": round(rss0 / MIB, 1), "after": round(rss1 / MIB, 1)},
         })
 
@@ -1115,7 +1203,9 @@ def must_be_zero(res: dict) -> list[str]:
     for name, ph in res["phases"].items():
         if ph["http"]["failed"]:
             bad.append(f"{name}: {ph['http']['failed']} failed HTTP requests")
-        if ph["http"]["stale"] or ph["probe"]["stale"]:
+        # After a takeover the old instance answers on its own kept-alive connections
+        # (with the config it had) until they close: expected, counted, not a failure.
+        if (ph["http"]["stale"] or ph["probe"]["stale"]) and res["meta"]["trigger"] != "takeover":
             bad.append(f"{name}: {ph['http']['stale']} stale proxy answers, {ph['probe']['stale']} stale route probes")
     ws = res["ws"]
     if ws["dropped_or_unclean"]:
@@ -1183,14 +1273,20 @@ def print_report(res: dict) -> None:
     r = res["reloads"]
     sg = r["seconds_gateway"]
     lg = r["logged_ms"] or {}
-    print(f"\nReloads: {r['ok']} ok of {r['count']} triggered; one reload: /stats reloads.last.seconds "
-          f"(build + swap) median {_f(sg['median_ms'])} ms, max {_f(sg['max_ms'])} ms; gateway log "
-          f"(read + validate + build + swap, {lg.get('n', 0)} lines) median {_f(lg.get('median'))} ms, "
-          f"max {_f(lg.get('max'))} ms"
-          + (f"; admin call median {_f(r['admin_call_ms']['median'])} ms, max {_f(r['admin_call_ms']['max'])} ms"
-             if r["admin_call_ms"] else "")
-          + (f"; trigger to counted in every worker's /stats median {_f(r['confirm_ms']['median'])} ms, "
-             f"max {_f(r['confirm_ms']['max'])} ms" if r["confirm_ms"] else ""))
+    if res["meta"]["trigger"] == "takeover":
+        print(f"\nTakeovers: {r['ok']} ok of {r['count']} triggered ({res['meta']['instances']} gateway instances); "
+              f"SIGUSR2 to the successor serving (named in the pidfile) median {_f(r['confirm_ms']['median'])} ms, "
+              f"max {_f(r['confirm_ms']['max'])} ms; answers after a hand-over from the old instance's "
+              f"kept-alive connections are in 'stale' (expected)" if r["confirm_ms"] else "")
+    else:
+        print(f"\nReloads: {r['ok']} ok of {r['count']} triggered; one reload: /stats reloads.last.seconds "
+              f"(build + swap) median {_f(sg['median_ms'])} ms, max {_f(sg['max_ms'])} ms; gateway log "
+              f"(read + validate + build + swap, {lg.get('n', 0)} lines) median {_f(lg.get('median'))} ms, "
+              f"max {_f(lg.get('max'))} ms"
+              + (f"; admin call median {_f(r['admin_call_ms']['median'])} ms, max {_f(r['admin_call_ms']['max'])} ms"
+                 if r["admin_call_ms"] else "")
+              + (f"; trigger to counted in every worker's /stats median {_f(r['confirm_ms']['median'])} ms, "
+                 f"max {_f(r['confirm_ms']['max'])} ms" if r["confirm_ms"] else ""))
     print(f"gateway RSS: {res['meta']['rss_mib']['before']} MiB before the baseline, "
           f"{res['meta']['rss_mib']['after']} MiB after the reloads; /stats reloads at the end: "
           f"{res['gateway']['stats_reloads']}")
@@ -1235,9 +1331,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-d", "--duration", type=float, default=30.0, help="seconds of each phase (baseline, reload)")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between reloads")
     p.add_argument("--workers", type=int, default=1, help="gateway workers")
-    p.add_argument("--trigger", choices=("auto", "sighup", "admin"), default="auto",
+    p.add_argument("--trigger", choices=("auto", "sighup", "admin", "takeover"), default="auto",
                    help="how to reload: SIGHUP to the gateway pid, POST /config/reload on the admin "
-                        "listener, or auto (SIGHUP if the pid catches it, else admin)")
+                        "listener, auto (SIGHUP if the pid catches it, else admin), or takeover "
+                        "(SIGUSR2: a successor process takes the listeners; use --interval 3)")
     p.add_argument("--websockets", type=int, default=200, help="open WebSockets")
     p.add_argument("--ws-every", type=float, default=100.0, help="ms between two messages of one WebSocket")
     p.add_argument("--keepalive", type=int, default=4, help="HTTP clients on a kept-alive connection each")
@@ -1304,6 +1401,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        bench.stop_instances()
         bench.procs.close()
         if a.keep_workdir:
             print(f"work dir kept: {workdir}", file=sys.stderr)

@@ -277,6 +277,41 @@ async def test_sighup_with_workers_reloads_every_worker_and_refused_changes_noth
     assert await s.stop() == 0
 
 
+
+async def test_throttles_change_live_with_workers_and_unchanged_ones_keep_their_counts(serve):
+    """The shared-memory tables of `workers: 2` follow a reload: an unchanged limit keeps
+    what both workers took from it, a changed or added one starts full at its new rate."""
+    def cfg(rate: int, extra: list) -> dict:
+        return config([mock("GET /t", {"t": 1}, throttle={"rate": 0.001, "burst": rate}),
+                       mock("GET /other", {"o": 1}), *extra], workers=2)
+
+    async def admitted(path: str, n: int) -> int:
+        ok = 0
+        for _ in range(n):  # a new connection each: both workers take their share
+            ok += (await get(s.addr, path)).status == 200
+        return ok
+
+    s = await serve(cfg(4, []))
+    assert await admitted("/t", 8) == 4  # burst 4 across both workers, no refill to speak of
+
+    # Unchanged limit, another route added: the same slot, still empty.
+    mark = len(s.lines)
+    s.write(cfg(4, [mock("GET /u", {"u": 1}, throttle={"rate": 0.001, "burst": 2})]))
+    s.proc.send_signal(signal.SIGHUP)
+    await s.wait_line(r"reloaded config \w+ in 2 workers", start=mark)
+    assert await admitted("/t", 4) == 0
+    assert await admitted("/u", 4) == 2  # the added one starts full
+
+    # Changed limit (burst 6): a fresh slot, full at the new burst.
+    mark = len(s.lines)
+    s.write(cfg(6, []))
+    s.proc.send_signal(signal.SIGHUP)
+    await s.wait_line(r"reloaded config \w+ in 2 workers", start=mark)
+    assert await admitted("/t", 10) == 6
+    assert not any("ERROR" in line for line in s.lines), s.lines
+    assert await s.stop() == 0
+
+
 FAIL_ON_RELOAD = """
 from edgeplane.plugins import Policy
 

@@ -19,7 +19,7 @@ and passes the compiled APIs into the snapshot. Under a supervisor (`ws_worker`,
 `<dir>/worker-<index>.sock`, in the private directory the supervisor created; the
 workers of one supervisor share its host tag, so a connection id names its worker and
 host, and the per-API new-connection buckets live in the supervisor's shared limit table
-(indices `stores.ws_api_index`). With `cluster:` the registry also listens on Redis pub/sub.
+(at the slots of the supervisor's `slots.SlotMap`). With `cluster:` the registry also listens on Redis pub/sub.
 
 Listeners: each is bound exclusively and, unless `lock_ports=False` (the workers of a
 supervisor, which holds the locks), owned through its lock file (`runtime.ports`): a
@@ -54,6 +54,7 @@ from edgeplane.plugins.base import RuntimeContext
 from edgeplane.policies.quota.store import QuotaPeriod, QuotaStore
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SharedLimitTable
+from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.policies.throttle.stores import limits_for, plans_of
 from edgeplane.routing.snapshot import Snapshot, build_snapshot
 from edgeplane.runtime.accesslog import AccessLog
@@ -110,6 +111,9 @@ class Gateway(GatewayWebSockets):
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
         # throttle tables (shared_limits, shared_keys).
         self._shared_limits = shared_limits
+        # Where each shared limit lives: the supervisor's map (`slots.SlotMap`, set by
+        # `runtime.serving` from the workers' spec) or, when None, the config's initial one.
+        self._slots: SlotMap | None = None
         self._shared_table: SharedLimitTable | None = None
         self._keyed_table: SharedKeyTable | None = None
         self._quota_store: QuotaStore | RedisQuotaStore | None = None
@@ -188,7 +192,8 @@ class Gateway(GatewayWebSockets):
             self._quota_store = QuotaStore(os.path.join(cfg.data_dir, "edgeplane.db"))
             self._quota_store.load(periods=periods)
         counter = self._quota_store.counter if self._quota_store is not None else None
-        limits = self._limits = limits_for(cfg, self._shared_table, self._keyed_table, self._limiter)
+        limits = self._limits = limits_for(cfg, self._shared_table, self._keyed_table, self._limiter,
+                                           slots=self._slots)
         ws_apis = self._build_websockets(cfg, loop, self._upstreams, runtime)
         self._snapshot = build_snapshot(cfg, self._upstreams, runtime.state, limits, counter,
                                        websocket_apis=ws_apis)

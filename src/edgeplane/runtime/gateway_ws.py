@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
-from edgeplane.policies.throttle.stores import ws_api_index
+from edgeplane.policies.throttle.slots import SlotMap, ws_identity
 from edgeplane.websocket.api import build_websocket_apis
 from edgeplane.websocket.connections import ConnectionRegistry, WsConnection
 
@@ -35,6 +35,7 @@ class GatewayWebSockets:
     _ws_bus: Any
     _limiter: Any
     _shared_table: Any
+    _slots: SlotMap | None
     _admin_context: ServerContext | None
     _context: ServerContext | None
     _loop: asyncio.AbstractEventLoop | None
@@ -56,9 +57,11 @@ class GatewayWebSockets:
                 buckets[name] = self._limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
                                                    keyed=False).bucket()
         elif self._shared_table is not None:  # workers of one host: the supervisor's table
-            for i, (name, api) in enumerate(cfg.websocket_apis.items()):
+            slots = self._slots if self._slots is not None else SlotMap.initial(cfg)
+            for name, api in cfg.websocket_apis.items():
                 rate = api.limits.connections_per_second
-                buckets[name] = self._shared_table.bucket(ws_api_index(cfg, i), rate, max(1, int(rate)))
+                index = slots.index("plain", ws_identity(name, rate))
+                buckets[name] = self._shared_table.bucket(index, rate, max(1, int(rate)))
         return build_websocket_apis(cfg, upstreams, runtime_ctx.state, self._ws_registry, buckets)
 
     async def _start_ws_forwarding(self, cfg: Config) -> None:

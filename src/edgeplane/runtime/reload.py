@@ -10,7 +10,9 @@ What carries over (an unchanged thing is the same object, with its state):
 - upstreams whose settings are unchanged keep their pools and idle connections; a
   removed or changed one drains: its busy connections finish, then close;
 - throttle buckets of unchanged limits keep their tokens (in process; shared-memory and
-  Redis buckets live outside it); usage-plan quota counts are the same store;
+  Redis buckets live outside it: with `workers: N` the supervisor's slot map,
+  `slots.SlotMap`, keeps an unchanged limit at its slot and gives a changed one a fresh
+  slot); usage-plan quota counts are the same store;
 - WebSocket connections stay on the API they opened with; the @connections registry is
   the same one, so management calls still find them;
 - the plugins' runtime (JWKS sources, custom-authorizer clients) starts anew on the new
@@ -38,7 +40,8 @@ import orjson
 from edgeplane.http.context import connection_cap
 from edgeplane.http.tls import ListenerTls
 from edgeplane.plugins.base import RuntimeContext
-from edgeplane.policies.throttle.stores import limits_for, plans_of, shared_limit_count
+from edgeplane.policies.throttle.slots import identities
+from edgeplane.policies.throttle.stores import limits_for, plans_of
 from edgeplane.routing.snapshot import build_snapshot
 from edgeplane.runtime.accesslog import AccessLog
 from edgeplane.upstream.pool import Upstream
@@ -75,26 +78,16 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(raw).hexdigest()[:12]
 
 
-def _throttle_layout(config: Config) -> tuple[Any, ...]:
-    """What fixes the shared-memory table's slots: the throttled routes at their
-    indices, the plans and the WebSocket APIs (unthrottled routes use no slot's counts)."""
-    routes = tuple((rc.index, rc.host, rc.key, rc.policies["throttle"]) for rc in config.routes
-                   if rc.policies.get("throttle") is not None)
-    plans = tuple((name, plan.throttle, tuple(plan.route_throttles.items()))
-                  for name, plan in plans_of(config).items())
-    # Plans' and APIs' slots follow the routes' (stores.ws_api_index): with any of them,
-    # the number of routes fixes where they are.
-    shift = len(config.routes) if plans or config.websocket_apis else None
-    return config.policies.get("throttle"), routes, plans, tuple(config.websocket_apis), shift
-
-
 def _quota_periods(config: Config) -> set[tuple[Any, Any]]:
     return {(p.quota_period, p.quota_offset) for p in plans_of(config).values() if p.quota_limit}
 
 
-def refusals(old: Config, new: Config, *, shared_tables: bool) -> list[str]:
+def refusals(old: Config, new: Config, *, shared_tables: bool, slot_map: bool = False) -> list[str]:
     """What `new` changes that a running worker cannot: each names the key and the way
-    to apply it (a restart, or `serve --takeover` with no downtime)."""
+    to apply it (a restart, or `serve --takeover` with no downtime). `shared_tables`:
+    the limits live in shared memory; `slot_map`: a supervisor places them there
+    (`slots.SlotMap`, which refuses only when its tables are full), else their set is
+    fixed for the life of the tables."""
     out = []
     how = "restart, or `edgeplane serve --takeover`"
     if new.workers != old.workers:
@@ -108,11 +101,9 @@ def refusals(old: Config, new: Config, *, shared_tables: bool) -> list[str]:
                    "the quota counts are kept per period")
     if (new.tls is None) != (old.tls is None):
         out.append(f"tls: TLS listeners cannot be switched on or off on reload ({how})")
-    if shared_tables and (_throttle_layout(new) != _throttle_layout(old)
-                          or shared_limit_count(new) > shared_limit_count(old)):
-        out.append("throttle: with workers > 1 the limits live in shared-memory tables laid "
-                   "out by the config at start; adding, removing, moving or changing a throttled "
-                   f"route, a plan or a WebSocket API, or adding routes past the table, needs a {how}")
+    if shared_tables and not slot_map and identities(new) != identities(old):
+        out.append("throttle: these shared-memory tables have no supervisor to place new limits; "
+                   f"adding, removing or changing a throttle needs a {how}")
     if shared_tables and (bool(new.websocket_apis) != bool(old.websocket_apis)):
         out.append(f"websocket_apis: adding the first or removing the last API with workers > 1 ({how})")
     return out
@@ -123,7 +114,7 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
     docstring); returns what the reload did."""
     old = gw.config
     started = time.perf_counter()
-    problems = refusals(old, new, shared_tables=gw._shared_table is not None)
+    problems = refusals(old, new, shared_tables=gw._shared_table is not None, slot_map=gw._slots is not None)
     if problems:
         raise ReloadRefused(problems)
     loop = asyncio.get_running_loop()
@@ -137,7 +128,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
         for policy in new.registry.policies():
             await policy.start(runtime)
             started_policies.append(policy)
-        limits = limits_for(new, gw._shared_table, gw._keyed_table, gw._limiter, previous=gw._limits)
+        limits = limits_for(new, gw._shared_table, gw._keyed_table, gw._limiter, previous=gw._limits,
+                            slots=gw._slots)
         counter = gw._quota_store.counter if gw._quota_store is not None else None
         ws_apis = gw._build_websockets(new, loop, upstreams, runtime)
         snapshot = build_snapshot(new, upstreams, runtime.state, limits, counter, websocket_apis=ws_apis)

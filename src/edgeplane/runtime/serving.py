@@ -42,6 +42,7 @@ import uvloop
 
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config, ListenAddress
+from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.runtime import logs, systemd
 from edgeplane.runtime.gateway import Gateway
 from edgeplane.runtime.listeners import Provided, provided_from_env, receive_added
@@ -52,7 +53,6 @@ from edgeplane.runtime.supervisor_state import (
     ENV_SHARED,
     ENV_SHARED_KEYS,
     REFUSED,
-    needs_shared_tables,
     read_outcome,
 )
 from edgeplane.runtime.takeover import HandoverServer, TakeoverError, receive_listeners, successor_argv
@@ -195,9 +195,12 @@ class _Reloads:
         generation = spec["generation"]
         if generation != link.generation:
             receive_added(link.status_fd, link.provided)  # sent before the SIGHUP
+            slots = self.gateway._slots
+            self.gateway._slots = SlotMap.from_spec(spec["slots"])  # where the new config's limits live
             try:
                 await self.gateway.reload(spec["raw"])
             except Exception as exc:
+                self.gateway._slots = slots
                 if not isinstance(exc, (ConfigError, ReloadRefused)):
                     log.exception("reload to generation %d failed", generation)
                 link.report(f"F {generation}")  # the supervisor restarts this worker on it
@@ -222,8 +225,9 @@ class _Reloads:
             # Compared in the worker form, the one this worker's own config was loaded from.
             form = load_config(worker_raw(new, spec["ports"]))
             old = dataclasses.replace(self.gateway.config, workers=spec["workers"])
+            # The supervisor also places the limits (it refuses only when its tables are full).
             problems = refusals(old, dataclasses.replace(form, workers=new.workers),
-                                shared_tables=needs_shared_tables(old) or needs_shared_tables(form))
+                                shared_tables=True, slot_map=True)
             if problems:
                 raise ReloadRefused(problems)
         except (ConfigError, ReloadRefused) as exc:
@@ -278,6 +282,8 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
     gateway = Gateway(config, reuse_port=link is not None, lock_ports=link is None,
                       shared_limits=shared_limits, ws_worker=_ws_worker_from_env(),
                       inherited=link.provided if link is not None else inherited)
+    if link is not None:
+        gateway._slots = SlotMap.from_spec(read_spec(link.spec_path)["slots"])
     # A successor that fails to start must leave the predecessor's lock files alone.
     gateway._handed_over = inherited is not None
     reloads = _Reloads(gateway, overrides, link)

@@ -2,7 +2,8 @@
 
 Owns:
 - The cross-worker throttle tables in /dev/shm (`edgeplane-<pid>`, `edgeplane-<pid>-keys`),
-  made only when the config has limits the workers must share (`needs_shared_tables`).
+  made whenever the workers' limits are not in Redis (`cluster:`), with room for the
+  limits reloads add or change (`slots.SlotMap`).
 - The private directory (`edgeplane-<pid>-*` in the temp dir, 0700): the workers' spec
   (`worker.json`, written by the supervisor), the WebSocket APIs' per-worker Unix
   sockets, and the reload outcomes the workers report in /stats and the admin reload
@@ -29,7 +30,7 @@ from typing import Any
 from edgeplane.config.model import Config
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SHM_DIR, SharedLimitTable
-from edgeplane.policies.throttle.stores import plans_of, shared_limit_count
+from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.runtime import systemd
 
 log = logging.getLogger("edgeplane.workers")
@@ -41,15 +42,6 @@ REFUSED = "refused.json"
 APPLIED = "applied.json"
 
 
-def needs_shared_tables(cfg: Config) -> bool:
-    """Whether the workers of `cfg` share limits through the supervisor's shared-memory
-    tables (their layout cannot change on reload)."""
-    return cfg.cluster is None and bool(
-        cfg.policies.get("throttle") is not None or cfg.websocket_apis
-        or any("throttle" in r.policies for r in cfg.routes)
-        or any(p.throttle or p.route_throttles for p in plans_of(cfg).values()))
-
-
 class SharedState:
     def __init__(self) -> None:
         self.shared_table: SharedLimitTable | None = None
@@ -59,17 +51,12 @@ class SharedState:
         self.ws_host_tag = ""
         self.refused = 0
 
-    def create(self, cfg: Config, n: int) -> None:
-        plan_limits = any(p.throttle or p.route_throttles for p in plans_of(cfg).values())
-        route_throttles = [r.policies["throttle"] for r in cfg.routes if "throttle" in r.policies]
-        if needs_shared_tables(cfg):
-            # Tables for the whole server, so every limit holds across workers (indices:
-            # 0 = server-wide, 1 + i = routes[i], then the usage plans, then the WebSocket
-            # APIs' new-connection buckets; see limits.py).
-            n_limits = shared_limit_count(cfg)
-            self.shared_table = SharedLimitTable.create(f"edgeplane-{os.getpid()}", n, n_limits)
-            if plan_limits or any(t.key for t in route_throttles):
-                self.keyed_table = SharedKeyTable.create(f"edgeplane-{os.getpid()}-keys", n, n_limits)
+    def create(self, cfg: Config, n: int, slots: SlotMap) -> None:
+        if cfg.cluster is None:
+            # Tables for the whole server, so every limit holds across workers; sized by
+            # `slots` (the start's limits and room for reloads), which places each limit.
+            self.shared_table = SharedLimitTable.create(f"edgeplane-{os.getpid()}", n, slots.capacity["plain"])
+            self.keyed_table = SharedKeyTable.create(f"edgeplane-{os.getpid()}-keys", n, slots.capacity["keyed"])
         self.run_dir = tempfile.mkdtemp(prefix=f"edgeplane-{os.getpid()}-")
         if cfg.websocket_apis:
             # @connections calls reach the worker that holds a connection through its

@@ -65,6 +65,7 @@ from typing import Any
 
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config
+from edgeplane.policies.throttle.slots import SlotMap, SlotsExhausted
 from edgeplane.runtime import listeners, logs, systemd
 from edgeplane.runtime.listeners import Claim
 from edgeplane.runtime.ports import fmt_address, raise_nofile_limit
@@ -80,7 +81,7 @@ from edgeplane.runtime.serving import (
     takeover_address,
     worker_raw,
 )
-from edgeplane.runtime.supervisor_state import SharedState, needs_shared_tables, remove_stale_state
+from edgeplane.runtime.supervisor_state import SharedState, remove_stale_state
 from edgeplane.runtime.takeover import Inherited, SupervisorHandover, receive_listeners, successor_argv
 
 __all__ = ["Supervisor", "remove_stale_state", "resolve_workers", "run_single", "run_supervisor"]
@@ -129,6 +130,7 @@ class Supervisor:
         self.restarting: int | None = None
         self.signals: list[int] = []
         self.state = SharedState()  # throttle tables, the private directory
+        self.slots = SlotMap.initial(config)  # where each shared limit lives (`slots`)
         self.generation = 0
         self.form_hash = ""  # config_hash of the workers' config (`_write_spec`)
         self.pending: dict[int, int] = {}  # worker -> generation it has not confirmed yet
@@ -175,7 +177,8 @@ class Supervisor:
         self.form_hash = config_hash(dataclasses.replace(cfg, raw=raw))
         spec = {"generation": self.generation, "raw": raw, "ports": ports,
                 "source": os.path.abspath(cfg.source) if not cfg.source.startswith("<") else cfg.source,
-                "overrides": self.overrides, "workers": cfg.workers, "supervisor": os.getpid()}
+                "overrides": self.overrides, "workers": cfg.workers, "supervisor": os.getpid(),
+                "slots": self.slots.for_workers()}
         path = os.path.join(str(self.state.run_dir), "worker.json")
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -260,7 +263,7 @@ class Supervisor:
         try:
             remove_stale_state()
             self._claim_new(self.config)
-            self.state.create(self.config, self.n)
+            self.state.create(self.config, self.n, self.slots)
             self._write_spec()
             for i in range(self.n):
                 if self._stop_requested():
@@ -452,12 +455,17 @@ class Supervisor:
         running = self.form_hash
         try:
             new = load_config(reload_source(source), overrides=self.overrides)
-            # With workers > 1 every limit lives in the shared tables: their layout is fixed.
-            tables = needs_shared_tables(self.config) or needs_shared_tables(new)
-            problems = refusals(self.config, new, shared_tables=tables)
+            problems = refusals(self.config, new, shared_tables=True, slot_map=True)
+            # Unchanged limits keep their slots; new and changed ones get free ones.
+            slots, reused = self.slots.advance(new, time.monotonic()) if self.state.shared_table else (self.slots, [])
             if problems:
                 raise ReloadRefused(problems)
             added = self._claim_new(new)
+        except SlotsExhausted as exc:
+            log_refused(source, running, [str(exc)])
+            self.state.record_refusal(source, [str(exc)])
+            systemd.ready()
+            return
         except (ConfigError, ReloadRefused, LookupError, OSError) as exc:
             errors = (exc.located() if isinstance(exc, ConfigError) else exc.problems
                       if isinstance(exc, ReloadRefused) else [str(exc)])
@@ -467,7 +475,10 @@ class Supervisor:
             return
         wanted = {port_key(kind, a) for kind, a in addresses(new)}
         self.release_after += [key for key in self.claims if key not in wanted]
-        self.config = new
+        for kind, index in reused:  # before any worker can see the map that reuses them
+            table = self.state.shared_table if kind == "plain" else self.state.keyed_table
+            table.reset(index)  # type: ignore[union-attr]
+        self.config, self.slots = new, slots
         self.generation += 1
         self._write_spec()
         self.reload_started = started

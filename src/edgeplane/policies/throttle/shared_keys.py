@@ -438,6 +438,16 @@ class SharedKeyTable(_Segment):
         self._mm = None
 
 
+    def reset(self, limit_index: int) -> None:
+        """Supervisor side: empty every row of limit `limit_index` (every key full again)
+        before it is given to another limit (`slots.SlotMap`)."""
+        if self.worker_index is not None or self._mm is None:
+            raise RuntimeError("only the supervisor's open table resets a limit")
+        _check_index("limit_index", limit_index, self.n_limits)
+        size = 24 * self.n_workers * self.slots
+        start = self._rows + limit_index * size
+        self._buf[start:start + size] = bytes(size)
+
     # ------------------------------------------------------------------ limits
     def limit(self, limit_index: int, rate: float, burst: float) -> SharedKeyedLimit:
         """The keyed limit `limit_index` for this worker. Every worker must pass the same

@@ -48,8 +48,9 @@ Invariants
   never decreases. A restarted worker re-attaches to the same index and continues from
   the cells its predecessor left (they live in shared memory), so a worker crash never
   returns tokens. `attach` refuses an index whose recorded owner pid is still alive.
-- All workers use the same (rate, burst) for a given limit index for the table's life
-  (the supervisor assigns indexes from the config); the epoch is fixed at `create`.
+- All workers use the same (rate, burst) for a given limit index while it is assigned
+  (the supervisor assigns indexes, `slots.SlotMap`; it resets a slot, `reset`, before
+  giving it to another limit); the epoch is fixed at `create`.
 - Clocks are CLOCK_MONOTONIC (`time.monotonic()`), system-wide on Linux, so workers
   agree. A clock that goes backwards only lowers A, i.e. removes tokens: it can never
   let a flood through; it cannot lock a client out for longer than the jump.
@@ -216,8 +217,10 @@ def _check_limit(limit_index: int, n_limits: int, rate: float, burst: float) -> 
 def _existing_view(table, views: dict, limit_index: int, rate: float, burst: float):
     """The opening of `SharedLimitTable.bucket` and `shared_keys.SharedKeyTable.limit`:
     refuse the supervisor's or a closed `table` and bad arguments, then return the view
-    already made for `limit_index` from `views` (refused if its rate or burst differ),
-    or None when there is none yet."""
+    already made for `limit_index` from `views`, or None when there is none yet or its
+    rate or burst differ (the supervisor gave the slot to another limit after a reload
+    and reset it, `slots.SlotMap`: the caller makes a new view; the old one stays with
+    the snapshot that made it)."""
     if table.worker_index is None:
         raise RuntimeError("the supervisor's table has no worker slot; attach() as a worker")
     if table._mm is None:
@@ -225,7 +228,7 @@ def _existing_view(table, views: dict, limit_index: int, rate: float, burst: flo
     _check_limit(limit_index, table.n_limits, rate, burst)
     old = views.get(limit_index)
     if old is not None and (old.rate, old.burst) != (float(rate), float(burst)):
-        raise ValueError(f"limit {limit_index} already has rate {old.rate}, burst {old.burst}")
+        return None
     return old
 
 
@@ -349,6 +352,7 @@ class SharedLimitTable(_Segment):
         self._q = memoryview(mm).cast("q")
         self._d = memoryview(mm).cast("d")
         self._buckets: dict[int, SharedBucket] = {}
+        self._replaced: list[SharedBucket] = []  # views of limits whose slot was given to another
         _, limits, _ = _layout(n_workers, n_limits)
         self._limits_cell = limits // 8
 
@@ -403,14 +407,27 @@ class SharedLimitTable(_Segment):
         """Unmap (every bucket of this table becomes unusable). Idempotent."""
         if self._mm is None:
             return
-        for b in self._buckets.values():
+        for b in [*self._buckets.values(), *self._replaced]:
             b._release()
         self._buckets.clear()
+        self._replaced.clear()
         self._q.release()
         self._d.release()
         self._mm.close()
         self._mm = None
 
+
+    def reset(self, limit_index: int) -> None:
+        """Supervisor side: make limit `limit_index` new (nothing consumed, full at its
+        first check) before it is given to another limit."""
+        if not self._owner or self._mm is None:
+            raise RuntimeError("only the supervisor's open table resets a limit")
+        _check_index("limit_index", limit_index, self.n_limits)
+        n = self.n_workers
+        base = self._limits_cell + limit_index * 2 * n
+        for k in range(n):
+            self._q[base + k] = 0
+            self._d[base + n + k] = -math.inf
 
     # ------------------------------------------------------------------ buckets
     def bucket(self, limit_index: int, rate: float, burst: float) -> SharedBucket:
@@ -424,5 +441,8 @@ class SharedLimitTable(_Segment):
         b = SharedBucket(self._q[base:base + n], self._d[base + n:base + 2 * n],
                          cast(int, self.worker_index),  # not None: _existing_view refused that
                          float(rate), float(burst), self.epoch, limit_index)
+        replaced = self._buckets.get(limit_index)
+        if replaced is not None:  # the slot's previous limit: its views are released at close
+            self._replaced.append(replaced)
         self._buckets[limit_index] = b
         return b

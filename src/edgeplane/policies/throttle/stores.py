@@ -14,12 +14,12 @@ of bucket backs each level, and which chain checks them:
 
 Every factory answers the same four questions -- `server()`, `route(rc)`, `plan(name, rc)`,
 `chain(route_level, server_level)` -- so the throttle stage does not know which store it
-talks to. Limit indices in shared memory are fixed by the config (0 = server-wide,
-1 + i = routes[i], plans after the routes), the same in every worker. Redis key names
-come from the route key and plan name, the same on every host with the same config.
-WebSocket APIs' new-connection buckets follow the plans in the same table (`ws_api_index`),
-then the plans' per-route buckets (AWS method throttling); in Redis those are named
-`plan:NAME:ROUTE KEY`.
+talks to. Limit indices in shared memory come from the supervisor's slot map
+(`slots.SlotMap`: a limit keeps its slot across reloads while its identity is
+unchanged), the same in every worker. Redis key names come from the route key and plan
+name, the same on every host with the same config; the plans' per-route buckets (AWS
+method throttling) are named `plan:NAME:ROUTE KEY` there. WebSocket APIs'
+new-connection buckets are plain slots too (`runtime.gateway_ws`).
 """
 
 from __future__ import annotations
@@ -27,34 +27,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.policies.throttle.buckets import BucketMap, LevelChain, Policy, ThrottleChain, TokenBucket
+from edgeplane.policies.throttle.slots import SlotMap, plan_identity, route_identity
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config, RouteConfig
     from edgeplane.policies.throttle.model import ThrottleConfig
 
-__all__ = ["plans_of", "LocalLimits", "SharedLimits", "ClusterLimits", "limits_for", "ws_api_index",
-           "shared_limit_count"]
+__all__ = ["plans_of", "LocalLimits", "SharedLimits", "ClusterLimits", "limits_for"]
 
 
 def plans_of(config: Config) -> dict[str, Any]:
     """The usage plans (`usage_plans` section), by name."""
     plans: dict[str, Any] = config.policies.get("usage_plans") or {}
     return plans
-
-
-def ws_api_index(config: Config, i: int) -> int:
-    """Shared-memory index of the i-th WebSocket API's new-connection bucket."""
-    return 1 + len(config.routes) + len(plans_of(config)) + i
-
-
-def _plan_route_pairs(config: Config) -> list[tuple[str, str]]:
-    return [(name, key) for name, plan in plans_of(config).items() for key in plan.route_throttles]
-
-
-def shared_limit_count(config: Config) -> int:
-    """Indices the supervisor's shared tables need: server, routes, plans, WebSocket APIs,
-    then the plans' per-route throttles."""
-    return ws_api_index(config, len(config.websocket_apis)) + len(_plan_route_pairs(config))
 
 
 def _plan_throttle(config: Config, name: str, route: RouteConfig | None) -> Any:
@@ -106,15 +91,14 @@ class LocalLimits:
 class SharedLimits:
     """Buckets in the supervisor's shared-memory tables (one host, N workers)."""
 
-    def __init__(self, config: Config, table: Any, keyed_table: Any = None) -> None:
+    def __init__(self, config: Config, table: Any, keyed_table: Any = None, slots: SlotMap | None = None) -> None:
         self.config = config
         self.table = table
         self.keyed_table = keyed_table
+        self.slots = slots if slots is not None else SlotMap.initial(config)
         t = config.policies.get("throttle")
-        self._server = self._bucket(0, t.rate, t.burst, "server") if t is not None else None
-        self._plan_index = {name: len(config.routes) + 1 + i for i, name in enumerate(plans_of(config))}
-        base = ws_api_index(config, len(config.websocket_apis))
-        self._plan_route_index = {pair: base + j for j, pair in enumerate(_plan_route_pairs(config))}
+        self._server = (self._bucket(self.slots.index("plain", f"server {t!r}"), t.rate, t.burst, "server")
+                        if t is not None else None)
 
     def _bucket(self, index: int, rate: float, burst: int, policy: str) -> Any:
         bucket = self.table.bucket(index, rate, burst)
@@ -133,14 +117,15 @@ class SharedLimits:
 
     def route(self, rc: RouteConfig) -> Any:
         t = cast("ThrottleConfig", rc.policies.get("throttle"))  # route(): only for a throttled route
-        if t.key is None:
-            return self._bucket(1 + rc.index, t.rate, t.burst, "route")
-        return self._keyed(1 + rc.index, t.rate, t.burst, "client")
+        kind, identity = route_identity(rc, t)
+        if kind == "plain":
+            return self._bucket(self.slots.index(kind, identity), t.rate, t.burst, "route")
+        return self._keyed(self.slots.index(kind, identity), t.rate, t.burst, "client")
 
     def plan(self, name: str, route: RouteConfig | None = None) -> Any:
         t = _plan_throttle(self.config, name, route)
-        index = self._plan_route_index.get((name, route.key)) if route is not None else None
-        return self._keyed(self._plan_index[name] if index is None else index, t.rate, t.burst, "plan")
+        own = route.key if route is not None and route.key in plans_of(self.config)[name].route_throttles else None
+        return self._keyed(self.slots.index("keyed", plan_identity(name, own, t)), t.rate, t.burst, "plan")
 
     def chain(self, route: Any, server: Any) -> Any:
         return LevelChain(route=route, server=server)
@@ -177,11 +162,13 @@ class ClusterLimits:
 
 
 def limits_for(config: Config, shared_table: Any = None, keyed_table: Any = None,
-               limiter: Any = None, previous: Any = None) -> LocalLimits | SharedLimits | ClusterLimits:
+               limiter: Any = None, previous: Any = None,
+               slots: SlotMap | None = None) -> LocalLimits | SharedLimits | ClusterLimits:
     """`previous`: the limits of the config being replaced by a reload (local buckets of
-    unchanged limits carry over; shared and Redis buckets live outside the process)."""
+    unchanged limits carry over; shared and Redis buckets live outside the process, the
+    supervisor's `slots` say where)."""
     if limiter is not None:
         return ClusterLimits(config, limiter)
     if shared_table is not None:
-        return SharedLimits(config, shared_table, keyed_table)
+        return SharedLimits(config, shared_table, keyed_table, slots)
     return LocalLimits(config, previous if isinstance(previous, LocalLimits) else None)
