@@ -3,8 +3,9 @@ worker of `workers: N`).
 
 Owns the life of one process that runs a `Gateway`:
 - `run_single(config)` (`workers: 1`): SIGTERM/SIGINT: not ready for `drain_delay`, then
-  drain (stop accepting, finish in-flight requests within `drain_timeout`, close idle
-  keep-alive connections) and exit 0. SIGHUP: reload the config file with the CLI's
+  drain (stop accepting, finish in-flight requests within `drain_timeout`, give idle
+  connections the drain grace for one more request) and exit 0. SIGUSR2: start a
+  successor (`serve --takeover`) that takes the listeners; drain once it serves. SIGHUP: reload the config file with the CLI's
   overrides (`Gateway.reload`); a refused config is logged by location, the old one keeps
   serving, and the process never exits for it. SIGUSR1: reopen the log files. The
   gateway locks its listen addresses. sd_notify: READY=1 once serving, RELOADING=1 and
@@ -17,7 +18,9 @@ Owns the life of one process that runs a `Gateway`:
   from the spec file when its generation is newer than the one served (a stray SIGHUP
   changes nothing but still answers). `POST /config/reload` on its admin listener
   validates the file as the supervisor will (`load_config`, then `reload.refusals` in the
-  worker form), then sends SIGHUP to the supervisor and answers.
+  worker form), then sends SIGHUP to the supervisor and answers with the outcome the
+  supervisor records (`supervisor_state`). SIGUSR2 from the supervisor: a successor
+  took over; drain now, without `drain_delay`.
 
 Invariants: SIGHUP and SIGUSR1 are ignored from the start of the process until the
 loop's handlers are installed (their default action would kill it); one reload runs at a
