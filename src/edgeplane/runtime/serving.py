@@ -5,9 +5,10 @@ Owns the life of one process that runs a `Gateway`:
 - `run_single(config)` (`workers: 1`): SIGTERM/SIGINT: not ready for `drain_delay`, then
   drain (stop accepting, finish in-flight requests within `drain_timeout`, give idle
   connections the drain grace for one more request) and exit 0. SIGUSR2: start a
-  successor (`serve --takeover`) that takes the listeners; drain once it serves. SIGHUP: reload the config file with the CLI's
-  overrides (`Gateway.reload`); a refused config is logged by location, the old one keeps
-  serving, and the process never exits for it. SIGUSR1: reopen the log files. The
+  successor (`serve --takeover`) that takes the listeners; drain once it serves.
+  SIGHUP: reload the config file with the CLI's overrides (`Gateway.reload`); a refused
+  config is logged by location, the old one keeps serving, and the process never exits
+  for it. SIGUSR1: reopen the log files. The
   gateway locks its listen addresses. sd_notify: READY=1 once serving, RELOADING=1 and
   READY=1 around a reload, STOPPING=1 when the drain begins.
 - `worker_main()`: a worker started by the supervisor (`runtime.workers`). Its config is
