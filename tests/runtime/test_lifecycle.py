@@ -312,6 +312,86 @@ async def test_throttles_change_live_with_workers_and_unchanged_ones_keep_their_
     assert await s.stop() == 0
 
 
+
+async def test_a_reload_no_worker_can_apply_is_rolled_back_and_refused(serve, tmp_path):
+    """Every check passes, but every worker fails to apply it (its access log cannot be
+    opened), and the first one restarted on it cannot start either: restarting the
+    others would take the gateway down, so it is rolled back and refused."""
+    s = await serve(config([mock("GET /v", {"v": 1})], workers=2))
+    not_a_dir = tmp_path / "afile"
+    not_a_dir.write_text("")
+    mark = len(s.lines)
+    s.write(config([mock("GET /v", {"v": 2})], workers=2,
+                   access_log={"destination": "file", "path": str(not_a_dir / "x.log")}))
+    c = await RawClient.connect(s.admin)
+    try:
+        answer = await c.request("POST", "/config/reload")
+    finally:
+        await c.close()
+    assert answer.status == 422, answer.body
+    assert any("no worker could apply" in e for e in answer.json()["errors"]), answer.body
+    assert any("Not a directory" in e for e in answer.json()["errors"]), answer.body
+    await s.wait_line(r"went back to the running one", start=mark)
+    for _ in range(8):  # the other worker served the old config all along
+        assert (await get(s.addr, "/v")).json() == {"v": 1}
+
+    async def both_back():  # the canary starts again, on the old config
+        pids = {(await get(s.admin, "/healthz")).json()["pid"] for _ in range(16)}
+        return len(pids) == 2
+
+    await eventually(both_back, what="both workers serving again")
+    assert s.proc.returncode is None
+    # the next good reload goes through as usual
+    s.write(config([mock("GET /v", {"v": 3})], workers=2))
+    s.proc.send_signal(signal.SIGHUP)
+    await s.wait_line(r"reloaded config \w+ in 2 workers", start=mark)
+    assert {(await get(s.addr, "/v")).json()["v"] for _ in range(8)} == {3}
+    assert await s.stop() == 0
+
+
+async def test_a_worker_that_cannot_restart_leaves_no_connection_waiting(serve, tmp_path):
+    """Its slot is paused while it is down: the other worker takes every new connection."""
+    logs_dir = tmp_path / "logs"
+    logs_dir.mkdir()
+    s = await serve(config([mock("GET /v", {"v": 1})], workers=2,
+                           access_log={"destination": "file", "path": str(logs_dir / "access.log")}))
+    pids = set()
+    for _ in range(20):
+        pids.add((await get(s.admin, "/healthz")).json()["pid"])
+    assert len(pids) == 2
+    for f in logs_dir.iterdir():
+        f.unlink()
+    logs_dir.rmdir()  # a restarted worker cannot open its access log now
+    victim = sorted(pids)[0]
+    os.kill(victim, signal.SIGKILL)
+    await s.wait_line(rf"worker \d \(pid {victim}\) exited")
+    answered = 0
+    for _ in range(40):  # each on a new connection; none may hang
+        r = await asyncio.wait_for(get(s.addr, "/v"), 3)
+        answered += r.status == 200
+    assert answered == 40
+    assert s.proc.returncode is None  # the other worker serves; the supervisor keeps retrying
+    assert await s.stop() == 0
+
+
+async def test_with_workers_a_new_connection_during_the_drain_is_refused_at_once(serve, upstream):
+    s = await serve(base_config(upstream.port, workers=2, drain_timeout="10s"))
+    slow = await RawClient.connect(s.addr)
+    await slow.send(b"GET /delay/3000 HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+    await asyncio.sleep(0.3)
+    s.proc.send_signal(signal.SIGTERM)
+    await s.wait_line(r"draining")
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        c = await RawClient.connect(s.addr)
+        await c.request("GET", "/users/1")
+    assert time.monotonic() - started < 1.0  # refused, not queued until the drain ends
+    assert (await slow.read_response(timeout=10)).status == 200  # in flight: finished
+    await slow.close()
+    assert await s.stop() == 0
+
+
 FAIL_ON_RELOAD = """
 from edgeplane.plugins import Policy
 
@@ -340,9 +420,11 @@ async def test_a_worker_that_fails_to_apply_a_reload_is_restarted_on_the_new_con
     mark = len(s.lines)
     s.write(config([mock("GET /v", {"v": 2}), mock("GET /added", {})], workers=2, plugins=["fail_on_reload"]))
     s.proc.send_signal(signal.SIGHUP)
-    await s.wait_line(r"WARNING edgeplane\.workers.*worker \d \(pid \d+\) failed to apply it; restarting it on config",
-                      start=mark)
-    await s.wait_line(r"reloaded config \w+ in 0 workers .*; 2 restarting on it", start=mark)
+    await s.wait_line(r"WARNING edgeplane\.workers.*worker \d \(pid \d+\) failed to apply it .*; restarting it "
+                      r"on config", start=mark)
+    # No worker applied it live: one restarts on it first; it starts, so the other follows.
+    await s.wait_line(r"no worker could apply config \w+ live; worker \d restarts on it first", start=mark)
+    await s.wait_line(r"reloaded config \w+ in 1 workers .*; 1 restarting on it", start=mark)
 
     async def all_new():
         try:  # while one worker restarts, the other serves alone (or answers 503, draining)

@@ -245,6 +245,8 @@ async def test_sigusr2_to_a_supervisor_upgrades_it_in_place(upstream, tmp_path):
         assert "SIGUSR2: started a successor" in text and f"took over the listeners of pid {old.pid}" in text
         assert "ERROR" not in text, text
     finally:
+        if successor_pid is None and pidfile.exists() and pidfile.read_text().strip() != str(old.pid):
+            successor_pid = int(pidfile.read_text())  # the test failed after the successor started
         if successor_pid is not None:
             os.kill(successor_pid, signal.SIGTERM)
             for _ in range(200):
@@ -321,3 +323,75 @@ async def test_a_drain_answers_a_request_sent_on_an_idle_kept_alive_connection(u
     await asyncio.wait_for(stopping, 5)
     await busy.close()
     await quiet.close()
+
+
+
+async def test_two_successors_at_once_one_takes_over_and_the_lock_files_name_it(upstream, tmp_path):
+    """One hand-over at a time: the second successor is turned away before it gets any
+    socket, and nothing it does leaves the lock files naming it."""
+    cfg = base_config(upstream.port)
+    old, addr, admin, old_lines, old_drain = await _start_serve(tmp_path, cfg)
+    procs = []
+    try:
+        cfg["listen"] = [f"127.0.0.1:{addr[1]}"]
+        cfg["admin"]["listen"] = f"127.0.0.1:{admin[1]}"
+        cfg["workers"] = 2  # a slower start: the two overlap
+        (tmp_path / "gw.yaml").write_text(yaml.safe_dump(cfg))
+        for _ in range(2):
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edgeplane", "serve", "-c", str(tmp_path / "gw.yaml"), "--takeover",
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
+        assert await asyncio.wait_for(old.wait(), 30) == 0
+        await asyncio.sleep(0.5)
+        alive = [p for p in procs if p.returncode is None]
+        assert len(alive) == 1, [p.returncode for p in procs]
+        winner = alive[0]
+        from edgeplane.runtime.ports import lock_name, runtime_dir
+        lock = os.path.join(runtime_dir(), lock_name("127.0.0.1", addr[1]))
+        assert open(lock).read().split()[0] == str(winner.pid)
+        assert (await _get_json(addr, "/users/1"))[0] == 200
+        winner.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(winner.wait(), 30) == 0
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                await p.wait()
+        if old.returncode is None:
+            old.kill()
+            await old.wait()
+        await old_drain
+
+
+async def test_a_successor_that_adds_slots_and_fails_resets_no_connection(upstream, tmp_path):
+    """1 -> 3 workers where a successor's worker cannot start: the slots it added never
+    listened, so closing them drops nothing queued, and the old instance serves on."""
+    cfg = base_config(upstream.port)
+    old, addr, admin, old_lines, old_drain = await _start_serve(tmp_path, cfg)
+    try:
+        cfg["listen"] = [f"127.0.0.1:{addr[1]}"]
+        cfg["admin"]["listen"] = f"127.0.0.1:{admin[1]}"
+        not_a_dir = tmp_path / "afile"
+        not_a_dir.write_text("")
+        bad = dict(cfg, workers=3, access_log={"destination": "file", "path": str(not_a_dir / "x.log")})
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        failures: list[str] = []
+        counts = [0]
+        stop = asyncio.Event()
+        loads = [asyncio.ensure_future(_steady_load(addr, failures, stop, counts)) for _ in range(4)]
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeplane", "serve", "-c", str(tmp_path / "bad.yaml"), "--takeover",
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(done.communicate(), 60)
+        assert done.returncode != 0, err
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*loads)
+        assert failures == [] and counts[0] > 0
+        assert old.returncode is None
+        assert (await _get_json(addr, "/users/1"))[0] == 200
+        await _stop(old, old_drain)
+    finally:
+        if old.returncode is None:
+            old.kill()
+            await old.wait()

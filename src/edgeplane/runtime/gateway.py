@@ -248,6 +248,10 @@ class Gateway(GatewayWebSockets):
                 self._listener_locks.append(lock)
             servers = []
             for sock in socks:
+                # Listen ourselves: a slot the supervisor paused resumes here (uvloop does
+                # not call listen() again on a socket it is given); on one that listens it
+                # only sets the backlog.
+                sock.listen(4096)
                 servers.append(await loop.create_server(factory, sock=sock, backlog=4096, **extra))
                 self._servers.append(servers[-1])  # from here on, start()'s cleanup closes it
             self._bound[(kind, host, port)] = (servers, lock)
@@ -338,7 +342,9 @@ class Gateway(GatewayWebSockets):
             await self._outlive_handover(ctx, max(0.0, timeout - 2.5))
         await self._close_websockets(min(timeout, 2.5))
         deadline = loop.time() + timeout
-        while ctx is not None and ctx.connections and loop.time() < deadline:
+        # In-flight admin calls finish too (a reload call may be waiting for its outcome).
+        while loop.time() < deadline and ((ctx is not None and ctx.connections) or (
+                admin is not None and any(not proto.idle() for proto in admin.connections))):
             await asyncio.sleep(0.02)
         for c in (ctx, admin):  # the admin last: health and readiness stayed visible until now
             if c is not None:  # the reason a request cut now is logged with:

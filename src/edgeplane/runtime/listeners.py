@@ -8,10 +8,14 @@ admin), and how a worker receives its share, the nginx `reuseport` model:
   holds, even a same-user SO_REUSEPORT listener, fails here, named), then binds the
   other n - 1 with SO_REUSEPORT and listens on all n. The kernel spreads connections
   over the group; slot j is served by worker j mod n.
-- The supervisor keeps every socket open for its whole life. A worker that restarts
-  gets the same slot back, so connections queued on it wait for the new worker instead
-  of being reset (they are reset only when the last holder of a socket closes it), and
-  a reload or a takeover (`runtime.takeover`) hands the very same sockets on.
+- The supervisor keeps the sockets open while their workers live, so a reload or a
+  takeover (`runtime.takeover`) hands the very same sockets on. When a worker exits (it
+  closes its control channel), is stopped to restart on a new config, or fails to
+  start, its slot is paused (`pause`), so the kernel sends that slot's share of new
+  connections to the other workers instead of a queue nobody accepts from, and its
+  next worker gets fresh sockets (`renew`). On stop the supervisor pauses every data
+  slot once the workers stop accepting, so new connections are refused at once, not
+  queued until the drain ends.
 - A worker gets its slots at spawn (`worker_fds`: descriptors in `pass_fds`, described
   in `ENV_LISTEN_FDS`) and, for addresses a reload adds, over its control channel (a
   SOCK_SEQPACKET socketpair: one message per send, descriptors attached) before the
@@ -19,10 +23,10 @@ admin), and how a worker receives its share, the nginx `reuseport` model:
   `Gateway` takes sockets from (`take`, as `takeover.Inherited`); a socket it does not
   take is closed (the supervisor still holds it).
 
-Invariants: a claim's sockets all listen on one resolved address; every slot has a
-worker that serves it while the supervisor runs (when a worker is down, its slot's new
-connections wait in the queue until the restart, as with nginx); the supervisor closes a
-claim's sockets only after every worker answered the reload that dropped it.
+Invariants: a claim's sockets all listen on one resolved address; a slot that listens
+has a live worker serving it (up to the moment the supervisor sees it exit); the supervisor closes a claim's
+sockets only after every worker answered the reload that dropped it; nothing is paused
+while it is shared with a predecessor or a successor (a takeover).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _reuseport_socket(kind: str, host: str, port: int) -> socket.socket:
+def _reuseport_socket(kind: str, host: str, port: int, listen: bool) -> socket.socket:
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -73,7 +77,8 @@ def _reuseport_socket(kind: str, host: str, port: int) -> socket.socket:
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
-        sock.listen(_BACKLOG)
+        if listen:
+            sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
         raise bind_error(kind, host, port, exc) from exc
@@ -108,15 +113,17 @@ def claim(kind: str, host: str, port: int, n: int) -> Claim:
 def adopt(kind: str, host: str, port: int, sockets: list[socket.socket], lock: ListenerLock | None,
           n: int) -> Claim:
     """A claim made of sockets received from a predecessor (`serve --takeover`), grown
-    to n slots; more than n are kept (the workers serve them all, `slots`)."""
+    to n slots; more than n are kept (the workers serve them all, `slots`). The slots
+    added are bound but not listening: each joins the group when its worker serves it
+    (its listen), so a successor that fails to start resets no connection on them."""
     found = Claim(kind, host, port, sockets[0].getsockname()[1], list(sockets), lock)
     for sock in sockets:
-        sock.setblocking(True)  # the predecessor's loop made them non-blocking; workers set their own
         # A single process bound its socket without SO_REUSEPORT; set now, it lets the
-        # other slots bind, and the kernel makes one reuseport group of them all.
+        # other slots bind, and the kernel makes one reuseport group of them all. (The
+        # file status flags are shared with the predecessor: leave O_NONBLOCK alone.)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        grow(found, n)
+        grow(found, n, listen=False)
     except BaseException:
         for sock in found.sockets[len(sockets):]:
             sock.close()
@@ -124,9 +131,36 @@ def adopt(kind: str, host: str, port: int, sockets: list[socket.socket], lock: L
     return found
 
 
-def grow(found: Claim, n: int) -> None:
+def grow(found: Claim, n: int, listen: bool = True) -> None:
     while len(found.sockets) < n:
-        found.sockets.append(_reuseport_socket(found.kind, found.host, found.bound))
+        found.sockets.append(_reuseport_socket(found.kind, found.host, found.bound, listen))
+
+
+def pause(socks: list[socket.socket]) -> None:
+    """Stop these listening sockets taking connections, without closing them (HAProxy's
+    pause): `shutdown(SHUT_RD)` on a listener unhashes it, so the kernel sends new
+    connections to the rest of its reuseport group, or refuses them when none is left
+    (those already queued on it are reset). The socket keeps its port. It is not
+    listened on again: `renew` replaces it (a socket that allocated its reuseport group
+    does not rejoin the group when it listens again, on Linux 6.x)."""
+    for sock in socks:
+        try:
+            # Only a listener: shutdown() on a socket that is not listening marks it
+            # read-shut for good, and once it listens again it takes no connection.
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.shutdown(socket.SHUT_RD)
+        except OSError:  # closed meanwhile
+            pass
+
+
+def renew(found: Claim, i: int, n: int) -> None:
+    """Worker i of n is about to start after its slot was paused: each of its sockets
+    is replaced by a fresh one, bound but not listening (the worker listens), before
+    the paused one closes, so the port is held throughout."""
+    for j, old in enumerate(found.sockets):
+        if j % n == i:
+            found.sockets[j] = _reuseport_socket(found.kind, found.host, found.bound, listen=False)
+            old.close()
 
 
 def slots(found: Claim, i: int, n: int) -> list[socket.socket]:

@@ -208,8 +208,11 @@ class ListenerLock:
         return self.fd
 
     def write_pid(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        # One write, then the cut: a reader never sees an empty file (its first token is
+        # the pid, old or new; a shorter pid leaves a tail the truncate then removes).
+        data = f"{os.getpid()}\n".encode()
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
 
     def release(self) -> None:
         """Remove the lock file (while still holding it) and unlock. Idempotent."""

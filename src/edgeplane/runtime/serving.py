@@ -207,7 +207,10 @@ class _Reloads:
                 self.gateway._slots = slots
                 if not isinstance(exc, (ConfigError, ReloadRefused)):
                     log.exception("reload to generation %d failed", generation)
-                link.report(f"F {generation}")  # the supervisor restarts this worker on it
+                errors = (exc.located() if isinstance(exc, ConfigError) else exc.problems
+                          if isinstance(exc, ReloadRefused) else [f"{type(exc).__name__}: {exc}"])
+                # the supervisor restarts this worker on it, or rolls back when no worker could
+                link.report(f"F {generation} {json.dumps([e[:2000] for e in errors[:20]])}")
                 return
             finally:
                 link.provided.close_left()  # our copies; the supervisor keeps its own
@@ -241,6 +244,8 @@ class _Reloads:
             raise
         run_dir = os.path.dirname(link.spec_path)
         refused_before = (read_outcome(run_dir, REFUSED) or {}).get("count", 0)
+        # Tell the supervisor this worker waits on the outcome (it restarts it last), then ask.
+        link.report("A")
         os.kill(spec["supervisor"], signal.SIGHUP)
         # Answer with the outcome: every worker applied it (or restarts on it), or the
         # supervisor refused it (a listener it could not bind, a file changed since).
@@ -299,7 +304,12 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
             inherited.abandon()  # the predecessor keeps serving
         raise
     if inherited is not None:
-        inherited.confirm()  # we serve: the predecessor stops accepting and drains
+        try:
+            inherited.confirm()  # we serve: the predecessor stops accepting and drains
+        except TakeoverError:
+            inherited.abandon()
+            await gateway.stop(drain_timeout=1.0, handed_over=True)  # the sockets and locks stay its
+            raise
         gateway._handed_over = False  # the lock files are ours now: removed at our exit
         if on_takeover is not None:
             on_takeover()  # the pidfile names us only now
@@ -353,6 +363,11 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
     else:
         log.info("draining (%sup to %.1fs)", delay, cfg.drain_timeout)
     await gateway.stop(handed_over=bool(handed_over))
+    # Drained: a second stop signal (the process group, an impatient service manager)
+    # must not kill the process while it exits, or its exit status says "killed".
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _spawn_successor() -> None:

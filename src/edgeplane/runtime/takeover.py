@@ -10,8 +10,12 @@ ask):
   port, how many sockets) with the listening sockets' descriptors and their lock
   files' descriptors attached (SCM_RIGHTS). A single process has one socket per
   listener; a supervisor has one per worker slot (SO_REUSEPORT, `runtime.listeners`).
-  When the successor answers `READY`, `on_ready` runs (the old instance then stops
-  accepting and drains); if it disconnects first, nothing changed.
+  When the successor answers `READY`, the old instance commits (`on_ready`: it stops
+  accepting and drains) and answers `OK`; only then does the successor write its pid
+  into the lock files. A successor that disconnects, or is slower than
+  `_READY_TIMEOUT`, changes nothing: the old instance keeps serving and the lock files
+  keep naming it. One successor at a time: a second one is turned away while a
+  hand-over is in progress.
 - `receive_listeners(config)` runs in the successor (`serve --takeover`): it finds the
   running instance through the lock file of the config's first listener (which holds
   its pid), takes the sockets, and returns them with a `confirm()` to call once serving.
@@ -45,11 +49,14 @@ from collections.abc import Callable
 from typing import Any
 
 from edgeplane.runtime.ports import ListenerLock, lock_name, runtime_dir
+from edgeplane.runtime.systemd import alive
 
 log = logging.getLogger("edgeplane.takeover")
 
 _MAX_FDS = 250  # listeners and their locks in one message (SCM_RIGHTS caps near 253)
 _READY = b"READY\n"
+_OK = b"OK\n"
+_READY_TIMEOUT = 60.0  # a successor's start, from receiving the sockets to READY
 Listener = tuple[str, str, int, list[socket.socket], Any]  # kind, host, configured port, sockets, lock
 
 
@@ -72,8 +79,10 @@ class HandoverServer:
         self._server: asyncio.AbstractServer | None = None
         self.path = socket_path(os.getpid())
         self.handed_over = False
+        self._busy = False  # a successor is starting on our sockets
 
     async def start(self) -> None:
+        remove_stale_sockets()
         try:
             os.unlink(self.path)  # a predecessor with our pid (recycled) left it
         except FileNotFoundError:
@@ -94,14 +103,23 @@ class HandoverServer:
             pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.handed_over:
-            writer.close()
+        if self.handed_over or self._busy:
+            writer.close()  # one successor at a time
             return
         described = describe(self._listeners())
         if described is None:
             writer.close()
             return
-        message, fds = described
+        self._busy = True
+        try:
+            await self._hand_over(reader, writer, *described)
+        except asyncio.CancelledError:  # the loop stops (our own drain): nothing was handed over
+            writer.close()
+        finally:
+            self._busy = False
+
+    async def _hand_over(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         message: bytes, fds: list[int]) -> None:
         try:
             # The transport's socket object offers no sendmsg (uvloop's is a stand-in): a
             # socket object on a duplicate descriptor sends the message (small: one call on
@@ -109,16 +127,27 @@ class HandoverServer:
             fileno = writer.get_extra_info("socket").fileno()
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(fileno)) as raw:
                 socket.send_fds(raw, [message], fds)
-            answer = await asyncio.wait_for(reader.readline(), 60)
-        except (OSError, TimeoutError) as exc:
+            answer = await asyncio.wait_for(reader.readline(), _READY_TIMEOUT)
+        except TimeoutError:
+            log.warning("takeover abandoned: the successor was not ready in %.0fs; still serving",
+                        _READY_TIMEOUT)
+            writer.close()
+            return
+        except OSError as exc:
             log.warning("takeover abandoned: %s; still serving", exc)
             writer.close()
             return
-        writer.close()
         if answer != _READY:
+            writer.close()
             log.warning("takeover abandoned by the successor; still serving")
             return
-        self.handed_over = True
+        self.handed_over = True  # committed: from here on the successor serves
+        try:
+            writer.write(_OK)
+            await writer.drain()
+        except OSError:
+            pass  # the successor is gone already; so is everything it would have served
+        writer.close()
         log.info("takeover: the successor serves on the listeners; draining")
         self._on_ready()
 
@@ -155,6 +184,7 @@ class SupervisorHandover:
         self.handed_over = False
 
     def start(self) -> None:
+        remove_stale_sockets()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -176,7 +206,8 @@ class SupervisorHandover:
         return [s.fileno() for s in (self._server, self._peer) if s is not None]
 
     def on_readable(self, readable: list[int], now: float) -> None:
-        if self._peer is not None and (self._peer.fileno() in readable or now - self._peer_since > 60):
+        if self._peer is not None and (self._peer.fileno() in readable
+                                       or now - self._peer_since > _READY_TIMEOUT):
             self._answer()
         if self._server is not None and self._server.fileno() in readable:
             try:
@@ -207,11 +238,19 @@ class SupervisorHandover:
             answer = peer.recv(64)
         except OSError:
             answer = b""
-        peer.close()
         if answer != _READY:
-            log.warning("takeover abandoned by the successor; still serving")
+            peer.close()
+            log.warning("takeover abandoned by the successor (or not ready in %.0fs); still serving",
+                        _READY_TIMEOUT)
             return
-        self.handed_over = True
+        self.handed_over = True  # committed: from here on the successor serves
+        try:
+            peer.setblocking(True)
+            peer.settimeout(5)
+            peer.sendall(_OK)
+        except OSError:
+            pass
+        peer.close()
         log.info("takeover: the successor serves on the listeners; draining the workers")
         self._on_ready()
 
@@ -223,6 +262,25 @@ class SupervisorHandover:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
+            pass
+
+
+def remove_stale_sockets() -> None:
+    """Unlink the hand-over sockets of instances that are gone (killed with SIGKILL)."""
+    directory = runtime_dir()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith("takeover-") and name.endswith(".sock")):
+            continue
+        pid = name[len("takeover-"):-len(".sock")]
+        if not pid.isdigit() or alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
             pass
 
 
@@ -258,13 +316,24 @@ class Inherited:
         return None
 
     def confirm(self) -> None:
-        """We serve: the predecessor may stop accepting and drain."""
-        for lock in self.taken:
-            lock.write_pid()  # the lock files now name us (not before: a failed start leaves them)
+        """We serve: the predecessor stops accepting and drains. TakeoverError when it
+        did not commit (gone, or gave up waiting): then nothing is ours, not even the lock
+        files, and the caller stops."""
         try:
+            self._control.settimeout(10)
             self._control.sendall(_READY)
+            answer = self._control.recv(16)
+        except OSError as exc:
+            answer = b""
+            reason = str(exc)
+        else:
+            reason = "it closed the hand-over"
         finally:
             self._control.close()
+        if answer != _OK:
+            raise TakeoverError(f"pid {self.pid} did not hand over ({reason}); it keeps serving")
+        for lock in self.taken:
+            lock.write_pid()  # the lock files name us only once the predecessor committed
         self._close_left()
         for lock in self.locks.values():
             lock.release()

@@ -12,17 +12,9 @@ Owns the worker processes and what they share:
   forwards SIGTERM to every worker, waits for them to drain, and exits 0. A worker that
   exits 0 or on SIGTERM was stopped on purpose (the process group got the signal): a
   warning, not an error; a stop signal seen first means no restart and no line at all.
-- Reload (SIGHUP): the supervisor loads and validates the file once (`load_config` with
-  the CLI's overrides, then `reload.refusals`, as if every limit lived in the shared
-  tables, which it does with workers > 1). Refused: every error is logged by location
-  and nothing changes. Accepted: it claims the addresses the new config adds, writes the
-  workers' spec (`worker.json` in its private directory: a new generation, the worker
-  form of the config), sends each worker its slots of the added addresses on its
-  control channel, then SIGHUP; the worker reloads from the spec and answers on the
-  channel. A worker that fails to apply it, or has not answered in `_RELOAD_TIMEOUT`,
-  is stopped and restarted on the new config. Addresses the new config dropped are
-  released once every worker answered; then the outcome goes to `applied.json`
-  (`supervisor_state`), which a worker's `POST /config/reload` waits for.
+- Reload (SIGHUP, `runtime.supervisor_reload`): validated once, applied by every worker
+  from the spec file this supervisor writes; a worker that fails is restarted on the new
+  config, and when none can apply it the reload is rolled back and refused.
 - SIGUSR1: reopen its own log file and forward to the workers (access logs).
 - Takeover (`runtime.takeover`): SIGUSR2 starts `serve --takeover`; a successor (single
   or supervisor) connects to `SupervisorHandover` and receives every socket of every
@@ -63,24 +55,23 @@ import sys
 import time
 from typing import Any
 
-from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config
-from edgeplane.policies.throttle.slots import SlotMap, SlotsExhausted
+from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.runtime import listeners, logs, systemd
 from edgeplane.runtime.listeners import Claim
 from edgeplane.runtime.ports import fmt_address, raise_nofile_limit
-from edgeplane.runtime.reload import ReloadRefused, config_hash, refusals, reload_source
+from edgeplane.runtime.reload import config_hash
 from edgeplane.runtime.serving import (
     ENV_SPEC,
     ENV_STATUS,
     addresses,
     ignore_quiet_signals,
-    log_refused,
     port_key,
     run_single,
     takeover_address,
     worker_raw,
 )
+from edgeplane.runtime.supervisor_reload import SupervisorReloads
 from edgeplane.runtime.supervisor_state import SharedState, remove_stale_state
 from edgeplane.runtime.takeover import Inherited, SupervisorHandover, receive_listeners, successor_argv
 
@@ -88,7 +79,6 @@ __all__ = ["Supervisor", "remove_stale_state", "resolve_workers", "run_single", 
 
 log = logging.getLogger("edgeplane.workers")
 
-_RELOAD_TIMEOUT = 60.0  # a worker that has not applied a reload by then is restarted
 _START_TIMEOUT = 120.0  # a worker that has not reported ready by then failed to start
 _START_FAILURES = 5  # starts in a row that never got ready: the supervisor gives up
 
@@ -101,7 +91,7 @@ def resolve_workers(config: Config) -> int:
 
 
 # ---------------------------------------------------------------------- supervisor
-class Supervisor:
+class Supervisor(SupervisorReloads):
     def __init__(self, config: Config, n: int, *, overrides: dict[str, Any] | None = None,
                  inherited: Inherited | None = None, on_takeover: Any = None) -> None:
         self.config = config
@@ -118,6 +108,7 @@ class Supervisor:
         self.successor: subprocess.Popen[bytes] | None = None  # started by SIGUSR2
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         self.channels: list[socket.socket | None] = [None] * n  # control channels, once ready
+        self.renew: set[int] = set()  # workers whose slot was paused: new sockets at their next start
         self.status: list[int | None] = [None] * n  # their descriptors, for select
         self.partial = [b""] * n
         self.started_at = [0.0] * n
@@ -133,10 +124,7 @@ class Supervisor:
         self.slots = SlotMap.initial(config)  # where each shared limit lives (`slots`)
         self.generation = 0
         self.form_hash = ""  # config_hash of the workers' config (`_write_spec`)
-        self.pending: dict[int, int] = {}  # worker -> generation it has not confirmed yet
-        self.reload_started: float | None = None
-        self.reload_wanted = False  # a SIGHUP during a reload: one more after it
-        self.release_after: list[str] = []  # claims the new config dropped
+        self._init_reloads()  # `supervisor_reload`
 
     # ------------------------------------------------------------------ ports
     def _claim_new(self, config: Config) -> list[str]:
@@ -188,6 +176,10 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
     def _spawn(self, i: int) -> bool:
         """Start worker `i`; True once it reported its listeners bound."""
+        if i in self.renew:  # its slot was paused: fresh sockets, which it listens on
+            self.renew.discard(i)
+            for found in self.claims.values():
+                listeners.renew(found, i, self.n)
         # The control channel: status lines up, listening sockets down (`runtime.listeners`).
         channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         read_fd = channel.fileno()
@@ -226,6 +218,7 @@ class Supervisor:
                 line += chunk
         if line != b"R\n":
             channel.close()
+            self._pause_slot(i)  # it may have listened on its slot before it failed
             if proc.poll() is None:
                 proc.kill()
             if not self._stop_requested():  # else it was stopped while starting: no failure
@@ -371,6 +364,7 @@ class Supervisor:
                 started = self._spawn(i)
                 if self.restarting == i:
                     self.restarting = None  # the next one in the queue may go
+                    self.canary_result(i, started)  # a reload no worker applied live: go on, or back
                 if started:
                     self.failed_starts[i] = 0
                     continue
@@ -391,6 +385,8 @@ class Supervisor:
                 log.info("worker %d (pid %d) stopped; starting it on config %s", i, proc.pid, self.form_hash)
                 self.restart_at[i] = now
                 continue
+            # Until a worker serves its slot again, new connections go to the other workers.
+            self._pause_slot(i)
             if now - self.started_at[i] > 30:
                 self.backoff[i] = 0.5
             # Exit 0 or SIGTERM: someone stopped that worker on purpose; anything else crashed.
@@ -401,125 +397,19 @@ class Supervisor:
             self.backoff[i] = min(self.backoff[i] * 2, 10.0)
         return False
 
+    def _pause_slot(self, i: int) -> None:
+        """Worker i is down: its slot stops taking connections (`listeners.pause`) until
+        its successor listens on it. Never while a takeover shares the sockets."""
+        if self.inherited is None and not self.handed_over:
+            for found in self.claims.values():
+                listeners.pause(listeners.slots(found, i, self.n))
+            self.renew.add(i)
+
     def _close_status(self, i: int) -> None:
         channel = self.channels[i]
         if channel is not None:
             channel.close()
         self.channels[i] = self.status[i] = None
-
-    def _read_statuses(self) -> None:
-        for i, fd in enumerate(self.status):
-            if fd is None:
-                continue
-            try:
-                data = os.read(fd, 4096)
-            except BlockingIOError:
-                continue
-            if not data:  # the worker is exiting: `_reap` sees it
-                self._close_status(i)
-                continue
-            *lines, self.partial[i] = (self.partial[i] + data).split(b"\n")
-            for line in lines:
-                kind, _, value = line.decode("ascii", "replace").partition(" ")
-                if not value.isdigit() or self.pending.get(i) != int(value):
-                    continue  # not the reload being waited for (a stray SIGHUP's answer)
-                del self.pending[i]
-                if kind == "F":
-                    self._restart_on_new_config(i, "failed to apply it")
-
-    def _restart_on_new_config(self, i: int, why: str) -> None:
-        proc = self.procs[i]
-        if proc is None or proc.poll() is not None or i in self.restart_queue or i == self.restarting:
-            return
-        log.warning("worker %d (pid %d) %s; restarting it on config %s", i, proc.pid, why,
-                    self.form_hash)
-        self.restart_queue.append(i)
-
-    def _advance_restarts(self) -> None:
-        """Stop the next worker of the restart queue once the previous one is back."""
-        while self.restarting is None and self.restart_queue:
-            i = self.restart_queue.pop(0)
-            proc = self.procs[i]
-            if proc is not None and proc.poll() is None:  # else its exit restarts it anyway
-                self.restarting = i
-                proc.send_signal(signal.SIGTERM)  # it drains on the old config; its successor starts on the new
-
-    # ------------------------------------------------------------------ reload
-    def _reload(self) -> None:
-        if self.reload_started is not None:
-            self.reload_wanted = True  # after the one in progress
-            return
-        systemd.reloading()
-        started = time.monotonic()
-        source = self.config.source
-        running = self.form_hash
-        try:
-            new = load_config(reload_source(source), overrides=self.overrides)
-            problems = refusals(self.config, new, shared_tables=True, slot_map=True)
-            # Unchanged limits keep their slots; new and changed ones get free ones.
-            slots, reused = self.slots.advance(new, time.monotonic()) if self.state.shared_table else (self.slots, [])
-            if problems:
-                raise ReloadRefused(problems)
-            added = self._claim_new(new)
-        except SlotsExhausted as exc:
-            log_refused(source, running, [str(exc)])
-            self.state.record_refusal(source, [str(exc)])
-            systemd.ready()
-            return
-        except (ConfigError, ReloadRefused, LookupError, OSError) as exc:
-            errors = (exc.located() if isinstance(exc, ConfigError) else exc.problems
-                      if isinstance(exc, ReloadRefused) else [str(exc)])
-            log_refused(source, running, list(errors))
-            self.state.record_refusal(source, list(errors))
-            systemd.ready()
-            return
-        wanted = {port_key(kind, a) for kind, a in addresses(new)}
-        self.release_after += [key for key in self.claims if key not in wanted]
-        for kind, index in reused:  # before any worker can see the map that reuses them
-            table = self.state.shared_table if kind == "plain" else self.state.keyed_table
-            table.reset(index)  # type: ignore[union-attr]
-        self.config, self.slots = new, slots
-        self.generation += 1
-        self._write_spec()
-        self.reload_started = started
-        new_claims = [self.claims[key] for key in added]
-        for i, proc in self._live():
-            try:
-                # the sockets of added addresses first: the worker takes them on the SIGHUP
-                listeners.send_added(self.channels[i], new_claims, i, self.n)  # type: ignore[arg-type]
-            except OSError as exc:
-                self._restart_on_new_config(i, f"could not get the new listeners ({exc})")
-                continue
-            try:
-                proc.send_signal(signal.SIGHUP)
-            except ProcessLookupError:
-                continue
-            self.pending[i] = self.generation
-        log.info("reload: config %s accepted (was %s); applying it in %d workers",
-                 self.form_hash, running, len(self.pending))
-        self._check_reload()
-
-    def _check_reload(self) -> None:
-        if self.reload_started is None:
-            return
-        if self.pending and time.monotonic() - self.reload_started > _RELOAD_TIMEOUT:
-            for i in list(self.pending):
-                self._restart_on_new_config(i, f"did not apply the new config in {_RELOAD_TIMEOUT:.0f}s")
-            self.pending.clear()
-        if self.pending:
-            return
-        restarts = len(self.restart_queue) + (self.restarting is not None)
-        ms = (time.monotonic() - self.reload_started) * 1000
-        log.info("reloaded config %s in %d workers in %.1f ms%s", self.form_hash, self.n - restarts, ms,
-                 f"; {restarts} restarting on it, one at a time" if restarts else "")
-        self.state.record_applied(self.generation, self.form_hash, self.n - restarts, restarts, ms)
-        self.reload_started = None
-        self._release(self.release_after)  # no worker listens on them any more
-        self.release_after = []
-        systemd.ready(f"{self.n} workers")
-        if self.reload_wanted:
-            self.reload_wanted = False
-            self._reload()
 
     # ------------------------------------------------------------------ stop
     def _shutdown(self) -> int:
@@ -530,10 +420,21 @@ class Supervisor:
         elif any(proc is not None for proc in self.procs):
             log.info("supervisor stopping: draining %d workers", self.n)
         # SIGUSR2 to a worker: handed over, drain now (no drain_delay: the successor serves)
-        stop_signal = signal.SIGUSR2 if self.handed_over else signal.SIGTERM
+        shared = self.handed_over or self.inherited is not None  # with a successor or a predecessor
+        stop_signal = signal.SIGUSR2 if shared else signal.SIGTERM
         for proc in self.procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(stop_signal)
+        if not shared:
+            # The workers stop accepting after `drain_delay`; so do the data listeners
+            # then: new connections are refused, not queued until the drain ends. The
+            # admin listener stays (health checks follow the drain) until the workers exit.
+            until = time.monotonic() + cfg.drain_delay
+            while time.monotonic() < until and any(p is not None and p.poll() is None for p in self.procs):
+                time.sleep(0.05)
+            for found in self.claims.values():
+                if found.kind != "admin":
+                    listeners.pause(found.sockets)
         deadline = time.monotonic() + cfg.drain_delay + cfg.drain_timeout + 5
         code = 0
         for i, proc in enumerate(self.procs):

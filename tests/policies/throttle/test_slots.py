@@ -110,3 +110,12 @@ def test_reset_empties_a_keyed_limit():
     finally:
         sup.close()
         sup.unlink()
+
+
+def test_a_limit_that_comes_back_takes_its_own_slot_without_a_reset():
+    m = SlotMap.initial(cfg(5, server=False))
+    first = list(m.slots["plain"].values())
+    gone, _ = m.advance(UNTHROTTLED(), now=0.0)
+    back, reset = gone.advance(cfg(5, server=False), now=1.0)
+    assert list(back.slots["plain"].values()) == first and reset == []
+    assert back.unused["plain"] == m.unused["plain"]  # no new slot spent

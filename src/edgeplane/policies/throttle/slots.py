@@ -18,7 +18,8 @@ Invariants:
   `QUARANTINE_GENERATIONS` more reloads and `QUARANTINE_SECONDS`: a request routed on an
   older snapshot may still take a token from it (its throttle check comes after its
   authorizer), and the supervisor resets its cells before reuse (`reset` on each table).
-  Slots never used are taken first, so reuse is rare.
+  Slots never used are taken first, so reuse is rare; a limit that comes back (the
+  same identity, removed by an earlier reload) takes its own slot back, counts included.
 - The capacity is fixed when the tables are created: the start's count plus
   `PLAIN_HEADROOM` plain slots, and max(`KEYED_MIN`, twice the start's count) keyed ones (a
   keyed slot holds 16,384 client rows per worker). A reload that needs more is refused,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["SlotMap", "SlotsExhausted", "identities", "route_identity", "plan_identity", "ws_identity"]
 
 PLAIN_HEADROOM = 1024  # 16 bytes per worker each: 32 KiB with 2 workers
-KEYED_MIN = 4
+KEYED_MIN = 8
 QUARANTINE_GENERATIONS = 2
 QUARANTINE_SECONDS = 120.0
 
@@ -92,8 +93,8 @@ class SlotMap:
     slots: dict[str, dict[str, int]]  # kind -> identity -> index
     capacity: dict[str, int]
     unused: dict[str, int] = dataclasses.field(default_factory=lambda: {"plain": 0, "keyed": 0})
-    # kind -> [(index, generation freed, time freed)]
-    freed: dict[str, list[tuple[int, int, float]]] = dataclasses.field(
+    # kind -> [(index, generation freed, time freed, the identity it held)]
+    freed: dict[str, list[tuple[int, int, float, str]]] = dataclasses.field(
         default_factory=lambda: {"plain": [], "keyed": []})
     generation: int = 0
 
@@ -122,11 +123,16 @@ class SlotMap:
             if identity in self.slots[kind]:
                 slots[kind][identity] = self.slots[kind][identity]
         for kind, old in self.slots.items():  # dropped or changed: quarantined
-            freed[kind] += [(index, generation, now) for identity, index in old.items()
+            freed[kind] += [(index, generation, now, identity) for identity, index in old.items()
                             if identity not in slots[kind]]
         reset: list[tuple[str, int]] = []
         for kind, identity in wanted:
             if identity in slots[kind]:
+                continue
+            own = next((e for e in freed[kind] if e[3] == identity), None)
+            if own is not None:  # the same limit back (removed a moment ago): its own slot, as it was
+                freed[kind].remove(own)
+                slots[kind][identity] = own[0]
                 continue
             if unused[kind] < self.capacity[kind]:
                 slots[kind][identity] = unused[kind]
