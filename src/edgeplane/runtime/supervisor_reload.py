@@ -11,15 +11,13 @@ config, or none of them:
   on its control channel, then SIGHUP.
 - `_read_statuses`: the workers' answers, `K <generation>` (applied) or `F <generation>
   <errors as JSON>` (refused or failed; the worker keeps its old config).
-- `_check_reload`: once every worker answered (or `RELOAD_TIMEOUT` passed): the workers
-  that failed are restarted on the new config, one at a time (`_advance_restarts`), and
-  the listeners the new config dropped are released and the outcome recorded
-  (`applied.json`). When no worker could apply it live, the first restart is a canary
-  (`canary_result`): if that worker starts on the new config the others follow; if it
-  cannot, the reload is rolled back (`_roll_back`: the old config, slot map and
-  listeners; refused with the workers' errors) and that worker starts on the old config
-  again, since restarting every worker on a config none can run would take the gateway
-  down.
+- `_check_reload`: once every worker answered (or `RELOAD_TIMEOUT` passed): when at
+  least one applied it, the workers that failed are restarted on the new config, one at
+  a time (`_advance_restarts`), the listeners the new config dropped are released and
+  the outcome recorded (`applied.json`). When no worker could apply it, the reload is
+  refused as one process refuses it: rolled back (`_roll_back`: the old config, slot map
+  and listeners) and refused with the workers' errors. Restarting workers on a config
+  none of them could apply would risk every worker, so no worker is stopped for it.
 
 Invariants: one reload at a time (a SIGHUP during one runs one more after it); the
 supervisor's config is the one every serving worker runs or is being restarted on.
@@ -78,7 +76,6 @@ class SupervisorReloads:
         self.release_after: list[str] = []  # claims the new config dropped
         # what the reload in progress replaced: (config, slot map, claims it added)
         self.rollback: tuple[Config, SlotMap, list[str]] | None = None
-        self.canary: int | None = None  # the worker whose restart decides (no worker applied it live)
         self.asked_by: int | None = None  # the worker whose admin call waits for the outcome
 
     # Provided by `workers.Supervisor`.
@@ -210,35 +207,22 @@ class SupervisorReloads:
             for i in list(self.pending):
                 self._restart_on_new_config(i, f"did not answer the reload in {RELOAD_TIMEOUT:.0f}s")
             self.pending.clear()
-        if self.pending or self.canary is not None:
+        if self.pending:
             return
-        # The worker whose admin call waits for the outcome restarts last, never as the canary.
-        for i, errors in sorted(self.failed.items(), key=lambda item: item[0] == self.asked_by):
-            self._restart_on_new_config(i, "failed to apply it (" + "; ".join(errors)[:300] + ")")
-        self.asked_by = None
-        if self.failed and not self.applied and self.restart_queue:
-            self.canary = self.restart_queue[0]
-            log.warning("no worker could apply config %s live; worker %d restarts on it first, and the "
-                        "reload is rolled back if it cannot start", self.form_hash, self.canary)
-            return
-        self._reloaded()
-
-    def canary_result(self, i: int, started: bool) -> None:
-        """A planned restart of worker `i` ended: `started` on the new config or not."""
-        if self.canary != i:
-            return
-        self.canary = None
-        if started:
-            self._reloaded()
-        else:
-            self.restart_queue.clear()
+        asked_by, self.asked_by = self.asked_by, None
+        if self.failed and not self.applied:
             self._roll_back()
+            return
+        # The worker whose admin call waits for the outcome restarts last.
+        for i, errors in sorted(self.failed.items(), key=lambda item: item[0] == asked_by):
+            self._restart_on_new_config(i, "failed to apply it (" + "; ".join(errors)[:300] + ")")
+        self._reloaded()
 
     def _reloaded(self) -> None:
         assert self.reload_started is not None  # a reload is in progress
         restarts = len(self.restart_queue) + (self.restarting is not None)
         ms = (time.monotonic() - self.reload_started) * 1000
-        applied = len(self.applied) + (1 if self.failed and not self.applied else 0)  # the canary
+        applied = len(self.applied)
         log.info("reloaded config %s in %d workers in %.1f ms%s", self.form_hash, applied, ms,
                  f"; {restarts} restarting on it, one at a time" if restarts else "")
         self.state.record_applied(self.generation, self.form_hash, applied, restarts, ms)
@@ -254,9 +238,8 @@ class SupervisorReloads:
             self._reload()
 
     def _roll_back(self) -> None:
-        """No worker could apply the reload live and the first one restarted on it could
-        not start: go back to the old config (the others still run it; the one that
-        failed starts on it again)."""
+        """No worker could apply the reload: they all still run the old config. Go back
+        to it, and refuse."""
         assert self.rollback is not None  # set by `_reload` with the reload it describes
         config, slots, added = self.rollback
         refused_hash = self.form_hash
@@ -266,8 +249,8 @@ class SupervisorReloads:
         self._write_spec()  # a worker restarted from now on starts on the old config again
         errors = next(iter(self.failed.values()))
         self._refused(config.source, self.form_hash,
-                      [f"no worker could apply config {refused_hash}, and a worker restarted on it could "
-                       "not start; the supervisor went back to the running one", *errors])
+                      [f"no worker could apply config {refused_hash}; the supervisor went back to the "
+                       "running one", *errors])
         self._finish_reload()
 
 

@@ -202,6 +202,11 @@ class SupervisorHandover:
         server.setblocking(False)
         self._server = server
 
+    @property
+    def busy(self) -> bool:
+        """A successor has our sockets and has not answered yet."""
+        return self._peer is not None
+
     def filenos(self) -> list[int]:
         return [s.fileno() for s in (self._server, self._peer) if s is not None]
 
@@ -368,6 +373,10 @@ def receive_listeners(host: str, port: int) -> Inherited:
     except OSError as exc:
         control.close()
         raise TakeoverError(f"cannot take over from pid {pid}: {exc}") from None
+    if not message:
+        control.close()
+        raise TakeoverError(f"pid {pid} turned the hand-over away: another successor is taking over, "
+                            "or it is stopping") from None
     try:
         described = json.loads(message)["listeners"]
     except (ValueError, KeyError) as exc:

@@ -276,6 +276,9 @@ class Supervisor(SupervisorReloads):
             code = max(code, self._shutdown())
             os.close(wake_r)
             os.close(wake_w)
+            # Stopped: a second stop signal must not kill the process while it exits.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
         return code
 
     # ------------------------------------------------------------------ takeover
@@ -364,7 +367,6 @@ class Supervisor(SupervisorReloads):
                 started = self._spawn(i)
                 if self.restarting == i:
                     self.restarting = None  # the next one in the queue may go
-                    self.canary_result(i, started)  # a reload no worker applied live: go on, or back
                 if started:
                     self.failed_starts[i] = 0
                     continue
@@ -399,8 +401,10 @@ class Supervisor(SupervisorReloads):
 
     def _pause_slot(self, i: int) -> None:
         """Worker i is down: its slot stops taking connections (`listeners.pause`) until
-        its successor listens on it. Never while a takeover shares the sockets."""
-        if self.inherited is None and not self.handed_over:
+        its successor listens on it. Never while a takeover shares the sockets (a
+        successor may serve them already)."""
+        handing_over = self.handover is not None and self.handover.busy
+        if self.inherited is None and not self.handed_over and not handing_over:
             for found in self.claims.values():
                 listeners.pause(listeners.slots(found, i, self.n))
             self.renew.add(i)
@@ -437,17 +441,25 @@ class Supervisor(SupervisorReloads):
                     listeners.pause(found.sockets)
         deadline = time.monotonic() + cfg.drain_delay + cfg.drain_timeout + 5
         code = 0
-        for i, proc in enumerate(self.procs):
-            self._close_status(i)
-            if proc is None:
-                continue
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.error("worker pid %d did not drain in time; killing it", proc.pid)
-                proc.kill()
-                proc.wait()
+        waiting = {i: proc for i, proc in enumerate(self.procs) if proc is not None}
+        while waiting:
+            for i, proc in list(waiting.items()):
+                if proc.poll() is not None:
+                    # Its slots (the admin one too) stop taking connections nobody accepts.
+                    if not shared:
+                        for found in self.claims.values():
+                            listeners.pause(listeners.slots(found, i, self.n))
+                    self._close_status(i)
+                    del waiting[i]
+            if waiting and time.monotonic() >= deadline:
+                for i, proc in waiting.items():
+                    log.error("worker pid %d did not drain in time; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait()
+                    self._close_status(i)
                 code = 1
+                break
+            time.sleep(0.05)
         self.state.remove()
         self._release(list(self.claims))  # the workers that shared the locks have exited
         return code
