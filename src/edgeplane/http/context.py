@@ -1,8 +1,12 @@
 """Per-worker shared state that every connection reads: `ServerContext`.
 
 Owns the current snapshot reference (swapped whole on reload), the limits, the sets of
-open client connections and WebSocket connections (for draining), counters, the cached Date header, the access log
-and the request-id generator. One `ServerContext` per listener group in a worker process.
+open client connections and WebSocket connections (for draining), counters, the cached
+Date header, the access log, the request metrics and the request-id generator. One
+`ServerContext` per listener group in a worker process.
+
+`request_done(req, proto)` is where every request ends (answered, cut or failed): it is
+counted in the metrics (`observability.metrics.observe`) and logged, once.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import asyncio
 import logging
 import os
 import resource
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.responses import DateHeader
+from edgeplane.observability.metrics import RequestMetrics, observe
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Limits
@@ -60,7 +66,7 @@ class ServerContext:
         "loop", "snapshot", "limits", "parser_kind", "connections", "stats", "date",
         "access_log", "draining", "rid_prefix", "rid_counter", "name", "websockets",
         "per_ip", "refused", "refused_logged_at", "max_connections", "headless", "evicted",
-        "stop_reason",
+        "stop_reason", "metrics",
     )
 
     def __init__(
@@ -72,6 +78,7 @@ class ServerContext:
         access_log: AccessLog,
         date: DateHeader,
         name: str = "http",
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.loop = loop
         self.snapshot = snapshot
@@ -82,6 +89,8 @@ class ServerContext:
         # anything with `.close(code, reason)`, closed with 1001 when the gateway stops.
         self.websockets: set[Any] = set()
         self.stats = Stats()
+        # The worker's request metrics (the admin listener's own set is never exported).
+        self.metrics = metrics if metrics is not None else RequestMetrics()
         self.date = date
         self.access_log = access_log
         self.draining = False
@@ -161,6 +170,21 @@ class ServerContext:
     def next_request_id(self) -> bytes:
         self.rid_counter += 1
         return b"%b%012x" % (self.rid_prefix, self.rid_counter)
+
+    def count(self, req: Any) -> None:
+        """Count an ended request in its route's metrics (unmatched: no route)."""
+        route = req.route
+        m = route.metrics if route is not None and route.metrics is not None else self.metrics.unmatched
+        integration = req.integration_latency
+        observe(m, req.method, req.status, time.perf_counter() - req.t_start, integration,
+                req.body_size, req.response_length)
+
+    def request_done(self, req: Any, proto: Any) -> None:
+        """A request ended: counted, then logged (see the module docstring)."""
+        self.count(req)
+        access_log = self.access_log
+        if access_log.enabled:
+            access_log.record(req, proto)
 
     def count_error(self, kind: str) -> None:
         errors = self.stats.errors

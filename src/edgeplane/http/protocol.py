@@ -170,7 +170,7 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
                     req.status = req.status if req.response_started else 503
                     req.error = stopped
                     self.ctx.count_error("drain_aborted")
-                self.ctx.access_log.record(req, self)
+                self.ctx.request_done(req, self)
         self._active = None
         self._queue.clear()
         self._parsing = None

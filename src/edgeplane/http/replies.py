@@ -154,15 +154,17 @@ class Replies:
     def finish_response(self, req: Request, keep_alive: bool) -> None:
         """The response to the active request is fully written."""
         req.responded = True
-        access_log = self.ctx.access_log
         route = req.route
         if route is not None and route.log_hooks:
+            ctx = self.ctx
+            ctx.count(req)
+            access_log = ctx.access_log
             record = access_log.fields(req, self)  # one record: the line, then the hooks
             if access_log.enabled:
                 access_log.write(record)
             run_log_hooks(route.log_hooks, record)
-        elif access_log.enabled:
-            access_log.record(req, self)
+        else:
+            self.ctx.request_done(req, self)
         req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC
         if not keep_alive or self.ctx.draining:
             # Linger when the client may still be sending: after a parse failure, or
@@ -255,7 +257,7 @@ class Replies:
                     req.exchange.abort("client stopped reading")
                 req.responded = True  # counted and logged here, not again as a 499
                 req.error = "client stopped reading the response"
-                self.ctx.access_log.record(req, self)
+                self.ctx.request_done(req, self)
             self.abort()
 
     def fail_active(self, req: Request, status: int, reason: str) -> None:
@@ -272,7 +274,7 @@ class Replies:
             req.responded = True
             req.error = reason
             self.ctx.count_error(str(status))
-            self.ctx.access_log.record(req, self)
+            self.ctx.request_done(req, self)
         self.abort()
 
 

@@ -45,7 +45,7 @@ class CompiledRoute:
     """A matched route's compiled chain: stages in order, the integration, response hooks
     (already in reverse order) and log hooks. Empty hook tuples cost nothing."""
 
-    __slots__ = ("key", "config", "stages", "integration", "response_hooks", "log_hooks")
+    __slots__ = ("key", "config", "stages", "integration", "response_hooks", "log_hooks", "metrics")
 
     def __init__(self, config: RouteConfig | None, key: str, stages: tuple[Any, ...], integration: Any,
                  response_hooks: tuple[Any, ...] = (), log_hooks: tuple[Any, ...] = ()):
@@ -55,6 +55,9 @@ class CompiledRoute:
         self.integration = integration
         self.response_hooks = response_hooks
         self.log_hooks = log_hooks
+        # The route key's request counters (`observability.metrics.RouteMetrics`), set by
+        # the gateway after compiling; None: counted as unmatched.
+        self.metrics: Any = None
 
 
 class Snapshot:

@@ -8,6 +8,8 @@ Owns the admin routes, compiled into an ordinary snapshot whose integrations are
   (through `drain_delay` and the drain: the admin listener is the last one closed);
 - `GET /upstreams`: per-upstream, per-target pool and per-connection telemetry;
 - `GET /stats`: connection, request and error counters of the data listeners;
+- `GET /metrics`: Prometheus metrics of every worker, merged (`observability`): the text
+  format, or OpenMetrics when `Accept` asks for it;
 - `GET /routes`: the compiled route table in match-priority order;
 - `POST|GET|DELETE /@connections/{id}`: the WebSocket API management API (AWS's
   @connections): send a message to a client, describe it, disconnect it. An id of a
@@ -70,6 +72,7 @@ class AdminSource(Protocol):
 
     _snapshot: Snapshot | None
     _ws_registry: Any
+    _metrics: Any
 
     def stats(self) -> dict[str, Any]: ...
     def upstream_telemetry(self) -> list[dict[str, Any]]: ...
@@ -103,7 +106,13 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
             for i, rc in enumerate(table)
         ]})
 
-    handlers = {"/healthz": healthz, "/ready": ready, "/upstreams": upstreams, "/stats": stats, "/routes": routes}
+    def metrics(req):
+        accept = b", ".join(header_all(req, b"accept")).decode("latin-1")
+        body, content_type = gateway._metrics.scrape(gateway, accept)
+        return 200, body, content_type
+
+    handlers = {"/healthz": healthz, "/ready": ready, "/upstreams": upstreams, "/stats": stats, "/routes": routes,
+                "/metrics": metrics}
     compiled: list[CompiledRoute] = []
     pairs: list[tuple[RouteConfig, CompiledRoute]] = []
     for i, (path, fn) in enumerate(handlers.items()):

@@ -50,6 +50,7 @@ from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
 from edgeplane.http.responses import DateHeader
 from edgeplane.http.tls import ListenerTls
+from edgeplane.observability.collect import WorkerMetrics
 from edgeplane.plugins.base import RuntimeContext
 from edgeplane.policies.quota.store import QuotaPeriod, QuotaStore
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
@@ -111,6 +112,8 @@ class Gateway(GatewayWebSockets):
         # (table name, worker index[, keyed table name]) of the supervisor's cross-worker
         # throttle tables (shared_limits, shared_keys).
         self._shared_limits = shared_limits
+        self._metrics = WorkerMetrics()  # /metrics (`observability`)
+        self._config_hash = ""
         # Where each shared limit lives: the supervisor's map (`slots.SlotMap`, set by
         # `runtime.serving` from the workers' spec) or, when None, the config's initial one.
         self._slots: SlotMap | None = None
@@ -197,8 +200,10 @@ class Gateway(GatewayWebSockets):
         ws_apis = self._build_websockets(cfg, loop, self._upstreams, runtime)
         self._snapshot = build_snapshot(cfg, self._upstreams, runtime.state, limits, counter,
                                        websocket_apis=ws_apis)
+        self._metrics.attach(self._snapshot)
+        self._config_hash = config_hash(cfg)
         self._context = ServerContext(loop, self._snapshot, cfg.limits, cfg.parser,
-                                     self._access_log, self._date)
+                                     self._access_log, self._date, metrics=self._metrics.requests)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
         self._admin_context = ServerContext(loop, build_admin_snapshot(self, cfg.admin), cfg.limits,
                                            "httptools", admin_log, self._date, name="admin")
@@ -288,6 +293,7 @@ class Gateway(GatewayWebSockets):
         self._date.refresh()
         self._fd_alarm.probe()  # uvloop drops connections on EMFILE without telling anyone
         cast(AccessLog, self._access_log).flush()
+        self._metrics.flush(self)  # with workers: this worker's counts, for /metrics in any worker
         now = loop.time()
         for upstream in self._upstreams.values():
             upstream.sweep(now)

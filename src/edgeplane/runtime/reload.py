@@ -133,6 +133,7 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
         counter = gw._quota_store.counter if gw._quota_store is not None else None
         ws_apis = gw._build_websockets(new, loop, upstreams, runtime)
         snapshot = build_snapshot(new, upstreams, runtime.state, limits, counter, websocket_apis=ws_apis)
+        gw._metrics.attach(snapshot)
         tls = ListenerTls.from_config(new.tls) if new.tls is not None else None
         access_log = AccessLog(new.access_log) if new.access_log != old.access_log else None
         await gw._rebind(new)  # listeners last: it is the only step visible from outside
@@ -165,6 +166,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
     if retired_log is not None:
         retired_log.close()
     grace = min(old.drain_timeout, _GRACE_MAX)
+    gw._metrics.retire(retired_upstreams)  # their counts stay in /metrics
+    gw._config_hash = config_hash(new)
     gw._retire(_retire_later(old, retired_runtime, retired_upstreams, grace))
     took = time.perf_counter() - started
     kept_names = sorted(kept)

@@ -293,6 +293,9 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
                       inherited=link.provided if link is not None else inherited)
     if link is not None:
         gateway._slots = SlotMap.from_spec(read_spec(link.spec_path)["slots"])
+        # /metrics and /stats in any worker show every worker (`observability.aggregate`)
+        gateway._metrics.share(os.path.dirname(link.spec_path), int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0")),
+                               int(os.environ.get("EDGEPLANE_WORKERS", "1")))
     # A successor that fails to start must leave the predecessor's lock files alone.
     gateway._handed_over = inherited is not None
     reloads = _Reloads(gateway, overrides, link)

@@ -571,7 +571,7 @@ class ProxyExchange:
             # log keeps (with the error); /stats counts the cut, not a 502 never sent.
             req.error = reason
             proto.ctx.count_error("upstream_aborted")
-            proto.ctx.access_log.record(req, proto)
+            proto.ctx.request_done(req, proto)
             req.responded = True
             proto.abort()
             return

@@ -191,7 +191,7 @@ class WsUpgradeExchange(ProxyExchange):
             "closeCodeClient": stats.close_code_client, "closeCodeUpstream": stats.close_code_upstream,
         }
         req.error = stats.error
-        proto.ctx.access_log.record(req, proto)
+        proto.ctx.request_done(req, proto)
         self.relay = None
 
     def abort(self, reason: str) -> None:

@@ -1,0 +1,124 @@
+"""A worker's samples: every family of `families`, gathered from where each count lives.
+
+Owns `WorkerMetrics`, held by each `Gateway`: the request arrays (`metrics`), the
+counters carried across reloads and restarts, and `samples()`, which reads the rest
+from the gateway when asked (off the hot path):
+
+- requests, durations and bytes: `RequestMetrics`;
+- gateway errors and connections: the data listeners' `ServerContext.stats`;
+- upstream pools: the current pools, the pools of upstreams a reload replaced (until
+  they have drained; then their counts are folded into `carried`, so a counter never
+  goes down when a reload replaces its pool);
+- reloads, the config hash, the build;
+- `base`: what the previous worker of this slot had counted (`aggregate.load_base`).
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+from edgeplane.observability import aggregate
+from edgeplane.observability.aggregate import Samples, add
+from edgeplane.observability.exposition import render
+from edgeplane.observability.metrics import RequestMetrics
+
+try:  # the installed distribution's version (not `edgeplane.__version__`: no import of the package root)
+    _VERSION = metadata.version("edgeplane")
+except metadata.PackageNotFoundError:  # run from a source tree
+    _VERSION = "unknown"
+
+_UPSTREAM_COUNTERS = (("edgeplane_upstream_connections_opened", "opened"),
+                      ("edgeplane_upstream_connections_reused", "reused"),
+                      ("edgeplane_upstream_connect_failures", "connect_failures"),
+                      ("edgeplane_upstream_requests", "requests"))
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.requests = RequestMetrics()
+        self.base: Samples = {}  # the previous worker of this slot's counters
+        self.carried: Samples = {}  # counters of upstream pools that are gone
+        self.retired: list[Any] = []  # upstreams a reload replaced, still draining
+        # With `workers: N`: (the supervisor's private directory, this worker's index, N)
+        self.files: tuple[str, int, int] | None = None
+
+    def share(self, run_dir: str, index: int, n: int) -> None:
+        """Work as worker `index` of `n`: continue the counts of this slot's previous
+        worker, and write them where every worker reads them (`aggregate`)."""
+        self.files = (run_dir, index, n)
+        self.base = aggregate.load_base(run_dir, index)
+
+    def attach(self, snapshot: Any) -> None:
+        """Give each compiled route of `snapshot` its route key's arrays."""
+        for route in snapshot.routes:
+            rc = route.config
+            route.metrics = self.requests.route(rc.host if rc is not None else None, route.key)
+
+    def flush(self, gateway: Any) -> None:
+        """Write this worker's samples for the others (once a second, and before a scrape)."""
+        if self.files is not None:
+            run_dir, index, _ = self.files
+            try:
+                aggregate.write(run_dir, index, self.samples(gateway))
+            except OSError:  # the supervisor's directory is gone: it is stopping
+                pass
+
+    def scrape(self, gateway: Any, accept: str) -> tuple[bytes, bytes]:
+        """The answer to `GET /metrics`: every worker's samples, merged."""
+        if self.files is None:
+            return render(self.samples(gateway), accept)
+        self.flush(gateway)
+        run_dir, _, n = self.files
+        return render(aggregate.merge(aggregate.read_all(run_dir, n)), accept)
+
+    def retire(self, upstreams: list[Any]) -> None:
+        self.retired.extend(upstreams)
+
+    def _upstreams(self, current: list[Any]) -> Samples:
+        out: Samples = {name: {} for name, _ in _UPSTREAM_COUNTERS}
+        out["edgeplane_upstream_connections_open"] = {}
+        out["edgeplane_upstream_connections_idle"] = {}
+        still = []
+        for upstream in self.retired:
+            if upstream.busy():
+                still.append(upstream)
+            else:  # drained: its counts are final
+                add(self.carried, _pool_samples(upstream, gauges=False), gauges=False)
+        self.retired = still
+        for upstream in [*current, *still]:
+            add(out, _pool_samples(upstream, gauges=True))
+        add(out, self.carried)
+        return out
+
+    def samples(self, gateway: Any) -> Samples:
+        out = self.requests.samples()
+        ctx = gateway._context
+        if ctx is not None:
+            out["edgeplane_gateway_errors"] = {(kind,): n for kind, n in ctx.stats.errors.items()}
+            out["edgeplane_connections"] = {("data",): ctx.stats.connections_total}
+            out["edgeplane_open_connections"] = {("data",): len(ctx.connections)}
+            out["edgeplane_websockets_open"] = {(): len(ctx.websockets)}
+        add(out, self._upstreams(list(gateway._upstreams.values())))
+        reloads = gateway._reloads
+        out["edgeplane_reloads"] = {("success",): reloads["ok"], ("failure",): reloads["failed"]}
+        out["edgeplane_config_info"] = {(gateway._config_hash,): 1}
+        out["edgeplane_build_info"] = {(_VERSION, platform.python_version()): 1}
+        add(out, self.base, gauges=False)
+        return {name: values for name, values in out.items() if values}
+
+
+def _pool_samples(upstream: Any, *, gauges: bool) -> Samples:
+    out: Samples = {name: {} for name, _ in _UPSTREAM_COUNTERS}
+    if gauges:
+        out["edgeplane_upstream_connections_open"] = {}
+        out["edgeplane_upstream_connections_idle"] = {}
+    for pool in upstream.pools:
+        labels = (upstream.name, pool.name)
+        for family, attr in _UPSTREAM_COUNTERS:
+            out[family][labels] = getattr(pool, attr)
+        if gauges:
+            out["edgeplane_upstream_connections_open"][labels] = len(pool.conns)
+            out["edgeplane_upstream_connections_idle"][labels] = len(pool.idle)
+    return out

@@ -1,0 +1,72 @@
+"""Every metric family edgeplane exports: name, type, label names, help.
+
+Names follow Prometheus conventions: the `edgeplane_` prefix, base units (seconds,
+bytes), `_total` on counters (the exposition adds it; a family is named without it).
+Labels are route keys and configured names, never raw paths or client values, so the
+number of series is bounded by the config.
+
+A sample is keyed by its label values, in the family's label order. A histogram's
+value is `[bucket counts..., +Inf count, sum]`, the counts per bucket (not cumulative:
+the exposition accumulates), so merging two is adding them element by element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Request and integration durations, in seconds: from half a millisecond (a mock or a
+# cached answer) to the 30 s integration timeout.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    type: str  # counter | gauge | histogram | info
+    labels: tuple[str, ...]
+    help: str
+
+
+ROUTE = ("host", "route")
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("edgeplane_requests", "counter", (*ROUTE, "method", "status"),
+           "Requests answered, by route key (host '' for any host; route '$unmatched' when no "
+           "route matched), method, and status: the class (2xx, 3xx, 1xx) or, for 4xx and 5xx, "
+           "the exact code."),
+    Family("edgeplane_request_duration_seconds", "histogram", ROUTE,
+           "From the first byte of the request head to the last byte of the response."),
+    Family("edgeplane_integration_duration_seconds", "histogram", ROUTE,
+           "From sending the request to the upstream to the end of its response head."),
+    Family("edgeplane_request_bytes", "counter", ROUTE, "Request body bytes received."),
+    Family("edgeplane_response_bytes", "counter", ROUTE, "Response body bytes sent."),
+    Family("edgeplane_gateway_errors", "counter", ("kind",),
+           "Requests and connections the gateway answered or ended itself, by reason "
+           "(the status it sent, or client_closed, send_timeout, connection_refused, ...)."),
+    Family("edgeplane_connections", "counter", ("listener",), "Client connections accepted."),
+    Family("edgeplane_open_connections", "gauge", ("listener",), "Client connections open now."),
+    Family("edgeplane_websockets_open", "gauge", (), "WebSocket connections open now (proxied and WebSocket APIs)."),
+    Family("edgeplane_upstream_connections_open", "gauge", ("upstream", "target"),
+           "Upstream connections open now (in use and idle)."),
+    Family("edgeplane_upstream_connections_idle", "gauge", ("upstream", "target"),
+           "Upstream connections idle in the pool now."),
+    Family("edgeplane_upstream_connections_opened", "counter", ("upstream", "target"),
+           "Upstream connections opened."),
+    Family("edgeplane_upstream_connections_reused", "counter", ("upstream", "target"),
+           "Requests sent on an upstream connection that had served one before."),
+    Family("edgeplane_upstream_connect_failures", "counter", ("upstream", "target"),
+           "Failed attempts to connect to an upstream target."),
+    Family("edgeplane_upstream_requests", "counter", ("upstream", "target"),
+           "Requests sent to an upstream target."),
+    Family("edgeplane_reloads", "counter", ("result",), "Config reloads, by result (success, failure)."),
+    Family("edgeplane_config_info", "info", ("hash",), "The config being served: its hash (as logged)."),
+    Family("edgeplane_build_info", "info", ("version", "python"), "The edgeplane build."),
+)}
+
+
+def status_label(status: int) -> str:
+    """The `status` label: the class below 400, the exact code for 4xx and 5xx."""
+    if 400 <= status <= 599:
+        return str(status)
+    if 100 <= status <= 399:
+        return f"{status // 100}xx"
+    return "other"

@@ -1,0 +1,106 @@
+"""Per-worker request metrics: fixed arrays the hot path adds to.
+
+Owns `RouteMetrics` (the counters and histograms of one route key in one worker) and
+`RequestMetrics` (every route's, found by host and key; kept across reloads, so a route
+that stays keeps counting on the same arrays). `observe()` is the one call per
+request, made where a request ends (`ServerContext.request_done`).
+
+Invariants, for the hot path: no dict lookup by string per request (the route's
+arrays hang off the compiled route; the method's index comes from a small dict keyed
+by the request's method bytes, whose hash CPython caches); no allocation; a handful of
+list-item additions. Series are made from the arrays only when collected
+(`samples()`, once a second with workers, and on a scrape).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any
+
+from edgeplane.observability.families import DURATION_BUCKETS, status_label
+
+METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+OTHER_METHOD = len(METHODS)
+METHOD_INDEX = {m: i for i, m in enumerate(METHODS)}
+METHOD_NAMES = [m.decode() for m in METHODS] + ["other"]
+
+# Status slots: 1xx, 2xx, 3xx, then 400..599 one each, then anything else (0: no response).
+N_STATUS = 204
+STATUS_SLOT = [203] * 1000
+for _s in range(100, 400):
+    STATUS_SLOT[_s] = _s // 100 - 1
+for _s in range(400, 600):
+    STATUS_SLOT[_s] = 3 + _s - 400
+STATUS_NAMES = ["1xx", "2xx", "3xx", *(str(s) for s in range(400, 600)), "other"]
+assert [status_label(s) for s in (150, 250, 350, 404, 599)] == ["1xx", "2xx", "3xx", "404", "599"]
+
+UNMATCHED = "$unmatched"
+N_BUCKETS = len(DURATION_BUCKETS) + 1  # the last: +Inf
+
+
+class RouteMetrics:
+    __slots__ = ("host", "key", "counts", "duration", "duration_sum", "integration", "integration_sum",
+                 "received", "sent")
+
+    def __init__(self, host: str, key: str) -> None:
+        self.host = host
+        self.key = key
+        self.counts = [0] * ((OTHER_METHOD + 1) * N_STATUS)  # method * N_STATUS + status slot
+        self.duration = [0] * N_BUCKETS
+        self.duration_sum = 0.0
+        self.integration = [0] * N_BUCKETS
+        self.integration_sum = 0.0
+        self.received = 0
+        self.sent = 0
+
+
+def observe(m: RouteMetrics, method: bytes, status: int, seconds: float, integration: float | None,
+            received: int, sent: int) -> None:
+    """Count one answered request (the hot path: keep it to list-item additions)."""
+    m.counts[METHOD_INDEX.get(method, OTHER_METHOD) * N_STATUS + STATUS_SLOT[status if status < 1000 else 0]] += 1
+    m.duration[bisect_left(DURATION_BUCKETS, seconds)] += 1
+    m.duration_sum += seconds
+    if integration is not None:
+        m.integration[bisect_left(DURATION_BUCKETS, integration)] += 1
+        m.integration_sum += integration
+    m.received += received
+    m.sent += sent
+
+
+class RequestMetrics:
+    """Every route's arrays in one worker, by (host, route key)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], RouteMetrics] = {}
+        self.unmatched = self.route("", UNMATCHED)
+
+    def route(self, host: str | None, key: str) -> RouteMetrics:
+        found = self.routes.get((host or "", key))
+        if found is None:
+            found = self.routes[(host or "", key)] = RouteMetrics(host or "", key)
+        return found
+
+    def samples(self) -> dict[str, dict[tuple[str, ...], Any]]:
+        """The request families' samples (see `families`), from the arrays."""
+        requests: dict[tuple[str, ...], Any] = {}
+        durations: dict[tuple[str, ...], Any] = {}
+        integrations: dict[tuple[str, ...], Any] = {}
+        received: dict[tuple[str, ...], Any] = {}
+        sent: dict[tuple[str, ...], Any] = {}
+        for m in self.routes.values():
+            labels = (m.host, m.key)
+            for cell, n in enumerate(m.counts):
+                if n:
+                    method, slot = divmod(cell, N_STATUS)
+                    requests[(*labels, METHOD_NAMES[method], STATUS_NAMES[slot])] = n
+            if any(m.duration):
+                durations[labels] = [*m.duration, m.duration_sum]
+            if any(m.integration):
+                integrations[labels] = [*m.integration, m.integration_sum]
+            if m.received:
+                received[labels] = m.received
+            if m.sent:
+                sent[labels] = m.sent
+        return {"edgeplane_requests": requests, "edgeplane_request_duration_seconds": durations,
+                "edgeplane_integration_duration_seconds": integrations,
+                "edgeplane_request_bytes": received, "edgeplane_response_bytes": sent}

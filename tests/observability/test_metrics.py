@@ -1,0 +1,145 @@
+"""`GET /metrics`: Prometheus series through a real gateway, parsed with prometheus_client.
+
+In process (one worker) and through `edgeplane serve` with 2 workers: the values are
+checked against the requests sent, and a worker killed with SIGKILL must not make a
+counter go down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+from test_processes import _start_serve, _stop
+
+from conftest import RawClient, base_config
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def scrape(admin, accept: str | None = None) -> tuple[str, dict[str, list]]:
+    c = await RawClient.connect(admin)
+    try:
+        r = await c.request("GET", "/metrics", headers={"accept": accept} if accept else None)
+    finally:
+        await c.close()
+    assert r.status == 200, r.body
+    text = r.body.decode()
+    parse = parse_openmetrics if accept and "openmetrics" in accept else text_string_to_metric_families
+    return r.header("content-type") or "", {f.name: f.samples for f in parse(text)}
+
+
+def value(families, sample: str, **labels) -> float:
+    name = sample
+    for suffix in ("_total", "_bucket", "_count", "_sum"):
+        if sample.endswith(suffix) and sample[: -len(suffix)] in families:
+            name = sample[: -len(suffix)]
+    found = [s.value for s in families.get(name, []) if s.name == sample
+             and all(s.labels.get(k) == v for k, v in labels.items())]
+    return sum(found)
+
+
+async def send(addr, path: str, n: int, method: str = "GET") -> None:
+    for _ in range(n):  # a new connection each: with workers, both take a share
+        c = await RawClient.connect(addr)
+        try:
+            await c.request(method, path)
+        finally:
+            await c.close()
+
+
+def routes(upstream_port: int | None) -> list[dict]:
+    return [
+        {"route": "GET /users/{id}", "integration": {"type": "http", "upstream": "demo"}},
+        {"route": "ANY /mock", "integration": {"type": "mock", "status": 201, "body": {"ok": True}}},
+        {"route": "GET /teapot", "integration": {"type": "mock", "status": 418, "body": {}}},
+    ]
+
+
+async def test_one_gateway_counts_requests_by_route_method_and_status(upstream, gateway):
+    gw = await gateway(base_config(upstream.port, routes=routes(upstream.port)))
+    addr, admin = gw.addresses[0], gw.admin_address
+    await send(addr, "/users/1", 5)
+    await send(addr, "/mock", 3, method="POST")
+    await send(addr, "/mock", 2, method="DELETE")
+    await send(addr, "/teapot", 4)
+    await send(addr, "/nowhere", 2)
+    content_type, fam = await scrape(admin)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    req = "edgeplane_requests_total"
+    assert value(fam, req, route="GET /users/{id}", method="GET", status="2xx") == 5
+    assert value(fam, req, route="ANY /mock", method="POST", status="2xx") == 3
+    assert value(fam, req, route="ANY /mock", method="DELETE", status="2xx") == 2
+    assert value(fam, req, route="GET /teapot", status="418") == 4  # 4xx: the exact code
+    assert value(fam, req, route="$unmatched", status="404") == 2
+    assert value(fam, req) == 16  # and nothing else: the scrape itself is not a data request
+    # histograms: every request in exactly one bucket; the integration only for the proxy
+    dur = "edgeplane_request_duration_seconds"
+    assert value(fam, dur + "_count", route="GET /users/{id}") == 5
+    assert value(fam, dur + "_bucket", route="GET /users/{id}", le="+Inf") == 5
+    assert value(fam, dur + "_sum", route="GET /users/{id}") > 0
+    assert value(fam, "edgeplane_integration_duration_seconds_count", route="GET /users/{id}") == 5
+    assert value(fam, "edgeplane_integration_duration_seconds_count", route="ANY /mock") == 0
+    assert value(fam, "edgeplane_response_bytes_total", route="ANY /mock") == 5 * len(b'{"ok":true}')
+    # the pool: one target, five requests, connections kept alive and reused
+    target = f"http://127.0.0.1:{upstream.port}"
+    assert value(fam, "edgeplane_upstream_requests_total", upstream="demo", target=target) == 5
+    assert value(fam, "edgeplane_upstream_connections_opened_total", upstream="demo", target=target) >= 1
+    assert value(fam, "edgeplane_upstream_connections_reused_total", upstream="demo", target=target) >= 1
+    assert value(fam, "edgeplane_build_info", version=__import__("edgeplane").__version__) == 1
+    assert len(fam["edgeplane_config_info"]) == 1
+    # OpenMetrics when asked, parsed by the OpenMetrics parser (which checks # EOF etc.)
+    content_type, om = await scrape(admin, "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert value(om, req, route="GET /teapot", status="418") == 4
+
+
+async def test_a_reload_keeps_the_counts_of_a_route_that_stays(upstream, gateway):
+    gw = await gateway(base_config(upstream.port, routes=routes(upstream.port)))
+    await send(gw.addresses[0], "/mock", 3)
+    await gw.reload(base_config(upstream.port, routes=[*routes(upstream.port),
+                                                       {"route": "GET /new", "integration": {"type": "mock"}}]))
+    await send(gw.addresses[0], "/mock", 2)
+    await send(gw.addresses[0], "/new", 1)
+    _, fam = await scrape(gw.admin_address)
+    assert value(fam, "edgeplane_requests_total", route="ANY /mock") == 5
+    assert value(fam, "edgeplane_requests_total", route="GET /new") == 1
+    assert value(fam, "edgeplane_reloads_total", result="success") == 1
+
+
+async def test_two_workers_are_one_view_and_a_killed_worker_takes_nothing_away(upstream, tmp_path):
+    cfg = base_config(upstream.port, routes=routes(upstream.port), workers=2)
+    proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
+    try:
+        await send(addr, "/users/7", 40)
+        await send(addr, "/teapot", 10)
+        await asyncio.sleep(1.3)  # every worker has written its counts (once a second)
+        for _ in range(6):  # whichever worker answers, it shows both
+            _, fam = await scrape(admin)
+            assert value(fam, "edgeplane_requests_total", route="GET /users/{id}", status="2xx") == 40
+            assert value(fam, "edgeplane_requests_total", route="GET /teapot", status="418") == 10
+            assert value(fam, "edgeplane_request_duration_seconds_count") == 50
+        pids = set()
+        for _ in range(20):
+            c = await RawClient.connect(admin)
+            try:
+                pids.add((await c.request("GET", "/healthz")).json()["pid"])
+            finally:
+                await c.close()
+        assert len(pids) == 2
+        os.kill(min(pids), signal.SIGKILL)
+        await asyncio.sleep(2.5)  # restarted, with its predecessor's counts as its base
+        await send(addr, "/users/7", 10)
+        await asyncio.sleep(1.3)
+        for _ in range(6):
+            _, fam = await scrape(admin)
+            assert value(fam, "edgeplane_requests_total", route="GET /users/{id}", status="2xx") == 50
+        await _stop(proc, drain)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
