@@ -15,12 +15,11 @@ import asyncio
 import logging
 import os
 import resource
-import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.responses import DateHeader
-from edgeplane.observability.metrics import RequestMetrics, observe
+from edgeplane.observability.metrics import RequestMetrics, count_request
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Limits
@@ -173,15 +172,11 @@ class ServerContext:
 
     def count(self, req: Any) -> None:
         """Count an ended request in its route's metrics (unmatched: no route)."""
-        route = req.route
-        m = route.metrics if route is not None and route.metrics is not None else self.metrics.unmatched
-        integration = req.integration_latency
-        observe(m, req.method, req.status, time.perf_counter() - req.t_start, integration,
-                req.body_size, req.response_length)
+        count_request(self.metrics.unmatched, req)
 
     def request_done(self, req: Any, proto: Any) -> None:
         """A request ended: counted, then logged (see the module docstring)."""
-        self.count(req)
+        count_request(self.metrics.unmatched, req)
         access_log = self.access_log
         if access_log.enabled:
             access_log.record(req, proto)

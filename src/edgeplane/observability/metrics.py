@@ -15,6 +15,7 @@ list-item additions. Series are made from the arrays only when collected
 from __future__ import annotations
 
 from bisect import bisect_left
+from time import perf_counter
 from typing import Any
 
 from edgeplane.observability.families import DURATION_BUCKETS, status_label
@@ -65,6 +66,27 @@ def observe(m: RouteMetrics, method: bytes, status: int, seconds: float, integra
         m.integration_sum += integration
     m.received += received
     m.sent += sent
+
+
+def count_request(unmatched: RouteMetrics, req: Any, _bisect: Any = bisect_left, _buckets: Any = DURATION_BUCKETS,
+                  _methods: Any = METHOD_INDEX, _slots: Any = STATUS_SLOT, _now: Any = perf_counter) -> None:
+    """`observe` for an ended `http.request.Request`, inlined (one call per request on
+    the hot path; the defaults bind the module's tables as locals)."""
+    route = req.route
+    m = route.metrics if route is not None else None
+    if m is None:
+        m = unmatched
+    seconds = _now() - req.t_start
+    status = req.status
+    m.counts[_methods.get(req.method, OTHER_METHOD) * N_STATUS + _slots[status if status < 1000 else 0]] += 1
+    m.duration[_bisect(_buckets, seconds)] += 1
+    m.duration_sum += seconds
+    integration = req.integration_latency
+    if integration is not None:
+        m.integration[_bisect(_buckets, integration)] += 1
+        m.integration_sum += integration
+    m.received += req.body_size
+    m.sent += req.response_length
 
 
 class RequestMetrics:
