@@ -729,13 +729,17 @@ class Bench:
 
     # ------------------------------------------------------------------ stats
     def worker_stats(self) -> dict[int, dict]:
-        """/stats of every worker: with N workers each admin connection lands on one of
-        them (SO_REUSEPORT), so ask until every one answered (or 40 tries)."""
+        """/stats of every worker, each as that worker answered it itself: with N workers
+        each admin connection lands on one of them (SO_REUSEPORT), so ask until every
+        one answered (or 40 tries)."""
         out: dict[int, dict] = {}
         for _ in range(1 if self.a.workers == 1 else 40):
-            status, data, _ = http_call(self.admin, "GET", "/stats", timeout=5)
+            # /stats merges every worker (the others' as of their last second); the
+            # answering worker's own entry is fresh, so each connection reads one worker.
+            status, data, _ = http_call(self.admin, "GET", "/stats?per_worker=1", timeout=5)
             if status == 200 and isinstance(data, dict):
-                out[data.get("pid", 0)] = data
+                own = next((w for w in data.get("per_worker") or [] if w.get("pid") == data.get("pid")), data)
+                out[data.get("pid", 0)] = own
             if len(out) >= self.a.workers:
                 break
         return out

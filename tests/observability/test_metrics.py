@@ -143,3 +143,26 @@ async def test_two_workers_are_one_view_and_a_killed_worker_takes_nothing_away(u
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_stats_is_one_view_of_every_worker_with_a_breakdown(upstream, tmp_path):
+    from test_processes import _get_json
+
+    cfg = base_config(upstream.port, routes=routes(upstream.port), workers=2)
+    proc, addr, admin, lines, drain = await _start_serve(tmp_path, cfg)
+    try:
+        await send(addr, "/teapot", 12)
+        await asyncio.sleep(1.3)
+        for _ in range(4):
+            _, merged = await _get_json(admin, "/stats")
+            assert merged["workers"] == 2 and len(merged["pids"]) == 2 and merged["pid"] in merged["pids"]
+            assert merged["requests_total"] == 12  # both workers' shares, whichever answers
+        _, detailed = await _get_json(admin, "/stats?per_worker=1")
+        per = detailed["per_worker"]
+        assert sorted(w["pid"] for w in per) == detailed["pids"]
+        assert sum(w["requests_total"] for w in per) == detailed["requests_total"]
+        await _stop(proc, drain)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

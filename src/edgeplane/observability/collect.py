@@ -19,7 +19,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from edgeplane.observability import aggregate
+from edgeplane.observability import aggregate, stats_view
 from edgeplane.observability.aggregate import Samples, add
 from edgeplane.observability.exposition import render
 from edgeplane.observability.metrics import RequestMetrics
@@ -57,13 +57,27 @@ class WorkerMetrics:
             route.metrics = self.requests.route(rc.host if rc is not None else None, route.key)
 
     def flush(self, gateway: Any) -> None:
-        """Write this worker's samples for the others (once a second, and before a scrape)."""
+        """Write this worker's samples and `/stats` for the others (once a second, and
+        before a scrape)."""
         if self.files is not None:
             run_dir, index, _ = self.files
             try:
                 aggregate.write(run_dir, index, self.samples(gateway))
+                stats_view.write(run_dir, index, gateway.stats())
             except OSError:  # the supervisor's directory is gone: it is stopping
                 pass
+
+    def stats(self, gateway: Any, per_worker: bool) -> dict[str, Any]:
+        """The answer to `GET /stats`: every live worker's, merged (`stats_view`)."""
+        own = gateway.stats()
+        if self.files is None:
+            return stats_view.merged(own, [], per_worker)
+        run_dir, index, n = self.files
+        try:
+            stats_view.write(run_dir, index, own)
+        except OSError:
+            pass
+        return stats_view.merged(own, stats_view.read_all(run_dir, n), per_worker)
 
     def scrape(self, gateway: Any, accept: str) -> tuple[bytes, bytes]:
         """The answer to `GET /metrics`: every worker's samples, merged."""

@@ -7,7 +7,8 @@ Owns the admin routes, compiled into an ordinary snapshot whose integrations are
   bound, 503 `{"status": "not ready"}` before that and from the moment the stop begins
   (through `drain_delay` and the drain: the admin listener is the last one closed);
 - `GET /upstreams`: per-upstream, per-target pool and per-connection telemetry;
-- `GET /stats`: connection, request and error counters of the data listeners;
+- `GET /stats`: connection, request and error counters of the data listeners, merged
+  over every worker (`?per_worker=1` adds each worker's own);
 - `GET /metrics`: Prometheus metrics of every worker, merged (`observability`): the text
   format, or OpenMetrics when `Accept` asks for it;
 - `GET /routes`: the compiled route table in match-priority order;
@@ -97,7 +98,8 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
         return _json(200, {"upstreams": gateway.upstream_telemetry()})
 
     def stats(req):
-        return _json(200, gateway.stats())
+        per_worker = b"per_worker=1" in req.query.split(b"&") or b"per_worker=true" in req.query.split(b"&")
+        return _json(200, gateway._metrics.stats(gateway, per_worker))
 
     def routes(req):
         table = gateway._snapshot.router.table()
