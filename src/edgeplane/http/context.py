@@ -31,12 +31,15 @@ log = logging.getLogger("edgeplane.server")
 class Stats:
     """Plain counters; read by the admin API. No locks: one event loop per process."""
 
-    __slots__ = ("connections_total", "requests_total", "errors")
+    __slots__ = ("connections_total", "requests_total", "errors", "refused")
 
     def __init__(self) -> None:
         self.connections_total = 0
         self.requests_total = 0
         self.errors: dict[str, int] = {}
+        # (policy, level or name) -> requests it refused: ("throttle", "route"),
+        # ("quota", plan), ("websocket", api). Counted on the refusal path only.
+        self.refused: dict[tuple[str, str], int] = {}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -180,6 +183,10 @@ class ServerContext:
         access_log = self.access_log
         if access_log.enabled:
             access_log.record(req, proto)
+
+    def count_refusal(self, policy: str, level: str) -> None:
+        refused = self.stats.refused
+        refused[(policy, level)] = refused.get((policy, level), 0) + 1
 
     def count_error(self, kind: str) -> None:
         errors = self.stats.errors

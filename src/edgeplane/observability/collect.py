@@ -112,6 +112,10 @@ class WorkerMetrics:
         if ctx is not None:
             out["edgeplane_gateway_errors"] = {(kind,): n for kind, n in ctx.stats.errors.items()}
             out["edgeplane_connections"] = {("data",): ctx.stats.connections_total}
+            refused = ctx.stats.refused
+            out["edgeplane_throttled_requests"] = {(level,): n for (what, level), n in refused.items()
+                                                   if what == "throttle"}
+            out["edgeplane_quota_refusals"] = {(plan,): n for (what, plan), n in refused.items() if what == "quota"}
             out["edgeplane_open_connections"] = {("data",): len(ctx.connections)}
             out["edgeplane_websockets_open"] = {(): len(ctx.websockets)}
         add(out, self._upstreams(list(gateway._upstreams.values())))

@@ -42,6 +42,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("edgeplane_gateway_errors", "counter", ("kind",),
            "Requests and connections the gateway answered or ended itself, by reason "
            "(the status it sent, or client_closed, send_timeout, connection_refused, ...)."),
+    Family("edgeplane_throttled_requests", "counter", ("level",),
+           "Requests refused 429 by a throttle, by level: server, route, client, plan, websocket "
+           "(a WebSocket API's new connections)."),
+    Family("edgeplane_quota_refusals", "counter", ("plan",), "Requests refused 429 by a usage plan's quota."),
     Family("edgeplane_connections", "counter", ("listener",), "Client connections accepted."),
     Family("edgeplane_open_connections", "gauge", ("listener",), "Client connections open now."),
     Family("edgeplane_websockets_open", "gauge", (), "WebSocket connections open now (proxied and WebSocket APIs)."),

@@ -179,6 +179,7 @@ class WebSocketApiHandler:
                              extra=b"retry-after: 1\r\n")
             return
         if wait > 0.0:
+            proto.ctx.count_refusal("throttle", "websocket")
             proto.send_error(req, 429, f"websocket api {api.name}: new connections throttled",
                              extra=b"retry-after: %d\r\n" % max(1, int(wait + 0.999)))
             return

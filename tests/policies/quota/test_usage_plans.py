@@ -152,3 +152,19 @@ async def test_plan_route_throttle_holds_across_two_workers(upstream, keys, tmp_
         assert 2 <= statuses.count(200) <= 3 and set(statuses) == {200, 429}, statuses
     finally:
         assert await _stop(proc, drain) == 0
+
+
+async def test_plan_throttle_and_quota_refusals_are_in_the_metrics(upstream, gateway, client_factory, keys, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gw = await gateway(plan_config(upstream.port, keys, str(tmp_path / "data")))
+    c = await client_factory(gw.addresses[0])
+    statuses = [(await c.request("GET", "/data", headers={"X-API-Key": keys["gold"]})).status for _ in range(5)]
+    statuses += [(await c.request("GET", "/data", headers={"X-API-Key": keys["free"]})).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429, 429, 200, 200, 429, 429]
+    admin = await client_factory(gw.admin_address)
+    text = (await admin.request("GET", "/metrics")).body.decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("edgeplane_throttled_requests_total", (("level", "plan"),))] == 2
+    assert samples[("edgeplane_quota_refusals_total", (("plan", "free"),))] == 2

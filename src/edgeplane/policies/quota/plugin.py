@@ -93,6 +93,7 @@ class QuotaStage(FastStage):
             return True
         req.error = f"quota of plan {api_key.plan!r} exhausted for key {api_key.id!r}"
         proto.ctx.count_error("429")
+        proto.ctx.count_refusal("quota", api_key.plan)
         proto.send_local(req, 429, QUOTA_BODY)
         return False
 

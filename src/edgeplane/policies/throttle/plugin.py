@@ -81,6 +81,7 @@ class ThrottleStage(FastStage):
                                  extra=retry_after_header(1.0))
                 return False
             extra = ratelimit_headers(result) if self.headers else b""
+            proto.ctx.count_refusal("throttle", result.policy)
             proto.send_error(req, 429, f"throttled ({result.policy})",
                              extra=retry_after_header(result.retry_after) + extra)
             return False
