@@ -211,9 +211,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pidfile = PidFile(args.pidfile)
         demo = _start_demo_upstream(args.demo_upstream) if args.demo_upstream is not None else None
         on_takeover = pidfile.replace if pidfile is not None else None
+        on_handover = pidfile.hand_over if pidfile is not None else None
         if n <= 1:
-            return run_single(config, overrides=overrides, takeover=args.takeover, on_takeover=on_takeover)
-        return run_supervisor(config, n, overrides=overrides, takeover=args.takeover, on_takeover=on_takeover)
+            return run_single(config, overrides=overrides, takeover=args.takeover, on_takeover=on_takeover,
+                              on_handover=on_handover)
+        return run_supervisor(config, n, overrides=overrides, takeover=args.takeover, on_takeover=on_takeover,
+                              on_handover=on_handover)
     except OSError as exc:
         print(f"edgeplane: cannot start: {exc}", file=sys.stderr)
         return 1

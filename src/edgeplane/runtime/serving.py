@@ -281,7 +281,7 @@ def _reopen_logs(gateway: Gateway) -> None:
 
 async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | None,
                  shared_limits: tuple[str, int, str | None] | None, inherited: Any = None,
-                 on_takeover: Any = None) -> None:
+                 on_takeover: Any = None, on_handover: Any = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -321,6 +321,8 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
 
     def on_handed_over() -> None:
         handed_over.append(True)
+        if on_handover is not None:
+            on_handover()  # the successor names itself in the pidfile: ours must not remove it
         stop.set()
 
     handover = None
@@ -407,13 +409,13 @@ def _exit_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
 
 
 def run_single(config: Config, *, overrides: dict[str, Any] | None = None, takeover: bool = False,
-               on_takeover: Any = None) -> int:
+               on_takeover: Any = None, on_handover: Any = None) -> int:
     """Serve `config` in this process until SIGTERM/SIGINT (see the module docstring).
     `takeover`: inherit the listeners of the instance that owns them (`runtime.takeover`)."""
     raise_nofile_limit()
     systemd.set_title("edgeplane: gateway")
     inherited = receive_listeners(*takeover_address(config)) if takeover else None
-    uvloop.run(_serve(config, overrides or {}, None, None, inherited, on_takeover))
+    uvloop.run(_serve(config, overrides or {}, None, None, inherited, on_takeover, on_handover))
     return 0
 
 

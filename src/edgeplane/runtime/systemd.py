@@ -149,6 +149,11 @@ class PidFile:
         self.pid = os.getpid()
         return self
 
+    def hand_over(self) -> None:
+        """A takeover successor serves now and names itself in the file: leave it alone
+        at exit (called when this process commits, before the successor writes it)."""
+        self.pid = 0
+
     def release(self) -> None:
         """Remove the file if it still names this process. Idempotent."""
         if self.pid and read_pid(self.path) == self.pid:

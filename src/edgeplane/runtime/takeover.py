@@ -142,14 +142,14 @@ class HandoverServer:
             log.warning("takeover abandoned by the successor; still serving")
             return
         self.handed_over = True  # committed: from here on the successor serves
+        log.info("takeover: the successor serves on the listeners; draining")
+        self._on_ready()  # before the OK: the successor then writes the pidfile, never we after it
         try:
             writer.write(_OK)
             await writer.drain()
         except OSError:
             pass  # the successor is gone already; so is everything it would have served
         writer.close()
-        log.info("takeover: the successor serves on the listeners; draining")
-        self._on_ready()
 
 
 def describe(entries: list[Listener]) -> tuple[bytes, list[int]] | None:
@@ -249,6 +249,8 @@ class SupervisorHandover:
                         _READY_TIMEOUT)
             return
         self.handed_over = True  # committed: from here on the successor serves
+        log.info("takeover: the successor serves on the listeners; draining the workers")
+        self._on_ready()  # before the OK: the successor then writes the pidfile, never we after it
         try:
             peer.setblocking(True)
             peer.settimeout(5)
@@ -256,8 +258,6 @@ class SupervisorHandover:
         except OSError:
             pass
         peer.close()
-        log.info("takeover: the successor serves on the listeners; draining the workers")
-        self._on_ready()
 
     def close(self) -> None:
         for sock in (self._server, self._peer):

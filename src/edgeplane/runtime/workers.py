@@ -93,7 +93,7 @@ def resolve_workers(config: Config) -> int:
 # ---------------------------------------------------------------------- supervisor
 class Supervisor(SupervisorReloads):
     def __init__(self, config: Config, n: int, *, overrides: dict[str, Any] | None = None,
-                 inherited: Inherited | None = None, on_takeover: Any = None) -> None:
+                 inherited: Inherited | None = None, on_takeover: Any = None, on_handover: Any = None) -> None:
         self.config = config
         self.n = n
         self.overrides = overrides or {}
@@ -103,6 +103,7 @@ class Supervisor(SupervisorReloads):
         # `serve --takeover`: the predecessor's sockets, until confirmed (then its pidfile)
         self.inherited = inherited
         self.on_takeover = on_takeover
+        self.on_handover = on_handover  # we handed over: the pidfile is the successor's
         self.handover: SupervisorHandover | None = None  # a successor may take ours
         self.handed_over = False  # the lock files belong to a successor now
         self.successor: subprocess.Popen[bytes] | None = None  # started by SIGUSR2
@@ -293,7 +294,12 @@ class Supervisor(SupervisorReloads):
         def listeners_now() -> list[Any]:
             return [(c.kind, c.host, c.port, c.sockets, c.lock) for c in self.claims.values()]
 
-        self.handover = SupervisorHandover(listeners_now, lambda: setattr(self, "handed_over", True))
+        def committed() -> None:
+            self.handed_over = True
+            if self.on_handover is not None:
+                self.on_handover()
+
+        self.handover = SupervisorHandover(listeners_now, committed)
         try:
             self.handover.start()
         except OSError as exc:  # an unusable lock directory: serving matters more than upgrades
@@ -474,10 +480,11 @@ def _drain_fd(fd: int) -> None:
 
 
 def run_supervisor(config: Config, n: int, *, overrides: dict[str, Any] | None = None,
-                   takeover: bool = False, on_takeover: Any = None) -> int:
+                   takeover: bool = False, on_takeover: Any = None, on_handover: Any = None) -> int:
     """Run N workers until SIGTERM/SIGINT (see the module docstring). `takeover`: inherit
     the listeners of the instance that owns them (`runtime.takeover`), single or not."""
     inherited = None
     if takeover:
         inherited = receive_listeners(*takeover_address(config))
-    return Supervisor(config, n, overrides=overrides, inherited=inherited, on_takeover=on_takeover).run()
+    return Supervisor(config, n, overrides=overrides, inherited=inherited, on_takeover=on_takeover,
+                      on_handover=on_handover).run()
