@@ -166,3 +166,43 @@ async def test_stats_is_one_view_of_every_worker_with_a_breakdown(upstream, tmp_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_jwks_fetches_survive_a_reload_that_replaces_the_source(upstream, gateway):
+    """A changed authorizer gets a new JWKS source whose own count starts at 0; the
+    series goes on from where the old one was."""
+    async def jwks(reader, writer):
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                body = b'{"keys": []}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(jwks, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/jwks.json"
+
+    def cfg(audience: str) -> dict:
+        c = base_config(upstream.port, routes=[{"route": "GET /me", "auth": "users",
+                                                "integration": {"type": "mock"}}])
+        c["authorizers"] = {"users": {"type": "jwt", "issuer": "https://auth.test/", "audience": [audience],
+                                      "algorithms": ["RS256"], "jwks": {"url": url}}}
+        return c
+
+    try:
+        gw = await gateway(cfg("api"))
+        _, fam = await scrape(gw.admin_address)
+        assert value(fam, "edgeplane_jwks_fetches_total", authorizer="users") == 1
+        # an empty key set counts as a failed fetch: the series says what /stats says
+        failures = gw.stats()["authorizers"]["users"]["failures"]
+        assert value(fam, "edgeplane_jwks_fetch_failures_total", authorizer="users") == failures == 1
+        await gw.reload(cfg("api-v2"))  # a new source, which fetches once more
+        _, fam = await scrape(gw.admin_address)
+        assert value(fam, "edgeplane_jwks_fetches_total", authorizer="users") == 2
+    finally:
+        server.close()

@@ -43,6 +43,10 @@ class WorkerMetrics:
         self.retired: list[Any] = []  # upstreams a reload replaced, still draining
         # With `workers: N`: (the supervisor's private directory, this worker's index, N)
         self.files: tuple[str, int, int] | None = None
+        # Counters read from objects a reload may replace (a JWKS source, an authorizer
+        # client): the object and its value last seen, and what replaced objects counted.
+        self._seen: dict[tuple[str, tuple[str, ...]], tuple[Any, float]] = {}
+        self._offset: dict[tuple[str, tuple[str, ...]], float] = {}
 
     def share(self, run_dir: str, index: int, n: int) -> None:
         """Work as worker `index` of `n`: continue the counts of this slot's previous
@@ -119,12 +123,52 @@ class WorkerMetrics:
             out["edgeplane_open_connections"] = {("data",): len(ctx.connections)}
             out["edgeplane_websockets_open"] = {(): len(ctx.websockets)}
         add(out, self._upstreams(list(gateway._upstreams.values())))
+        self._monotonic(out, _plugin_samples(gateway))
         reloads = gateway._reloads
         out["edgeplane_reloads"] = {("success",): reloads["ok"], ("failure",): reloads["failed"]}
         out["edgeplane_config_info"] = {(gateway._config_hash,): 1}
         out["edgeplane_build_info"] = {(_VERSION, platform.python_version()): 1}
         add(out, self.base, gauges=False)
         return {name: values for name, values in out.items() if values}
+
+
+    def _monotonic(self, out: Samples, found: list[tuple[str, tuple[str, ...], Any, float]]) -> None:
+        """Add `found` (family, labels, source object, value) to `out`, keeping each
+        series from going down: when a reload replaced its source object, what the old
+        one had counted is kept."""
+        for name, labels, source, value in found:
+            key = (name, labels)
+            seen = self._seen.get(key)
+            if seen is not None and seen[0] is not source:
+                self._offset[key] = self._offset.get(key, 0) + seen[1]
+            self._seen[key] = (source, value)
+            out.setdefault(name, {})[labels] = value + self._offset.get(key, 0)
+
+
+def _plugin_samples(gateway: Any) -> list[tuple[str, tuple[str, ...], Any, float]]:
+    """Authorizer and WebSocket API counters, with the objects that count them: the
+    plugins' per-gateway state (JWKS sources, custom-authorizer clients) and the
+    WebSocket API registry."""
+    out: list[tuple[str, tuple[str, ...], Any, float]] = []
+    runtime = gateway._runtime
+    if runtime is not None:
+        for state in runtime.state.values():
+            if not isinstance(state, dict):
+                continue
+            for name, source in state.items():
+                if hasattr(source, "fetches") and hasattr(source, "failures"):  # a JWKS source
+                    out += [("edgeplane_jwks_fetches", (name,), source, source.fetches),
+                            ("edgeplane_jwks_fetch_failures", (name,), source, source.failures)]
+                elif hasattr(source, "calls") and hasattr(source, "failures"):  # a custom authorizer
+                    out += [("edgeplane_authorizer_calls", (name,), source, source.calls),
+                            ("edgeplane_authorizer_call_failures", (name,), source, source.failures)]
+    registry = gateway._ws_registry
+    if registry is not None and gateway.config.websocket_apis:
+        stats = registry.stats
+        out += [("edgeplane_websocket_api_connections", (), registry, stats.get("opened", 0)),
+                ("edgeplane_websocket_api_messages", ("received",), registry, stats.get("messages_received", 0)),
+                ("edgeplane_websocket_api_messages", ("sent",), registry, stats.get("messages_sent", 0))]
+    return out
 
 
 def _pool_samples(upstream: Any, *, gauges: bool) -> Samples:
