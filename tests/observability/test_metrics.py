@@ -206,3 +206,28 @@ async def test_jwks_fetches_survive_a_reload_that_replaces_the_source(upstream, 
         assert value(fam, "edgeplane_jwks_fetches_total", authorizer="users") == 2
     finally:
         server.close()
+
+
+async def test_proxied_websocket_messages_and_close_codes(gateway):
+    from ws_peers import WsClient, WsUpstream
+
+    up = await WsUpstream("echo").start()
+    try:
+        gw = await gateway(base_config(up.port, routes=[{"route": "GET /ws", "integration": {"type": "http",
+                                                                                             "upstream": "demo"}}]))
+        ws = await WsClient.connect(gw.addresses[0], "/ws")
+        for i in range(3):
+            ws.send_text(f"m{i}")
+            assert await ws.recv() == f"m{i}"
+        ws.close(1000)  # a close frame: the code is the client's
+        for _ in range(50):  # the relay counts when it has closed both legs
+            _, fam = await scrape(gw.admin_address)
+            if value(fam, "edgeplane_websocket_closes_total", kind="proxied"):
+                break
+            await asyncio.sleep(0.05)
+        assert value(fam, "edgeplane_websocket_messages_total", kind="proxied", direction="received") == 3
+        assert value(fam, "edgeplane_websocket_messages_total", kind="proxied", direction="sent") == 3
+        assert value(fam, "edgeplane_websocket_closes_total", kind="proxied", code="1000") == 1
+        await ws.aclose()
+    finally:
+        await up.stop()

@@ -31,7 +31,7 @@ log = logging.getLogger("edgeplane.server")
 class Stats:
     """Plain counters; read by the admin API. No locks: one event loop per process."""
 
-    __slots__ = ("connections_total", "requests_total", "errors", "refused")
+    __slots__ = ("connections_total", "requests_total", "errors", "refused", "ws_messages", "ws_closes")
 
     def __init__(self) -> None:
         self.connections_total = 0
@@ -40,6 +40,11 @@ class Stats:
         # (policy, level or name) -> requests it refused: ("throttle", "route"),
         # ("quota", plan), ("websocket", api). Counted on the refusal path only.
         self.refused: dict[tuple[str, str], int] = {}
+        # WebSockets, counted when each closes: (kind, direction) -> messages, where kind
+        # is "proxied" or "api" and direction "received" (from the client) or "sent";
+        # (kind, close code as text) -> connections closed.
+        self.ws_messages: dict[tuple[str, str], int] = {}
+        self.ws_closes: dict[tuple[str, str], int] = {}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -183,6 +188,14 @@ class ServerContext:
         access_log = self.access_log
         if access_log.enabled:
             access_log.record(req, proto)
+
+    def count_websocket(self, kind: str, received: int, sent: int, code: int | None) -> None:
+        """A WebSocket closed: its messages and its close code (`none`: no close frame)."""
+        stats = self.stats
+        for direction, n in (("received", received), ("sent", sent)):
+            stats.ws_messages[(kind, direction)] = stats.ws_messages.get((kind, direction), 0) + n
+        label = (kind, str(code) if code is not None else "none")
+        stats.ws_closes[label] = stats.ws_closes.get(label, 0) + 1
 
     def count_refusal(self, policy: str, level: str) -> None:
         refused = self.stats.refused

@@ -120,6 +120,8 @@ class WorkerMetrics:
             out["edgeplane_throttled_requests"] = {(level,): n for (what, level), n in refused.items()
                                                    if what == "throttle"}
             out["edgeplane_quota_refusals"] = {(plan,): n for (what, plan), n in refused.items() if what == "quota"}
+            out["edgeplane_websocket_messages"] = dict(ctx.stats.ws_messages)
+            out["edgeplane_websocket_closes"] = dict(ctx.stats.ws_closes)
             out["edgeplane_open_connections"] = {("data",): len(ctx.connections)}
             out["edgeplane_websockets_open"] = {(): len(ctx.websockets)}
         add(out, self._upstreams(list(gateway._upstreams.values())))
@@ -165,9 +167,7 @@ def _plugin_samples(gateway: Any) -> list[tuple[str, tuple[str, ...], Any, float
     registry = gateway._ws_registry
     if registry is not None and gateway.config.websocket_apis:
         stats = registry.stats
-        out += [("edgeplane_websocket_api_connections", (), registry, stats.get("opened", 0)),
-                ("edgeplane_websocket_api_messages", ("received",), registry, stats.get("messages_received", 0)),
-                ("edgeplane_websocket_api_messages", ("sent",), registry, stats.get("messages_sent", 0))]
+        out.append(("edgeplane_websocket_api_connections", (), registry, stats.get("opened", 0)))
     return out
 
 

@@ -68,8 +68,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("edgeplane_authorizer_call_failures", "counter", ("authorizer",),
            "Custom authorizer calls that failed (unreachable, timed out, a bad answer)."),
     Family("edgeplane_websocket_api_connections", "counter", (), "WebSocket API connections opened."),
-    Family("edgeplane_websocket_api_messages", "counter", ("direction",),
-           "WebSocket API messages: received from clients, sent to clients."),
+    Family("edgeplane_websocket_messages", "counter", ("kind", "direction"),
+           "Messages of WebSockets that closed, by kind (proxied, api) and direction (received "
+           "from the client, sent to it); counted when the connection closes."),
+    Family("edgeplane_websocket_closes", "counter", ("kind", "code"),
+           "WebSocket connections closed, by kind and close code ('none': no close frame)."),
     Family("edgeplane_reloads", "counter", ("result",), "Config reloads, by result (success, failure)."),
     Family("edgeplane_config_info", "info", ("hash",), "The config being served: its hash (as logged)."),
     Family("edgeplane_build_info", "info", ("version", "python"), "The edgeplane build."),

@@ -407,6 +407,7 @@ class WsConnection(asyncio.Protocol):
                           "messagesOut": self.messages_out, "bytesOut": self.bytes_sent,
                           "durationMs": round((self.loop.time() - self.started) * 1000, 3),
                           "closeCode": code, "closeReason": reason}
+        ctx.count_websocket("api", self.messages_in, self.messages_out, code)
         ctx.request_done(req, self.proto)
 
     async def _disconnect(self, route: WsRoute, upstream: Upstream, code: int, reason: str) -> None:

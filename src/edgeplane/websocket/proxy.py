@@ -191,6 +191,8 @@ class WsUpgradeExchange(ProxyExchange):
             "closeCodeClient": stats.close_code_client, "closeCodeUpstream": stats.close_code_upstream,
         }
         req.error = stats.error
+        code = stats.close_code_client if stats.close_code_client is not None else stats.close_code_upstream
+        proto.ctx.count_websocket("proxied", stats.messages_in, stats.messages_out, code)
         proto.ctx.request_done(req, proto)
         self.relay = None
 
