@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from edgeplane.observability.families import FAMILIES
+from edgeplane.runtime.systemd import alive
 
 Samples = dict[str, dict[tuple[str, ...], Any]]  # family -> label values -> value
 
@@ -48,12 +49,15 @@ def decode(raw: dict[str, list[list[Any]]]) -> Samples:
     return out
 
 
-def write(run_dir: str, index: int, samples: Samples) -> None:
-    path = _path(run_dir, index)
-    data = json.dumps({"pid": os.getpid(), "samples": encode(samples)}, separators=(",", ":"))
+def write_json(path: str, obj: Any) -> None:
+    """Replace `path` whole with `obj` as JSON (a reader sees the old file or the new)."""
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        fh.write(data)
+        json.dump(obj, fh, default=str, separators=(",", ":"))
     os.replace(path + ".tmp", path)
+
+
+def write(run_dir: str, index: int, samples: Samples) -> None:
+    write_json(_path(run_dir, index), {"pid": os.getpid(), "samples": encode(samples)})
 
 
 def _read(path: str) -> tuple[int, Samples] | None:
@@ -80,16 +84,6 @@ def read_all(run_dir: str, n: int) -> list[tuple[int, Samples]]:
         if found is not None:
             out.append(found)
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def add(into: Samples, other: Samples, *, gauges: bool = True) -> None:

@@ -22,6 +22,9 @@ import json
 import os
 from typing import Any
 
+from edgeplane.observability.aggregate import write_json
+from edgeplane.runtime.systemd import alive
+
 _OWN = {"refused_by_supervisor"}
 
 
@@ -30,20 +33,7 @@ def _path(run_dir: str, index: int) -> str:
 
 
 def write(run_dir: str, index: int, stats: dict[str, Any]) -> None:
-    path = _path(run_dir, index)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(stats, fh, default=str, separators=(",", ":"))
-    os.replace(path + ".tmp", path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    write_json(_path(run_dir, index), stats)
 
 
 def read_all(run_dir: str, n: int) -> list[dict[str, Any]]:
@@ -54,7 +44,7 @@ def read_all(run_dir: str, n: int) -> list[dict[str, Any]]:
                 found = json.load(fh)
         except (OSError, ValueError):
             continue  # being replaced
-        if isinstance(found, dict) and isinstance(found.get("pid"), int) and _alive(found["pid"]):
+        if isinstance(found, dict) and isinstance(found.get("pid"), int) and alive(found["pid"]):
             out.append(found)
     return out
 

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from edgeplane.config.model import Config
+from edgeplane.observability.aggregate import write_json
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SHM_DIR, SharedLimitTable
 from edgeplane.policies.throttle.slots import SlotMap
@@ -88,11 +89,8 @@ class SharedState:
     def _write(self, name: str, content: dict[str, Any]) -> None:
         if self.run_dir is None:
             return
-        path = os.path.join(self.run_dir, name)
         try:
-            with open(path + ".tmp", "w", encoding="utf-8") as fh:
-                json.dump(content, fh)
-            os.replace(path + ".tmp", path)
+            write_json(os.path.join(self.run_dir, name), content)
         except OSError as exc:
             log.warning("could not record the reload outcome for the workers (%s): %s", name, exc)
 
