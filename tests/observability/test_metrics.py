@@ -219,6 +219,9 @@ async def test_proxied_websocket_messages_and_close_codes(gateway):
         for i in range(3):
             ws.send_text(f"m{i}")
             assert await ws.recv() == f"m{i}"
+        _, fam = await scrape(gw.admin_address)
+        assert value(fam, "edgeplane_websockets_open", kind="proxied") == 1
+        assert value(fam, "edgeplane_websockets_open", kind="api") == 0
         ws.close(1000)  # a close frame: the code is the client's
         for _ in range(50):  # the relay counts when it has closed both legs
             _, fam = await scrape(gw.admin_address)

@@ -4,7 +4,8 @@ Owns `WorkerMetrics`, held by each `Gateway`: the request arrays (`metrics`), th
 counters carried across reloads and restarts, and `samples()`, which reads the rest
 from the gateway when asked (off the hot path):
 
-- requests, durations and bytes: `RequestMetrics`;
+- requests, durations and bytes: `RequestMetrics`; authorizer outcomes:
+  `AuthorizerOutcomes`;
 - gateway errors and connections: the data listeners' `ServerContext.stats`;
 - upstream pools: the current pools, the pools of upstreams a reload replaced (until
   they have drained; then their counts are folded into `carried`, so a counter never
@@ -22,7 +23,7 @@ from typing import Any
 from edgeplane.observability import aggregate, stats_view
 from edgeplane.observability.aggregate import Samples, add
 from edgeplane.observability.exposition import render
-from edgeplane.observability.metrics import RequestMetrics
+from edgeplane.observability.metrics import AuthorizerOutcomes, RequestMetrics
 
 try:  # the installed distribution's version (not `edgeplane.__version__`: no import of the package root)
     _VERSION = metadata.version("edgeplane")
@@ -38,6 +39,7 @@ _UPSTREAM_COUNTERS = (("edgeplane_upstream_connections_opened", "opened"),
 class WorkerMetrics:
     def __init__(self) -> None:
         self.requests = RequestMetrics()
+        self.authorizers = AuthorizerOutcomes()  # filled by the authorizer stages
         self.base: Samples = {}  # the previous worker of this slot's counters
         self.carried: Samples = {}  # counters of upstream pools that are gone
         self.retired: list[Any] = []  # upstreams a reload replaced, still draining
@@ -112,6 +114,7 @@ class WorkerMetrics:
 
     def samples(self, gateway: Any) -> Samples:
         out = self.requests.samples()
+        out.update(self.authorizers.samples())
         ctx = gateway._context
         if ctx is not None:
             out["edgeplane_gateway_errors"] = {(kind,): n for kind, n in ctx.stats.errors.items()}
@@ -123,7 +126,11 @@ class WorkerMetrics:
             out["edgeplane_websocket_messages"] = dict(ctx.stats.ws_messages)
             out["edgeplane_websocket_closes"] = dict(ctx.stats.ws_closes)
             out["edgeplane_open_connections"] = {("data",): len(ctx.connections)}
-            out["edgeplane_websockets_open"] = {(): len(ctx.websockets)}
+            open_ws: dict[tuple[str, ...], Any] = {("proxied",): 0, ("api",): 0}
+            for ws in ctx.websockets:
+                kind = (getattr(ws, "ws_kind", "proxied"),)
+                open_ws[kind] = open_ws.get(kind, 0) + 1
+            out["edgeplane_websockets_open"] = open_ws
         add(out, self._upstreams(list(gateway._upstreams.values())))
         self._monotonic(out, _plugin_samples(gateway))
         reloads = gateway._reloads

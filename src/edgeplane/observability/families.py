@@ -48,7 +48,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("edgeplane_quota_refusals", "counter", ("plan",), "Requests refused 429 by a usage plan's quota."),
     Family("edgeplane_connections", "counter", ("listener",), "Client connections accepted."),
     Family("edgeplane_open_connections", "gauge", ("listener",), "Client connections open now."),
-    Family("edgeplane_websockets_open", "gauge", (), "WebSocket connections open now (proxied and WebSocket APIs)."),
+    Family("edgeplane_websockets_open", "gauge", ("kind",),
+           "WebSocket connections open now, by kind: proxied, api (a WebSocket API's)."),
     Family("edgeplane_upstream_connections_open", "gauge", ("upstream", "target"),
            "Upstream connections open now (in use and idle)."),
     Family("edgeplane_upstream_connections_idle", "gauge", ("upstream", "target"),
@@ -67,6 +68,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Calls to a custom (HTTP) authorizer (answers from its decision cache are not calls)."),
     Family("edgeplane_authorizer_call_failures", "counter", ("authorizer",),
            "Custom authorizer calls that failed (unreachable, timed out, a bad answer)."),
+    Family("edgeplane_authorizer_decisions", "counter", ("authorizer", "outcome"),
+           "Requests an authorizer decided, by outcome: allowed, denied (401/403), error (it "
+           "could not decide: a custom authorizer unreachable or answering badly, no JWKS yet)."),
+    Family("edgeplane_authorizer_cache_hits", "counter", ("authorizer",),
+           "Decisions answered from the authorizer's cache (JWT verification cache, custom "
+           "authorizer result cache); they are also counted in the decisions."),
     Family("edgeplane_websocket_api_connections", "counter", (), "WebSocket API connections opened."),
     Family("edgeplane_websocket_messages", "counter", ("kind", "direction"),
            "Messages of WebSockets that closed, by kind (proxied, api) and direction (received "

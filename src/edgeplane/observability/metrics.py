@@ -89,6 +89,37 @@ def count_request(unmatched: RouteMetrics, req: Any, _bisect: Any = bisect_left,
     m.sent += req.response_length
 
 
+# An authorizer's outcome counts: [allowed, denied, error, cache hits]. The stages add to
+# the list directly (one list-item addition per decision).
+ALLOWED, DENIED, ERROR, CACHE_HIT = 0, 1, 2, 3
+OUTCOMES = ("allowed", "denied", "error")
+
+
+class AuthorizerOutcomes:
+    """Every authorizer's outcome counts in one worker, by name; kept across reloads, so
+    an authorizer that stays keeps counting on the same list."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, list[int]] = {}
+
+    def counts(self, name: str) -> list[int]:
+        found = self.by_name.get(name)
+        if found is None:
+            found = self.by_name[name] = [0, 0, 0, 0]
+        return found
+
+    def samples(self) -> dict[str, dict[tuple[str, ...], Any]]:
+        decisions: dict[tuple[str, ...], Any] = {}
+        hits: dict[tuple[str, ...], Any] = {}
+        for name, counts in self.by_name.items():
+            for i, outcome in enumerate(OUTCOMES):
+                if counts[i]:
+                    decisions[(name, outcome)] = counts[i]
+            if counts[CACHE_HIT]:
+                hits[(name,)] = counts[CACHE_HIT]
+        return {"edgeplane_authorizer_decisions": decisions, "edgeplane_authorizer_cache_hits": hits}
+
+
 class RequestMetrics:
     """Every route's arrays in one worker, by (host, route key)."""
 

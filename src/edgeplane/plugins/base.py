@@ -69,7 +69,7 @@ class RuntimeContext:
 
 class CompileContext:
     """What a compile step may read: the config, the upstream pools, the gateway's shared
-    stores (`resources`: "limits", "quota_counter"...), each plugin's runtime state and a
+    stores (`resources`: "limits", "quota_counter", "authorizer_outcomes"), each plugin's runtime state and a
     per-snapshot state slot per plugin (filled by `Policy.prepare`)."""
 
     __slots__ = ("config", "upstreams", "resources", "runtime", "state")
@@ -87,6 +87,13 @@ class CompileContext:
         or None."""
         cfg = self.config.authorizers.get(route.auth) if route.auth else None
         return cfg if cfg is not None and (kind is None or cfg.type == kind) else None
+
+    def outcome_counts(self, authorizer: str) -> list[int]:
+        """The list an authorizer's stages count their decisions in: [allowed, denied,
+        error, cache hits] (`observability.metrics.AuthorizerOutcomes`), the gateway's
+        when it keeps metrics, else a list of its own."""
+        outcomes = self.resources.get("authorizer_outcomes")
+        return outcomes.counts(authorizer) if outcomes is not None else [0, 0, 0, 0]
 
 
 class Policy:

@@ -97,13 +97,15 @@ def compile_context(config: Config, upstreams: dict[str, Upstream], runtime: dic
 
 def build_snapshot(config: Config, upstreams: dict[str, Upstream], runtime: dict[str, Any] | None = None,
                    limits: Any = None, quota_counter: Any = None,
-                   websocket_apis: dict[bytes, Any] | None = None) -> Snapshot:
+                   websocket_apis: dict[bytes, Any] | None = None, authorizer_outcomes: Any = None) -> Snapshot:
     """`runtime`: each plugin's per-gateway state (JWKS sources, authorizer clients);
     `limits` (`throttle.stores.limits_for`) says where throttle buckets live, in process
-    by default; `quota_counter` is the usage plans' counter."""
+    by default; `quota_counter` is the usage plans' counter; `authorizer_outcomes` the
+    gateway's `observability.metrics.AuthorizerOutcomes`."""
     limits = limits if limits is not None else LocalLimits(config)
     ctx = compile_context(config, upstreams, runtime,
-                          {"limits": limits, "quota_counter": quota_counter})
+                          {"limits": limits, "quota_counter": quota_counter,
+                           "authorizer_outcomes": authorizer_outcomes})
     pairs = [(rc, compile_route(rc, ctx, config.registry)) for rc in config.routes]
     routes = [c for _, c in pairs]
     router = compile_routes(pairs)

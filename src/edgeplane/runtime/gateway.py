@@ -199,7 +199,7 @@ class Gateway(GatewayWebSockets):
                                            slots=self._slots)
         ws_apis = self._build_websockets(cfg, loop, self._upstreams, runtime)
         self._snapshot = build_snapshot(cfg, self._upstreams, runtime.state, limits, counter,
-                                       websocket_apis=ws_apis)
+                                       websocket_apis=ws_apis, authorizer_outcomes=self._metrics.authorizers)
         self._metrics.attach(self._snapshot)
         self._config_hash = config_hash(cfg)
         self._context = ServerContext(loop, self._snapshot, cfg.limits, cfg.parser,

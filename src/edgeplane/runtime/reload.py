@@ -132,7 +132,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
                             slots=gw._slots)
         counter = gw._quota_store.counter if gw._quota_store is not None else None
         ws_apis = gw._build_websockets(new, loop, upstreams, runtime)
-        snapshot = build_snapshot(new, upstreams, runtime.state, limits, counter, websocket_apis=ws_apis)
+        snapshot = build_snapshot(new, upstreams, runtime.state, limits, counter, websocket_apis=ws_apis,
+                                  authorizer_outcomes=gw._metrics.authorizers)
         gw._metrics.attach(snapshot)
         tls = ListenerTls.from_config(new.tls) if new.tls is not None else None
         access_log = AccessLog(new.access_log) if new.access_log != old.access_log else None

@@ -143,6 +143,7 @@ def _iso(epoch: float) -> str:
 # ---------------------------------------------------------------------------- connection
 
 class WsConnection(asyncio.Protocol):
+    ws_kind = "api"  # its `kind` label in the metrics
     __slots__ = (
         "api", "registry", "proto", "req", "id", "transport", "ws", "loop", "limits",
         "source_ip", "user_agent", "connected_at", "started", "last_active", "base_headers",

@@ -225,6 +225,8 @@ class RelayStats:
 class Relay:
     """One relayed WebSocket connection. See the module docstring for the contract."""
 
+    ws_kind = "proxied"  # its `kind` label in the metrics
+
     __slots__ = ("_t0", "loop", "settings", "client", "upstream", "closing", "closed", "last_data",
                  "max_message_bytes", "_stats", "_on_closed", "_timer", "_timer_at",
                  "_close_deadline", "_final", "flush_from", "flush_left", "_flush_until",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.request import header, identity_header
+from edgeplane.observability.metrics import ALLOWED, DENIED
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.api_keys.store import ApiKeyFileError, KeyStore, load_key_file
 
@@ -50,20 +51,24 @@ _API_KEY_AUTHORIZER = {
 class ApiKeyStage(FastStage):
     """API key authorizer: missing or invalid is 403 Forbidden, as AWS answers."""
 
-    __slots__ = ("store", "header", "name")
+    __slots__ = ("store", "header", "name", "outcomes")
 
-    def __init__(self, store: KeyStore, cfg: ApiKeyAuthorizerConfig):
+    def __init__(self, store: KeyStore, cfg: ApiKeyAuthorizerConfig, outcomes: list[int] | None = None):
         self.store = store
         self.header = cfg.header
         self.name = cfg.name
+        # [allowed, denied, error, cache hits] (observability.metrics.AuthorizerOutcomes)
+        self.outcomes = outcomes if outcomes is not None else [0, 0, 0, 0]
 
     def __call__(self, proto: HttpProtocol, req: Request) -> bool:
         presented = header(req, self.header)
         key = self.store.lookup(presented) if presented is not None else None
         if key is None:
             why = "missing API key" if presented is None else "invalid API key"
+            self.outcomes[DENIED] += 1
             proto.send_error(req, 403, f"{self.name}: {why}")
             return False
+        self.outcomes[ALLOWED] += 1
         req.api_key = key
         return True
 
@@ -107,7 +112,7 @@ class ApiKeyPolicy(Policy):
         cfg = ctx.authorizer(route, "api_key")
         if cfg is None:
             return None
-        return ApiKeyStage(ctx.state[self.name][route.auth], cfg)
+        return ApiKeyStage(ctx.state[self.name][route.auth], cfg, ctx.outcome_counts(cfg.name))
 
 
 plugin = ApiKeyPolicy()

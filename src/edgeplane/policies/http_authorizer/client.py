@@ -32,6 +32,7 @@ import orjson
 from edgeplane.config.model import PoolConfig, UpstreamConfig
 from edgeplane.http.fields import UnsafeField
 from edgeplane.http.request import forwarded, header
+from edgeplane.observability.metrics import ALLOWED, CACHE_HIT, DENIED, ERROR
 from edgeplane.plugins.api import FastStage
 from edgeplane.policies.jwt.jwks_source import split_url
 from edgeplane.upstream.client import FetchError, fetch
@@ -105,11 +106,13 @@ class HttpAuthorizerClient:
 
 
 class HttpAuthorizerStage(FastStage):
-    __slots__ = ("client", "sources", "forward", "name", "tasks")
+    __slots__ = ("client", "sources", "forward", "name", "tasks", "outcomes")
 
-    def __init__(self, client: HttpAuthorizerClient) -> None:
+    def __init__(self, client: HttpAuthorizerClient, outcomes: list[int] | None = None) -> None:
         self.client = client
         self.name = client.cfg.name
+        # [allowed, denied, error, cache hits] (observability.metrics.AuthorizerOutcomes)
+        self.outcomes = outcomes if outcomes is not None else [0, 0, 0, 0]
         # Each source compiled to (kind, detail): ("h", b"authorization"), ("q", "token"),
         # ("route", None), ("ip", None).
         self.sources: list[tuple[str, Any]] = []
@@ -149,10 +152,12 @@ class HttpAuthorizerStage(FastStage):
     def __call__(self, proto: HttpProtocol, req: Request) -> bool | None:
         identity = self._identity(proto, req)
         if identity is None:
+            self.outcomes[DENIED] += 1
             proto.send_error(req, 401, f"{self.name}: missing identity source")
             return False
         hit = self.client.cached(identity, time.monotonic())
         if hit is not None:
+            self.outcomes[CACHE_HIT] += 1
             return self._decide(proto, req, *hit)
         index = req.route.stages.index(self) + 1
         task = proto.loop.create_task(self._ask(proto, req, identity, index))
@@ -167,6 +172,7 @@ class HttpAuthorizerStage(FastStage):
             allowed, context = await client.ask(payload(proto, req, identity))
         except (FetchError, ValueError) as exc:
             client.failures += 1
+            self.outcomes[ERROR] += 1
             req.pending = False
             if not req.responded and not transport.is_closing():
                 req.integration_error = f"authorizer {self.name}: {exc}"
@@ -181,6 +187,7 @@ class HttpAuthorizerStage(FastStage):
 
     def _decide(self, proto: HttpProtocol, req: Request, allowed: bool, context: dict) -> bool:
         if not allowed:
+            self.outcomes[DENIED] += 1
             proto.send_error(req, 403, f"{self.name}: not authorized")
             return False
         req.auth_context = context
@@ -192,8 +199,10 @@ class HttpAuthorizerStage(FastStage):
                 # split the upstream request: never forwarded; the gateway side's 500.
                 log.warning("route %r: %s: refused request %s: forwarded context %s",
                             req.route_key, self.name, req.request_id.decode("latin-1"), exc)
+                self.outcomes[ERROR] += 1
                 proto.send_error(req, 500, "Internal Server Error")
                 return False
+        self.outcomes[ALLOWED] += 1
         return True
 
 

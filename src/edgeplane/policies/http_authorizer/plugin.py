@@ -101,9 +101,10 @@ class HttpAuthorizerPolicy(Policy):
         return {"authorizers": {name: c.telemetry() for name, c in clients.items()}}
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> HttpAuthorizerStage | None:
-        if ctx.authorizer(route, "http") is None:
+        cfg = ctx.authorizer(route, "http")
+        if cfg is None:
             return None
-        return HttpAuthorizerStage(ctx.runtime[self.name][route.auth])
+        return HttpAuthorizerStage(ctx.runtime[self.name][cfg.name], ctx.outcome_counts(cfg.name))
 
     def upstream_headers(self, route: RouteConfig, config: Config) -> frozenset[bytes]:
         cfg = config.authorizers.get(route.auth) if route.auth else None

@@ -80,6 +80,11 @@ class JwksSource:
     def keyset(self) -> KeySet | None:
         return self._keys
 
+    def has_keys(self) -> bool:
+        """Whether a key set was fetched (else no token can be verified: the authorizer
+        cannot decide, as opposed to refusing a bad token)."""
+        return bool(self._keys)
+
     def unknown_kid(self) -> None:
         """A token named a kid we lack: refresh soon, if the policy allows it now."""
         if self.policy.unknown_kid(time.monotonic()):

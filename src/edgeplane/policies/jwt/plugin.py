@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.fields import UnsafeField
 from edgeplane.http.request import forwarded, header, identity_header
+from edgeplane.observability.metrics import ALLOWED, CACHE_HIT, DENIED, ERROR
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.jwt.jwks import JwksError, parse_jwks
 from edgeplane.policies.jwt.jwks_source import JwksSource, split_url
@@ -112,30 +113,46 @@ _JWT_AUTHORIZER = {
 class JwtStage(FastStage):
     """JWT authorizer (AWS HTTP API semantics) with cached verification."""
 
-    __slots__ = ("verifier", "header", "scopes", "forward", "name", "source")
+    __slots__ = ("verifier", "header", "scopes", "forward", "name", "source", "outcomes")
 
     def __init__(self, verifier: CachedVerifier, cfg: JwtAuthorizerConfig, route: RouteConfig,
-                 source: Any = None):
+                 source: Any = None, outcomes: list[int] | None = None):
         self.verifier = verifier
         self.source = source  # JwksSource for a JWKS URL: told about unknown kids
         self.header = cfg.header
         self.scopes = list(route.scopes)
         self.forward = [(h.encode(), c) for h, c in route.forward_claims]
         self.name = cfg.name
+        # [allowed, denied, error, cache hits] (observability.metrics.AuthorizerOutcomes)
+        self.outcomes = outcomes if outcomes is not None else [0, 0, 0, 0]
 
     def __call__(self, proto: HttpProtocol, req: Request) -> bool:
         raw = header(req, self.header)
+        outcomes = self.outcomes
         if raw is None:
+            outcomes[DENIED] += 1
             self._refuse(proto, req, "missing token")
             return False
+        cache = self.verifier.cache
+        hits = cache.hits + cache.negative_hits
         try:
             claims = self.verifier.verify(extract_bearer(raw), time.time())
         except JwtError as exc:
+            if cache.negative_hits + cache.hits != hits:
+                outcomes[CACHE_HIT] += 1
             if exc.kind == UNKNOWN_KID and self.source is not None:
                 self.source.unknown_kid()  # maybe the keys rotated: refresh off the request path
+                if not self.source.has_keys():
+                    outcomes[ERROR] += 1  # no key set fetched yet: the authorizer cannot decide
+                    self._refuse(proto, req, exc.description)
+                    return False
+            outcomes[DENIED] += 1
             self._refuse(proto, req, exc.description)
             return False
+        if cache.hits + cache.negative_hits != hits:
+            outcomes[CACHE_HIT] += 1
         if self.scopes and not check_scopes(claims, self.scopes):
+            outcomes[DENIED] += 1
             extra = ("www-authenticate: " + www_authenticate(
                 "insufficient_scope", "the token lacks the scopes of this route",
                 " ".join(self.scopes)) + "\r\n").encode()
@@ -152,8 +169,10 @@ class JwtStage(FastStage):
                 logging.getLogger("edgeplane.jwks").warning(
                     "route %r: %s: refused request %s: forwarded claim %s",
                     req.route_key, self.name, req.request_id.decode("latin-1"), exc)
+                outcomes[DENIED] += 1
                 proto.send_error(req, 400, f"{self.name}: a forwarded claim cannot be sent upstream")
                 return False
+        outcomes[ALLOWED] += 1
         return True
 
     def _refuse(self, proto: HttpProtocol, req: Request, description: str) -> None:
@@ -290,7 +309,8 @@ class JwtPolicy(Policy):
         if cfg is None:
             return None
         sources = ctx.runtime.get(self.name) or {}
-        return JwtStage(ctx.state[self.name][route.auth], cfg, route, sources.get(route.auth))
+        return JwtStage(ctx.state[self.name][route.auth], cfg, route, sources.get(route.auth),
+                        ctx.outcome_counts(cfg.name))
 
     def upstream_headers(self, route: RouteConfig, config: Config) -> frozenset[bytes]:
         return frozenset(h.encode() for h, _ in route.forward_claims)
