@@ -695,6 +695,14 @@ async def test_stop_closes_websockets_with_1001_and_calls_disconnect(backend, cl
     if ws is not None:  # the access log's `websocket` object (server.Request.ws_log)
         assert ws["connectionId"] == d[0]["headers"]["x-connection-id"]
         assert (ws["messagesIn"], ws["messagesOut"], ws["closeCode"]) == (1, 1, 1001)
+    assert ws_line[0]["websocket"]["eventType"] == "DISCONNECT"
+    # each routed message has its own line, as AWS logs them: eventType MESSAGE, the
+    # message id as the request id, the route key and the integration's status
+    (message,) = [x for x in lines if x.get("websocket", {}).get("eventType") == "MESSAGE"]
+    assert message["routeKey"] == "sendMessage" and message["status"] == 200
+    assert message["websocket"]["connectionId"] == d[0]["headers"]["x-connection-id"]
+    assert message["requestId"] == message["websocket"]["messageId"]
+    assert message["integrationLatency"] is not None
 
 
 # ---------------------------------------------------------------------------- across processes

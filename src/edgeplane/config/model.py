@@ -209,10 +209,16 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class AccessLogConfig:
-    destination: Literal["stdout", "stderr", "file", "off"] = "stdout"
+    destination: Literal["stdout", "stderr", "file", "logging", "off"] = "stdout"
     path: str | None = None  # for destination "file"
     flush_interval: float = 0.5
     buffer_bytes: int = 64 * 1024  # flush early past this
+    queue_bytes: int = 8 * 1024 * 1024  # lines waiting for the writer thread; past it, dropped
+    # `format` as written (a string, or a mapping as key/value pairs); None: the default shape
+    format: str | tuple[tuple[str, Any], ...] | None = None
+    # The compiled `format` (`observability.access_format.compile_format`); not compared, so
+    # a reload with the same format keeps the log.
+    render: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -295,13 +295,21 @@ _ACCESS_LOG = {
     "additionalProperties": False,
     "properties": {
         "destination": {
-            "enum": ["stdout", "stderr", "file", "off", False],
+            "enum": ["stdout", "stderr", "file", "logging", "off", False],
             "default": "stdout",
-            "description": "stdout | stderr | file | off (false = off: YAML 1.1 reads a bare off as false).",
+            "description": "stdout | stderr | file | logging (the Python logger 'edgeplane.access') | off "
+                           "(false = off: YAML 1.1 reads a bare off as false).",
         },
         "path": {"type": "string", "description": "Log file, required iff destination is 'file'."},
         "flush_interval": {"$ref": "#/$defs/duration", "default": "500ms"},
         "buffer_bytes": {"$ref": "#/$defs/size", "default": "64KiB"},
+        "queue_bytes": {"$ref": "#/$defs/size", "default": "8MiB",
+                        "description": "Lines waiting for the writer thread; past it, lines are dropped "
+                                       "and counted."},
+        "format": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 10000},
+                             {"type": "object", "minProperties": 1, "maxProperties": 200}],
+                   "description": "AWS-style format with $context variables: a JSON template, one line, "
+                                  "or a mapping of field names to variables."},
     },
 }
 

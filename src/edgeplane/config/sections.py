@@ -17,6 +17,7 @@ from edgeplane.config.errors import short as _short
 from edgeplane.config.humanize import loc
 from edgeplane.config.values import check_host, collides, fmt_addr, normalize_route_host, parse_listen, parse_target
 from edgeplane.http.paths import PathPolicy
+from edgeplane.observability.access_format import FormatError, compile_format
 
 _TOKEN_MAX = 4096  # bytes of an admin bearer token
 _TOKEN_WEAK = 16  # fewer characters: a warning
@@ -443,7 +444,7 @@ class CoreSections(LoadContext):
         destination = section.get("destination", d.destination)
         if destination is False:  # YAML 1.1 reads a bare `off` as false
             destination = "off"
-        if destination not in ("stdout", "stderr", "file", "off"):
+        if destination not in ("stdout", "stderr", "file", "logging", "off"):
             destination = d.destination
         log_path = section.get("path")
         if not isinstance(log_path, str):
@@ -459,7 +460,24 @@ class CoreSections(LoadContext):
             path=log_path if destination == "file" else None,
             flush_interval=self.duration(section, "flush_interval", p, d.flush_interval),
             buffer_bytes=self.size(section, "buffer_bytes", p, d.buffer_bytes, low=1),
+            queue_bytes=self.size(section, "queue_bytes", p, d.queue_bytes, low=1024),
+            **self._access_format(section.get("format"), p + ("format",)),
         )
+
+    def _access_format(self, fmt: Any, path: Path) -> dict[str, Any]:
+        """`format` and its compiled render function, or nothing when absent or invalid
+        (each error located: the key of a mapping format, or the format itself)."""
+        if not isinstance(fmt, (str, dict)):
+            return {}
+        names: dict[str, str] = {}
+        for policy in self.registry.policies() if self.registry is not None else ():
+            names.update(getattr(policy, "context_variables", {}) or {})
+        try:
+            render = compile_format(fmt, names)
+        except FormatError as exc:
+            self.fail(path + ((exc.where,) if exc.where is not None and isinstance(fmt, dict) else ()), str(exc))
+            return {}
+        return {"format": tuple(fmt.items()) if isinstance(fmt, dict) else fmt, "render": render}
 
 
     def cluster(self, raw: dict) -> model.ClusterConfig | None:

@@ -159,10 +159,9 @@ class Replies:
             ctx = self.ctx
             ctx.count(req)
             access_log = ctx.access_log
-            record = access_log.fields(req, self)  # one record: the line, then the hooks
             if access_log.enabled:
-                access_log.write(record)
-            run_log_hooks(route.log_hooks, record)
+                access_log.record(req, self)
+            run_log_hooks(route.log_hooks, access_log.fields(req, self))
         else:
             self.ctx.request_done(req, self)
         req.exchange = None  # breaks the req <-> exchange cycle: freed by refcount, not GC

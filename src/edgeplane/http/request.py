@@ -28,6 +28,7 @@ class Request:
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
         "extra_upstream", "api_key", "pending", "websocket", "ws_log", "context", "auth_context", "hooks_failed",
+        "integration_status", "auth_error", "trace_id", "ws_event", "span",
     )
 
     def __init__(self, now: float) -> None:
@@ -76,6 +77,12 @@ class Request:
         self.context: dict[str, Any] | None = None  # plugins' per-request scratch (RequestView.context)
         self.auth_context: dict[str, Any] | None = None  # a custom authorizer's `context`
         self.hooks_failed = False  # a hook raised: the 500 skips the response hooks
+        self.integration_status = 0  # the status the upstream answered (0: none)
+        self.auth_error: str | None = None  # why an authorizer refused or failed
+        self.trace_id: str | None = None  # W3C trace id (32 hex digits) with tracing on
+        self.span: Any = None  # the request's server span (`observability.tracing`), when sampled
+        # A WebSocket API's access-log event: (eventType, connectionId, messageId)
+        self.ws_event: tuple[str, str, str | None] | None = None
 
 
 def body_drainable(req: Request) -> bool:

@@ -133,6 +133,10 @@ class WorkerMetrics:
             out["edgeplane_websockets_open"] = open_ws
         add(out, self._upstreams(list(gateway._upstreams.values())))
         self._monotonic(out, _plugin_samples(gateway))
+        access_log = gateway._access_log
+        if access_log is not None:  # a reload with a new access_log section replaces it
+            self._monotonic(out, [("edgeplane_access_log_lines", (), access_log, access_log.lines),
+                                  ("edgeplane_access_log_dropped_lines", (), access_log, access_log.dropped)])
         reloads = gateway._reloads
         out["edgeplane_reloads"] = {("success",): reloads["ok"], ("failure",): reloads["failed"]}
         out["edgeplane_config_info"] = {(gateway._config_hash,): 1}

@@ -105,6 +105,9 @@ class Policy:
     order: ClassVar[int] = 0  # within the phase; lower runs first
     sections: ClassVar[Mapping[str, Schema]] = {}  # top-level key -> JSON schema
     route_keys: ClassVar[Mapping[str, Schema]] = {}  # key of a `routes[]` entry -> JSON schema
+    # Keys this policy puts in `RequestView.context` -> what they hold: each becomes an
+    # access-log variable `$context.<key>` (`access_log.format`).
+    context_variables: ClassVar[Mapping[str, str]] = {}
     defs: ClassVar[Mapping[str, Schema]] = {}  # `$defs` entries the schemas refer to
     authorizer_type: ClassVar[str | None] = None  # `authorizers.NAME.type` it implements
     authorizer_schema: ClassVar[Schema | None] = None

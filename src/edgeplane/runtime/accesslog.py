@@ -1,33 +1,42 @@
-"""The access log: one JSON line per request, fields named after AWS `$context` variables.
+"""The access log: one line per request, in the default JSON shape or an `access_log.format`.
 
-Owns the in-memory buffer of log lines and its flushing. `record()` runs on the hot path:
-it serialises one dict with orjson and appends the bytes to a list. `flush()` runs from
-the worker's once-a-tick timer (or when the buffer passes `buffer_bytes`) and writes
-everything to stdout, stderr or a file in one call. Nothing here awaits.
+Owns the in-memory buffer of log lines and its hand-off to the writer thread
+(`log_writer.LineWriter`). `record()` runs on the hot path: it renders one line (the
+compiled format of `observability.access_format`, or the default record through
+orjson) and appends the bytes to a list. `flush()` runs from the worker's once-a-tick
+timer (or when the buffer passes `buffer_bytes`) and hands the batch to the writer
+thread, which writes it to stdout, stderr, a file or Python logging. Nothing here
+awaits or blocks: a destination that does not keep up makes the writer drop whole
+batches past `queue_bytes`, counted (`dropped`).
 
-`reopen()` (SIGUSR1, for logrotate) flushes what is buffered into the file it was meant
-for, then opens `path` anew, so after a rename the next line lands in a new file. Lines
-are never split between the two files: a batch is written whole to one descriptor.
+`reopen()` (SIGUSR1, for logrotate) hands what is buffered over for the file it was
+meant for, then has the writer switch to `path` opened anew, so after a rename the next
+line lands in a new file. Lines are never split between the two files.
 
-Fields: requestId, sourceIp, requestTime (CLF, as AWS), requestTimeEpoch (ms), httpMethod,
-routeKey, path, protocol, status, responseLength, responseLatency (ms), integrationLatency
+Default fields: requestId, sourceIp, requestTime (CLF, as AWS), requestTimeEpoch (ms),
+httpMethod, routeKey, path, protocol, status, responseLength, responseLatency (ms), integrationLatency
 (ms or null), integrationError, upstream, error (the gateway's reason for a local error),
 clientCertSubject (mTLS: the client certificate's RFC 4514 subject, or null), clientIp
 (the client behind trusted proxies, else null), authorizerPrincipal (the JWT `sub`, i.e.
-$context.authorizer.claims.sub, or the API key id).
+$context.authorizer.claims.sub, or the API key id); traceId (with tracing on); and
+`websocket` on WebSocket lines.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-import orjson
+from edgeplane.observability.access_format import default_render
+from edgeplane.runtime.log_writer import LineWriter
 
 if TYPE_CHECKING:
     from edgeplane.config.model import AccessLogConfig
+    from edgeplane.observability.access_format import Render
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -38,36 +47,56 @@ def clf_time(epoch: float) -> str:
 
 
 class AccessLog:
-    __slots__ = ("enabled", "_fd", "_owns_fd", "_path", "_buf", "_size", "_limit", "lines", "_second", "_clf")
+    __slots__ = ("enabled", "_writer", "_path", "_buf", "_size", "_limit", "lines", "clf_second", "clf_bytes",
+                 "_render", "callback", "_records")
 
-    def __init__(self, cfg: AccessLogConfig) -> None:
-        self.enabled = cfg.destination != "off"
-        self._owns_fd = False
-        self._fd = -1
+    def __init__(self, cfg: AccessLogConfig,
+                 callback: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        self.enabled = cfg.destination != "off" or callback is not None
         self._path: str | None = None  # destination 'file': what `reopen()` opens again
-        if cfg.destination == "stdout":
-            self._fd = sys.stdout.fileno()
-        elif cfg.destination == "stderr":
-            self._fd = sys.stderr.fileno()
+        self._writer: LineWriter | None = None
+        fd, owns = -1, False
+        if cfg.destination in ("stdout", "stderr"):
+            fd = (sys.stdout if cfg.destination == "stdout" else sys.stderr).fileno()
         elif cfg.destination == "file":
             # the loader requires `path` with destination 'file'
             self._path = cast(str, cfg.path)
-            self._fd = _open(self._path)
-            self._owns_fd = True
+            fd, owns = _open(self._path), True
+        if cfg.destination != "off":
+            self._writer = LineWriter(fd, max_pending=cfg.queue_bytes, owns_fd=owns,
+                                      to_logging=cfg.destination == "logging")
+        # A custom `format` compiled at load (config.sections), else the default JSON shape.
+        self._render: Render = cfg.render if cfg.render is not None else _DEFAULT
+        # An embedder's callback gets each record (the default shape's dict), batched per flush.
+        self.callback = callback
+        self._records: list[dict[str, Any]] = []
         self._buf: list[bytes] = []
         self._size = 0
         self._limit = cfg.buffer_bytes
         self.lines = 0
-        self._second = -1
-        self._clf = ""
+        self.clf_second = -1  # the second `clf_bytes` is the CLF time of (formats read both)
+        self.clf_bytes = b""
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped: the writer's queue was full (a slow destination), or it failed."""
+        return self._writer.dropped if self._writer is not None else 0
+
+    def clf_at(self, wall: float) -> bytes:
+        """`wall` as CLF time (formatted once a second)."""
+        second = int(wall)
+        if second != self.clf_second:
+            self.clf_second = second
+            self.clf_bytes = clf_time(second).encode()
+        return self.clf_bytes
 
     def record(self, req: Any, proto: Any) -> None:
-        if self.enabled:
-            self.write(self.fields(req, proto))
-
-    def write(self, fields: dict[str, Any]) -> None:
-        """Buffer one record as a JSON line (flushed on the tick or past the buffer size)."""
-        line = orjson.dumps(fields, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+        """Log one ended request (the hot path: render, append)."""
+        if self.callback is not None:
+            self._records.append(self.fields(req, proto))
+        if self._writer is None:
+            return
+        line = self._render(req, proto, self, time.perf_counter())
         self._buf.append(line)
         self._size += len(line)
         self.lines += 1
@@ -75,18 +104,15 @@ class AccessLog:
             self.flush()
 
     def fields(self, req: Any, proto: Any) -> dict[str, Any]:
-        """The access-log record of `req` (also what log hooks receive)."""
+        """The access-log record of `req` in the default shape (also what log hooks and
+        the embedder's callback receive)."""
         now = time.perf_counter()
         wall = req.t_wall
-        second = int(wall)
-        if second != self._second:  # the CLF timestamp is formatted once a second
-            self._second = second
-            self._clf = clf_time(second)
         integ = req.integration_latency
         fields = {
             "requestId": req.request_id.decode("latin-1"),
             "sourceIp": proto.peer_ip,
-            "requestTime": self._clf,
+            "requestTime": self.clf_at(wall).decode(),
             "requestTimeEpoch": int(wall * 1000),
             "httpMethod": req.method.decode("latin-1"),
             "routeKey": req.route_key,
@@ -103,48 +129,60 @@ class AccessLog:
             "clientIp": req.client_ip,
             "authorizerPrincipal": _principal(req),
         }
+        if req.trace_id is not None:
+            fields["traceId"] = req.trace_id
         if req.ws_log is not None:  # one line per WebSocket connection, when it closes
             fields["websocket"] = req.ws_log
+        if req.ws_event is not None:  # a WebSocket API's MESSAGE (or DISCONNECT) line
+            event, conn, message = req.ws_event
+            ws = fields.setdefault("websocket", {})
+            ws.update({"eventType": event, "connectionId": conn, **({"messageId": message} if message else {})})
         if req.context:  # what plugins put in RequestView.context
             fields["context"] = req.context
         return fields
 
     def flush(self) -> None:
+        """Hand what is buffered to the writer thread (never blocks), and the records to
+        the embedder's callback."""
+        if self._records:
+            records, self._records = self._records, []
+            try:
+                cast(Callable[[list[dict[str, Any]]], None], self.callback)(records)
+            except Exception:  # an embedder's bug: logged, the gateway goes on
+                logging.getLogger("edgeplane.server").exception("access log callback failed")
         if not self._buf:
             return
         data = b"".join(self._buf)
+        lines = len(self._buf)
         self._buf.clear()
         self._size = 0
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except BlockingIOError:
-            pass  # a full pipe: drop the rest of this batch rather than stall the loop
-        except OSError:
-            self.enabled = False
+        if self._writer is not None:
+            self._writer.submit(data, lines)
 
     def reopen(self) -> bool:
         """Open the log file again (after logrotate renamed it); False when the
         destination is not a file or the file cannot be opened (the old one stays)."""
-        if self._path is None or not self._owns_fd:
+        if self._path is None or self._writer is None:
             return False
         self.flush()  # what was buffered belongs to the file being rotated out
         try:
             fd = _open(self._path)
         except OSError:
             return False
-        old, self._fd = self._fd, fd
-        os.close(old)
-        self.enabled = True  # a write error had switched it off: the new file gets a chance
+        self._writer.reopen(fd)
         return True
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Flush and stop the writer: it writes what is queued, waited for at most
+        `timeout` seconds (0: a log a reload replaced, not waited for)."""
         self.flush()
-        if self._owns_fd:
-            os.close(self._fd)
-            self._owns_fd = False
+        if self._writer is not None:
+            self._writer.close(timeout)
+            self._writer = None
+        self.enabled = self.callback is not None
+
+
+_DEFAULT = default_render()
 
 
 def _open(path: str) -> int:

@@ -93,7 +93,8 @@ class Gateway(GatewayWebSockets):
     def __init__(self, config: Config | dict[str, Any] | str | os.PathLike[str], *,
                  plugins: Sequence[Any] = (), reuse_port: bool = False, lock_ports: bool = True,
                  shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
-                 ws_worker: tuple[int, str, bytes] | None = None, inherited: Any = None) -> None:
+                 ws_worker: tuple[int, str, bytes] | None = None, inherited: Any = None,
+                 access_log_callback: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         if isinstance(config, Config):
             if plugins:
                 raise ValueError("plugins= needs a config path or dict (a Config carries its registry)")
@@ -101,6 +102,9 @@ class Gateway(GatewayWebSockets):
         else:
             self.config = load_config(config, plugins=plugins)
         self._plugins = plugins  # a reload loads its config with the same extra plugins
+        # An embedder's access-log callback: the records (dicts, the default shape) of each
+        # flush, on the event loop (`AccessLog.flush`); with or without a destination.
+        self.access_log_callback = access_log_callback
         # `serve --takeover`: the predecessor's listening sockets (`takeover.Inherited`),
         # used instead of binding; once this gateway hands its own over, its locks stay.
         self._inherited = inherited
@@ -163,7 +167,7 @@ class Gateway(GatewayWebSockets):
         self._started = True
         cfg = self.config
         loop = self._loop = asyncio.get_running_loop()
-        self._access_log = AccessLog(cfg.access_log)
+        self._access_log = AccessLog(cfg.access_log, self.access_log_callback)
         self._upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
         # What the plugins open per gateway (JWKS sources, custom-authorizer clients).
         runtime = self._runtime = RuntimeContext(loop, cfg, self._upstreams)
@@ -567,6 +571,7 @@ class Gateway(GatewayWebSockets):
             "connections_open": len(ctx.connections),
             "websockets_open": len(ctx.websockets),  # proxied and terminated
             "access_log_lines": cast(AccessLog, self._access_log).lines,
+            "access_log_dropped": cast(AccessLog, self._access_log).dropped,
             **ctx.stats.as_dict(),
             "authorizers": {},
             "reloads": self._reload_stats(),

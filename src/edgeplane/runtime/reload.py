@@ -136,7 +136,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
                                   authorizer_outcomes=gw._metrics.authorizers)
         gw._metrics.attach(snapshot)
         tls = ListenerTls.from_config(new.tls) if new.tls is not None else None
-        access_log = AccessLog(new.access_log) if new.access_log != old.access_log else None
+        access_log = (AccessLog(new.access_log, gw.access_log_callback) if new.access_log != old.access_log
+                      else None)
         await gw._rebind(new)  # listeners last: it is the only step visible from outside
     except BaseException:
         runtime.previous = None  # what was moved stays with the new runtime: closed with it
@@ -165,7 +166,7 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
     gw._refresh_admin(new)
     gw.config, gw._snapshot, gw._upstreams, gw._runtime, gw._limits = new, snapshot, upstreams, runtime, limits
     if retired_log is not None:
-        retired_log.close()
+        retired_log.close(timeout=0)  # its thread writes what it holds, off the loop
     grace = min(old.drain_timeout, _GRACE_MAX)
     gw._metrics.retire(retired_upstreams)  # their counts stay in /metrics
     gw._config_hash = config_hash(new)

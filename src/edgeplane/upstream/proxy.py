@@ -410,6 +410,7 @@ class ProxyExchange:
             self._upstream_failed(f"invalid status {status} from upstream")
             return
         req.integration_latency = time.perf_counter() - self.t_dispatch
+        req.integration_status = status
         if req.route.response_hooks:
             try:
                 status, headers = _hooked_head(proto, req, status, headers)

@@ -39,6 +39,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
+from edgeplane.http.request import Request
 from edgeplane.upstream.client import FetchError, fetch
 
 if TYPE_CHECKING:
@@ -292,6 +293,7 @@ class WsConnection(asyncio.Protocol):
 
     async def _integrate(self, route: WsRoute, upstream: Upstream, body: bytes, ctype: str,
                          message_id: str) -> None:
+        t0 = time.perf_counter()
         headers = dict(self.base_headers)
         headers["x-route-key"] = route.key
         headers["x-message-id"] = message_id
@@ -308,11 +310,35 @@ class WsConnection(asyncio.Protocol):
             if self.reading_paused and self.in_flight < MAX_IN_FLIGHT // 2 and not self.closed:
                 self.reading_paused = False
                 self.transport.resume_reading()
+        sent = b""
         if not 200 <= status < 300:
             self.registry.stats["integration_failures"] += 1
             self.send(error_message("Internal server error", self.id, message_id))
         elif route.return_response and answer:
             self.send(answer)
+            sent = answer
+        self._log_message(route, message_id, t0, status, len(body), len(sent))
+
+    def _log_message(self, route: WsRoute, message_id: str, t0: float, status: int, received: int,
+                     sent: int) -> None:
+        """One access-log line per routed message (eventType MESSAGE), as AWS logs them."""
+        access_log = self.proto.ctx.access_log
+        if not access_log.enabled:
+            return
+        conn = self.req
+        req = Request(t0)
+        req.method, req.path, req.host = conn.method, conn.path, conn.host
+        req.request_id = message_id.encode()
+        req.route_key = route.key
+        req.integration_latency = time.perf_counter() - t0
+        req.integration_status = status
+        req.status = status if status else 502
+        if not status:
+            req.integration_error = "integration failed"
+        req.body_size, req.response_length = received, sent
+        req.trace_id = conn.trace_id
+        req.ws_event = ("MESSAGE", self.id, message_id)
+        access_log.record(req, self.proto)
 
     def _on_close(self, event: CloseConnection) -> None:
         ws = self.ws
@@ -408,6 +434,7 @@ class WsConnection(asyncio.Protocol):
                           "messagesOut": self.messages_out, "bytesOut": self.bytes_sent,
                           "durationMs": round((self.loop.time() - self.started) * 1000, 3),
                           "closeCode": code, "closeReason": reason}
+        req.ws_event = ("DISCONNECT", self.id, None)
         ctx.count_websocket("api", self.messages_in, self.messages_out, code)
         ctx.request_done(req, self.proto)
 

@@ -66,6 +66,7 @@ class ApiKeyStage(FastStage):
         if key is None:
             why = "missing API key" if presented is None else "invalid API key"
             self.outcomes[DENIED] += 1
+            req.auth_error = why
             proto.send_error(req, 403, f"{self.name}: {why}")
             return False
         self.outcomes[ALLOWED] += 1

@@ -153,6 +153,7 @@ class HttpAuthorizerStage(FastStage):
         identity = self._identity(proto, req)
         if identity is None:
             self.outcomes[DENIED] += 1
+            req.auth_error = "missing identity source"
             proto.send_error(req, 401, f"{self.name}: missing identity source")
             return False
         hit = self.client.cached(identity, time.monotonic())
@@ -176,6 +177,7 @@ class HttpAuthorizerStage(FastStage):
             req.pending = False
             if not req.responded and not transport.is_closing():
                 req.integration_error = f"authorizer {self.name}: {exc}"
+                req.auth_error = str(exc)
                 proto.send_error(req, 500, f"authorizer {self.name} failed: {exc}")
             return
         client.remember(identity, time.monotonic(), allowed, context)
@@ -188,6 +190,7 @@ class HttpAuthorizerStage(FastStage):
     def _decide(self, proto: HttpProtocol, req: Request, allowed: bool, context: dict) -> bool:
         if not allowed:
             self.outcomes[DENIED] += 1
+            req.auth_error = "not authorized"
             proto.send_error(req, 403, f"{self.name}: not authorized")
             return False
         req.auth_context = context
@@ -200,6 +203,7 @@ class HttpAuthorizerStage(FastStage):
                 log.warning("route %r: %s: refused request %s: forwarded context %s",
                             req.route_key, self.name, req.request_id.decode("latin-1"), exc)
                 self.outcomes[ERROR] += 1
+                req.auth_error = f"forwarded context: {exc}"
                 proto.send_error(req, 500, "Internal Server Error")
                 return False
         self.outcomes[ALLOWED] += 1

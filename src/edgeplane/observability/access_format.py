@@ -1,0 +1,462 @@
+"""Access-log formats: `$context.*` variables compiled, at load, into one render function.
+
+Owns the variable table (`VARIABLES`: AWS's `$context` names, each an expression over
+the request `r`, the connection `p` and the access log `a`) and `compile_format`,
+which turns an `access_log.format` into a function `render(r, p, a, now) -> bytes`:
+
+- a **mapping** (`{requestId: $context.requestId, status: $context.status}`): a JSON
+  object whose values are typed (numbers as numbers, absent values as `null`);
+- a **string starting with `{`**: AWS's JSON template. A variable inside a JSON string
+  is substituted escaped (`-` when absent, as AWS writes it); outside one, it becomes
+  a JSON value. The result must be valid JSON, checked at load;
+- any other **string**: one line (CLF and the like); absent values are `-`.
+
+Invariants:
+- The template is split once into literal bytes and variables; the render function is
+  generated Python (one tuple join, no per-variable calls for values that need no
+  escaping), so a line costs about a microsecond.
+- No value can break the line: JSON strings are JSON-escaped; in a plain line, control
+  characters, `"`, `\\` and non-ASCII bytes are written as `\\xHH` (as nginx does).
+- An unknown variable is a `FormatError` naming it and its place in the format, which
+  the loader turns into a located config error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+
+Render = Callable[[Any, Any, Any, float], bytes]
+
+
+class FormatError(ValueError):
+    """An access-log format that cannot be compiled; `where` is the key or offset."""
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(message)
+        self.where = where
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    expr: str  # Python over r (Request), p (HttpProtocol), a (AccessLog), now (perf_counter)
+    # What `expr` gives: "b" bytes, "s" str, "bn"/"sn" the same or None, "any" any value or
+    # None (JSON-encoded unless a str), "i" int, "in" int or None, "f" float (ms),
+    # "fn" float (ms) or None, "raw" bytes written as they are.
+    kind: str
+    doc: str
+
+
+def _v(expr: str, kind: str, doc: str) -> Variable:
+    return Variable(expr, kind, doc)
+
+
+VARIABLES: dict[str, Variable] = {
+    "requestId": _v("r.request_id", "b", "The request id: the client's `x-request-id`, or a new one."),
+    "extendedRequestId": _v("r.request_id", "b", "The same id: edgeplane has one id per request."),
+    "identity.sourceIp": _v("p.peer_ip", "s", "The address of the TCP peer."),
+    "identity.clientIp": _v("(r.client_ip or p.peer_ip)", "s",
+                            "The client behind `trusted_proxies` (else the TCP peer)."),
+    "identity.userAgent": _v("_header(r, b'user-agent')", "bn", "The `User-Agent` header."),
+    "identity.clientCert.subjectDN": _v("p.client_cert_subject", "sn",
+                                        "mTLS: the client certificate's subject (RFC 4514)."),
+    "httpMethod": _v("r.method", "b", "GET, POST, ..."),
+    "path": _v("r.path", "b", "The request path as routed (normalised)."),
+    "routeKey": _v("r.route_key", "s", "The matched route key (`-` when none)."),
+    "protocol": _v("_PROTO[r.version]", "b", "HTTP/1.1 or HTTP/1.0."),
+    "status": _v("r.status", "i", "The response status sent to the client."),
+    "responseLength": _v("r.response_length", "i", "Response body bytes sent."),
+    "requestTime": _v("(a.clf_bytes if int(r.t_wall) == a.clf_second else a.clf_at(r.t_wall))", "b",
+                      "CLF time: `04/Dec/2026:20:25:22 +0000`."),
+    "requestTimeEpoch": _v("int(r.t_wall * 1000)", "i", "Epoch milliseconds of the request's arrival."),
+    "responseLatency": _v("(now - r.t_start) * 1000", "f", "Milliseconds from the request head to the end."),
+    "integrationLatency": _v("(_x * 1000 if (_x := r.integration_latency) is not None else None)", "fn",
+                             "Milliseconds the integration took to answer its head (absent: none)."),
+    "integrationStatus": _v("r.integration_status or None", "in", "The status the upstream answered."),
+    "integrationErrorMessage": _v("r.integration_error", "sn", "Why the integration failed."),
+    "authorizer.error": _v("r.auth_error", "sn", "Why an authorizer refused or failed."),
+    "authorizer.principalId": _v("_principal(r)", "sn",
+                                 "Who the authorizer let in: JWT `sub`, API key id, or a custom "
+                                 "authorizer's `principalId` context value."),
+    "error.message": _v("r.error", "sn", "The gateway's reason for an answer it gave itself."),
+    "error.responseType": _v("_response_type(r)", "sn",
+                             "AWS gateway response type: UNAUTHORIZED, ACCESS_DENIED, THROTTLED, ..."),
+    "domainName": _v("r.host", "bn", "The `Host` the client asked for."),
+    "stage": _v("'$default'", "s", "The stage (`$default` until stages exist)."),
+    "traceId": _v("r.trace_id", "sn", "The W3C trace id (32 hex digits) when tracing is on."),
+    "connectionId": _v("_ws(r, 1)", "sn", "WebSocket API: the connection id."),
+    "eventType": _v("_event_type(r)", "sn", "WebSocket: CONNECT, MESSAGE or DISCONNECT."),
+    "messageId": _v("_ws(r, 2)", "sn", "WebSocket API: the message id (MESSAGE lines)."),
+    "upstream": _v("r.upstream", "sn", "The upstream target that served the request."),
+}
+
+# Families: `$context.authorizer.claims.NAME` (a JWT claim), `$context.authorizer.NAME` (a
+# custom authorizer's context value) and `$context.NAME` declared by a plugin.
+_CLAIM = "authorizer.claims."
+_AUTH = "authorizer."
+_VAR = re.compile(r"\$context\.([A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*)")
+_PROTO = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+# AWS gateway response types by status, for answers the gateway gave itself.
+AWS_ERROR_TYPES = {400: "BAD_REQUEST_BODY", 401: "UNAUTHORIZED", 403: "ACCESS_DENIED", 404: "RESOURCE_NOT_FOUND",
+                   413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 429: "THROTTLED",
+                   502: "INTEGRATION_FAILURE", 504: "INTEGRATION_TIMEOUT"}
+# Printable ASCII without `"` and `\`: a value made only of these needs no escaping.
+_SAFE = bytes(c for c in range(0x20, 0x7F) if c not in (0x22, 0x5C))
+
+
+def variable(name: str, plugin_names: Mapping[str, str]) -> Variable | None:
+    """The variable `$context.<name>`, or None when it is unknown."""
+    found = VARIABLES.get(name)
+    if found is not None:
+        return found
+    if name.startswith(_CLAIM) and len(name) > len(_CLAIM):
+        return _v(f"_claim(r, {name[len(_CLAIM):]!r})", "any", "")
+    if name.startswith(_AUTH) and "." not in name[len(_AUTH):] and name[len(_AUTH):] != "claims":
+        return _v(f"_auth(r, {name[len(_AUTH):]!r})", "any", "")
+    if name in plugin_names:
+        return _v(f"_plugin(r, {name!r})", "any", "")
+    return None
+
+
+# -- what the generated code calls ---------------------------------------------------------
+
+def _any(value: Any) -> bytes | None:
+    """A claim, authorizer-context or plugin value as bytes (str as UTF-8, others as JSON)."""
+    if value is None or value.__class__ is bytes:
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace")
+    return orjson.dumps(value, default=repr)
+
+
+def json_escape(raw: bytes | None) -> bytes | None:
+    """`raw` for inside a JSON string: escaped, without the quotes."""
+    if raw is None or not raw.translate(None, _SAFE):
+        return raw
+    return orjson.dumps(raw.decode("utf-8", "replace"))[1:-1]
+
+
+def line_escape(raw: bytes | None) -> bytes | None:
+    """`raw` for a plain line: anything but safe ASCII as `\\xHH`."""
+    if raw is None or not raw.translate(None, _SAFE):
+        return raw
+    return b"".join(bytes((c,)) if c in _SAFE_SET else b"\\x%02X" % c for c in raw)
+
+
+def json_value(value: Any) -> bytes:
+    """`value` as a JSON value: `null` when absent; bytes as a string."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return orjson.dumps(value, default=repr)
+
+
+_SAFE_SET = frozenset(_SAFE)
+
+
+def _header(r: Any, name: bytes) -> bytes | None:
+    for key, value in r.headers:
+        if key == name:
+            return value
+    return None
+
+
+def _claim(r: Any, name: str) -> Any:
+    return r.claims.get(name) if r.claims is not None else None
+
+
+def _auth(r: Any, name: str) -> Any:
+    return r.auth_context.get(name) if r.auth_context is not None else None
+
+
+def _plugin(r: Any, name: str) -> Any:
+    return r.context.get(name) if r.context is not None else None
+
+
+def _principal(r: Any) -> str | None:
+    if r.claims is not None:
+        sub = r.claims.get("sub")
+        return sub if isinstance(sub, str) else None
+    if r.api_key is not None:
+        return str(r.api_key.id)
+    if r.auth_context is not None:
+        found = r.auth_context.get("principalId")
+        return None if found is None else str(found)
+    return None
+
+
+def _ws(r: Any, index: int) -> str | None:
+    event = r.ws_event
+    return None if event is None else event[index]
+
+
+def _event_type(r: Any) -> str | None:
+    if r.ws_event is not None:
+        return str(r.ws_event[0])
+    if r.websocket:
+        return "CONNECT"  # a handshake answered without a connection (refused)
+    return None
+
+
+def _response_type(r: Any) -> str | None:
+    """AWS's gateway response type of an answer the gateway gave itself, else None."""
+    if r.error is None or r.status < 400:
+        return None
+    if r.auth_error is not None:
+        return "AUTHORIZER_FAILURE" if r.status >= 500 else AWS_ERROR_TYPES.get(r.status, "DEFAULT_4XX")
+    if r.status == 429 and r.error.startswith("quota "):
+        return "QUOTA_EXCEEDED"
+    found = AWS_ERROR_TYPES.get(r.status)
+    if found is not None:
+        return found
+    return "DEFAULT_5XX" if r.status >= 500 else "DEFAULT_4XX"
+
+
+_NAMESPACE = {
+    "_header": _header, "_claim": _claim, "_auth": _auth, "_plugin": _plugin, "_principal": _principal,
+    "_ws": _ws, "_event_type": _event_type, "_response_type": _response_type,
+    "_PROTO": _PROTO, "_any": _any, "_ej": json_escape, "_el": line_escape, "_jv": json_value,
+    "_S": _SAFE,
+}
+
+
+# -- the compiler --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    var: Variable
+    context: str  # "jstr" (inside a JSON string), "jval" (a JSON value), "line"
+
+
+_TEXT = {"b", "s", "bn", "sn", "any"}
+_RAW = {"b": "{e}", "s": "{e}.encode()", "bn": "{e}", "sn": "(_x.encode() if (_x := {e}) is not None else None)",
+        "any": "_any({e})"}
+
+
+def _generate(parts: list[bytes | _Slot]) -> Render:
+    """The render function of `parts` (literal bytes and variable slots).
+
+    Every value is read once into a local, as bytes for text. The common case is one
+    check over all text values together (`translate` deleting the safe bytes leaves
+    nothing) and one `%` format of the whole template; only a line with a value that
+    needs escaping escapes them one by one."""
+    body: list[str] = []
+    template: list[bytes] = []
+    args: list[str] = []
+    checked: list[str] = []
+    escapes: list[str] = []
+    for part in parts:
+        if isinstance(part, bytes):
+            template.append(part.replace(b"%", b"%%"))
+            continue
+        i, var, ctx = len(body), part.var, part.context
+        v = f"v{i}"
+        absent = b"null" if ctx == "jval" else b"-"
+        if var.kind == "raw":  # bytes made by orjson (the default shape's optional tail)
+            body.append(f"{v} = {var.expr}")
+            template.append(b"%b")
+            args.append(v)
+            continue
+        if var.kind == "any" and ctx == "jval":  # typed: orjson's output needs no check
+            body.append(f"{v} = _jv({var.expr})")
+            template.append(b"%b")
+            args.append(v)
+            continue
+        if var.kind in _TEXT:
+            body.append(f"{v} = {_RAW[var.kind].format(e=var.expr)}")
+            optional = var.kind in ("bn", "sn", "any")
+            checked.append(f"({v} or b'')" if optional else v)
+            escapes.append(f"{v} = {'_el' if ctx == 'line' else '_ej'}({v})")
+            if ctx == "jval" and not optional:
+                template.append(b'"%b"')
+                args.append(v)
+            elif ctx == "jval":
+                template.append(b"%b")
+                args.append(f"(b'\"' + {v} + b'\"' if {v} is not None else b'null')")
+            else:
+                template.append(b"%b")
+                args.append(v if not optional else f"({v} if {v} is not None else {absent!r})")
+            continue
+        body.append(f"{v} = {var.expr}")
+        if var.kind == "i":
+            template.append(b"%d")
+            args.append(v)
+        elif var.kind == "f":
+            template.append(b"%.3f")
+            args.append(v)
+        else:  # "in", "fn": a number or absent
+            fmt = b"%d" if var.kind == "in" else b"%.3f"
+            template.append(b"%b")
+            args.append(f"({fmt!r} % {v} if {v} is not None else {absent!r})")
+    lines = ["def render(r, p, a, now):", *(f"    {line}" for line in body)]
+    if checked:
+        lines.append(f"    if b''.join(({', '.join(checked)},)).translate(None, _S):")
+        lines += [f"        {line}" for line in escapes]
+    lines.append(f"    return {b''.join(template)!r} % ({''.join(a + ', ' for a in args)})")
+    namespace = dict(_NAMESPACE)
+    exec(compile("\n".join(lines) + "\n", "<access_log.format>", "exec"), namespace)  # noqa: S102 - our template
+    return cast(Render, namespace["render"])
+
+
+def _split(template: str, plugin_names: Mapping[str, str], where: str | None) -> list[tuple[str, Variable | None]]:
+    """`template` as (text, None) and (name, variable) pieces."""
+    out: list[tuple[str, Variable | None]] = []
+    pos = 0
+    for m in _VAR.finditer(template):
+        out.append((template[pos:m.start()], None))
+        var = variable(m.group(1), plugin_names)
+        if var is None:
+            place = where if where is not None else f"offset {m.start()}"
+            raise FormatError(f"unknown variable $context.{m.group(1)} (at {place}); known: "
+                              + ", ".join(f"$context.{n}" for n in VARIABLES)
+                              + ", $context.authorizer.claims.NAME, $context.authorizer.NAME"
+                              + "".join(f", $context.{n}" for n in plugin_names), where)
+        out.append((m.group(1), var))
+        pos = m.end()
+    out.append((template[pos:], None))
+    return out
+
+
+# The default line: the JSON shape edgeplane has always written (see `runtime.accesslog`).
+DEFAULT_FORMAT = {
+    "requestId": "$context.requestId", "sourceIp": "$context.identity.sourceIp",
+    "requestTime": "$context.requestTime", "requestTimeEpoch": "$context.requestTimeEpoch",
+    "httpMethod": "$context.httpMethod", "routeKey": "$context.routeKey", "path": "$context.path",
+    "protocol": "$context.protocol", "status": "$context.status", "responseLength": "$context.responseLength",
+    "responseLatency": "$context.responseLatency", "integrationLatency": "$context.integrationLatency",
+    "integrationError": "$context.integrationErrorMessage", "upstream": "$context.upstream",
+    "error": "$context.error.message", "clientCertSubject": "$context.identity.clientCert.subjectDN",
+}
+_DEFAULT_TAIL = {  # after the mapping: null when absent, then the optional objects
+    "clientIp": Variable("r.client_ip", "sn", ""),
+    "authorizerPrincipal": Variable("(_principal(r) if r.claims is not None or r.api_key is not None "
+                                    "or r.auth_context is not None else None)", "sn", ""),
+}
+
+
+def _extras(r: Any) -> bytes:
+    """The default line's optional members: traceId, websocket, context."""
+    out = b""
+    if r.trace_id is not None:
+        out += b',"traceId":"' + r.trace_id.encode() + b'"'
+    ws = r.ws_log
+    if r.ws_event is not None:
+        event, conn, message = r.ws_event
+        ws = {**(ws or {}), "eventType": event, "connectionId": conn, **({"messageId": message} if message else {})}
+    if ws is not None:
+        out += b',"websocket":' + orjson.dumps(ws, default=repr)
+    if r.context:
+        out += b',"context":' + orjson.dumps(r.context, default=repr)
+    return out
+
+
+_NAMESPACE["_extras"] = _extras
+
+
+def default_render() -> Render:
+    """The render function of the default line (compiled like a mapping format)."""
+    parts = _mapping_parts(DEFAULT_FORMAT, {})
+    parts.pop()  # the closing brace
+    for key, var in _DEFAULT_TAIL.items():
+        parts += [b',"' + key.encode() + b'":', _Slot(var, "jval")]
+    extras = ("(_extras(r) if r.trace_id is not None or r.ws_log is not None or r.ws_event is not None "
+              "or r.context else b'')")
+    parts += [_Slot(Variable(extras, "raw", ""), "jval"), b"}\n"]
+    return _generate(parts)
+
+
+def compile_format(fmt: str | Mapping[str, Any], plugin_names: Mapping[str, str] | None = None) -> Render:
+    """The render function of an `access_log.format` (see the module docstring)."""
+    names = plugin_names or {}
+    if isinstance(fmt, Mapping):
+        return _compile_mapping(fmt, names)
+    if fmt.lstrip().startswith("{"):
+        return _compile_json_template(fmt, names)
+    if "\n" in fmt or "\r" in fmt:
+        raise FormatError("a line format cannot contain a line break")
+    parts: list[bytes | _Slot] = []
+    for text, var in _split(fmt, names, None):
+        parts.append(text.encode() if var is None else _Slot(var, "line"))
+    parts.append(b"\n")
+    return _generate(parts)
+
+
+def _compile_mapping(fmt: Mapping[str, Any], names: Mapping[str, str]) -> Render:
+    parts = _mapping_parts(fmt, names)
+    parts.append(b"\n")
+    return _generate(parts)
+
+
+def _mapping_parts(fmt: Mapping[str, Any], names: Mapping[str, str]) -> list[bytes | _Slot]:
+    parts: list[bytes | _Slot] = [b"{"]
+    for i, (key, value) in enumerate(fmt.items()):
+        parts.append((b"," if i else b"") + orjson.dumps(str(key)) + b":")
+        if isinstance(value, (dict, list)):
+            raise FormatError("a value must be a string (with $context variables) or a constant", str(key))
+        if not isinstance(value, str):
+            parts.append(orjson.dumps(value))  # a constant
+            continue
+        pieces = _split(value, names, str(key))
+        if len(pieces) == 3 and pieces[0][0] == "" and pieces[2][0] == "" and pieces[1][1] is not None:
+            parts.append(_Slot(pieces[1][1], "jval"))  # exactly one variable: typed
+            continue
+        parts.append(b'"')  # text around variables: a string
+        for text, var in pieces:
+            parts.append(orjson.dumps(text)[1:-1] if var is None else _Slot(var, "jstr"))
+        parts.append(b'"')
+    parts.append(b"}")
+    return parts
+
+
+def _compile_json_template(fmt: str, names: Mapping[str, str]) -> Render:
+    parts: list[bytes | _Slot] = []
+    in_string = False
+    for text, var in _split(fmt.strip(), names, None):
+        if var is None:
+            parts.append(text.encode())
+            in_string = _string_state(text, in_string)
+        else:
+            parts.append(_Slot(var, "jstr" if in_string else "jval"))
+    parts.append(b"\n")
+    render = _generate(parts)
+    try:  # a template that is not JSON with every variable present and absent is refused
+        sample = orjson.loads(render(_Probe(), _Probe(), _Probe(), 0.0))
+    except orjson.JSONDecodeError as exc:
+        raise FormatError(f"the format starts with '{{' but is not a JSON template: {exc}") from None
+    if not isinstance(sample, dict):
+        raise FormatError("a JSON format must be an object")
+    return render
+
+
+def _string_state(text: str, in_string: bool) -> bool:
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and in_string:
+            escaped = True
+        elif ch == '"':
+            in_string = not in_string
+    return in_string
+
+
+class _Probe:
+    """Stands for the request, connection and log when a template is tried at load:
+    what is never absent has a plain value, everything else is absent (None)."""
+
+    request_id = method = path = b"x"
+    peer_ip = route_key = "x"
+    version = "1.1"
+    headers: list[Any] = []
+    status = response_length = integration_status = 0
+    t_wall = t_start = 0.0
+    websocket = False
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+    clf_bytes = b"01/Jan/1970:00:00:00 +0000"
+    clf_second = 0
