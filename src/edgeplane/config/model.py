@@ -256,6 +256,7 @@ class Config:
     drain_timeout: float = 30.0
     drain_delay: float = 0.0  # on stop: not-ready but still serving this long, then the drain
     log_level: str = "info"
+    log_format: str = "text"  # `log.format`: text | json (the gateway's own log)
     # name -> the model its type's policy loaded (`Policy.load_authorizer`); each has
     # `name` and `type`
     authorizers: dict[str, Any] = field(default_factory=dict)

@@ -420,6 +420,10 @@ _CORE_SCHEMA: dict[str, Any] = {
                         "On stop: report not-ready (/ready, /healthz 503) but keep serving this "
                         "long before the drain starts (a load balancer's time to notice)."},
         "log_level": {"enum": ["debug", "info", "warning", "error"], "default": "info"},
+        "log": {"type": "object", "additionalProperties": False,
+                "properties": {"format": {"enum": ["text", "json"], "default": "text",
+                                          "description": "The gateway's own log: text lines or one JSON "
+                                                         "object per line."}}},
         "authorizers": {
             "type": "object",
             "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_-]*$"},

@@ -22,7 +22,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http import responses
-from edgeplane.http.request import Request, body_drainable
+from edgeplane.http.request import Request, body_drainable, log_extra
 from edgeplane.plugins.hooks import run_log_hooks, run_response_hooks
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class Replies:
         dropped when the response has started). The worker and other clients go on."""
         self.ctx.count_error("internal")
         log.error("internal error in %s (request %s)", where, req.request_id.decode("latin-1"),
-                  exc_info=(type(exc), exc, exc.__traceback__))
+                  exc_info=(type(exc), exc, exc.__traceback__), extra=log_extra(req))
         req.pending = False
         if req.responded or self._closed:
             return

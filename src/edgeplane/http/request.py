@@ -96,6 +96,11 @@ def body_drainable(req: Request) -> bool:
 
 
 
+def log_extra(req: Request) -> dict[str, str]:
+    """`extra=` for a log call about `req`: its id, the `requestId` of JSON log lines."""
+    return {"request_id": req.request_id.decode("latin-1")}
+
+
 def identity_header(source: str) -> bytes:
     """The lower-case header name of a `$request.header.NAME` identity source."""
     return source.rsplit(".", 1)[1].lower().encode()

@@ -137,4 +137,5 @@ def run_log_hooks(hooks: Any, record: dict[str, Any]) -> None:
         try:
             _not_awaitable(policy, "log", fn, fn(record))
         except Exception:
-            log.exception("log hook of policy %r failed (request %s)", policy, record.get("requestId"))
+            log.exception("log hook of policy %r failed (request %s)", policy, record.get("requestId"),
+                          extra={"request_id": record.get("requestId")})

@@ -53,6 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--workers", metavar="N",
                    help="worker processes: a number or 'auto' (one per CPU); overrides 'workers:'")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides 'log_level:' (default info)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="the gateway's own log as text lines or JSON objects; overrides 'log.format:'")
     p.add_argument("--parser", choices=("httptools", "h11"), help="overrides 'http.parser:'")
     p.add_argument("--listen", action="append", metavar="ADDR",
                    help="data listener 'host:port'; repeat for several; replaces 'listen:'")
@@ -173,6 +175,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["workers"] = args.workers if args.workers == "auto" else _int(args.workers)
     if args.log_level:
         overrides["log_level"] = args.log_level
+    if args.log_format:
+        overrides["log.format"] = args.log_format
     if args.parser:
         overrides["http.parser"] = args.parser  # the rest of `http:` stays
     if args.listen:
@@ -190,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config, overrides)
     if config is None:
         return 1
-    setup_logging(config.log_level, args.log_file)
+    setup_logging(config.log_level, args.log_file, config.log_format)
     if args.log_file:  # the workers append to the same file
         os.environ[ENV_LOG_FILE] = os.path.abspath(args.log_file)
     import logging

@@ -5,6 +5,11 @@ driver), or a file (`serve --log-file PATH`, inherited by the workers through
 `ENV_LOG_FILE`). Every process opens the file in append mode, so lines of the
 supervisor and its workers interleave whole. `reopen()` (SIGUSR1) closes and reopens
 it for logrotate; on stderr it is a no-op.
+
+Two formats (`log.format`): `text` lines, or `json`, one object per line for log
+shippers: `time` (RFC 3339, UTC, ms), `level`, `logger`, `pid`, `message`, `requestId`
+on lines about one request (a log call passes `extra=http.request.log_extra(req)`), and
+`exception` (the traceback) when there is one.
 """
 
 from __future__ import annotations
@@ -12,20 +17,43 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from typing import Any
+
+import orjson
 
 ENV_LOG_FILE = "EDGEPLANE_LOG_FILE"
 
 
-def setup_logging(level: str, file: str | None = None) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (see the module docstring)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            out["requestId"] = request_id
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=repr).decode()
+
+
+def setup_logging(level: str, file: str | None = None, fmt: str = "text") -> None:
     """Log at `level` ("debug", "info", ...), each line naming the process id, to stderr
-    or appended to `file`."""
+    or appended to `file`, as text or JSON (`fmt`)."""
     handler: logging.Handler = logging.FileHandler(file, mode="a") if file else logging.StreamHandler(sys.stderr)
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s",
-        handlers=[handler],
-        force=True,
-    )
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 
 def reopen() -> int:

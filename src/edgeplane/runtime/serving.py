@@ -434,7 +434,7 @@ def worker_main() -> int:
     spec_path = os.environ[ENV_SPEC]
     spec = read_spec(spec_path)
     config = load_config(spec["raw"])
-    logs.setup_logging(config.log_level, os.environ.get(logs.ENV_LOG_FILE))
+    logs.setup_logging(config.log_level, os.environ.get(logs.ENV_LOG_FILE), config.log_format)
     index = int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0"))
     systemd.set_title(f"edgeplane: worker {index + 1}/{os.environ.get('EDGEPLANE_WORKERS', '?')}")
     link = _WorkerLink(spec_path, int(os.environ[ENV_STATUS]), spec["generation"], provided_from_env())

@@ -31,7 +31,7 @@ import orjson
 
 from edgeplane.config.model import PoolConfig, UpstreamConfig
 from edgeplane.http.fields import UnsafeField
-from edgeplane.http.request import forwarded, header
+from edgeplane.http.request import forwarded, header, log_extra
 from edgeplane.observability.metrics import ALLOWED, CACHE_HIT, DENIED, ERROR
 from edgeplane.plugins.api import FastStage
 from edgeplane.policies.jwt.jwks_source import split_url
@@ -201,7 +201,8 @@ class HttpAuthorizerStage(FastStage):
                 # The authorizer (the operator's service) answered a value that could
                 # split the upstream request: never forwarded; the gateway side's 500.
                 log.warning("route %r: %s: refused request %s: forwarded context %s",
-                            req.route_key, self.name, req.request_id.decode("latin-1"), exc)
+                            req.route_key, self.name, req.request_id.decode("latin-1"), exc,
+                            extra=log_extra(req))
                 self.outcomes[ERROR] += 1
                 req.auth_error = f"forwarded context: {exc}"
                 proto.send_error(req, 500, "Internal Server Error")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.fields import UnsafeField
-from edgeplane.http.request import forwarded, header, identity_header
+from edgeplane.http.request import forwarded, header, identity_header, log_extra
 from edgeplane.observability.metrics import ALLOWED, CACHE_HIT, DENIED, ERROR
 from edgeplane.plugins import FastStage, Phase, Policy
 from edgeplane.policies.jwt.jwks import JwksError, parse_jwks
@@ -169,7 +169,7 @@ class JwtStage(FastStage):
                 # request (a display name with CR LF...): never forwarded, the client's 400.
                 logging.getLogger("edgeplane.jwks").warning(
                     "route %r: %s: refused request %s: forwarded claim %s",
-                    req.route_key, self.name, req.request_id.decode("latin-1"), exc)
+                    req.route_key, self.name, req.request_id.decode("latin-1"), exc, extra=log_extra(req))
                 outcomes[DENIED] += 1
                 proto.send_error(req, 400, f"{self.name}: a forwarded claim cannot be sent upstream")
                 return False
