@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from edgeplane.http.request import Request
 from edgeplane.observability.access_format import default_render
 from edgeplane.runtime.log_writer import LineWriter
 
@@ -102,6 +103,23 @@ class AccessLog:
         self.lines += 1
         if self._size > self._limit:
             self.flush()
+
+    def record_message(self, conn: Any, proto: Any, route_key: str, conn_id: str, message_id: str, t0: float,
+                       status: int, received: int, sent: int) -> None:
+        """Log one message of a WebSocket API connection (`conn`, its handshake request):
+        eventType MESSAGE, the message id as request id, the integration's status."""
+        req = Request(t0)
+        req.method, req.path, req.host, req.trace_id = conn.method, conn.path, conn.host, conn.trace_id
+        req.request_id = message_id.encode()
+        req.route_key = route_key
+        req.integration_latency = time.perf_counter() - t0
+        req.integration_status = status
+        req.status = status or 502
+        if not status:
+            req.integration_error = "integration failed"
+        req.body_size, req.response_length = received, sent
+        req.ws_event = ("MESSAGE", conn_id, message_id)
+        self.record(req, proto)
 
     def fields(self, req: Any, proto: Any) -> dict[str, Any]:
         """The access-log record of `req` in the default shape (also what log hooks and

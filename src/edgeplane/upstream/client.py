@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+from edgeplane.config.model import Target
 from edgeplane.http.fields import UnsafeField, field_line
 from edgeplane.upstream.pool import PoolOverflow
 
@@ -153,3 +155,15 @@ def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | Non
         if key.lower() == name:
             return value
     return None
+
+
+def split_url(url: str) -> tuple[Target, str]:
+    """An http(s) URL as (target, path with query); ValueError when it is not one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(parts.scheme, parts.hostname, port), path

@@ -39,7 +39,6 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from edgeplane.http.request import Request
 from edgeplane.upstream.client import FetchError, fetch
 
 if TYPE_CHECKING:
@@ -317,28 +316,10 @@ class WsConnection(asyncio.Protocol):
         elif route.return_response and answer:
             self.send(answer)
             sent = answer
-        self._log_message(route, message_id, t0, status, len(body), len(sent))
-
-    def _log_message(self, route: WsRoute, message_id: str, t0: float, status: int, received: int,
-                     sent: int) -> None:
-        """One access-log line per routed message (eventType MESSAGE), as AWS logs them."""
         access_log = self.proto.ctx.access_log
-        if not access_log.enabled:
-            return
-        conn = self.req
-        req = Request(t0)
-        req.method, req.path, req.host = conn.method, conn.path, conn.host
-        req.request_id = message_id.encode()
-        req.route_key = route.key
-        req.integration_latency = time.perf_counter() - t0
-        req.integration_status = status
-        req.status = status if status else 502
-        if not status:
-            req.integration_error = "integration failed"
-        req.body_size, req.response_length = received, sent
-        req.trace_id = conn.trace_id
-        req.ws_event = ("MESSAGE", self.id, message_id)
-        access_log.record(req, self.proto)
+        if access_log.enabled:  # one line per routed message (eventType MESSAGE), as AWS logs them
+            access_log.record_message(self.req, self.proto, route.key, self.id, message_id, t0, status,
+                                      len(body), len(sent))
 
     def _on_close(self, event: CloseConnection) -> None:
         ws = self.ws

@@ -25,9 +25,8 @@ import asyncio
 import logging
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
-from edgeplane.config.model import PoolConfig, Target, UpstreamConfig
+from edgeplane.config.model import PoolConfig, UpstreamConfig
 from edgeplane.policies.jwt.jwks import (
     MAX_JWKS_BYTES,
     JwksError,
@@ -37,23 +36,12 @@ from edgeplane.policies.jwt.jwks import (
     cache_control_max_age,
     parse_jwks,
 )
-from edgeplane.upstream.client import FetchError, fetch, header_value
+from edgeplane.upstream.client import FetchError, fetch, header_value, split_url
 from edgeplane.upstream.pool import Upstream
 
 log = logging.getLogger("edgeplane.jwks")
 
 FETCH_TIMEOUT = 1.5
-
-
-def split_url(url: str) -> tuple[Target, str]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    return Target(parts.scheme, parts.hostname, port), path
 
 
 class JwksSource:
