@@ -222,6 +222,20 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """`tracing`: W3C Trace Context propagation and OTLP/HTTP export (`observability.tracing`)."""
+
+    endpoint: str  # the collector's OTLP/HTTP traces URL
+    sample_ratio: float = 1.0  # of new traces (a parent's sampled flag decides for continued ones)
+    service_name: str = "edgeplane"
+    headers: tuple[tuple[str, str], ...] = ()  # sent with each export (an API key...)
+    timeout: float = 10.0  # per export request
+    max_queue: int = 2048  # spans waiting for export; more are dropped and counted
+    max_batch: int = 512  # spans per export request
+    flush_interval: float = 1.0  # how often queued spans are exported
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     """The admin listener and who may call it (enforced by `runtime.admin`).
 
@@ -257,6 +271,7 @@ class Config:
     drain_delay: float = 0.0  # on stop: not-ready but still serving this long, then the drain
     log_level: str = "info"
     log_format: str = "text"  # `log.format`: text | json (the gateway's own log)
+    tracing: TracingConfig | None = None
     # name -> the model its type's policy loaded (`Policy.load_authorizer`); each has
     # `name` and `type`
     authorizers: dict[str, Any] = field(default_factory=dict)

@@ -420,6 +420,23 @@ _CORE_SCHEMA: dict[str, Any] = {
                         "On stop: report not-ready (/ready, /healthz 503) but keep serving this "
                         "long before the drain starts (a load balancer's time to notice)."},
         "log_level": {"enum": ["debug", "info", "warning", "error"], "default": "info"},
+        "tracing": {
+            "type": "object", "additionalProperties": False, "required": ["otlp"],
+            "description": "W3C Trace Context propagation and OTLP/HTTP span export; off when absent.",
+            "properties": {
+                "sample_ratio": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0},
+                "service_name": {"type": "string", "minLength": 1, "default": "edgeplane"},
+                "otlp": {"type": "object", "additionalProperties": False, "required": ["endpoint"],
+                         "properties": {
+                             "endpoint": {"type": "string", "description": "OTLP/HTTP traces URL, "
+                                                                           "e.g. http://127.0.0.1:4318/v1/traces"},
+                             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                             "timeout": {"$ref": "#/$defs/duration", "default": "10s"}}},
+                "max_queue": {"type": "integer", "minimum": 1, "maximum": 1000000, "default": 2048},
+                "max_batch": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 512},
+                "flush_interval": {"$ref": "#/$defs/duration", "default": "1s"},
+            },
+        },
         "log": {"type": "object", "additionalProperties": False,
                 "properties": {"format": {"enum": ["text", "json"], "default": "text",
                                           "description": "The gateway's own log: text lines or one JSON "

@@ -16,8 +16,10 @@ from edgeplane.config.errors import describe as _describe
 from edgeplane.config.errors import short as _short
 from edgeplane.config.humanize import loc
 from edgeplane.config.values import check_host, collides, fmt_addr, normalize_route_host, parse_listen, parse_target
+from edgeplane.http.fields import UnsafeField, check_field
 from edgeplane.http.paths import PathPolicy
 from edgeplane.observability.access_format import FormatError, compile_format
+from edgeplane.upstream.client import split_url
 
 _TOKEN_MAX = 4096  # bytes of an admin bearer token
 _TOKEN_WEAK = 16  # fewer characters: a warning
@@ -479,6 +481,39 @@ class CoreSections(LoadContext):
             return {}
         return {"format": tuple(fmt.items()) if isinstance(fmt, dict) else fmt, "render": render}
 
+
+    def tracing(self, raw: dict) -> model.TracingConfig | None:
+        section = raw.get("tracing")
+        if not isinstance(section, dict):
+            return None
+        path: Path = ("tracing",)
+        found = section.get("otlp")
+        otlp: dict[str, Any] = found if isinstance(found, dict) else {}
+        endpoint = otlp.get("endpoint")
+        if not isinstance(endpoint, str):
+            return None  # the schema names the missing key
+        try:
+            split_url(endpoint)
+        except ValueError as exc:
+            self.fail(path + ("otlp", "endpoint"), str(exc))
+        found = otlp.get("headers")
+        headers: dict[str, Any] = found if isinstance(found, dict) else {}
+        for name, value in headers.items():
+            try:
+                check_field(str(name).encode("latin-1"), str(value).encode("utf-8"))
+            except (UnsafeField, UnicodeEncodeError) as exc:
+                self.fail(path + ("otlp", "headers", name), f"cannot be sent: {exc}")
+        ratio = section.get("sample_ratio", 1.0)
+        d = model.TracingConfig(endpoint=endpoint)
+        return model.TracingConfig(
+            endpoint=endpoint,
+            sample_ratio=float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else 1.0,
+            service_name=str(section.get("service_name", d.service_name)),
+            headers=tuple((str(k), str(v)) for k, v in headers.items()),
+            timeout=self.duration(otlp, "timeout", path + ("otlp",), d.timeout, high=60.0),
+            max_queue=int(section.get("max_queue", d.max_queue)),
+            max_batch=int(section.get("max_batch", d.max_batch)),
+            flush_interval=self.duration(section, "flush_interval", path, d.flush_interval, high=60.0))
 
     def cluster(self, raw: dict) -> model.ClusterConfig | None:
         section = raw.get("cluster")

@@ -73,7 +73,7 @@ class ServerContext:
         "loop", "snapshot", "limits", "parser_kind", "connections", "stats", "date",
         "access_log", "draining", "rid_prefix", "rid_counter", "name", "websockets",
         "per_ip", "refused", "refused_logged_at", "max_connections", "headless", "evicted",
-        "stop_reason", "metrics",
+        "stop_reason", "metrics", "tracer",
     )
 
     def __init__(
@@ -98,6 +98,7 @@ class ServerContext:
         self.stats = Stats()
         # The worker's request metrics (the admin listener's own set is never exported).
         self.metrics = metrics if metrics is not None else RequestMetrics()
+        self.tracer: Any = None  # `observability.tracing.Tracer` while `tracing` is configured
         self.date = date
         self.access_log = access_log
         self.draining = False
@@ -183,8 +184,11 @@ class ServerContext:
         count_request(self.metrics.unmatched, req)
 
     def request_done(self, req: Any, proto: Any) -> None:
-        """A request ended: counted, then logged (see the module docstring)."""
+        """A request ended: counted, traced, then logged (see the module docstring)."""
         count_request(self.metrics.unmatched, req)
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.finish(req, proto)
         access_log = self.access_log
         if access_log.enabled:
             access_log.record(req, proto)

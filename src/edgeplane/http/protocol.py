@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeplane.server")
 
 _SPECIAL_HEADERS = frozenset(
-    (b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id")
+    (b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id", b"traceparent")
 )
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
 _PIPELINE_BUFFER_MAX = 256 * 1024
@@ -327,6 +327,8 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
                     raise _Reject(417, "unsupported Expect value")
             elif name == b"x-request-id":
                 req.request_id = value
+            elif name == b"traceparent":  # W3C: a repeated one is invalid (b"")
+                req.traceparent = value if req.traceparent is None else b""
 
     def on_headers_complete(self) -> None:
         req: Request = self._parsing  # type: ignore[assignment]  # set while parsing

@@ -158,6 +158,8 @@ class Replies:
         if route is not None and route.log_hooks:
             ctx = self.ctx
             ctx.count(req)
+            if ctx.tracer is not None:
+                ctx.tracer.finish(req, self)
             access_log = ctx.access_log
             if access_log.enabled:
                 access_log.record(req, self)

@@ -28,7 +28,7 @@ class Request:
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
         "extra_upstream", "api_key", "pending", "websocket", "ws_log", "context", "auth_context", "hooks_failed",
-        "integration_status", "auth_error", "trace_id", "ws_event", "span",
+        "integration_status", "auth_error", "trace_id", "ws_event", "span", "traceparent",
     )
 
     def __init__(self, now: float) -> None:
@@ -80,6 +80,7 @@ class Request:
         self.integration_status = 0  # the status the upstream answered (0: none)
         self.auth_error: str | None = None  # why an authorizer refused or failed
         self.trace_id: str | None = None  # W3C trace id (32 hex digits) with tracing on
+        self.traceparent: bytes | None = None  # the client's `traceparent` header, as sent
         self.span: Any = None  # the request's server span (`observability.tracing`), when sampled
         # A WebSocket API's access-log event: (eventType, connectionId, messageId)
         self.ws_event: tuple[str, str, str | None] | None = None

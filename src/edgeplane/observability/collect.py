@@ -26,9 +26,9 @@ from edgeplane.observability.exposition import render
 from edgeplane.observability.metrics import AuthorizerOutcomes, RequestMetrics
 
 try:  # the installed distribution's version (not `edgeplane.__version__`: no import of the package root)
-    _VERSION = metadata.version("edgeplane")
+    VERSION = metadata.version("edgeplane")
 except metadata.PackageNotFoundError:  # run from a source tree
-    _VERSION = "unknown"
+    VERSION = "unknown"
 
 _UPSTREAM_COUNTERS = (("edgeplane_upstream_connections_opened", "opened"),
                       ("edgeplane_upstream_connections_reused", "reused"),
@@ -133,6 +133,12 @@ class WorkerMetrics:
             out["edgeplane_websockets_open"] = open_ws
         add(out, self._upstreams(list(gateway._upstreams.values())))
         self._monotonic(out, _plugin_samples(gateway))
+        tracer = gateway._tracer
+        if tracer is not None:  # a reload that changes `tracing` replaces the exporter
+            e = tracer.exporter
+            self._monotonic(out, [("edgeplane_trace_spans", ("exported",), e, e.exported),
+                                  ("edgeplane_trace_spans", ("dropped",), e, e.dropped),
+                                  ("edgeplane_trace_spans", ("failed",), e, e.failed)])
         access_log = gateway._access_log
         if access_log is not None:  # a reload with a new access_log section replaces it
             self._monotonic(out, [("edgeplane_access_log_lines", (), access_log, access_log.lines),
@@ -140,7 +146,7 @@ class WorkerMetrics:
         reloads = gateway._reloads
         out["edgeplane_reloads"] = {("success",): reloads["ok"], ("failure",): reloads["failed"]}
         out["edgeplane_config_info"] = {(gateway._config_hash,): 1}
-        out["edgeplane_build_info"] = {(_VERSION, platform.python_version()): 1}
+        out["edgeplane_build_info"] = {(VERSION, platform.python_version()): 1}
         add(out, self.base, gauges=False)
         return {name: values for name, values in out.items() if values}
 

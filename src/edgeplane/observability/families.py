@@ -80,6 +80,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "from the client, sent to it); counted when the connection closes."),
     Family("edgeplane_websocket_closes", "counter", ("kind", "code"),
            "WebSocket connections closed, by kind and close code ('none': no close frame)."),
+    Family("edgeplane_trace_spans", "counter", ("result",),
+           "Spans of sampled requests, by result: exported (the collector took them), dropped "
+           "(the export queue was full), failed (their export failed)."),
     Family("edgeplane_access_log_lines", "counter", (), "Access-log lines written to the buffer."),
     Family("edgeplane_access_log_dropped_lines", "counter", (),
            "Access-log lines dropped: the destination did not keep up (queue_bytes full) or failed."),

@@ -50,7 +50,9 @@ from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
 from edgeplane.http.responses import DateHeader
 from edgeplane.http.tls import ListenerTls
-from edgeplane.observability.collect import WorkerMetrics
+from edgeplane.observability.collect import VERSION, WorkerMetrics
+from edgeplane.observability.otlp import tracer_for
+from edgeplane.observability.tracing import Tracer
 from edgeplane.plugins.base import RuntimeContext
 from edgeplane.policies.quota.store import QuotaPeriod, QuotaStore
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
@@ -117,6 +119,7 @@ class Gateway(GatewayWebSockets):
         # throttle tables (shared_limits, shared_keys).
         self._shared_limits = shared_limits
         self._metrics = WorkerMetrics()  # /metrics (`observability`)
+        self._tracer: Tracer | None = None  # with `tracing`: the tracer and its OTLP exporter
         self._config_hash = ""
         # Where each shared limit lives: the supervisor's map (`slots.SlotMap`, set by
         # `runtime.serving` from the workers' spec) or, when None, the config's initial one.
@@ -208,6 +211,7 @@ class Gateway(GatewayWebSockets):
         self._config_hash = config_hash(cfg)
         self._context = ServerContext(loop, self._snapshot, cfg.limits, cfg.parser,
                                      self._access_log, self._date, metrics=self._metrics.requests)
+        self._context.tracer = self._tracer = tracer_for(cfg.tracing, loop, VERSION)
         admin_log = AccessLog(type(cfg.access_log)(destination="off"))
         self._admin_context = ServerContext(loop, build_admin_snapshot(self, cfg.admin), cfg.limits,
                                            "httptools", admin_log, self._date, name="admin")
@@ -393,6 +397,8 @@ class Gateway(GatewayWebSockets):
         if self._tick is not None:
             self._tick.cancel()
         await asyncio.sleep(0)  # let connection_lost callbacks run
+        if self._tracer is not None:  # the spans of the last requests, bounded by the export timeout
+            await self._tracer.exporter.close()
         cast(AccessLog, self._access_log).close()  # set: started
         log.info("stopped")
 
@@ -572,6 +578,7 @@ class Gateway(GatewayWebSockets):
             "websockets_open": len(ctx.websockets),  # proxied and terminated
             "access_log_lines": cast(AccessLog, self._access_log).lines,
             "access_log_dropped": cast(AccessLog, self._access_log).dropped,
+            **({"tracing": self._tracer.exporter.telemetry()} if self._tracer is not None else {}),
             **ctx.stats.as_dict(),
             "authorizers": {},
             "reloads": self._reload_stats(),

@@ -39,6 +39,8 @@ import orjson
 
 from edgeplane.http.context import connection_cap
 from edgeplane.http.tls import ListenerTls
+from edgeplane.observability.collect import VERSION
+from edgeplane.observability.otlp import tracer_for
 from edgeplane.plugins.base import RuntimeContext
 from edgeplane.policies.throttle.slots import identities
 from edgeplane.policies.throttle.stores import limits_for, plans_of
@@ -159,6 +161,11 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
     ctx.max_connections = connection_cap(new.limits, snapshot)
     if access_log is not None:
         retired_log, ctx.access_log, gw._access_log = ctx.access_log, access_log, access_log
+    tracer = tracer_for(new.tracing, loop, VERSION) if new.tracing != old.tracing else gw._tracer
+    if tracer is not gw._tracer:  # tracing changed: the old exporter sends what it holds, then stops
+        if gw._tracer is not None:
+            gw._retire(gw._tracer.exporter.close())
+        ctx.tracer = gw._tracer = tracer
     if tls is not None and gw._tls is not None:
         # The listeners were created with the old default context: its SNI callback now
         # picks from the new contexts, so every new handshake gets the new certificates.

@@ -47,6 +47,8 @@ _REQUEST_SKIP = frozenset((
     b"host", b"content-length", b"expect", b"x-request-id",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 ))
+# With tracing on, the gateway writes the `traceparent` (its own span as the parent).
+_REQUEST_SKIP_TRACED = _REQUEST_SKIP | {b"traceparent"}
 _RESPONSE_SKIP = frozenset((
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
@@ -109,7 +111,9 @@ class HttpIntegration:
         req.exchange = exchange
         exchange.start()
 
-    def request_head(self, proto: HttpProtocol, req: Request, pool: TargetPool) -> bytes:
+    def request_head(self, proto: HttpProtocol, req: Request, pool: TargetPool,
+                     traceparent: bytes | None = None) -> bytes:
+        """The upstream head: end-to-end headers, forwarding ones, request id, traceparent."""
         template = self.template
         if template is None:
             path = req.path
@@ -124,7 +128,7 @@ class HttpIntegration:
         lines.append(b"\r\n")
         first_header = len(lines)
         xff = xfp = xfh = None
-        skip = _REQUEST_SKIP
+        skip = _REQUEST_SKIP if traceparent is None else _REQUEST_SKIP_TRACED
         connection_named = False
         for name, value in req.headers:
             if name in skip:
@@ -155,6 +159,8 @@ class HttpIntegration:
         if req.host:
             lines += (b"x-forwarded-host: ", req.host if xfh is None else xfh + b", " + req.host, b"\r\n")
         lines += (b"x-request-id: ", req.request_id, b"\r\n")
+        if traceparent is not None:
+            lines += (b"traceparent: ", traceparent, b"\r\n")
         if req.chunked:
             lines.append(b"transfer-encoding: chunked\r\n\r\n")
         elif req.content_length is not None:
@@ -194,7 +200,7 @@ class ProxyExchange:
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
         "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
-        "upstream_deadline",
+        "upstream_deadline", "span",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -225,6 +231,7 @@ class ProxyExchange:
         self.awaiting_body = False
         self.window_bytes = 0  # body bytes received when the current rate window began
         self.upstream_deadline = 0.0  # loop time the integration timeout passes (once acquired)
+        self.span: Any = None  # the integration's CLIENT span (`observability.tracing`), when sampled
         # Response bytes produced while parsing one upstream read; written to the client
         # in one call per read (`flush`), so a small response costs one send.
         self.out: list[bytes] = []
@@ -309,7 +316,9 @@ class ProxyExchange:
         proto = self.proto
         if not self.head:
             try:
-                self.head = self.integ.request_head(proto, req, pool)
+                tracer = proto.ctx.tracer
+                self.head = self.integ.request_head(
+                    proto, req, pool, tracer.outgoing(req, self) if tracer is not None else None)
             except UnsafeField as exc:  # the gateway built a value it must not write
                 self.conn = None
                 pool.release(conn, True)

@@ -92,7 +92,9 @@ class WsUpgradeExchange(ProxyExchange):
 
     def build_head(self) -> bytes:
         # called once a connection is attached: `pool` is set
-        head = self.integ.request_head(self.proto, self.req, cast("TargetPool", self.pool))
+        tracer = self.proto.ctx.tracer
+        head = self.integ.request_head(self.proto, self.req, cast("TargetPool", self.pool),
+                                       tracer.outgoing(self.req, self) if tracer is not None else None)
         lines = [line for line in head[:-4].split(b"\r\n")
                  if not line[:25].lower().startswith(b"sec-websocket-extensions:")]
         return b"\r\n".join(lines) + b"\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"

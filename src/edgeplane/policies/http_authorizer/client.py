@@ -77,12 +77,14 @@ class HttpAuthorizerClient:
         if len(cache) > self.cfg.cache_max_entries:
             cache.popitem(last=False)
 
-    async def ask(self, payload: dict) -> tuple[bool, dict]:
+    async def ask(self, payload: dict, traceparent: bytes | None = None) -> tuple[bool, dict]:
         """POST the payload; (isAuthorized, context), or raise FetchError/ValueError."""
         self.calls += 1
+        headers = {"content-type": "application/json"}
+        if traceparent is not None:  # tracing: the call's span is the authorizer's parent
+            headers["traceparent"] = traceparent.decode()
         status, _, body = await fetch(
-            self.upstream.pick(), "POST", self.path,
-            headers={"content-type": "application/json"}, body=orjson.dumps(payload),
+            self.upstream.pick(), "POST", self.path, headers=headers, body=orjson.dumps(payload),
             timeout=self.cfg.timeout, max_bytes=64 * 1024)
         if status != 200:
             raise ValueError(f"authorizer answered status {status}")
@@ -169,9 +171,17 @@ class HttpAuthorizerStage(FastStage):
     async def _ask(self, proto: HttpProtocol, req: Request, identity: tuple[str, ...], index: int) -> None:
         client = self.client
         transport = proto.transport
+        tracer, span, traceparent = proto.ctx.tracer, None, None
+        if tracer is not None:
+            target = client.upstream.pools[0].target
+            span, traceparent = tracer.child(req, f"authorizer {self.name}", {
+                "http.request.method": "POST", "server.address": target.host, "server.port": target.port,
+                "edgeplane.authorizer": self.name})
         try:
-            allowed, context = await client.ask(payload(proto, req, identity))
+            allowed, context = await client.ask(payload(proto, req, identity), traceparent)
         except (FetchError, ValueError) as exc:
+            if span is not None:
+                tracer.end_child(span, None, str(exc))
             client.failures += 1
             self.outcomes[ERROR] += 1
             req.pending = False
@@ -180,6 +190,9 @@ class HttpAuthorizerStage(FastStage):
                 req.auth_error = str(exc)
                 proto.send_error(req, 500, f"authorizer {self.name} failed: {exc}")
             return
+        if span is not None:
+            tracer.end_child(span, 200)
+            span.attributes["edgeplane.authorized"] = allowed
         client.remember(identity, time.monotonic(), allowed, context)
         req.pending = False
         if req.responded or transport.is_closing():

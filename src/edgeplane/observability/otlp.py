@@ -1,0 +1,169 @@
+"""OTLP/HTTP export of spans: protobuf encoding and a batching, bounded exporter.
+
+Owns `encode` (spans to an `ExportTraceServiceRequest`, with the `opentelemetry-proto`
+message classes; no SDK) and `OtlpExporter`, one per gateway with tracing on:
+
+- `submit(spans)` runs on the request path: it appends to a deque, or, when
+  `max_queue` spans already wait, drops them and counts them (`dropped`). It never
+  waits and never does I/O.
+- A task on the loop wakes every `flush_interval` (or when `max_batch` spans wait),
+  encodes up to `max_batch` spans and POSTs them to the collector
+  (`content-type: application/x-protobuf`) through the gateway's own pooled client.
+  One export is in flight at a time. A failed export (refused, timed out, a non-2xx
+  answer) counts its spans in `failed` and is logged at most once a minute; its spans
+  are not retried, so a collector that is down costs requests nothing.
+- `close()` exports what is left, bounded by the export timeout, then stops.
+
+`tracer_for(config.tracing, loop, version)` makes a gateway's `tracing.Tracer` with its
+exporter (None when tracing is off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+
+from edgeplane.config.model import PoolConfig, TracingConfig, UpstreamConfig
+from edgeplane.observability.tracing import Tracer
+from edgeplane.upstream.client import FetchError, fetch, split_url
+from edgeplane.upstream.pool import Upstream
+
+log = logging.getLogger("edgeplane.tracing")
+
+
+def _value(v: Any) -> AnyValue:
+    if isinstance(v, bool):
+        return AnyValue(bool_value=v)
+    if isinstance(v, int):
+        return AnyValue(int_value=v)
+    if isinstance(v, float):
+        return AnyValue(double_value=v)
+    return AnyValue(string_value=str(v))
+
+
+def _attributes(attrs: dict[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=_value(v)) for k, v in attrs.items()]
+
+
+def encode(spans: list[Any], resource: dict[str, Any], scope_version: str) -> bytes:
+    """`spans` (`tracing.Span`) as one serialised ExportTraceServiceRequest."""
+    out = []
+    for s in spans:
+        span = PbSpan(trace_id=bytes.fromhex(s.trace_id), span_id=bytes.fromhex(s.span_id),
+                      name=s.name, kind=s.kind, start_time_unix_nano=s.start, end_time_unix_nano=s.end,
+                      attributes=_attributes(s.attributes))
+        if s.parent_id:
+            span.parent_span_id = bytes.fromhex(s.parent_id)
+        span.flags = 0x101 if s.parent_id else 0x100  # sampled; the parent's remoteness is known
+        if s.error is not None:
+            span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR, message=s.error))
+        out.append(span)
+    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=Resource(attributes=_attributes(resource)),
+        scope_spans=[ScopeSpans(scope=InstrumentationScope(name="edgeplane", version=scope_version), spans=out)],
+    )])
+    return request.SerializeToString()
+
+
+class OtlpExporter:
+    def __init__(self, cfg: Any, loop: asyncio.AbstractEventLoop, version: str) -> None:
+        self.cfg = cfg
+        target, self.path = split_url(cfg.endpoint)
+        self.upstream = Upstream(UpstreamConfig(name="tracing:otlp", targets=(target,),
+                                                pool=PoolConfig(connect_timeout=min(cfg.timeout, 5.0))), loop)
+        self.headers = {"content-type": "application/x-protobuf", **dict(cfg.headers)}
+        self.resource = {"service.name": cfg.service_name, "service.version": version,
+                         "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
+                         "telemetry.sdk.name": "edgeplane", "telemetry.sdk.language": "python"}
+        self.version = version
+        self.queue: collections.deque[Any] = collections.deque()
+        self.exported = 0
+        self.dropped = 0  # the queue was full
+        self.failed = 0  # their export failed
+        self._logged_at = -1e9
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task = loop.create_task(self._run())
+
+    def submit(self, spans: list[Any]) -> None:
+        queue = self.queue
+        if len(queue) + len(spans) > self.cfg.max_queue or self._closing:
+            self.dropped += len(spans)
+            return
+        queue.extend(spans)
+        if len(queue) >= self.cfg.max_batch:
+            self._wake.set()
+
+    def telemetry(self) -> dict[str, Any]:
+        return {"endpoint": self.cfg.endpoint, "queued": len(self.queue), "exported": self.exported,
+                "dropped": self.dropped, "failed": self.failed}
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.cfg.flush_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        queue, n = self.queue, self.cfg.max_batch
+        while queue:
+            batch = [queue.popleft() for _ in range(min(n, len(queue)))]
+            await self._export(batch)
+
+    async def _export(self, batch: list[Any]) -> None:
+        try:
+            body = encode(batch, self.resource, self.version)
+            status, _, answer = await fetch(self.upstream.pick(), "POST", self.path, headers=self.headers,
+                                            body=body, timeout=self.cfg.timeout, max_bytes=64 * 1024)
+        except FetchError as exc:
+            self._failed(batch, str(exc))
+            return
+        if 200 <= status < 300:
+            self.exported += len(batch)
+        else:
+            self._failed(batch, f"the collector answered {status}: {answer[:200]!r}")
+
+    def _failed(self, batch: list[Any], why: str) -> None:
+        self.failed += len(batch)
+        now = time.monotonic()
+        if now - self._logged_at >= 60:
+            self._logged_at = now
+            log.warning("tracing: exporting %d span(s) to %s failed: %s (%d failed in all; "
+                        "logged at most once a minute)", len(batch), self.cfg.endpoint, why, self.failed)
+
+    async def close(self) -> None:
+        """Export what is queued (bounded by the export timeout), then stop."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._task, self.cfg.timeout + 1)
+        except (TimeoutError, asyncio.CancelledError):
+            self._task.cancel()
+        if self.queue:
+            try:
+                await asyncio.wait_for(self._drain(), self.cfg.timeout)
+            except TimeoutError:
+                self.failed += len(self.queue)
+                self.queue.clear()
+        await self.upstream.close()
+
+
+def tracer_for(cfg: TracingConfig | None, loop: asyncio.AbstractEventLoop, version: str) -> Tracer | None:
+    """The gateway's tracer and its exporter, or None when `tracing` is not configured."""
+    if cfg is None:
+        return None
+    return Tracer(cfg.sample_ratio, OtlpExporter(cfg, loop, version), cfg.service_name)
