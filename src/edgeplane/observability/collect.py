@@ -120,6 +120,8 @@ class WorkerMetrics:
             out["edgeplane_throttled_requests"] = {(level,): n for (what, level), n in refused.items()
                                                    if what == "throttle"}
             out["edgeplane_quota_refusals"] = {(plan,): n for (what, plan), n in refused.items() if what == "quota"}
+            out["edgeplane_authorizer_refusals"] = {(name,): n for (what, name), n in refused.items()
+                                                    if what == "authorizer"}
             out["edgeplane_websocket_messages"] = dict(ctx.stats.ws_messages)
             out["edgeplane_websocket_closes"] = dict(ctx.stats.ws_closes)
             out["edgeplane_open_connections"] = {("data",): len(ctx.connections)}

@@ -63,6 +63,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Requests sent to an upstream target."),
     Family("edgeplane_jwks_fetches", "counter", ("authorizer",), "JWKS fetches of a JWT authorizer with a jwks_url."),
     Family("edgeplane_jwks_fetch_failures", "counter", ("authorizer",), "JWKS fetches that failed."),
+    Family("edgeplane_authorizer_refusals", "counter", ("authorizer",),
+           "Requests an authorizer refused: 401 (no or a bad credential) or 403 (insufficient "
+           "scope, an unknown API key, a custom authorizer's denial)."),
     Family("edgeplane_authorizer_calls", "counter", ("authorizer",),
            "Calls to a custom (HTTP) authorizer (answers from its decision cache are not calls)."),
     Family("edgeplane_authorizer_call_failures", "counter", ("authorizer",),

@@ -564,6 +564,7 @@ class Gateway(GatewayWebSockets):
         ctx = cast(ServerContext, self._context)  # stats are asked of a started gateway
         out: dict[str, Any] = {
             "pid": os.getpid(),
+            "config_hash": self._config_hash,  # as the reload log lines and edgeplane_config_info show it
             "connections_open": len(ctx.connections),
             "websockets_open": len(ctx.websockets),  # proxied and terminated
             "access_log_lines": cast(AccessLog, self._access_log).lines,

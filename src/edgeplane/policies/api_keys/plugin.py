@@ -62,6 +62,7 @@ class ApiKeyStage(FastStage):
         key = self.store.lookup(presented) if presented is not None else None
         if key is None:
             why = "missing API key" if presented is None else "invalid API key"
+            proto.ctx.count_refusal("authorizer", self.name)
             proto.send_error(req, 403, f"{self.name}: {why}")
             return False
         req.api_key = key

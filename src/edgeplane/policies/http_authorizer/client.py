@@ -149,6 +149,7 @@ class HttpAuthorizerStage(FastStage):
     def __call__(self, proto: HttpProtocol, req: Request) -> bool | None:
         identity = self._identity(proto, req)
         if identity is None:
+            proto.ctx.count_refusal("authorizer", self.name)
             proto.send_error(req, 401, f"{self.name}: missing identity source")
             return False
         hit = self.client.cached(identity, time.monotonic())
@@ -181,6 +182,7 @@ class HttpAuthorizerStage(FastStage):
 
     def _decide(self, proto: HttpProtocol, req: Request, allowed: bool, context: dict) -> bool:
         if not allowed:
+            proto.ctx.count_refusal("authorizer", self.name)
             proto.send_error(req, 403, f"{self.name}: not authorized")
             return False
         req.auth_context = context

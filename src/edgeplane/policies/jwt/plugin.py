@@ -139,6 +139,7 @@ class JwtStage(FastStage):
             extra = ("www-authenticate: " + www_authenticate(
                 "insufficient_scope", "the token lacks the scopes of this route",
                 " ".join(self.scopes)) + "\r\n").encode()
+            proto.ctx.count_refusal("authorizer", self.name)
             proto.send_error(req, 403, "insufficient_scope", extra=extra)
             return False
         # Request.claims is declared `dict | None` (http.request); a Claims reads the same way.
@@ -159,6 +160,7 @@ class JwtStage(FastStage):
     def _refuse(self, proto: HttpProtocol, req: Request, description: str) -> None:
         extra = ("www-authenticate: " + www_authenticate("invalid_token", description)
                  + "\r\n").encode()
+        proto.ctx.count_refusal("authorizer", self.name)
         proto.send_error(req, 401, f"{self.name}: {description}", extra=extra)
 
 
