@@ -38,7 +38,7 @@ class Stats:
         self.requests_total = 0
         self.errors: dict[str, int] = {}
         # (policy, level or name) -> requests it refused: ("throttle", "route"),
-        # ("quota", plan), ("websocket", api). Counted on the refusal path only.
+        # ("quota", plan), ("authorizer", name). Counted on the refusal path only.
         self.refused: dict[tuple[str, str], int] = {}
         # WebSockets, counted when each closes: (kind, direction) -> messages, where kind
         # is "proxied" or "api" and direction "received" (from the client) or "sent";
@@ -51,7 +51,15 @@ class Stats:
             "connections_total": self.connections_total,
             "requests_total": self.requests_total,
             "errors": dict(sorted(self.errors.items())),
+            "refused": self.refused_by_policy(),
         }
+
+    def refused_by_policy(self) -> dict[str, dict[str, int]]:
+        """`refused` as `{policy: {level or name: count}}` (`/stats`)."""
+        out: dict[str, dict[str, int]] = {}
+        for (policy, level), n in sorted(self.refused.items()):
+            out.setdefault(policy, {})[level] = n
+        return out
 
 
 def connection_cap(limits: Limits, snapshot: Any) -> int:

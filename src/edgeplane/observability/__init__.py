@@ -8,4 +8,6 @@
 - `aggregate`: the per-worker files that make `/metrics` and `/stats` one view of every
   worker, and keep counters from going down when a worker restarts.
 - `exposition`: the Prometheus text format and OpenMetrics.
+- `dashboard`: the admin listener's `GET /` page and its sign-in page (HTML, script and
+  styles inline, in `static/`), which read `/stats`, `/metrics`, `/routes`, `/upstreams`.
 """

@@ -2,16 +2,20 @@
 
 Owns the admin routes, compiled into an ordinary snapshot whose integrations are
 `FunctionIntegration`s:
+- `GET /`: the dashboard (`observability.dashboard`); without the token its 401 is a
+  sign-in page rather than JSON;
 - `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "draining"}` during shutdown;
 - `GET /ready`: 200 `{"status": "ready"}` once the config is loaded and every listener
   bound, 503 `{"status": "not ready"}` before that and from the moment the stop begins
   (through `drain_delay` and the drain: the admin listener is the last one closed);
-- `GET /upstreams`: per-upstream, per-target pool and per-connection telemetry;
+- `GET /upstreams`: per-upstream, per-target health, pool and per-connection telemetry
+  (of the worker that answers);
 - `GET /stats`: connection, request and error counters of the data listeners, merged
   over every worker (`?per_worker=1` adds each worker's own);
 - `GET /metrics`: Prometheus metrics of every worker, merged (`observability`): the text
   format, or OpenMetrics when `Accept` asks for it;
-- `GET /routes`: the compiled route table in match-priority order;
+- `GET /routes`: the compiled route table in match-priority order, with each route's
+  upstream and policies (authorizer, throttle levels, CORS);
 - `POST|GET|DELETE /@connections/{id}`: the WebSocket API management API (AWS's
   @connections): send a message to a client, describe it, disconnect it. An id of a
   connection this worker does not hold is forwarded to its owner (`ws_connections`):
@@ -22,7 +26,8 @@ Owns the admin routes, compiled into an ordinary snapshot whose integrations are
 Who may call (`AdminAuth`, a stage on every route but the `admin.public_paths`): all
 the configured credentials, a verified client certificate (`admin.auth.mtls`) and a
 bearer token equal to the one read at load (`hmac.compare_digest`). Anything else is
-401 with `WWW-Authenticate: Bearer realm="edgeplane-admin"` and `{"message": ...}`.
+401 with `WWW-Authenticate: Bearer realm="edgeplane-admin"` and `{"message": ...}` (on
+`GET /`, a missing or wrong token gets the dashboard's sign-in page as the body instead).
 Without credentials the app is anonymous only when the config says so
 (`admin.insecure`); `build_admin_snapshot` refuses a listener that is neither.
 
@@ -36,6 +41,7 @@ TCP it grants nothing and is ignored; a POST body larger than the connection's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import os
 import socket
@@ -44,9 +50,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httptools
 import orjson
 
-from edgeplane.config.model import AdminConfig, Integration, RouteConfig
+from edgeplane.config.model import AdminConfig, Config, Integration, RouteConfig
 from edgeplane.http.request import header_all
 from edgeplane.http.tls import ListenerTls
+from edgeplane.observability.dashboard import HTML_TYPE, DashboardIntegration, pages
 from edgeplane.routing.router import compile_routes
 from edgeplane.routing.snapshot import CompiledRoute, FunctionIntegration, Snapshot
 
@@ -95,16 +102,18 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
         return _json(503, {"status": "not ready"})
 
     def upstreams(req):
-        return _json(200, {"upstreams": gateway.upstream_telemetry()})
+        return _json(200, {"pid": os.getpid(), "upstreams": gateway.upstream_telemetry()})
 
     def stats(req):
         per_worker = b"per_worker=1" in req.query.split(b"&") or b"per_worker=true" in req.query.split(b"&")
         return _json(200, gateway._metrics.stats(gateway, per_worker))
 
     def routes(req):
-        table = gateway._snapshot.router.table()
+        snapshot = gateway._snapshot
+        table = snapshot.router.table()
         return _json(200, {"routes": [
-            {"priority": i + 1, "route": rc.key, "host": rc.host, "integration": rc.integration.type}
+            {"priority": i + 1, "route": rc.key, "host": rc.host, "integration": rc.integration.type,
+             **route_view(snapshot.config, rc)}
             for i, rc in enumerate(table)
         ]})
 
@@ -123,6 +132,10 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
         stages = () if path in admin.public_paths else guarded
         compiled.append(CompiledRoute(rc, rc.key, stages, FunctionIntegration(fn)))
         pairs.append((rc, compiled[-1]))
+    rc = RouteConfig(key="GET /", method="GET", path="/", host=None, integration=_PLACEHOLDER, index=len(compiled))
+    compiled.append(CompiledRoute(rc, rc.key, (auth.for_dashboard(),) if auth is not None else (),
+                                  DashboardIntegration()))
+    pairs.append((rc, compiled[-1]))
     registry = getattr(gateway, "_ws_registry", None)
     if registry is not None:
         for method in ("POST", "GET", "DELETE", "ANY"):
@@ -181,6 +194,31 @@ class ReloadIntegration:
             _answer(proto, req, status, orjson.dumps(body))
 
 
+def route_view(config: Config | None, rc: RouteConfig) -> dict[str, Any]:
+    """What `/routes` tells of a route beyond its key: its upstream, the policies that act
+    on it in chain order (as `edgeplane routes` lists them), its authorizer, the throttle
+    levels it passes (its own, then the server's) and the CORS settings that apply."""
+    if config is None:
+        return {}
+    auth = config.authorizers.get(rc.auth) if rc.auth else None
+    registry = config.registry
+    levels = (("route", rc.policies.get("throttle")), ("server", config.policies.get("throttle")))
+    own_cors = rc.policies.get("cors")
+    cors = None if own_cors is False else own_cors or config.policies.get("cors")
+    return {
+        "upstream": rc.integration.upstream,
+        "policies": [p.name for p in registry.policies() if p.applies(rc, config)] if registry is not None else [],
+        "auth": {"name": rc.auth, "type": getattr(auth, "type", None), "scopes": list(rc.scopes)} if rc.auth else None,
+        "throttle": [{"level": level, **_plain(t)} for level, t in levels if t is not None],
+        "cors": {"source": "route" if own_cors else "server", **_plain(cors)} if cors is not None else None,
+    }
+
+
+def _plain(settings: Any) -> dict[str, Any]:
+    """A policy's settings (a dataclass) as JSON-ready values."""
+    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) and not isinstance(settings, type) else {}
+
+
 def admin_listener_tls(admin: AdminConfig) -> ListenerTls | None:
     """The admin listener's TLS context (None: plain HTTP), built like the data plane's."""
     return ListenerTls.from_config(admin.tls) if admin.tls is not None else None
@@ -210,11 +248,17 @@ def admin_auth(admin: AdminConfig) -> AdminAuth | None:
 class AdminAuth:
     """Stage: the caller presents every configured credential, or gets 401."""
 
-    __slots__ = ("token", "mtls")
+    __slots__ = ("token", "mtls", "signin")
 
-    def __init__(self, token: bytes | None, mtls: bool) -> None:
+    def __init__(self, token: bytes | None, mtls: bool, signin: bool = False) -> None:
         self.token = token
         self.mtls = mtls
+        # `GET /`: a browser that sent no token, or a wrong one, gets the dashboard's
+        # sign-in page (HTML) as the 401's body rather than JSON.
+        self.signin = signin
+
+    def for_dashboard(self) -> AdminAuth:
+        return AdminAuth(self.token, self.mtls, signin=True)
 
     def __call__(self, proto: HttpProtocol, req: Request) -> bool:
         if on_worker_socket(proto):
@@ -226,10 +270,19 @@ class AdminAuth:
         if self.token is not None:
             presented = _bearer(req)
             if presented is None:
-                return _refuse(proto, req, "admin: no bearer token", _CHALLENGE)
+                return self._refuse_token(proto, req, "admin: no bearer token", _CHALLENGE)
             if not hmac.compare_digest(presented, self.token):
-                return _refuse(proto, req, "admin: wrong bearer token", _CHALLENGE_INVALID)
+                return self._refuse_token(proto, req, "admin: wrong bearer token", _CHALLENGE_INVALID)
         return True
+
+    def _refuse_token(self, proto: HttpProtocol, req: Request, reason: str, challenge: bytes) -> bool:
+        if not self.signin:
+            return _refuse(proto, req, reason, challenge)
+        found = pages()
+        req.error = reason
+        proto.ctx.count_error("401")
+        proto.send_local(req, 401, found.signin, HTML_TYPE, extra=challenge + found.headers)
+        return False
 
 
 def on_worker_socket(proto: HttpProtocol) -> bool:

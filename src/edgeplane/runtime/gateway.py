@@ -51,6 +51,7 @@ from edgeplane.http.protocol import HttpProtocol
 from edgeplane.http.responses import DateHeader
 from edgeplane.http.tls import ListenerTls
 from edgeplane.observability.collect import VERSION, WorkerMetrics
+from edgeplane.observability.metrics import DENIED
 from edgeplane.observability.otlp import tracer_for
 from edgeplane.observability.tracing import Tracer
 from edgeplane.plugins.base import RuntimeContext
@@ -574,6 +575,7 @@ class Gateway(GatewayWebSockets):
         ctx = cast(ServerContext, self._context)  # stats are asked of a started gateway
         out: dict[str, Any] = {
             "pid": os.getpid(),
+            "config_hash": self._config_hash,  # as the reload log lines and edgeplane_config_info show it
             "connections_open": len(ctx.connections),
             "websockets_open": len(ctx.websockets),  # proxied and terminated
             "access_log_lines": cast(AccessLog, self._access_log).lines,
@@ -586,6 +588,10 @@ class Gateway(GatewayWebSockets):
             **({"websockets": self._ws_registry.telemetry()}
                if self._ws_registry is not None and self.config.websocket_apis else {}),
         }
+        # authorizer refusals (401/403) by authorizer: the `denied` decisions of /metrics
+        denied = {name: counts[DENIED] for name, counts in self._metrics.authorizers.by_name.items() if counts[DENIED]}
+        if denied:
+            out["refused"]["authorizer"] = denied
         if self._runtime is not None:
             for policy in self.config.registry.policies():
                 for section, values in (policy.stats(self._runtime) or {}).items():

@@ -535,6 +535,9 @@ class TargetPool:
     def telemetry(self, now: float) -> dict[str, Any]:
         return {
             "target": self.name,
+            # down: a connect failed within the last second, so `Upstream.pick` skips it
+            "health": "down" if self.down_until > now else "up",
+            "max_connections": self.cfg.max_connections,
             "opened": self.opened,
             "reused": self.reused,
             "requests": self.requests,
