@@ -67,6 +67,10 @@ def budget(results: list[dict], ratio_rows: list[dict]) -> list[dict]:
                      p99 is not None and ol["errors_total"] == 0 and p99 <= 2.0))
     if ol and ol.get("note"):
         rows[-1]["note"] = "load generator was late; see the open-loop note"
+    off, obs = _find(results, GATEWAY, "full-off"), _find(results, GATEWAY, "full-obs")
+    if off and obs and off.get("req_per_cpu_s") and obs.get("req_per_cpu_s"):
+        kept = round(obs["req_per_cpu_s"] / off["req_per_cpu_s"], 3)
+        rows.append(_row("full-obs / full-off req per CPU-s (observability's cost)", ">= 0.9", kept, kept >= 0.9))
     plain = _find(results, GATEWAY, "plain")
     rss = plain and plain.get("rss_idle_worker_mib")
     rows.append(_row("RSS per idle worker (MiB)", "<= 60", rss, rss is not None and rss <= 60))

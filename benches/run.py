@@ -320,10 +320,16 @@ def bench_gateway(ctx: Ctx, s: Scenario, version: str) -> list[dict]:
     d = ctx.workdir / f"edgeplane-{s.name}"
     d.mkdir(exist_ok=True)
     cfg_path = d / "edgeplane.yaml"
+    sink = None
+    otlp_port = free_port() if s.tracing else None
+    if otlp_port is not None:  # a stand-in collector, on the load's cores
+        sink = ctx.procs.start(f"otlp-sink-{s.name}", [sys.executable, str(BENCH_DIR / "otlp_sink.py"),
+                                                       str(otlp_port)], ctx.plan.load)
     cfg = gateway_config(s, port=port, admin_port=admin, upstream_port=ctx.upstream_port,
-                         workers=ctx.args.workers, workdir=d)
+                         workers=ctx.args.workers, workdir=d, otlp_port=otlp_port)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
     name = f"edgeplane-{s.name}"
+    # the gateway's stdout (an access log to stdout) goes to its log file, as under systemd
     proc = ctx.procs.start(name, edgeplane_argv() + ["serve", "-c", str(cfg_path)], ctx.plan.server)
     try:
         _ready(ctx, name, proc, port, expect=401 if s.jwt else 200)  # no token: 401 means up
@@ -335,13 +341,15 @@ def bench_gateway(ctx: Ctx, s: Scenario, version: str) -> list[dict]:
         return out
     finally:
         ctx.procs.stop(proc)
+        if sink is not None:
+            ctx.procs.stop(sink)
 
 
 def _gateway_extras(r: dict, admin: int, d: Path, s: Scenario) -> None:
     stats = _admin_get(admin, "/stats")
     if stats is not None:
         r["admin_stats"] = stats
-    if s.access_log:
+    if s.access_log == "file":
         time.sleep(1.0)  # the access log flushes every 500 ms
         log = d / "access.log"
         r["access_log_lines"] = sum(1 for _ in log.open("rb")) if log.exists() else 0

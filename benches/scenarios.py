@@ -10,6 +10,12 @@
 | `post-1k`       | POST /echo, 1 KiB body          | as plain (the upstream echoes the body as JSON)  | proxy      |
 | `resp-64k`      | GET /bytes/65536                | as plain                                         | proxy      |
 | `keepalive-off` | GET /2b, `Connection: close`    | as plain; a new client connection per request    | proxy      |
+| `full-off`      | GET /2b + a signed JWT          | as full, every observability output off: access  | (vs plain) |
+|                 |                                 | log off, no tracing, no scrape (metrics count:   |            |
+|                 |                                 | they cannot be turned off)                       |            |
+| `full-obs`      | GET /2b + a signed JWT          | as full-off + the default access log to stdout   | (vs plain) |
+|                 |                                 | (the server's log file) + tracing at 1 % to an   |            |
+|                 |                                 | OTLP sink + /metrics scraped every second        |            |
 
 `full` also has a per-client throttle keyed by the JWT `sub`, with limits too high to
 reject, on one worker (per-client throttling is per process until the shared buckets
@@ -35,9 +41,10 @@ class Scenario:
     body_size: int = 0
     keepalive: bool = True
     mock: bool = False
-    access_log: bool = False
+    access_log: str = "off"  # "off", "file" (workdir/access.log) or "stdout"
     jwt: bool = False  # a JWT authorizer on the route; the load sends a signed token
     scrape_telemetry: bool = False
+    tracing: float = 0.0  # > 0: tracing at this sample ratio, exported to benches/otlp_sink.py
     peer_mode: str | None = "proxy"  # "proxy", "fixed", or None: compared with the peers' plain
     note: str | None = None
 
@@ -47,11 +54,15 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("plain", "proxy route, no policy, access log off"),
         Scenario("full", "proxy route + JWT authorizer + access log to a file + request id + telemetry scrape",
-                 access_log=True, jwt=True, scrape_telemetry=True, peer_mode=None, note=FULL_NOTE),
+                 access_log="file", jwt=True, scrape_telemetry=True, peer_mode=None, note=FULL_NOTE),
         Scenario("mock", "mock integration (the gateway alone)", mock=True, peer_mode="fixed"),
         Scenario("post-1k", "1 KiB POST echoed by the upstream", path="/echo", method="POST", body_size=1024),
         Scenario("resp-64k", "64 KiB response", path="/bytes/65536"),
         Scenario("keepalive-off", "a new client connection per request", keepalive=False),
+        Scenario("full-off", "as full with access log, tracing and scrape off (the observability baseline)",
+                 jwt=True, peer_mode=None),
+        Scenario("full-obs", "as full-off + default access log to stdout + tracing 1 % + /metrics scrape",
+                 access_log="stdout", jwt=True, scrape_telemetry=True, tracing=0.01, peer_mode=None),
     )
 }
 
@@ -67,7 +78,7 @@ def parse_list(text: str) -> list[Scenario]:
 
 
 def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: int,
-                   workers: int, workdir: Path) -> dict:
+                   workers: int, workdir: Path, otlp_port: int | None = None) -> dict:
     """The gateway config for scenario `s` (written as YAML-compatible JSON)."""
     if s.mock:
         route = {"route": "$default", "integration": {"type": "mock", "status": 200, "body": "ok",
@@ -75,8 +86,10 @@ def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: in
     else:
         route = {"route": "$default", "integration": {"type": "http", "upstream": "demo"}}
     access_log: dict = {"destination": "off"}
-    if s.access_log:
+    if s.access_log == "file":
         access_log = {"destination": "file", "path": str(workdir / "access.log")}
+    elif s.access_log == "stdout":
+        access_log = {"destination": "stdout"}
     authorizers = {}
     if s.jwt:
         jwks_path, _ = jwt_material(workdir)
@@ -86,7 +99,11 @@ def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: in
         if workers == 1:  # per-client throttling is per process until shared buckets are wired
             route["throttle"] = {"rate": 1e9, "burst": 1_000_000, "key": "$context.authorizer.claims.sub"}
         route["route"] = "GET /{proxy+}"  # $default routes take no authorizer in AWS; a greedy one does
+    extra: dict = {}
+    if s.tracing:
+        extra["tracing"] = {"sample_ratio": s.tracing, "otlp": {"endpoint": f"http://127.0.0.1:{otlp_port}/v1/traces"}}
     return {
+        **extra,
         "authorizers": authorizers,
         "listen": [f"127.0.0.1:{port}"],
         "workers": workers,
