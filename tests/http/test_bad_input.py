@@ -161,7 +161,7 @@ async def test_error_is_logged_once_without_exception_text(upstream, gateway, tm
     assert r.status == 400 and r.body == b'{"message":"Bad Request"}'
     assert await c.closed(timeout=2)
     await c.close()
-    gw._access_log.flush()
+    gw._access_log.flush(wait=2.0)
     lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines()]
     assert len(lines) == 1
     assert lines[0]["status"] == 400 and lines[0]["error"].startswith("malformed request")
@@ -203,7 +203,7 @@ async def test_each_error_counted_and_logged_once(upstream, gateway, tmp_path):
         await c.close()
     stats = await admin_json(gw, "/stats")
     assert stats["errors"] == {"400": 1, "404": 1, "408": 1, "413": 1, "431": 1, "502": 1, "504": 1}
-    gw._access_log.flush()
+    gw._access_log.flush(wait=2.0)
     lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines()]
     assert sorted(line["status"] for line in lines) == sorted(status for _, status in sends)
     for line in lines:

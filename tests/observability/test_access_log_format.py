@@ -46,7 +46,7 @@ async def get(addr, path: str, headers: dict | None = None):
 
 async def lines_of(gw: Gateway, log_path, n: int) -> list[str]:
     for _ in range(100):
-        gw._access_log.flush()
+        gw._access_log.flush(wait=2.0)
         text = log_path.read_text() if log_path.exists() else ""
         if text.count("\n") >= n:
             return text.splitlines()
@@ -132,7 +132,7 @@ async def test_a_destination_that_blocks_never_stalls_requests_and_drops_are_cou
                 assert (await c.request("GET", "/teapot")).status == 418
         finally:
             await c.close()
-        gw._access_log.flush()
+        gw._access_log.flush()  # the writer is blocked: do not wait for it
         stats = gw.stats()
         assert stats["access_log_lines"] == 600
         assert stats["access_log_dropped"] > 400  # most of it: only the pipe and the queue took any
@@ -152,7 +152,7 @@ async def test_embedders_get_records_by_callback_and_lines_through_python_loggin
     await gw.start()
     try:
         assert (await get(gw.addresses[0], "/teapot")).status == 418
-        gw._access_log.flush()
+        gw._access_log.flush(wait=2.0)
         for _ in range(100):
             if any(r.name == "edgeplane.access" for r in caplog.records):
                 break

@@ -188,7 +188,7 @@ async def test_sampling_is_parent_based_and_every_request_gets_a_trace_id(upstre
         # an invalid traceparent (upper-case hex) starts a new trace, not continued
         r = await get(gw.addresses[0], "/open", {"traceparent": f"00-{TRACE.upper()}-{PARENT}-01"})
         assert parse_traceparent(json.loads(r.body)["headers"]["traceparent"].encode())[0] != TRACE.lower()
-        gw._access_log.flush()
+        gw._access_log.flush(wait=2.0)
         for _ in range(100):
             lines = (tmp_path / "access.log").read_text().splitlines() if (tmp_path / "access.log").exists() else []
             if len(lines) == 4:

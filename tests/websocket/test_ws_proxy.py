@@ -122,7 +122,7 @@ async def test_upstream_close_handshake_reaches_the_client_and_is_logged(gateway
         if not gw._context.websockets:
             break
         await asyncio.sleep(0.02)
-    gw._access_log.flush()
+    gw._access_log.flush(wait=2.0)
     line = json.loads(log.read_text().splitlines()[-1])
     assert line["status"] == 101 and line["routeKey"] == "GET /ws"
     ws = line["websocket"]

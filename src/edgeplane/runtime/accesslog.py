@@ -159,23 +159,26 @@ class AccessLog:
             fields["context"] = req.context
         return fields
 
-    def flush(self) -> None:
-        """Hand what is buffered to the writer thread (never blocks), and the records to
-        the embedder's callback."""
+    def flush(self, wait: float = 0.0) -> None:
+        """Hand what is buffered to the writer thread, and the records to the embedder's
+        callback. Never blocks, unless asked to `wait` (seconds, at most) until the
+        writer has written it all (tests; never on the event loop of a serving gateway)."""
         if self._records:
             records, self._records = self._records, []
             try:
                 cast(Callable[[list[dict[str, Any]]], None], self.callback)(records)
             except Exception:  # an embedder's bug: logged, the gateway goes on
                 logging.getLogger("edgeplane.server").exception("access log callback failed")
-        if not self._buf:
-            return
-        data = b"".join(self._buf)
-        lines = len(self._buf)
-        self._buf.clear()
-        self._size = 0
-        if self._writer is not None:
-            self._writer.submit(data, lines)
+        writer = self._writer
+        if self._buf:
+            data = b"".join(self._buf)
+            lines = len(self._buf)
+            self._buf.clear()
+            self._size = 0
+            if writer is not None:
+                writer.submit(data, lines)
+        if wait > 0 and writer is not None:
+            writer.wait_idle(wait)
 
     def reopen(self) -> bool:
         """Open the log file again (after logrotate renamed it); False when the

@@ -80,6 +80,12 @@ class LineWriter:
             log.warning("access log: the destination did not take the last lines in %.0fs; "
                         "%d line(s) dropped in all", timeout, self.dropped)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until everything submitted is written (tests, and a flush asked to
+        wait); False when `timeout` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._pending, timeout)
+
     @property
     def pending(self) -> int:
         return self._pending
@@ -100,6 +106,7 @@ class LineWriter:
             self._write(data, extra)
             with self._cond:
                 self._pending -= len(data)
+                self._cond.notify_all()  # wait_idle
         if self._owns_fd:
             os.close(self._fd)
 
