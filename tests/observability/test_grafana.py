@@ -160,6 +160,7 @@ def _config(upstream_port: int, tmp_path) -> tuple[dict, str]:
         "partners": {"type": "api_key", "keys_file": str(keys)},
     }
     cfg["usage_plans"] = {"free": {"quota": {"limit": 1, "period": "DAY"}}}
+    cfg["tracing"] = {"otlp": {"endpoint": demo + "/v1/traces"}}  # the demo answers 200: a stand-in collector
     cfg["data_dir"] = str(tmp_path / "data")
     cfg["websocket_apis"] = {"chat": {"path": "/chat", "routes": {"$default": {
         "integration": {"type": "http", "upstream": "demo"}, "return_response": True}}}}
@@ -184,6 +185,8 @@ async def test_every_expression_names_metrics_that_metrics_exports(upstream, gat
         assert (await c.request("POST", "/users/1", body=b"hello")).status == 200
         assert [(await c.request("GET", "/slow")).status for _ in range(2)] == [200, 429]
         assert (await c.request("GET", "/jwt")).status == 401
+        bad = {"authorization": "Bearer not.a.jwt"}  # twice: the second from the negative cache
+        assert [(await c.request("GET", "/jwt", headers=bad)).status for _ in range(2)] == [401, 401]
         assert (await c.request("GET", "/custom", headers={"authorization": "x"})).status == 500
         statuses = [(await c.request("GET", "/plan", headers={"x-api-key": key})).status for _ in range(2)]
         assert statuses == [200, 429]
