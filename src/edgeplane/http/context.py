@@ -6,7 +6,8 @@ Date header, the access log, the request metrics and the request-id generator. O
 `ServerContext` per listener group in a worker process.
 
 `request_done(req, proto)` is where every request ends (answered, cut or failed): it is
-counted in the metrics (`observability.metrics.observe`) and logged, once.
+counted in the metrics (`observability.metrics.observe`), its spans finished when
+tracing is on (`observability.tracing`), and logged, once.
 """
 
 from __future__ import annotations
