@@ -16,7 +16,8 @@ installed in your own package):
 What it does, on each route that sets `tenant:`:
 - request (phase AUTHORIZATION, after the authorizers): a missing or unlisted tenant is
   answered by the gateway with `status` and `{"message": message}`; an allowed one is put
-  in the request's `context` (the access log records it under `context.tenant`);
+  in the request's `context` (the access log records it under `context.tenant`, and a
+  custom `access_log.format` can name it `$context.tenant`);
 - response: every answer of the route carries `X-Tenant: <tenant>` (upstream answers and
   the gateway's own alike), so a caller can see whose data it got.
 """
@@ -53,6 +54,8 @@ class TenantHeader(Policy):
     name = "tenant"
     phase = Phase.AUTHORIZATION
     route_keys = {"tenant": _SCHEMA}
+    # what `request.context` gets: `$context.tenant` in an `access_log.format`
+    context_variables = {"tenant": "the caller's tenant, once the tenant check allowed it"}
 
     def load_route(self, key: str, value: Any, path: tuple[Any, ...], ctx: Any) -> TenantSettings | None:
         if not isinstance(value, dict) or not isinstance(value.get("allowed"), list):

@@ -79,6 +79,29 @@ async def test_the_example_plugin_refuses_stamps_and_logs_through_a_real_gateway
     assert gw.stats()["errors"].get("403") == 2
 
 
+async def test_a_plugins_context_key_is_an_access_log_variable(example_path, upstream, tmp_path):
+    log_file = tmp_path / "access.log"
+    path = _config_file(tmp_path, upstream.port, log_file)
+    path.write_text(path.read_text().replace(
+        f"access_log: {{destination: file, path: {log_file}}}",
+        f"access_log: {{destination: file, path: {log_file}, format: '$context.tenant $context.status'}}"))
+    gw = Gateway(path)
+    await gw.start()
+    try:
+        client = await RawClient.connect(gw.addresses[0])
+        assert (await client.request("GET", "/orders/7", headers={"X-Tenant": "globex"})).status == 200
+        assert (await client.request("GET", "/open")).status == 200
+        client.writer.close()
+    finally:
+        await gw.stop()
+    assert log_file.read_text().splitlines() == ["globex 200", "- 200"]
+    # without the plugin, the name is unknown: a located error
+    with pytest.raises(ConfigError) as exc:
+        load_config({"listen": "127.0.0.1:0", "access_log": {"format": "$context.tenant"},
+                     "routes": [{"route": "GET /x", "integration": {"type": "mock"}}]})
+    assert exc.value.errors[0].startswith("access_log.format: unknown variable $context.tenant")
+
+
 def test_the_example_plugins_config_errors_are_located(example_path, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("""\
