@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -304,18 +305,24 @@ def _generate(parts: list[bytes | _Slot]) -> Render:
 def _split(template: str, plugin_names: Mapping[str, str], where: str | None) -> list[tuple[str, Variable | None]]:
     """`template` as (text, None) and (name, variable) pieces."""
     out: list[tuple[str, Variable | None]] = []
+    unknown: list[str] = []
     pos = 0
     for m in _VAR.finditer(template):
         out.append((template[pos:m.start()], None))
         var = variable(m.group(1), plugin_names)
         if var is None:
-            place = where if where is not None else f"offset {m.start()}"
-            raise FormatError(f"unknown variable $context.{m.group(1)} (at {place}); known: "
-                              + ", ".join(f"$context.{n}" for n in VARIABLES)
-                              + ", $context.authorizer.claims.NAME, $context.authorizer.NAME"
-                              + "".join(f", $context.{n}" for n in plugin_names), where)
+            close = difflib.get_close_matches(m.group(1), [*VARIABLES, *plugin_names], n=1, cutoff=0.6)
+            unknown.append(f"$context.{m.group(1)} (" + (f"at offset {m.start()}" if where is None else "")
+                           + (", " if where is None and close else "")
+                           + (f"did you mean $context.{close[0]}?" if close else "") + ")")
         out.append((m.group(1), var))
         pos = m.end()
+    if unknown:
+        raise FormatError(("unknown variable " if len(unknown) == 1 else "unknown variables ")
+                          + ", ".join(u.replace(" ()", "") for u in unknown)
+                          + "; the variables are listed in the README (Access log), with "
+                          "$context.authorizer.claims.NAME, $context.authorizer.NAME and those of loaded plugins",
+                          where)
     out.append((template[pos:], None))
     return out
 
