@@ -113,6 +113,10 @@ def test_unknown_variables_and_broken_templates_are_located_errors(tmp_path):
     assert err.startswith("access_log.format: the format starts with '{' but is not a JSON template")
     (err,) = errors({"nested": {"a": "$context.status"}})
     assert err.startswith("access_log.format.nested: a value must be a string")
+    (err,) = errors({"big": 2**70})
+    assert err.startswith("access_log.format.big: a constant JSON cannot hold")
+    (err,) = errors("$context.status\t$context.path")
+    assert err.startswith("access_log.format: a format cannot contain control characters")
     fmt = "$context.authorizer.claims.email $context.authorizer.tenant"
     ok = load_config(base_config(1, access_log={"format": fmt}))
     assert ok.access_log.render is not None

@@ -50,9 +50,10 @@ async def test_json_log_lines_carry_the_request_id(upstream, tmp_path):
         assert "forwarded claim" in found["message"] and found["pid"] != proc.pid  # a worker's
         assert found["time"].endswith("Z")
         assert await _stop(proc, drain) == 0
-        # every line but the ready line (printed for scripts) is a JSON object
-        text = [x for x in lines if x.strip() and not x.startswith("edgeplane ready")]
+        # every line is a JSON object, the ready line too (its message is the usual text)
+        text = [x for x in lines if x.strip()]
         assert text and all(isinstance(json.loads(x), dict) for x in text), text
+        assert any(json.loads(x)["message"].startswith("edgeplane ready: 2 workers") for x in text)
     finally:
         if proc.returncode is None:
             proc.kill()

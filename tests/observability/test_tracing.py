@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from test_metrics import scrape, value
 
 from conftest import RawClient, base_config
+from edgeplane import Gateway
 from edgeplane.observability.tracing import parse_traceparent
 
 pytestmark = pytest.mark.timeout(60)
@@ -185,9 +186,12 @@ async def test_sampling_is_parent_based_and_every_request_gets_a_trace_id(upstre
         await get(gw.addresses[0], "/open", {"traceparent": f"00-{TRACE}-{PARENT}-01"})
         spans = await receiver.until(2)
         assert {s.trace_id.hex() for s in spans} == {TRACE} and len(spans) == 2
-        # an invalid traceparent (upper-case hex) starts a new trace, not continued
-        r = await get(gw.addresses[0], "/open", {"traceparent": f"00-{TRACE.upper()}-{PARENT}-01"})
-        assert parse_traceparent(json.loads(r.body)["headers"]["traceparent"].encode())[0] != TRACE.lower()
+        # an invalid traceparent (upper-case hex) starts a new trace, not continued, and its
+        # tracestate is not forwarded (W3C: it belongs to the trace that was not continued)
+        r = await get(gw.addresses[0], "/open", {"traceparent": f"00-{TRACE.upper()}-{PARENT}-01",
+                                                  "tracestate": "vendor=abc"})
+        seen = json.loads(r.body)["headers"]
+        assert parse_traceparent(seen["traceparent"].encode())[0] != TRACE.lower() and "tracestate" not in seen
         gw._access_log.flush(wait=2.0)
         for _ in range(100):
             lines = (tmp_path / "access.log").read_text().splitlines() if (tmp_path / "access.log").exists() else []
@@ -201,15 +205,16 @@ async def test_sampling_is_parent_based_and_every_request_gets_a_trace_id(upstre
         auth.close()
 
 
-async def test_a_collector_that_is_down_costs_requests_nothing_and_drops_are_counted(upstream, gateway):
+async def test_a_collector_that_is_down_costs_requests_nothing_and_drops_are_counted(upstream, caplog):
     down = await OtlpReceiver(status=503).start()
     auth = await authorizer_server([])
     try:
         cfg = traced_config(upstream.port, down.endpoint, auth.sockets[0].getsockname()[1], max_queue=4)
-        gw = await gateway(cfg)
+        gw = Gateway(cfg)
+        await gw.start()
         c = await RawClient.connect(gw.addresses[0])
         try:
-            for _ in range(20):  # each request: 1 span (no authorizer on /open) + 1 integration span
+            for _ in range(200):  # each request: 1 span (no authorizer on /open) + 1 integration span
                 assert (await c.request("GET", "/open")).status == 200
         finally:
             await c.close()
@@ -217,8 +222,17 @@ async def test_a_collector_that_is_down_costs_requests_nothing_and_drops_are_cou
         _, fam = await scrape(gw.admin_address)
         failed = value(fam, "edgeplane_trace_spans_total", result="failed")
         dropped = value(fam, "edgeplane_trace_spans_total", result="dropped")
-        assert failed > 0 and dropped > 0 and failed + dropped == 40
+        queued = gw.stats()["tracing"]["queued"]
+        assert failed > 0 and dropped > 0 and failed + dropped + queued == 400
         assert gw.stats()["tracing"]["failed"] == failed
+        # the exporter backs off: a handful of attempts, not one per request
+        assert 1 <= len(down.requests) <= 8
+        await gw.stop(drain_timeout=1.0)
+        # at stop what was still queued is tried once more, then counted: nothing vanishes
+        stats = gw.stats()["tracing"]
+        assert stats["queued"] == 0 and stats["failed"] + stats["dropped"] == 400
+        warnings = [r for r in caplog.records if r.name == "edgeplane.tracing"]
+        assert len(warnings) == 1  # at most once a minute
     finally:
         down.server.close()
         auth.close()

@@ -195,12 +195,18 @@ class ServerContext:
     def request_done(self, req: Any, proto: Any) -> None:
         """A request ended: counted, traced, then logged (see the module docstring)."""
         count_request(self.metrics.unmatched, req)
-        tracer = self.tracer
-        if tracer is not None:
-            tracer.finish(req, proto)
+        if self.tracer is not None:
+            self.trace_done(req, proto)
         access_log = self.access_log
         if access_log.enabled:
             access_log.record(req, proto)
+
+    def trace_done(self, req: Any, proto: Any) -> None:
+        """With tracing on: the request's spans, finished (`observability.tracing`)."""
+        try:
+            self.tracer.finish(req, proto)
+        except Exception:  # a bug: the request's spans are lost, never its log line
+            log.exception("tracing: the spans of request %r could not be finished", req.request_id)
 
     def count_websocket(self, kind: str, received: int, sent: int, code: int | None) -> None:
         """A WebSocket closed: its messages and its close code (`none`: no close frame)."""

@@ -159,7 +159,7 @@ class Replies:
             ctx = self.ctx
             ctx.count(req)
             if ctx.tracer is not None:
-                ctx.tracer.finish(req, self)
+                ctx.trace_done(req, self)
             access_log = ctx.access_log
             if access_log.enabled:
                 access_log.record(req, self)

@@ -80,7 +80,8 @@ class Request:
         self.integration_status = 0  # the status the upstream answered (0: none)
         self.auth_error: str | None = None  # why an authorizer refused or failed
         self.trace_id: str | None = None  # W3C trace id (32 hex digits) with tracing on
-        self.traceparent: bytes | None = None  # the client's `traceparent` header, as sent
+        # The client's `traceparent` header, as sent; None after `Tracer.begin` unless valid.
+        self.traceparent: bytes | None = None
         self.span: Any = None  # the request's server span (`observability.tracing`), when sampled
         # A WebSocket API's access-log event: (eventType, connectionId, messageId)
         self.ws_event: tuple[str, str, str | None] | None = None

@@ -68,7 +68,7 @@ VARIABLES: dict[str, Variable] = {
     "httpMethod": _v("r.method", "b", "GET, POST, ..."),
     "path": _v("r.path", "b", "The request path as routed (normalised)."),
     "routeKey": _v("r.route_key", "s", "The matched route key (`-` when none)."),
-    "protocol": _v("_PROTO[r.version]", "b", "HTTP/1.1 or HTTP/1.0."),
+    "protocol": _v("(_PROTO.get(r.version) or _proto(r.version))", "b", "HTTP/1.1 or HTTP/1.0."),
     "status": _v("r.status", "i", "The response status sent to the client."),
     "responseLength": _v("r.response_length", "i", "Response body bytes sent."),
     "requestTime": _v("(a.clf_bytes if int(r.t_wall) == a.clf_second else a.clf_at(r.t_wall))", "b",
@@ -125,13 +125,27 @@ def variable(name: str, plugin_names: Mapping[str, str]) -> Variable | None:
 
 # -- what the generated code calls ---------------------------------------------------------
 
+def _proto(version: str) -> bytes:
+    """`HTTP/<version>` of a version the gateway refused (0.9, 2.0: logged all the same)."""
+    return b"HTTP/" + version.encode("ascii", "replace")
+
+
+def _dumps(value: Any) -> bytes:
+    """`value` as JSON; what orjson cannot write (nested deeper than 254 levels, an
+    integer past 64 bits) becomes a JSON string of its `repr`, cut at 1,000 characters."""
+    try:
+        return orjson.dumps(value, default=repr)
+    except (TypeError, orjson.JSONEncodeError):
+        return orjson.dumps(repr(value)[:1000])
+
+
 def _any(value: Any) -> bytes | None:
     """A claim, authorizer-context or plugin value as bytes (str as UTF-8, others as JSON)."""
     if value is None or value.__class__ is bytes:
         return value
     if isinstance(value, str):
         return value.encode("utf-8", "replace")
-    return orjson.dumps(value, default=repr)
+    return _dumps(value)
 
 
 def json_escape(raw: bytes | None) -> bytes | None:
@@ -152,7 +166,7 @@ def json_value(value: Any) -> bytes:
     """`value` as a JSON value: `null` when absent; bytes as a string."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    return orjson.dumps(value, default=repr)
+    return _dumps(value)
 
 
 _SAFE_SET = frozenset(_SAFE)
@@ -219,7 +233,7 @@ def _response_type(r: Any) -> str | None:
 _NAMESPACE = {
     "_header": _header, "_claim": _claim, "_auth": _auth, "_plugin": _plugin, "_principal": _principal,
     "_ws": _ws, "_event_type": _event_type, "_response_type": _response_type,
-    "_PROTO": _PROTO, "_any": _any, "_ej": json_escape, "_el": line_escape, "_jv": json_value,
+    "_PROTO": _PROTO, "_proto": _proto, "_any": _any, "_ej": json_escape, "_el": line_escape, "_jv": json_value,
     "_S": _SAFE,
 }
 
@@ -354,9 +368,9 @@ def _extras(r: Any) -> bytes:
         event, conn, message = r.ws_event
         ws = {**(ws or {}), "eventType": event, "connectionId": conn, **({"messageId": message} if message else {})}
     if ws is not None:
-        out += b',"websocket":' + orjson.dumps(ws, default=repr)
+        out += b',"websocket":' + _dumps(ws)
     if r.context:
-        out += b',"context":' + orjson.dumps(r.context, default=repr)
+        out += b',"context":' + _dumps(r.context)
     return out
 
 
@@ -382,8 +396,8 @@ def compile_format(fmt: str | Mapping[str, Any], plugin_names: Mapping[str, str]
         return _compile_mapping(fmt, names)
     if fmt.lstrip().startswith("{"):
         return _compile_json_template(fmt, names)
-    if "\n" in fmt or "\r" in fmt:
-        raise FormatError("a line format cannot contain a line break")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in fmt):
+        raise FormatError("a format cannot contain control characters (a line break, a tab...)")
     parts: list[bytes | _Slot] = []
     for text, var in _split(fmt, names, None):
         parts.append(text.encode() if var is None else _Slot(var, "line"))
@@ -404,7 +418,10 @@ def _mapping_parts(fmt: Mapping[str, Any], names: Mapping[str, str]) -> list[byt
         if isinstance(value, (dict, list)):
             raise FormatError("a value must be a string (with $context variables) or a constant", str(key))
         if not isinstance(value, str):
-            parts.append(orjson.dumps(value))  # a constant
+            try:
+                parts.append(orjson.dumps(value))  # a constant
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                raise FormatError(f"a constant JSON cannot hold: {exc}", str(key)) from None
             continue
         pieces = _split(value, names, str(key))
         if len(pieces) == 3 and pieces[0][0] == "" and pieces[2][0] == "" and pieces[1][1] is not None:
@@ -421,7 +438,12 @@ def _mapping_parts(fmt: Mapping[str, Any], names: Mapping[str, str]) -> list[byt
 def _compile_json_template(fmt: str, names: Mapping[str, str]) -> Render:
     parts: list[bytes | _Slot] = []
     in_string = False
-    for text, var in _split(fmt.strip(), names, None):
+    # a template written over several YAML lines makes one line: its line breaks and tabs
+    # are JSON whitespace (inside a JSON string they would not be valid JSON anyway)
+    fmt = re.sub(r"[\r\n\t]+", " ", fmt.strip())
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in fmt):
+        raise FormatError("a format cannot contain control characters")
+    for text, var in _split(fmt, names, None):
         if var is None:
             parts.append(text.encode())
             in_string = _string_state(text, in_string)

@@ -134,15 +134,14 @@ class WorkerMetrics:
         add(out, self._upstreams(list(gateway._upstreams.values())))
         self._monotonic(out, _plugin_samples(gateway))
         tracer = gateway._tracer
-        if tracer is not None:  # a reload that changes `tracing` replaces the exporter
+        if tracer is not None:  # an exporter a reload makes goes on from the old one's counts
             e = tracer.exporter
-            self._monotonic(out, [("edgeplane_trace_spans", ("exported",), e, e.exported),
-                                  ("edgeplane_trace_spans", ("dropped",), e, e.dropped),
-                                  ("edgeplane_trace_spans", ("failed",), e, e.failed)])
+            out["edgeplane_trace_spans"] = {("exported",): e.exported, ("dropped",): e.dropped,
+                                            ("failed",): e.failed}
         access_log = gateway._access_log
-        if access_log is not None:  # a reload with a new access_log section replaces it
-            self._monotonic(out, [("edgeplane_access_log_lines", (), access_log, access_log.lines),
-                                  ("edgeplane_access_log_dropped_lines", (), access_log, access_log.dropped)])
+        if access_log is not None:  # so does a new access log
+            out["edgeplane_access_log_lines"] = {(): access_log.lines}
+            out["edgeplane_access_log_dropped_lines"] = {(): access_log.dropped}
         reloads = gateway._reloads
         out["edgeplane_reloads"] = {("success",): reloads["ok"], ("failure",): reloads["failed"]}
         out["edgeplane_config_info"] = {(gateway._config_hash,): 1}

@@ -11,8 +11,10 @@ message classes; no SDK) and `OtlpExporter`, one per gateway with tracing on:
   (`content-type: application/x-protobuf`) through the gateway's own pooled client.
   One export is in flight at a time. A failed export (refused, timed out, a non-2xx
   answer) counts its spans in `failed` and is logged at most once a minute; its spans
-  are not retried, so a collector that is down costs requests nothing.
-- `close()` exports what is left, bounded by the export timeout, then stops.
+  are not retried, and the next attempt waits `flush_interval`, doubling up to 30 s
+  while the collector keeps failing (spans queued meanwhile past `max_queue` are
+  dropped, counted). A collector that is down costs requests nothing.
+- `close()` exports what is left within the export timeout in all, then stops.
 
 `tracer_for(config.tracing, loop, version)` makes a gateway's `tracing.Tracer` with its
 exporter (None when tracing is off).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -40,6 +43,7 @@ from edgeplane.upstream.client import FetchError, fetch, split_url
 from edgeplane.upstream.pool import Upstream
 
 log = logging.getLogger("edgeplane.tracing")
+_MAX_BACKOFF = 30.0  # seconds between attempts while the collector keeps failing
 
 
 def _value(v: Any) -> AnyValue:
@@ -110,32 +114,47 @@ class OtlpExporter:
                 "dropped": self.dropped, "failed": self.failed}
 
     async def _run(self) -> None:
-        while not self._closing:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.cfg.flush_interval)
-            except TimeoutError:
-                pass
+        backoff = 0.0
+        while True:
+            if backoff:  # the collector failed: wait, whatever is queued meanwhile
+                await asyncio.sleep(backoff)
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.cfg.flush_interval)
+                except TimeoutError:
+                    pass
             self._wake.clear()
-            await self._drain()
+            if await self._drain():
+                backoff = 0.0
+            else:  # flush_interval, doubling up to 30 s, until an export works again
+                backoff = min(max(backoff * 2, self.cfg.flush_interval), _MAX_BACKOFF)
 
-    async def _drain(self) -> None:
+    async def _drain(self) -> bool:
+        """Export what is queued, a batch at a time; False at the first failed batch
+        (the rest waits for the next attempt)."""
         queue, n = self.queue, self.cfg.max_batch
         while queue:
             batch = [queue.popleft() for _ in range(min(n, len(queue)))]
-            await self._export(batch)
+            if not await self._export(batch):
+                return False
+        return True
 
-    async def _export(self, batch: list[Any]) -> None:
+    async def _export(self, batch: list[Any]) -> bool:
         try:
             body = encode(batch, self.resource, self.version)
             status, _, answer = await fetch(self.upstream.pick(), "POST", self.path, headers=self.headers,
                                             body=body, timeout=self.cfg.timeout, max_bytes=64 * 1024)
         except FetchError as exc:
             self._failed(batch, str(exc))
-            return
+            return False
+        except asyncio.CancelledError:  # stopped mid-export: these spans are lost, and counted
+            self.failed += len(batch)
+            raise
         if 200 <= status < 300:
             self.exported += len(batch)
-        else:
-            self._failed(batch, f"the collector answered {status}: {answer[:200]!r}")
+            return True
+        self._failed(batch, f"the collector answered {status}: {answer[:200]!r}")
+        return False
 
     def _failed(self, batch: list[Any], why: str) -> None:
         self.failed += len(batch)
@@ -143,27 +162,33 @@ class OtlpExporter:
         if now - self._logged_at >= 60:
             self._logged_at = now
             log.warning("tracing: exporting %d span(s) to %s failed: %s (%d failed in all; "
-                        "logged at most once a minute)", len(batch), self.cfg.endpoint, why, self.failed)
+                        "logged at most once a minute; retrying with a backoff up to %.0f s)",
+                        len(batch), self.cfg.endpoint, why, self.failed, _MAX_BACKOFF)
 
     async def close(self) -> None:
-        """Export what is queued (bounded by the export timeout), then stop."""
+        """Export what is queued, within `otlp.timeout` in all; what is left then is
+        counted as failed. Then stop."""
         self._closing = True
-        self._wake.set()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
         try:
-            await asyncio.wait_for(self._task, self.cfg.timeout + 1)
-        except (TimeoutError, asyncio.CancelledError):
-            self._task.cancel()
-        if self.queue:
-            try:
-                await asyncio.wait_for(self._drain(), self.cfg.timeout)
-            except TimeoutError:
-                self.failed += len(self.queue)
-                self.queue.clear()
+            await asyncio.wait_for(self._drain(), self.cfg.timeout)
+        except TimeoutError:
+            pass
+        self.failed += len(self.queue)
+        self.queue.clear()
         await self.upstream.close()
 
 
-def tracer_for(cfg: TracingConfig | None, loop: asyncio.AbstractEventLoop, version: str) -> Tracer | None:
-    """The gateway's tracer and its exporter, or None when `tracing` is not configured."""
+def tracer_for(cfg: TracingConfig | None, loop: asyncio.AbstractEventLoop, version: str,
+               previous: Tracer | None = None) -> Tracer | None:
+    """The gateway's tracer and its exporter, or None when `tracing` is not configured;
+    the exporter's counts go on from `previous`'s (the tracer a reload replaces)."""
     if cfg is None:
         return None
-    return Tracer(cfg.sample_ratio, OtlpExporter(cfg, loop, version), cfg.service_name)
+    exporter = OtlpExporter(cfg, loop, version)
+    if previous is not None:
+        old = previous.exporter
+        exporter.exported, exporter.dropped, exporter.failed = old.exported, old.dropped, old.failed
+    return Tracer(cfg.sample_ratio, exporter, cfg.service_name)

@@ -60,16 +60,18 @@ class Span:
 
 
 # version 00: exactly these 55 characters; a later version may append "-..." fields.
-_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?")
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[\x21-\x7e]*)?")
 
 
 def parse_traceparent(value: bytes) -> tuple[str, str, bool] | None:
-    """(trace id, parent span id, sampled) of a valid `traceparent`, else None."""
+    """(trace id, parent span id, sampled) of a valid `traceparent`, else None. Leading
+    and trailing spaces and tabs are not part of a field value (RFC 9110)."""
+    value = value.strip(b" \t")
     if _TRACEPARENT.fullmatch(value) is None:
         return None
     if value[:2] == b"ff" or (value[:2] == b"00" and len(value) != 55):
         return None
-    text = value.decode()
+    text = value[:55].decode("ascii")
     trace_id, parent_id = text[3:35], text[36:52]
     if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None
@@ -112,7 +114,8 @@ class Tracer:
         parent = parse_traceparent(raw) if raw is not None else None
         if parent is not None:
             trace_id, parent_id, sampled = parent
-        else:
+        else:  # a new trace: an invalid header is forgotten (its tracestate is not forwarded)
+            req.traceparent = None
             trace_id, parent_id = _TRACE_PREFIX + _span_id(), None
             sampled = _random() < self.ratio
         req.trace_id = trace_id
@@ -138,11 +141,22 @@ class Tracer:
         parent.children.append(span)
         return span, b"00-%s-%s-01" % (span.trace_id.encode(), span.span_id.encode())
 
-    def outgoing(self, req: Any, exchange: Any) -> bytes:
-        """The integration's `traceparent`; its span is made once (a retry reuses it)."""
+    def outgoing(self, req: Any, exchange: Any) -> list[bytes]:
+        """The integration's trace header lines: `traceparent` (its span is made once: a
+        retry reuses it) and, with a continued trace, the client's `tracestate`."""
         span = exchange.span
         if span is not None:
-            return b"00-%s-%s-01" % (span.trace_id.encode(), span.span_id.encode())
+            value = b"00-%s-%s-01" % (span.trace_id.encode(), span.span_id.encode())
+        else:
+            value = self._integration(req, exchange)
+        lines = [b"traceparent: ", value, b"\r\n"]
+        if req.traceparent is not None:  # valid (`begin`): the trace goes on, with its state
+            for key, state in req.headers:
+                if key == b"tracestate":
+                    lines += (b"tracestate: ", state, b"\r\n")
+        return lines
+
+    def _integration(self, req: Any, exchange: Any) -> bytes:
         if req.trace_id is None:
             self.begin(req)
         if req.span is None:

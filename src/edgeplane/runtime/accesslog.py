@@ -24,6 +24,7 @@ $context.authorizer.claims.sub, or the API key id); traceId (with tracing on); a
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -49,10 +50,12 @@ def clf_time(epoch: float) -> str:
 
 class AccessLog:
     __slots__ = ("enabled", "_writer", "_path", "_buf", "_size", "_limit", "lines", "clf_second", "clf_bytes",
-                 "_render", "callback", "_records")
+                 "_render", "callback", "_records", "failed", "_failed_logged_at", "_base_dropped")
 
     def __init__(self, cfg: AccessLogConfig,
-                 callback: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+                 callback: Callable[[list[dict[str, Any]]], None] | None = None,
+                 previous: AccessLog | None = None) -> None:
+        """`previous`: the log a reload replaces, whose counts this one goes on from."""
         self.enabled = cfg.destination != "off" or callback is not None
         self._path: str | None = None  # destination 'file': what `reopen()` opens again
         self._writer: LineWriter | None = None
@@ -71,17 +74,21 @@ class AccessLog:
         # An embedder's callback gets each record (the default shape's dict), batched per flush.
         self.callback = callback
         self._records: list[dict[str, Any]] = []
+        self.failed = 0  # lines that could not be rendered (a bug; counted in `dropped`)
+        self._failed_logged_at = -1e9
         self._buf: list[bytes] = []
         self._size = 0
         self._limit = cfg.buffer_bytes
-        self.lines = 0
+        self.lines: int = previous.lines if previous is not None else 0
+        self._base_dropped = previous.dropped if previous is not None else 0
         self.clf_second = -1  # the second `clf_bytes` is the CLF time of (formats read both)
         self.clf_bytes = b""
 
     @property
     def dropped(self) -> int:
-        """Lines dropped: the writer's queue was full (a slow destination), or it failed."""
-        return self._writer.dropped if self._writer is not None else 0
+        """Lines dropped: the writer's queue was full (a slow destination), a write
+        failed, or (a bug) a line could not be rendered."""
+        return self._base_dropped + (self._writer.dropped if self._writer is not None else 0) + self.failed
 
     def clf_at(self, wall: float) -> bytes:
         """`wall` as CLF time (formatted once a second)."""
@@ -97,12 +104,25 @@ class AccessLog:
             self._records.append(self.fields(req, proto))
         if self._writer is None:
             return
-        line = self._render(req, proto, self, time.perf_counter())
+        try:
+            line = self._render(req, proto, self, time.perf_counter())
+        except Exception:  # a bug: this line is lost (counted, logged), never the request
+            self._failed(req)
+            return
         self._buf.append(line)
         self._size += len(line)
         self.lines += 1
         if self._size > self._limit:
             self.flush()
+
+    def _failed(self, req: Any) -> None:
+        self.failed += 1
+        now = time.monotonic()
+        if now - self._failed_logged_at >= 60:
+            self._failed_logged_at = now
+            logging.getLogger("edgeplane.server").exception(
+                "access log: the line of request %r could not be rendered (%d line(s) lost in all; "
+                "logged at most once a minute)", req.request_id, self.failed)
 
     def record_message(self, conn: Any, proto: Any, route_key: str, conn_id: str, message_id: str, t0: float,
                        status: int, received: int, sent: int) -> None:
@@ -207,7 +227,16 @@ _DEFAULT = default_render()
 
 
 def _open(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """`path` opened for appending, without ever blocking the loop: a FIFO with no reader
+    is an error (ENXIO) at once instead of a wait for one; the descriptor is then made
+    blocking for the writer thread."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        why = "a FIFO nobody reads" if exc.errno == errno.ENXIO else exc.strerror
+        raise OSError(exc.errno, f"access_log.path {path!r} cannot be opened for appending: {why}") from None
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _principal(req: Any) -> str | None:

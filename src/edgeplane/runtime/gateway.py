@@ -400,7 +400,8 @@ class Gateway(GatewayWebSockets):
         await asyncio.sleep(0)  # let connection_lost callbacks run
         if self._tracer is not None:  # the spans of the last requests, bounded by the export timeout
             await self._tracer.exporter.close()
-        cast(AccessLog, self._access_log).close()  # set: started
+        if self._access_log is not None:  # None when start() failed opening it
+            self._access_log.close()
         log.info("stopped")
 
     # ------------------------------------------------------------------ reload

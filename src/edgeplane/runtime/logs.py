@@ -45,6 +45,15 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=repr).decode()
 
 
+def announce(text: str, fmt: str) -> None:
+    """A line for people and scripts on stderr (`edgeplane ready: ...`): as it is, or with
+    `log.format: json` as a JSON log record whose message it is."""
+    if fmt == "json":
+        record = logging.LogRecord("edgeplane", logging.INFO, __file__, 0, text, None, None)
+        text = JsonFormatter().format(record)
+    print(text, file=sys.stderr, flush=True)
+
+
 def setup_logging(level: str, file: str | None = None, fmt: str = "text") -> None:
     """Log at `level` ("debug", "info", ...), each line naming the process id, to stderr
     or appended to `file`, as text or JSON (`fmt`)."""

@@ -138,8 +138,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
                                   authorizer_outcomes=gw._metrics.authorizers)
         gw._metrics.attach(snapshot)
         tls = ListenerTls.from_config(new.tls) if new.tls is not None else None
-        access_log = (AccessLog(new.access_log, gw.access_log_callback) if new.access_log != old.access_log
-                      else None)
+        access_log = (AccessLog(new.access_log, gw.access_log_callback, previous=gw._access_log)
+                      if new.access_log != old.access_log else None)
         await gw._rebind(new)  # listeners last: it is the only step visible from outside
     except BaseException:
         runtime.previous = None  # what was moved stays with the new runtime: closed with it
@@ -161,7 +161,7 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
     ctx.max_connections = connection_cap(new.limits, snapshot)
     if access_log is not None:
         retired_log, ctx.access_log, gw._access_log = ctx.access_log, access_log, access_log
-    tracer = tracer_for(new.tracing, loop, VERSION) if new.tracing != old.tracing else gw._tracer
+    tracer = tracer_for(new.tracing, loop, VERSION, gw._tracer) if new.tracing != old.tracing else gw._tracer
     if tracer is not gw._tracer:  # tracing changed: the old exporter sends what it holds, then stops
         if gw._tracer is not None:
             gw._retire(gw._tracer.exporter.close())

@@ -352,7 +352,7 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
     else:
         addrs = ", ".join(fmt_address(h, p) for h, p in gateway.addresses)
         admin = f"; admin {fmt_address(*gateway.admin_address)}" if gateway.admin_address else ""
-        print(f"edgeplane ready: 1 worker on {addrs}{admin}", file=sys.stderr, flush=True)
+        logs.announce(f"edgeplane ready: 1 worker on {addrs}{admin}", gateway.config.log_format)
         systemd.ready()
     await stop.wait()
     if link is None:

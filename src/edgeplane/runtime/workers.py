@@ -326,7 +326,7 @@ class Supervisor(SupervisorReloads):
         admin = self.config.admin.listen
         addrs = ", ".join(self._resolved(port_key("data", a)) for a in self.config.listen)
         admin_text = f"; admin {self._resolved(port_key('admin', admin))}" if admin is not None else ""
-        print(f"edgeplane ready: {self.n} workers on {addrs}{admin_text}", file=sys.stderr, flush=True)
+        logs.announce(f"edgeplane ready: {self.n} workers on {addrs}{admin_text}", self.config.log_format)
         systemd.ready(f"{self.n} workers")
         self._start_handover()
         while True:

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.codec import header_tokens
-from edgeplane.http.fields import UnsafeField, check_field
+from edgeplane.http.fields import check_field
 from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_BODY_RATE, T_UPSTREAM
 from edgeplane.http.request import body_drainable
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
@@ -48,7 +48,8 @@ _REQUEST_SKIP = frozenset((
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 ))
 # With tracing on, the gateway writes the `traceparent` (its own span as the parent).
-_REQUEST_SKIP_TRACED = _REQUEST_SKIP | {b"traceparent"}
+# `tracestate` goes on only with a continued trace (W3C: not with a new one).
+_REQUEST_SKIP_TRACED = _REQUEST_SKIP | {b"traceparent", b"tracestate"}
 _RESPONSE_SKIP = frozenset((
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
@@ -112,7 +113,7 @@ class HttpIntegration:
         exchange.start()
 
     def request_head(self, proto: HttpProtocol, req: Request, pool: TargetPool,
-                     traceparent: bytes | None = None) -> bytes:
+                     trace: list[bytes] | None = None) -> bytes:
         """The upstream head: end-to-end headers, forwarding ones, request id, traceparent."""
         template = self.template
         if template is None:
@@ -128,7 +129,7 @@ class HttpIntegration:
         lines.append(b"\r\n")
         first_header = len(lines)
         xff = xfp = xfh = None
-        skip = _REQUEST_SKIP if traceparent is None else _REQUEST_SKIP_TRACED
+        skip = _REQUEST_SKIP if trace is None else _REQUEST_SKIP_TRACED
         connection_named = False
         for name, value in req.headers:
             if name in skip:
@@ -159,8 +160,8 @@ class HttpIntegration:
         if req.host:
             lines += (b"x-forwarded-host: ", req.host if xfh is None else xfh + b", " + req.host, b"\r\n")
         lines += (b"x-request-id: ", req.request_id, b"\r\n")
-        if traceparent is not None:
-            lines += (b"traceparent: ", traceparent, b"\r\n")
+        if trace is not None:
+            lines += trace
         if req.chunked:
             lines.append(b"transfer-encoding: chunked\r\n\r\n")
         elif req.content_length is not None:
@@ -317,9 +318,8 @@ class ProxyExchange:
         if not self.head:
             try:
                 tracer = proto.ctx.tracer
-                self.head = self.integ.request_head(
-                    proto, req, pool, tracer.outgoing(req, self) if tracer is not None else None)
-            except UnsafeField as exc:  # the gateway built a value it must not write
+                self.head = self.integ.request_head(proto, req, pool, tracer and tracer.outgoing(req, self))
+            except Exception as exc:  # a value it must not write (UnsafeField), or a bug: 500, logged
                 self.conn = None
                 pool.release(conn, True)
                 proto.internal_error(req, exc, f"route {req.route_key!r}: the upstream request head")

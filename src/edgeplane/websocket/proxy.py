@@ -102,7 +102,12 @@ class WsUpgradeExchange(ProxyExchange):
     def on_connection(self, conn: UpstreamConnection) -> None:
         if not self.head and not self.done:
             self.pool = conn.pool
-            self.head = self.build_head()
+            try:
+                self.head = self.build_head()
+            except Exception as exc:  # the gateway's bug: a 500 with its traceback, the connection back
+                conn.pool.release(conn, True)
+                self.proto.internal_error(self.req, exc, f"route {self.req.route_key!r}: the upstream request head")
+                return
         super().on_connection(conn)
 
     # -- the answer -----------------------------------------------------------------
