@@ -71,6 +71,13 @@ class UpstreamConfig:
     targets: tuple[Target, ...]
     pool: PoolConfig = PoolConfig()
     tls: UpstreamTls = UpstreamTls()
+    # One weight per target (`targets: [{url, weight}]`); () = all equal (round robin).
+    weights: tuple[int, ...] = ()
+
+    def pools_key(self) -> UpstreamConfig:
+        """What decides the upstream's pools: everything but the weights (a reload that
+        changes only weights keeps the pools and their connections)."""
+        return UpstreamConfig(self.name, self.targets, self.pool, self.tls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +101,9 @@ class TlsConfig:
 @dataclass(frozen=True, slots=True)
 class Integration:
     type: Literal["http", "mock"]
-    # http
+    # http: one upstream, or a weighted split between upstreams ((name, weight), ...)
     upstream: str | None = None
+    split: tuple[tuple[str, int], ...] = ()
     path: str | None = None  # template such as "/v2/{proxy}"; None = request path
     timeout: float = 29.0  # integration timeout -> 504
     preserve_host: bool = False

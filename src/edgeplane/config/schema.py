@@ -93,10 +93,15 @@ _UPSTREAM = {
         "targets": {
             "type": "array",
             "minItems": 1,
-            "items": {
-                "type": "string",
-                "description": "'http://host:port' or 'https://host:port'.",
-            },
+            "items": {"anyOf": [
+                {"type": "string", "description": "'http://host:port' or 'https://host:port'."},
+                {"type": "object", "additionalProperties": False, "required": ["url"],
+                 "properties": {
+                     "url": {"type": "string", "description": "'http://host:port' or 'https://host:port'."},
+                     "weight": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 1,
+                                "description": "Share of the requests (smooth weighted round robin); "
+                                               "0 drains the target."}}},
+            ]},
         },
         "pool": {"$ref": "#/$defs/pool"},
         "tls": {"$ref": "#/$defs/upstreamTls"},

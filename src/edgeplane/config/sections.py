@@ -261,29 +261,38 @@ class CoreSections(LoadContext):
                 continue
             if not isinstance(spec, dict):
                 continue
-            targets = self.targets(spec.get("targets"), path + ("targets",))
+            targets, weights = self.targets(spec.get("targets"), path + ("targets",))
             pool = self.pool(spec.get("pool"), path + ("pool",))
             tls = self.upstream_tls(spec.get("tls"), path + ("tls",), targets)
-            out[name] = model.UpstreamConfig(name, targets, pool, tls)
+            out[name] = model.UpstreamConfig(name, targets, pool, tls, weights)
         return out
 
-    def targets(self, value: Any, path: Path) -> tuple[model.Target, ...]:
+    def targets(self, value: Any, path: Path) -> tuple[tuple[model.Target, ...], tuple[int, ...]]:
+        """The targets and, when any is written `{url, weight}`, one weight each (else ())."""
         if not isinstance(value, list):
-            return ()
+            return (), ()
         out: list[model.Target] = []
-        for i, text in enumerate(value):
-            if not isinstance(text, str):
-                continue
+        weights: list[int] = []
+        for i, item in enumerate(value):
+            text, weight, where = item, 1, path + (i,)
+            if isinstance(item, dict):
+                text, weight, where = item.get("url"), item.get("weight", 1), path + (i, "url")
+            if not isinstance(text, str) or not isinstance(weight, int) or isinstance(weight, bool):
+                continue  # the schema pass reported it
             try:
                 target = parse_target(text)
             except ValueError as exc:
-                self.fail(path + (i,), str(exc))
+                self.fail(where, str(exc))
                 continue
             if target in out:
-                self.fail(path + (i,), f"duplicate target {str(target)!r}")
+                self.fail(where, f"duplicate target {str(target)!r}")
                 continue
             out.append(target)
-        return tuple(out)
+            weights.append(weight)
+        if out and not any(weights):
+            self.fail(path, "every target has weight 0: at least one must take requests")
+        weighted = any(isinstance(item, dict) and "weight" in item for item in value)
+        return tuple(out), tuple(weights) if weighted else ()
 
     def ca_file(self, ca_file: str, path: Path) -> None:
         """A PEM CA bundle that OpenSSL can load."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 from edgeplane.config import model
 from edgeplane.config.values import INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN, TEMPLATE_PARAM_RE
 from edgeplane.plugins import Integration
+from edgeplane.upstream.balance import Split
 from edgeplane.upstream.proxy import HttpIntegration
 from edgeplane.websocket.proxy import WsUpgradeExchange, relay_settings
 
@@ -25,10 +26,17 @@ if TYPE_CHECKING:
 
 _HTTP_INTEGRATION = {
     "additionalProperties": False,
-    "required": ["upstream"],
     "properties": {
         "type": {"const": "http"},
         "upstream": {"type": "string", "description": "Name of an entry of `upstreams`."},
+        "split": {
+            "type": "array", "minItems": 1, "maxItems": 16,
+            "description": "Instead of `upstream`: the requests spread over upstreams by weight "
+                           "(blue/green), by smooth weighted round robin.",
+            "items": {"type": "object", "additionalProperties": False, "required": ["upstream", "weight"],
+                      "properties": {"upstream": {"type": "string"},
+                                     "weight": {"type": "integer", "minimum": 0, "maximum": 1000}}},
+        },
         "path": {
             "type": "string",
             "description": "Upstream path template, e.g. '/v2/{proxy}'; default: the request path.",
@@ -47,9 +55,17 @@ _HTTP_INTEGRATION = {
 }
 
 
+_KEYS = frozenset(cast(dict, _HTTP_INTEGRATION["properties"]))
+
+
 def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
           parsed: ParsedKey | None) -> model.Integration:
     upstream = spec.get("upstream")
+    split = _split(spec.get("split"), path + ("split",), ctx)
+    if "upstream" in spec and "split" in spec:
+        ctx.fail(path, "give one of 'upstream' and 'split', not both")
+    elif "upstream" not in spec and "split" not in spec and set(spec) <= _KEYS:
+        ctx.fail(path, "missing required key 'upstream' (or 'split')")  # (an unknown key was reported)
     ctx.known_upstream(upstream, path + ("upstream",), ctx.upstream_names)
     template = spec.get("path")
     if isinstance(template, str):
@@ -62,10 +78,30 @@ def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
     return model.Integration(
         type="http",
         upstream=upstream if isinstance(upstream, str) else None,
+        split=split,
         path=template,
         timeout=timeout,
         preserve_host=preserve if isinstance(preserve, bool) else False,
     )
+
+def _split(value: Any, path: tuple[Any, ...], ctx: LoadContext) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list):
+        return ()
+    out: list[tuple[str, int]] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            continue
+        name, weight = item.get("upstream"), item.get("weight")
+        if not isinstance(name, str) or not isinstance(weight, int) or isinstance(weight, bool):
+            continue  # the schema pass reported it
+        ctx.known_upstream(name, path + (i, "upstream"), ctx.upstream_names)
+        if any(name == seen for seen, _ in out):
+            ctx.fail(path + (i, "upstream"), f"upstream {name!r} is already in the split")
+        out.append((name, weight))
+    if out and not any(w for _, w in out):
+        ctx.fail(path, "every weight is 0: at least one upstream must take requests")
+    return tuple(out)
+
 
 def _check_template(template: str, path: tuple[Any, ...], parsed: ParsedKey | None, ctx: LoadContext) -> None:
     if not template.startswith("/"):
@@ -107,8 +143,10 @@ class HttpIntegrationPlugin(Integration):
     def compile(self, route: RouteConfig, ctx: CompileContext, upstream_headers: frozenset[bytes],
                 response_headers: frozenset[bytes]) -> HttpIntegration:
         integ, config = route.integration, ctx.config
+        upstream: Any = (Split([ctx.upstreams[n] for n, _ in integ.split], [w for _, w in integ.split])
+                         if integ.split else ctx.upstreams[cast(str, integ.upstream)])  # one is always set
         return HttpIntegration(
-            ctx.upstreams[cast(str, integ.upstream)], integ.path,  # always set on an http integration
+            upstream, integ.path,
             integ.timeout, integ.preserve_host,
             claim_headers=upstream_headers, gateway_response_headers=response_headers,
             websocket=relay_settings(route.websocket or config.websocket, config.limits.send_timeout),
@@ -116,7 +154,8 @@ class HttpIntegrationPlugin(Integration):
         )
 
     def summary(self, model: Any) -> str:
-        parts = [f"http -> {model.upstream}"]
+        target = model.upstream or " | ".join(f"{n} {w}" for n, w in model.split)
+        parts = [f"http -> {target}"]
         if model.path:
             parts.append(f"path={model.path}")
         parts.append(f"timeout={model.timeout:g}s")

@@ -206,7 +206,9 @@ def route_view(config: Config | None, rc: RouteConfig) -> dict[str, Any]:
     own_cors = rc.policies.get("cors")
     cors = None if own_cors is False else own_cors or config.policies.get("cors")
     return {
-        "upstream": rc.integration.upstream,
+        "upstream": rc.integration.upstream,  # None with a split:
+        **({"split": [{"upstream": n, "weight": w} for n, w in rc.integration.split]}
+           if getattr(rc.integration, "split", ()) else {}),
         "policies": [p.name for p in registry.policies() if p.applies(rc, config)] if registry is not None else [],
         "auth": {"name": rc.auth, "type": getattr(auth, "type", None), "scopes": list(rc.scopes)} if rc.auth else None,
         "throttle": [{"level": level, **_plain(t)} for level, t in levels if t is not None],

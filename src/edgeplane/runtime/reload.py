@@ -120,8 +120,10 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
     if problems:
         raise ReloadRefused(problems)
     loop = asyncio.get_running_loop()
+    # An upstream whose pools would be the same is kept (connections and counts); a change
+    # of its targets' weights only is applied at the swap (`Upstream.reweight`).
     kept = {name: u for name, u in gw._upstreams.items()
-            if name in new.upstreams and u.cfg == new.upstreams[name]}
+            if name in new.upstreams and u.cfg.pools_key() == new.upstreams[name].pools_key()}
     upstreams = {name: kept.get(name) or Upstream(u, loop) for name, u in new.upstreams.items()}
     fresh = [u for name, u in upstreams.items() if name not in kept]
     runtime = RuntimeContext(loop, new, upstreams, previous=gw._runtime)
@@ -171,6 +173,9 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
         # picks from the new contexts, so every new handshake gets the new certificates.
         gw._tls.default.sni_callback = tls._on_sni
     gw._refresh_admin(new)
+    for name, upstream in kept.items():
+        if upstream.cfg != new.upstreams[name]:
+            upstream.reweight(new.upstreams[name])
     gw.config, gw._snapshot, gw._upstreams, gw._runtime, gw._limits = new, snapshot, upstreams, runtime, limits
     if retired_log is not None:
         retired_log.close(timeout=0)  # its thread writes what it holds, off the loop

@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
+from edgeplane.upstream.balance import SmoothWeighted, uniform
+
 if TYPE_CHECKING:
     from edgeplane.config.model import PoolConfig, Target, UpstreamConfig
 
@@ -552,10 +554,11 @@ class TargetPool:
 
 
 class Upstream:
-    """A named upstream: its target pools, picked round robin, skipping a target
+    """A named upstream: its target pools, picked round robin (by smooth weighted round
+    robin when the targets have weights, `balance.SmoothWeighted`), skipping a target
     whose last connect failed within the past second while another is available."""
 
-    __slots__ = ("name", "pools", "_next", "loop", "cfg")
+    __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted")
 
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
@@ -569,9 +572,20 @@ class Upstream:
         self.pools = [TargetPool(t, cfg.pool, loop, ctx if t.scheme == "https" else None,
                                  cfg.tls.server_name, cfg.name) for t in cfg.targets]
         self._next = 0
+        self._weighted: SmoothWeighted | None = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
+
+    def reweight(self, cfg: UpstreamConfig) -> None:
+        """A reload changed only the targets' weights: the pools stay."""
+        self.cfg = cfg
+        self._weighted = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
 
     def pick(self) -> TargetPool:
         pools = self.pools
+        weighted = self._weighted
+        if weighted is not None:
+            now = self.loop.time()
+            i = weighted.pick(lambda i: pools[i].down_until <= now)
+            return pools[i if i >= 0 else max(weighted.pick(), 0)]  # all down: as round robin does
         n = len(pools)
         if n == 1:
             return pools[0]
