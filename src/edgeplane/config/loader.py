@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from edgeplane.config import model
+from edgeplane.config import stages as stages_section
 from edgeplane.config.envsubst import substitute
 from edgeplane.config.errors import LocatedErrors, LocatedStr, Problem
 from edgeplane.config.errors import describe as _describe
@@ -293,6 +294,7 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry,
         data_dir=raw.get("data_dir", "data"),
         cluster=cluster,
         tracing=b.tracing(raw),
+        stages=stages_section.load(raw, b),
         websocket=b.websocket_defaults,
         websocket_apis=ws_apis,
         policies=policies,
@@ -301,6 +303,7 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry,
         source=source,
         raw=raw,
     )
+    stages_section.check(config, b)
     errors.stage = CHECK  # their findings on an item that already failed are follow-ons
     for policy in registry.policies():  # also on a config with errors: every problem is listed
         b.call_plugin(policy, (), policy.check, config, b)

@@ -230,6 +230,31 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StageConfig:
+    """One of `stages`: its variables (`${stageVariables.NAME}`) and description."""
+
+    name: str
+    variables: tuple[tuple[str, str], ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainMapping:
+    """`domains.HOST`: requests for `host` go to `stage`, under `base_path` ("" = root)."""
+
+    host: str
+    stage: str
+    base_path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StagesConfig:
+    stages: dict[str, StageConfig]
+    routing: str = "base_path"  # `stage_routing`: base_path (/{stage}/...) | none
+    domains: tuple[DomainMapping, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TracingConfig:
     """`tracing`: W3C Trace Context propagation and OTLP/HTTP export (`observability.tracing`)."""
 
@@ -280,6 +305,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"  # `log.format`: text | json (the gateway's own log)
     tracing: TracingConfig | None = None
+    stages: StagesConfig | None = None  # None: one `$default` stage at the root
     # name -> the model its type's policy loaded (`Policy.load_authorizer`); each has
     # `name` and `type`
     authorizers: dict[str, Any] = field(default_factory=dict)

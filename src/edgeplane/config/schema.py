@@ -26,6 +26,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from edgeplane.config.stages import SCHEMA as STAGES_SCHEMA
 from edgeplane.config.values import DURATION_RE, SIZE_RE
 from edgeplane.plugins.registry import Registry, default_registry
 
@@ -442,6 +443,7 @@ _CORE_SCHEMA: dict[str, Any] = {
                 "flush_interval": {"$ref": "#/$defs/duration", "default": "1s"},
             },
         },
+        **STAGES_SCHEMA,
         "log": {"type": "object", "additionalProperties": False,
                 "properties": {"format": {"enum": ["text", "json"], "default": "text",
                                           "description": "The gateway's own log: text lines or one JSON "

@@ -455,8 +455,15 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
         self.route(req)
 
     def route(self, req: Request) -> None:
-        """Match `req` in the route table and run its route (404 when none matches)."""
-        match = self.ctx.snapshot.router.match(req.method, req.path, req.host)
+        """Match `req` in the route table and run its route (404 when none matches).
+        With stages, the stage's table (`routing.stages`; 404 when no stage matches)."""
+        snapshot = self.ctx.snapshot
+        if snapshot.stages is not None:
+            snapshot = snapshot.stages.select(req)
+            if snapshot is None:
+                self.send_error(req, 404, "no stage matched")
+                return
+        match = snapshot.router.match(req.method, req.path, req.host)
         if match is None:
             self.send_error(req, 404, "no route matched")
             return

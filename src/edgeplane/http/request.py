@@ -28,7 +28,7 @@ class Request:
         "response_length", "integration_latency", "integration_error", "upstream",
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
         "extra_upstream", "api_key", "pending", "websocket", "ws_log", "context", "auth_context", "hooks_failed",
-        "integration_status", "auth_error", "trace_id", "ws_event", "span", "traceparent",
+        "integration_status", "auth_error", "trace_id", "ws_event", "span", "traceparent", "stage", "base_path",
     )
 
     def __init__(self, now: float) -> None:
@@ -78,6 +78,8 @@ class Request:
         self.auth_context: dict[str, Any] | None = None  # a custom authorizer's `context`
         self.hooks_failed = False  # a hook raised: the 500 skips the response hooks
         self.integration_status = 0  # the status the upstream answered (0: none)
+        self.stage = "$default"  # the stage that served it (`routing.stages`)
+        self.base_path = b""  # what named the stage, taken off `path` before routing ("/prod")
         self.auth_error: str | None = None  # why an authorizer refused or failed
         self.trace_id: str | None = None  # W3C trace id (32 hex digits) with tracing on
         # The client's `traceparent` header, as sent; None after `Tracer.begin` unless valid.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.config import model
+from edgeplane.config.stages import STAGE_VAR
 from edgeplane.config.values import INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN, TEMPLATE_PARAM_RE
 from edgeplane.plugins import Integration
 from edgeplane.upstream.balance import Split
@@ -66,10 +67,11 @@ def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
         ctx.fail(path, "give one of 'upstream' and 'split', not both")
     elif "upstream" not in spec and "split" not in spec and set(spec) <= _KEYS:
         ctx.fail(path, "missing required key 'upstream' (or 'split')")  # (an unknown key was reported)
-    ctx.known_upstream(upstream, path + ("upstream",), ctx.upstream_names)
+    if not (isinstance(upstream, str) and STAGE_VAR.search(upstream)):  # else checked per stage
+        ctx.known_upstream(upstream, path + ("upstream",), ctx.upstream_names)
     template = spec.get("path")
-    if isinstance(template, str):
-        _check_template(template, path + ("path",), parsed, ctx)
+    if isinstance(template, str):  # a stage variable stands for a segment's text here
+        _check_template(STAGE_VAR.sub("stage-variable", template), path + ("path",), parsed, ctx)
     else:
         template = None
     timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
@@ -94,7 +96,8 @@ def _split(value: Any, path: tuple[Any, ...], ctx: LoadContext) -> tuple[tuple[s
         name, weight = item.get("upstream"), item.get("weight")
         if not isinstance(name, str) or not isinstance(weight, int) or isinstance(weight, bool):
             continue  # the schema pass reported it
-        ctx.known_upstream(name, path + (i, "upstream"), ctx.upstream_names)
+        if not STAGE_VAR.search(name):
+            ctx.known_upstream(name, path + (i, "upstream"), ctx.upstream_names)
         if any(name == seen for seen, _ in out):
             ctx.fail(path + (i, "upstream"), f"upstream {name!r} is already in the split")
         out.append((name, weight))

@@ -66,7 +66,9 @@ VARIABLES: dict[str, Variable] = {
     "identity.clientCert.subjectDN": _v("p.client_cert_subject", "sn",
                                         "mTLS: the client certificate's subject (RFC 4514)."),
     "httpMethod": _v("r.method", "b", "GET, POST, ..."),
-    "path": _v("r.path", "b", "The request path as routed (normalised)."),
+    "path": _v("(r.base_path + r.path if r.base_path else r.path)", "b",
+                "The request path as the client sent it (normalised), the stage's base path included."),
+    "resourcePath": _v("r.path", "b", "The path the routes saw: without the stage's base path."),
     "routeKey": _v("r.route_key", "s", "The matched route key (`-` when none)."),
     "protocol": _v("(_PROTO.get(r.version) or _proto(r.version))", "b", "HTTP/1.1 or HTTP/1.0."),
     "status": _v("r.status", "i", "The response status sent to the client."),
@@ -87,7 +89,7 @@ VARIABLES: dict[str, Variable] = {
     "error.responseType": _v("_response_type(r)", "sn",
                              "AWS gateway response type: UNAUTHORIZED, ACCESS_DENIED, THROTTLED, ..."),
     "domainName": _v("r.host", "bn", "The `Host` the client asked for."),
-    "stage": _v("'$default'", "s", "The stage (`$default` until stages exist)."),
+    "stage": _v("r.stage", "s", "The stage that served the request (`$default` without `stages`)."),
     "traceId": _v("r.trace_id", "sn", "The W3C trace id (32 hex digits) when tracing is on."),
     "connectionId": _v("_ws(r, 1)", "sn", "WebSocket API: the connection id."),
     "eventType": _v("_event_type(r)", "sn", "WebSocket: CONNECT, MESSAGE or DISCONNECT."),
@@ -477,7 +479,9 @@ class _Probe:
     what is never absent has a plain value, everything else is absent (None)."""
 
     request_id = method = path = b"x"
+    base_path = b""
     peer_ip = route_key = "x"
+    stage = "$default"
     version = "1.1"
     headers: list[Any] = []
     status = response_length = integration_status = 0

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from edgeplane.config.stages import for_stage
 from edgeplane.http.paths import STRICT
 from edgeplane.plugins.base import CompileContext
 from edgeplane.policies.throttle.stores import LocalLimits
 from edgeplane.routing.chain import compile_chain
 from edgeplane.routing.router import Router, compile_routes
+from edgeplane.routing.stages import StageSelector
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config, RouteConfig
@@ -61,7 +63,7 @@ class CompiledRoute:
 
 
 class Snapshot:
-    __slots__ = ("config", "router", "routes", "websocket_apis", "path_policy")
+    __slots__ = ("config", "router", "routes", "websocket_apis", "path_policy", "stages")
 
     def __init__(self, config: Config | None, router: Router, routes: list[CompiledRoute],
                  websocket_apis: dict[bytes, Any] | None = None):
@@ -72,6 +74,8 @@ class Snapshot:
         self.routes = routes
         # request path -> the WebSocket API handler (`ws_api`): checked before routing
         self.websocket_apis = websocket_apis or {}
+        # With `stages`: which stage's snapshot a request goes to (`routing.stages`)
+        self.stages: StageSelector | None = None
 
 
 def compile_route(rc: RouteConfig, ctx: CompileContext, registry: Registry) -> CompiledRoute:
@@ -103,6 +107,12 @@ def build_snapshot(config: Config, upstreams: dict[str, Upstream], runtime: dict
     by default; `quota_counter` is the usage plans' counter; `authorizer_outcomes` the
     gateway's `observability.metrics.AuthorizerOutcomes`."""
     limits = limits if limits is not None else LocalLimits(config)
+    if config.stages is not None:  # one snapshot per stage, chosen per request
+        staged = {name: build_snapshot(for_stage(config, name), upstreams, runtime, limits, quota_counter,
+                                       None, authorizer_outcomes) for name in config.stages.stages}
+        top = Snapshot(config, compile_routes([]), [r for s in staged.values() for r in s.routes], websocket_apis)
+        top.stages = StageSelector(config.stages, staged)
+        return top
     ctx = compile_context(config, upstreams, runtime,
                           {"limits": limits, "quota_counter": quota_counter,
                            "authorizer_outcomes": authorizer_outcomes})

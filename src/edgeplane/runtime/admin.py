@@ -14,7 +14,8 @@ Owns the admin routes, compiled into an ordinary snapshot whose integrations are
   over every worker (`?per_worker=1` adds each worker's own);
 - `GET /metrics`: Prometheus metrics of every worker, merged (`observability`): the text
   format, or OpenMetrics when `Accept` asks for it;
-- `GET /routes`: the compiled route table in match-priority order, with each route's
+- `GET /routes`: the compiled route table in match-priority order (with `stages`, each
+  stage's, every route naming its `stage`), with each route's
   upstream and policies (authorizer, throttle levels, CORS);
 - `POST|GET|DELETE /@connections/{id}`: the WebSocket API management API (AWS's
   @connections): send a message to a client, describe it, disconnect it. An id of a
@@ -109,12 +110,13 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
         return _json(200, gateway._metrics.stats(gateway, per_worker))
 
     def routes(req):
-        snapshot = gateway._snapshot
-        table = snapshot.router.table()
+        top = gateway._snapshot
+        # with stages: every stage's table, each route naming its stage
+        staged = top.stages.snapshots.items() if top.stages is not None else [(None, top)]
         return _json(200, {"routes": [
             {"priority": i + 1, "route": rc.key, "host": rc.host, "integration": rc.integration.type,
-             **route_view(snapshot.config, rc)}
-            for i, rc in enumerate(table)
+             **({"stage": stage} if stage is not None else {}), **route_view(snapshot.config, rc)}
+            for stage, snapshot in staged for i, rc in enumerate(snapshot.router.table())
         ]})
 
     def metrics(req):

@@ -250,7 +250,7 @@ def payload(proto: HttpProtocol, req: Request, identity: tuple) -> dict[str, Any
                      "userAgent": headers.get("user-agent", "")},
             "requestId": req.request_id.decode("latin-1"),
             "routeKey": req.route_key,
-            "stage": "$default",
+            "stage": req.stage,
             "timeEpoch": int(req.t_wall * 1000),
         },
     }

@@ -1,0 +1,161 @@
+"""Stages, as Amazon API Gateway has them: `stages`, `stage_routing`, `domains`, and
+stage variables (`${stageVariables.NAME}`).
+
+Owns the model of these sections, their loading (names and values within AWS's
+limits, every error located), the check that every reference resolves in every stage
+(an undefined variable is an error naming the stage and the reference, as is a
+resolved upstream that does not exist), and `for_stage(config, name)`: the config one
+stage serves, its routes' references resolved.
+
+Where references may appear (this part of the stages work): a route's
+`integration.upstream`, `integration.path` and `integration.split[].upstream`.
+
+Invariants: without `stages` nothing here runs and a config is served as before (one
+`$default` stage at the root). A resolved value is an ordinary config value: the
+upstream head choke point checks it like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any
+
+from edgeplane.config.model import DomainMapping, StageConfig, StagesConfig
+
+if TYPE_CHECKING:
+    from edgeplane.config.context import LoadContext, Path
+    from edgeplane.config.model import Config, RouteConfig
+
+STAGE_VAR = re.compile(r"\$\{stageVariables\.([A-Za-z0-9_]+)\}")
+# AWS's limits: stage names, variable names and values.
+STAGE_NAME = re.compile(r"(\$default|[A-Za-z0-9_-]{1,128})")
+VAR_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+VAR_VALUE = re.compile(r"[A-Za-z0-9\-._~:/?#&=,]{0,512}")
+BASE_PATH = re.compile(r"[A-Za-z0-9\-._~]{1,128}(/[A-Za-z0-9\-._~]{1,128})*")
+
+SCHEMA: dict[str, Any] = {
+    "stages": {
+        "type": "object", "minProperties": 1, "maxProperties": 10,
+        "description": "The stages the API is served on: name -> variables and description.",
+        "additionalProperties": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "variables": {"type": "object", "maxProperties": 100,
+                              "additionalProperties": {"type": "string"}},
+                "description": {"type": "string", "maxLength": 1024},
+            },
+        },
+    },
+    "stage_routing": {"enum": ["base_path", "none"], "default": "base_path",
+                      "description": "base_path: /{stage}/... reaches a stage; none: only `domains` "
+                                     "and a `$default` stage at the root."},
+    "domains": {
+        "type": "object", "maxProperties": 120,
+        "description": "Custom domain -> the stage it serves and an optional base path.",
+        "additionalProperties": {
+            "type": "object", "additionalProperties": False, "required": ["stage"],
+            "properties": {"stage": {"type": "string"}, "base_path": {"type": "string"}},
+        },
+    },
+}
+
+
+def load(raw: dict[str, Any], ctx: LoadContext) -> StagesConfig | None:
+    section = raw.get("stages")
+    if not isinstance(section, dict):
+        for key in ("stage_routing", "domains"):
+            if key in raw:
+                ctx.fail((key,), "only used with `stages`")
+        return None
+    stages: dict[str, StageConfig] = {}
+    for name, spec in section.items():
+        path: Path = ("stages", name)
+        if not isinstance(name, str) or STAGE_NAME.fullmatch(name) is None:
+            ctx.fail(path, "a stage name is 1 to 128 letters, digits, '-' or '_' (or $default)")
+            continue
+        spec = spec if isinstance(spec, dict) else {}
+        found = spec.get("variables")
+        variables: dict[Any, Any] = found if isinstance(found, dict) else {}
+        for var, value in variables.items():
+            if VAR_NAME.fullmatch(str(var)) is None:
+                ctx.fail(path + ("variables", var), "a variable name is 1 to 64 letters, digits or '_'")
+            elif not isinstance(value, str) or VAR_VALUE.fullmatch(value) is None:
+                ctx.fail(path + ("variables", var), "a value is at most 512 of: letters, digits and - . _ ~ : / ? "
+                                                    "# & = , (AWS's stage variable values)")
+        stages[name] = StageConfig(name, tuple((str(k), str(v)) for k, v in variables.items()),
+                                   str(spec.get("description", "")))
+    routing = raw.get("stage_routing", "base_path")
+    domains: list[DomainMapping] = []
+    found_domains = raw.get("domains")
+    for host, spec in (found_domains if isinstance(found_domains, dict) else {}).items():
+        path = ("domains", host)
+        if not isinstance(spec, dict) or not isinstance(spec.get("stage"), str):
+            continue
+        if spec["stage"] not in stages:
+            ctx.fail(path + ("stage",), f"unknown stage {spec['stage']!r} (stages: {', '.join(stages)})")
+        base = spec.get("base_path", "")
+        base = base.strip("/") if isinstance(base, str) else ""
+        if base and BASE_PATH.fullmatch(base) is None:
+            ctx.fail(path + ("base_path",), "a base path is segments of letters, digits, '-', '.', '_' or '~'")
+        domains.append(DomainMapping(str(host).lower().rstrip("."), spec["stage"], base))
+    if routing == "none" and "$default" not in stages and not domains:
+        ctx.fail(("stage_routing",), "with 'none', requests reach a stage only through `domains` or a "
+                                     "stage named $default")
+    return StagesConfig(stages, routing if routing in ("base_path", "none") else "base_path", tuple(domains))
+
+
+def _references(rc: RouteConfig) -> list[tuple[tuple[Any, ...], str]]:
+    """(path under the route, text) of every value of `rc` that may hold references."""
+    integ = rc.integration
+    out: list[tuple[tuple[Any, ...], str]] = []
+    if integ.upstream:
+        out.append((("integration", "upstream"), integ.upstream))
+    if integ.path:
+        out.append((("integration", "path"), integ.path))
+    for i, (name, _) in enumerate(integ.split):
+        out.append((("integration", "split", i, "upstream"), name))
+    return [(p, t) for p, t in out if STAGE_VAR.search(t)]
+
+
+def check(config: Config, ctx: LoadContext) -> None:
+    """Every reference resolves in every stage, to an upstream that exists (located)."""
+    stages = config.stages
+    for rc in config.routes:
+        for where, text in _references(rc):
+            path: Path = ("routes", rc.index, *where)
+            if stages is None:
+                ctx.fail(path, f"{STAGE_VAR.search(text).group(0)} needs `stages`")  # type: ignore[union-attr]
+                continue
+            for stage in stages.stages.values():
+                variables = dict(stage.variables)
+                missing = [n for n in STAGE_VAR.findall(text) if n not in variables]
+                if missing:
+                    have = ", ".join(variables) or "none"
+                    ctx.fail(path, f"stage {stage.name!r} has no variable {missing[0]!r} "
+                                   f"(${{stageVariables.{missing[0]}}}; its variables: {have})")
+                elif where[-1] == "upstream" and resolve(text, variables) not in config.upstreams:
+                    ctx.fail(path, f"in stage {stage.name!r} this names upstream {resolve(text, variables)!r}, "
+                                   f"which is not defined (upstreams: {', '.join(config.upstreams)})")
+
+
+def resolve(text: str, variables: dict[str, str]) -> str:
+    return STAGE_VAR.sub(lambda m: variables.get(m.group(1), ""), text)
+
+
+def for_stage(config: Config, name: str) -> Config:
+    """The config stage `name` serves: its routes with every reference resolved."""
+    variables = dict(config.stages.stages[name].variables) if config.stages is not None else {}
+    routes = []
+    for rc in config.routes:
+        if not _references(rc):
+            routes.append(rc)
+            continue
+        integ = rc.integration
+        integ = dataclasses.replace(
+            integ,
+            upstream=resolve(integ.upstream, variables) if integ.upstream else integ.upstream,
+            path=resolve(integ.path, variables) if integ.path else integ.path,
+            split=tuple((resolve(n, variables), w) for n, w in integ.split))
+        routes.append(dataclasses.replace(rc, integration=integ))
+    return dataclasses.replace(config, routes=tuple(routes), stages=None)

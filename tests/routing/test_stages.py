@@ -1,0 +1,111 @@
+"""Stages through a real gateway: `/{stage}/...` and custom-domain mappings choose the
+stage; stage variables choose the upstream and shape the path; the access log names the
+stage; an unknown stage is 404. Counted at real upstreams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import RawClient, base_config
+from edgeplane.config.loader import ConfigError, load_config
+from edgeplane.runtime.demo_upstream import DemoUpstream
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def staged(dev_port: int, prod_port: int, log_path=None) -> dict:
+    cfg = base_config(routes=[
+        {"route": "GET /users/{id}", "integration": {"type": "http", "upstream": "${stageVariables.backend}",
+                                                      "path": "/${stageVariables.version}/users/{id}"}},
+        {"route": "GET /health", "integration": {"type": "mock", "body": {"ok": True}}},
+    ])
+    cfg["upstreams"] = {"users_dev": {"targets": [f"http://127.0.0.1:{dev_port}"]},
+                        "users_prod": {"targets": [f"http://127.0.0.1:{prod_port}"]}}
+    cfg["stages"] = {"dev": {"variables": {"backend": "users_dev", "version": "v2-beta"}},
+                     "prod": {"variables": {"backend": "users_prod", "version": "v1"}, "description": "production"}}
+    cfg["domains"] = {"api.example.com": {"stage": "prod", "base_path": "v1"},
+                      "dev.example.com": {"stage": "dev"}}
+    if log_path is not None:
+        cfg["access_log"] = {"destination": "file", "path": str(log_path),
+                             "format": "$context.stage $context.path $context.status"}
+    return cfg
+
+
+async def get(addr, path: str, host: str = "gw.test"):
+    c = await RawClient.connect(addr)
+    try:
+        return await c.request("GET", path, host=host)
+    finally:
+        await c.close()
+
+
+async def test_stages_by_base_path_and_by_domain_with_their_variables(gateway, tmp_path):
+    async with DemoUpstream() as dev, DemoUpstream() as prod:
+        log_path = tmp_path / "access.log"
+        gw = await gateway(staged(dev.port, prod.port, log_path))
+        addr = gw.addresses[0]
+        r = await get(addr, "/dev/users/7")
+        assert r.status == 200 and json.loads(r.body)["path"] == "/v2-beta/users/7"
+        r = await get(addr, "/prod/users/7")
+        assert r.status == 200 and json.loads(r.body)["path"] == "/v1/users/7"
+        assert (dev.requests, prod.requests) == (1, 1)
+        # an unknown stage, and a route that exists but without its stage: 404, as AWS answers
+        for path in ("/qa/users/7", "/users/7"):
+            r = await get(addr, path)
+            assert (r.status, r.body) == (404, b'{"message":"Not Found"}')
+        # a custom domain: its stage, under its base path (stripped), and nothing outside it
+        r = await get(addr, "/v1/users/8", host="api.example.com")
+        assert r.status == 200 and json.loads(r.body)["path"] == "/v1/users/8" and prod.requests == 2
+        assert (await get(addr, "/users/8", host="api.example.com")).status == 404
+        r = await get(addr, "/users/9", host="dev.example.com:8080")
+        assert r.status == 200 and dev.requests == 2
+        assert (await get(addr, "/prod/health")).status == 200  # a route without variables: in every stage
+        gw._access_log.flush(wait=2.0)
+        assert log_path.read_text().splitlines() == [
+            "dev /dev/users/7 200", "prod /prod/users/7 200", "$default /qa/users/7 404",
+            "$default /users/7 404", "prod /v1/users/8 200", "$default /users/8 404", "dev /users/9 200",
+            "prod /prod/health 200"]
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    (lambda c: c["stages"]["dev"]["variables"].pop("backend"),
+     "routes[0].integration.upstream: stage 'dev' has no variable 'backend' (${stageVariables.backend}; "
+     "its variables: version)"),
+    (lambda c: c["stages"]["prod"]["variables"].update(backend="users_qa"),
+     "routes[0].integration.upstream: in stage 'prod' this names upstream 'users_qa', which is not defined"),
+    (lambda c: c["domains"]["api.example.com"].update(stage="qa"),
+     "domains.api.example.com.stage: unknown stage 'qa'"),
+    (lambda c: c["stages"]["dev"]["variables"].update(version="has space"),
+     "stages.dev.variables.version: a value is at most 512 of"),
+    (lambda c: c.update(stages={"a b": {}}), "stages.a b: a stage name is 1 to 128"),
+    (lambda c: (c.pop("stages"), c.pop("domains")),
+     "routes[0].integration.upstream: ${stageVariables.backend} needs `stages`"),
+])
+def test_stage_errors_are_located_and_name_the_stage(change, error):
+    cfg = staged(1, 2)
+    change(cfg)
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert any(e.startswith(error) for e in exc.value.errors), exc.value.errors
+
+
+async def test_routes_lists_each_stage_and_a_reload_changes_a_variable_live(gateway):
+    async with DemoUpstream() as dev, DemoUpstream() as prod:
+        cfg = staged(dev.port, prod.port)
+        gw = await gateway(cfg)
+        c = await RawClient.connect(gw.admin_address)
+        try:
+            listed = json.loads((await c.request("GET", "/routes")).body)["routes"]
+        finally:
+            await c.close()
+        assert sorted((r["stage"], r["route"], r["upstream"]) for r in listed) == [
+            ("dev", "GET /health", None), ("dev", "GET /users/{id}", "users_dev"),
+            ("prod", "GET /health", None), ("prod", "GET /users/{id}", "users_prod")]
+        # point dev at the prod backend: the next request follows, the upstreams stay
+        pools = gw._upstreams["users_prod"]
+        cfg["stages"]["dev"]["variables"]["backend"] = "users_prod"
+        await gw.reload(cfg)
+        assert (await get(gw.addresses[0], "/dev/users/1")).status == 200
+        assert (dev.requests, prod.requests) == (0, 1) and gw._upstreams["users_prod"] is pools
