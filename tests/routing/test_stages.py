@@ -20,6 +20,8 @@ def staged(dev_port: int, prod_port: int, log_path=None) -> dict:
         {"route": "GET /users/{id}", "integration": {"type": "http", "upstream": "${stageVariables.backend}",
                                                       "path": "/${stageVariables.version}/users/{id}"}},
         {"route": "GET /health", "integration": {"type": "mock", "body": {"ok": True}}},
+        {"route": "GET /version", "integration": {"type": "mock", "body": {"version": "${stageVariables.version}"},
+                                                  "headers": {"x-backend": "${stageVariables.backend}"}}},
     ])
     cfg["upstreams"] = {"users_dev": {"targets": [f"http://127.0.0.1:{dev_port}"]},
                         "users_prod": {"targets": [f"http://127.0.0.1:{prod_port}"]}}
@@ -62,11 +64,13 @@ async def test_stages_by_base_path_and_by_domain_with_their_variables(gateway, t
         r = await get(addr, "/users/9", host="dev.example.com:8080")
         assert r.status == 200 and dev.requests == 2
         assert (await get(addr, "/prod/health")).status == 200  # a route without variables: in every stage
+        r = await get(addr, "/dev/version")
+        assert json.loads(r.body) == {"version": "v2-beta"} and r.header("x-backend") == "users_dev"
         gw._access_log.flush(wait=2.0)
         assert log_path.read_text().splitlines() == [
             "dev /dev/users/7 200", "prod /prod/users/7 200", "$default /qa/users/7 404",
             "$default /users/7 404", "prod /v1/users/8 200", "$default /users/8 404", "dev /users/9 200",
-            "prod /prod/health 200"]
+            "prod /prod/health 200", "dev /dev/version 200"]
 
 
 @pytest.mark.parametrize(("change", "error"), [
@@ -101,8 +105,8 @@ async def test_routes_lists_each_stage_and_a_reload_changes_a_variable_live(gate
         finally:
             await c.close()
         assert sorted((r["stage"], r["route"], r["upstream"]) for r in listed) == [
-            ("dev", "GET /health", None), ("dev", "GET /users/{id}", "users_dev"),
-            ("prod", "GET /health", None), ("prod", "GET /users/{id}", "users_prod")]
+            ("dev", "GET /health", None), ("dev", "GET /users/{id}", "users_dev"), ("dev", "GET /version", None),
+            ("prod", "GET /health", None), ("prod", "GET /users/{id}", "users_prod"), ("prod", "GET /version", None)]
         # point dev at the prod backend: the next request follows, the upstreams stay
         pools = gw._upstreams["users_prod"]
         cfg["stages"]["dev"]["variables"]["backend"] = "users_prod"

@@ -8,7 +8,8 @@ resolved upstream that does not exist), and `for_stage(config, name)`: the confi
 stage serves, its routes' references resolved.
 
 Where references may appear (this part of the stages work): a route's
-`integration.upstream`, `integration.path` and `integration.split[].upstream`.
+`integration.upstream`, `integration.path` and `integration.split[].upstream`, and a
+mock integration's `body` and `headers` values.
 
 Invariants: without `stages` nothing here runs and a config is served as before (one
 `$default` stage at the root). A resolved value is an ordinary config value: the
@@ -115,6 +116,9 @@ def _references(rc: RouteConfig) -> list[tuple[tuple[Any, ...], str]]:
         out.append((("integration", "path"), integ.path))
     for i, (name, _) in enumerate(integ.split):
         out.append((("integration", "split", i, "upstream"), name))
+    if integ.type == "mock":
+        out.append((("integration", "body"), integ.body.decode("utf-8", "replace")))
+        out += [(("integration", "headers", name), value) for name, value in integ.headers]
     return [(p, t) for p, t in out if STAGE_VAR.search(t)]
 
 
@@ -152,10 +156,13 @@ def for_stage(config: Config, name: str) -> Config:
             routes.append(rc)
             continue
         integ = rc.integration
+        # (values are letters, digits and -._~:/?#&=, only: safe inside a JSON string)
         integ = dataclasses.replace(
             integ,
             upstream=resolve(integ.upstream, variables) if integ.upstream else integ.upstream,
             path=resolve(integ.path, variables) if integ.path else integ.path,
-            split=tuple((resolve(n, variables), w) for n, w in integ.split))
+            split=tuple((resolve(n, variables), w) for n, w in integ.split),
+            body=resolve(integ.body.decode("utf-8", "replace"), variables).encode() if integ.body else integ.body,
+            headers=tuple((n, resolve(v, variables)) for n, v in integ.headers))
         routes.append(dataclasses.replace(rc, integration=integ))
     return dataclasses.replace(config, routes=tuple(routes), stages=None)
