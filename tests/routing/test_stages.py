@@ -68,8 +68,8 @@ async def test_stages_by_base_path_and_by_domain_with_their_variables(gateway, t
         assert json.loads(r.body) == {"version": "v2-beta"} and r.header("x-backend") == "users_dev"
         gw._access_log.flush(wait=2.0)
         assert log_path.read_text().splitlines() == [
-            "dev /dev/users/7 200", "prod /prod/users/7 200", "$default /qa/users/7 404",
-            "$default /users/7 404", "prod /v1/users/8 200", "$default /users/8 404", "dev /users/9 200",
+            "dev /dev/users/7 200", "prod /prod/users/7 200", "- /qa/users/7 404",
+            "- /users/7 404", "prod /v1/users/8 200", "- /users/8 404", "dev /users/9 200",
             "prod /prod/health 200", "dev /dev/version 200"]
 
 
@@ -84,6 +84,18 @@ async def test_stages_by_base_path_and_by_domain_with_their_variables(gateway, t
     (lambda c: c["stages"]["dev"]["variables"].update(version="has space"),
      "stages.dev.variables.version: a value is at most 512 of"),
     (lambda c: c.update(stages={"a b": {}}), "stages.a b: a stage name is 1 to 128"),
+    (lambda c: c["domains"].update({"*.example.com": {"stage": "dev"}}),
+     "domains.*.example.com: a domain: '*.example.com' is not a valid host name"),
+    (lambda c: c["domains"].update({"API.example.com.": {"stage": "dev"}}),
+     "domains.API.example.com.: the same domain as 'api.example.com'"),
+    (lambda c: c["domains"]["api.example.com"].update(base_path="a/../b"),
+     "domains.api.example.com.base_path: a base path is segments"),
+    (lambda c: c["stages"]["prod"]["variables"].update(version=".."),
+     "routes[0].integration.path: in stage 'prod' this path is '/../users/{id}': a '.' or '..' segment"),
+    (lambda c: c["stages"]["dev"]["variables"].update(version="x?admin=1"),
+     "routes[0].integration.path: in stage 'dev' this path is '/x?admin=1/users/{id}': a query ('?')"),
+    (lambda c: c["stages"]["dev"]["variables"].update(version=""),
+     "routes[0].integration.path: in stage 'dev' this path is '//users/{id}': an empty segment"),
     (lambda c: (c.pop("stages"), c.pop("domains")),
      "routes[0].integration.upstream: ${stageVariables.backend} needs `stages`"),
 ])
@@ -113,3 +125,54 @@ async def test_routes_lists_each_stage_and_a_reload_changes_a_variable_live(gate
         await gw.reload(cfg)
         assert (await get(gw.addresses[0], "/dev/users/1")).status == 200
         assert (dev.requests, prod.requests) == (0, 1) and gw._upstreams["users_prod"] is pools
+
+
+async def test_each_stage_has_its_own_throttle_buckets_and_authorizer_decisions(gateway, tmp_path):
+    """A route throttle counts per stage (as AWS's stage route settings do), across a
+    reload too; a custom authorizer's cached decision is its stage's."""
+    import asyncio
+
+    import orjson
+
+    asked: list[str] = []
+
+    async def authorizer(reader, writer):  # allows only in dev, and says so per stage
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                n = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
+                stage = orjson.loads(await reader.readexactly(n))["requestContext"]["stage"]
+                asked.append(stage)
+                body = orjson.dumps({"isAuthorized": stage == "dev"})
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(authorizer, "127.0.0.1", 0)
+    try:
+        cfg = base_config(routes=[
+            {"route": "GET /t", "throttle": {"rate": 0.001, "burst": 2}, "integration": {"type": "mock"}},
+            {"route": "GET /secret", "auth": "custom", "integration": {"type": "mock"}}])
+        cfg["authorizers"] = {"custom": {"type": "http", "result_ttl": "60s",
+                                         "url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/a"}}
+        cfg["stages"] = {"dev": {}, "prod": {}, "qa": {}}
+        gw = await gateway(cfg)
+
+        async def statuses(path: str, n: int, **headers) -> list[int]:
+            c = await RawClient.connect(gw.addresses[0])
+            try:
+                return [(await c.request("GET", path, headers=headers or None)).status for _ in range(n)]
+            finally:
+                await c.close()
+
+        assert [await statuses(f"/{s}/t", 3) for s in ("dev", "prod", "qa")] == [[200, 200, 429]] * 3
+        await gw.reload(cfg)  # the buckets stay each stage's, and keep their counts
+        assert [await statuses(f"/{s}/t", 1) for s in ("dev", "prod", "qa")] == [[429]] * 3
+        assert await statuses("/dev/secret", 2, authorization="t") == [200, 200]
+        assert await statuses("/prod/secret", 2, authorization="t") == [403, 403]
+        assert asked == ["dev", "prod"]  # each stage asked once, then from its own cache
+    finally:
+        server.close()

@@ -113,3 +113,36 @@ def test_bad_weights_and_splits_are_located_errors(integration, upstreams, error
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert any(e.startswith(error) for e in exc.value.errors), exc.value.errors
+
+
+async def test_a_split_member_whose_only_live_target_is_drained_is_skipped(gateway, unused_tcp_port):
+    async with DemoUpstream() as live, DemoUpstream() as green:
+        cfg = base_config(routes=[{"route": "GET /o", "integration": {
+            "type": "http", "split": [{"upstream": "blue", "weight": 1}, {"upstream": "green", "weight": 1}]}}])
+        cfg["upstreams"] = {
+            "blue": {"targets": [{"url": f"http://127.0.0.1:{unused_tcp_port}", "weight": 1},
+                                 {"url": f"http://127.0.0.1:{live.port}", "weight": 0}]},  # drained
+            "green": {"targets": [f"http://127.0.0.1:{green.port}"]}}
+        gw = await gateway(cfg)
+        c = await RawClient.connect(gw.addresses[0])
+        try:
+            statuses = [(await c.request("GET", "/o")).status for _ in range(20)]
+        finally:
+            await c.close()
+        assert statuses.count(502) == 1 and green.requests == 19 and live.requests == 0
+
+
+async def test_a_reload_does_not_restart_a_splits_cycle(gateway):
+    async with DemoUpstream() as blue, DemoUpstream() as green:
+        cfg = base_config(routes=[
+            {"route": "GET /o", "integration": {"type": "http", "split": [{"upstream": "blue", "weight": 99},
+                                                                         {"upstream": "green", "weight": 1}]}},
+            {"route": "GET /m", "integration": {"type": "mock", "body": {"v": 0}}}])
+        cfg["upstreams"] = {"blue": {"targets": [f"http://127.0.0.1:{blue.port}"]},
+                            "green": {"targets": [f"http://127.0.0.1:{green.port}"]}}
+        gw = await gateway(cfg)
+        for v in range(5):  # 40 requests, then a reload of something else: 200 in all
+            await _send(gw.addresses[0], "/o", 40, clients=1)
+            cfg["routes"][1]["integration"]["body"] = {"v": v + 1}
+            await gw.reload(cfg)
+        assert (blue.requests, green.requests) == (198, 2)  # 99/1 held across the reloads

@@ -188,6 +188,16 @@ class RouteConfig:
     # Route-level policy keys (`cors`, `ip_rules`, `throttle`, a plugin's): key -> the
     # model its policy loaded (`Policy.load_route`).
     policies: dict[str, Any] = field(default_factory=dict)
+    # The stage this copy of the route serves (`config.stages.for_stage`): its limits are
+    # its own, as each stage's are in AWS.
+    stage: str = "$default"
+
+    @property
+    def limit_key(self) -> str:
+        """The route's name in the identity of its limits: `host key`, with the stage
+        when it is not `$default`."""
+        base = f"{self.host or ''} {self.key}"
+        return base if self.stage == "$default" else f"{base} @{self.stage}"
 
     @property
     def is_default(self) -> bool:

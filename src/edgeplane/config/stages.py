@@ -19,10 +19,12 @@ upstream head choke point checks it like any other.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.config.model import DomainMapping, StageConfig, StagesConfig
+from edgeplane.config.values import check_host
 
 if TYPE_CHECKING:
     from edgeplane.config.context import LoadContext, Path
@@ -89,21 +91,47 @@ def load(raw: dict[str, Any], ctx: LoadContext) -> StagesConfig | None:
     routing = raw.get("stage_routing", "base_path")
     domains: list[DomainMapping] = []
     found_domains = raw.get("domains")
+    seen: dict[str, Any] = {}
     for host, spec in (found_domains if isinstance(found_domains, dict) else {}).items():
         path = ("domains", host)
         if not isinstance(spec, dict) or not isinstance(spec.get("stage"), str):
             continue
+        name = str(host).lower().rstrip(".")
+        why = _bad_host(name)
+        if why:
+            ctx.fail(path, why)
+            continue
+        if name in seen:
+            ctx.fail(path, f"the same domain as {seen[name]!r} (host names ignore case and a final '.')")
+            continue
+        seen[name] = host
         if spec["stage"] not in stages:
             ctx.fail(path + ("stage",), f"unknown stage {spec['stage']!r} (stages: {', '.join(stages)})")
         base = spec.get("base_path", "")
         base = base.strip("/") if isinstance(base, str) else ""
-        if base and BASE_PATH.fullmatch(base) is None:
-            ctx.fail(path + ("base_path",), "a base path is segments of letters, digits, '-', '.', '_' or '~'")
-        domains.append(DomainMapping(str(host).lower().rstrip("."), spec["stage"], base))
+        if base and (BASE_PATH.fullmatch(base) is None or any(s in (".", "..") for s in base.split("/"))):
+            ctx.fail(path + ("base_path",), "a base path is segments of letters, digits, '-', '.', '_' or '~' "
+                                            "('.' and '..' are not segments: request paths are normalised)")
+        domains.append(DomainMapping(name, spec["stage"], base))
     if routing == "none" and "$default" not in stages and not domains:
         ctx.fail(("stage_routing",), "with 'none', requests reach a stage only through `domains` or a "
                                      "stage named $default")
     return StagesConfig(stages, routing if routing in ("base_path", "none") else "base_path", tuple(domains))
+
+
+def _bad_host(host: str) -> str | None:
+    """Why `host` can never be a request's Host name (without the port), or None."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+        return None
+    try:
+        check_host(host, "a domain")
+    except ValueError as exc:
+        return f"{exc} (a domain is a host name or an address, without a port or a wildcard)"
+    return None
 
 
 def _references(rc: RouteConfig) -> list[tuple[tuple[Any, ...], str]]:
@@ -141,6 +169,25 @@ def check(config: Config, ctx: LoadContext) -> None:
                 elif where[-1] == "upstream" and resolve(text, variables) not in config.upstreams:
                     ctx.fail(path, f"in stage {stage.name!r} this names upstream {resolve(text, variables)!r}, "
                                    f"which is not defined (upstreams: {', '.join(config.upstreams)})")
+                elif where[-1] == "path" and (why := _bad_path(resolve(text, variables))):
+                    ctx.fail(path, f"in stage {stage.name!r} this path is {resolve(text, variables)!r}: {why}")
+
+
+def _bad_path(path: str) -> str | None:
+    """Why a resolved integration path cannot be sent upstream as it is, or None: the
+    template rules, and nothing a variable could smuggle in (a query, a fragment, a dot
+    or empty segment that would change which resource the upstream serves)."""
+    if not path.startswith("/"):
+        return "it must start with '/'"
+    for ch, what in (("?", "a query"), ("#", "a fragment"), ("%", "an escape")):
+        if ch in path:
+            return f"{what} ({ch!r}) is not allowed in a path"
+    segments = path.split("/")[1:]
+    if any(s in (".", "..") for s in segments):
+        return "a '.' or '..' segment is not allowed"
+    if any(s == "" for s in segments[:-1]):
+        return "an empty segment ('//') is not allowed"
+    return None
 
 
 def resolve(text: str, variables: dict[str, str]) -> str:
@@ -153,7 +200,7 @@ def for_stage(config: Config, name: str) -> Config:
     routes = []
     for rc in config.routes:
         if not _references(rc):
-            routes.append(rc)
+            routes.append(dataclasses.replace(rc, stage=name))
             continue
         integ = rc.integration
         # (values are letters, digits and -._~:/?#&=, only: safe inside a JSON string)
@@ -164,5 +211,5 @@ def for_stage(config: Config, name: str) -> Config:
             split=tuple((resolve(n, variables), w) for n, w in integ.split),
             body=resolve(integ.body.decode("utf-8", "replace"), variables).encode() if integ.body else integ.body,
             headers=tuple((n, resolve(v, variables)) for n, v in integ.headers))
-        routes.append(dataclasses.replace(rc, integration=integ))
+        routes.append(dataclasses.replace(rc, integration=integ, stage=name))
     return dataclasses.replace(config, routes=tuple(routes), stages=None)

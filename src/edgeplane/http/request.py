@@ -79,7 +79,9 @@ class Request:
         self.hooks_failed = False  # a hook raised: the 500 skips the response hooks
         self.integration_status = 0  # the status the upstream answered (0: none)
         self.stage = "$default"  # the stage that served it (`routing.stages`)
-        self.base_path = b""  # what named the stage, taken off `path` before routing ("/prod")
+        # The path as sent, when a stage's base path was taken off `path` ("/prod/users/7");
+        # b"" otherwise (`routing.stages`)
+        self.base_path = b""
         self.auth_error: str | None = None  # why an authorizer refused or failed
         self.trace_id: str | None = None  # W3C trace id (32 hex digits) with tracing on
         # The client's `traceparent` header, as sent; None after `Tracer.begin` unless valid.

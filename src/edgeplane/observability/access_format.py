@@ -66,7 +66,7 @@ VARIABLES: dict[str, Variable] = {
     "identity.clientCert.subjectDN": _v("p.client_cert_subject", "sn",
                                         "mTLS: the client certificate's subject (RFC 4514)."),
     "httpMethod": _v("r.method", "b", "GET, POST, ..."),
-    "path": _v("(r.base_path + r.path if r.base_path else r.path)", "b",
+    "path": _v("(r.base_path or r.path)", "b",
                 "The request path as the client sent it (normalised), the stage's base path included."),
     "resourcePath": _v("r.path", "b", "The path the routes saw: without the stage's base path."),
     "routeKey": _v("r.route_key", "s", "The matched route key (`-` when none)."),

@@ -57,10 +57,12 @@ class WorkerMetrics:
         self.base = aggregate.load_base(run_dir, index)
 
     def attach(self, snapshot: Any) -> None:
-        """Give each compiled route of `snapshot` its route key's arrays."""
-        for route in snapshot.routes:
-            rc = route.config
-            route.metrics = self.requests.route(rc.host if rc is not None else None, route.key)
+        """Give each compiled route of `snapshot` its (stage, host, route key)'s arrays."""
+        staged = snapshot.stages.snapshots.items() if snapshot.stages is not None else [("$default", snapshot)]
+        for stage, sub in staged:
+            for route in sub.routes:
+                rc = route.config
+                route.metrics = self.requests.route(rc.host if rc is not None else None, route.key, stage)
 
     def flush(self, gateway: Any) -> None:
         """Write this worker's samples and `/stats` for the others (once a second, and

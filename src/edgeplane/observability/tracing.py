@@ -194,7 +194,7 @@ class Tracer:
         span.name = route if route is not None else method
         a = span.attributes
         a["http.request.method"] = method
-        a["url.path"] = (req.base_path + req.path).decode("latin-1")
+        a["url.path"] = (req.base_path or req.path).decode("latin-1")
         a["edgeplane.stage"] = req.stage
         a["url.scheme"] = proto.scheme.decode() if isinstance(proto.scheme, bytes) else str(proto.scheme)
         if route is not None:

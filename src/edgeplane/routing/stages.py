@@ -2,8 +2,8 @@
 
 Owns `StageSelector`, made by `build_snapshot` for a config with `stages` (one compiled
 `Snapshot` per stage). `select(req)` finds the stage, strips what named it from
-`req.path` (the stage segment, or the domain's base path; kept in `req.base_path`, as
-`$context.path` shows the path the client sent), sets `req.stage`, and returns
+`req.path` (the stage segment, or the domain's base path; the path as sent is kept in
+`req.base_path`, which `$context.path` shows), sets `req.stage`, and returns
 the stage's snapshot, or None (404 `{"message":"Not Found"}`).
 
 Order, as API mappings then invoke URLs work in Amazon API Gateway:
@@ -25,8 +25,9 @@ class StageSelector:
 
     def __init__(self, cfg: StagesConfig, snapshots: dict[str, Any]) -> None:
         self.snapshots = snapshots
-        self.by_segment = {name.encode(): (name, snap) for name, snap in snapshots.items()} \
-            if cfg.routing == "base_path" else {}
+        # `$default` is served at the root only, never as /$default/...
+        self.by_segment = {name.encode(): (name, snap) for name, snap in snapshots.items()
+                           if name != "$default"} if cfg.routing == "base_path" else {}
         self.domains = {d.host.encode(): (d.stage, b"/" + d.base_path.encode() if d.base_path else b"",
                                           snapshots[d.stage]) for d in cfg.domains}
         self.default = ("$default", snapshots["$default"]) if "$default" in snapshots else None
@@ -35,25 +36,30 @@ class StageSelector:
         path = req.path
         if self.domains and req.host is not None:
             host = req.host.lower()
-            if b":" in host and host[:1] != b"[":
+            if host[:1] == b"[":  # an IPv6 literal, maybe with a port
+                host = host[: host.find(b"]") + 1]
+            elif b":" in host:
                 host = host[: host.rindex(b":")]
             found = self.domains.get(host.rstrip(b"."))
             if found is not None:
                 name, base, snapshot = found
                 if base and not (path == base or path.startswith(base + b"/")):
+                    req.stage = "-"
                     return None
-                req.path = path[len(base):] or b"/"
-                req.base_path, req.stage = base, name
+                if base:
+                    req.path, req.base_path = path[len(base):] or b"/", path
+                req.stage = name
                 return snapshot
         if self.by_segment:
             end = path.find(b"/", 1)
             segment = path[1:] if end < 0 else path[1:end]
             named = self.by_segment.get(segment)
             if named is not None:
-                req.path = b"/" if end < 0 else path[end:]
-                req.base_path, req.stage = path[:end] if end > 0 else path, named[0]
+                req.path, req.base_path = (b"/" if end < 0 else path[end:]), path
+                req.stage = named[0]
                 return named[1]
         if self.default is not None:
             req.stage = "$default"
             return self.default[1]
+        req.stage = "-"  # no stage: logged as such
         return None

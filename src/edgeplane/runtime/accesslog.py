@@ -154,7 +154,7 @@ class AccessLog:
             "requestTimeEpoch": int(wall * 1000),
             "httpMethod": req.method.decode("latin-1"),
             "routeKey": req.route_key,
-            "path": (req.base_path + req.path).decode("latin-1"),
+            "path": (req.base_path or req.path).decode("latin-1"),
             "protocol": "HTTP/" + req.version,
             "status": req.status,
             "responseLength": req.response_length,

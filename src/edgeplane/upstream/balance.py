@@ -56,21 +56,27 @@ def uniform(weights: Sequence[int]) -> bool:
 
 class Split:
     """A route's `split` (blue/green): each request goes to an upstream picked by weight,
-    then to one of that upstream's targets. An upstream whose every target failed to
-    connect within the past second is skipped while another can take the request.
+    then to one of that upstream's targets. An upstream none of whose targets that take
+    requests connected within the past second is skipped while another can take it.
     Looks like an `Upstream` to the proxy (`pick()`, `name`)."""
 
     __slots__ = ("upstreams", "weighted", "name")
 
     def __init__(self, upstreams: Sequence[Any], weights: Sequence[int]) -> None:
         self.upstreams = list(upstreams)
-        self.weighted = SmoothWeighted(weights)
+        # The cycle goes on across reloads while the split and its first upstream stay
+        # (a reload of anything else must not restart a 99/1 split before the 1 came).
+        key = (*(u.name for u in self.upstreams), *weights)
+        found = self.upstreams[0].splits.get(key)
+        if found is None:
+            found = self.upstreams[0].splits[key] = SmoothWeighted(weights)
+        self.weighted = found
         self.name = "|".join(u.name for u in self.upstreams)
 
     def pick(self) -> Any:
         upstreams = self.upstreams
         now = upstreams[0].loop.time()
-        i = self.weighted.pick(lambda i: any(p.down_until <= now for p in upstreams[i].pools))
+        i = self.weighted.pick(lambda i: upstreams[i].available(now))
         if i < 0:
             i = max(self.weighted.pick(), 0)
         return upstreams[i].pick()

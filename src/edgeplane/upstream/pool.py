@@ -554,11 +554,10 @@ class TargetPool:
 
 
 class Upstream:
-    """A named upstream: its target pools, picked round robin (by smooth weighted round
-    robin when the targets have weights, `balance.SmoothWeighted`), skipping a target
-    whose last connect failed within the past second while another is available."""
+    """A named upstream: its target pools, picked round robin (smooth weighted with
+    weights, `balance`), skipping a target that failed to connect in the past second."""
 
-    __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted")
+    __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted", "splits")
 
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
@@ -573,9 +572,14 @@ class Upstream:
                                  cfg.tls.server_name, cfg.name) for t in cfg.targets]
         self._next = 0
         self._weighted: SmoothWeighted | None = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
+        self.splits: dict[tuple[Any, ...], SmoothWeighted] = {}  # route splits it leads (`balance.Split`)
 
-    def reweight(self, cfg: UpstreamConfig) -> None:
-        """A reload changed only the targets' weights: the pools stay."""
+    def available(self, now: float) -> bool:
+        """Whether a target that takes requests (weight > 0) is not being skipped."""
+        w = self.cfg.weights
+        return any(p.down_until <= now and (not w or w[i] > 0) for i, p in enumerate(self.pools))
+
+    def reweight(self, cfg: UpstreamConfig) -> None:  # a reload changed only weights: pools stay
         self.cfg = cfg
         self._weighted = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
 

@@ -158,7 +158,8 @@ class HttpAuthorizerStage(FastStage):
             req.auth_error = "missing identity source"
             proto.send_error(req, 401, f"{self.name}: missing identity source")
             return False
-        hit = self.client.cached(identity, time.monotonic())
+        # a decision is the stage's: the same identity may be allowed in one, not another
+        hit = self.client.cached((req.stage, *identity), time.monotonic())
         if hit is not None:
             self.outcomes[CACHE_HIT] += 1
             return self._decide(proto, req, *hit)
@@ -193,7 +194,7 @@ class HttpAuthorizerStage(FastStage):
         if span is not None:
             tracer.end_child(span, 200)
             span.attributes["edgeplane.authorized"] = allowed
-        client.remember(identity, time.monotonic(), allowed, context)
+        client.remember((req.stage, *identity), time.monotonic(), allowed, context)
         req.pending = False
         if req.responded or transport.is_closing():
             return
@@ -232,7 +233,7 @@ def payload(proto: HttpProtocol, req: Request, identity: tuple) -> dict[str, Any
         text = value.decode("latin-1")
         headers[key] = headers[key] + "," + text if key in headers else text
     query = req.query.decode("latin-1")
-    path = req.path.decode("latin-1")
+    path = (req.base_path or req.path).decode("latin-1")  # as sent: a named stage's prefix included
     return {
         "version": "2.0",
         "type": "REQUEST",

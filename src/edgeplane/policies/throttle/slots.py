@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from edgeplane.config.stages import for_stage
+
 if TYPE_CHECKING:
     from edgeplane.config.model import Config
 
@@ -54,8 +56,8 @@ def _plans(config: Config) -> dict[str, Any]:
 def route_identity(rc: Any, t: Any) -> tuple[str, str]:
     """(kind, identity) of a throttled route's limit."""
     if t.key is None:
-        return "plain", f"route {rc.host or ''} {rc.key} {t!r}"
-    return "keyed", f"client {rc.host or ''} {rc.key} {t!r}"
+        return "plain", f"route {rc.limit_key} {t!r}"
+    return "keyed", f"client {rc.limit_key} {t!r}"
 
 
 def plan_identity(name: str, route_key: str | None, t: Any) -> str:
@@ -72,7 +74,8 @@ def identities(config: Config) -> list[tuple[str, str]]:
     t = config.policies.get("throttle")
     if t is not None:
         out.append(("plain", f"server {t!r}"))
-    for rc in config.routes:
+    staged = [for_stage(config, name) for name in config.stages.stages] if config.stages is not None else [config]
+    for rc in (rc for c in staged for rc in c.routes):
         rt = rc.policies.get("throttle")
         if rt is not None:
             out.append(route_identity(rc, rt))

@@ -64,7 +64,9 @@ class LocalLimits:
                         if t is not None else None)
 
     def _keep(self, identity: tuple[Any, ...], make: Any) -> Any:
-        bucket = self._kept.get(identity)
+        bucket = self._made.get(identity)  # one bucket per identity, even when asked twice
+        if bucket is None:
+            bucket = self._kept.get(identity)
         if bucket is None:
             bucket = make()
         self._made[identity] = bucket
@@ -76,8 +78,8 @@ class LocalLimits:
     def route(self, rc: RouteConfig) -> Any:
         t = cast("ThrottleConfig", rc.policies.get("throttle"))  # route(): only for a throttled route
         if t.key is None:
-            return self._keep(("route", rc.host, rc.key, t), lambda: TokenBucket(t.rate, t.burst, policy="route"))
-        return self._keep(("client", rc.host, rc.key, t), lambda: BucketMap(t.rate, t.burst, policy="client"))
+            return self._keep(("route", rc.limit_key, t), lambda: TokenBucket(t.rate, t.burst, policy="route"))
+        return self._keep(("client", rc.limit_key, t), lambda: BucketMap(t.rate, t.burst, policy="client"))
 
     def plan(self, name: str, route: RouteConfig | None = None) -> Any:
         t = _plan_throttle(self.config, name, route)
@@ -146,7 +148,7 @@ class ClusterLimits:
 
     def route(self, rc: RouteConfig) -> Any:
         t = cast("ThrottleConfig", rc.policies.get("throttle"))  # route(): only for a throttled route
-        name = f"route:{rc.host or ''}{rc.key}"
+        name = f"route:{rc.host or ''}{rc.key}" + (f"@{rc.stage}" if rc.stage != "$default" else "")
         if t.key is None:
             return self.limiter.limit(name, t.rate, t.burst, "route", keyed=False).bucket()
         return self.limiter.limit(name, t.rate, t.burst, "client", keyed=True)
