@@ -176,3 +176,24 @@ async def test_each_stage_has_its_own_throttle_buckets_and_authorizer_decisions(
         assert asked == ["dev", "prod"]  # each stage asked once, then from its own cache
     finally:
         server.close()
+
+
+async def test_a_stages_default_route_throttle_and_a_routes_own(gateway):
+    cfg = base_config(routes=[
+        {"route": "GET /a", "integration": {"type": "mock"}},
+        {"route": "GET /b", "integration": {"type": "mock"}},
+        {"route": "GET /own", "throttle": {"rate": 0.001, "burst": 3}, "integration": {"type": "mock"}}])
+    cfg["stages"] = {"dev": {"throttle": {"rate": 0.001, "burst": 1}}, "prod": {}}
+    gw = await gateway(cfg)
+
+    async def statuses(path: str, n: int) -> list[int]:
+        c = await RawClient.connect(gw.addresses[0])
+        try:
+            return [(await c.request("GET", path)).status for _ in range(n)]
+        finally:
+            await c.close()
+
+    # dev: each route without its own throttle gets the stage's, with its own bucket
+    assert await statuses("/dev/a", 2) == [200, 429] and await statuses("/dev/b", 2) == [200, 429]
+    assert await statuses("/dev/own", 4) == [200, 200, 200, 429]  # the route's own wins
+    assert await statuses("/prod/a", 3) == [200, 200, 200]  # prod has no default

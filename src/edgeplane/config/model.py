@@ -241,11 +241,13 @@ class AccessLogConfig:
 
 @dataclass(frozen=True, slots=True)
 class StageConfig:
-    """One of `stages`: its variables (`${stageVariables.NAME}`) and description."""
+    """One of `stages`: its variables (`${stageVariables.NAME}`), description and default
+    route throttle."""
 
     name: str
     variables: tuple[tuple[str, str], ...] = ()
     description: str = ""
+    throttle: Any = None  # the throttle policy's route-level model, for routes without their own
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ Owns the model of these sections, their loading (names and values within AWS's
 limits, every error located), the check that every reference resolves in every stage
 (an undefined variable is an error naming the stage and the reference, as is a
 resolved upstream that does not exist), and `for_stage(config, name)`: the config one
-stage serves, its routes' references resolved.
+stage serves, its routes' references resolved and the stage's default route throttle
+given to the routes without their own.
 
 Where references may appear (this part of the stages work): a route's
 `integration.upstream`, `integration.path` and `integration.split[].upstream`, and a
@@ -47,6 +48,9 @@ SCHEMA: dict[str, Any] = {
                 "variables": {"type": "object", "maxProperties": 100,
                               "additionalProperties": {"type": "string"}},
                 "description": {"type": "string", "maxLength": 1024},
+                "throttle": {"$ref": "#/$defs/throttle",
+                             "description": "The stage's default route throttle: each route of the stage "
+                                            "without its own `throttle` gets this one (its own buckets)."},
             },
         },
     },
@@ -86,8 +90,12 @@ def load(raw: dict[str, Any], ctx: LoadContext) -> StagesConfig | None:
             elif not isinstance(value, str) or VAR_VALUE.fullmatch(value) is None:
                 ctx.fail(path + ("variables", var), "a value is at most 512 of: letters, digits and - . _ ~ : / ? "
                                                     "# & = , (AWS's stage variable values)")
+        throttle = None
+        policy = ctx.registry.policy("throttle") if ctx.registry is not None else None
+        if "throttle" in spec and policy is not None:
+            throttle = policy.load_route("throttle", spec["throttle"], path + ("throttle",), ctx)
         stages[name] = StageConfig(name, tuple((str(k), str(v)) for k, v in variables.items()),
-                                   str(spec.get("description", "")))
+                                   str(spec.get("description", "")), throttle)
     routing = raw.get("stage_routing", "base_path")
     domains: list[DomainMapping] = []
     found_domains = raw.get("domains")
@@ -196,9 +204,12 @@ def resolve(text: str, variables: dict[str, str]) -> str:
 
 def for_stage(config: Config, name: str) -> Config:
     """The config stage `name` serves: its routes with every reference resolved."""
-    variables = dict(config.stages.stages[name].variables) if config.stages is not None else {}
+    stage = config.stages.stages[name] if config.stages is not None else None
+    variables = dict(stage.variables) if stage is not None else {}
     routes = []
     for rc in config.routes:
+        if stage is not None and stage.throttle is not None and "throttle" not in rc.policies:
+            rc = dataclasses.replace(rc, policies={**rc.policies, "throttle": stage.throttle})
         if not _references(rc):
             routes.append(dataclasses.replace(rc, stage=name))
             continue
