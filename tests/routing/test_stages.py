@@ -197,3 +197,42 @@ async def test_a_stages_default_route_throttle_and_a_routes_own(gateway):
     assert await statuses("/dev/a", 2) == [200, 429] and await statuses("/dev/b", 2) == [200, 429]
     assert await statuses("/dev/own", 4) == [200, 200, 200, 429]  # the route's own wins
     assert await statuses("/prod/a", 3) == [200, 200, 200]  # prod has no default
+
+
+async def test_a_jwt_audience_from_a_stage_variable_and_no_cache_across_stages(gateway, tmp_path):
+    import base64
+    import hashlib
+    import hmac
+    import time
+
+    secret = b"stages-test-secret-0123456789abcdef"
+
+    def hs256(claims: dict) -> str:
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        body = b64(json.dumps(claims).encode())
+        return f"{head}.{body}.{b64(hmac.new(secret, f'{head}.{body}'.encode(), hashlib.sha256).digest())}"
+
+    (tmp_path / "secret").write_bytes(secret)
+    cfg = base_config(routes=[{"route": "GET /me", "auth": "users", "integration": {"type": "mock"}}])
+    cfg["authorizers"] = {"users": {"type": "jwt", "issuer": "https://auth.test/", "algorithms": ["HS256"],
+                                    "audience": "${stageVariables.audience}",
+                                    "hs_secret": {"file": str(tmp_path / "secret")}}}
+    cfg["stages"] = {"dev": {"variables": {"audience": "api-dev"}}, "prod": {"variables": {"audience": "api"}}}
+    gw = await gateway(cfg)
+    dev_token = hs256({"iss": "https://auth.test/", "aud": "api-dev", "exp": int(time.time()) + 60})
+
+    async def status(path: str) -> int:
+        c = await RawClient.connect(gw.addresses[0])
+        try:
+            return (await c.request("GET", path, headers={"authorization": f"Bearer {dev_token}"})).status
+        finally:
+            await c.close()
+
+    # verified (and cached) for dev; the same token is not let into prod from that cache
+    assert [await status("/dev/me"), await status("/dev/me"), await status("/prod/me")] == [200, 200, 401]
+    cfg["stages"]["prod"]["variables"].pop("audience")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert exc.value.errors[0].startswith("authorizers.users.audience: stage 'prod' has no variable 'audience'")

@@ -9,8 +9,9 @@ stage serves, its routes' references resolved and the stage's default route thro
 given to the routes without their own.
 
 Where references may appear (this part of the stages work): a route's
-`integration.upstream`, `integration.path` and `integration.split[].upstream`, and a
-mock integration's `body` and `headers` values.
+`integration.upstream`, `integration.path` and `integration.split[].upstream`, a
+mock integration's `body` and `headers` values, and a JWT authorizer's `issuer` and
+`audience`.
 
 Invariants: without `stages` nothing here runs and a config is served as before (one
 `$default` stage at the root). A resolved value is an ordinary config value: the
@@ -158,9 +159,32 @@ def _references(rc: RouteConfig) -> list[tuple[tuple[Any, ...], str]]:
     return [(p, t) for p, t in out if STAGE_VAR.search(t)]
 
 
+_AUTHORIZER_FIELDS = (("issuer", "issuer"), ("audiences", "audience"))  # (model field, config key)
+
+
+def _authorizer_references(config: Config) -> list[tuple[str, str, str]]:
+    """(authorizer, config key, text) of every authorizer setting holding a reference."""
+    out = []
+    for name, a in config.authorizers.items():
+        for attr, key in _AUTHORIZER_FIELDS:
+            value = getattr(a, attr, None)
+            for text in (value,) if isinstance(value, str) else value if isinstance(value, tuple) else ():
+                if isinstance(text, str) and STAGE_VAR.search(text):
+                    out.append((name, key, text))
+    return out
+
+
 def check(config: Config, ctx: LoadContext) -> None:
     """Every reference resolves in every stage, to an upstream that exists (located)."""
     stages = config.stages
+    for name, key, text in _authorizer_references(config):
+        for stage in stages.stages.values() if stages is not None else ():
+            missing = [n for n in STAGE_VAR.findall(text) if n not in dict(stage.variables)]
+            if missing:
+                ctx.fail(("authorizers", name, key), f"stage {stage.name!r} has no variable {missing[0]!r} "
+                                                     f"(${{stageVariables.{missing[0]}}})")
+        if stages is None:
+            ctx.fail(("authorizers", name, key), f"{STAGE_VAR.search(text).group(0)} needs `stages`")  # type: ignore[union-attr]
     for rc in config.routes:
         for where, text in _references(rc):
             path: Path = ("routes", rc.index, *where)
@@ -223,4 +247,15 @@ def for_stage(config: Config, name: str) -> Config:
             body=resolve(integ.body.decode("utf-8", "replace"), variables).encode() if integ.body else integ.body,
             headers=tuple((n, resolve(v, variables)) for n, v in integ.headers))
         routes.append(dataclasses.replace(rc, integration=integ, stage=name))
-    return dataclasses.replace(config, routes=tuple(routes), stages=None)
+    authorizers = dict(config.authorizers)
+    for auth_name in {n for n, _, _ in _authorizer_references(config)}:
+        a = authorizers[auth_name]
+        changes: dict[str, Any] = {}
+        for attr, _ in _AUTHORIZER_FIELDS:
+            value = getattr(a, attr, None)
+            if isinstance(value, str):
+                changes[attr] = resolve(value, variables)
+            elif isinstance(value, tuple):
+                changes[attr] = tuple(resolve(v, variables) for v in value)
+        authorizers[auth_name] = dataclasses.replace(a, **changes)
+    return dataclasses.replace(config, routes=tuple(routes), authorizers=authorizers, stages=None)

@@ -300,9 +300,13 @@ class JwtPolicy(Policy):
             elif name in sources:
                 keys = sources[name].keyset  # a provider: the current key set, per call
             caches: dict[str, Any] = ctx.runtime.get(_CACHES, {})  # start() made it (kept ones in)
-            cache = caches.get(name)
+            # One cache per issuer and audiences: with stages they may differ per stage, and
+            # a token verified for one audience must not be taken from the cache for another.
+            by_settings = caches.setdefault(name, {})
+            cache = by_settings.get((cfg.issuer, cfg.audiences))
             if cache is None or cfg.jwks_file:  # a key file is read again: its cache starts empty
-                cache = caches[name] = VerificationCache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
+                cache = by_settings[(cfg.issuer, cfg.audiences)] = VerificationCache(
+                    max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl)
             out[name] = CachedVerifier(JwtVerifier(jwt_config(cfg), keys), cache)
         return out
 
@@ -318,6 +322,6 @@ class JwtPolicy(Policy):
         return frozenset(h.encode() for h, _ in route.forward_claims)
 
 
-_CACHES = "jwt:caches"  # runtime.state key: verification caches by authorizer name
+_CACHES = "jwt:caches"  # runtime.state key: verification caches by authorizer name, then settings
 
 plugin = JwtPolicy()
