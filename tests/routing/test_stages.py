@@ -4,6 +4,7 @@ stage; an unknown stage is 404. Counted at real upstreams."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -236,3 +237,59 @@ async def test_a_jwt_audience_from_a_stage_variable_and_no_cache_across_stages(g
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert exc.value.errors[0].startswith("authorizers.users.audience: stage 'prod' has no variable 'audience'")
+
+
+async def test_a_canary_takes_its_share_sticky_keys_stay_and_both_sides_are_counted(gateway, tmp_path):
+    import math
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with DemoUpstream() as stable, DemoUpstream() as nxt:
+        cfg = base_config(routes=[{"route": "GET /u", "integration": {"type": "http",
+                                                                       "upstream": "${stageVariables.backend}"}}])
+        cfg["upstreams"] = {"users": {"targets": [f"http://127.0.0.1:{stable.port}"]},
+                            "users_next": {"targets": [f"http://127.0.0.1:{nxt.port}"]}}
+        cfg["stages"] = {"prod": {"variables": {"backend": "users"},
+                                  "canary": {"percent": 10.0, "variable_overrides": {"backend": "users_next"},
+                                             "sticky": {"header": "x-user-id"}, "force_header": "x-edgeplane-canary"}}}
+        cfg["access_log"] = {"destination": "file", "path": str(tmp_path / "a.log"),
+                             "format": "$context.stage $context.isCanaryRequest"}
+        gw = await gateway(cfg)
+        n = 10_000
+
+        async def one(k: int, headers: dict | None = None) -> None:
+            c = await RawClient.connect(gw.addresses[0])
+            try:
+                for _ in range(k):
+                    assert (await c.request("GET", "/prod/u", headers=headers)).status == 200
+            finally:
+                await c.close()
+
+        await asyncio.gather(*(one(n // 8) for _ in range(8)))
+        # random per request: within the binomial 99.9 % interval (3.29 sigma) of 10 %
+        sigma = math.sqrt(n * 0.1 * 0.9)
+        assert abs(nxt.requests - n * 0.1) <= 3.29 * sigma, (stable.requests, nxt.requests)
+        assert stable.requests + nxt.requests == n
+        # a sticky key always lands on the same side; the force header overrides it
+        sides = set()
+        for user in ("alice", "bob", "carol", "dave"):
+            before = nxt.requests
+            await one(20, {"x-user-id": user})
+            sides.add(nxt.requests - before)
+        assert sides <= {0, 20}
+        before = nxt.requests
+        await one(5, {"x-edgeplane-canary": "always"})
+        await one(5, {"x-edgeplane-canary": "never", "x-user-id": "x"})
+        assert nxt.requests - before == 5  # always: 5 to the canary; never: none, sticky key or not
+        # both sides in the metrics and the access log
+        c = await RawClient.connect(gw.admin_address)
+        try:
+            text = (await c.request("GET", "/metrics")).body.decode()
+        finally:
+            await c.close()
+        counts = {s.labels["canary"]: s.value for f in text_string_to_metric_families(text)
+                  if f.name == "edgeplane_requests" for s in f.samples if s.labels.get("stage") == "prod"}
+        assert counts["true"] == nxt.requests and counts["false"] == stable.requests
+        gw._access_log.flush(wait=2.0)
+        lines = (tmp_path / "a.log").read_text().splitlines()
+        assert lines.count("prod true") == nxt.requests and lines.count("prod false") == stable.requests

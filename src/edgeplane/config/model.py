@@ -248,6 +248,18 @@ class StageConfig:
     variables: tuple[tuple[str, str], ...] = ()
     description: str = ""
     throttle: Any = None  # the throttle policy's route-level model, for routes without their own
+    canary: CanaryConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryConfig:
+    """`stages.NAME.canary`: the share of the stage's requests its canary serves."""
+
+    percent: float
+    variable_overrides: tuple[tuple[str, str], ...] = ()
+    sticky_header: str | None = None
+    sticky_cookie: str | None = None
+    force_header: str | None = None  # `always` / `never` in it forces a side (off when None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import ipaddress
 import re
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.config.model import DomainMapping, StageConfig, StagesConfig
+from edgeplane.config.model import CanaryConfig, DomainMapping, StageConfig, StagesConfig
 from edgeplane.config.values import check_host
 
 if TYPE_CHECKING:
@@ -49,6 +49,19 @@ SCHEMA: dict[str, Any] = {
                 "variables": {"type": "object", "maxProperties": 100,
                               "additionalProperties": {"type": "string"}},
                 "description": {"type": "string", "maxLength": 1024},
+                "canary": {
+                    "type": "object", "additionalProperties": False, "required": ["percent"],
+                    "description": "A share of the stage's requests served with `variable_overrides`.",
+                    "properties": {
+                        "percent": {"type": "number", "minimum": 0, "maximum": 100},
+                        "variable_overrides": {"type": "object", "maxProperties": 100,
+                                               "additionalProperties": {"type": "string"}},
+                        "sticky": {"type": "object", "additionalProperties": False,
+                                   "minProperties": 1, "maxProperties": 1,
+                                   "properties": {"header": {"type": "string"}, "cookie": {"type": "string"}}},
+                        "force_header": {"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},
+                    },
+                },
                 "throttle": {"$ref": "#/$defs/throttle",
                              "description": "The stage's default route throttle: each route of the stage "
                                             "without its own `throttle` gets this one (its own buckets)."},
@@ -96,7 +109,8 @@ def load(raw: dict[str, Any], ctx: LoadContext) -> StagesConfig | None:
         if "throttle" in spec and policy is not None:
             throttle = policy.load_route("throttle", spec["throttle"], path + ("throttle",), ctx)
         stages[name] = StageConfig(name, tuple((str(k), str(v)) for k, v in variables.items()),
-                                   str(spec.get("description", "")), throttle)
+                                   str(spec.get("description", "")), throttle,
+                                   _canary(spec.get("canary"), path + ("canary",), ctx))
     routing = raw.get("stage_routing", "base_path")
     domains: list[DomainMapping] = []
     found_domains = raw.get("domains")
@@ -126,6 +140,22 @@ def load(raw: dict[str, Any], ctx: LoadContext) -> StagesConfig | None:
         ctx.fail(("stage_routing",), "with 'none', requests reach a stage only through `domains` or a "
                                      "stage named $default")
     return StagesConfig(stages, routing if routing in ("base_path", "none") else "base_path", tuple(domains))
+
+
+def _canary(spec: Any, path: Path, ctx: LoadContext) -> CanaryConfig | None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("percent"), (int, float)):
+        return None  # absent, or the schema pass reported it
+    found = spec.get("variable_overrides")
+    overrides: dict[Any, Any] = found if isinstance(found, dict) else {}
+    for var, value in overrides.items():
+        if VAR_NAME.fullmatch(str(var)) is None or not isinstance(value, str) or VAR_VALUE.fullmatch(value) is None:
+            ctx.fail(path + ("variable_overrides", var), "as a stage variable: a name of 1 to 64 letters, digits "
+                                                         "or '_', a value of at most 512 of letters, digits and "
+                                                         "- . _ ~ : / ? # & = ,")
+    found = spec.get("sticky")
+    sticky: dict[str, Any] = found if isinstance(found, dict) else {}
+    return CanaryConfig(float(spec["percent"]), tuple((str(k), str(v)) for k, v in overrides.items()),
+                        sticky.get("header"), sticky.get("cookie"), spec.get("force_header"))
 
 
 def _bad_host(host: str) -> str | None:
@@ -174,12 +204,22 @@ def _authorizer_references(config: Config) -> list[tuple[str, str, str]]:
     return out
 
 
+def _variants(stages: StagesConfig) -> list[tuple[StageConfig, dict[str, str]]]:
+    """Each stage with its variables, and with its canary's overrides when it has one."""
+    out = []
+    for stage in stages.stages.values():
+        out.append((stage, dict(stage.variables)))
+        if stage.canary is not None:
+            out.append((stage, {**dict(stage.variables), **dict(stage.canary.variable_overrides)}))
+    return out
+
+
 def check(config: Config, ctx: LoadContext) -> None:
     """Every reference resolves in every stage, to an upstream that exists (located)."""
     stages = config.stages
     for name, key, text in _authorizer_references(config):
-        for stage in stages.stages.values() if stages is not None else ():
-            missing = [n for n in STAGE_VAR.findall(text) if n not in dict(stage.variables)]
+        for stage, variables in _variants(stages) if stages is not None else ():
+            missing = [n for n in STAGE_VAR.findall(text) if n not in variables]
             if missing:
                 ctx.fail(("authorizers", name, key), f"stage {stage.name!r} has no variable {missing[0]!r} "
                                                      f"(${{stageVariables.{missing[0]}}})")
@@ -191,8 +231,7 @@ def check(config: Config, ctx: LoadContext) -> None:
             if stages is None:
                 ctx.fail(path, f"{STAGE_VAR.search(text).group(0)} needs `stages`")  # type: ignore[union-attr]
                 continue
-            for stage in stages.stages.values():
-                variables = dict(stage.variables)
+            for stage, variables in _variants(stages):
                 missing = [n for n in STAGE_VAR.findall(text) if n not in variables]
                 if missing:
                     have = ", ".join(variables) or "none"
@@ -226,10 +265,13 @@ def resolve(text: str, variables: dict[str, str]) -> str:
     return STAGE_VAR.sub(lambda m: variables.get(m.group(1), ""), text)
 
 
-def for_stage(config: Config, name: str) -> Config:
-    """The config stage `name` serves: its routes with every reference resolved."""
+def for_stage(config: Config, name: str, canary: bool = False) -> Config:
+    """The config stage `name` serves (its canary side with `canary`): its routes with
+    every reference resolved."""
     stage = config.stages.stages[name] if config.stages is not None else None
     variables = dict(stage.variables) if stage is not None else {}
+    if canary and stage is not None and stage.canary is not None:
+        variables.update(stage.canary.variable_overrides)
     routes = []
     for rc in config.routes:
         if stage is not None and stage.throttle is not None and "throttle" not in rc.policies:

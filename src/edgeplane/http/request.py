@@ -29,6 +29,7 @@ class Request:
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
         "extra_upstream", "api_key", "pending", "websocket", "ws_log", "context", "auth_context", "hooks_failed",
         "integration_status", "auth_error", "trace_id", "ws_event", "span", "traceparent", "stage", "base_path",
+        "canary",
     )
 
     def __init__(self, now: float) -> None:
@@ -79,6 +80,7 @@ class Request:
         self.hooks_failed = False  # a hook raised: the 500 skips the response hooks
         self.integration_status = 0  # the status the upstream answered (0: none)
         self.stage = "$default"  # the stage that served it (`routing.stages`)
+        self.canary = False  # served by its stage's canary side (`routing.canary`)
         # The path as sent, when a stage's base path was taken off `path` ("/prod/users/7");
         # b"" otherwise (`routing.stages`)
         self.base_path = b""

@@ -57,12 +57,16 @@ class WorkerMetrics:
         self.base = aggregate.load_base(run_dir, index)
 
     def attach(self, snapshot: Any) -> None:
-        """Give each compiled route of `snapshot` its (stage, host, route key)'s arrays."""
-        staged = snapshot.stages.snapshots.items() if snapshot.stages is not None else [("$default", snapshot)]
-        for stage, sub in staged:
+        """Give each compiled route of `snapshot` its (stage, canary, host, route key)'s arrays."""
+        stages = snapshot.stages
+        staged = [(name, False, sub) for name, sub in stages.snapshots.items()] if stages is not None \
+            else [("$default", False, snapshot)]
+        if stages is not None:  # a canary's side counts apart: the two can be compared
+            staged += [(name, True, canary.snapshot) for name, canary in stages.canaries.items()]
+        for stage, canary, sub in staged:
             for route in sub.routes:
                 rc = route.config
-                route.metrics = self.requests.route(rc.host if rc is not None else None, route.key, stage)
+                route.metrics = self.requests.route(rc.host if rc is not None else None, route.key, stage, canary)
 
     def flush(self, gateway: Any) -> None:
         """Write this worker's samples and `/stats` for the others (once a second, and

@@ -27,7 +27,7 @@ class Family:
     help: str
 
 
-ROUTE = ("stage", "host", "route")
+ROUTE = ("stage", "canary", "host", "route")
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("edgeplane_requests", "counter", (*ROUTE, "method", "status"),
            "Requests answered, by route key (host '' for any host; route '$unmatched' when no "

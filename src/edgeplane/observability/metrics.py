@@ -40,11 +40,12 @@ N_BUCKETS = len(DURATION_BUCKETS) + 1  # the last: +Inf
 
 
 class RouteMetrics:
-    __slots__ = ("stage", "host", "key", "counts", "duration", "duration_sum", "integration", "integration_sum",
-                 "received", "sent")
+    __slots__ = ("stage", "canary", "host", "key", "counts", "duration", "duration_sum", "integration",
+                 "integration_sum", "received", "sent")
 
-    def __init__(self, host: str, key: str, stage: str = "$default") -> None:
+    def __init__(self, host: str, key: str, stage: str = "$default", canary: bool = False) -> None:
         self.stage = stage
+        self.canary = "true" if canary else "false"
         self.host = host
         self.key = key
         self.counts = [0] * ((OTHER_METHOD + 1) * N_STATUS)  # method * N_STATUS + status slot
@@ -125,13 +126,13 @@ class RequestMetrics:
     """Every route's arrays in one worker, by (host, route key)."""
 
     def __init__(self) -> None:
-        self.routes: dict[tuple[str, str, str], RouteMetrics] = {}
+        self.routes: dict[tuple[str, bool, str, str], RouteMetrics] = {}
         self.unmatched = self.route("", UNMATCHED)
 
-    def route(self, host: str | None, key: str, stage: str = "$default") -> RouteMetrics:
-        found = self.routes.get((stage, host or "", key))
+    def route(self, host: str | None, key: str, stage: str = "$default", canary: bool = False) -> RouteMetrics:
+        found = self.routes.get((stage, canary, host or "", key))
         if found is None:
-            found = self.routes[(stage, host or "", key)] = RouteMetrics(host or "", key, stage)
+            found = self.routes[(stage, canary, host or "", key)] = RouteMetrics(host or "", key, stage, canary)
         return found
 
     def samples(self) -> dict[str, dict[tuple[str, ...], Any]]:
@@ -142,7 +143,7 @@ class RequestMetrics:
         received: dict[tuple[str, ...], Any] = {}
         sent: dict[tuple[str, ...], Any] = {}
         for m in self.routes.values():
-            labels = (m.stage, m.host, m.key)
+            labels = (m.stage, m.canary, m.host, m.key)
             for cell, n in enumerate(m.counts):
                 if n:
                     method, slot = divmod(cell, N_STATUS)

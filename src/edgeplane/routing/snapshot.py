@@ -16,6 +16,7 @@ from edgeplane.config.stages import for_stage
 from edgeplane.http.paths import STRICT
 from edgeplane.plugins.base import CompileContext
 from edgeplane.policies.throttle.stores import LocalLimits
+from edgeplane.routing.canary import Canary
 from edgeplane.routing.chain import compile_chain
 from edgeplane.routing.router import Router, compile_routes
 from edgeplane.routing.stages import StageSelector
@@ -108,10 +109,16 @@ def build_snapshot(config: Config, upstreams: dict[str, Upstream], runtime: dict
     gateway's `observability.metrics.AuthorizerOutcomes`."""
     limits = limits if limits is not None else LocalLimits(config)
     if config.stages is not None:  # one snapshot per stage, chosen per request
-        staged = {name: build_snapshot(for_stage(config, name), upstreams, runtime, limits, quota_counter,
-                                       None, authorizer_outcomes) for name in config.stages.stages}
-        top = Snapshot(config, compile_routes([]), [r for s in staged.values() for r in s.routes], websocket_apis)
-        top.stages = StageSelector(config.stages, staged)
+        def stage(name: str, canary: bool = False) -> Snapshot:
+            return build_snapshot(for_stage(config, name, canary), upstreams, runtime, limits, quota_counter,
+                                  None, authorizer_outcomes)
+
+        staged = {name: stage(name) for name in config.stages.stages}
+        canaries = {name: Canary(s.canary, stage(name, canary=True))
+                    for name, s in config.stages.stages.items() if s.canary is not None}
+        everything = [*staged.values(), *(c.snapshot for c in canaries.values())]
+        top = Snapshot(config, compile_routes([]), [r for s in everything for r in s.routes], websocket_apis)
+        top.stages = StageSelector(config.stages, staged, canaries)
         return top
     ctx = compile_context(config, upstreams, runtime,
                           {"limits": limits, "quota_counter": quota_counter,

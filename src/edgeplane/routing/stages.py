@@ -4,7 +4,8 @@ Owns `StageSelector`, made by `build_snapshot` for a config with `stages` (one c
 `Snapshot` per stage). `select(req)` finds the stage, strips what named it from
 `req.path` (the stage segment, or the domain's base path; the path as sent is kept in
 `req.base_path`, which `$context.path` shows), sets `req.stage`, and returns
-the stage's snapshot, or None (404 `{"message":"Not Found"}`).
+the stage's snapshot (its canary side's, for the requests its canary takes:
+`routing.canary`, `req.canary`), or None (404 `{"message":"Not Found"}`).
 
 Order, as API mappings then invoke URLs work in Amazon API Gateway:
 1. the Host has a `domains` mapping: its stage, when the path is under its base path;
@@ -18,13 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 from edgeplane.config.model import StagesConfig
+from edgeplane.routing.canary import Canary
 
 
 class StageSelector:
-    __slots__ = ("snapshots", "by_segment", "domains", "default")
+    __slots__ = ("snapshots", "by_segment", "domains", "default", "canaries")
 
-    def __init__(self, cfg: StagesConfig, snapshots: dict[str, Any]) -> None:
+    def __init__(self, cfg: StagesConfig, snapshots: dict[str, Any], canaries: dict[str, Canary] | None = None) -> None:
         self.snapshots = snapshots
+        self.canaries = canaries or {}  # stage -> its canary side (`routing.canary`)
         # `$default` is served at the root only, never as /$default/...
         self.by_segment = {name.encode(): (name, snap) for name, snap in snapshots.items()
                            if name != "$default"} if cfg.routing == "base_path" else {}
@@ -33,6 +36,15 @@ class StageSelector:
         self.default = ("$default", snapshots["$default"]) if "$default" in snapshots else None
 
     def select(self, req: Any) -> Any:
+        snapshot = self._stage(req)
+        if snapshot is not None and self.canaries:
+            canary = self.canaries.get(req.stage)
+            if canary is not None and canary.takes(req):
+                req.canary = True
+                return canary.snapshot
+        return snapshot
+
+    def _stage(self, req: Any) -> Any:
         path = req.path
         if self.domains and req.host is not None:
             host = req.host.lower()
