@@ -204,13 +204,15 @@ def _authorizer_references(config: Config) -> list[tuple[str, str, str]]:
     return out
 
 
-def _variants(stages: StagesConfig) -> list[tuple[StageConfig, dict[str, str]]]:
-    """Each stage with its variables, and with its canary's overrides when it has one."""
+def _variants(stages: StagesConfig) -> list[tuple[str, dict[str, str]]]:
+    """Each stage (named for messages) with its variables, and its canary side with the
+    overrides when it has one."""
     out = []
     for stage in stages.stages.values():
-        out.append((stage, dict(stage.variables)))
+        out.append((f"stage {stage.name!r}", dict(stage.variables)))
         if stage.canary is not None:
-            out.append((stage, {**dict(stage.variables), **dict(stage.canary.variable_overrides)}))
+            out.append((f"stage {stage.name!r} (its canary)",
+                        {**dict(stage.variables), **dict(stage.canary.variable_overrides)}))
     return out
 
 
@@ -218,10 +220,10 @@ def check(config: Config, ctx: LoadContext) -> None:
     """Every reference resolves in every stage, to an upstream that exists (located)."""
     stages = config.stages
     for name, key, text in _authorizer_references(config):
-        for stage, variables in _variants(stages) if stages is not None else ():
+        for where_, variables in _variants(stages) if stages is not None else ():
             missing = [n for n in STAGE_VAR.findall(text) if n not in variables]
             if missing:
-                ctx.fail(("authorizers", name, key), f"stage {stage.name!r} has no variable {missing[0]!r} "
+                ctx.fail(("authorizers", name, key), f"{where_} has no variable {missing[0]!r} "
                                                      f"(${{stageVariables.{missing[0]}}})")
         if stages is None:
             ctx.fail(("authorizers", name, key), f"{STAGE_VAR.search(text).group(0)} needs `stages`")  # type: ignore[union-attr]
@@ -231,17 +233,17 @@ def check(config: Config, ctx: LoadContext) -> None:
             if stages is None:
                 ctx.fail(path, f"{STAGE_VAR.search(text).group(0)} needs `stages`")  # type: ignore[union-attr]
                 continue
-            for stage, variables in _variants(stages):
+            for label, variables in _variants(stages):
                 missing = [n for n in STAGE_VAR.findall(text) if n not in variables]
                 if missing:
                     have = ", ".join(variables) or "none"
-                    ctx.fail(path, f"stage {stage.name!r} has no variable {missing[0]!r} "
+                    ctx.fail(path, f"{label} has no variable {missing[0]!r} "
                                    f"(${{stageVariables.{missing[0]}}}; its variables: {have})")
                 elif where[-1] == "upstream" and resolve(text, variables) not in config.upstreams:
-                    ctx.fail(path, f"in stage {stage.name!r} this names upstream {resolve(text, variables)!r}, "
+                    ctx.fail(path, f"in {label} this names upstream {resolve(text, variables)!r}, "
                                    f"which is not defined (upstreams: {', '.join(config.upstreams)})")
                 elif where[-1] == "path" and (why := _bad_path(resolve(text, variables))):
-                    ctx.fail(path, f"in stage {stage.name!r} this path is {resolve(text, variables)!r}: {why}")
+                    ctx.fail(path, f"in {label} this path is {resolve(text, variables)!r}: {why}")
 
 
 def _bad_path(path: str) -> str | None:
