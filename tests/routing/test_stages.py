@@ -293,3 +293,24 @@ async def test_a_canary_takes_its_share_sticky_keys_stay_and_both_sides_are_coun
         gw._access_log.flush(wait=2.0)
         lines = (tmp_path / "a.log").read_text().splitlines()
         assert lines.count("prod true") == nxt.requests and lines.count("prod false") == stable.requests
+
+
+async def test_a_stage_may_log_in_its_own_format(gateway, tmp_path):
+    cfg = base_config(routes=[{"route": "GET /m", "integration": {"type": "mock"}}])
+    cfg["stages"] = {"dev": {"access_log": {"format": "dev-line $context.status $context.resourcePath"}},
+                     "prod": {}}
+    cfg["access_log"] = {"destination": "file", "path": str(tmp_path / "a.log"),
+                         "format": "$context.stage $context.status"}
+    gw = await gateway(cfg)
+    for path in ("/dev/m", "/prod/m"):
+        c = await RawClient.connect(gw.addresses[0])
+        try:
+            assert (await c.request("GET", path)).status == 200
+        finally:
+            await c.close()
+    gw._access_log.flush(wait=2.0)
+    assert (tmp_path / "a.log").read_text().splitlines() == ["dev-line 200 /m", "prod 200"]
+    cfg["stages"]["dev"]["access_log"]["format"] = "$context.nope"
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert exc.value.errors[0].startswith("stages.dev.access_log.format: unknown variable $context.nope")

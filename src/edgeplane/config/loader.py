@@ -272,6 +272,8 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry,
     cluster = b.cluster(raw)
     limits = b.limits(raw)
     access_log = b.access_log(raw)
+    stages = stages_section.load(raw, b)
+    access_log = b.stage_access_logs(raw, access_log)
     drain = b.duration(raw, "drain_timeout", (), 30.0, low_inclusive=True)
     drain_delay = b.duration(raw, "drain_delay", (), 0.0, low_inclusive=True)
     http = raw["http"] if isinstance(raw.get("http"), dict) else {}
@@ -294,7 +296,7 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry,
         data_dir=raw.get("data_dir", "data"),
         cluster=cluster,
         tracing=b.tracing(raw),
-        stages=stages_section.load(raw, b),
+        stages=stages,
         websocket=b.websocket_defaults,
         websocket_apis=ws_apis,
         policies=policies,

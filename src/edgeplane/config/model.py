@@ -237,6 +237,9 @@ class AccessLogConfig:
     # The compiled `format` (`observability.access_format.compile_format`); not compared, so
     # a reload with the same format keeps the log.
     render: Any = field(default=None, compare=False)
+    # `stages.NAME.access_log.format`, by stage: as written, and compiled (not compared)
+    stage_formats: tuple[tuple[str, Any], ...] = ()
+    stage_renders: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ against the others for collisions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -474,6 +475,21 @@ class CoreSections(LoadContext):
             queue_bytes=self.size(section, "queue_bytes", p, d.queue_bytes, low=1024),
             **self._access_format(section.get("format"), p + ("format",)),
         )
+
+    def stage_access_logs(self, raw: dict, access_log: model.AccessLogConfig) -> model.AccessLogConfig:
+        """`access_log` with each stage's own format (`stages.NAME.access_log.format`)."""
+        stages = raw.get("stages")
+        formats, renders = [], {}
+        for name, spec in stages.items() if isinstance(stages, dict) else ():
+            section = spec.get("access_log") if isinstance(spec, dict) else None
+            if isinstance(section, dict):
+                found = self._access_format(section.get("format"), ("stages", name, "access_log", "format"))
+                if found:
+                    formats.append((str(name), found["format"]))
+                    renders[str(name)] = found["render"]
+        if not formats:
+            return access_log
+        return dataclasses.replace(access_log, stage_formats=tuple(formats), stage_renders=renders)
 
     def _access_format(self, fmt: Any, path: Path) -> dict[str, Any]:
         """`format` and its compiled render function, or nothing when absent or invalid

@@ -62,6 +62,12 @@ SCHEMA: dict[str, Any] = {
                         "force_header": {"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},
                     },
                 },
+                "access_log": {
+                    "type": "object", "additionalProperties": False, "required": ["format"],
+                    "description": "The stage's own access-log format (the destination is the gateway's).",
+                    "properties": {"format": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 10000},
+                                                        {"type": "object", "minProperties": 1}]}},
+                },
                 "throttle": {"$ref": "#/$defs/throttle",
                              "description": "The stage's default route throttle: each route of the stage "
                                             "without its own `throttle` gets this one (its own buckets)."},

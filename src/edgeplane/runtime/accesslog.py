@@ -50,7 +50,8 @@ def clf_time(epoch: float) -> str:
 
 class AccessLog:
     __slots__ = ("enabled", "_writer", "_path", "_buf", "_size", "_limit", "lines", "clf_second", "clf_bytes",
-                 "_render", "callback", "_records", "failed", "_failed_logged_at", "_base_dropped")
+                 "_render", "callback", "_records", "failed", "_failed_logged_at", "_base_dropped",
+                 "_stage_renders")
 
     def __init__(self, cfg: AccessLogConfig,
                  callback: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -71,6 +72,7 @@ class AccessLog:
                                       to_logging=cfg.destination == "logging")
         # A custom `format` compiled at load (config.sections), else the default JSON shape.
         self._render: Render = cfg.render if cfg.render is not None else _DEFAULT
+        self._stage_renders: dict[str, Render] = dict(cfg.stage_renders)  # a stage's own format
         # An embedder's callback gets each record (the default shape's dict), batched per flush.
         self.callback = callback
         self._records: list[dict[str, Any]] = []
@@ -104,8 +106,11 @@ class AccessLog:
             self._records.append(self.fields(req, proto))
         if self._writer is None:
             return
+        render = self._render
+        if self._stage_renders:
+            render = self._stage_renders.get(req.stage, render)
         try:
-            line = self._render(req, proto, self, time.perf_counter())
+            line = render(req, proto, self, time.perf_counter())
         except Exception:  # a bug: this line is lost (counted, logged), never the request
             self._failed(req)
             return
