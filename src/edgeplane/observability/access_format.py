@@ -31,6 +31,8 @@ from typing import Any, cast
 
 import orjson
 
+from edgeplane.http.request import header
+
 Render = Callable[[Any, Any, Any, float], bytes]
 
 
@@ -176,13 +178,6 @@ def json_value(value: Any) -> bytes:
 _SAFE_SET = frozenset(_SAFE)
 
 
-def _header(r: Any, name: bytes) -> bytes | None:
-    for key, value in r.headers:
-        if key == name:
-            return value
-    return None
-
-
 def _claim(r: Any, name: str) -> Any:
     return r.claims.get(name) if r.claims is not None else None
 
@@ -195,7 +190,9 @@ def _plugin(r: Any, name: str) -> Any:
     return r.context.get(name) if r.context is not None else None
 
 
-def _principal(r: Any) -> str | None:
+def principal(r: Any) -> str | None:
+    """Who the authorizer let in: the JWT's `sub`, the API key's id, or a custom
+    authorizer's `principalId` context value."""
     if r.claims is not None:
         sub = r.claims.get("sub")
         return sub if isinstance(sub, str) else None
@@ -235,7 +232,7 @@ def _response_type(r: Any) -> str | None:
 
 
 _NAMESPACE = {
-    "_header": _header, "_claim": _claim, "_auth": _auth, "_plugin": _plugin, "_principal": _principal,
+    "_header": header, "_claim": _claim, "_auth": _auth, "_plugin": _plugin, "_principal": principal,
     "_ws": _ws, "_event_type": _event_type, "_response_type": _response_type,
     "_PROTO": _PROTO, "_proto": _proto, "_any": _any, "_ej": json_escape, "_el": line_escape, "_jv": json_value,
     "_S": _SAFE,

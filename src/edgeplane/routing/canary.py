@@ -21,6 +21,8 @@ import random
 import zlib
 from typing import Any
 
+from edgeplane.http.request import header
+
 _random = random.random
 
 
@@ -37,7 +39,7 @@ class Canary:
 
     def takes(self, req: Any) -> bool:
         if self.force_header is not None:
-            forced = _header(req, self.force_header)
+            forced = header(req, self.force_header)
             if forced is not None:
                 forced = forced.strip().lower()
                 if forced == b"always":
@@ -46,19 +48,12 @@ class Canary:
                     return False
         key = None
         if self.sticky_header is not None:
-            key = _header(req, self.sticky_header)
+            key = header(req, self.sticky_header)
         elif self.sticky_cookie is not None:
             key = _cookie(req, self.sticky_cookie)
         if key:
             return zlib.crc32(key) % 10_000 < self._threshold
         return _random() * 100 < self.percent
-
-
-def _header(req: Any, name: bytes) -> bytes | None:
-    for key, value in req.headers:
-        if key == name:
-            return value
-    return None
 
 
 def _cookie(req: Any, name: bytes) -> bytes | None:

@@ -18,7 +18,7 @@ httpMethod, routeKey, path, protocol, status, responseLength, responseLatency (m
 (ms or null), integrationError, upstream, error (the gateway's reason for a local error),
 clientCertSubject (mTLS: the client certificate's RFC 4514 subject, or null), clientIp
 (the client behind trusted proxies, else null), authorizerPrincipal (the JWT `sub`, i.e.
-$context.authorizer.claims.sub, or the API key id); traceId (with tracing on); and
+$context.authorizer.claims.sub, the API key id, or a custom authorizer's `principalId`); traceId (with tracing on); and
 `websocket` on WebSocket lines.
 """
 
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.http.request import Request
-from edgeplane.observability.access_format import default_render
+from edgeplane.observability.access_format import default_render, principal
 from edgeplane.runtime.log_writer import LineWriter
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class AccessLog:
             "error": req.error,
             "clientCertSubject": proto.client_cert_subject,
             "clientIp": req.client_ip,
-            "authorizerPrincipal": _principal(req),
+            "authorizerPrincipal": principal(req),
         }
         if req.trace_id is not None:
             fields["traceId"] = req.trace_id
@@ -242,14 +242,3 @@ def _open(path: str) -> int:
         raise OSError(exc.errno, f"access_log.path {path!r} cannot be opened for appending: {why}") from None
     os.set_blocking(fd, True)
     return fd
-
-
-def _principal(req: Any) -> str | None:
-    """Who the authorizer let in: the JWT's `sub` ($context.authorizer.claims.sub) or the
-    API key's id."""
-    if req.claims is not None:
-        sub = req.claims.get("sub")
-        return sub if isinstance(sub, str) else None
-    if req.api_key is not None:
-        return req.api_key.id
-    return None
