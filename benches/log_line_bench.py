@@ -21,12 +21,7 @@ same arguments is subtracted. Prints ns per line, best of --rounds.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import time
-
-from edgeplane import Gateway
-from edgeplane.http.request import Request
+from micro import Peer, best_ns, cli, proxied_request, proxy_gateway
 
 FORMATS = {
     "default": None,
@@ -45,48 +40,19 @@ FORMATS = {
 }
 
 
-def _best(fn, n: int, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / n * 1e9
-
-
-class _Peer:
-    peer_ip = "127.0.0.1"
-    client_cert_subject = None
-
-
 async def measure(fmt, rounds: int, n: int) -> float:
     log: dict = {"destination": "file", "path": "/dev/null"}
     if fmt is not None:
         log["format"] = fmt
-    cfg = {"listen": ["127.0.0.1:0"], "admin": {"listen": "127.0.0.1:0", "insecure": True}, "access_log": log,
-           "upstreams": {"app": {"targets": ["http://127.0.0.1:9"]}},
-           "routes": [{"route": "GET /api/{proxy+}", "integration": {"type": "http", "upstream": "app"}}]}
-    gw = Gateway(cfg)
-    await gw.start()
-    try:
+    async with proxy_gateway(access_log=log) as gw:
         ctx = gw._context
         assert ctx is not None
-        req = Request(time.perf_counter())
-        req.method, req.path, req.version, req.status, req.response_length = b"GET", b"/api/users/7", "1.1", 200, 312
-        req.integration_latency, req.integration_status, req.upstream = 0.0004, 200, "app 127.0.0.1:9"
-        req.headers = [(b"host", b"api.example.com"), (b"user-agent", b"wrk/4.2.0 (Linux)"),
-                       (b"accept", b"*/*")]
-        req.request_id = b"0f3a91c2-5b7e-4d10-8c3e-00000000002a"
-        req.route = ctx.snapshot.routes[0]
-        req.route_key = req.route.key
-        proto = _Peer()
+        req = proxied_request(gw)
+        proto = Peer()
         access_log = ctx.access_log
         empty = lambda r, p: None  # noqa: E731
-        base = _best(lambda: empty(req, proto), n, rounds)
-        return _best(lambda: access_log.record(req, proto), n, rounds) - base
-    finally:
-        await gw.stop(drain_timeout=0.5)
+        base = best_ns(lambda: empty(req, proto), n, rounds)
+        return best_ns(lambda: access_log.record(req, proto), n, rounds) - base
 
 
 async def main(rounds: int, n: int) -> None:
@@ -96,8 +62,4 @@ async def main(rounds: int, n: int) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--n", type=int, default=200_000)
-    a = p.parse_args()
-    asyncio.run(main(a.rounds, a.n))
+    cli(__doc__, main, 200_000)

@@ -20,55 +20,29 @@ file) and on each scrape; its time is printed too, for the bench's routes.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import time
 
-from edgeplane import Gateway
-from edgeplane.http.request import Request
-
-
-def _best(fn, n: int, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / n * 1e9
+from micro import best_ns, cli, proxied_request, proxy_gateway
 
 
 async def main(rounds: int, n: int) -> None:
-    cfg = {"listen": ["127.0.0.1:0"], "admin": {"listen": "127.0.0.1:0", "insecure": True},
-           "access_log": {"destination": "off"},
-           "upstreams": {"app": {"targets": ["http://127.0.0.1:9"]}},
-           "routes": [{"route": "GET /api/{proxy+}", "integration": {"type": "http", "upstream": "app"}}]}
-    gw = Gateway(cfg)
-    await gw.start()
-    try:
+    async with proxy_gateway() as gw:
         ctx = gw._context
         assert ctx is not None
-        req = Request(time.perf_counter())
-        req.method, req.status, req.response_length, req.integration_latency = b"GET", 200, 2, 0.0004
-        req.route = ctx.snapshot.routes[0]
+        req = proxied_request(gw)
+        req.response_length = 2
         empty = lambda r: None  # noqa: E731
 
-        base = _best(lambda: empty(req), n, rounds)
-        count = _best(lambda: ctx.count(req), n, rounds) - base
-        done = _best(lambda: ctx.request_done(req, None), n, rounds) - base
+        base = best_ns(lambda: empty(req), n, rounds)
+        count = best_ns(lambda: ctx.count(req), n, rounds) - base
+        done = best_ns(lambda: ctx.request_done(req, None), n, rounds) - base
         print(f"count (ServerContext.count):               {count:6.0f} ns per request")
         print(f"request_done, access log off (count + log): {done:6.0f} ns per request")
         t0 = time.perf_counter()
         for _ in range(100):
             gw._metrics.scrape(gw, "")
         print(f"a scrape (collect + text exposition):       {(time.perf_counter() - t0) * 10:6.2f} ms")
-    finally:
-        await gw.stop(drain_timeout=0.5)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--n", type=int, default=500_000)
-    a = p.parse_args()
-    asyncio.run(main(a.rounds, a.n))
+    cli(__doc__, main, 500_000)

@@ -22,27 +22,7 @@ Prints ns per request, best of --rounds, an empty call with the same arguments t
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import time
-
-from edgeplane import Gateway
-from edgeplane.http.request import Request
-
-
-def _best(fn, n: int, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / n * 1e9
-
-
-class _Peer:
-    peer_ip = "127.0.0.1"
-    scheme = b"http"
+from micro import Peer, best_ns, cli, proxied_request, proxy_gateway
 
 
 class _Exchange:
@@ -55,40 +35,29 @@ class _Exchange:
 
 
 async def main(rounds: int, n: int) -> None:
-    cfg = {"listen": ["127.0.0.1:0"], "admin": {"listen": "127.0.0.1:0", "insecure": True},
-           "access_log": {"destination": "off"},
-           "tracing": {"sample_ratio": 0.01, "otlp": {"endpoint": "http://127.0.0.1:9/v1/traces"}},
-           "upstreams": {"app": {"targets": ["http://127.0.0.1:9"]}},
-           "routes": [{"route": "GET /api/{proxy+}", "integration": {"type": "http", "upstream": "app"}}]}
-    gw = Gateway(cfg)
-    await gw.start()
-    try:
+    tracing = {"sample_ratio": 0.01, "otlp": {"endpoint": "http://127.0.0.1:9/v1/traces"}}
+    async with proxy_gateway(tracing=tracing) as gw:
         ctx = gw._context
         assert ctx is not None and ctx.tracer is not None
         tracer = ctx.tracer
         tracer.exporter.submit = lambda spans: None  # not timed: the export runs off the path
-        req = Request(time.perf_counter())
-        req.method, req.path, req.status, req.response_length = b"GET", b"/api/users/7", 200, 312
-        req.integration_latency, req.integration_status = 0.0004, 200
-        req.route = ctx.snapshot.routes[0]
-        req.route_key = req.route.key
-        req.headers = [(b"host", b"api.example.com"), (b"user-agent", b"wrk/4.2.0"), (b"accept", b"*/*"),
-                       (b"x-tenant", b"acme"), (b"cookie", b"a=b")]
-        peer, exchange = _Peer(), _Exchange()
+        req = proxied_request(gw, [(b"host", b"api.example.com"), (b"user-agent", b"wrk/4.2.0"),
+                                   (b"accept", b"*/*"), (b"x-tenant", b"acme"), (b"cookie", b"a=b")])
+        peer, exchange = Peer(), _Exchange()
         empty = lambda r, p: None  # noqa: E731
-        base = _best(lambda: empty(req, peer), n, rounds)
+        base = best_ns(lambda: empty(req, peer), n, rounds)
 
         def done_off():
             ctx.request_done(req, peer)
 
         saved, ctx.tracer = ctx.tracer, None
-        off = _best(done_off, n, rounds)
+        off = best_ns(done_off, n, rounds)
         ctx.tracer = saved
 
         def count_only():
             ctx.count(req)
 
-        metrics = _best(count_only, n, rounds)
+        metrics = best_ns(count_only, n, rounds)
         tracer.ratio = 0.0  # the draw, never sampled: the 99 % case
 
         def unsampled():
@@ -96,9 +65,9 @@ async def main(rounds: int, n: int) -> None:
             tracer.outgoing(req, exchange)
             tracer.finish(req, peer)
 
-        cost_unsampled = _best(unsampled, n, rounds) - base
+        cost_unsampled = best_ns(unsampled, n, rounds) - base
         req.traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"  # as the parser keeps it
-        cost_continued = _best(unsampled, n, rounds) - base
+        cost_continued = best_ns(unsampled, n, rounds) - base
         req.traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
         def sampled():
@@ -107,19 +76,13 @@ async def main(rounds: int, n: int) -> None:
             tracer.outgoing(req, exchange)
             tracer.finish(req, peer)
 
-        cost_sampled = _best(sampled, max(n // 10, 1000), rounds) - base
+        cost_sampled = best_ns(sampled, max(n // 10, 1000), rounds) - base
         print(f"tracing off (request_done less the metrics): {off - metrics:6.0f} ns per request")
         print(f"unsampled, new trace (1 % draw):             {cost_unsampled:6.0f} ns per request")
         print(f"unsampled, continued traceparent:            {cost_continued:6.0f} ns per request")
         print(f"sampled (2 spans to the exporter's queue):    {cost_sampled:6.0f} ns per request")
         print(f"at 1 %: {cost_unsampled * 0.99 + cost_sampled * 0.01:.0f} ns per request on average")
-    finally:
-        await gw.stop(drain_timeout=0.5)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--n", type=int, default=200_000)
-    a = p.parse_args()
-    asyncio.run(main(a.rounds, a.n))
+    cli(__doc__, main, 200_000)
