@@ -168,6 +168,16 @@ class RawClient:
         reader, writer = await asyncio.open_connection(addr[0], addr[1])
         return cls(reader, writer)
 
+    @classmethod
+    async def once(cls, addr: tuple[str, int], method: str, path: str, headers: dict | None = None,
+                   body: bytes = b"", host: str = "gw.test") -> Response:
+        """One request on a new connection, closed after the answer."""
+        c = await cls.connect(addr)
+        try:
+            return await c.request(method, path, headers, body, host)
+        finally:
+            await c.close()
+
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()

@@ -37,11 +37,7 @@ def config(port: int, log_path, fmt) -> dict:
 
 
 async def get(addr, path: str, headers: dict | None = None):
-    c = await RawClient.connect(addr)
-    try:
-        return await c.request("GET", path, headers=headers)
-    finally:
-        await c.close()
+    return await RawClient.once(addr, "GET", path, headers)
 
 
 async def lines_of(gw: Gateway, log_path, n: int) -> list[str]:

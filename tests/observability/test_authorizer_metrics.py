@@ -7,7 +7,6 @@ sent, through `prometheus_client`'s parser.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -15,10 +14,10 @@ import json
 import socket
 import time
 
-import orjson
 import pytest
 from test_metrics import scrape, value
 
+from authorizer_peer import AuthorizerPeer
 from conftest import RawClient, base_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,40 +40,18 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-async def custom_authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Allows the identity `Bearer good`, denies anything else (AWS simple responses)."""
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            event = orjson.loads(await reader.readexactly(length))
-            answer = orjson.dumps({"isAuthorized": event["identitySource"] == ["Bearer good"]})
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                         b"content-length: %d\r\n\r\n%s" % (len(answer), answer))
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-
 async def get(addr, path: str, token: str | None = None, key: str | None = None) -> int:
     headers = {}
     if token is not None:
         headers["authorization"] = token
     if key is not None:
         headers["x-api-key"] = key
-    c = await RawClient.connect(addr)
-    try:
-        return (await c.request("GET", path, headers=headers)).status
-    finally:
-        await c.close()
+    return (await RawClient.once(addr, "GET", path, headers)).status
 
 
 async def test_each_authorizer_counts_allowed_denied_error_and_cache_hits(upstream, gateway, tmp_path):
-    server = await asyncio.start_server(custom_authorizer, "127.0.0.1", 0)
-    auth_port = server.sockets[0].getsockname()[1]
+    # allows the identity `Bearer good`, denies anything else (AWS simple responses)
+    server = await AuthorizerPeer(lambda event: {"isAuthorized": event["identitySource"] == ["Bearer good"]}).start()
     (tmp_path / "secret").write_bytes(SECRET)
     (tmp_path / "keys.yaml").write_text(
         "keys:\n  - id: partner-1\n    hash: sha256:" + hashlib.sha256(b"partner-key-0123456789").hexdigest() + "\n")
@@ -88,7 +65,7 @@ async def test_each_authorizer_counts_allowed_denied_error_and_cache_hits(upstre
     cfg["authorizers"] = {
         "users": {"type": "jwt", "issuer": "https://auth.test/", "audience": "api", "algorithms": ["HS256"],
                   "hs_secret": {"file": str(tmp_path / "secret")}},
-        "custom": {"type": "http", "url": f"http://127.0.0.1:{auth_port}/authorize", "result_ttl": "60s"},
+        "custom": {"type": "http", "url": server.url, "result_ttl": "60s"},
         "down": {"type": "http", "url": f"http://127.0.0.1:{closed_port()}/authorize", "timeout": "2s"},
         "partners": {"type": "api_key", "keys_file": str(tmp_path / "keys.yaml")},
     }

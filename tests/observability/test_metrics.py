@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_processes import _start_serve, _stop
 
 from conftest import RawClient, base_config
+from jwks_peer import EmptyJwks
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -171,21 +172,8 @@ async def test_stats_is_one_view_of_every_worker_with_a_breakdown(upstream, tmp_
 async def test_jwks_fetches_survive_a_reload_that_replaces_the_source(upstream, gateway):
     """A changed authorizer gets a new JWKS source whose own count starts at 0; the
     series goes on from where the old one was."""
-    async def jwks(reader, writer):
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                body = b'{"keys": []}'
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(jwks, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/jwks.json"
+    server = await EmptyJwks().start()
+    url = server.url
 
     def cfg(audience: str) -> dict:
         c = base_config(upstream.port, routes=[{"route": "GET /me", "auth": "users",

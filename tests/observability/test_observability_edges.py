@@ -15,6 +15,7 @@ import yaml
 from test_processes import READY
 from test_tracing import OtlpReceiver
 
+from authorizer_peer import AuthorizerPeer
 from conftest import RawClient, base_config
 from edgeplane import Gateway
 
@@ -67,30 +68,17 @@ async def test_refused_http_versions_are_logged_with_their_protocol(upstream, ga
     assert len(lines) == 2 and {x["status"] for x in lines} <= {400, 505}
 
 
-async def _deep_authorizer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A custom authorizer whose context value is nested 300 levels (orjson writes 254)."""
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
-            await reader.readexactly(length)
-            deep = "[" * 300 + "]" * 300
-            body = b'{"isAuthorized": true, "context": {"user": %s, "tenant": "t\\"1"}}' % deep.encode()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
+# A custom authorizer whose context value is nested 300 levels (orjson writes 254).
+DEEP = b'{"isAuthorized": true, "context": {"user": %s, "tenant": "t\\"1"}}' % (b"[" * 300 + b"]" * 300)
 
 
 async def test_a_value_json_cannot_hold_is_logged_as_text_and_the_connection_goes_on(upstream, gateway, tmp_path):
-    auth = await asyncio.start_server(_deep_authorizer, "127.0.0.1", 0)
+    auth = await AuthorizerPeer(lambda event: DEEP).start()
     try:
         cfg = base_config(upstream.port, routes=[{"route": "GET /m", "auth": "deep",
                                                   "integration": {"type": "mock", "body": {}}}])
         cfg["authorizers"] = {"deep": {"type": "http", "result_ttl": 0,
-                                       "url": f"http://127.0.0.1:{auth.sockets[0].getsockname()[1]}/a"}}
+                                       "url": auth.url}}
         cfg["access_log"] = {"format": {"user": "$context.authorizer.user", "tenant": "$context.authorizer.tenant"}}
         gw = await gateway(logged(cfg, tmp_path / "a.log"))
         c = await RawClient.connect(gw.addresses[0])

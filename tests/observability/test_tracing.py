@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -20,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from test_metrics import scrape, value
 
+from authorizer_peer import AuthorizerPeer
 from conftest import RawClient, base_config
 from edgeplane import Gateway
 from edgeplane.observability.tracing import parse_traceparent
@@ -77,33 +77,12 @@ class OtlpReceiver:
         raise AssertionError(f"{n} spans not received: {self.spans()}")
 
 
-async def authorizer_server(seen: list[dict]):
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                fields = {k.lower(): v for k, v in (line.split(b": ", 1) for line in head.split(b"\r\n")[1:]
-                                                    if b": " in line)}
-                await reader.readexactly(int(fields[b"content-length"]))
-                seen.append(fields)
-                answer = orjson.dumps({"isAuthorized": True})
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(answer), answer))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
-
-
-def traced_config(upstream_port: int, endpoint: str, auth_port: int, ratio: float = 1.0, **tracing) -> dict:
+def traced_config(upstream_port: int, endpoint: str, auth_url: str, ratio: float = 1.0, **tracing) -> dict:
     cfg = base_config(upstream_port, routes=[
         {"route": "GET /users/{id}", "auth": "custom", "integration": {"type": "http", "upstream": "demo"}},
         {"route": "GET /open", "integration": {"type": "http", "upstream": "demo"}},
     ])
-    cfg["authorizers"] = {"custom": {"type": "http", "url": f"http://127.0.0.1:{auth_port}/authorize",
-                                     "result_ttl": 0}}
+    cfg["authorizers"] = {"custom": {"type": "http", "url": auth_url, "result_ttl": 0}}
     cfg["tracing"] = {"sample_ratio": ratio, "service_name": "edge-test", "flush_interval": "100ms",
                       "otlp": {"endpoint": endpoint}, **tracing}
     cfg["access_log"] = {"destination": "off"}
@@ -111,19 +90,14 @@ def traced_config(upstream_port: int, endpoint: str, auth_port: int, ratio: floa
 
 
 async def get(addr, path: str, headers: dict | None = None):
-    c = await RawClient.connect(addr)
-    try:
-        return await c.request("GET", path, headers=headers)
-    finally:
-        await c.close()
+    return await RawClient.once(addr, "GET", path, headers)
 
 
 async def test_a_continued_trace_arrives_as_a_span_tree_matching_the_headers_sent(upstream, gateway):
     receiver = await OtlpReceiver().start()
-    seen: list[dict] = []
-    auth = await authorizer_server(seen)
+    auth = await AuthorizerPeer(lambda event: {"isAuthorized": True}).start()
     try:
-        gw = await gateway(traced_config(upstream.port, receiver.endpoint, auth.sockets[0].getsockname()[1]))
+        gw = await gateway(traced_config(upstream.port, receiver.endpoint, auth.url))
         r = await get(gw.addresses[0], "/users/7", {"traceparent": f"00-{TRACE}-{PARENT}-01",
                                                      "tracestate": "vendor=abc", "user-agent": "tracing-test",
                                                      "authorization": "Bearer t"})
@@ -155,7 +129,7 @@ async def test_a_continued_trace_arrives_as_a_span_tree_matching_the_headers_sen
         assert {kv.key: kv.value.int_value for kv in integration.attributes}["http.response.status_code"] == 200
         # the authorizer saw its own call's span as parent
         (authorizer,) = [c for c in clients if c.name == "authorizer custom"]
-        assert parse_traceparent(seen[0][b"traceparent"]) == (TRACE, authorizer.span_id.hex(), True)
+        assert parse_traceparent(auth.seen[0][0][b"traceparent"]) == (TRACE, authorizer.span_id.hex(), True)
         # the spans nest in time
         assert server.start_time_unix_nano <= authorizer.start_time_unix_nano < authorizer.end_time_unix_nano
         assert authorizer.end_time_unix_nano <= integration.start_time_unix_nano
@@ -169,9 +143,9 @@ async def test_a_continued_trace_arrives_as_a_span_tree_matching_the_headers_sen
 
 async def test_sampling_is_parent_based_and_every_request_gets_a_trace_id(upstream, gateway, tmp_path):
     receiver = await OtlpReceiver().start()
-    auth = await authorizer_server([])
+    auth = await AuthorizerPeer(lambda event: {"isAuthorized": True}).start()
     try:
-        cfg = traced_config(upstream.port, receiver.endpoint, auth.sockets[0].getsockname()[1], ratio=0.0)
+        cfg = traced_config(upstream.port, receiver.endpoint, auth.url, ratio=0.0)
         cfg["access_log"] = {"destination": "file", "path": str(tmp_path / "access.log"),
                              "format": "$context.traceId $context.status"}
         gw = await gateway(cfg)
@@ -207,9 +181,9 @@ async def test_sampling_is_parent_based_and_every_request_gets_a_trace_id(upstre
 
 async def test_a_collector_that_is_down_costs_requests_nothing_and_drops_are_counted(upstream, caplog):
     down = await OtlpReceiver(status=503).start()
-    auth = await authorizer_server([])
+    auth = await AuthorizerPeer(lambda event: {"isAuthorized": True}).start()
     try:
-        cfg = traced_config(upstream.port, down.endpoint, auth.sockets[0].getsockname()[1], max_queue=4)
+        cfg = traced_config(upstream.port, down.endpoint, auth.url, max_queue=4)
         gw = Gateway(cfg)
         await gw.start()
         c = await RawClient.connect(gw.addresses[0])

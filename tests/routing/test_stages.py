@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from authorizer_peer import AuthorizerPeer
 from conftest import RawClient, base_config
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.runtime.demo_upstream import DemoUpstream
@@ -37,11 +38,7 @@ def staged(dev_port: int, prod_port: int, log_path=None) -> dict:
 
 
 async def get(addr, path: str, host: str = "gw.test"):
-    c = await RawClient.connect(addr)
-    try:
-        return await c.request("GET", path, host=host)
-    finally:
-        await c.close()
+    return await RawClient.once(addr, "GET", path, host=host)
 
 
 async def test_stages_by_base_path_and_by_domain_with_their_variables(gateway, tmp_path):
@@ -131,34 +128,14 @@ async def test_routes_lists_each_stage_and_a_reload_changes_a_variable_live(gate
 async def test_each_stage_has_its_own_throttle_buckets_and_authorizer_decisions(gateway, tmp_path):
     """A route throttle counts per stage (as AWS's stage route settings do), across a
     reload too; a custom authorizer's cached decision is its stage's."""
-    import asyncio
-
-    import orjson
-
-    asked: list[str] = []
-
-    async def authorizer(reader, writer):  # allows only in dev, and says so per stage
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                n = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
-                stage = orjson.loads(await reader.readexactly(n))["requestContext"]["stage"]
-                asked.append(stage)
-                body = orjson.dumps({"isAuthorized": stage == "dev"})
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(authorizer, "127.0.0.1", 0)
+    # allows only in dev, and says so per stage
+    server = await AuthorizerPeer(lambda event: {"isAuthorized": event["requestContext"]["stage"] == "dev"}).start()
     try:
         cfg = base_config(routes=[
             {"route": "GET /t", "throttle": {"rate": 0.001, "burst": 2}, "integration": {"type": "mock"}},
             {"route": "GET /secret", "auth": "custom", "integration": {"type": "mock"}}])
         cfg["authorizers"] = {"custom": {"type": "http", "result_ttl": "60s",
-                                         "url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/a"}}
+                                         "url": server.url}}
         cfg["stages"] = {"dev": {}, "prod": {}, "qa": {}}
         gw = await gateway(cfg)
 
@@ -174,7 +151,8 @@ async def test_each_stage_has_its_own_throttle_buckets_and_authorizer_decisions(
         assert [await statuses(f"/{s}/t", 1) for s in ("dev", "prod", "qa")] == [[429]] * 3
         assert await statuses("/dev/secret", 2, authorization="t") == [200, 200]
         assert await statuses("/prod/secret", 2, authorization="t") == [403, 403]
-        assert asked == ["dev", "prod"]  # each stage asked once, then from its own cache
+        # each stage asked once, then from its own cache
+        assert [event["requestContext"]["stage"] for _, event in server.seen] == ["dev", "prod"]
     finally:
         server.close()
 

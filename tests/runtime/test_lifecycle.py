@@ -133,11 +133,7 @@ async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
 
 
 async def get(addr: tuple[str, int], path: str, headers: dict | None = None):
-    c = await RawClient.connect(addr)
-    try:
-        return await c.request("GET", path, headers=headers)
-    finally:
-        await c.close()
+    return await RawClient.once(addr, "GET", path, headers)
 
 
 async def eventually(check, timeout: float = 20.0, what: str = "condition"):

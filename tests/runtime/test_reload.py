@@ -18,6 +18,7 @@ import yaml
 from conftest import RawClient, base_config
 from edgeplane.config.loader import ConfigError
 from edgeplane.runtime.reload import ReloadRefused
+from jwks_peer import EmptyJwks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -259,25 +260,8 @@ async def test_a_request_routed_before_its_upstream_changed_is_still_served(upst
 async def test_an_unchanged_jwt_authorizer_keeps_its_key_set_source(upstream, gateway):
     """A JWKS URL is not fetched again for an authorizer whose settings did not change;
     a changed one gets a new source (and fetches)."""
-    fetches = 0
-
-    async def jwks(reader, writer):
-        nonlocal fetches
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                fetches += 1
-                body = b'{"keys": []}'
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(jwks, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/jwks.json"
+    server = await EmptyJwks().start()
+    url = server.url
 
     def cfg(audience: str, extra: list) -> dict:
         c = base_config(upstream.port, routes=[{**mock("GET /me", {}), "auth": "users"}, *extra])
@@ -287,13 +271,13 @@ async def test_an_unchanged_jwt_authorizer_keeps_its_key_set_source(upstream, ga
 
     try:
         gw = await gateway(cfg("api", []))
-        assert fetches == 1
+        assert server.fetches == 1
         source = gw._runtime.state["jwt"]["users"]
         await gw.reload(cfg("api", [mock("GET /other", {})]))
         await asyncio.sleep(0.1)  # the scenario: a fetch, if any, would have gone out
-        assert fetches == 1 and gw._runtime.state["jwt"]["users"] is source  # kept, not refetched
+        assert server.fetches == 1 and gw._runtime.state["jwt"]["users"] is source  # kept, not refetched
         await gw.reload(cfg("api-v2", []))  # the authorizer changed: a new source
-        assert fetches == 2 and gw._runtime.state["jwt"]["users"] is not source
+        assert server.fetches == 2 and gw._runtime.state["jwt"]["users"] is not source
     finally:
         server.close()
 
