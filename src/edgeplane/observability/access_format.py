@@ -359,15 +359,22 @@ _DEFAULT_TAIL = {  # after the mapping: null when absent, then the optional obje
 }
 
 
+def websocket_record(r: Any) -> dict[str, Any] | None:
+    """The default line's `websocket` member: a WebSocket's counters at close, and a
+    WebSocket API's event (eventType, connectionId, messageId); a new dict, or None."""
+    ws = r.ws_log
+    if r.ws_event is not None:
+        event, conn, message = r.ws_event
+        ws = {**(ws or {}), "eventType": event, "connectionId": conn, **({"messageId": message} if message else {})}
+    return ws
+
+
 def _extras(r: Any) -> bytes:
     """The default line's optional members: traceId, websocket, context."""
     out = b""
     if r.trace_id is not None:
         out += b',"traceId":"' + r.trace_id.encode() + b'"'
-    ws = r.ws_log
-    if r.ws_event is not None:
-        event, conn, message = r.ws_event
-        ws = {**(ws or {}), "eventType": event, "connectionId": conn, **({"messageId": message} if message else {})}
+    ws = websocket_record(r)
     if ws is not None:
         out += b',"websocket":' + _dumps(ws)
     if r.context:

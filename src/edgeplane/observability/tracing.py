@@ -10,8 +10,8 @@ path calls three things, each a no-op when tracing is off (`ctx.tracer` is None)
   sampled, `req.span`, the gateway's SERVER span.
 - `outgoing(req)` and `child(req, ...)`: the `traceparent` header for a call the gateway
   makes for the request (the integration, an authorizer), naming the CLIENT child span
-  of that call as parent; unsampled, a fresh span id and flags `00`. `tracestate` is
-  forwarded as the client sent it.
+  of that call as parent; unsampled, a fresh span id and flags `00`. With a continued
+  trace, `tracestate` is forwarded as the client sent it.
 - `finish(req, proto)`, where the request ends (`ServerContext.request_done`): closes
   the sampled spans with the HTTP semantic-convention attributes and hands them to the
   exporter (`otlp.OtlpExporter`), which batches them off the request path.
@@ -159,8 +159,8 @@ class Tracer:
     def _integration(self, req: Any, exchange: Any) -> bytes:
         if req.trace_id is None:
             self.begin(req)
-        if req.span is None:
-            return ("00-" + req.trace_id + "-" + _span_id() + "-00").encode()
+        if req.span is None:  # unsampled: no span, so no attributes to gather
+            return self.child(req, "", {})[1]
         pool = exchange.pool
         attributes = {"http.request.method": req.method.decode("latin-1"),
                       "edgeplane.upstream": getattr(exchange.integ, "name", "")}

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.http.request import Request
-from edgeplane.observability.access_format import default_render, principal
+from edgeplane.observability.access_format import default_render, principal, websocket_record
 from edgeplane.runtime.log_writer import LineWriter
 
 if TYPE_CHECKING:
@@ -174,12 +174,9 @@ class AccessLog:
         }
         if req.trace_id is not None:
             fields["traceId"] = req.trace_id
-        if req.ws_log is not None:  # one line per WebSocket connection, when it closes
-            fields["websocket"] = req.ws_log
-        if req.ws_event is not None:  # a WebSocket API's MESSAGE (or DISCONNECT) line
-            event, conn, message = req.ws_event
-            ws = fields.setdefault("websocket", {})
-            ws.update({"eventType": event, "connectionId": conn, **({"messageId": message} if message else {})})
+        ws = websocket_record(req)  # a WebSocket's line at close, or a WebSocket API's MESSAGE
+        if ws is not None:
+            fields["websocket"] = ws
         if req.context:  # what plugins put in RequestView.context
             fields["context"] = req.context
         return fields

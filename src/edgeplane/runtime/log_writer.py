@@ -95,10 +95,6 @@ class LineWriter:
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._pending, timeout)
 
-    @property
-    def pending(self) -> int:
-        return self._pending
-
     def _run(self) -> None:
         while True:
             with self._cond:
