@@ -263,6 +263,25 @@ class CanaryConfig:
     sticky_header: str | None = None
     sticky_cookie: str | None = None
     force_header: str | None = None  # `always` / `never` in it forces a side (off when None)
+    # The API the canary serves: a recorded deployment's id or a config file (as
+    # written); None: the stage's own deployment, with `variable_overrides`.
+    deployment: str | None = None
+
+    def fingerprint(self) -> str:
+        """Names this canary as configured: `edgeplane canary abort` switches off this
+        one; a changed canary (another deployment or percent) runs again."""
+        return f"{self.deployment or '-'} {self.percent!r} {sorted(self.variable_overrides)!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class StageApi:
+    """What one stage serves when its API is not the config file's own routes
+    (`deploy.served`): the recorded deployment it points at, and its canary side."""
+
+    deployment: str | None  # None: the config file's API (with promoted variables)
+    config: Config  # the stage's API: the deployment's routes and authorizers on this host
+    canary_deployment: str | None = None  # the canary side's deployment ("" = the stage's own)
+    canary: Config | None = None  # the canary side, None when there is none (or it was aborted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +352,10 @@ class Config:
     log_format: str = "text"  # `log.format`: text | json (the gateway's own log)
     tracing: TracingConfig | None = None
     stages: StagesConfig | None = None  # None: one `$default` stage at the root
+    # Stage -> the deployment it serves (`deploy.served.attach`); a stage not here serves
+    # this config's own routes. `deployed` is the store state it was built from (JSON).
+    apis: dict[str, StageApi] = field(default_factory=dict, compare=False)
+    deployed: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     # name -> the model its type's policy loaded (`Policy.load_authorizer`); each has
     # `name` and `type`
     authorizers: dict[str, Any] = field(default_factory=dict)

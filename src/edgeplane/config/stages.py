@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,10 @@ SCHEMA: dict[str, Any] = {
                     "description": "A share of the stage's requests served with `variable_overrides`.",
                     "properties": {
                         "percent": {"type": "number", "minimum": 0, "maximum": 100},
+                        "deployment": {"type": "string", "minLength": 1, "maxLength": 4096,
+                                       "description": "The API the canary serves: a deployment id "
+                                                      "(`edgeplane deployments`) or a config file; "
+                                                      "default: the stage's own deployment."},
                         "variable_overrides": {"type": "object", "maxProperties": 100,
                                                "additionalProperties": {"type": "string"}},
                         "sticky": {"type": "object", "additionalProperties": False,
@@ -161,7 +166,24 @@ def _canary(spec: Any, path: Path, ctx: LoadContext) -> CanaryConfig | None:
     found = spec.get("sticky")
     sticky: dict[str, Any] = found if isinstance(found, dict) else {}
     return CanaryConfig(float(spec["percent"]), tuple((str(k), str(v)) for k, v in overrides.items()),
-                        sticky.get("header"), sticky.get("cookie"), spec.get("force_header"))
+                        sticky.get("header"), sticky.get("cookie"), spec.get("force_header"),
+                        _canary_deployment(spec.get("deployment"), path + ("deployment",), ctx))
+
+
+DEPLOYMENT_ID = re.compile(r"d-[0-9a-f]{6,32}")
+
+
+def _canary_deployment(value: Any, path: Path, ctx: LoadContext) -> str | None:
+    """A deployment id as written, or a config file's absolute path (relative ones
+    resolve against the config's folder); None when absent."""
+    if not isinstance(value, str) or not value:
+        return None
+    if DEPLOYMENT_ID.fullmatch(value):
+        return value
+    resolved = ctx.path(value)
+    if not os.path.isfile(resolved):
+        ctx.fail(path, f"neither a deployment id (d-...) nor a config file: {resolved} does not exist")
+    return resolved
 
 
 def _bad_host(host: str) -> str | None:
@@ -271,6 +293,26 @@ def _bad_path(path: str) -> str | None:
 
 def resolve(text: str, variables: dict[str, str]) -> str:
     return STAGE_VAR.sub(lambda m: variables.get(m.group(1), ""), text)
+
+
+def views(config: Config) -> list[tuple[str, bool, Config]]:
+    """(stage, canary side?, the config it serves) of every stage and canary side of
+    `config`, each with its references resolved (`for_stage`); `[("$default", False,
+    config)]` without stages."""
+    if config.stages is None:
+        return [("$default", False, config)]
+    out = []
+    for name, stage in config.stages.stages.items():
+        api = config.apis.get(name)
+        if api is None:
+            out.append((name, False, for_stage(config, name)))
+            if stage.canary is not None:
+                out.append((name, True, for_stage(config, name, canary=True)))
+            continue
+        out.append((name, False, for_stage(api.config, name)))
+        if api.canary is not None:
+            out.append((name, True, for_stage(api.canary, name)))
+    return out
 
 
 def for_stage(config: Config, name: str, canary: bool = False) -> Config:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.config.stages import for_stage
+from edgeplane.config.stages import views
 from edgeplane.http.paths import STRICT
 from edgeplane.plugins.base import CompileContext
 from edgeplane.policies.throttle.stores import LocalLimits
@@ -108,15 +108,14 @@ def build_snapshot(config: Config, upstreams: dict[str, Upstream], runtime: dict
     by default; `quota_counter` is the usage plans' counter; `authorizer_outcomes` the
     gateway's `observability.metrics.AuthorizerOutcomes`."""
     limits = limits if limits is not None else LocalLimits(config)
-    if config.stages is not None:  # one snapshot per stage, chosen per request
-        def stage(name: str, canary: bool = False) -> Snapshot:
-            return build_snapshot(for_stage(config, name, canary), upstreams, runtime, limits, quota_counter,
-                                  None, authorizer_outcomes)
-
-        staged = {name: stage(name) for name in config.stages.stages}
-        canaries = {name: Canary(s.canary, stage(name, canary=True))
-                    for name, s in config.stages.stages.items() if s.canary is not None}
-        everything = [*staged.values(), *(c.snapshot for c in canaries.values())]
+    if config.stages is not None:  # one snapshot per stage (and canary side), chosen per request
+        staged: dict[str, Snapshot] = {}
+        sides: dict[str, Snapshot] = {}
+        for name, canary, served in views(config):
+            built = build_snapshot(served, upstreams, runtime, limits, quota_counter, None, authorizer_outcomes)
+            (sides if canary else staged)[name] = built
+        canaries = {name: Canary(config.stages.stages[name].canary, snap) for name, snap in sides.items()}
+        everything = [*staged.values(), *sides.values()]
         top = Snapshot(config, compile_routes([]), [r for s in everything for r in s.routes], websocket_apis)
         top.stages = StageSelector(config.stages, staged, canaries)
         return top

@@ -8,6 +8,10 @@ Commands:
   schema         print the JSON Schema of the config file
   demo-upstream  run the bundled demo upstream (echo, /status, /delay, /bytes, /stream)
   certs dev      write a self-signed development certificate and key
+  deploy         record a deployment of the config's API and point a stage at it
+  deployments    list deployments, or one stage's history
+  rollback       point a stage back at an earlier deployment
+  canary         promote or abort a stage's canary
 
 Every command that reads a config takes `-c FILE`, or `-c -` for YAML on stdin (its
 relative paths then resolve against the current directory). A refused config is printed
@@ -108,6 +112,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", metavar="FILE", help="CA certificate(s) to verify an https admin listener")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
 
+    from edgeplane.deploy.commands import add_parsers as add_release_parsers
+
+    add_release_parsers(sub, config_arg)  # deploy, deployments, rollback, canary
+
     sub.add_parser("schema", help="print the config JSON Schema",
                    description="Print the JSON Schema (draft 2020-12) of the config file, "
                                "for editor completion and CI checks.")
@@ -138,10 +146,13 @@ def _read(path: str, overrides: dict | None = None):
     """The config at `path` (`-`: YAML from stdin, paths relative to the current
     directory); raises `ConfigError`."""
     from edgeplane.config.loader import load_config, load_config_text
+    from edgeplane.deploy.served import attach, read_served
 
     if path == "-":
-        return load_config_text(sys.stdin.read(), STDIN, overrides=overrides)
-    return load_config(path, overrides=overrides)
+        config = load_config_text(sys.stdin.read(), STDIN, overrides=overrides)
+    else:
+        config = load_config(path, overrides=overrides)
+    return attach(config, read_served(config))  # each stage's deployment (`edgeplane deploy`)
 
 
 def _load(path: str, overrides: dict | None = None):
@@ -445,6 +456,13 @@ def _reload_by_admin(args: argparse.Namespace) -> int:
     return 1
 
 
+def release_command(args: argparse.Namespace) -> int:
+    from edgeplane.deploy.commands import run
+
+    setup_logging("warning", None)
+    return run(args)
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "validate": cmd_validate,
@@ -454,6 +472,10 @@ COMMANDS = {
     "usage": cmd_usage,
     "demo-upstream": cmd_demo_upstream,
     "certs": cmd_certs,
+    "deploy": release_command,
+    "deployments": release_command,
+    "rollback": release_command,
+    "canary": release_command,
 }
 
 

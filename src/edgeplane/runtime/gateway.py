@@ -44,8 +44,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from edgeplane.config.loader import ConfigError, load_config
+from edgeplane.config.loader import ConfigError
 from edgeplane.config.model import Config
+from edgeplane.deploy.served import load_served
 from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
 from edgeplane.http.responses import DateHeader
@@ -103,7 +104,7 @@ class Gateway(GatewayWebSockets):
                 raise ValueError("plugins= needs a config path or dict (a Config carries its registry)")
             self.config = config
         else:
-            self.config = load_config(config, plugins=plugins)
+            self.config = load_served(config, plugins=plugins)
         self._plugins = plugins  # a reload loads its config with the same extra plugins
         # An embedder's access-log callback: the records (dicts, the default shape) of each
         # flush, on the event loop (`AccessLog.flush`); with or without a destination.
@@ -414,7 +415,7 @@ class Gateway(GatewayWebSockets):
             raise RuntimeError("reload needs a running gateway")
         started = time.perf_counter()
         try:
-            new = config if isinstance(config, Config) else load_config(config, plugins=self._plugins)
+            new = config if isinstance(config, Config) else load_served(config, plugins=self._plugins)
             report = await apply(self, new)
         except (ConfigError, ReloadRefused) as exc:
             problems = exc.located() if isinstance(exc, ConfigError) else exc.problems

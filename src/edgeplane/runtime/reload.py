@@ -76,7 +76,9 @@ def reload_source(source: str) -> str:
 
 def config_hash(config: Config) -> str:
     """A short, stable digest of the config as written (logged and counted per reload)."""
-    raw = orjson.dumps(config.raw, option=orjson.OPT_SORT_KEYS, default=str)
+    served = config.deployed  # each stage's deployment is part of what is served
+    written = config.raw if not served else {**config.raw, "(deployed)": [served["stages"], sorted(served["apis"])]}
+    raw = orjson.dumps(written, option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.sha256(raw).hexdigest()[:12]
 
 

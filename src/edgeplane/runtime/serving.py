@@ -46,6 +46,8 @@ import uvloop
 
 from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config, ListenAddress
+from edgeplane.deploy.served import attach, load_served
+from edgeplane.deploy.watch import POLL_INTERVAL, StoreWatch
 from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.runtime import logs, systemd
 from edgeplane.runtime.gateway import Gateway
@@ -150,7 +152,18 @@ class _Reloads:
         self.overrides = overrides
         self.link = link
         self.task: asyncio.Task[None] | None = None
+        self.watch_task: asyncio.Task[None] | None = None
         self.again = False
+
+    async def watch_store(self) -> None:
+        """One process: a deploy, rollback or canary change in the store reloads, as a
+        SIGHUP does (`deploy.watch`)."""
+        watch = StoreWatch(self.gateway.config)
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            watch.serving(self.gateway.config)
+            if watch.store is not None and await asyncio.to_thread(watch.changed):
+                self.on_signal()
 
     def on_signal(self) -> None:
         if self.task is not None and not self.task.done():
@@ -184,7 +197,7 @@ class _Reloads:
             if not self.overrides:
                 return await gateway.reload(source)  # loads, logs and counts a refusal itself
             try:
-                new = load_config(source, overrides=self.overrides)
+                new = load_served(source, overrides=self.overrides)
             except ConfigError as exc:
                 # `Gateway.reload` logs and counts what it loads itself; this load needed the overrides.
                 gateway.count_refused(exc.located())
@@ -202,7 +215,7 @@ class _Reloads:
             slots = self.gateway._slots
             self.gateway._slots = SlotMap.from_spec(spec["slots"])  # where the new config's limits live
             try:
-                await self.gateway.reload(spec["raw"])
+                await self.gateway.reload(attach(load_config(spec["raw"]), spec.get("deployed")))
             except Exception as exc:
                 self.gateway._slots = slots
                 if not isinstance(exc, (ConfigError, ReloadRefused)):
@@ -228,9 +241,9 @@ class _Reloads:
         if spec["source"].startswith("<"):
             raise LookupError(f"the running config has no file to reload from ({spec['source']})")
         try:
-            new = load_config(spec["source"], overrides=spec["overrides"])
+            new = load_served(spec["source"], overrides=spec["overrides"])
             # Compared in the worker form, the one this worker's own config was loaded from.
-            form = load_config(worker_raw(new, spec["ports"]))
+            form = attach(load_config(worker_raw(new, spec["ports"])), new.deployed)
             old = dataclasses.replace(self.gateway.config, workers=spec["workers"])
             # The supervisor also places the limits (it refuses only when its tables are full).
             problems = refusals(old, dataclasses.replace(form, workers=new.workers),
@@ -354,11 +367,13 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
         admin = f"; admin {fmt_address(*gateway.admin_address)}" if gateway.admin_address else ""
         logs.announce(f"edgeplane ready: 1 worker on {addrs}{admin}", gateway.config.log_format)
         systemd.ready()
+        reloads.watch_task = loop.create_task(reloads.watch_store())
     await stop.wait()
     if link is None:
         systemd.stopping()
-    if reloads.task is not None:
-        reloads.task.cancel()
+    for task in (reloads.task, reloads.watch_task):
+        if task is not None:
+            task.cancel()
     cfg = gateway.config  # the current one: a reload may have changed the drain settings
     delay = f"after {cfg.drain_delay:.1f}s not ready, " if cfg.drain_delay else ""
     if handover is not None:
@@ -433,7 +448,7 @@ def worker_main() -> int:
     ignore_quiet_signals()  # inherited ignored already; this is for a hand-started worker
     spec_path = os.environ[ENV_SPEC]
     spec = read_spec(spec_path)
-    config = load_config(spec["raw"])
+    config = attach(load_config(spec["raw"]), spec.get("deployed"))
     logs.setup_logging(config.log_level, os.environ.get(logs.ENV_LOG_FILE), config.log_format)
     index = int(os.environ.get("EDGEPLANE_WORKER_INDEX", "0"))
     systemd.set_title(f"edgeplane: worker {index + 1}/{os.environ.get('EDGEPLANE_WORKERS', '?')}")

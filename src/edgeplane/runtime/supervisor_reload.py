@@ -33,7 +33,8 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.config.loader import ConfigError, load_config
+from edgeplane.config.loader import ConfigError
+from edgeplane.deploy.served import load_served
 from edgeplane.policies.throttle.slots import SlotMap, SlotsExhausted
 from edgeplane.runtime import listeners, systemd
 from edgeplane.runtime.reload import ReloadRefused, refusals, reload_source
@@ -107,7 +108,7 @@ class SupervisorReloads:
         source = self.config.source
         running = self.form_hash
         try:
-            new = load_config(reload_source(source), overrides=self.overrides)
+            new = load_served(reload_source(source), overrides=self.overrides)
             problems = refusals(self.config, new, shared_tables=True, slot_map=True)
             if problems:
                 raise ReloadRefused(problems)

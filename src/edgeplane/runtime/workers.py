@@ -43,6 +43,7 @@ around each reload, STOPPING=1 when the drain begins. Process titles:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,10 +53,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 from edgeplane.config.model import Config
+from edgeplane.deploy.watch import POLL_INTERVAL, StoreWatch
 from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.runtime import listeners, logs, systemd
 from edgeplane.runtime.listeners import Claim
@@ -167,7 +170,7 @@ class Supervisor(SupervisorReloads):
         spec = {"generation": self.generation, "raw": raw, "ports": ports,
                 "source": os.path.abspath(cfg.source) if not cfg.source.startswith("<") else cfg.source,
                 "overrides": self.overrides, "workers": cfg.workers, "supervisor": os.getpid(),
-                "slots": self.slots.for_workers()}
+                "slots": self.slots.for_workers(), "deployed": cfg.deployed}
         path = os.path.join(str(self.state.run_dir), "worker.json")
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -254,6 +257,7 @@ class Supervisor(SupervisorReloads):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, lambda s, f: self.signals.append(s))
         code = 1
+        self._watch_store(wake_w)
         try:
             remove_stale_state()
             self._claim_new(self.config)
@@ -321,6 +325,22 @@ class Supervisor(SupervisorReloads):
             log.error("the successor (pid %d) exited with %d before taking over; still serving",
                       self.successor.pid, self.successor.returncode)
         self.successor = None
+
+    def _watch_store(self, wake_fd: int) -> None:
+        """A deploy, rollback or canary change in the store reloads, as a SIGHUP does
+        (`deploy.watch`); polled on a thread so a slow Redis never holds this loop."""
+        watch = StoreWatch(self.config)
+
+        def poll() -> None:
+            while True:
+                time.sleep(POLL_INTERVAL)
+                watch.serving(self.config)
+                if watch.changed():
+                    self.signals.append(signal.SIGHUP)
+                    with contextlib.suppress(OSError):
+                        os.write(wake_fd, b"d")
+
+        threading.Thread(target=poll, name="edgeplane-deploy-watch", daemon=True).start()
 
     def _supervise(self, wake_fd: int) -> int:
         admin = self.config.admin.listen

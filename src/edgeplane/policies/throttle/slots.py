@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.config.stages import for_stage
+from edgeplane.config.stages import views
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config
@@ -74,8 +74,7 @@ def identities(config: Config) -> list[tuple[str, str]]:
     t = config.policies.get("throttle")
     if t is not None:
         out.append(("plain", f"server {t!r}"))
-    staged = [for_stage(config, name) for name in config.stages.stages] if config.stages is not None else [config]
-    for rc in (rc for c in staged for rc in c.routes):
+    for rc in (rc for _, _, c in views(config) for rc in c.routes):
         rt = rc.policies.get("throttle")
         if rt is not None:
             out.append(route_identity(rc, rt))

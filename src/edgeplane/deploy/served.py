@@ -1,0 +1,178 @@
+"""What each stage serves: the deployment store's pointers, read and attached to a config.
+
+Owns three steps, run on every load of a config with `stages` (start, reload, the
+worker spec):
+
+1. `read_served(config)`: the store's state as JSON: each stage's last record, and the
+   API of every deployment a stage or a canary names (a deployment's routes and
+   authorizers, read from the content it was recorded with; a canary's config file
+   read as it is now). A store that cannot be read (Redis down, a locked file) is not an
+   error: the last state this process or this host read is used again
+   (`DATA_DIR/deployments-served.json`), and a warning says so; with none, the config
+   file's own API is served.
+2. `attach(config, served)`: a config whose `apis` give each such stage its API: the
+   host's config (listeners, upstreams, stage settings) with the deployment's `routes`
+   and `authorizers` in place of the file's, loaded and checked as one config, so every
+   reference of the deployment is checked against this host (an upstream it needs, a
+   stage variable). A deployment that does not fit is a located error naming the stage
+   and the deployment. Authorizers that differ from the file's are renamed
+   `NAME@DEPLOYMENT`, so each deployment keeps its own JWKS source and cache.
+3. `load_served(...)`: `load_config` then both steps.
+
+Invariants: a stage with no record and no deployed canary is served exactly as before
+(the file's routes, its canary by variable overrides). The served state is plain JSON,
+so a supervisor reads the store once and every worker builds the same thing from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from edgeplane.config.loader import ConfigError, load_config, load_config_text
+from edgeplane.config.model import Config, StageApi
+from edgeplane.config.stages import DEPLOYMENT_ID
+from edgeplane.deploy.store import Store, StoreError, open_store
+
+log = logging.getLogger("edgeplane.deploy")
+
+API_KEYS = ("routes", "authorizers")  # what a deployment holds; the rest is the host's
+CACHE_FILE = "deployments-served.json"
+
+_apis: dict[str, dict[str, Any]] = {}  # deployment id -> its API: immutable, read once per process
+
+
+def api_of(text: str, source: str, base_dir: str | None) -> dict[str, Any]:
+    """The API sections of a config file's text, loaded and checked as a whole config
+    (paths resolved, `${VAR}` substituted)."""
+    raw = load_config_text(text, source, base_dir=base_dir).raw
+    return {key: raw[key] for key in API_KEYS if key in raw}
+
+
+def api_for(store: Store, ref: str) -> dict[str, Any]:
+    if DEPLOYMENT_ID.fullmatch(ref) is None:  # a canary's config file, as it is now
+        try:
+            with open(ref, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError([f"canary deployment: cannot read {ref}: {exc}"], ref) from None
+        return api_of(text, ref, os.path.dirname(os.path.abspath(ref)))
+    if ref not in _apis:
+        found = store.deployment(ref)
+        if found is None:
+            raise ConfigError([f"deployment {ref}: not in the store {store.where} "
+                               "(`edgeplane deployments` lists them)"], ref)
+        _apis[ref] = api_of(store.content(ref), f"deployment {ref}", found.base_dir)
+    return _apis[ref]
+
+
+def read_state(config: Config, store: Store) -> dict[str, Any]:
+    """The served state from `store` (raises `StoreError` or `ConfigError`)."""
+    assert config.stages is not None
+    version = store.version()
+    stages = {name: rec.to_json() for name, rec in store.current().items() if name in config.stages.stages}
+    refs = {rec["deployment"] for rec in stages.values() if rec["deployment"]}
+    refs |= {s.canary.deployment for s in config.stages.stages.values()
+             if s.canary is not None and s.canary.deployment}
+    return {"version": version, "store": store.where, "stages": stages,
+            "apis": {ref: api_for(store, ref) for ref in sorted(refs)}}
+
+
+def read_served(config: Config) -> dict[str, Any] | None:
+    """The state to attach (see the module docstring); None without `stages`."""
+    if config.stages is None:
+        return None
+    store = open_store(config)
+    cache = os.path.join(config.data_dir, CACHE_FILE)
+    try:
+        state = read_state(config, store)
+    except StoreError as exc:
+        try:
+            with open(cache, encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            log.warning("%s; no deployments read before on this host: serving the config file's own API", exc)
+            return None
+        log.warning("%s; serving the deployments last read (store version %s)", exc, state.get("version"))
+        return state
+    if state["stages"] or config.cluster is not None:
+        try:  # what this host serves if the store is out of reach at its next load
+            os.makedirs(config.data_dir, exist_ok=True)
+            with open(cache + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(state, f)
+            os.replace(cache + ".tmp", cache)
+        except OSError as exc:
+            log.warning("cannot keep the deployments read in %s: %s", cache, exc)
+    return state
+
+
+def attach(config: Config, served: dict[str, Any] | None, plugins: Sequence[Any] = ()) -> Config:
+    """`config` with each stage's deployment (see the module docstring)."""
+    if not served or config.stages is None:
+        return config
+    apis: dict[str, StageApi] = {}
+    extra: dict[str, Any] = {}
+    for name, stage in config.stages.stages.items():
+        rec = served["stages"].get(name)
+        canary = stage.canary
+        canary_on = canary is not None and (rec is None or rec.get("canary_off") != canary.fingerprint())
+        if rec is None and not (canary_on and canary is not None and canary.deployment):
+            continue
+        deployment = rec["deployment"] if rec is not None else None
+        variables = {**dict(stage.variables), **(rec["variables"] if rec is not None else {})}
+        main = _compose(config, name, deployment, served, variables, plugins, extra)
+        side_ref, side = None, None
+        if canary_on and canary is not None:
+            side_ref = canary.deployment or deployment
+            side = _compose(config, name, side_ref, served, {**variables, **dict(canary.variable_overrides)},
+                            plugins, extra, "its canary")
+        apis[name] = StageApi(deployment, main, side_ref, side)
+    return dataclasses.replace(config, apis=apis, authorizers={**config.authorizers, **extra}, deployed=served)
+
+
+def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any], variables: dict[str, str],
+             plugins: Sequence[Any], extra: dict[str, Any], side: str = "") -> Config:
+    """The host config serving `ref`'s API (None: the file's own) on `stage` alone."""
+    raw = copy.deepcopy(config.raw)
+    if ref is not None:
+        api = served["apis"][ref]
+        for key in API_KEYS:
+            if key in api:
+                raw[key] = copy.deepcopy(api[key])
+            else:
+                raw.pop(key, None)
+    spec = {k: v for k, v in raw["stages"][stage].items() if k != "canary"}
+    spec["variables"] = variables
+    raw["stages"] = {stage: spec}
+    raw.pop("domains", None)
+    raw.pop("stage_routing", None)
+    what = f"stage {stage!r}{' (' + side + ')' if side else ''} serving " + (
+        f"deployment {ref}" if ref is not None else "this file's API")
+    try:
+        built = load_config(raw, plugins=plugins)
+    except ConfigError as exc:
+        raise ConfigError([f"{what}: {e}" for e in exc.errors], config.source) from None
+    label = ref if ref is None or DEPLOYMENT_ID.fullmatch(ref) else os.path.basename(ref)
+    renamed = {}
+    for name, a in built.authorizers.items():
+        if ref is not None and config.authorizers.get(name) != a:
+            renamed[name] = f"{name}@{label}"
+            extra[renamed[name]] = dataclasses.replace(a, name=renamed[name])
+    if not renamed:
+        return built
+    authorizers = {renamed.get(n, n): extra.get(renamed.get(n, ""), a) for n, a in built.authorizers.items()}
+    routes = tuple(dataclasses.replace(rc, auth=renamed.get(rc.auth, rc.auth)) if rc.auth else rc
+                   for rc in built.routes)
+    return dataclasses.replace(built, authorizers=authorizers, routes=routes)
+
+
+def load_served(source: str | os.PathLike[str] | dict[str, Any], *, overrides: dict[str, Any] | None = None,
+                plugins: Sequence[Any] = ()) -> Config:
+    """`load_config`, then the deployments its stages serve."""
+    config = load_config(source, overrides=overrides, plugins=plugins)
+    return attach(config, read_served(config), plugins)
