@@ -171,6 +171,34 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
     return dataclasses.replace(built, authorizers=authorizers, routes=routes)
 
 
+def summary(config: Config) -> dict[str, dict[str, Any]]:
+    """Stage -> what it serves: `deployment` (None: the config file's API) and, with a
+    canary, `canary: {deployment, percent}` (logged at start and reload, in /routes)."""
+    if config.stages is None:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, stage in config.stages.stages.items():
+        api = config.apis.get(name)
+        entry: dict[str, Any] = {"deployment": api.deployment if api is not None else None}
+        running = stage.canary is not None and (api is None or api.canary is not None)
+        if running and stage.canary is not None:
+            side = api.canary_deployment if api is not None else None
+            entry["canary"] = {"deployment": side, "percent": stage.canary.percent}
+        out[name] = entry
+    return out
+
+
+def describe(config: Config) -> str:
+    """`summary` as one log line: `prod=d-1a2b3c4d (canary d-5e6f7a8b 10%), dev=file`."""
+    parts = []
+    for name, entry in summary(config).items():
+        text = f"{name}={entry['deployment'] or 'file'}"
+        if "canary" in entry:
+            text += f" (canary {entry['canary']['deployment'] or 'file'} {entry['canary']['percent']:g}%)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 def load_served(source: str | os.PathLike[str] | dict[str, Any], *, overrides: dict[str, Any] | None = None,
                 plugins: Sequence[Any] = ()) -> Config:
     """`load_config`, then the deployments its stages serve."""

@@ -53,6 +53,10 @@ class StoreWatch:
             self.down = False
         if version == self.seen:
             return False
+        if version < self.seen:
+            log.warning("deployment store %s went back from version %s to %s: it lost records (a Redis "
+                        "without persistence, a restored file?); each stage now serves what the store "
+                        "holds", self.store.where, self.seen, version)
         log.info("deployment store %s changed (version %s -> %s): reloading", self.store.where, self.seen, version)
         self.seen = version
         return True

@@ -52,6 +52,7 @@ import httptools
 import orjson
 
 from edgeplane.config.model import AdminConfig, Config, Integration, RouteConfig
+from edgeplane.deploy.served import summary
 from edgeplane.http.request import header_all
 from edgeplane.http.tls import ListenerTls
 from edgeplane.observability.dashboard import HTML_TYPE, DashboardIntegration, pages
@@ -113,7 +114,7 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
         top = gateway._snapshot
         # with stages: every stage's table, each route naming its stage
         staged = top.stages.snapshots.items() if top.stages is not None else [(None, top)]
-        return _json(200, {"routes": [
+        return _json(200, {**({"stages": summary(gateway.config)} if top.stages is not None else {}), "routes": [
             {"priority": i + 1, "route": rc.key, "host": rc.host, "integration": rc.integration.type,
              **({"stage": stage} if stage is not None else {}), **route_view(snapshot.config, rc)}
             for stage, snapshot in staged for i, rc in enumerate(snapshot.router.table())

@@ -312,7 +312,20 @@ def cmd_routes(args: argparse.Namespace) -> int:
     from edgeplane.routing.chain import describer
     from edgeplane.routing.router import format_table
 
-    print(format_table(config.routes, describer(config)))
+    if config.stages is None:
+        print(format_table(config.routes, describer(config)))
+    else:
+        from edgeplane.config.stages import views
+        from edgeplane.deploy.served import summary
+
+        served = summary(config)
+        for i, (stage, canary, view) in enumerate(views(config)):
+            entry = served[stage]
+            side = entry["canary"] if canary else entry
+            what = f"deployment {side['deployment']}" if side["deployment"] else "this file's routes"
+            share = f", {side['percent']:g}% of requests" if canary else ""
+            print(("\n" if i else "") + f"stage {stage}{' (canary)' if canary else ''}: {what}{share}")
+            print(format_table(view.routes, describer(view)).rstrip("\n"))
     if config.websocket_apis:
         print("\nWebSocket APIs (checked before the routes above):")
         for name, api in config.websocket_apis.items():

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.config.loader import ConfigError
 from edgeplane.config.model import Config
-from edgeplane.deploy.served import load_served
+from edgeplane.deploy.served import describe, load_served
 from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
 from edgeplane.http.responses import DateHeader
@@ -245,6 +245,8 @@ class Gateway(GatewayWebSockets):
         log.info("listening on %s%s", ", ".join(urls),
                  f"; admin on {admin_scheme}://{self.admin_address[0]}:{self.admin_address[1]}"
                  if self.admin_address else "")
+        if cfg.stages is not None:
+            log.info("stages: %s", describe(cfg))
 
     async def _bind(self, ctx: ServerContext, host: str, port: int,
                     tls: ListenerTls | None = None) -> asyncio.Server:
@@ -435,6 +437,8 @@ class Gateway(GatewayWebSockets):
                  report["hash"], (time.perf_counter() - started) * 1000, report["routes"],
                  report["upstreams_kept"] or "-", report["upstreams_new"] or "-",
                  report["upstreams_retired"] or "-")
+        if new.stages is not None:
+            log.info("stages: %s", describe(new))
         return report
 
     def count_refused(self, errors: list[str]) -> None:
