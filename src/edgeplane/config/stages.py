@@ -295,6 +295,13 @@ def resolve(text: str, variables: dict[str, str]) -> str:
     return STAGE_VAR.sub(lambda m: variables.get(m.group(1), ""), text)
 
 
+def serves_websockets(config: Config) -> bool:
+    """Whether any stage (or none: the config) serves a WebSocket API: the file's own,
+    or a deployment's (`Config.apis`)."""
+    return bool(config.websocket_apis) or any(
+        side.websocket_apis for api in config.apis.values() for side in (api.config, api.canary) if side is not None)
+
+
 def views(config: Config) -> list[tuple[str, bool, Config]]:
     """(stage, canary side?, the config it serves) of every stage and canary side of
     `config`, each with its references resolved (`for_stage`); `[("$default", False,

@@ -41,7 +41,7 @@ from edgeplane.deploy.store import Store, StoreError, open_store
 
 log = logging.getLogger("edgeplane.deploy")
 
-API_KEYS = ("routes", "authorizers")  # what a deployment holds; the rest is the host's
+API_KEYS = ("routes", "authorizers", "websocket_apis")  # what a deployment holds; the rest is the host's
 CACHE_FILE = "deployments-served.json"
 
 _apis: dict[str, dict[str, Any]] = {}  # deployment id -> its API: immutable, read once per process

@@ -463,6 +463,11 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
             if snapshot is None:
                 self.send_error(req, 404, "no stage matched")
                 return
+            if snapshot.websocket_apis:  # the stage's WebSocket APIs (its canary side's: kept for life)
+                ws_api = snapshot.websocket_apis.get(req.path)
+                if ws_api is not None:
+                    ws_api.handle(self, req)
+                    return
         match = snapshot.router.match(req.method, req.path, req.host)
         if match is None:
             self.send_error(req, 404, "no route matched")

@@ -187,7 +187,7 @@ def _plugin_samples(gateway: Any) -> list[tuple[str, tuple[str, ...], Any, float
                     out += [("edgeplane_authorizer_calls", (name,), source, source.calls),
                             ("edgeplane_authorizer_call_failures", (name,), source, source.failures)]
     registry = gateway._ws_registry
-    if registry is not None and gateway.config.websocket_apis:
+    if registry is not None and registry.apis:
         stats = registry.stats
         out.append(("edgeplane_websocket_api_connections", (), registry, stats.get("opened", 0)))
     return out

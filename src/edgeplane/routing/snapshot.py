@@ -102,26 +102,32 @@ def compile_context(config: Config, upstreams: dict[str, Upstream], runtime: dic
 
 def build_snapshot(config: Config, upstreams: dict[str, Upstream], runtime: dict[str, Any] | None = None,
                    limits: Any = None, quota_counter: Any = None,
-                   websocket_apis: dict[bytes, Any] | None = None, authorizer_outcomes: Any = None) -> Snapshot:
+                   websocket_apis: dict[bytes, Any] | None = None, authorizer_outcomes: Any = None,
+                   websockets_for: Callable[[Config], dict[bytes, Any]] | None = None) -> Snapshot:
     """`runtime`: each plugin's per-gateway state (JWKS sources, authorizer clients);
     `limits` (`throttle.stores.limits_for`) says where throttle buckets live, in process
     by default; `quota_counter` is the usage plans' counter; `authorizer_outcomes` the
-    gateway's `observability.metrics.AuthorizerOutcomes`."""
+    gateway's `observability.metrics.AuthorizerOutcomes`. `websockets_for(config)` builds
+    a config's WebSocket APIs (path -> handler); with stages, each stage's own, reached
+    under the stage like its routes (`/prod/chat`), and its canary side's."""
     limits = limits if limits is not None else LocalLimits(config)
     if config.stages is not None:  # one snapshot per stage (and canary side), chosen per request
         staged: dict[str, Snapshot] = {}
         sides: dict[str, Snapshot] = {}
         for name, canary, served in views(config):
-            built = build_snapshot(served, upstreams, runtime, limits, quota_counter, None, authorizer_outcomes)
+            ws = websockets_for(served) if websockets_for is not None else None
+            built = build_snapshot(served, upstreams, runtime, limits, quota_counter, ws, authorizer_outcomes)
             (sides if canary else staged)[name] = built
         canaries = {name: Canary(config.stages.stages[name].canary, snap) for name, snap in sides.items()}
         everything = [*staged.values(), *sides.values()]
-        top = Snapshot(config, compile_routes([]), [r for s in everything for r in s.routes], websocket_apis)
+        top = Snapshot(config, compile_routes([]), [r for s in everything for r in s.routes], None)
         top.stages = StageSelector(config.stages, staged, canaries)
         return top
     ctx = compile_context(config, upstreams, runtime,
                           {"limits": limits, "quota_counter": quota_counter,
                            "authorizer_outcomes": authorizer_outcomes})
+    if websocket_apis is None and websockets_for is not None:
+        websocket_apis = websockets_for(config)
     pairs = [(rc, compile_route(rc, ctx, config.registry)) for rc in config.routes]
     routes = [c for _, c in pairs]
     router = compile_routes(pairs)

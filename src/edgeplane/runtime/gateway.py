@@ -206,9 +206,9 @@ class Gateway(GatewayWebSockets):
         counter = self._quota_store.counter if self._quota_store is not None else None
         limits = self._limits = limits_for(cfg, self._shared_table, self._keyed_table, self._limiter,
                                            slots=self._slots)
-        ws_apis = self._build_websockets(cfg, loop, self._upstreams, runtime)
         self._snapshot = build_snapshot(cfg, self._upstreams, runtime.state, limits, counter,
-                                       websocket_apis=ws_apis, authorizer_outcomes=self._metrics.authorizers)
+                                       authorizer_outcomes=self._metrics.authorizers,
+                                       websockets_for=self._websockets_for(cfg, loop, self._upstreams, runtime))
         self._metrics.attach(self._snapshot)
         self._config_hash = config_hash(cfg)
         self._context = ServerContext(loop, self._snapshot, cfg.limits, cfg.parser,
@@ -592,7 +592,7 @@ class Gateway(GatewayWebSockets):
             "reloads": self._reload_stats(),
             **({"cluster": self._limiter.telemetry()} if self._limiter is not None else {}),
             **({"websockets": self._ws_registry.telemetry()}
-               if self._ws_registry is not None and self.config.websocket_apis else {}),
+               if self._ws_registry is not None and self._ws_registry.apis else {}),
         }
         # authorizer refusals (401/403) by authorizer: the `denied` decisions of /metrics
         denied = {name: counts[DENIED] for name, counts in self._metrics.authorizers.by_name.items() if counts[DENIED]}

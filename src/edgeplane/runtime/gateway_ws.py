@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from edgeplane.config.stages import serves_websockets
 from edgeplane.http.context import ServerContext
 from edgeplane.http.protocol import HttpProtocol
 from edgeplane.policies.throttle.slots import SlotMap, ws_identity
@@ -41,13 +43,19 @@ class GatewayWebSockets:
     _loop: asyncio.AbstractEventLoop | None
     _servers: list[asyncio.AbstractServer]
 
-    def _build_websockets(self, cfg: Config, loop: asyncio.AbstractEventLoop, upstreams: dict[str, Upstream],
-                          runtime_ctx: RuntimeContext) -> dict[bytes, Any]:
+    def _websockets_for(self, top: Config, loop: asyncio.AbstractEventLoop, upstreams: dict[str, Upstream],
+                        runtime_ctx: RuntimeContext) -> Callable[[Config], dict[bytes, Any]]:
+        """What `build_snapshot` calls for each config it serves (each stage's, with
+        stages): its WebSocket APIs, in the one registry of this gateway."""
         index, tag = 0, None
-        if self._ws_worker is not None and cfg.websocket_apis:
+        if self._ws_worker is not None and serves_websockets(top):
             index, _, tag = self._ws_worker
         if self._ws_registry is None:  # one registry for the gateway's life: reloads keep it
             self._ws_registry = ConnectionRegistry(loop, index, tag)
+        return lambda cfg: self._build_websockets(cfg, top, upstreams, runtime_ctx)
+
+    def _build_websockets(self, cfg: Config, top: Config, upstreams: dict[str, Upstream],
+                          runtime_ctx: RuntimeContext) -> dict[bytes, Any]:
         if not cfg.websocket_apis:
             return {}
         buckets: dict[str, Any] = {}
@@ -57,15 +65,16 @@ class GatewayWebSockets:
                 buckets[name] = self._limiter.limit(f"ws:{name}", rate, max(1, int(rate)), "websocket",
                                                    keyed=False).bucket()
         elif self._shared_table is not None:  # workers of one host: the supervisor's table
-            slots = self._slots if self._slots is not None else SlotMap.initial(cfg)
+            slots = self._slots if self._slots is not None else SlotMap.initial(top)
             for name, api in cfg.websocket_apis.items():
                 rate = api.limits.connections_per_second
                 index = slots.index("plain", ws_identity(name, rate))
                 buckets[name] = self._shared_table.bucket(index, rate, max(1, int(rate)))
+        assert self._ws_registry is not None  # made by `_websockets_for`
         return build_websocket_apis(cfg, upstreams, runtime_ctx.state, self._ws_registry, buckets)
 
     async def _start_ws_forwarding(self, cfg: Config) -> None:
-        if not cfg.websocket_apis:
+        if not serves_websockets(cfg):
             return
         registry = cast(ConnectionRegistry, self._ws_registry)  # set: built before the listeners
         if self._ws_worker is not None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from edgeplane.config.stages import serves_websockets
 from edgeplane.http.context import connection_cap
 from edgeplane.http.tls import ListenerTls
 from edgeplane.observability.collect import VERSION
@@ -108,7 +109,7 @@ def refusals(old: Config, new: Config, *, shared_tables: bool, slot_map: bool = 
     if shared_tables and not slot_map and identities(new) != identities(old):
         out.append("throttle: these shared-memory tables have no supervisor to place new limits; "
                    f"adding, removing or changing a throttle needs a {how}")
-    if shared_tables and (bool(new.websocket_apis) != bool(old.websocket_apis)):
+    if shared_tables and serves_websockets(new) != serves_websockets(old):
         out.append(f"websocket_apis: adding the first or removing the last API with workers > 1 ({how})")
     return out
 
@@ -137,8 +138,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
         limits = limits_for(new, gw._shared_table, gw._keyed_table, gw._limiter, previous=gw._limits,
                             slots=gw._slots)
         counter = gw._quota_store.counter if gw._quota_store is not None else None
-        ws_apis = gw._build_websockets(new, loop, upstreams, runtime)
-        snapshot = build_snapshot(new, upstreams, runtime.state, limits, counter, websocket_apis=ws_apis,
+        snapshot = build_snapshot(new, upstreams, runtime.state, limits, counter,
+                                  websockets_for=gw._websockets_for(new, loop, upstreams, runtime),
                                   authorizer_outcomes=gw._metrics.authorizers)
         gw._metrics.attach(snapshot)
         tls = ListenerTls.from_config(new.tls) if new.tls is not None else None

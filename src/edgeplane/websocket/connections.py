@@ -87,7 +87,7 @@ _INF = float("inf")
 CONTEXT_HEADERS = frozenset((
     b"x-connection-id", b"x-route-key", b"x-event-type", b"x-message-id", b"x-source-ip",
     b"x-connected-at", b"x-api-id", b"x-request-id", b"x-authorizer-claims", b"x-api-key-id",
-    b"x-disconnect-status-code", b"x-disconnect-reason",
+    b"x-disconnect-status-code", b"x-disconnect-reason", b"x-stage", b"x-canary",
 ))
 _CONNECT_SKIP = CONTEXT_HEADERS | {
     b"host", b"connection", b"upgrade", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
@@ -116,7 +116,10 @@ def context_headers(api_name: str, conn_id: str, route_key: str, event: str, mes
     """The context every backend call carries (AWS's $context for WebSocket APIs)."""
     h = {"x-connection-id": conn_id, "x-route-key": route_key, "x-event-type": event,
          "x-source-ip": source_ip, "x-connected-at": str(int(connected_at * 1000)),
-         "x-api-id": api_name, "x-request-id": req.request_id.decode("latin-1")}
+         "x-api-id": api_name, "x-request-id": req.request_id.decode("latin-1"),
+         "x-stage": req.stage}  # the stage the connection was opened on (its canary side: req.canary)
+    if req.canary:
+        h["x-canary"] = "true"
     if message_id is not None:
         h["x-message-id"] = message_id
     if req.claims is not None:  # ASCII JSON: no raw UTF-8 or control characters in a header

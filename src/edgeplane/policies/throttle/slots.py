@@ -83,8 +83,13 @@ def identities(config: Config) -> list[tuple[str, str]]:
             out.append(("keyed", plan_identity(name, None, plan.throttle)))
         for key, pt in plan.route_throttles.items():
             out.append(("keyed", plan_identity(name, key, pt)))
-    for name, api in config.websocket_apis.items():
-        out.append(("plain", ws_identity(name, api.limits.connections_per_second)))
+    seen = set()
+    for view in (c for _, _, c in views(config)) if config.stages is not None else (config,):
+        for name, api in view.websocket_apis.items():
+            identity = ws_identity(name, api.limits.connections_per_second)
+            if identity not in seen:
+                seen.add(identity)
+                out.append(("plain", identity))
     return out
 
 
