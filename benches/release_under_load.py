@@ -41,8 +41,9 @@ after the change: the moment the controller saw the store's version move while t
 command ran (it reads DATA_DIR/deployments.db every 2 ms; the command itself exits
 later), or for the canary step, the reload call. `CLI ms` is the command's whole run
 (a Python start-up included), `written ms` when in it the store changed. `store
-noticed ms` is the gateway's "deployment store ... changed" log line (the 1 s poll),
-`reload ms` its "reloaded config ... in N ms" lines. `first new ms`: the first answer
+noticed ms` is the gateway's "deployment store ... changed" log line (the 1 s poll);
+the JSON also has its "reloaded config ... in N ms" lines (`reload_ms`, per process,
+and `all_workers_reload_ms`, the supervisor's). `first new ms`: the first answer
 from the new side (none for the promotion: the canary served B before it); `100 % ms`:
 the last answer from the old side (after it every answer is the new side's; with
 several workers each worker switches on its own), or for the canary, the end of the
@@ -92,12 +93,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from procs import Procs, cpu_plan, cpu_seconds, edgeplane_argv, wait_http, wait_line, write_json  # noqa: E402
-from reload_under_load import Cut, _connect, _exchange, _kind, http_call, lat_summary  # noqa: E402
+from reload_under_load import Cut, _connect, _exchange, _kind, catches, http_call, lat_summary  # noqa: E402
 
 PATH = "/prod/api/hello"
 TIMEOUT = 5.0  # one request
+MIN_DURATION = 1.5  # s: the store poll (1 s), a reload, and SETTLE
 CLI_TIMEOUT = 60.0
 STORE_POLL = 0.002  # s: how often the controller reads the store's version while a command runs
+SETTLE = 0.25  # s: a full switch must be over this long before the next step starts
 CANARY_BUCKET = 0.1  # s: the canary share is checked per bucket of answers
 SIDES = {1: "A", 2: "B", 0: "?"}
 CANARY_TOLERANCE = 0.03  # share points, or 5 sigma of the binomial share if larger
@@ -394,6 +397,8 @@ class Bench:
         else:
             t1 = time.time()
             if trigger == "sighup":
+                if not catches(self.gw.pid, signal.SIGHUP):  # it would kill the gateway
+                    raise RuntimeError(f"the gateway (pid {self.gw.pid}) does not catch SIGHUP; not sent")
                 os.kill(self.gw.pid, signal.SIGHUP)
                 rec = {"argv": f"kill -HUP {self.gw.pid}", "rc": 0, "output": "SIGHUP sent"}
             else:  # what `edgeplane reload --admin` does, timed without its Python start-up
@@ -424,7 +429,8 @@ _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 
 def log_events(text: str) -> list[tuple[float, str, float | None]]:
-    """(epoch time, "changed" | "reloaded", ms) of the gateway's store and reload lines."""
+    """(epoch time, "changed" | "reloaded" | "all_workers", ms) of the gateway's store and
+    reload lines (one per process; with workers, the supervisor's for all of them)."""
     out: list[tuple[float, str, float | None]] = []
     for line in text.splitlines():
         m = _LOG_TIME.match(line)
@@ -435,6 +441,8 @@ def log_events(text: str) -> list[tuple[float, str, float | None]]:
             out.append((t, "changed", None))
         elif (r := re.search(r"reloaded config \S+ in ([\d.]+) ms", line)) is not None:
             out.append((t, "reloaded", float(r.group(1))))
+        elif (r := re.search(r"reloaded config \S+ in \d+ workers in ([\d.]+) ms", line)) is not None:
+            out.append((t, "all_workers", float(r.group(1))))
     return out
 
 
@@ -527,15 +535,16 @@ def analyse(a: argparse.Namespace, raw: dict[str, Any], phases: list[dict[str, A
                 problems.append(f"{ph['step']}: no answer from {SIDES[new_k]} within {wall:.1f} s")
             else:
                 step["all_new_ms"] = _ms(max(t for t in (first_new, last_old, ref) if t is not None), ref)
-            tail = [r for r in in_w if r[0] >= w1 - min(1.0, wall / 3)]
-            step["old_answers_at_end"] = sum(1 for r in tail if r[3] == old_k)
+            # switched: nothing from the old side in the window's last SETTLE s
+            step["old_answers_at_end"] = sum(1 for t, s in done if s == old_k and t >= w1 - SETTLE)
             if step["old_answers_at_end"]:
                 problems.append(f"{ph['step']}: still {step['old_answers_at_end']} answers from {SIDES[old_k]} "
-                                f"at the end of its window")
+                                f"in the last {SETTLE * 1e3:.0f} ms of its window (not switched)")
         ev = [e for e in events if w0 <= e[0] < w1]
         changed = next((t for t, kind, _ in ev if kind == "changed"), None)
         step["store_noticed_ms"] = _ms(changed, ref)
-        step["reload_ms"] = [ms for _, kind, ms in ev if kind == "reloaded"]
+        step["reload_ms"] = [ms for _, kind, ms in ev if kind == "reloaded"]  # per process
+        step["all_workers_reload_ms"] = [ms for _, kind, ms in ev if kind == "all_workers"]  # the supervisor's
         if fails:
             problems.append(f"{ph['step']}: {len(fails)} failed requests")
         steps.append(step)
@@ -587,7 +596,7 @@ def report(res: dict[str, Any]) -> str:
     for s in res["steps"]:
         by = s["served_by"]
         share = (f"{s['canary']['share_b']:.1%}" if s.get("canary") and s["canary"]["share_b"] is not None
-                 else f"{by['B'] / s['requests']:.1%}" if s["requests"] else "-")
+                 else "-")  # a full switch: the A / B mix of its window is in the column before
         rows.append([s["step"], s["expect"], _f(s["cli_ms"]), _f(s["written_ms"]), _f(s.get("store_noticed_ms")),
                      _f(s.get("first_new_ms")), _f(s.get("all_new_ms")), _f(s["requests"]),
                      f"{by['A']:,} / {by['B']:,}", share, _f(s["failed"]), _f(s["rps"]),
@@ -604,7 +613,7 @@ def report(res: dict[str, Any]) -> str:
             f"unknown {t['served_by']['?']:,}; gateway CPU {m['gateway_cpu_s']} s.")
     return head + "\n" + markdown_table(
         ["step", "expect", "CLI ms", "written ms", "store noticed ms", "first new ms", "100 % ms", "requests", "A / B",
-         "B share", "failed", "req/s", "p99 ms", "max ms"], rows) + foot
+         "canary B share", "failed", "req/s", "p99 ms", "max ms"], rows) + foot
 
 
 # =========================================================================== CLI
@@ -641,8 +650,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not 1 <= lo <= hi <= 65535 or hi - lo < 3:
         p.error("--ports: a range of at least 4 ports")
     a.ports = (lo, hi)
-    if a.duration <= 0 or a.workers < 1 or a.connections < 1 or not 0 < a.canary_percent < 100:
-        p.error("need --duration > 0, --workers >= 1, --connections >= 1, 0 < --canary-percent < 100")
+    if a.duration < MIN_DURATION:
+        p.error(f"--duration: at least {MIN_DURATION:g} s (the gateway polls the store every second)")
+    if a.workers < 1 or a.connections < 1 or not 0 < a.canary_percent < 100:
+        p.error("need --workers >= 1, --connections >= 1, 0 < --canary-percent < 100")
     return a
 
 

@@ -292,3 +292,36 @@ async def test_a_stage_may_log_in_its_own_format(gateway, tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert exc.value.errors[0].startswith("stages.dev.access_log.format: unknown variable $context.nope")
+
+
+async def test_an_authorizer_url_from_a_stage_variable_calls_each_stages_own(gateway):
+    dev = await AuthorizerPeer(lambda event: {"isAuthorized": True}).start()
+    prod = await AuthorizerPeer(lambda event: {"isAuthorized": event["requestContext"]["stage"] == "prod"}).start()
+    try:
+        cfg = base_config(routes=[{"route": "GET /secret", "auth": "custom", "integration": {"type": "mock"}}])
+        cfg["authorizers"] = {"custom": {"type": "http", "url": "${stageVariables.authorizer}",
+                                         "result_ttl": "0s"}}
+        cfg["stages"] = {"dev": {"variables": {"authorizer": dev.url}},
+                         "prod": {"variables": {"authorizer": prod.url},
+                                  "canary": {"percent": 0.0, "force_header": "x-canary",
+                                             "variable_overrides": {"authorizer": dev.url}}}}
+        gw = await gateway(cfg)
+
+        async def status(path: str, **headers: str) -> int:
+            r = await RawClient.once(gw.addresses[0], "GET", path, headers={"authorization": "t", **headers})
+            return r.status
+
+        assert [await status("/dev/secret"), await status("/prod/secret"),
+                await status("/prod/secret", **{"x-canary": "always"})] == [200, 200, 200]
+        assert (len(dev.seen), len(prod.seen)) == (2, 1)  # the canary side used its override
+        assert [event["requestContext"]["stage"] for _, event in dev.seen] == ["dev", "prod"]
+        # each stage's copy is its own authorizer: its own client, metrics and cache
+        assert {"custom@dev", "custom@prod", "custom@prod:canary"} <= set(gw.config.authorizers)
+    finally:
+        dev.close()
+        prod.close()
+    # a resolved URL is checked per stage, located
+    cfg["stages"]["dev"]["variables"]["authorizer"] = "ftp://x"
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert exc.value.errors[0].startswith("authorizers.custom.url: in stage 'dev' this is 'ftp://x': ")

@@ -319,4 +319,4 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry,
     if b.warnings:
         ordered = sorted(b.warnings, key=lambda w: path_sort_key(w[0]))
         config = dataclasses.replace(config, warnings=tuple(LocatedStr(locate(p, m)) for p, m in ordered))
-    return config
+    return stages_section.expand(config)

@@ -217,7 +217,9 @@ def _references(rc: RouteConfig) -> list[tuple[tuple[Any, ...], str]]:
     return [(p, t) for p, t in out if STAGE_VAR.search(t)]
 
 
-_AUTHORIZER_FIELDS = (("issuer", "issuer"), ("audiences", "audience"))  # (model field, config key)
+_AUTHORIZER_FIELDS = (("issuer", "issuer"), ("audiences", "audience"),  # (model field, config key)
+                      ("jwks_url", "jwks.url"), ("url", "url"))
+_URL_FIELDS = ("jwks_url", "url")  # a reference here: one resolved authorizer per stage (`expand`)
 
 
 def _authorizer_references(config: Config) -> list[tuple[str, str, str]]:
@@ -253,6 +255,13 @@ def check(config: Config, ctx: LoadContext) -> None:
             if missing:
                 ctx.fail(("authorizers", name, key), f"{where_} has no variable {missing[0]!r} "
                                                      f"(${{stageVariables.{missing[0]}}})")
+            elif key in ("jwks.url", "url"):
+                from edgeplane.upstream.client import split_url  # (the URL rules of every outbound call)
+
+                try:
+                    split_url(resolve(text, variables))
+                except ValueError as exc:
+                    ctx.fail(("authorizers", name, key), f"in {where_} this is {resolve(text, variables)!r}: {exc}")
         if stages is None:
             ctx.fail(("authorizers", name, key), f"{STAGE_VAR.search(text).group(0)} needs `stages`")  # type: ignore[union-attr]
     for rc in config.routes:
@@ -322,6 +331,44 @@ def views(config: Config) -> list[tuple[str, bool, Config]]:
     return out
 
 
+def variant_name(authorizer: str, stage: str, canary: bool = False) -> str:
+    """The name of an authorizer's copy for one stage (its canary side), when a URL of
+    it names a stage variable: `users@prod`, `users@prod:canary`."""
+    return f"{authorizer}@{stage}{':canary' if canary else ''}"
+
+
+def expand(config: Config) -> Config:
+    """An authorizer whose JWKS URL or authorizer URL names a stage variable becomes one
+    resolved copy per stage and canary side (`variant_name`), each with its own JWKS
+    source or client (their runtime is per authorizer name); `for_stage` points each
+    stage's routes at its copy. The template itself is never started."""
+    templates = {n: a for n, a in config.authorizers.items()
+                 if any(isinstance(getattr(a, f, None), str) and STAGE_VAR.search(getattr(a, f)) for f in _URL_FIELDS)}
+    if not templates or config.stages is None:
+        return config
+    authorizers = {n: a for n, a in config.authorizers.items() if n not in templates}
+    for stage in config.stages.stages.values():
+        for canary in (False, True) if stage.canary is not None else (False,):
+            variables = {**dict(stage.variables), **(dict(stage.canary.variable_overrides)
+                                                     if canary and stage.canary is not None else {})}
+            for name, a in templates.items():
+                copy = variant_name(name, stage.name, canary)
+                authorizers[copy] = dataclasses.replace(a, name=copy, **_resolved(a, variables))
+    return dataclasses.replace(config, authorizers=authorizers)
+
+
+def _resolved(a: Any, variables: dict[str, str]) -> dict[str, Any]:
+    """The fields of authorizer `a` that hold references, resolved."""
+    changes: dict[str, Any] = {}
+    for attr, _ in _AUTHORIZER_FIELDS:
+        value = getattr(a, attr, None)
+        if isinstance(value, str) and STAGE_VAR.search(value):
+            changes[attr] = resolve(value, variables)
+        elif isinstance(value, tuple) and any(isinstance(v, str) and STAGE_VAR.search(v) for v in value):
+            changes[attr] = tuple(resolve(v, variables) for v in value)
+    return changes
+
+
 def for_stage(config: Config, name: str, canary: bool = False) -> Config:
     """The config stage `name` serves (its canary side with `canary`): its routes with
     every reference resolved."""
@@ -331,6 +378,9 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
         variables.update(stage.canary.variable_overrides)
     routes = []
     for rc in config.routes:
+        if rc.auth is not None and rc.auth not in config.authorizers:  # a per-stage copy (`expand`)
+            copy = variant_name(rc.auth, name, canary and stage is not None and stage.canary is not None)
+            rc = dataclasses.replace(rc, auth=copy) if copy in config.authorizers else rc
         if stage is not None and stage.throttle is not None and "throttle" not in rc.policies:
             rc = dataclasses.replace(rc, policies={**rc.policies, "throttle": stage.throttle})
         if not _references(rc):
@@ -348,13 +398,6 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
         routes.append(dataclasses.replace(rc, integration=integ, stage=name))
     authorizers = dict(config.authorizers)
     for auth_name in {n for n, _, _ in _authorizer_references(config)}:
-        a = authorizers[auth_name]
-        changes: dict[str, Any] = {}
-        for attr, _ in _AUTHORIZER_FIELDS:
-            value = getattr(a, attr, None)
-            if isinstance(value, str):
-                changes[attr] = resolve(value, variables)
-            elif isinstance(value, tuple):
-                changes[attr] = tuple(resolve(v, variables) for v in value)
-        authorizers[auth_name] = dataclasses.replace(a, **changes)
+        authorizers[auth_name] = dataclasses.replace(authorizers[auth_name],
+                                                     **_resolved(authorizers[auth_name], variables))
     return dataclasses.replace(config, routes=tuple(routes), authorizers=authorizers, stages=None)

@@ -25,8 +25,8 @@ from typing import Any
 from edgeplane.config.loader import ConfigError, load_config, load_config_text
 from edgeplane.config.model import Config
 from edgeplane.config.stages import DEPLOYMENT_ID
-from edgeplane.deploy.served import api_for, api_of, attach, read_state
-from edgeplane.deploy.store import Deployment, StageRecord, Store, StoreError, open_store
+from edgeplane.deploy.served import api_for, api_of, attach, open_store, read_state
+from edgeplane.deploy.store import Deployment, StageRecord, Store, StoreError
 
 
 class Refused(Exception):

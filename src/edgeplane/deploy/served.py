@@ -37,7 +37,8 @@ from typing import Any
 from edgeplane.config.loader import ConfigError, load_config, load_config_text
 from edgeplane.config.model import Config, StageApi
 from edgeplane.config.stages import DEPLOYMENT_ID
-from edgeplane.deploy.store import Store, StoreError, open_store
+from edgeplane.deploy.redis_store import RedisStore
+from edgeplane.deploy.store import SqliteStore, Store, StoreError
 
 log = logging.getLogger("edgeplane.deploy")
 
@@ -45,6 +46,13 @@ API_KEYS = ("routes", "authorizers", "websocket_apis")  # what a deployment hold
 CACHE_FILE = "deployments-served.json"
 
 _apis: dict[str, dict[str, Any]] = {}  # deployment id -> its API: immutable, read once per process
+
+
+def open_store(config: Config) -> Store:
+    """The store `config` names: Redis with `cluster:`, else SQLite in `data_dir`."""
+    if config.cluster is not None:
+        return RedisStore(config.cluster.redis, config.cluster.key_prefix, max(config.cluster.timeout, 0.5))
+    return SqliteStore(config.data_dir)
 
 
 def api_of(text: str, source: str, base_dir: str | None) -> dict[str, Any]:

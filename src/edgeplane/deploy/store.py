@@ -207,12 +207,3 @@ class SqliteStore:
     def version(self) -> int:
         rows = self._query("SELECT max(seq) FROM stage_records")
         return int(rows[0][0] or 0) if rows else 0
-
-
-def open_store(config: Any) -> Store:
-    """The store `config` names: Redis with `cluster:`, else SQLite in `data_dir`."""
-    if config.cluster is not None:
-        from edgeplane.deploy.redis_store import RedisStore
-
-        return RedisStore(config.cluster.redis, config.cluster.key_prefix, max(config.cluster.timeout, 0.5))
-    return SqliteStore(config.data_dir)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from edgeplane.deploy.store import Store, StoreError, open_store
+from edgeplane.deploy.served import open_store
+from edgeplane.deploy.store import Store, StoreError
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edgeplane.config.stages import STAGE_VAR
 from edgeplane.plugins import Phase, Policy
 from edgeplane.policies.http_authorizer.client import HttpAuthorizerClient, HttpAuthorizerStage
 from edgeplane.policies.jwt.jwks_source import split_url
@@ -61,7 +62,8 @@ def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadConte
     if not isinstance(url, str):
         return None
     try:
-        split_url(url)
+        if not STAGE_VAR.search(url):  # else checked per stage (`config.stages.check`)
+            split_url(url)
     except ValueError as exc:
         ctx.fail(path + ("url",), str(exc))
     sources = spec.get("identity_source", ["$request.header.Authorization"])

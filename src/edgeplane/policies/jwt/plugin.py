@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edgeplane.config.stages import STAGE_VAR
 from edgeplane.http.fields import UnsafeField
 from edgeplane.http.request import forwarded, header, identity_header, log_extra
 from edgeplane.observability.metrics import ALLOWED, CACHE_HIT, DENIED, ERROR
@@ -214,7 +215,7 @@ def _load(name: str, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadConte
         ctx.fail(path, f"missing 'hs_secret' (env or file): needed for {', '.join(hs)}")
     if jwks and ("file" in jwks) == ("url" in jwks):
         ctx.fail(path + ("jwks",), "give exactly one of 'file' and 'url'")
-    if isinstance(jwks.get("url"), str):
+    if isinstance(jwks.get("url"), str) and not STAGE_VAR.search(jwks["url"]):  # else checked per stage
         try:
             split_url(jwks["url"])
         except ValueError as exc:
