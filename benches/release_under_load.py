@@ -38,8 +38,8 @@ followed by `--duration` s of load (counted from the command's return):
 
 Figures, per step (a window runs from its command's start to the next one's), in ms
 after the change: the moment the controller saw the store's version move while the
-command ran (it reads DATA_DIR/deployments.db every 2 ms; the command itself exits
-later), or for the canary step, the reload call. `CLI ms` is the command's whole run
+command ran (it reads `SqliteStore.version()`, what the gateway polls, every 2 ms; the
+command itself exits later), or for the canary step, the reload call. `CLI ms` is the command's whole run
 (a Python start-up included), `written ms` when in it the store changed. `store
 noticed ms` is the gateway's "deployment store ... changed" log line (the 1 s poll);
 the JSON also has its "reloaded config ... in N ms" lines (`reload_ms`, per process,
@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -81,7 +80,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -92,6 +90,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from edgeplane.deploy.store import SqliteStore, StoreError  # noqa: E402
 from procs import Procs, cpu_plan, cpu_seconds, edgeplane_argv, wait_http, wait_line, write_json  # noqa: E402
 from reload_under_load import Cut, _connect, _exchange, _kind, catches, http_call, lat_summary  # noqa: E402
 
@@ -234,12 +233,11 @@ class Bench:
         self.data_dir = workdir / "data"
 
     def store_version(self) -> int | None:
-        """The store's version (`SqliteStore.version()`: the last pointer change's seq), read
-        straight from DATA_DIR/deployments.db; None while it cannot be read."""
+        """The store's version, as the gateway's poll reads it (`SqliteStore.version()` on
+        DATA_DIR); None while it cannot be read."""
         try:
-            with contextlib.closing(sqlite3.connect(self.data_dir / "deployments.db", timeout=1.0)) as db:
-                return int(db.execute("SELECT max(seq) FROM stage_records").fetchone()[0] or 0)
-        except sqlite3.Error:
+            return SqliteStore(str(self.data_dir)).version()
+        except StoreError:
             return None
 
     def cli(self, *args: str) -> dict[str, Any]:

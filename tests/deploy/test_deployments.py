@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -270,3 +271,71 @@ async def test_two_hosts_share_deployments_through_redis_and_keep_serving_withou
     logs = "".join(started[0][3])
     assert "serving what was deployed before" in logs and "reachable again" in logs
     assert len({d1, d2, d3}) == 3
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_commands_racing_on_one_stage_cannot_undo_each_other(tmp_path, backend, request):
+    extra = {"cluster": {"redis": request.getfixturevalue("redis_server").url}} if backend == "redis" else {}
+    path = write(tmp_path / "api.yaml", api_config(tmp_path, "v1", **extra))
+    racers = [subprocess.Popen([sys.executable, "-m", "edgeplane", "deploy", "-c", str(path), "--stage", "prod",
+                                "-m", f"racer {i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(6)]
+    outcomes = [(p.wait(60), p.stdout.read(), p.stderr.read()) for p in racers]  # type: ignore[union-attr]
+    won = [out for code, out, _ in outcomes if code == 0]
+    lost = [err for code, _, err in outcomes if code != 0]
+    assert won and all("changed while this command ran" in err and "nothing was changed" in err for err in lost)
+    history = json.loads(cli("deployments", "-c", str(path), "--stage", "prod", "--format", "json").stdout)["history"]
+    assert len(history) == len(won)
+    # each winner's "(was X)" is the record before its own: no write was based on a stale read
+    was = {re.match(r"deployed (d-\w+) to stage prod \(was ([^)]*)\)", out).groups() for out in won}  # type: ignore
+    chain = {(r["deployment"], prev["deployment"] if prev else "the config file's API")
+             for prev, r in zip([None, *history], history, strict=False)}
+    assert was == chain
+
+
+async def test_a_promotion_is_undone_by_rollback_and_a_deployment_is_a_snapshot(tmp_path, monkeypatch, gateway):
+    cfg = api_config(tmp_path, "${RELEASE_NAME}")
+    cfg["stages"]["prod"]["canary"] = {"percent": 10.0, "variable_overrides": {"backend": "users_next"}}
+    path = write(tmp_path / "api.yaml", cfg)
+    done = subprocess.run([sys.executable, "-m", "edgeplane", "deploy", "-c", str(path), "--stage", "prod"],
+                          capture_output=True, text=True, env={**os.environ, "RELEASE_NAME": "resolved-at-deploy"})
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("RELEASE_NAME", "the-gateways-own")  # what the file says now: dev serves it
+    gw = await gateway(str(path))
+    addr = gw.addresses[0]
+    r = await RawClient.once(addr, "GET", "/prod/version")
+    assert json.loads(r.body) == {"version": "resolved-at-deploy", "backend": "users"}
+    assert await version(addr, "/dev/version") == "the-gateways-own"
+    promoted = cli("canary", "promote", "-c", str(path), "--stage", "prod")
+    assert promoted.returncode == 0, promoted.stderr
+    await gw.reload_from_source()
+    r = await RawClient.once(addr, "GET", "/prod/version")
+    assert json.loads(r.body) == {"version": "resolved-at-deploy", "backend": "users_next"}  # the overrides, kept
+    back = cli("rollback", "-c", str(path), "--stage", "prod")
+    assert back.returncode == 0 and " (rollback)" in back.stdout, back.stderr
+    await gw.reload_from_source()
+    r = await RawClient.once(addr, "GET", "/prod/version")
+    assert json.loads(r.body)["backend"] == "users"  # the promotion's variables are gone with it
+    # a recorded API changed on disk is refused: the gateway keeps what it read, and says why
+    (d_id,) = [p.name.split(".")[0] for p in (tmp_path / "data" / "deployments").glob("*.api.json")]
+    api_file = tmp_path / "data" / "deployments" / f"{d_id}.api.json"
+    api_file.write_text(api_file.read_text().replace("resolved-at-deploy", "tampered"))
+    import edgeplane.deploy.served as served
+
+    served._apis.clear()  # as a freshly started process would (the cache is per process)
+    refused = cli("rollback", "-c", str(path), "--stage", "prod", "--to", d_id)
+    assert refused.returncode == 1 and "does not match the sha256 it was recorded with" in refused.stderr
+    await gw.reload_from_source()
+    assert await version(addr, "/prod/version") == "resolved-at-deploy"
+
+
+async def test_workers_serve_a_canary_given_as_a_relative_config_file(tmp_path):
+    cfg = api_config(tmp_path, "v1")
+    write(tmp_path / "next.yaml", api_config(tmp_path, "v2"))
+    cfg["stages"]["prod"]["canary"] = {"deployment": "next.yaml", "percent": 0.0, "force_header": "x-side"}
+    proc, addr, _admin, lines, drain = await _start_serve(tmp_path, cfg, "--workers", "2")
+    try:
+        assert await version(addr, "/prod/version", {"x-side": "always"}) == "v2"
+        assert await version(addr, "/prod/version") == "v1"
+    finally:
+        assert await _stop(proc, drain) == 0

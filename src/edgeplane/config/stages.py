@@ -167,20 +167,22 @@ def _canary(spec: Any, path: Path, ctx: LoadContext) -> CanaryConfig | None:
     sticky: dict[str, Any] = found if isinstance(found, dict) else {}
     return CanaryConfig(float(spec["percent"]), tuple((str(k), str(v)) for k, v in overrides.items()),
                         sticky.get("header"), sticky.get("cookie"), spec.get("force_header"),
-                        _canary_deployment(spec.get("deployment"), path + ("deployment",), ctx))
+                        _canary_deployment(spec, path + ("deployment",), ctx))
 
 
 DEPLOYMENT_ID = re.compile(r"d-[0-9a-f]{6,32}")
 
 
-def _canary_deployment(value: Any, path: Path, ctx: LoadContext) -> str | None:
+def _canary_deployment(spec: dict[str, Any], path: Path, ctx: LoadContext) -> str | None:
     """A deployment id as written, or a config file's absolute path (relative ones
-    resolve against the config's folder); None when absent."""
+    resolve against the config's folder, in the raw config too: a worker loads that);
+    None when absent."""
+    value = spec.get("deployment")
     if not isinstance(value, str) or not value:
         return None
     if DEPLOYMENT_ID.fullmatch(value):
         return value
-    resolved = ctx.path(value)
+    resolved = spec["deployment"] = ctx.path(value)
     if not os.path.isfile(resolved):
         ctx.fail(path, f"neither a deployment id (d-...) nor a config file: {resolved} does not exist")
     return resolved

@@ -119,6 +119,9 @@ def _stage(config: Config, name: str) -> None:
         raise Refused(f"unknown stage {name!r} (stages in {config.source}: {', '.join(config.stages.stages)})")
 
 
+_PLACEHOLDER = "d-00000000"  # the id a deployment being checked goes by, before it is recorded
+
+
 def _check(config: Config, store: Store, stage: str, record: StageRecord, new_api: Any = None) -> None:
     """Refuses unless the gateway can serve `record` on `stage` with this config."""
     state = read_state(config, store)
@@ -130,21 +133,25 @@ def _check(config: Config, store: Store, stage: str, record: StageRecord, new_ap
     attach(config, state)  # raises ConfigError, located, naming the stage and deployment
 
 
-def _current(store: Store, stage: str) -> StageRecord | None:
-    return store.current().get(stage)
+def _now(store: Store, stage: str) -> tuple[StageRecord | None, list[StageRecord]]:
+    """The stage's current record (None: it never had one) and its whole history, whose
+    length the write is conditional on (`Store.point`)."""
+    history = store.history(stage)
+    return (history[-1] if history else None), history
 
 
 def _deploy(args: argparse.Namespace, config: Config, store: Store) -> int:
     _stage(config, args.stage)
     text = _text(config)
     base_dir = os.path.dirname(os.path.abspath(args.config)) if args.config != "-" else os.getcwd()
-    now = _current(store, args.stage)
-    placeholder = "d-00000000"
-    record = StageRecord(args.stage, placeholder, "deploy", time.time(),
+    now, history = _now(store, args.stage)
+    record = StageRecord(args.stage, _PLACEHOLDER, "deploy", time.time(),
                          now.variables if now else {}, now.canary_off if now else None)
-    _check(config, store, args.stage, record, api_of(text, config.source, base_dir))
-    d = store.record(text, base_dir, args.message)
-    store.point(StageRecord(args.stage, d.id, "deploy", time.time(), record.variables, record.canary_off))
+    api = api_of(text, config.source, base_dir)
+    _check(config, store, args.stage, record, api)
+    d = store.record(text, api, base_dir, args.message)
+    store.point(StageRecord(args.stage, d.id, "deploy", time.time(), record.variables, record.canary_off),
+                len(history))
     was = now.deployment if now and now.deployment else "the config file's API"
     print(f"deployed {d.id} to stage {args.stage} (was {was}); sha256 {d.sha256[:12]}"
           + (f': "{d.description}"' if d.description else ""))
@@ -198,24 +205,27 @@ def _list(args: argparse.Namespace, config: Config, store: Store) -> int:
 def _rollback(args: argparse.Namespace, config: Config, store: Store) -> int:
     _text(config)
     _stage(config, args.stage)
-    history = store.history(args.stage)
-    if not history:
-        raise Refused(f"stage {args.stage} has no deployments to roll back")
-    now = history[-1]
+    now, history = _now(store, args.stage)
     if args.to:
         if store.deployment(args.to) is None:
             raise Refused(f"no deployment {args.to} in {store.where} (`edgeplane deployments` lists them)")
-        target = StageRecord(args.stage, args.to, "rollback", time.time(), now.variables, now.canary_off)
+        target = StageRecord(args.stage, args.to, "rollback", time.time(), now.variables if now else {},
+                             now.canary_off if now else None)
     else:
-        earlier = [r for r in history[:-1] if r.deployment != now.deployment]
+        if now is None:
+            raise Refused(f"stage {args.stage} has no deployments to roll back")
+        # the state before the current one: what it served and with which promoted variables
+        earlier = [r for r in history[:-1] if (r.deployment, r.variables) != (now.deployment, now.variables)]
         if not earlier:
             raise Refused(f"stage {args.stage} has served only {now.deployment or 'the config file'}: "
                           "nothing earlier to roll back to")
         back = earlier[-1]
         target = StageRecord(args.stage, back.deployment, "rollback", time.time(), back.variables, now.canary_off)
     _check(config, store, args.stage, target)
-    store.point(target)
-    print(f"stage {args.stage}: {now.deployment or 'the config file'} -> {target.deployment or 'the config file'} "
+    store.point(target, len(history))
+    was = (now.deployment or "the config file") if now else "the config file"
+    extra = f" with variables {target.variables}" if target.variables else ""
+    print(f"stage {args.stage}: {was} -> {target.deployment or 'the config file'}{extra} "
           "(rollback); a running gateway serves it within a second")
     return 0
 
@@ -225,19 +235,20 @@ def _canary(args: argparse.Namespace, config: Config, store: Store) -> int:
     _stage(config, args.stage)
     assert config.stages is not None
     canary = config.stages.stages[args.stage].canary
-    now = _current(store, args.stage)
+    now, history = _now(store, args.stage)
     if canary is None or (now is not None and now.canary_off == canary.fingerprint()):
         raise Refused(f"stage {args.stage} has no running canary"
                       + (" (this one was promoted or aborted)" if canary is not None else ""))
     variables = dict(now.variables) if now else {}
     deployment = now.deployment if now else None
     if args.canary_command == "abort":
-        store.point(StageRecord(args.stage, deployment, "abort", time.time(), variables, canary.fingerprint()))
+        store.point(StageRecord(args.stage, deployment, "abort", time.time(), variables, canary.fingerprint()),
+                    len(history))
         print(f"stage {args.stage}: canary aborted; every request is served by "
               f"{deployment or 'the config file'}")
         return 0
     target = canary.deployment or deployment
-    record = StageRecord(args.stage, target or "d-00000000", "promote", time.time(),
+    record = StageRecord(args.stage, target or _PLACEHOLDER, "promote", time.time(),
                          {**variables, **dict(canary.variable_overrides)}, canary.fingerprint())
     if target is not None and DEPLOYMENT_ID.fullmatch(target):
         _check(config, store, args.stage, record)
@@ -247,11 +258,13 @@ def _canary(args: argparse.Namespace, config: Config, store: Store) -> int:
         source = target or args.config
         content = text if target is None else _read(source)
         base_dir = os.path.dirname(os.path.abspath(source)) if source != "-" else os.getcwd()
-        _check(config, store, args.stage, record, api_of(content, source, base_dir))
-        made: Deployment = store.record(content, base_dir,
+        api = api_of(content, source, base_dir)
+        _check(config, store, args.stage, record, api)
+        made: Deployment = store.record(content, api, base_dir,
                                         f"canary of {args.stage}, promoted from {os.path.basename(source)}")
         target = made.id
-    store.point(StageRecord(args.stage, target, "promote", record.at, record.variables, record.canary_off))
+    store.point(StageRecord(args.stage, target, "promote", record.at, record.variables, record.canary_off),
+                len(history))
     print(f"stage {args.stage}: canary promoted; {target} serves every request"
           + (f" with variables {dict(canary.variable_overrides)}" if canary.variable_overrides else ""))
     return 0

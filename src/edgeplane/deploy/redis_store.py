@@ -2,14 +2,16 @@
 
 Keys, under the cluster's `key_prefix` then `deploy:`:
 
-- `d:ID`: a hash (created, description, sha256, base_dir, content), never changed;
+- `d:ID`: a hash (created, description, sha256, base_dir, content, api, api_sha256),
+  never changed;
 - `ids`: a list of every deployment id, oldest first;
 - `stage:NAME`: a list of that stage's records (JSON), oldest first;
 - `stages`: the set of stage names with records;
 - `version`: incremented in the same transaction as every record.
 
 Each write is one MULTI/EXEC transaction, so a reader never sees a record without
-its deployment or a version without its record. Every call has the cluster's
+its deployment or a version without its record; a stage's record is appended under
+WATCH of its list, so a racing writer makes it fail (`StoreConflict`), not interleave. Every call has the cluster's
 timeout (at least 0.5 s); a failure raises `StoreError`, and the gateway keeps serving
 what it has (`deploy.served`).
 """
@@ -21,9 +23,18 @@ import time
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
-from edgeplane.deploy.store import Deployment, StageRecord, StoreError, digest, new_id
+from edgeplane.deploy.store import (
+    Deployment,
+    StageRecord,
+    StoreError,
+    api_json,
+    checked_api,
+    conflict,
+    digest,
+    new_id,
+)
 
 
 class RedisStore:
@@ -42,11 +53,13 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreError(f"deployment store redis {self.where}: {exc}") from exc
 
-    def record(self, content: str, base_dir: str, description: str) -> Deployment:
+    def record(self, content: str, api: dict[str, Any], base_dir: str, description: str) -> Deployment:
+        served = api_json(api)
         for _ in range(8):
-            d = Deployment(new_id(), time.time(), description, digest(content), base_dir)
+            d = Deployment(new_id(), time.time(), description, digest(content), base_dir, digest(served))
             mapping: dict[str | bytes, str] = {"created": repr(d.created), "description": description,
-                                               "sha256": d.sha256, "base_dir": base_dir, "content": content}
+                                               "sha256": d.sha256, "base_dir": base_dir, "content": content,
+                                               "api": served, "api_sha256": d.api_sha256}
             if not self._call(self.client.hsetnx, self._key("d", d.id), "sha256", d.sha256):
                 continue  # the id is taken
             pipe = self.client.pipeline(transaction=True)
@@ -58,10 +71,11 @@ class RedisStore:
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         found = self._call(self.client.hmget, self._key("d", deployment_id),
-                           ["created", "description", "sha256", "base_dir"])
+                           ["created", "description", "sha256", "base_dir", "api_sha256"])
         if found[0] is None:
             return None
-        return Deployment(deployment_id, float(found[0]), found[1] or "", found[2] or "", found[3] or "")
+        return Deployment(deployment_id, float(found[0]), found[1] or "", found[2] or "", found[3] or "",
+                          found[4] or "")
 
     def content(self, deployment_id: str) -> str:
         text = self._call(self.client.hget, self._key("d", deployment_id), "content")
@@ -69,17 +83,34 @@ class RedisStore:
             raise StoreError(f"deployment {deployment_id}: not in the store {self.where}")
         return str(text)
 
+    def api(self, deployment_id: str) -> dict[str, Any]:
+        found = self.deployment(deployment_id)
+        text = self._call(self.client.hget, self._key("d", deployment_id), "api")
+        if found is None or text is None:
+            raise StoreError(f"deployment {deployment_id}: not in the store {self.where}")
+        return checked_api(found, str(text))
+
     def deployments(self) -> list[Deployment]:
         ids = self._call(self.client.lrange, self._key("ids"), 0, -1)
         found = [self.deployment(i) for i in ids]
         return [d for d in found if d is not None]
 
-    def point(self, record: StageRecord) -> StageRecord:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.incr(self._key("version"))
-        pipe.sadd(self._key("stages"), record.stage)
-        pipe.rpush(self._key("stage", record.stage), json.dumps(record.to_json()))
-        results = self._call(pipe.execute)
+    def point(self, record: StageRecord, expected: int) -> StageRecord:
+        key = self._key("stage", record.stage)
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)
+                if pipe.llen(key) != expected:
+                    raise conflict(record.stage)
+                pipe.multi()
+                pipe.incr(self._key("version"))
+                pipe.sadd(self._key("stages"), record.stage)
+                pipe.rpush(key, json.dumps(record.to_json()))
+                results = pipe.execute()
+        except WatchError:
+            raise conflict(record.stage) from None
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"deployment store redis {self.where}: {exc}") from exc
         return StageRecord(record.stage, record.deployment, record.action, record.at, record.variables,
                            record.canary_off, int(results[0]))
 

@@ -70,12 +70,8 @@ def api_for(store: Store, ref: str) -> dict[str, Any]:
         except OSError as exc:
             raise ConfigError([f"canary deployment: cannot read {ref}: {exc}"], ref) from None
         return api_of(text, ref, os.path.dirname(os.path.abspath(ref)))
-    if ref not in _apis:
-        found = store.deployment(ref)
-        if found is None:
-            raise ConfigError([f"deployment {ref}: not in the store {store.where} "
-                               "(`edgeplane deployments` lists them)"], ref)
-        _apis[ref] = api_of(store.content(ref), f"deployment {ref}", found.base_dir)
+    if ref not in _apis:  # recorded resolved, checked against its digest (`store.checked_api`)
+        _apis[ref] = store.api(ref)
     return _apis[ref]
 
 
@@ -85,8 +81,14 @@ def read_state(config: Config, store: Store) -> dict[str, Any]:
     version = store.version()
     stages = {name: rec.to_json() for name, rec in store.current().items() if name in config.stages.stages}
     refs = {rec["deployment"] for rec in stages.values() if rec["deployment"]}
-    refs |= {s.canary.deployment for s in config.stages.stages.values()
-             if s.canary is not None and s.canary.deployment}
+    for name, s in config.stages.stages.items():
+        canary = s.canary
+        if canary is None or not canary.deployment or stages.get(name, {}).get("canary_off") == canary.fingerprint():
+            continue  # none, or promoted or aborted: not read
+        if DEPLOYMENT_ID.fullmatch(canary.deployment) and store.deployment(canary.deployment) is None:
+            raise ConfigError([f"stages.{name}.canary.deployment: no deployment {canary.deployment} in "
+                               f"{store.where} (`edgeplane deployments` lists them)"], config.source)
+        refs.add(canary.deployment)
     return {"version": version, "store": store.where, "stages": stages,
             "apis": {ref: api_for(store, ref) for ref in sorted(refs)}}
 
@@ -148,7 +150,10 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
     """The host config serving `ref`'s API (None: the file's own) on `stage` alone."""
     raw = copy.deepcopy(config.raw)
     if ref is not None:
-        api = served["apis"][ref]
+        api = served["apis"].get(ref)
+        if api is None:  # a worker given a state without it: a bug, said as a refusal
+            raise ConfigError([f"stage {stage!r}: deployment {ref} is not in the state read from the store"],
+                              config.source)
         for key in API_KEYS:
             if key in api:
                 raw[key] = copy.deepcopy(api[key])
@@ -165,10 +170,11 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
         built = load_config(raw, plugins=plugins)
     except ConfigError as exc:
         raise ConfigError([f"{what}: {e}" for e in exc.errors], config.source) from None
-    label = ref if ref is None or DEPLOYMENT_ID.fullmatch(ref) else os.path.basename(ref)
+    label = ("file" if ref is None else ref if DEPLOYMENT_ID.fullmatch(ref) else os.path.basename(ref)) + (
+        "-canary" if side else "")
     renamed = {}
     for name, a in built.authorizers.items():
-        if ref is not None and config.authorizers.get(name) != a:
+        if config.authorizers.get(name) != a:  # its own runtime (JWKS source, client, cache)
             renamed[name] = f"{name}@{label}"
             extra[renamed[name]] = dataclasses.replace(a, name=renamed[name])
     if not renamed:
@@ -176,7 +182,10 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
     authorizers = {renamed.get(n, n): extra.get(renamed.get(n, ""), a) for n, a in built.authorizers.items()}
     routes = tuple(dataclasses.replace(rc, auth=renamed.get(rc.auth, rc.auth)) if rc.auth else rc
                    for rc in built.routes)
-    return dataclasses.replace(built, authorizers=authorizers, routes=routes)
+    websockets = {name: dataclasses.replace(api, routes={
+        key: dataclasses.replace(r, auth=renamed.get(r.auth, r.auth)) if r.auth else r
+        for key, r in api.routes.items()}) for name, api in built.websocket_apis.items()}
+    return dataclasses.replace(built, authorizers=authorizers, routes=routes, websocket_apis=websockets)
 
 
 def summary(config: Config) -> dict[str, dict[str, Any]]:

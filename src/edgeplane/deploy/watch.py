@@ -32,9 +32,15 @@ class StoreWatch:
         self.store: Store | None = open_store(config) if config.stages is not None else None
         self.seen = (config.deployed or {}).get("version", 0)
         self.down = False
+        self.config = config
 
     def serving(self, config: Config) -> None:
-        """The config now served (after a reload): its store version is the one seen."""
+        """The config now served: after a reload, its store version is the one seen. A
+        refused reload leaves the old config, and the version that was refused stays
+        seen: it is not tried again each second (the next change is)."""
+        if config is self.config:
+            return
+        self.config = config
         self.store = open_store(config) if config.stages is not None else None
         if config.deployed is not None:
             self.seen = config.deployed.get("version", self.seen)

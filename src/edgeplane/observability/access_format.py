@@ -92,7 +92,7 @@ VARIABLES: dict[str, Variable] = {
                              "AWS gateway response type: UNAUTHORIZED, ACCESS_DENIED, THROTTLED, ..."),
     "domainName": _v("r.host", "bn", "The `Host` the client asked for."),
     "stage": _v("r.stage", "s", "The stage that served the request (`$default` without `stages`)."),
-    "isCanaryRequest": _v("(b'true' if r.canary else b'false')", "b",
+    "isCanaryRequest": _v("(b'true' if r.canary else b'false')", "raw",
                           "Whether the stage's canary served the request: true or false."),
     "traceId": _v("r.trace_id", "sn", "The W3C trace id (32 hex digits) when tracing is on."),
     "connectionId": _v("_ws(r, 1)", "sn", "WebSocket API: the connection id."),

@@ -417,7 +417,9 @@ class Gateway(GatewayWebSockets):
             raise RuntimeError("reload needs a running gateway")
         started = time.perf_counter()
         try:
-            new = config if isinstance(config, Config) else load_served(config, plugins=self._plugins)
+            # (off the loop: the deployment store may be a Redis that is slow to answer)
+            new = config if isinstance(config, Config) else await asyncio.to_thread(
+                load_served, config, plugins=self._plugins)
             report = await apply(self, new)
         except (ConfigError, ReloadRefused) as exc:
             problems = exc.located() if isinstance(exc, ConfigError) else exc.problems

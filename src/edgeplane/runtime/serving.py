@@ -197,7 +197,7 @@ class _Reloads:
             if not self.overrides:
                 return await gateway.reload(source)  # loads, logs and counts a refusal itself
             try:
-                new = load_served(source, overrides=self.overrides)
+                new = await asyncio.to_thread(load_served, source, overrides=self.overrides)
             except ConfigError as exc:
                 # `Gateway.reload` logs and counts what it loads itself; this load needed the overrides.
                 gateway.count_refused(exc.located())
@@ -241,7 +241,7 @@ class _Reloads:
         if spec["source"].startswith("<"):
             raise LookupError(f"the running config has no file to reload from ({spec['source']})")
         try:
-            new = load_served(spec["source"], overrides=spec["overrides"])
+            new = await asyncio.to_thread(load_served, spec["source"], overrides=spec["overrides"])
             # Compared in the worker form, the one this worker's own config was loaded from.
             form = attach(load_config(worker_raw(new, spec["ports"])), new.deployed)
             old = dataclasses.replace(self.gateway.config, workers=spec["workers"])
