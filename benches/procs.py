@@ -12,6 +12,9 @@ the processes of a run, and reading their CPU time and memory from /proc.
 - `cpu_seconds(pid)` / `rss_bytes(pid)`: utime+stime / VmRSS summed over a process and
   all its descendants (supervisor + workers, nginx master + workers).
 - `free_port()`, `wait_http(...)`: ports and readiness probes.
+- `guarded(...)`: a controller's run: Ctrl-C and SIGTERM as KeyboardInterrupt, the
+  controller on the load cores, and whatever happens every process stopped and the
+  work dir removed.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import ctypes
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -257,3 +263,42 @@ def write_json(data: dict, path: str | None, prefix: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return out
+
+
+def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def guarded(script: str, run: Callable[[], Any], stop: Callable[[], None], workdir: Path, *,
+            keep_workdir: bool = False, cores: frozenset[int] | None = None,
+            errors: dict[type[BaseException], tuple[int, str]] | None = None) -> tuple[Any, int | None]:
+    """`run()`'s result and None, or None and the exit code: 130 on Ctrl-C or SIGTERM, 1
+    with the message on a RuntimeError, or `errors[type]` = (code, message prefix). Runs
+    the controller on `cores`; at the end, in every case, `stop()` (every process the
+    bench started) and the work dir removed unless `keep_workdir`."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    if cores:
+        os.sched_setaffinity(0, cores)
+    try:
+        return run(), None
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping every process started", file=sys.stderr)
+        return None, 130
+    except Exception as exc:
+        for kind, (code, prefix) in (errors or {}).items():
+            if isinstance(exc, kind):
+                print(f"{script}: {prefix}{exc}", file=sys.stderr)
+                return None, code
+        if isinstance(exc, RuntimeError):
+            print(f"{script}: {exc}", file=sys.stderr)
+            return None, 1
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        stop()
+        if keep_workdir:
+            print(f"work dir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -77,7 +77,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -91,7 +90,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from edgeplane.deploy.store import SqliteStore, StoreError  # noqa: E402
-from procs import Procs, cpu_plan, cpu_seconds, edgeplane_argv, wait_http, wait_line, write_json  # noqa: E402
+from procs import (  # noqa: E402
+    Procs,
+    cpu_plan,
+    cpu_seconds,
+    edgeplane_argv,
+    guarded,
+    wait_http,
+    wait_line,
+    write_json,
+)
 from reload_under_load import Cut, _connect, _exchange, _kind, catches, http_call, lat_summary  # noqa: E402
 
 PATH = "/prod/api/hello"
@@ -655,39 +663,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_load"]:
         return load_main(argv[1:])
     a = parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
     if a.tmpdir:
         os.makedirs(a.tmpdir, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="edgeplane-release-", dir=a.tmpdir))
     bench = Bench(a, workdir)
-    if bench.plan.load:  # this controller and the commands it runs share the load core(s)
-        os.sched_setaffinity(0, bench.plan.load)
-    try:
-        res = bench.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping every process started", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"benches/release_under_load.py: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        bench.procs.close()
-        if a.keep_workdir:
-            print(f"work dir kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    # this controller and the commands it runs share the load core(s)
+    res, code = guarded("benches/release_under_load.py", bench.run, bench.procs.close, workdir,
+                        keep_workdir=a.keep_workdir, cores=bench.plan.load)
+    if code is not None:
+        return code
     path = write_json(res, a.json, "release-under-load")
     summary = {k: v for k, v in res.items() if k not in ("failures", "commands")}
     summary["meta"] = {k: v for k, v in res["meta"].items() if k != "prod_history"}

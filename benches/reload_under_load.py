@@ -118,6 +118,7 @@ from procs import (  # noqa: E402
     cpu_seconds,
     edgeplane_argv,
     free_port,
+    guarded,
     rss_bytes,
     wait_http,
     wait_line,
@@ -1373,44 +1374,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def _interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_load"]:
         return load_main(argv[1:])
     a = parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # every child inherits it
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     workdir = Path(tempfile.mkdtemp(prefix="edgeplane-reload-"))
     bench = Bench(a, workdir)
-    if bench.plan.load:  # this controller shares the load core(s)
-        os.sched_setaffinity(0, bench.plan.load)
-    try:
-        res = bench.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping every process started", file=sys.stderr)
-        return 130
-    except TriggerUnavailable as exc:
-        print(f"benches/reload_under_load.py: --trigger sighup: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"benches/reload_under_load.py: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+
+    def stop() -> None:
         bench.stop_instances()
         bench.procs.close()
-        if a.keep_workdir:
-            print(f"work dir kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+
+    # this controller shares the load core(s)
+    res, code = guarded("benches/reload_under_load.py", bench.run, stop, workdir, keep_workdir=a.keep_workdir,
+                        cores=bench.plan.load, errors={TriggerUnavailable: (2, "--trigger sighup: ")})
+    if code is not None:
+        return code
     print_report(res)
     print(f"\nJSON: {write_json(res, a.json, 'reload-under-load')}")
     return 1 if must_be_zero(res) else 0

@@ -59,7 +59,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +77,7 @@ from procs import (  # noqa: E402
     descendants,
     edgeplane_argv,
     free_port,
+    guarded,
     rss_bytes,
     wait_http,
     wait_line,
@@ -1071,10 +1071,6 @@ def print_report(data: dict) -> None:
 
 
 
-def _interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_attack"]:
@@ -1084,31 +1080,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_probe"]:
         return probe_main(argv[1:])
     a = parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # every child (the gateway too) inherits it
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     workdir = Path(tempfile.mkdtemp(prefix="edgeplane-slow-"))
     bench = Bench(a, workdir)
-    if bench.client_cores:  # this controller shares the clients' core; the gateway has core 0 to itself
-        os.sched_setaffinity(0, bench.client_cores)
-    try:
-        data = bench.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping every process started", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"benches/slow_clients.py: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        bench.procs.close()
-        if a.keep_workdir:
-            print(f"work dir kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    # this controller shares the clients' core; the gateway has core 0 to itself
+    data, code = guarded("benches/slow_clients.py", bench.run, bench.procs.close, workdir,
+                         keep_workdir=a.keep_workdir, cores=bench.client_cores)
+    if code is not None:
+        return code
     print_report(data)
     print(f"\nJSON: {write_json(data, a.json, 'slow-clients')}")
     return 0
