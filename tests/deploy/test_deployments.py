@@ -130,19 +130,21 @@ async def test_deploy_and_rollback_are_served_live_with_no_request_failing(tmp_p
     cfg = api_config(tmp_path, "v1")
     d1 = deploy(write(path, cfg), "prod", "v1")
     proc, addr, _admin, lines, drain = await _start_serve(tmp_path, cfg, "--workers", str(workers))
-    seen: list[str] = []
+    # per connection, each version it saw in turn (with workers, each worker switches on its
+    # own: two connections may see a switch a few ms apart, but none may go back)
+    seen: list[list[str]] = [[] for _ in range(4)]
     failures: list[object] = []
     stop = asyncio.Event()
 
-    async def load() -> None:
+    async def load(mine: list[str]) -> None:
         c = await RawClient.connect(addr)
         try:
             while not stop.is_set():
                 r = await c.request("GET", "/prod/version")
                 if r.status != 200:
                     failures.append((r.status, r.body))
-                elif not seen or seen[-1] != json.loads(r.body)["version"]:
-                    seen.append(json.loads(r.body)["version"])
+                elif not mine or mine[-1] != json.loads(r.body)["version"]:
+                    mine.append(json.loads(r.body)["version"])
         except Exception as exc:  # a reset or a timeout: a failed request
             failures.append(exc)
         finally:
@@ -150,13 +152,13 @@ async def test_deploy_and_rollback_are_served_live_with_no_request_failing(tmp_p
 
     async def until(expected: str) -> None:
         for _ in range(100):
-            if seen and seen[-1] == expected:
+            if all(mine and mine[-1] == expected for mine in seen):
                 return
             await asyncio.sleep(0.05)
         raise AssertionError(f"{expected} not served within 5 s: {seen}\n{''.join(lines)}")
 
     try:
-        clients = [asyncio.ensure_future(load()) for _ in range(4)]
+        clients = [asyncio.ensure_future(load(mine)) for mine in seen]
         await until("v1")
         write(path, api_config(tmp_path, "v2"))  # the file changes: prod stays on its deployment
         await asyncio.sleep(0.3)
@@ -171,7 +173,7 @@ async def test_deploy_and_rollback_are_served_live_with_no_request_failing(tmp_p
         stop.set()
         assert await _stop(proc, drain) == 0
     assert failures == []
-    assert seen[:3] == ["v1", "v2", "v1"] and len(set(seen[3:])) <= 1
+    assert seen == [["v1", "v2", "v1"]] * 4
     assert any("deployment store" in line and "reloading" in line for line in lines)
 
 
@@ -339,3 +341,51 @@ async def test_workers_serve_a_canary_given_as_a_relative_config_file(tmp_path):
         assert await version(addr, "/prod/version") == "v1"
     finally:
         assert await _stop(proc, drain) == 0
+
+
+async def test_a_deployed_stage_keeps_its_authorizers_per_stage_and_side(gateway, tmp_path):
+    from authorizer_peer import AuthorizerPeer
+    from ws_peers import WsClient
+
+    def decide(event: dict) -> dict:
+        return {"isAuthorized": event["headers"].get("authorization") == "good"}
+
+    peers = {name: await AuthorizerPeer(decide).start() for name in ("dev", "prod", "next")}
+    try:
+        cfg = api_config(tmp_path, "v1")
+        cfg["routes"][0]["auth"] = "custom"
+        cfg["authorizers"] = {"custom": {"type": "http", "url": "${stageVariables.authorizer}", "result_ttl": "0s"}}
+        cfg["stages"]["dev"]["variables"]["authorizer"] = peers["dev"].url
+        cfg["stages"]["prod"]["variables"]["authorizer"] = peers["prod"].url
+        cfg["stages"]["prod"]["canary"] = {"percent": 0.0, "force_header": "x-side",
+                                           "variable_overrides": {"authorizer": peers["next"].url}}
+        cfg["websocket_apis"] = {"chat": {"path": "/chat", "routes": {"$connect": {
+            "auth": "custom", "integration": {"type": "http", "upstream": "users", "path": "/connect"}}}}}
+        path = write(tmp_path / "api.yaml", cfg)
+        deploy(path, "prod")
+        gw = await gateway(str(path))
+        addr = gw.addresses[0]
+
+        async def status(target: str, **headers: str) -> int:
+            return (await RawClient.once(addr, "GET", target, headers=headers)).status
+
+        for side in ({}, {"x-side": "always"}):
+            assert await status("/prod/version", **side) == 401  # no credential: refused, never open
+            assert await status("/prod/version", authorization="bad", **side) == 403
+            assert await status("/prod/version", authorization="good", **side) == 200
+        assert (len(peers["prod"].seen), len(peers["next"].seen)) == (2, 2)  # each side its own URL
+        ws = await WsClient.connect(addr, "/prod/chat")
+        assert ws.status == 401  # a $connect authorizer from a stage variable runs too
+        await ws.aclose()
+        # stable names: the stage and side, never the deployment id
+        names = set(gw.config.authorizers)
+        assert {"custom@prod", "custom@prod:canary", "custom@dev"} <= names
+        assert not any("@d-" in n for n in names)
+        assert cli("canary", "promote", "-c", str(path), "--stage", "prod").returncode == 0
+        await gw.reload_from_source()
+        assert await status("/prod/version") == 401
+        assert await status("/prod/version", authorization="good") == 200
+        assert (len(peers["prod"].seen), len(peers["next"].seen)) == (2, 3)  # promoted: the canary's URL is prod's
+    finally:
+        for peer in peers.values():
+            peer.close()

@@ -294,6 +294,30 @@ async def test_a_stage_may_log_in_its_own_format(gateway, tmp_path):
     assert exc.value.errors[0].startswith("stages.dev.access_log.format: unknown variable $context.nope")
 
 
+async def test_a_stage_may_log_to_a_destination_of_its_own(gateway, tmp_path):
+    cfg = base_config(routes=[{"route": "GET /m", "integration": {"type": "mock"}}])
+    cfg["stages"] = {"dev": {"access_log": {"destination": "file", "path": str(tmp_path / "dev.log")}},
+                     "qa": {"access_log": {"destination": "file", "path": str(tmp_path / "qa.log"),
+                                           "format": "qa $context.resourcePath"}},
+                     "prod": {}}
+    cfg["access_log"] = {"destination": "file", "path": str(tmp_path / "a.log"),
+                         "format": "$context.stage $context.status"}
+    gw = await gateway(cfg)
+    for path in ("/dev/m", "/prod/m", "/qa/m", "/dev/m"):
+        assert (await RawClient.once(gw.addresses[0], "GET", path)).status == 200
+    gw._access_log.flush(wait=2.0)
+    # dev: its own file, in the gateway's format; qa: its own file and format; prod: the gateway's
+    assert (tmp_path / "dev.log").read_text().splitlines() == ["dev 200", "dev 200"]
+    assert (tmp_path / "qa.log").read_text().splitlines() == ["qa /m"]
+    assert (tmp_path / "a.log").read_text().splitlines() == ["prod 200"]
+    m = await RawClient.once(gw.admin_address, "GET", "/metrics")
+    assert b"edgeplane_access_log_lines_total 4.0" in m.body
+    cfg["stages"]["dev"]["access_log"] = {"destination": "file"}
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert exc.value.errors[0].startswith("stages.dev.access_log: missing required key 'path'")
+
+
 async def test_an_authorizer_url_from_a_stage_variable_calls_each_stages_own(gateway):
     dev = await AuthorizerPeer(lambda event: {"isAuthorized": True}).start()
     prod = await AuthorizerPeer(lambda event: {"isAuthorized": event["requestContext"]["stage"] == "prod"}).start()

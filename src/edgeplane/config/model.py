@@ -240,6 +240,8 @@ class AccessLogConfig:
     # `stages.NAME.access_log.format`, by stage: as written, and compiled (not compared)
     stage_formats: tuple[tuple[str, Any], ...] = ()
     stage_renders: dict[str, Any] = field(default_factory=dict, compare=False)
+    # stages that log to a destination of their own: (stage, its whole access-log config)
+    stage_logs: tuple[tuple[str, AccessLogConfig], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,9 @@ class CoreSections(LoadContext):
         for entry in certificates if isinstance(certificates, list) else ():
             self.resolve_paths(entry, "cert", "key")
         self.resolve_paths(raw.get("access_log"), "path")
+        stages = raw.get("stages")
+        for spec in stages.values() if isinstance(stages, dict) else ():
+            self.resolve_paths(spec.get("access_log") if isinstance(spec, dict) else None, "path")
         upstreams = raw.get("upstreams")
         for spec in upstreams.values() if isinstance(upstreams, dict) else ():
             self.resolve_paths(spec, ("tls", "ca_file"))
@@ -452,7 +455,10 @@ class CoreSections(LoadContext):
         section = raw.get("access_log")
         if not isinstance(section, dict):
             return model.AccessLogConfig()
-        d, p = model.AccessLogConfig(), ("access_log",)
+        return self._access_log(section, ("access_log",), model.AccessLogConfig())
+
+    def _access_log(self, section: dict, p: Path, d: model.AccessLogConfig) -> model.AccessLogConfig:
+        """An `access_log` section at `p`, its unset keys from `d`."""
         destination = section.get("destination", d.destination)
         if destination is False:  # YAML 1.1 reads a bare `off` as false
             destination = "off"
@@ -467,6 +473,8 @@ class CoreSections(LoadContext):
             self.fail(p + ("path",), "must not be empty")
         elif destination != "file" and "path" in section:
             self.fail(p + ("path",), f"only used with destination 'file' (destination is {destination!r})")
+        if "format" not in section and d.format is not None:  # a stage's: the gateway's format
+            section = {**section, "format": dict(d.format) if isinstance(d.format, tuple) else d.format}
         return model.AccessLogConfig(
             destination=destination,
             path=log_path if destination == "file" else None,
@@ -477,19 +485,26 @@ class CoreSections(LoadContext):
         )
 
     def stage_access_logs(self, raw: dict, access_log: model.AccessLogConfig) -> model.AccessLogConfig:
-        """`access_log` with each stage's own format (`stages.NAME.access_log.format`)."""
+        """`access_log` with each stage's own format (`stages.NAME.access_log.format`), and
+        the stages that log to a destination of their own (`destination`, `path`)."""
         stages = raw.get("stages")
-        formats, renders = [], {}
+        formats, renders, own = [], {}, {}
         for name, spec in stages.items() if isinstance(stages, dict) else ():
             section = spec.get("access_log") if isinstance(spec, dict) else None
-            if isinstance(section, dict):
-                found = self._access_format(section.get("format"), ("stages", name, "access_log", "format"))
-                if found:
-                    formats.append((str(name), found["format"]))
-                    renders[str(name)] = found["render"]
-        if not formats:
+            if not isinstance(section, dict):
+                continue
+            p = ("stages", name, "access_log")
+            if "destination" in section or "path" in section:
+                own[str(name)] = self._access_log(section, p, access_log)
+                continue
+            found = self._access_format(section.get("format"), p + ("format",))
+            if found:
+                formats.append((str(name), found["format"]))
+                renders[str(name)] = found["render"]
+        if not formats and not own:
             return access_log
-        return dataclasses.replace(access_log, stage_formats=tuple(formats), stage_renders=renders)
+        return dataclasses.replace(access_log, stage_formats=tuple(formats), stage_renders=renders,
+                                   stage_logs=tuple(own.items()))
 
     def _access_format(self, fmt: Any, path: Path) -> dict[str, Any]:
         """`format` and its compiled render function, or nothing when absent or invalid

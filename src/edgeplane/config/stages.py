@@ -68,10 +68,13 @@ SCHEMA: dict[str, Any] = {
                     },
                 },
                 "access_log": {
-                    "type": "object", "additionalProperties": False, "required": ["format"],
-                    "description": "The stage's own access-log format (the destination is the gateway's).",
+                    "type": "object", "additionalProperties": False, "minProperties": 1,
+                    "description": "The stage's own access-log format and/or destination (default: the "
+                                   "gateway's).",
                     "properties": {"format": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 10000},
-                                                        {"type": "object", "minProperties": 1}]}},
+                                                        {"type": "object", "minProperties": 1}]},
+                                   "destination": {"enum": ["stdout", "stderr", "file", "logging", "off", False]},
+                                   "path": {"type": "string"}},
                 },
                 "throttle": {"$ref": "#/$defs/throttle",
                              "description": "The stage's default route throttle: each route of the stage "
@@ -380,9 +383,7 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
         variables.update(stage.canary.variable_overrides)
     routes = []
     for rc in config.routes:
-        if rc.auth is not None and rc.auth not in config.authorizers:  # a per-stage copy (`expand`)
-            copy = variant_name(rc.auth, name, canary and stage is not None and stage.canary is not None)
-            rc = dataclasses.replace(rc, auth=copy) if copy in config.authorizers else rc
+        rc = _with_copy(rc, config, name, canary, stage)  # a per-stage authorizer copy (`expand`)
         if stage is not None and stage.throttle is not None and "throttle" not in rc.policies:
             rc = dataclasses.replace(rc, policies={**rc.policies, "throttle": stage.throttle})
         if not _references(rc):
@@ -398,8 +399,24 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
             body=resolve(integ.body.decode("utf-8", "replace"), variables).encode() if integ.body else integ.body,
             headers=tuple((n, resolve(v, variables)) for n, v in integ.headers))
         routes.append(dataclasses.replace(rc, integration=integ, stage=name))
+    websockets = config.websocket_apis
+    if any(r.auth is not None and r.auth not in config.authorizers for a in websockets.values()
+           for r in a.routes.values()):  # a $connect authorizer's per-stage copy
+        websockets = {n: dataclasses.replace(a, routes={k: _with_copy(r, config, name, canary, stage)
+                                                         for k, r in a.routes.items()})
+                      for n, a in websockets.items()}
     authorizers = dict(config.authorizers)
     for auth_name in {n for n, _, _ in _authorizer_references(config)}:
         authorizers[auth_name] = dataclasses.replace(authorizers[auth_name],
                                                      **_resolved(authorizers[auth_name], variables))
-    return dataclasses.replace(config, routes=tuple(routes), authorizers=authorizers, stages=None)
+    return dataclasses.replace(config, routes=tuple(routes), authorizers=authorizers, stages=None,
+                               websocket_apis=websockets)
+
+
+def _with_copy(route: Any, config: Config, stage_name: str, canary: bool, stage: Any) -> Any:
+    """`route` (HTTP or WebSocket) pointed at its authorizer's copy for this stage side,
+    when its authorizer is a template (`expand`)."""
+    if route.auth is None or route.auth in config.authorizers:
+        return route
+    copy = variant_name(route.auth, stage_name, canary and stage is not None and stage.canary is not None)
+    return dataclasses.replace(route, auth=copy) if copy in config.authorizers else route

@@ -35,8 +35,9 @@ class Refused(Exception):
 
 def add_parsers(sub: Any, config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("deploy", help="record a deployment of the config's API and point a stage at it",
-                       description="Record an immutable deployment of the config file's API (its routes "
-                                   "and authorizers, kept as the file is now) and point STAGE at it. "
+                       description="Record an immutable deployment of the config file's API (its routes, "
+                                   "authorizers and websocket_apis, resolved as the file is now) and point "
+                                   "STAGE at it. "
                                    "The running gateway serves it within a second, live.")
     config_arg(p)
     p.add_argument("--stage", required=True, help="the stage to point at the new deployment")

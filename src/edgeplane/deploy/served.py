@@ -36,7 +36,7 @@ from typing import Any
 
 from edgeplane.config.loader import ConfigError, load_config, load_config_text
 from edgeplane.config.model import Config, StageApi
-from edgeplane.config.stages import DEPLOYMENT_ID
+from edgeplane.config.stages import DEPLOYMENT_ID, for_stage
 from edgeplane.deploy.redis_store import RedisStore
 from edgeplane.deploy.store import SqliteStore, Store, StoreError
 
@@ -125,29 +125,46 @@ def attach(config: Config, served: dict[str, Any] | None, plugins: Sequence[Any]
     """`config` with each stage's deployment (see the module docstring)."""
     if not served or config.stages is None:
         return config
-    apis: dict[str, StageApi] = {}
-    extra: dict[str, Any] = {}
+    # The authorizers every served side needs, by name: the file's, then each deployment's
+    # that differ from them, as `NAME@STAGE` (`NAME@STAGE:canary` on a canary side).
+    authorizers = dict(config.authorizers)
+    built: list[tuple[str, str | None, Config, str | None, Config | None]] = []
+    errors: list[str] = []  # every stage's, not only the first's
     for name, stage in config.stages.stages.items():
         rec = served["stages"].get(name)
         canary = stage.canary
         canary_on = canary is not None and (rec is None or rec.get("canary_off") != canary.fingerprint())
         if rec is None and not (canary_on and canary is not None and canary.deployment):
             continue
+        for own in [n for n in authorizers if n.endswith((f"@{name}", f"@{name}:canary"))]:
+            del authorizers[own]  # the file's own copies for this stage: it serves a deployment now
         deployment = rec["deployment"] if rec is not None else None
         variables = {**dict(stage.variables), **(rec["variables"] if rec is not None else {})}
-        main = _compose(config, name, deployment, served, variables, plugins, extra)
-        side_ref, side = None, None
-        if canary_on and canary is not None:
-            side_ref = canary.deployment or deployment
-            side = _compose(config, name, side_ref, served, {**variables, **dict(canary.variable_overrides)},
-                            plugins, extra, "its canary")
-        apis[name] = StageApi(deployment, main, side_ref, side)
-    return dataclasses.replace(config, apis=apis, authorizers={**config.authorizers, **extra}, deployed=served)
+        try:
+            main = _compose(config, name, deployment, served, variables, plugins, authorizers)
+            side_ref, side = None, None
+            if canary_on and canary is not None:
+                side_ref = canary.deployment or deployment
+                side = _compose(config, name, side_ref, served, {**variables, **dict(canary.variable_overrides)},
+                                plugins, authorizers, canary=True)
+        except ConfigError as exc:
+            errors += exc.errors
+            continue
+        built.append((name, deployment, main, side_ref, side))
+    if errors:
+        raise ConfigError(errors, config.source)
+    # every side compiles against the one set of authorizers the gateway starts
+    apis = {name: StageApi(deployment, dataclasses.replace(main, authorizers=authorizers), side_ref,
+                           dataclasses.replace(side, authorizers=authorizers) if side is not None else None)
+            for name, deployment, main, side_ref, side in built}
+    return dataclasses.replace(config, apis=apis, authorizers=authorizers, deployed=served)
 
 
 def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any], variables: dict[str, str],
-             plugins: Sequence[Any], extra: dict[str, Any], side: str = "") -> Config:
-    """The host config serving `ref`'s API (None: the file's own) on `stage` alone."""
+             plugins: Sequence[Any], authorizers: dict[str, Any], canary: bool = False) -> Config:
+    """What `stage` (its canary side) serves: the host config with `ref`'s API (None: the
+    file's own) on `stage` alone, its references resolved (`for_stage`); the authorizers
+    its routes use are added to `authorizers`, renamed where they differ."""
     raw = copy.deepcopy(config.raw)
     if ref is not None:
         api = served["apis"].get(ref)
@@ -164,28 +181,30 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
     raw["stages"] = {stage: spec}
     raw.pop("domains", None)
     raw.pop("stage_routing", None)
-    what = f"stage {stage!r}{' (' + side + ')' if side else ''} serving " + (
+    what = f"stage {stage!r}{' (its canary)' if canary else ''} serving " + (
         f"deployment {ref}" if ref is not None else "this file's API")
     try:
-        built = load_config(raw, plugins=plugins)
+        resolved = for_stage(load_config(raw, plugins=plugins), stage)
     except ConfigError as exc:
         raise ConfigError([f"{what}: {e}" for e in exc.errors], config.source) from None
-    label = ("file" if ref is None else ref if DEPLOYMENT_ID.fullmatch(ref) else os.path.basename(ref)) + (
-        "-canary" if side else "")
-    renamed = {}
-    for name, a in built.authorizers.items():
-        if config.authorizers.get(name) != a:  # its own runtime (JWKS source, client, cache)
-            renamed[name] = f"{name}@{label}"
-            extra[renamed[name]] = dataclasses.replace(a, name=renamed[name])
+    suffix = f"@{stage}{':canary' if canary else ''}"
+    used = {rc.auth for rc in resolved.routes if rc.auth} | {
+        r.auth for api in resolved.websocket_apis.values() for r in api.routes.values() if r.auth}
+    renamed: dict[str, str] = {}
+    for name in sorted(used):
+        a = resolved.authorizers[name]
+        if authorizers.get(name) == a:
+            continue  # the same as the file's (or the other side's): one runtime
+        renamed[name] = name.split("@", 1)[0] + suffix
+        authorizers[renamed[name]] = dataclasses.replace(a, name=renamed[name])
     if not renamed:
-        return built
-    authorizers = {renamed.get(n, n): extra.get(renamed.get(n, ""), a) for n, a in built.authorizers.items()}
+        return resolved
     routes = tuple(dataclasses.replace(rc, auth=renamed.get(rc.auth, rc.auth)) if rc.auth else rc
-                   for rc in built.routes)
+                   for rc in resolved.routes)
     websockets = {name: dataclasses.replace(api, routes={
         key: dataclasses.replace(r, auth=renamed.get(r.auth, r.auth)) if r.auth else r
-        for key, r in api.routes.items()}) for name, api in built.websocket_apis.items()}
-    return dataclasses.replace(built, authorizers=authorizers, routes=routes, websocket_apis=websockets)
+        for key, r in api.routes.items()}) for name, api in resolved.websocket_apis.items()}
+    return dataclasses.replace(resolved, routes=routes, websocket_apis=websockets)
 
 
 def summary(config: Config) -> dict[str, dict[str, Any]]:

@@ -146,7 +146,7 @@ class WorkerMetrics:
                                             ("failed",): e.failed}
         access_log = gateway._access_log
         if access_log is not None:  # so does a new access log
-            out["edgeplane_access_log_lines"] = {(): access_log.lines}
+            out["edgeplane_access_log_lines"] = {(): access_log.written}
             out["edgeplane_access_log_dropped_lines"] = {(): access_log.dropped}
         reloads = gateway._reloads
         out["edgeplane_reloads"] = {("success",): reloads["ok"], ("failure",): reloads["failed"]}

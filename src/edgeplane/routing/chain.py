@@ -49,6 +49,10 @@ def describer(config: Config) -> Callable[[RouteConfig], tuple[str, str]]:
 
 
 def compile_chain(route: RouteConfig, ctx: CompileContext, registry: Registry) -> Chain:
+    if route.auth is not None and route.auth not in ctx.config.authorizers:
+        # Never serve a route without the authorizer it names: refuse the whole build.
+        raise PluginError(f"route {route.key!r}: its authorizer {route.auth!r} is not in the config being "
+                          "compiled; the route would be open (refusing to build it)")
     chain = Chain()
     upstream: set[bytes] = set()
     response: set[bytes] = set()

@@ -51,7 +51,7 @@ def clf_time(epoch: float) -> str:
 class AccessLog:
     __slots__ = ("enabled", "_writer", "_path", "_buf", "_size", "_limit", "lines", "clf_second", "clf_bytes",
                  "_render", "callback", "_records", "failed", "_failed_logged_at", "_base_dropped",
-                 "_stage_renders")
+                 "_stage_renders", "_stage_logs")
 
     def __init__(self, cfg: AccessLogConfig,
                  callback: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -73,6 +73,12 @@ class AccessLog:
         # A custom `format` compiled at load (config.sections), else the default JSON shape.
         self._render: Render = cfg.render if cfg.render is not None else _DEFAULT
         self._stage_renders: dict[str, Render] = dict(cfg.stage_renders)  # a stage's own format
+        # a stage's own destination: its own log (writer, buffer, counts), same callback
+        before = dict(previous._stage_logs) if previous is not None else {}
+        self._stage_logs: dict[str, AccessLog] = {
+            stage: AccessLog(own, callback, previous=before.get(stage)) for stage, own in cfg.stage_logs}
+        if self._stage_logs:
+            self.enabled = True
         # An embedder's callback gets each record (the default shape's dict), batched per flush.
         self.callback = callback
         self._records: list[dict[str, Any]] = []
@@ -89,8 +95,14 @@ class AccessLog:
     @property
     def dropped(self) -> int:
         """Lines dropped: the writer's queue was full (a slow destination), a write
-        failed, or (a bug) a line could not be rendered."""
-        return self._base_dropped + (self._writer.dropped if self._writer is not None else 0) + self.failed
+        failed, or (a bug) a line could not be rendered (the stages' own logs included)."""
+        own = sum(log.dropped for log in self._stage_logs.values()) if self._stage_logs else 0
+        return self._base_dropped + (self._writer.dropped if self._writer is not None else 0) + self.failed + own
+
+    @property
+    def written(self) -> int:
+        """Lines logged, the stages' own logs included."""
+        return self.lines + sum(log.written for log in self._stage_logs.values())
 
     def clf_at(self, wall: float) -> bytes:
         """`wall` as CLF time (formatted once a second)."""
@@ -102,6 +114,11 @@ class AccessLog:
 
     def record(self, req: Any, proto: Any) -> None:
         """Log one ended request (the hot path: render, append)."""
+        if self._stage_logs:
+            own = self._stage_logs.get(req.stage)
+            if own is not None:  # the stage's own destination
+                own.record(req, proto)
+                return
         if self.callback is not None:
             self._records.append(self.fields(req, proto))
         if self._writer is None:
@@ -135,6 +152,7 @@ class AccessLog:
         eventType MESSAGE, the message id as request id, the integration's status."""
         req = Request(t0)
         req.method, req.path, req.host, req.trace_id = conn.method, conn.path, conn.host, conn.trace_id
+        req.stage, req.canary, req.base_path = conn.stage, conn.canary, conn.base_path  # the $connect's
         req.request_id = message_id.encode()
         req.route_key = route_key
         req.integration_latency = time.perf_counter() - t0
@@ -201,12 +219,15 @@ class AccessLog:
                 writer.submit(data, lines)
         if wait > 0 and writer is not None:
             writer.wait_idle(wait)
+        for log in self._stage_logs.values():
+            log.flush(wait)
 
     def reopen(self) -> bool:
         """Open the log file again (after logrotate renamed it); False when the
         destination is not a file or the file cannot be opened (the old one stays)."""
+        reopened = [log.reopen() for log in self._stage_logs.values()]
         if self._path is None or self._writer is None:
-            return False
+            return any(reopened)
         self.flush()  # what was buffered belongs to the file being rotated out
         try:
             fd = _open(self._path)
@@ -222,6 +243,8 @@ class AccessLog:
         if self._writer is not None:
             self._writer.close(timeout)
             self._writer = None
+        for log in self._stage_logs.values():
+            log.close(timeout)
         self.enabled = self.callback is not None
 
 

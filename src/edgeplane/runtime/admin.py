@@ -112,12 +112,16 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
 
     def routes(req):
         top = gateway._snapshot
-        # with stages: every stage's table, each route naming its stage
-        staged = top.stages.snapshots.items() if top.stages is not None else [(None, top)]
+        # with stages: every stage's table (and its canary side's), each route naming its stage
+        staged = [(None, False, top)]
+        if top.stages is not None:
+            staged = [(stage, False, snap) for stage, snap in top.stages.snapshots.items()]
+            staged += [(stage, True, c.snapshot) for stage, c in top.stages.canaries.items()]
         return _json(200, {**({"stages": summary(gateway.config)} if top.stages is not None else {}), "routes": [
             {"priority": i + 1, "route": rc.key, "host": rc.host, "integration": rc.integration.type,
-             **({"stage": stage} if stage is not None else {}), **route_view(snapshot.config, rc)}
-            for stage, snapshot in staged for i, rc in enumerate(snapshot.router.table())
+             **({"stage": stage} if stage is not None else {}), **({"canary": True} if canary else {}),
+             **route_view(snapshot.config, rc)}
+            for stage, canary, snapshot in staged for i, rc in enumerate(snapshot.router.table())
         ]})
 
     def metrics(req):

@@ -586,7 +586,7 @@ class Gateway(GatewayWebSockets):
             "config_hash": self._config_hash,  # as the reload log lines and edgeplane_config_info show it
             "connections_open": len(ctx.connections),
             "websockets_open": len(ctx.websockets),  # proxied and terminated
-            "access_log_lines": cast(AccessLog, self._access_log).lines,
+            "access_log_lines": cast(AccessLog, self._access_log).written,
             "access_log_dropped": cast(AccessLog, self._access_log).dropped,
             **({"tracing": self._tracer.exporter.telemetry()} if self._tracer is not None else {}),
             **ctx.stats.as_dict(),
