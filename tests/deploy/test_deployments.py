@@ -389,3 +389,30 @@ async def test_a_deployed_stage_keeps_its_authorizers_per_stage_and_side(gateway
     finally:
         for peer in peers.values():
             peer.close()
+
+
+async def test_a_promoted_variable_moves_a_deployed_stage_to_its_target(gateway, tmp_path):
+    from edgeplane.runtime.demo_upstream import DemoUpstream
+
+    async with DemoUpstream() as stable, DemoUpstream() as nxt:
+        cfg = api_config(tmp_path, "v1")
+        cfg["upstreams"]["users"] = {"targets": ["http://127.0.0.1:${stageVariables.port}"]}
+        cfg["stages"]["dev"]["variables"]["port"] = str(nxt.port)
+        cfg["stages"]["prod"]["variables"]["port"] = str(stable.port)
+        cfg["stages"]["prod"]["canary"] = {"percent": 0.0, "force_header": "x-side",
+                                           "variable_overrides": {"port": str(nxt.port)}}
+        path = write(tmp_path / "api.yaml", cfg)
+        deploy(path, "prod")
+        gw = await gateway(str(path))
+
+        async def hit(**headers: str) -> None:
+            assert (await RawClient.once(gw.addresses[0], "GET", "/prod/users/1", headers=headers)).status == 200
+
+        await hit()
+        await hit(**{"x-side": "always"})
+        assert (stable.requests, nxt.requests) == (1, 1)
+        assert cli("canary", "promote", "-c", str(path), "--stage", "prod").returncode == 0
+        await gw.reload_from_source()
+        await hit()
+        assert (stable.requests, nxt.requests) == (1, 2)  # the promoted port: prod's copy resolves to it
+        assert "users@prod" in gw.config.upstreams and "users@prod:canary" not in gw.config.upstreams

@@ -349,3 +349,26 @@ async def test_an_authorizer_url_from_a_stage_variable_calls_each_stages_own(gat
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert exc.value.errors[0].startswith("authorizers.custom.url: in stage 'dev' this is 'ftp://x': ")
+
+
+async def test_an_upstream_target_from_a_stage_variable_is_each_stages_own(gateway):
+    async with DemoUpstream() as dev, DemoUpstream() as prod, DemoUpstream() as nxt:
+        cfg = base_config(routes=[{"route": "GET /u", "integration": {"type": "http", "upstream": "users"}}])
+        cfg["upstreams"] = {"users": {"targets": ["http://127.0.0.1:${stageVariables.port}"]}}
+        cfg["stages"] = {"dev": {"variables": {"port": str(dev.port)}},
+                         "prod": {"variables": {"port": str(prod.port)},
+                                  "canary": {"percent": 0.0, "force_header": "x-side",
+                                             "variable_overrides": {"port": str(nxt.port)}}}}
+        gw = await gateway(cfg)
+        for path, headers in (("/dev/u", {}), ("/prod/u", {}), ("/prod/u", {"x-side": "always"})):
+            assert (await RawClient.once(gw.addresses[0], "GET", path, headers=headers)).status == 200
+        assert (dev.requests, prod.requests, nxt.requests) == (1, 1, 1)
+        assert {"users@dev", "users@prod", "users@prod:canary"} == set(gw.config.upstreams)
+    for variables, error in [
+        ({}, "upstreams.users.targets[0]: stage 'dev' has no variable 'port' (${stageVariables.port})"),
+        ({"port": "x"}, "upstreams.users.targets[0]: in stage 'dev' this is 'http://127.0.0.1:x': "),
+    ]:
+        cfg["stages"]["dev"]["variables"] = variables
+        with pytest.raises(ConfigError) as exc:
+            load_config(cfg)
+        assert exc.value.errors[0].startswith(error), exc.value.errors

@@ -73,11 +73,14 @@ class UpstreamConfig:
     tls: UpstreamTls = UpstreamTls()
     # One weight per target (`targets: [{url, weight}]`); () = all equal (round robin).
     weights: tuple[int, ...] = ()
+    # Targets naming stage variables, as written (url, weight): the upstream is then a
+    # template, served as one resolved copy per stage (`config.stages.expand`).
+    templates: tuple[tuple[str, int], ...] = ()
 
     def pools_key(self) -> UpstreamConfig:
         """What decides the upstream's pools: everything but the weights (a reload that
         changes only weights keeps the pools and their connections)."""
-        return UpstreamConfig(self.name, self.targets, self.pool, self.tls)
+        return UpstreamConfig(self.name, self.targets, self.pool, self.tls, (), self.templates)
 
 
 @dataclass(frozen=True, slots=True)

@@ -265,10 +265,21 @@ class CoreSections(LoadContext):
                 continue
             if not isinstance(spec, dict):
                 continue
-            targets, weights = self.targets(spec.get("targets"), path + ("targets",))
+            found = spec.get("targets")
+            written = [(item.get("url"), item.get("weight", 1)) if isinstance(item, dict) else (item, 1)
+                       for item in found] if isinstance(found, list) else []
+            templates: tuple[tuple[str, int], ...] = ()
+            targets: tuple[model.Target, ...] = ()
+            weights: tuple[int, ...] = ()
+            if any(isinstance(url, str) and "${stageVariables." in url for url, _ in written):
+                # resolved and checked per stage (`config.stages`): a template of every target
+                templates = tuple((url, weight) for url, weight in written
+                                  if isinstance(url, str) and isinstance(weight, int))
+            else:
+                targets, weights = self.targets(found, path + ("targets",))
             pool = self.pool(spec.get("pool"), path + ("pool",))
             tls = self.upstream_tls(spec.get("tls"), path + ("tls",), targets)
-            out[name] = model.UpstreamConfig(name, targets, pool, tls, weights)
+            out[name] = model.UpstreamConfig(name, targets, pool, tls, weights, templates)
         return out
 
     def targets(self, value: Any, path: Path) -> tuple[tuple[model.Target, ...], tuple[int, ...]]:

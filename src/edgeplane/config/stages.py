@@ -27,7 +27,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.config.model import CanaryConfig, DomainMapping, StageConfig, StagesConfig
-from edgeplane.config.values import check_host
+from edgeplane.config.values import check_host, parse_target
 
 if TYPE_CHECKING:
     from edgeplane.config.context import LoadContext, Path
@@ -251,8 +251,29 @@ def _variants(stages: StagesConfig) -> list[tuple[str, dict[str, str]]]:
     return out
 
 
+def _check_targets(config: Config, ctx: LoadContext) -> None:
+    """An upstream's targets naming stage variables: each resolves, in every stage and
+    canary side, to a target URL (located)."""
+    for name, u in config.upstreams.items():
+        for i, (url, _) in enumerate(u.templates):
+            path: Path = ("upstreams", name, "targets", i)
+            if config.stages is None:
+                ctx.fail(path, f"{STAGE_VAR.search(url).group(0)} needs `stages`")  # type: ignore[union-attr]
+                continue
+            for label, variables in _variants(config.stages):
+                missing = [n for n in STAGE_VAR.findall(url) if n not in variables]
+                if missing:
+                    ctx.fail(path, f"{label} has no variable {missing[0]!r} (${{stageVariables.{missing[0]}}})")
+                    continue
+                try:
+                    parse_target(resolve(url, variables))
+                except ValueError as exc:
+                    ctx.fail(path, f"in {label} this is {resolve(url, variables)!r}: {exc}")
+
+
 def check(config: Config, ctx: LoadContext) -> None:
     """Every reference resolves in every stage, to an upstream that exists (located)."""
+    _check_targets(config, ctx)
     stages = config.stages
     for name, key, text in _authorizer_references(config):
         for where_, variables in _variants(stages) if stages is not None else ():
@@ -347,6 +368,7 @@ def expand(config: Config) -> Config:
     resolved copy per stage and canary side (`variant_name`), each with its own JWKS
     source or client (their runtime is per authorizer name); `for_stage` points each
     stage's routes at its copy. The template itself is never started."""
+    config = _expand_upstreams(config)
     templates = {n: a for n, a in config.authorizers.items()
                  if any(isinstance(getattr(a, f, None), str) and STAGE_VAR.search(getattr(a, f)) for f in _URL_FIELDS)}
     if not templates or config.stages is None:
@@ -360,6 +382,40 @@ def expand(config: Config) -> Config:
                 copy = variant_name(name, stage.name, canary)
                 authorizers[copy] = dataclasses.replace(a, name=copy, **_resolved(a, variables))
     return dataclasses.replace(config, authorizers=authorizers)
+
+
+def _expand_upstreams(config: Config) -> Config:
+    """An upstream whose targets name stage variables: one resolved copy per stage
+    (`NAME@STAGE`), and one for a canary side whose overrides resolve it differently
+    (`NAME@STAGE:canary`), each with its own pools; the template is never started."""
+    templates = {n: u for n, u in config.upstreams.items() if u.templates}
+    if not templates or config.stages is None:
+        return config
+    upstreams = {n: u for n, u in config.upstreams.items() if n not in templates}
+    for stage in config.stages.stages.values():
+        for canary in (False, True) if stage.canary is not None else (False,):
+            variables = {**dict(stage.variables), **(dict(stage.canary.variable_overrides)
+                                                     if canary and stage.canary is not None else {})}
+            for name, u in templates.items():
+                resolved = [(parse_target(resolve(url, variables)), weight) for url, weight in u.templates]
+                targets = tuple(t for t, _ in resolved)
+                weights = tuple(w for _, w in resolved) if any(w != 1 for _, w in resolved) else ()
+                main = upstreams.get(variant_name(name, stage.name))
+                if canary and main is not None and (main.targets, main.weights) == (targets, weights):
+                    continue  # the canary side resolves it as the stage does: the stage's copy
+                copy = variant_name(name, stage.name, canary)
+                upstreams[copy] = dataclasses.replace(u, name=copy, targets=targets, weights=weights, templates=())
+    return dataclasses.replace(config, upstreams=upstreams)
+
+
+def _upstream_copy(name: str | None, config: Config, stage: str, canary: bool) -> str | None:
+    """The upstream a stage side uses for `name`: its per-stage copy (`expand`), if any."""
+    if name is None or name in config.upstreams:
+        return name
+    for copy in ((variant_name(name, stage, True),) if canary else ()) + (variant_name(name, stage),):
+        if copy in config.upstreams:
+            return copy
+    return name
 
 
 def _resolved(a: Any, variables: dict[str, str]) -> dict[str, Any]:
@@ -386,6 +442,14 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
         rc = _with_copy(rc, config, name, canary, stage)  # a per-stage authorizer copy (`expand`)
         if stage is not None and stage.throttle is not None and "throttle" not in rc.policies:
             rc = dataclasses.replace(rc, policies={**rc.policies, "throttle": stage.throttle})
+        if rc.integration.type == "http":
+            side = canary and stage is not None and stage.canary is not None
+            integ = rc.integration
+            upstream = _upstream_copy(resolve(integ.upstream, variables) if integ.upstream else None, config,
+                                      name, side)
+            split = tuple((_upstream_copy(resolve(n, variables), config, name, side), w) for n, w in integ.split)
+            if upstream != integ.upstream or split != integ.split:
+                rc = dataclasses.replace(rc, integration=dataclasses.replace(integ, upstream=upstream, split=split))
         if not _references(rc):
             routes.append(dataclasses.replace(rc, stage=name))
             continue

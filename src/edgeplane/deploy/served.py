@@ -125,9 +125,10 @@ def attach(config: Config, served: dict[str, Any] | None, plugins: Sequence[Any]
     """`config` with each stage's deployment (see the module docstring)."""
     if not served or config.stages is None:
         return config
-    # The authorizers every served side needs, by name: the file's, then each deployment's
-    # that differ from them, as `NAME@STAGE` (`NAME@STAGE:canary` on a canary side).
+    # The authorizers and upstreams every served side needs, by name: the file's, then
+    # each side's that differ from them, as `NAME@STAGE` (`NAME@STAGE:canary` on a canary side).
     authorizers = dict(config.authorizers)
+    upstreams = dict(config.upstreams)
     built: list[tuple[str, str | None, Config, str | None, Config | None]] = []
     errors: list[str] = []  # every stage's, not only the first's
     for name, stage in config.stages.stages.items():
@@ -136,35 +137,37 @@ def attach(config: Config, served: dict[str, Any] | None, plugins: Sequence[Any]
         canary_on = canary is not None and (rec is None or rec.get("canary_off") != canary.fingerprint())
         if rec is None and not (canary_on and canary is not None and canary.deployment):
             continue
-        for own in [n for n in authorizers if n.endswith((f"@{name}", f"@{name}:canary"))]:
-            del authorizers[own]  # the file's own copies for this stage: it serves a deployment now
+        for shared in (authorizers, upstreams):  # the file's own copies for this stage: not served now
+            for own in [n for n in shared if n.endswith((f"@{name}", f"@{name}:canary"))]:
+                del shared[own]
         deployment = rec["deployment"] if rec is not None else None
         variables = {**dict(stage.variables), **(rec["variables"] if rec is not None else {})}
         try:
-            main = _compose(config, name, deployment, served, variables, plugins, authorizers)
+            main = _compose(config, name, deployment, served, variables, plugins, (authorizers, upstreams))
             side_ref, side = None, None
             if canary_on and canary is not None:
                 side_ref = canary.deployment or deployment
                 side = _compose(config, name, side_ref, served, {**variables, **dict(canary.variable_overrides)},
-                                plugins, authorizers, canary=True)
+                                plugins, (authorizers, upstreams), canary=True)
         except ConfigError as exc:
             errors += exc.errors
             continue
         built.append((name, deployment, main, side_ref, side))
     if errors:
         raise ConfigError(errors, config.source)
-    # every side compiles against the one set of authorizers the gateway starts
-    apis = {name: StageApi(deployment, dataclasses.replace(main, authorizers=authorizers), side_ref,
-                           dataclasses.replace(side, authorizers=authorizers) if side is not None else None)
+    # every side compiles against the one set of authorizers and upstreams the gateway starts
+    apis = {name: StageApi(deployment, dataclasses.replace(main, authorizers=authorizers, upstreams=upstreams),
+                           side_ref, dataclasses.replace(side, authorizers=authorizers, upstreams=upstreams)
+                           if side is not None else None)
             for name, deployment, main, side_ref, side in built}
-    return dataclasses.replace(config, apis=apis, authorizers=authorizers, deployed=served)
+    return dataclasses.replace(config, apis=apis, authorizers=authorizers, upstreams=upstreams, deployed=served)
 
 
 def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any], variables: dict[str, str],
-             plugins: Sequence[Any], authorizers: dict[str, Any], canary: bool = False) -> Config:
+             plugins: Sequence[Any], shared: tuple[dict[str, Any], dict[str, Any]], canary: bool = False) -> Config:
     """What `stage` (its canary side) serves: the host config with `ref`'s API (None: the
     file's own) on `stage` alone, its references resolved (`for_stage`); the authorizers
-    its routes use are added to `authorizers`, renamed where they differ."""
+    and upstreams it uses are added to `shared`, renamed where they differ."""
     raw = copy.deepcopy(config.raw)
     if ref is not None:
         api = served["apis"].get(ref)
@@ -188,23 +191,45 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
     except ConfigError as exc:
         raise ConfigError([f"{what}: {e}" for e in exc.errors], config.source) from None
     suffix = f"@{stage}{':canary' if canary else ''}"
-    used = {rc.auth for rc in resolved.routes if rc.auth} | {
+    authorizers, upstreams = shared
+    used_auth = {rc.auth for rc in resolved.routes if rc.auth} | {
         r.auth for api in resolved.websocket_apis.values() for r in api.routes.values() if r.auth}
-    renamed: dict[str, str] = {}
-    for name in sorted(used):
-        a = resolved.authorizers[name]
-        if authorizers.get(name) == a:
-            continue  # the same as the file's (or the other side's): one runtime
-        renamed[name] = name.split("@", 1)[0] + suffix
-        authorizers[renamed[name]] = dataclasses.replace(a, name=renamed[name])
-    if not renamed:
+    used_up = {n for rc in resolved.routes for n in (rc.integration.upstream, *(s for s, _ in rc.integration.split))
+               if n} | {r.integration.upstream for api in resolved.websocket_apis.values()
+                        for r in api.routes.values() if r.integration is not None}
+    auth = _share(resolved.authorizers, used_auth, authorizers, suffix)
+    up = _share(resolved.upstreams, used_up, upstreams, suffix)
+    if not auth and not up:
         return resolved
-    routes = tuple(dataclasses.replace(rc, auth=renamed.get(rc.auth, rc.auth)) if rc.auth else rc
-                   for rc in resolved.routes)
+    routes = tuple(dataclasses.replace(
+        rc, auth=auth.get(rc.auth, rc.auth) if rc.auth else None,
+        integration=dataclasses.replace(rc.integration, upstream=up.get(rc.integration.upstream or "",
+                                                                        rc.integration.upstream),
+                                        split=tuple((up.get(n, n), w) for n, w in rc.integration.split)))
+        for rc in resolved.routes)
     websockets = {name: dataclasses.replace(api, routes={
-        key: dataclasses.replace(r, auth=renamed.get(r.auth, r.auth)) if r.auth else r
+        key: dataclasses.replace(
+            r, auth=auth.get(r.auth, r.auth) if r.auth else None,
+            integration=dataclasses.replace(r.integration, upstream=up.get(r.integration.upstream,
+                                                                           r.integration.upstream))
+            if r.integration is not None else None)
         for key, r in api.routes.items()}) for name, api in resolved.websocket_apis.items()}
     return dataclasses.replace(resolved, routes=routes, websocket_apis=websockets)
+
+
+def _share(defined: dict[str, Any], used: set[str], shared: dict[str, Any], suffix: str) -> dict[str, str]:
+    """Add the `used` ones of `defined` to `shared`: under their own name when it holds
+    the same thing (one runtime, one pool), else as `BASE` + `suffix`. Returns the renames."""
+    renamed: dict[str, str] = {}
+    for name in sorted(used):
+        item = defined[name]
+        if shared.get(name) == item:
+            continue
+        new = name.split("@", 1)[0] + suffix
+        shared[new] = dataclasses.replace(item, name=new)
+        if new != name:
+            renamed[name] = new
+    return renamed
 
 
 def summary(config: Config) -> dict[str, dict[str, Any]]:
