@@ -314,31 +314,36 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
     if config.stages is None:
         print(format_table(config.routes, describer(config)))
-    else:
-        from edgeplane.config.stages import views
-        from edgeplane.deploy.served import summary
+        _print_websocket_apis(config, "\nWebSocket APIs (checked before the routes above):")
+        return 0
+    from edgeplane.config.stages import views
+    from edgeplane.deploy.served import summary
 
-        served = summary(config)
-        for i, (stage, canary, view) in enumerate(views(config)):
-            entry = served[stage]
-            side = entry["canary"] if canary else entry
-            what = f"deployment {side['deployment']}" if side["deployment"] else "this file's routes"
-            share = f", {side['percent']:g}% of requests" if canary else ""
-            print(("\n" if i else "") + f"stage {stage}{' (canary)' if canary else ''}: {what}{share}")
-            print(format_table(view.routes, describer(view)).rstrip("\n"))
-    if config.websocket_apis:
-        print("\nWebSocket APIs (checked before the routes above):")
-        for name, api in config.websocket_apis.items():
-            print(f"  {api.host or '(any)'}  {api.path}  websocket_apis.{name}  "
-                  f"selection {api.route_selection}")
-            for key, route in api.routes.items():
-                integ = route.integration
-                target = (f"http -> {integ.upstream} POST {integ.path} timeout={integ.timeout:g}s"
-                          if integ is not None else "no integration")
-                extra = (f"  auth={route.auth}" if route.auth else "") + \
-                        ("  return_response" if route.return_response else "")
-                print(f"      {key:<14} {target}{extra}")
+    served = summary(config)
+    for i, (stage, canary, view) in enumerate(views(config)):
+        entry = served[stage]
+        side = entry["canary"] if canary else entry
+        what = f"deployment {side['deployment']}" if side["deployment"] else "this file's routes"
+        share = f", {side['percent']:g}% of requests" if canary else ""
+        print(("\n" if i else "") + f"stage {stage}{' (canary)' if canary else ''}: {what}{share}")
+        print(format_table(view.routes, describer(view)).rstrip("\n"))
+        _print_websocket_apis(view, "WebSocket APIs of this stage (checked before its routes):")
     return 0
+
+
+def _print_websocket_apis(config: Any, title: str) -> None:
+    if not config.websocket_apis:
+        return
+    print(title)
+    for name, api in config.websocket_apis.items():
+        print(f"  {api.host or '(any)'}  {api.path}  websocket_apis.{name}  selection {api.route_selection}")
+        for key, route in api.routes.items():
+            integ = route.integration
+            target = (f"http -> {integ.upstream} POST {integ.path} timeout={integ.timeout:g}s"
+                      if integ is not None else "no integration")
+            extra = (f"  auth={route.auth}" if route.auth else "") + (
+                "  return_response" if route.return_response else "")
+            print(f"      {key:<14} {target}{extra}")
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
