@@ -416,3 +416,37 @@ async def test_a_promoted_variable_moves_a_deployed_stage_to_its_target(gateway,
         await hit()
         assert (stable.requests, nxt.requests) == (1, 2)  # the promoted port: prod's copy resolves to it
         assert "users@prod" in gw.config.upstreams and "users@prod:canary" not in gw.config.upstreams
+
+
+async def test_a_deployed_stage_verifies_a_jwt_audience_from_its_stage_variable(gateway, tmp_path):
+    import base64
+    import hashlib
+    import hmac
+    import time
+
+    secret = b"deployments-test-secret-0123456789"
+    (tmp_path / "secret").write_bytes(secret)
+
+    def token(audience: str) -> str:
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        body = b64(json.dumps({"iss": "https://auth.test/", "aud": audience, "exp": int(time.time()) + 60}).encode())
+        return f"{head}.{body}.{b64(hmac.new(secret, f'{head}.{body}'.encode(), hashlib.sha256).digest())}"
+
+    cfg = api_config(tmp_path, "v1")
+    cfg["routes"][0]["auth"] = "users"
+    cfg["authorizers"] = {"users": {"type": "jwt", "issuer": "https://auth.test/", "algorithms": ["HS256"],
+                                    "audience": "${stageVariables.aud}",
+                                    "hs_secret": {"file": str(tmp_path / "secret")}}}
+    cfg["stages"]["dev"]["variables"]["aud"] = "api-dev"
+    cfg["stages"]["prod"]["variables"]["aud"] = "api"
+    deploy(write(tmp_path / "api.yaml", cfg), "prod")
+    gw = await gateway(str(tmp_path / "api.yaml"))
+
+    async def status(path: str, audience: str) -> int:
+        headers = {"authorization": f"Bearer {token(audience)}"}
+        return (await RawClient.once(gw.addresses[0], "GET", path, headers=headers)).status
+
+    assert [await status("/prod/version", "api"), await status("/prod/version", "api-dev"),
+            await status("/dev/version", "api-dev"), await status("/dev/version", "api")] == [200, 401, 200, 401]

@@ -73,3 +73,16 @@ async def test_a_websocket_connection_stays_on_the_side_it_connected_to(gateway,
         assert b.requests == 7  # dev serves deployment b
         for client in (on_a, on_b, fresh, dev):
             await client.aclose()
+
+
+async def test_a_websocket_api_reaches_its_stages_own_upstream_target(gateway, tmp_path):
+    async with DemoUpstream() as dev, DemoUpstream() as prod:
+        cfg = chat(tmp_path, "chat", {"chat": 9})
+        cfg["upstreams"]["chat"] = {"targets": ["http://127.0.0.1:${stageVariables.port}"]}
+        cfg["stages"] = {"dev": {"variables": {"port": str(dev.port)}}, "prod": {"variables": {"port": str(prod.port)}}}
+        gw = await gateway(cfg)
+        for stage in ("dev", "prod"):
+            client = await WsClient.connect(gw.addresses[0], f"/{stage}/chat")
+            assert client.status == 101 and (await say(client))["x-stage"] == stage
+            await client.aclose()
+        assert (dev.requests, prod.requests) == (2, 2)  # $connect and one message each

@@ -372,3 +372,14 @@ async def test_an_upstream_target_from_a_stage_variable_is_each_stages_own(gatew
         with pytest.raises(ConfigError) as exc:
             load_config(cfg)
         assert exc.value.errors[0].startswith(error), exc.value.errors
+
+
+def test_targets_that_resolve_to_the_same_one_are_a_located_error():
+    cfg = base_config(routes=[{"route": "GET /u", "integration": {"type": "http", "upstream": "users"}}])
+    cfg["upstreams"] = {"users": {"targets": ["http://127.0.0.1:${stageVariables.port}", "http://127.0.0.1:9102"]}}
+    cfg["stages"] = {"prod": {"variables": {"port": "9101"},
+                              "canary": {"percent": 5.0, "variable_overrides": {"port": "9102"}}}}
+    with pytest.raises(ConfigError) as exc:  # distinct on prod; the same on its canary side
+        load_config(cfg)
+    assert exc.value.errors == ["upstreams.users.targets[1]: in stage 'prod' (its canary) this is "
+                                "'http://127.0.0.1:9102', a duplicate of an earlier target"]

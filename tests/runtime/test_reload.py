@@ -308,3 +308,32 @@ async def test_refused_reload_errors_name_file_line_and_route(upstream, gateway,
     assert status == 422
     assert any(e.startswith(f"{path}:") and "routes[0] (GET /v).integration.upstream" in e
                for e in body["errors"]), body["errors"]
+
+
+async def test_a_reload_that_fails_while_applied_leaves_the_running_authorizers_open(gateway):
+    """The new runtime takes over the unchanged authorizer clients; when the reload then
+    fails (here: a listener it cannot bind), they go back to the running config, open."""
+    import socket
+
+    from authorizer_peer import AuthorizerPeer
+
+    peer = await AuthorizerPeer(lambda event: {"isAuthorized": event["headers"].get("authorization") == "good"}
+                                ).start()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        cfg = base_config(routes=[{"route": "GET /h", "auth": "custom", "integration": {"type": "mock"}}])
+        cfg["authorizers"] = {"custom": {"type": "http", "url": peer.url, "result_ttl": "0s"}}
+        gw = await gateway(cfg)
+        assert (await RawClient.once(gw.addresses[0], "GET", "/h", headers={"authorization": "good"})).status == 200
+        broken = {**cfg, "listen": ["127.0.0.1:0", f"127.0.0.1:{taken.getsockname()[1]}"]}
+        with pytest.raises(OSError):
+            await gw.reload(broken)
+        for credential, status in (("good", 200), ("bad", 403)):  # not cached: the client is called
+            r = await RawClient.once(gw.addresses[0], "GET", "/h", headers={"authorization": credential})
+            assert r.status == status, r.body
+        assert len(peer.seen) == 3
+    finally:
+        taken.close()
+        peer.close()

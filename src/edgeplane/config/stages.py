@@ -26,7 +26,14 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.config.model import CanaryConfig, DomainMapping, StageConfig, StagesConfig
+from edgeplane.config.model import (
+    CanaryConfig,
+    DomainMapping,
+    StageConfig,
+    StagesConfig,
+    UpstreamTls,
+    WebSocketRouteConfig,
+)
 from edgeplane.config.values import check_host, parse_target
 
 if TYPE_CHECKING:
@@ -266,9 +273,29 @@ def _check_targets(config: Config, ctx: LoadContext) -> None:
                     ctx.fail(path, f"{label} has no variable {missing[0]!r} (${{stageVariables.{missing[0]}}})")
                     continue
                 try:
-                    parse_target(resolve(url, variables))
+                    target = parse_target(resolve(url, variables))
                 except ValueError as exc:
                     ctx.fail(path, f"in {label} this is {resolve(url, variables)!r}: {exc}")
+                    continue
+                earlier = [parse_target(resolve(e, variables)) for e, _ in u.templates[:i]
+                           if not _unresolved(e, variables)]
+                if target in earlier:
+                    ctx.fail(path, f"in {label} this is {str(target)!r}, a duplicate of an earlier target")
+                elif u.tls != UpstreamTls() and i == len(u.templates) - 1 and target.scheme != "https" and not any(
+                        t.scheme == "https" for t in earlier):
+                    ctx.fail(("upstreams", name, "tls"), f"in {label} no target is https://: `tls` is only "
+                                                          "used with https:// targets")
+
+
+def _unresolved(url: str, variables: dict[str, str]) -> bool:
+    """Whether `url` names a variable missing from `variables`, or resolves to no target."""
+    if any(n not in variables for n in STAGE_VAR.findall(url)):
+        return True
+    try:
+        parse_target(resolve(url, variables))
+    except ValueError:
+        return True
+    return False
 
 
 def check(config: Config, ctx: LoadContext) -> None:
@@ -351,9 +378,9 @@ def views(config: Config) -> list[tuple[str, bool, Config]]:
             if stage.canary is not None:
                 out.append((name, True, for_stage(config, name, canary=True)))
             continue
-        out.append((name, False, for_stage(api.config, name)))
+        out.append((name, False, api.config))  # resolved for its stage when composed
         if api.canary is not None:
-            out.append((name, True, for_stage(api.canary, name)))
+            out.append((name, True, api.canary))
     return out
 
 
@@ -464,8 +491,9 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
             headers=tuple((n, resolve(v, variables)) for n, v in integ.headers))
         routes.append(dataclasses.replace(rc, integration=integ, stage=name))
     websockets = config.websocket_apis
-    if any(r.auth is not None and r.auth not in config.authorizers for a in websockets.values()
-           for r in a.routes.values()):  # a $connect authorizer's per-stage copy
+    if any((r.auth is not None and r.auth not in config.authorizers) or (
+            r.integration is not None and r.integration.upstream not in config.upstreams)
+           for a in websockets.values() for r in a.routes.values()):  # per-stage copies
         websockets = {n: dataclasses.replace(a, routes={k: _with_copy(r, config, name, canary, stage)
                                                          for k, r in a.routes.items()})
                       for n, a in websockets.items()}
@@ -480,7 +508,12 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
 def _with_copy(route: Any, config: Config, stage_name: str, canary: bool, stage: Any) -> Any:
     """`route` (HTTP or WebSocket) pointed at its authorizer's copy for this stage side,
     when its authorizer is a template (`expand`)."""
+    side = canary and stage is not None and stage.canary is not None
+    integ = getattr(route, "integration", None)
+    if isinstance(route, WebSocketRouteConfig) and integ is not None and integ.upstream not in config.upstreams:
+        route = dataclasses.replace(route, integration=dataclasses.replace(
+            integ, upstream=_upstream_copy(integ.upstream, config, stage_name, side)))
     if route.auth is None or route.auth in config.authorizers:
         return route
-    copy = variant_name(route.auth, stage_name, canary and stage is not None and stage.canary is not None)
+    copy = variant_name(route.auth, stage_name, side)
     return dataclasses.replace(route, auth=copy) if copy in config.authorizers else route

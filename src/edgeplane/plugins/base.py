@@ -44,7 +44,7 @@ class RuntimeContext:
     serves an unchanged setting (a JWKS source, a decision cache), taking it out of
     `previous.state` so the old runtime's `stop` leaves it open."""
 
-    __slots__ = ("loop", "config", "upstreams", "state", "previous")
+    __slots__ = ("loop", "config", "upstreams", "state", "previous", "_moved")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config, upstreams: Mapping[str, Any],
                  previous: RuntimeContext | None = None) -> None:
@@ -53,6 +53,7 @@ class RuntimeContext:
         self.upstreams = upstreams
         self.state: dict[str, Any] = {}
         self.previous = previous
+        self._moved: list[tuple[str, dict[str, Any]]] = []  # what `carried` took, by state key
 
     def carried(self, key: str, kind: str) -> dict[str, Any]:
         """What `previous.state[key]` (a mapping by authorizer name) holds for the
@@ -63,8 +64,26 @@ class RuntimeContext:
         old = previous.state.get(key) or {}
         before = previous.config.authorizers_of(kind)
         now = self.config.authorizers_of(kind)
-        return {name: old.pop(name) for name in list(old)
-                if name in now and before.get(name) == now[name]}
+        taken = {name: old.pop(name) for name in list(old)
+                 if name in now and before.get(name) == now[name]}
+        self._moved.append((key, taken))
+        return taken
+
+    def give_back(self) -> None:
+        """A reload that failed: what `carried` took goes back to `previous`, which goes
+        on serving with it, and out of this runtime's state, so stopping this runtime
+        closes only what it made itself."""
+        previous = self.previous
+        if previous is None:
+            return
+        for key, taken in self._moved:
+            previous.state.setdefault(key, {}).update(taken)
+            mine = self.state.get(key)
+            if isinstance(mine, dict):
+                for name, value in taken.items():
+                    if mine.get(name) is value:
+                        del mine[name]
+        self._moved.clear()
 
 
 class CompileContext:

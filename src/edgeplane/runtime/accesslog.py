@@ -222,19 +222,19 @@ class AccessLog:
         for log in self._stage_logs.values():
             log.flush(wait)
 
-    def reopen(self) -> bool:
-        """Open the log file again (after logrotate renamed it); False when the
-        destination is not a file or the file cannot be opened (the old one stays)."""
-        reopened = [log.reopen() for log in self._stage_logs.values()]
+    def reopen(self) -> int:
+        """Open the log files again (after logrotate renamed them): this one's and the
+        stages' own; how many. One that cannot be opened keeps its old file."""
+        count = sum(log.reopen() for log in self._stage_logs.values())
         if self._path is None or self._writer is None:
-            return any(reopened)
+            return count
         self.flush()  # what was buffered belongs to the file being rotated out
         try:
             fd = _open(self._path)
         except OSError:
-            return False
+            return count
         self._writer.reopen(fd)
-        return True
+        return count + 1
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush and stop the writer: it writes what is queued, waited for at most

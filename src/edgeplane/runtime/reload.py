@@ -147,7 +147,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
                       if new.access_log != old.access_log else None)
         await gw._rebind(new)  # listeners last: it is the only step visible from outside
     except BaseException:
-        runtime.previous = None  # what was moved stays with the new runtime: closed with it
+        runtime.give_back()  # what was moved from the running config goes back to it, open
+        runtime.previous = None
         for policy in started_policies:
             await policy.stop(runtime)
         for u in fresh:

@@ -287,8 +287,8 @@ def _reopen_logs(gateway: Gateway) -> None:
     """SIGUSR1: the process log (when it is a file) and the access log (destination file)."""
     files = logs.reopen()
     access = gateway._access_log  # the current one: a reload may have replaced it
-    if access is not None and access.reopen():
-        files += 1
+    if access is not None:
+        files += access.reopen()
     log.info("SIGUSR1: reopened %d log file(s)", files)
 
 
