@@ -26,12 +26,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.codec import header_tokens
-from edgeplane.http.fields import check_field
 from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_BODY_RATE, T_UPSTREAM
 from edgeplane.http.request import body_drainable
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
 from edgeplane.plugins.hooks import run_response_hooks
 from edgeplane.upstream.pool import PoolOverflow
+from edgeplane.upstream.request_head import build_head, compile_path_template, drop_named
 
 if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol
@@ -40,16 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeplane.proxy")
 
-# Hop-by-hop headers (RFC 9110 7.6.1) plus what the proxy sets itself.
-_REQUEST_SKIP = frozenset((
-    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
-    b"host", b"content-length", b"expect", b"x-request-id",
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-))
-# With tracing on, the gateway writes the `traceparent` (its own span as the parent).
-# `tracestate` goes on only with a continued trace (W3C: not with a new one).
-_REQUEST_SKIP_TRACED = _REQUEST_SKIP | {b"traceparent", b"tracestate"}
 _RESPONSE_SKIP = frozenset((
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
@@ -59,25 +49,6 @@ _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 _BUFFER_MAX = 64 * 1024  # request body held while no connection is attached
 _REPLAY_MAX = 64 * 1024  # request body kept for a possible retry
 _CHUNK_END = b"0\r\n\r\n"
-
-
-def compile_path_template(template: str | None) -> tuple[tuple[bool, Any], ...] | None:
-    """"/v2/{proxy}" -> ((False, b"/v2/"), (True, "proxy")): literal bytes or a param."""
-    if template is None:
-        return None
-    parts: list[tuple[bool, Any]] = []
-    rest = template
-    while rest:
-        start = rest.find("{")
-        if start < 0:
-            parts.append((False, rest.encode()))
-            break
-        end = rest.index("}", start)
-        if start:
-            parts.append((False, rest[:start].encode()))
-        parts.append((True, rest[start + 1 : end].rstrip("+")))
-        rest = rest[end + 1 :]
-    return tuple(parts)
 
 
 class HttpIntegration:
@@ -114,61 +85,8 @@ class HttpIntegration:
 
     def request_head(self, proto: HttpProtocol, req: Request, pool: TargetPool,
                      trace: list[bytes] | None = None) -> bytes:
-        """The upstream head: end-to-end headers, forwarding ones, request id, traceparent."""
-        template = self.template
-        if template is None:
-            path = req.path
-        else:
-            params: dict[str, bytes] = req.params  # type: ignore[assignment]  # set: the route has the template's params
-            path = b"".join([params[v] if is_param else v for is_param, v in template])
-        if req.query:
-            path = path + b"?" + req.query
-        lines = [req.method, b" ", path, b" HTTP/1.1\r\nhost: "]
-        host = req.host if self.preserve_host and req.host else pool.authority
-        lines.append(host)
-        lines.append(b"\r\n")
-        first_header = len(lines)
-        xff = xfp = xfh = None
-        skip = _REQUEST_SKIP if trace is None else _REQUEST_SKIP_TRACED
-        connection_named = False
-        for name, value in req.headers:
-            if name in skip:
-                if name == b"x-forwarded-for":
-                    xff = value if xff is None else xff + b", " + value
-                elif name == b"x-forwarded-proto":
-                    xfp = value if xfp is None else xfp + b", " + value
-                elif name == b"x-forwarded-host":
-                    xfh = value if xfh is None else xfh + b", " + value
-                elif name == b"connection":
-                    connection_named = True
-                continue
-            if name[0] == 112 and name.startswith(b"proxy-"):  # 112 = "p"
-                continue
-            lines += (name, b": ", value, b"\r\n")
-        if connection_named:
-            lines = _drop_named(lines, first_header, frozenset(header_tokens(req.headers, b"connection")))
-        if self.claim_headers:
-            # Claims forwarded by the authorizer replace any client-sent header of that name.
-            lines = _drop_named(lines, first_header, self.claim_headers)
-            for name, value in req.extra_upstream or ():
-                check_field(name, value)  # the choke point (also checked when they were set)
-                lines += (name, b": ", value, b"\r\n")
-        peer = proto.peer_ip.encode()
-        lines += (b"x-forwarded-for: ", peer if xff is None else xff + b", " + peer, b"\r\n")
-        scheme = proto.scheme
-        lines += (b"x-forwarded-proto: ", scheme if xfp is None else xfp + b", " + scheme, b"\r\n")
-        if req.host:
-            lines += (b"x-forwarded-host: ", req.host if xfh is None else xfh + b", " + req.host, b"\r\n")
-        lines += (b"x-request-id: ", req.request_id, b"\r\n")
-        if trace is not None:
-            lines += trace
-        if req.chunked:
-            lines.append(b"transfer-encoding: chunked\r\n\r\n")
-        elif req.content_length is not None:
-            lines += (b"content-length: ", b"%d" % req.content_length, b"\r\n\r\n")
-        else:
-            lines.append(b"\r\n")
-        return b"".join(lines)
+        """The upstream head (`request_head.build`)."""
+        return build_head(self.template, self.preserve_host, self.claim_headers, proto, req, pool, trace)
 
 
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
@@ -183,16 +101,6 @@ def _hooked_head(proto: HttpProtocol, req: Request, status: int,
                if n.lower() not in _FRAMING]
     status = run_response_hooks(proto, req, status, visible)
     return status, framing + [(n.encode("latin-1"), v.encode("latin-1")) for n, v in visible]
-
-
-def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list[bytes]:
-    """Remove the header lines (name, ": ", value, CRLF quadruples from `start`) whose
-    lower-cased name is in `names` (headers named by Connection, or set by the gateway)."""
-    out = lines[:start]
-    for i in range(start, len(lines), 4):
-        if lines[i].lower() not in names:
-            out += lines[i : i + 4]
-    return out
 
 
 class ProxyExchange:
@@ -447,7 +355,7 @@ class ProxyExchange:
             parts += (name, b": ", value, b"\r\n")
         if connection_named:
             tokens = frozenset(header_tokens([(n.lower(), v) for n, v in headers], b"connection"))
-            parts = _drop_named(parts, 1, tokens)
+            parts = drop_named(parts, 1, tokens)
         keep = req.keep_alive and not proto.ctx.draining
         if self.head_only or status == 204 or status == 304:
             if content_length is not None and status != 204:
