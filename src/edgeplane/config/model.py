@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from edgeplane.config.resilience import Resilience
 from edgeplane.http.paths import STRICT, PathPolicy
 
 
@@ -76,10 +77,13 @@ class UpstreamConfig:
     # Targets naming stage variables, as written (url, weight): the upstream is then a
     # template, served as one resolved copy per stage (`config.stages.expand`).
     templates: tuple[tuple[str, int], ...] = ()
+    # `lb`, `outlier_detection`, `panic_threshold`, `retries` (`config.resilience`)
+    resilience: Resilience = Resilience()
 
     def pools_key(self) -> UpstreamConfig:
-        """What decides the upstream's pools: everything but the weights (a reload that
-        changes only weights keeps the pools and their connections)."""
+        """What decides the upstream's pools: everything but the weights and the
+        resilience settings (a reload that changes only those keeps the pools and their
+        connections, and applies them at the swap)."""
         return UpstreamConfig(self.name, self.targets, self.pool, self.tls, (), self.templates)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from edgeplane.config.resilience import SCHEMA as RESILIENCE_SCHEMA
 from edgeplane.config.stages import SCHEMA as STAGES_SCHEMA
 from edgeplane.config.values import DURATION_RE, SIZE_RE
 from edgeplane.plugins.registry import Registry, default_registry
@@ -106,6 +107,7 @@ _UPSTREAM = {
         },
         "pool": {"$ref": "#/$defs/pool"},
         "tls": {"$ref": "#/$defs/upstreamTls"},
+        **RESILIENCE_SCHEMA,
     },
 }
 

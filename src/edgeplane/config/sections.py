@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from edgeplane.config import model
+from edgeplane.config import model, resilience
 from edgeplane.config.context import LoadContext, Path
 from edgeplane.config.errors import describe as _describe
 from edgeplane.config.errors import short as _short
@@ -279,7 +279,8 @@ class CoreSections(LoadContext):
                 targets, weights = self.targets(found, path + ("targets",))
             pool = self.pool(spec.get("pool"), path + ("pool",))
             tls = self.upstream_tls(spec.get("tls"), path + ("tls",), targets)
-            out[name] = model.UpstreamConfig(name, targets, pool, tls, weights, templates)
+            out[name] = model.UpstreamConfig(name, targets, pool, tls, weights, templates,
+                                             resilience.load(spec, path, self))
         return out
 
     def targets(self, value: Any, path: Path) -> tuple[tuple[model.Target, ...], tuple[int, ...]]:

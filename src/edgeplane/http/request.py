@@ -29,7 +29,7 @@ class Request:
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
         "extra_upstream", "api_key", "pending", "websocket", "ws_log", "context", "auth_context", "hooks_failed",
         "integration_status", "auth_error", "trace_id", "ws_event", "span", "traceparent", "stage", "base_path",
-        "canary",
+        "canary", "integration_attempts",
     )
 
     def __init__(self, now: float) -> None:
@@ -79,6 +79,7 @@ class Request:
         self.auth_context: dict[str, Any] | None = None  # a custom authorizer's `context`
         self.hooks_failed = False  # a hook raised: the 500 skips the response hooks
         self.integration_status = 0  # the status the upstream answered (0: none)
+        self.integration_attempts = 0  # tries of the integration (`upstream.retry`; 0: none)
         self.stage = "$default"  # the stage that served it (`routing.stages`)
         self.canary = False  # served by its stage's canary side (`routing.canary`)
         # The path as sent, when a stage's base path was taken off `path` ("/prod/users/7");

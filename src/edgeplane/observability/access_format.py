@@ -83,6 +83,8 @@ VARIABLES: dict[str, Variable] = {
                              "Milliseconds the integration took to answer its head (absent: none)."),
     "integrationStatus": _v("r.integration_status or None", "in", "The status the upstream answered."),
     "integrationErrorMessage": _v("r.integration_error", "sn", "Why the integration failed."),
+    "integration.attempts": _v("r.integration_attempts or None", "in",
+                               "Tries of the integration: 1, or more after retries (absent: none)."),
     "authorizer.error": _v("r.auth_error", "sn", "Why an authorizer refused or failed."),
     "authorizer.principalId": _v("_principal(r)", "sn",
                                  "Who the authorizer let in: JWT `sub`, API key id, or a custom "

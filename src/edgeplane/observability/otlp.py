@@ -40,7 +40,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from edgeplane.config.model import PoolConfig, TracingConfig, UpstreamConfig
 from edgeplane.observability.tracing import Tracer
 from edgeplane.upstream.client import FetchError, fetch, split_url
-from edgeplane.upstream.pool import Upstream
+from edgeplane.upstream.cluster import Upstream
 
 log = logging.getLogger("edgeplane.tracing")
 _MAX_BACKOFF = 30.0  # seconds between attempts while the collector keeps failing

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
     from edgeplane.plugins.registry import Registry
-    from edgeplane.upstream.pool import Upstream
+    from edgeplane.upstream.cluster import Upstream
 
 
 class FunctionIntegration:

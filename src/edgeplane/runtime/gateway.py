@@ -67,7 +67,7 @@ from edgeplane.runtime.admin import admin_listener_tls, build_admin_snapshot
 from edgeplane.runtime.gateway_ws import GatewayWebSockets
 from edgeplane.runtime.ports import DescriptorAlarm, ListenerLock, bind_error, fmt_address, lock_listener
 from edgeplane.runtime.reload import ReloadRefused, apply, config_hash, reload_source
-from edgeplane.upstream.pool import Upstream
+from edgeplane.upstream.cluster import Upstream
 from edgeplane.websocket.connections import ConnectionRegistry
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from edgeplane.websocket.connections import ConnectionRegistry, WsConnection
 if TYPE_CHECKING:
     from edgeplane.config.model import Config
     from edgeplane.plugins.base import RuntimeContext
-    from edgeplane.upstream.pool import Upstream
+    from edgeplane.upstream.cluster import Upstream
 
 
 class GatewayWebSockets:

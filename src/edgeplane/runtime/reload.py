@@ -47,7 +47,7 @@ from edgeplane.policies.throttle.slots import identities
 from edgeplane.policies.throttle.stores import limits_for, plans_of
 from edgeplane.routing.snapshot import build_snapshot
 from edgeplane.runtime.accesslog import AccessLog
-from edgeplane.upstream.pool import Upstream
+from edgeplane.upstream.cluster import Upstream
 
 if TYPE_CHECKING:
     from edgeplane.config.model import Config

@@ -1,8 +1,8 @@
 """Upstream connections and their pools, with connection-level telemetry.
 
 Owns `UpstreamConnection` (the asyncio Protocol toward one upstream target, parsing
-responses with httptools), `TargetPool` (the connections to one target) and `Upstream`
-(round robin over the targets of one named upstream).
+responses with httptools) and `TargetPool` (the connections to one target). The named
+upstream that picks among its targets is `upstream.cluster.Upstream`.
 
 Invariants (in the manner of aiohttp's connector):
 - A connection is in exactly one of: connecting, idle (in `idle`), busy (has an
@@ -53,10 +53,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from edgeplane.upstream.balance import SmoothWeighted, uniform
-
 if TYPE_CHECKING:
-    from edgeplane.config.model import PoolConfig, Target, UpstreamConfig
+    from edgeplane.config.model import PoolConfig, Target
 
 log = logging.getLogger("edgeplane.pool")
 
@@ -287,7 +285,7 @@ class TargetPool:
         "target", "cfg", "loop", "idle", "in_use", "connecting", "waiters", "conns",
         "opened", "reused", "requests", "connect_failures", "closed_by_reason",
         "down_until", "closing", "retiring", "_tasks", "host", "port", "authority", "name", "ssl",
-        "server_hostname", "upstream",
+        "server_hostname", "upstream", "detector", "index", "owner",
     )
 
     def __init__(self, target: Target, cfg: PoolConfig, loop: asyncio.AbstractEventLoop,
@@ -318,6 +316,18 @@ class TargetPool:
         self.closing = False
         self.retiring = False  # a reload replaced it: serve what was routed here, keep nothing
         self._tasks: set[asyncio.Task] = set()
+        # Passive health (`upstream.health`), set by the upstream with `outlier_detection`.
+        self.detector: Any = None
+        self.index = 0  # this target's place in its upstream (the detector's endpoint)
+        self.owner: Any = None  # its `cluster.Upstream` (retry policy and budget)
+
+    def answered(self, status: int) -> None:
+        """An answer from this target: 5xx counts toward its ejection, anything else resets."""
+        if self.detector is not None:
+            if status >= 500:
+                self.detector.on_5xx(self.index, self.loop.time())
+            else:
+                self.detector.on_success(self.index)
 
     def acquire(self, exchange: Any, fresh: bool = False) -> UpstreamConnection | None:
         """A ready connection now, or None and `exchange.on_connection()` later (or
@@ -377,6 +387,8 @@ class TargetPool:
             self.connecting -= 1
             self.connect_failures += 1
             self.down_until = loop.time() + 1.0
+            if self.detector is not None:
+                self.detector.on_connect_failure(self.index, loop.time())
             timed_out = isinstance(exc, asyncio.TimeoutError)
             if isinstance(exc, ssl.SSLCertVerificationError):
                 reason = f"TLS verification failed: {exc.verify_message}"
@@ -404,6 +416,8 @@ class TargetPool:
             raise
         self.connecting -= 1
         self.opened += 1
+        if self.detector is not None:
+            self.detector.connect_failures[self.index] = 0
         conn.connect_time = time.perf_counter() - started
         self.conns.add(conn)
         if self.closing:
@@ -551,70 +565,3 @@ class TargetPool:
             "waiters": sum(1 for w in self.waiters if not w.cancelled),
             "connections": [c.telemetry(now) for c in sorted(self.conns, key=lambda c: c.id)],
         }
-
-
-class Upstream:
-    """A named upstream: its target pools, picked round robin (smooth weighted with
-    weights, `balance`), skipping a target that failed to connect in the past second."""
-
-    __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted", "splits")
-
-    def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
-        self.name = cfg.name
-        self.cfg = cfg  # a reload keeps this upstream (and its pools) while it is unchanged
-        self.loop = loop
-        ctx = None
-        if any(t.scheme == "https" for t in cfg.targets):
-            from edgeplane.http.tls import client_context
-
-            ctx = client_context(cfg.tls)
-        self.pools = [TargetPool(t, cfg.pool, loop, ctx if t.scheme == "https" else None,
-                                 cfg.tls.server_name, cfg.name) for t in cfg.targets]
-        self._next = 0
-        self._weighted: SmoothWeighted | None = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
-        self.splits: dict[tuple[Any, ...], SmoothWeighted] = {}  # route splits it leads (`balance.Split`)
-
-    def available(self, now: float) -> bool:
-        """Whether a target that takes requests (weight > 0) is not being skipped."""
-        w = self.cfg.weights
-        return any(p.down_until <= now and (not w or w[i] > 0) for i, p in enumerate(self.pools))
-
-    def reweight(self, cfg: UpstreamConfig) -> None:  # a reload changed only weights: pools stay
-        self.cfg = cfg
-        self._weighted = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
-
-    def pick(self) -> TargetPool:
-        pools = self.pools
-        weighted = self._weighted
-        if weighted is not None:
-            now = self.loop.time()
-            i = weighted.pick(lambda i: pools[i].down_until <= now)
-            return pools[i if i >= 0 else max(weighted.pick(), 0)]  # all down: as round robin does
-        n = len(pools)
-        if n == 1:
-            return pools[0]
-        now = self.loop.time()
-        for _ in range(n):
-            pool = pools[self._next]
-            self._next = (self._next + 1) % n
-            if pool.down_until <= now:
-                return pool
-        return pool
-
-    def sweep(self, now: float) -> None:
-        for pool in self.pools:
-            pool.sweep(now)
-
-    def retire(self) -> None:
-        for pool in self.pools:
-            pool.retire()
-
-    def busy(self) -> bool:
-        return any(pool.busy() for pool in self.pools)
-
-    async def close(self) -> None:
-        for pool in self.pools:
-            await pool.close()
-
-    def telemetry(self, now: float) -> dict[str, Any]:
-        return {"name": self.name, "targets": [p.telemetry(now) for p in self.pools]}

@@ -15,8 +15,11 @@ Invariants:
   or an abort. After that it ignores every callback.
 - The upstream connection is returned to the pool reusable only when the response was
   read to its end, the request was fully sent and the upstream allows keep-alive.
-- A retry happens at most once, only for an idempotent request on a reused connection
-  that failed before any response byte, and only when the body sent so far is still held.
+- Without a `retries` policy, a retry happens at most once, only for an idempotent
+  request on a reused connection that failed before any response byte, and only when
+  the body sent so far is still held. With one (`upstream.retry`), a failure it names
+  is tried again on another endpoint, within its attempts and the upstream's budget,
+  and never after a byte of the response reached the client.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
 from edgeplane.plugins.hooks import run_response_hooks
 from edgeplane.upstream.pool import PoolOverflow
 from edgeplane.upstream.request_head import build_head, compile_path_template, drop_named
+from edgeplane.upstream.retry import done as retry_done
+from edgeplane.upstream.retry import retry
 
 if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
-    from edgeplane.upstream.pool import TargetPool, Upstream, UpstreamConnection
+    from edgeplane.upstream.cluster import Upstream
+    from edgeplane.upstream.pool import TargetPool, UpstreamConnection
 
 log = logging.getLogger("edgeplane.proxy")
 
@@ -55,7 +61,7 @@ class HttpIntegration:
     """Compiled once per route: where and how to forward."""
 
     __slots__ = ("upstream", "template", "timeout", "preserve_host", "name", "claim_headers",
-                 "response_skip", "websocket", "websocket_exchange")
+                 "response_skip", "websocket", "websocket_exchange", "replay_all")
 
     def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool,
                  claim_headers: frozenset[bytes] = frozenset(),
@@ -74,6 +80,10 @@ class HttpIntegration:
         self.timeout = timeout
         self.preserve_host = preserve_host
         self.name = upstream.name
+        # `retries.methods: all`: a non-idempotent request's body is kept for a retry too
+        first = upstream.upstreams[0] if hasattr(upstream, "upstreams") else upstream
+        policy = first.cfg.resilience.retries if hasattr(first, "cfg") else None
+        self.replay_all = policy is not None and policy.methods == "all"
 
     def handle(self, proto: HttpProtocol, req: Request) -> None:
         if req.websocket and self.websocket is not None:
@@ -109,7 +119,7 @@ class ProxyExchange:
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
         "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
-        "upstream_deadline", "span",
+        "upstream_deadline", "span", "attempt", "tried", "retrying",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -120,7 +130,7 @@ class ProxyExchange:
         self.conn: UpstreamConnection | None = None
         self.timeout = integ.timeout
         self.head = b""
-        self.replay: list[bytes] | None = [] if req.method in _IDEMPOTENT else None
+        self.replay: list[bytes] | None = [] if req.method in _IDEMPOTENT or integ.replay_all else None
         self.replay_size = 0
         self.retried = False
         self.done = False
@@ -144,6 +154,10 @@ class ProxyExchange:
         # Response bytes produced while parsing one upstream read; written to the client
         # in one call per read (`flush`), so a small response costs one send.
         self.out: list[bytes] = []
+        self.attempt = 1  # tries so far (`retries.attempts` bounds them)
+        req.integration_attempts = 1
+        self.tried: tuple[TargetPool, ...] = ()  # the endpoints of the earlier tries
+        self.retrying = False  # a retry in flight, counted in its upstream's budget
 
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
@@ -204,7 +218,7 @@ class ProxyExchange:
                 self.upstream_deadline = proto.loop.time() + self.timeout
                 self.window_bytes = self.req.body_size
                 proto.set_deadline(T_BODY_RATE, min(proto.ctx.limits.min_body_window, self.timeout))
-        pool = self.integ.upstream.pick()
+        pool = self.integ.upstream.pick(self.tried) if self.tried else self.integ.upstream.pick()
         self.pool = pool
         try:
             conn = pool.acquire(self, fresh)
@@ -251,7 +265,7 @@ class ProxyExchange:
             self._request_done()
 
     def on_connect_failed(self, status: int, reason: str) -> None:
-        if not self.done:
+        if not self.done and not retry(self, "connect-failure", reason):
             self._fail(status, reason)
 
     # -- request body -----------------------------------------------------------------
@@ -326,6 +340,10 @@ class ProxyExchange:
         if line is None:
             self._upstream_failed(f"invalid status {status} from upstream")
             return
+        pool: TargetPool = self.pool  # type: ignore[assignment]  # set: a connection answered
+        pool.answered(status)
+        if status >= 500 and retry(self, str(status), f"upstream answered {status}"):
+            return  # that answer is dropped with its connection; another endpoint is tried
         req.integration_latency = time.perf_counter() - self.t_dispatch
         req.integration_status = status
         if req.route.response_hooks:
@@ -411,6 +429,8 @@ class ProxyExchange:
             self.skip_interim = False
             return
         self.done = True
+        if self.retrying:
+            retry_done(self)
         req = self.req
         proto = self.proto
         out = self.out
@@ -453,8 +473,10 @@ class ProxyExchange:
             self.retried = True
             self._acquire(True)  # the same head and held body go again
             return
-        self._upstream_failed("upstream closed the connection" if reason == "upstream_closed"
-                              else "upstream reset the connection")
+        why = "upstream closed the connection" if reason == "upstream_closed" else "upstream reset the connection"
+        if not self.got_bytes and retry(self, "reset", why):
+            return
+        self._upstream_failed(why)
 
     def on_upstream_failed(self, reason: str) -> None:
         """Unparsable response (the connection is already closed)."""
@@ -480,6 +502,8 @@ class ProxyExchange:
 
     def _fail(self, status: int, reason: str) -> None:
         self.done = True
+        if self.retrying:
+            retry_done(self)
         req = self.req
         proto = self.proto
         req.integration_error = reason
@@ -501,6 +525,8 @@ class ProxyExchange:
             return
         self.done = True
         self.cancelled = True
+        if self.retrying:
+            retry_done(self)
         if self.req.integration_error is None:
             self.req.integration_error = reason
         conn = self.conn

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
     from edgeplane.plugins.base import CompileContext
-    from edgeplane.upstream.pool import Upstream
+    from edgeplane.upstream.cluster import Upstream
     from edgeplane.websocket.connections import ConnectionRegistry
 
 __all__ = ["WebSocketApiHandler", "build_websocket_apis"]

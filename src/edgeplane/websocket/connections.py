@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from edgeplane.config.model import WebSocketLimits
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
-    from edgeplane.upstream.pool import Upstream
+    from edgeplane.upstream.cluster import Upstream
 
 log = logging.getLogger("edgeplane.websocket")
 

@@ -36,7 +36,7 @@ from edgeplane.observability.metrics import ALLOWED, CACHE_HIT, DENIED, ERROR
 from edgeplane.plugins.api import FastStage
 from edgeplane.policies.jwt.jwks_source import split_url
 from edgeplane.upstream.client import FetchError, fetch
-from edgeplane.upstream.pool import Upstream
+from edgeplane.upstream.cluster import Upstream
 
 if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol

@@ -37,7 +37,7 @@ from edgeplane.policies.jwt.jwks import (
     parse_jwks,
 )
 from edgeplane.upstream.client import FetchError, fetch, header_value, split_url
-from edgeplane.upstream.pool import Upstream
+from edgeplane.upstream.cluster import Upstream
 
 log = logging.getLogger("edgeplane.jwks")
 

@@ -1,0 +1,139 @@
+"""An upstream's resilience settings: `lb`, `outlier_detection`, `panic_threshold` and
+`retries` (Envoy's cluster settings, under the names its users know).
+
+Owns their schema (merged into the upstream's), their models and their loading, each
+error located. `retries` is the upstream's default; a route's `integration.retries`
+replaces it for that route.
+
+Invariants: an upstream without these keys behaves as before (round robin; a target
+that failed to connect is skipped for a second; a failed request is retried once, only
+on a reused connection that the upstream closed before answering).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# (the loader's `LoadContext` and `Path` are not imported: `config.model` imports this
+# module's models, and the context imports the model)
+Path = tuple[Any, ...]
+
+LB_POLICIES = ("round_robin", "least_request", "random")
+RETRY_KINDS = ("connect-failure", "reset")  # and statuses 500..599
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """`outlier_detection`: passive health from the answers themselves."""
+
+    consecutive_5xx: int = 5  # 0: off
+    consecutive_connect_failures: int = 3  # 0: off
+    base_ejection_time: float = 30.0  # an endpoint is out base x (times ejected) ...
+    max_ejection_time: float = 300.0  # ... at most this long
+    max_ejection_percent: int = 50  # of an upstream's endpoints out at once (at least one may go)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """`retries`: which failures are tried again, how often, and how fast."""
+
+    retry_on: tuple[str, ...] = ("connect-failure",)  # kinds, and statuses as "503"
+    attempts: int = 2  # tries in all, the first included
+    backoff_base: float = 0.025  # seconds; full jitter over base x 2^(retry - 1) ...
+    backoff_max: float = 0.25  # ... capped here
+    budget: float = 0.2  # retries in flight at most this share of the upstream's active requests ...
+    min_retry_concurrency: int = 3  # ... or this many, whichever is more (Envoy's retry budget)
+    methods: str = "idempotent"  # idempotent | all: which requests may be sent twice
+
+    @property
+    def statuses(self) -> frozenset[int]:
+        return frozenset(int(k) for k in self.retry_on if k.isdigit())
+
+
+@dataclass(frozen=True, slots=True)
+class Resilience:
+    lb: str = "round_robin"
+    outlier: OutlierConfig | None = None
+    panic_threshold: int = 50  # percent healthy below which every endpoint is used (0: never)
+    retries: RetryConfig | None = None
+
+
+_DURATION = {"$ref": "#/$defs/duration"}
+RETRIES_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "description": "Try a failed request again, on another endpoint where there is one.",
+    "properties": {
+        "retry_on": {"type": "array", "minItems": 1, "uniqueItems": True,
+                     "items": {"anyOf": [{"enum": list(RETRY_KINDS)},
+                                         {"type": "integer", "minimum": 500, "maximum": 599}]}},
+        "attempts": {"type": "integer", "minimum": 1, "maximum": 10, "default": 2},
+        "backoff": {"type": "object", "additionalProperties": False,
+                    "properties": {"base": _DURATION, "max": _DURATION}},
+        "budget": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.2},
+        "min_retry_concurrency": {"type": "integer", "minimum": 0, "default": 3},
+        "methods": {"enum": ["idempotent", "all"], "default": "idempotent"},
+    },
+}
+SCHEMA: dict[str, Any] = {
+    "lb": {"type": "object", "additionalProperties": False, "required": ["policy"],
+           "properties": {"policy": {"enum": list(LB_POLICIES)}}},
+    "outlier_detection": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "consecutive_5xx": {"type": "integer", "minimum": 0, "default": 5},
+            "consecutive_connect_failures": {"type": "integer", "minimum": 0, "default": 3},
+            "base_ejection_time": _DURATION, "max_ejection_time": _DURATION,
+            "max_ejection_percent": {"type": "integer", "minimum": 0, "maximum": 100, "default": 50},
+        },
+    },
+    "panic_threshold": {"type": "integer", "minimum": 0, "maximum": 100, "default": 50},
+    "retries": RETRIES_SCHEMA,
+}
+
+
+def load(spec: dict[str, Any], path: Path, ctx: Any) -> Resilience:
+    """The resilience settings of one upstream (`spec`, at `path`)."""
+    lb = spec.get("lb")
+    policy = lb.get("policy") if isinstance(lb, dict) else None
+    found = spec.get("outlier_detection")
+    outlier = None
+    if isinstance(found, dict):
+        p = path + ("outlier_detection",)
+        d = OutlierConfig()
+        outlier = OutlierConfig(
+            _int(found, "consecutive_5xx", d.consecutive_5xx),
+            _int(found, "consecutive_connect_failures", d.consecutive_connect_failures),
+            ctx.duration(found, "base_ejection_time", p, d.base_ejection_time),
+            ctx.duration(found, "max_ejection_time", p, d.max_ejection_time),
+            _int(found, "max_ejection_percent", d.max_ejection_percent))
+        if outlier.max_ejection_time < outlier.base_ejection_time:
+            ctx.fail(p + ("max_ejection_time",), "must not be shorter than base_ejection_time")
+    panic = spec.get("panic_threshold", 50)
+    return Resilience(policy if policy in LB_POLICIES else "round_robin", outlier,
+                      panic if isinstance(panic, int) and not isinstance(panic, bool) else 50,
+                      load_retries(spec.get("retries"), path + ("retries",), ctx))
+
+
+def load_retries(found: Any, path: Path, ctx: Any) -> RetryConfig | None:
+    if not isinstance(found, dict):
+        return None
+    d = RetryConfig()
+    backoff: dict[str, Any] = found["backoff"] if isinstance(found.get("backoff"), dict) else {}
+    base = ctx.duration(backoff, "base", path + ("backoff",), d.backoff_base)
+    most = ctx.duration(backoff, "max", path + ("backoff",), d.backoff_max)
+    if most < base:
+        ctx.fail(path + ("backoff", "max"), "must not be shorter than base")
+    kinds = found.get("retry_on", list(d.retry_on))
+    budget = found.get("budget", d.budget)
+    return RetryConfig(
+        tuple(str(k) for k in kinds) if isinstance(kinds, list) else d.retry_on,
+        _int(found, "attempts", d.attempts), base, most,
+        float(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else d.budget,
+        _int(found, "min_retry_concurrency", d.min_retry_concurrency),
+        str(found["methods"]) if found.get("methods") in ("idempotent", "all") else d.methods)
+
+
+def _int(section: dict[str, Any], key: str, default: int) -> int:
+    value = section.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default

@@ -1,0 +1,181 @@
+"""A named upstream: its target pools, which one a request goes to, and its retry budget.
+
+Owns `Upstream`. `pick(exclude)` chooses among the endpoints a request may use:
+1. the usable ones: taking requests (weight > 0), not ejected by outlier detection
+   (`upstream.health`), and, without `outlier_detection`, not failed to connect within
+   the last second; never one in `exclude` (a retry's earlier tries) while another is
+   usable;
+2. the panic threshold, as Envoy's: when fewer than `panic_threshold` % of the endpoints
+   are usable, every endpoint is (better a chance on all than a flood on few);
+3. the `lb` policy among them: `round_robin` (smooth weighted with weights,
+   `balance.SmoothWeighted`), `least_request` (the less busy of two picked at random:
+   power of two choices, Envoy's default), or `random`.
+
+Invariants: the pick is synchronous and allocation-light on the usual path (one
+endpoint, or round robin with all healthy); a retry never goes to an endpoint it
+already tried while another exists. The retry budget (`retries.budget`) counts the
+retries in flight against the requests in flight on this upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING, Any
+
+from edgeplane.upstream.balance import SmoothWeighted, uniform
+from edgeplane.upstream.health import OutlierDetector
+from edgeplane.upstream.pool import TargetPool
+
+if TYPE_CHECKING:
+    from edgeplane.config.model import UpstreamConfig
+
+_randrange = random.randrange
+
+
+class Upstream:
+    __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted", "splits", "detector", "_policy",
+                 "retries_active", "retries_total", "retries_refused")
+
+    def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = cfg.name
+        self.cfg = cfg  # a reload keeps this upstream (and its pools) while it is unchanged
+        self.loop = loop
+        ctx = None
+        if any(t.scheme == "https" for t in cfg.targets):
+            from edgeplane.http.tls import client_context
+
+            ctx = client_context(cfg.tls)
+        self.pools = [TargetPool(t, cfg.pool, loop, ctx if t.scheme == "https" else None,
+                                 cfg.tls.server_name, cfg.name) for t in cfg.targets]
+        for i, pool in enumerate(self.pools):
+            pool.index = i
+            pool.owner = self
+        self._next = 0
+        self._weighted: SmoothWeighted | None = None
+        self.detector: OutlierDetector | None = None
+        self._policy = "round_robin"
+        self.splits: dict[tuple[Any, ...], SmoothWeighted] = {}  # route splits it leads (`balance.Split`)
+        self.retries_active = 0  # retries in flight (the budget's numerator)
+        self.retries_total = 0
+        self.retries_refused = 0  # retries the budget did not allow
+        self.reconfigure(cfg)
+
+    def reconfigure(self, cfg: UpstreamConfig) -> None:
+        """Weights and resilience settings (at start, or a reload that changed only
+        those: the pools and their connections stay)."""
+        self.cfg = cfg
+        self._weighted = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
+        res = cfg.resilience
+        self._policy = res.lb
+        if res.outlier is None:
+            self.detector = None
+        elif self.detector is None or self.detector.cfg != res.outlier:
+            self.detector = OutlierDetector(res.outlier, self.name, [p.name for p in self.pools])
+        for pool in self.pools:
+            pool.detector = self.detector
+
+    reweight = reconfigure  # (the name a reload of weights used)
+
+    def usable(self, i: int, now: float) -> bool:
+        w = self.cfg.weights
+        if w and w[i] <= 0:
+            return False
+        detector = self.detector
+        if detector is not None:
+            return detector.healthy(i, now)
+        return self.pools[i].down_until <= now
+
+    def available(self, now: float) -> bool:
+        """Whether an endpoint that takes requests is usable."""
+        return any(self.usable(i, now) for i in range(len(self.pools)))
+
+    def pick(self, exclude: tuple[TargetPool, ...] = ()) -> TargetPool:
+        pools = self.pools
+        n = len(pools)
+        if n == 1:
+            return pools[0]
+        now = self.loop.time()
+        if not exclude and self._policy == "round_robin" and self.detector is None:
+            return self._round_robin(now)  # the usual path, as before
+        healthy = [i for i in range(n) if self.usable(i, now)]
+        if len(healthy) * 100 < n * self.cfg.resilience.panic_threshold:
+            healthy = [i for i in range(n) if not self.cfg.weights or self.cfg.weights[i] > 0]  # panic: all
+        fresh = [i for i in healthy if pools[i] not in exclude] or healthy or list(range(n))
+        if self._policy == "least_request" and len(fresh) > 1:
+            k = len(fresh)  # two distinct endpoints at random: the less busy one
+            x = _randrange(k)
+            y = _randrange(k - 1)
+            a, b = fresh[x], fresh[y + 1 if y >= x else y]
+            return pools[a] if _load(pools[a]) <= _load(pools[b]) else pools[b]
+        if self._policy == "random":
+            return pools[fresh[_randrange(len(fresh))]]
+        weighted = self._weighted
+        if weighted is not None:
+            allowed = set(fresh)
+            i = weighted.pick(allowed.__contains__)
+            return pools[i if i >= 0 else fresh[0]]
+        if exclude:  # a retry: the next one in turn that it has not tried, the turn left alone
+            return pools[next((i for k in range(n) if (i := (self._next + k) % n) in fresh), fresh[0])]
+        for _ in range(n):
+            i = self._next
+            self._next = (self._next + 1) % n
+            if i in fresh:
+                return pools[i]
+        return pools[fresh[0]]
+
+    def _round_robin(self, now: float) -> TargetPool:
+        pools = self.pools
+        weighted = self._weighted
+        if weighted is not None:
+            i = weighted.pick(lambda i: pools[i].down_until <= now)
+            return pools[i if i >= 0 else max(weighted.pick(), 0)]  # all down: as round robin does
+        n = len(pools)
+        for _ in range(n):
+            pool = pools[self._next]
+            self._next = (self._next + 1) % n
+            if pool.down_until <= now:
+                return pool
+        return pool
+
+    def active(self) -> int:
+        """Requests in flight on this upstream (in use or waiting for a connection)."""
+        return sum(p.in_use + len(p.waiters) for p in self.pools)
+
+    def retry_allowed(self, budget: float, minimum: int) -> bool:
+        """Whether one more retry fits the budget (then counted as in flight)."""
+        if self.retries_active >= max(minimum, int(budget * self.active())):
+            self.retries_refused += 1
+            return False
+        self.retries_active += 1
+        self.retries_total += 1
+        return True
+
+    def sweep(self, now: float) -> None:
+        for pool in self.pools:
+            pool.sweep(now)
+
+    def retire(self) -> None:
+        for pool in self.pools:
+            pool.retire()
+
+    def busy(self) -> bool:
+        return any(pool.busy() for pool in self.pools)
+
+    async def close(self) -> None:
+        for pool in self.pools:
+            await pool.close()
+
+    def telemetry(self, now: float) -> dict[str, Any]:
+        targets = [p.telemetry(now) for p in self.pools]
+        if self.detector is not None:
+            for i, t in enumerate(targets):
+                t["outlier"] = self.detector.telemetry(i, now)
+                t["health"] = "up" if self.detector.healthy(i, now) else "ejected"
+        return {"name": self.name, "lb": self._policy, "targets": targets,
+                "retries": {"total": self.retries_total, "active": self.retries_active,
+                            "refused_by_budget": self.retries_refused}}
+
+
+def _load(pool: TargetPool) -> int:
+    return pool.in_use + pool.connecting + len(pool.waiters)

@@ -1,0 +1,87 @@
+"""Passive health of an upstream's endpoints: outlier detection, as Envoy has it (sans-IO).
+
+Owns `OutlierDetector`, one per upstream with `outlier_detection`: it counts, per
+endpoint (an index into the upstream's target pools), consecutive 5xx answers and
+consecutive connect failures, and ejects an endpoint that reaches either threshold for
+`base_ejection_time` x (the times it was ejected), at most `max_ejection_time`. An
+ejected endpoint returns by itself when its time is up; a good answer resets its counts.
+
+Invariants:
+- At most `max_ejection_percent` of the endpoints are out at once, but one may always
+  go (of two endpoints with 50 %, one): a threshold reached beyond that is counted, not
+  enforced.
+- Every transition (ejected, returned) is logged once, at warning and info.
+- `healthy(i, now)` is a comparison: the pick pays nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeplane.config.resilience import OutlierConfig
+
+log = logging.getLogger("edgeplane.health")
+
+
+class OutlierDetector:
+    __slots__ = ("cfg", "upstream", "names", "errors_5xx", "connect_failures", "ejected_until",
+                 "ejections", "ejections_total", "_returned")
+
+    def __init__(self, cfg: OutlierConfig, upstream: str, names: list[str]) -> None:
+        self.cfg = cfg
+        self.upstream = upstream
+        self.names = names  # each endpoint's "http://host:port", for logs
+        n = len(names)
+        self.errors_5xx = [0] * n
+        self.connect_failures = [0] * n
+        self.ejected_until = [0.0] * n
+        self.ejections = [0] * n  # times each was ejected (its next ejection lasts longer)
+        self.ejections_total = [0] * n  # counted for the metrics, never reset
+        self._returned = [True] * n  # its return was logged (or it was never out)
+
+    def healthy(self, i: int, now: float) -> bool:
+        if self.ejected_until[i] <= now:
+            if not self._returned[i]:
+                self._returned[i] = True
+                log.info("upstream %s: endpoint %s returns after its ejection", self.upstream, self.names[i])
+            return True
+        return False
+
+    def on_success(self, i: int) -> None:
+        self.errors_5xx[i] = 0
+        self.connect_failures[i] = 0
+
+    def on_5xx(self, i: int, now: float) -> None:
+        self.errors_5xx[i] += 1
+        limit = self.cfg.consecutive_5xx
+        if limit and self.errors_5xx[i] >= limit:
+            self._eject(i, now, f"{self.errors_5xx[i]} consecutive 5xx answers")
+
+    def on_connect_failure(self, i: int, now: float) -> None:
+        self.connect_failures[i] += 1
+        limit = self.cfg.consecutive_connect_failures
+        if limit and self.connect_failures[i] >= limit:
+            self._eject(i, now, f"{self.connect_failures[i]} consecutive connect failures")
+
+    def _eject(self, i: int, now: float, why: str) -> None:
+        if self.ejected_until[i] > now:
+            return  # already out (a request that was on its way)
+        n = len(self.names)
+        out = sum(1 for t in self.ejected_until if t > now)
+        if out >= max(1, n * self.cfg.max_ejection_percent // 100):
+            return  # the cap: counted, not enforced
+        self.ejections[i] += 1
+        self.ejections_total[i] += 1
+        seconds = min(self.cfg.base_ejection_time * self.ejections[i], self.cfg.max_ejection_time)
+        self.ejected_until[i] = now + seconds
+        self._returned[i] = False
+        self.errors_5xx[i] = self.connect_failures[i] = 0
+        log.warning("upstream %s: endpoint %s ejected for %.1fs (%s; ejection %d)",
+                    self.upstream, self.names[i], seconds, why, self.ejections[i])
+
+    def telemetry(self, i: int, now: float) -> dict[str, object]:
+        return {"healthy": self.ejected_until[i] <= now, "ejections": self.ejections_total[i],
+                "ejected_for": round(max(self.ejected_until[i] - now, 0.0), 3),
+                "consecutive_5xx": self.errors_5xx[i], "consecutive_connect_failures": self.connect_failures[i]}

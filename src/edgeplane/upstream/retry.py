@@ -1,0 +1,78 @@
+"""Retries of an `http` integration's request (an upstream's `retries` policy).
+
+Owns `retry(exchange, kind, reason)`, asked by `proxy.ProxyExchange` at each failure
+that a policy can name: `connect-failure` (nothing was sent), `reset` (the upstream
+closed or reset the connection before answering), or a 5xx status (its answer is
+dropped, unread). It says whether the request goes again, and if so schedules the next
+try on another endpoint (`cluster.Upstream.pick(exclude=...)`) after a backoff with
+full jitter (`base` x 2^(retry - 1), at most `max`).
+
+A failure is retried only when all hold:
+- the endpoint's upstream has a `retries` policy naming it, and tries are left;
+- no byte of the response reached the client, and the request can be sent again: a
+  connect failure always can (nothing was sent); otherwise the method is idempotent
+  (or the policy says `methods: all`) and the body sent so far is still held (at most
+  64 KiB, `proxy._REPLAY_MAX`);
+- the upstream's retry budget allows one more retry in flight.
+
+Each try counts in `req.integration_attempts` (the access log's
+`$context.integration.attempts`) and in the upstream's retry counters (/upstreams, the
+metrics).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+_uniform = random.uniform
+
+
+def retry(exchange: Any, kind: str, reason: str) -> bool:
+    pool = exchange.pool
+    owner: Any = pool.owner if pool is not None else None
+    if owner is None:
+        return False
+    policy = owner.cfg.resilience.retries
+    if policy is None or exchange.attempt >= policy.attempts or kind not in policy.retry_on:
+        return False
+    req = exchange.req
+    if req.response_started or exchange.cancelled:
+        return False
+    if kind != "connect-failure" and exchange.replay is None:
+        return False  # sent, and not kept: it cannot go again
+    if exchange.retrying:  # the previous retry is over: out of the budget's count
+        owner.retries_active -= 1
+        exchange.retrying = False
+    if not owner.retry_allowed(policy.budget, policy.min_retry_concurrency):
+        return False
+    exchange.retrying = True
+    exchange.tried = (*exchange.tried, pool)
+    exchange.attempt += 1
+    req.integration_attempts = exchange.attempt
+    conn = exchange.conn
+    if conn is not None:  # an answer being dropped: its connection goes with it
+        exchange.conn = None
+        conn.close("retried")
+    exchange.got_bytes = False
+    exchange.skip_interim = False
+    delay = _uniform(0, min(policy.backoff_max, policy.backoff_base * 2 ** (exchange.attempt - 2)))
+    exchange.proto.loop.call_later(delay, _again, exchange, reason)
+    return True
+
+
+def _again(exchange: Any, reason: str) -> None:
+    if exchange.done:
+        done(exchange)
+        return
+    exchange.req.integration_error = None
+    exchange._acquire(True)
+
+
+def done(exchange: Any) -> None:
+    """The exchange ended: its retry, if any, leaves the budget's count."""
+    if exchange.retrying:
+        exchange.retrying = False
+        owner = exchange.pool.owner if exchange.pool is not None else None
+        if owner is not None:
+            owner.retries_active -= 1

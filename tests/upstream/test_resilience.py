@@ -1,0 +1,188 @@
+"""Upstream resilience through real gateways and real misbehaving upstreams: a dead
+target (nothing listens), targets answering 503, slow targets. Outlier detection ejects
+and returns endpoints, the panic threshold, retries landing on another endpoint within
+their budget, and the `least_request` and `random` policies. Counted at the upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from conftest import RawClient, base_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class StatusUpstream:
+    """An HTTP/1.1 upstream answering every request with `status` (after `delay` s),
+    keep-alive, counting what it received."""
+
+    def __init__(self, status: int = 200, delay: float = 0.0) -> None:
+        self.status, self.delay, self.requests, self.port = status, delay, 0, 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> StatusUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                self.requests += 1
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                body = json.dumps({"port": self.port}).encode()
+                writer.write(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                             % (self.status, len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on (bound, then closed: connects are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def config(ports: list[int], **upstream: object) -> dict:
+    cfg = base_config(routes=[{"route": "ANY /api/{proxy+}", "integration": {"type": "http", "upstream": "app"}}])
+    cfg["upstreams"] = {"app": {"targets": [f"http://127.0.0.1:{p}" for p in ports], **upstream}}
+    return cfg
+
+
+async def statuses(addr, n: int, method: str = "GET", concurrency: int = 1) -> list[int]:
+    out: list[int] = []
+
+    async def one_client(k: int) -> None:
+        c = await RawClient.connect(addr)
+        try:
+            for _ in range(k):
+                out.append((await c.request(method, "/api/x", body=b"{}" if method == "POST" else b"")).status)
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(one_client(n // concurrency) for _ in range(concurrency)))
+    return out
+
+
+async def telemetry(gw) -> dict:
+    r = await RawClient.once(gw.admin_address, "GET", "/upstreams")
+    return {u["name"]: u for u in json.loads(r.body)["upstreams"]}["app"]
+
+
+async def test_a_dead_target_of_three_costs_no_client_a_502_with_retries_and_ejection(gateway):
+    async with StatusUpstream() as a, StatusUpstream() as b:
+        dead = dead_port()
+        gw = await gateway(config([a.port, dead, b.port],
+                                  outlier_detection={"consecutive_connect_failures": 1, "base_ejection_time": "30s"},
+                                  retries={"retry_on": ["connect-failure"], "attempts": 2}))
+        assert await statuses(gw.addresses[0], 300) == [200] * 300
+        assert a.requests + b.requests == 300 and abs(a.requests - b.requests) <= 2
+        app = await telemetry(gw)
+        dead_target = app["targets"][1]
+        assert dead_target["health"] == "ejected" and dead_target["outlier"]["ejections"] == 1
+        assert app["retries"]["total"] == 1  # the one request that found it dead went again
+
+
+async def test_without_retries_502s_stop_once_the_dead_target_is_ejected(gateway):
+    async with StatusUpstream() as a, StatusUpstream() as b:
+        gw = await gateway(config([a.port, dead_port(), b.port],
+                                  outlier_detection={"consecutive_connect_failures": 2}))
+        got = await statuses(gw.addresses[0], 300)
+        # a refused connect skips the target for a second (as before) and ejects it at
+        # the second one: the clients see at most that many 502s, all early
+        assert got.count(502) <= 2 and 502 not in got[10:], got[:12]
+
+
+async def test_a_503_is_retried_on_another_endpoint_and_the_attempts_are_logged(gateway, tmp_path):
+    async with StatusUpstream(503) as bad, StatusUpstream() as good:
+        cfg = config([bad.port, good.port], retries={"retry_on": [503], "attempts": 2,
+                                                     "backoff": {"base": "1ms", "max": "5ms"}})
+        cfg["access_log"] = {"destination": "file", "path": str(tmp_path / "a.log"),
+                             "format": "$context.status $context.integration.attempts $context.httpMethod"}
+        gw = await gateway(cfg)
+        assert await statuses(gw.addresses[0], 20) == [200] * 20
+        assert bad.requests == 10 and good.requests == 20  # every other first try hit the bad one
+        # not idempotent: a POST is not sent twice, and its 503 reaches the client
+        posted = await statuses(gw.addresses[0], 4, "POST")
+        assert sorted(posted) == [200, 200, 503, 503]
+        gw._access_log.flush(wait=2.0)
+        lines = (tmp_path / "a.log").read_text().splitlines()
+        assert lines.count("200 2 GET") == 10 and lines.count("200 1 GET") == 10
+        assert lines.count("503 1 POST") == 2
+
+
+async def test_an_ejected_endpoint_returns_after_its_ejection_time(gateway):
+    async with StatusUpstream(503) as flaky, StatusUpstream() as good:
+        gw = await gateway(config([flaky.port, good.port],
+                                  outlier_detection={"consecutive_5xx": 2, "base_ejection_time": "500ms"}))
+        await statuses(gw.addresses[0], 4)  # two 503s from it, in turn
+        assert flaky.requests == 2 and (await telemetry(gw))["targets"][0]["health"] == "ejected"
+        await statuses(gw.addresses[0], 10)
+        assert flaky.requests == 2  # out: everything to the other
+        flaky.status = 200
+        await asyncio.sleep(0.6)
+        await statuses(gw.addresses[0], 10)
+        assert flaky.requests == 7  # back in the rotation
+        assert (await telemetry(gw))["targets"][0]["health"] == "up"
+
+
+async def test_the_panic_threshold_uses_every_endpoint_when_too_few_are_healthy(gateway):
+    async with StatusUpstream(503) as x, StatusUpstream(503) as y, StatusUpstream() as z:
+        gw = await gateway(config([x.port, y.port, z.port], panic_threshold=50,
+                                  outlier_detection={"consecutive_5xx": 1, "max_ejection_percent": 100,
+                                                     "base_ejection_time": "30s"}))
+        await statuses(gw.addresses[0], 3)  # x and y each answer one 503: both ejected
+        before = (x.requests, y.requests)
+        await statuses(gw.addresses[0], 30)
+        # one healthy of three (33 % < 50 %): panic, all three share the load
+        assert x.requests > before[0] and y.requests > before[1] and z.requests > 10
+
+
+async def test_the_retry_budget_stops_a_retry_storm(gateway):
+    async with StatusUpstream(503) as bad, StatusUpstream(503) as worse:
+        gw = await gateway(config([bad.port, worse.port],
+                                  retries={"retry_on": [503], "attempts": 3, "budget": 0.0,
+                                           "min_retry_concurrency": 1, "backoff": {"base": "20ms", "max": "20ms"}}))
+        got = await statuses(gw.addresses[0], 40, concurrency=8)
+        assert got.count(503) == 40
+        app = await telemetry(gw)
+        # at most one retry in flight at a time: most failures were not retried
+        assert app["retries"]["refused_by_budget"] > 0 and app["retries"]["active"] == 0
+        assert bad.requests + worse.requests == 40 + app["retries"]["total"]
+
+
+async def test_least_request_sends_less_to_a_slow_endpoint(gateway):
+    async with StatusUpstream(delay=0.05) as slow, StatusUpstream() as fast:
+        gw = await gateway(config([slow.port, fast.port], lb={"policy": "least_request"}))
+        assert await statuses(gw.addresses[0], 200, concurrency=10) == [200] * 200
+        assert slow.requests < fast.requests / 3, (slow.requests, fast.requests)
+
+
+async def test_random_spreads_over_every_endpoint(gateway):
+    async with StatusUpstream() as a, StatusUpstream() as b, StatusUpstream() as c:
+        gw = await gateway(config([a.port, b.port, c.port], lb={"policy": "random"}))
+        await statuses(gw.addresses[0], 600)
+        # each within 5 standard deviations of 200 (binomial, p = 1/3)
+        assert all(abs(u.requests - 200) < 5 * (600 * (1 / 3) * (2 / 3)) ** 0.5 for u in (a, b, c))
