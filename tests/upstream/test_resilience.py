@@ -186,3 +186,22 @@ async def test_random_spreads_over_every_endpoint(gateway):
         await statuses(gw.addresses[0], 600)
         # each within 5 standard deviations of 200 (binomial, p = 1/3)
         assert all(abs(u.requests - 200) < 5 * (600 * (1 / 3) * (2 / 3)) ** 0.5 for u in (a, b, c))
+
+
+async def test_health_and_retries_are_in_the_metrics(gateway):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with StatusUpstream() as a:
+        dead = dead_port()
+        gw = await gateway(config([a.port, dead], outlier_detection={"consecutive_connect_failures": 1},
+                                  retries={"retry_on": ["connect-failure"]}))
+        assert await statuses(gw.addresses[0], 10) == [200] * 10
+        text = (await RawClient.once(gw.admin_address, "GET", "/metrics")).body.decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        dead_labels = (("target", f"http://127.0.0.1:{dead}"), ("upstream", "app"))
+        live_labels = (("target", f"http://127.0.0.1:{a.port}"), ("upstream", "app"))
+        assert samples[("edgeplane_upstream_endpoint_healthy", dead_labels)] == 0
+        assert samples[("edgeplane_upstream_endpoint_healthy", live_labels)] == 1
+        assert samples[("edgeplane_upstream_ejections_total", dead_labels)] == 1
+        assert samples[("edgeplane_upstream_retries_total", (("upstream", "app"),))] == 1

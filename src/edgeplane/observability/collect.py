@@ -195,14 +195,22 @@ def _plugin_samples(gateway: Any) -> list[tuple[str, tuple[str, ...], Any, float
 
 def _pool_samples(upstream: Any, *, gauges: bool) -> Samples:
     out: Samples = {name: {} for name, _ in _UPSTREAM_COUNTERS}
+    out["edgeplane_upstream_ejections"] = {}
+    out["edgeplane_upstream_retries"] = {(upstream.name,): upstream.retries_total}
+    out["edgeplane_upstream_retries_refused"] = {(upstream.name,): upstream.retries_refused}
     if gauges:
         out["edgeplane_upstream_connections_open"] = {}
         out["edgeplane_upstream_connections_idle"] = {}
-    for pool in upstream.pools:
+        out["edgeplane_upstream_endpoint_healthy"] = {}
+    now = upstream.loop.time()
+    detector = upstream.detector
+    for i, pool in enumerate(upstream.pools):
         labels = (upstream.name, pool.name)
         for family, attr in _UPSTREAM_COUNTERS:
             out[family][labels] = getattr(pool, attr)
+        out["edgeplane_upstream_ejections"][labels] = detector.ejections_total[i] if detector is not None else 0
         if gauges:
             out["edgeplane_upstream_connections_open"][labels] = len(pool.conns)
             out["edgeplane_upstream_connections_idle"][labels] = len(pool.idle)
+            out["edgeplane_upstream_endpoint_healthy"][labels] = 1 if upstream.usable(i, now) else 0
     return out
