@@ -22,6 +22,7 @@ class StatusUpstream:
 
     def __init__(self, status: int = 200, delay: float = 0.0) -> None:
         self.status, self.delay, self.requests, self.port = status, delay, 0, 0
+        self.health, self.checks = 200, 0  # what GET /healthz answers, and how often it was asked
         self.server: asyncio.AbstractServer | None = None
 
     async def __aenter__(self) -> StatusUpstream:
@@ -43,6 +44,10 @@ class StatusUpstream:
                         length = int(line.split(b":")[1])
                 if length:
                     await reader.readexactly(length)
+                if head.startswith(b"GET /healthz "):
+                    self.checks += 1
+                    writer.write(b"HTTP/1.1 %d X\r\ncontent-length: 0\r\n\r\n" % self.health)
+                    continue
                 self.requests += 1
                 if self.delay:
                     await asyncio.sleep(self.delay)
@@ -205,3 +210,25 @@ async def test_health_and_retries_are_in_the_metrics(gateway):
         assert samples[("edgeplane_upstream_endpoint_healthy", live_labels)] == 1
         assert samples[("edgeplane_upstream_ejections_total", dead_labels)] == 1
         assert samples[("edgeplane_upstream_retries_total", (("upstream", "app"),))] == 1
+
+
+async def test_active_health_checks_take_a_failing_target_out_and_back(gateway):
+    async with StatusUpstream() as sick, StatusUpstream() as well:
+        gw = await gateway(config([sick.port, well.port], health_check={
+            "path": "/healthz", "interval": "50ms", "timeout": "40ms", "healthy": 2, "unhealthy": 2}))
+        sick.health = 503
+        for _ in range(100):  # two failed checks, 50 ms apart
+            if (await telemetry(gw))["targets"][0]["health"] == "unhealthy":
+                break
+            await asyncio.sleep(0.02)
+        before = sick.requests
+        assert await statuses(gw.addresses[0], 20) == [200] * 20
+        assert sick.requests == before and well.requests >= 20  # no request to the unhealthy one
+        sick.health = 200
+        for _ in range(100):
+            if (await telemetry(gw))["targets"][0]["health"] == "up":
+                break
+            await asyncio.sleep(0.02)
+        await statuses(gw.addresses[0], 20)
+        assert sick.requests >= before + 9  # back in the rotation
+        assert sick.checks >= 4

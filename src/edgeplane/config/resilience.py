@@ -35,6 +35,18 @@ class OutlierConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """`health_check`: active HTTP checks of every target."""
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy: int = 2  # passes in a row that make an unhealthy target healthy
+    unhealthy: int = 3  # failures in a row that make a healthy target unhealthy
+    statuses: tuple[int, ...] = (200,)
+
+
+@dataclass(frozen=True, slots=True)
 class RetryConfig:
     """`retries`: which failures are tried again, how often, and how fast."""
 
@@ -57,6 +69,7 @@ class Resilience:
     outlier: OutlierConfig | None = None
     panic_threshold: int = 50  # percent healthy below which every endpoint is used (0: never)
     retries: RetryConfig | None = None
+    health_check: HealthCheckConfig | None = None
 
 
 _DURATION = {"$ref": "#/$defs/duration"}
@@ -89,6 +102,17 @@ SCHEMA: dict[str, Any] = {
     },
     "panic_threshold": {"type": "integer", "minimum": 0, "maximum": 100, "default": 50},
     "retries": RETRIES_SCHEMA,
+    "health_check": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "path": {"type": "string", "pattern": "^/[!-~]*$", "default": "/healthz"},
+            "interval": _DURATION, "timeout": _DURATION,
+            "healthy": {"type": "integer", "minimum": 1, "maximum": 100, "default": 2},
+            "unhealthy": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
+            "statuses": {"type": "array", "minItems": 1, "uniqueItems": True,
+                         "items": {"type": "integer", "minimum": 100, "maximum": 599}},
+        },
+    },
 }
 
 
@@ -112,7 +136,23 @@ def load(spec: dict[str, Any], path: Path, ctx: Any) -> Resilience:
     panic = spec.get("panic_threshold", 50)
     return Resilience(policy if policy in LB_POLICIES else "round_robin", outlier,
                       panic if isinstance(panic, int) and not isinstance(panic, bool) else 50,
-                      load_retries(spec.get("retries"), path + ("retries",), ctx))
+                      load_retries(spec.get("retries"), path + ("retries",), ctx),
+                      _health_check(spec.get("health_check"), path + ("health_check",), ctx))
+
+
+def _health_check(found: Any, path: Path, ctx: Any) -> HealthCheckConfig | None:
+    if not isinstance(found, dict):
+        return None
+    d = HealthCheckConfig()
+    interval = ctx.duration(found, "interval", path, d.interval)
+    timeout = ctx.duration(found, "timeout", path, d.timeout)
+    if timeout > interval:
+        ctx.fail(path + ("timeout",), "must not be longer than the interval")
+    statuses = found.get("statuses")
+    return HealthCheckConfig(
+        found["path"] if isinstance(found.get("path"), str) else d.path, interval, timeout,
+        _int(found, "healthy", d.healthy), _int(found, "unhealthy", d.unhealthy),
+        tuple(s for s in statuses if isinstance(s, int)) if isinstance(statuses, list) else d.statuses)
 
 
 def load_retries(found: Any, path: Path, ctx: Any) -> RetryConfig | None:

@@ -24,7 +24,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.upstream.balance import SmoothWeighted, uniform
-from edgeplane.upstream.health import OutlierDetector
+from edgeplane.upstream.health import ActiveChecker, OutlierDetector
 from edgeplane.upstream.pool import TargetPool
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ _randrange = random.randrange
 
 class Upstream:
     __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted", "splits", "detector", "_policy",
-                 "retries_active", "retries_total", "retries_refused")
+                 "retries_active", "retries_total", "retries_refused", "checker")
 
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
@@ -59,6 +59,7 @@ class Upstream:
         self.retries_active = 0  # retries in flight (the budget's numerator)
         self.retries_total = 0
         self.retries_refused = 0  # retries the budget did not allow
+        self.checker: ActiveChecker | None = None
         self.reconfigure(cfg)
 
     def reconfigure(self, cfg: UpstreamConfig) -> None:
@@ -74,12 +75,19 @@ class Upstream:
             self.detector = OutlierDetector(res.outlier, self.name, [p.name for p in self.pools])
         for pool in self.pools:
             pool.detector = self.detector
+        if self.checker is not None and self.checker.cfg != res.health_check:
+            self.checker.close()
+            self.checker = None
+        if res.health_check is not None and self.checker is None:
+            self.checker = ActiveChecker(res.health_check, self.name, self.pools)
 
     reweight = reconfigure  # (the name a reload of weights used)
 
     def usable(self, i: int, now: float) -> bool:
         w = self.cfg.weights
         if w and w[i] <= 0:
+            return False
+        if self.checker is not None and not self.checker.healthy[i]:
             return False
         detector = self.detector
         if detector is not None:
@@ -96,7 +104,7 @@ class Upstream:
         if n == 1:
             return pools[0]
         now = self.loop.time()
-        if not exclude and self._policy == "round_robin" and self.detector is None:
+        if not exclude and self._policy == "round_robin" and self.detector is None and self.checker is None:
             return self._round_robin(now)  # the usual path, as before
         healthy = [i for i in range(n) if self.usable(i, now)]
         if len(healthy) * 100 < n * self.cfg.resilience.panic_threshold:
@@ -156,6 +164,8 @@ class Upstream:
             pool.sweep(now)
 
     def retire(self) -> None:
+        if self.checker is not None:
+            self.checker.close()
         for pool in self.pools:
             pool.retire()
 
@@ -163,6 +173,8 @@ class Upstream:
         return any(pool.busy() for pool in self.pools)
 
     async def close(self) -> None:
+        if self.checker is not None:
+            self.checker.close()
         for pool in self.pools:
             await pool.close()
 
@@ -172,6 +184,12 @@ class Upstream:
             for i, t in enumerate(targets):
                 t["outlier"] = self.detector.telemetry(i, now)
                 t["health"] = "up" if self.detector.healthy(i, now) else "ejected"
+        if self.checker is not None:
+            for i, t in enumerate(targets):
+                t["active_check"] = {"healthy": self.checker.healthy[i], "passes": self.checker.passes[i],
+                                     "failures": self.checker.failures[i]}
+                if not self.checker.healthy[i]:
+                    t["health"] = "unhealthy"
         return {"name": self.name, "lb": self._policy, "targets": targets,
                 "retries": {"total": self.retries_total, "active": self.retries_active,
                             "refused_by_budget": self.retries_refused}}

@@ -1,6 +1,7 @@
-"""Passive health of an upstream's endpoints: outlier detection, as Envoy has it (sans-IO).
+"""The health of an upstream's endpoints: passive (outlier detection) and active checks.
 
-Owns `OutlierDetector`, one per upstream with `outlier_detection`: it counts, per
+Owns `OutlierDetector` (sans-IO) and `ActiveChecker` (a task: `health_check`). The
+detector is one per upstream with `outlier_detection`: it counts, per
 endpoint (an index into the upstream's target pools), consecutive 5xx answers and
 consecutive connect failures, and ejects an endpoint that reaches either threshold for
 `base_ejection_time` x (the times it was ejected), at most `max_ejection_time`. An
@@ -16,11 +17,12 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edgeplane.config.resilience import OutlierConfig
+    from edgeplane.config.resilience import HealthCheckConfig, OutlierConfig
 
 log = logging.getLogger("edgeplane.health")
 
@@ -85,3 +87,58 @@ class OutlierDetector:
         return {"healthy": self.ejected_until[i] <= now, "ejections": self.ejections_total[i],
                 "ejected_for": round(max(self.ejected_until[i] - now, 0.0), 3),
                 "consecutive_5xx": self.errors_5xx[i], "consecutive_connect_failures": self.connect_failures[i]}
+
+
+class ActiveChecker:
+    """`health_check`: every `interval`, `GET path` to each target (over its pool, with
+    `timeout`); `unhealthy` failures in a row (a status not in `statuses`, a connect
+    failure, a timeout) make a target unhealthy, `healthy` passes in a row healthy
+    again. Targets start healthy; every transition is logged once."""
+
+    __slots__ = ("cfg", "upstream", "pools", "healthy", "passes", "failures", "checks", "_task")
+
+    def __init__(self, cfg: HealthCheckConfig, upstream: str, pools: list[Any]) -> None:
+        self.cfg = cfg
+        self.upstream = upstream
+        self.pools = pools
+        n = len(pools)
+        self.healthy = [True] * n
+        self.passes = [0] * n
+        self.failures = [0] * n
+        self.checks = 0
+        self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(i) for i in range(len(self.pools))))
+            self.checks += 1
+            await asyncio.sleep(self.cfg.interval)
+
+    async def _check(self, i: int) -> None:
+        from edgeplane.upstream.client import FetchError, fetch  # (client imports pool, as this does)
+
+        pool = self.pools[i]
+        try:
+            status, _, _ = await fetch(pool, "GET", self.cfg.path, timeout=self.cfg.timeout, max_bytes=64 * 1024)
+            ok, why = status in self.cfg.statuses, f"answered {status}"
+        except FetchError as exc:
+            ok, why = False, str(exc)
+        if ok:
+            self.failures[i] = 0
+            self.passes[i] += 1
+            if not self.healthy[i] and self.passes[i] >= self.cfg.healthy:
+                self.healthy[i] = True
+                log.info("upstream %s: %s is healthy again (%d checks passed)", self.upstream, pool.name,
+                         self.passes[i])
+        else:
+            self.passes[i] = 0
+            self.failures[i] += 1
+            if self.healthy[i] and self.failures[i] >= self.cfg.unhealthy:
+                self.healthy[i] = False
+                log.warning("upstream %s: %s is unhealthy (%d checks of %s failed; last: %s)", self.upstream,
+                            pool.name, self.failures[i], self.cfg.path, why)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
