@@ -232,3 +232,13 @@ async def test_active_health_checks_take_a_failing_target_out_and_back(gateway):
         await statuses(gw.addresses[0], 20)
         assert sick.requests >= before + 9  # back in the rotation
         assert sick.checks >= 4
+
+
+async def test_a_circuit_breaker_answers_503_at_once_past_its_limit(gateway):
+    async with StatusUpstream(delay=0.3) as slow:
+        gw = await gateway(config([slow.port], circuit_breaker={"max_requests": 2}))
+        got = await asyncio.gather(*(RawClient.once(gw.addresses[0], "GET", "/api/x") for _ in range(6)))
+        assert sorted(r.status for r in got) == [200, 200, 503, 503, 503, 503]
+        assert {r.body for r in got if r.status == 503} == {b'{"message":"Service Unavailable"}'}
+        assert slow.requests == 2  # refused, not queued: they never reached the upstream
+        assert (await telemetry(gw))["circuit_breaker_open"] == {"max_requests": 4}

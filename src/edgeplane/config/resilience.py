@@ -35,6 +35,17 @@ class OutlierConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """`circuit_breaker`: limits of the whole upstream (all its targets); past one, a
+    request is answered 503 at once, never queued. 0: no limit."""
+
+    max_connections: int = 0  # open connections (in use, idle, connecting)
+    max_pending: int = 0  # requests waiting for a connection
+    max_requests: int = 0  # requests in flight
+    max_retries: int = 0  # retries in flight
+
+
+@dataclass(frozen=True, slots=True)
 class HealthCheckConfig:
     """`health_check`: active HTTP checks of every target."""
 
@@ -70,6 +81,7 @@ class Resilience:
     panic_threshold: int = 50  # percent healthy below which every endpoint is used (0: never)
     retries: RetryConfig | None = None
     health_check: HealthCheckConfig | None = None
+    circuit_breaker: BreakerConfig | None = None
 
 
 _DURATION = {"$ref": "#/$defs/duration"}
@@ -102,6 +114,11 @@ SCHEMA: dict[str, Any] = {
     },
     "panic_threshold": {"type": "integer", "minimum": 0, "maximum": 100, "default": 50},
     "retries": RETRIES_SCHEMA,
+    "circuit_breaker": {
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "properties": {key: {"type": "integer", "minimum": 0} for key in
+                       ("max_connections", "max_pending", "max_requests", "max_retries")},
+    },
     "health_check": {
         "type": "object", "additionalProperties": False,
         "properties": {
@@ -137,7 +154,15 @@ def load(spec: dict[str, Any], path: Path, ctx: Any) -> Resilience:
     return Resilience(policy if policy in LB_POLICIES else "round_robin", outlier,
                       panic if isinstance(panic, int) and not isinstance(panic, bool) else 50,
                       load_retries(spec.get("retries"), path + ("retries",), ctx),
-                      _health_check(spec.get("health_check"), path + ("health_check",), ctx))
+                      _health_check(spec.get("health_check"), path + ("health_check",), ctx),
+                      _breaker(spec.get("circuit_breaker")))
+
+
+def _breaker(found: Any) -> BreakerConfig | None:
+    if not isinstance(found, dict):
+        return None
+    return BreakerConfig(*(_int(found, key, 0) for key in
+                           ("max_connections", "max_pending", "max_requests", "max_retries")))
 
 
 def _health_check(found: Any, path: Path, ctx: Any) -> HealthCheckConfig | None:

@@ -198,6 +198,8 @@ def _pool_samples(upstream: Any, *, gauges: bool) -> Samples:
     out["edgeplane_upstream_ejections"] = {}
     out["edgeplane_upstream_retries"] = {(upstream.name,): upstream.retries_total}
     out["edgeplane_upstream_retries_refused"] = {(upstream.name,): upstream.retries_refused}
+    out["edgeplane_upstream_circuit_breaker_open"] = {(upstream.name, limit): n
+                                                      for limit, n in upstream.breaker_open.items()}
     if gauges:
         out["edgeplane_upstream_connections_open"] = {}
         out["edgeplane_upstream_connections_idle"] = {}

@@ -67,6 +67,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("edgeplane_upstream_ejections", "counter", ("upstream", "target"),
            "Times outlier detection ejected the target."),
     Family("edgeplane_upstream_retries", "counter", ("upstream",), "Requests sent again by a retry policy."),
+    Family("edgeplane_upstream_circuit_breaker_open", "counter", ("upstream", "limit"),
+           "Requests (or retries) a circuit-breaker limit refused."),
     Family("edgeplane_upstream_retries_refused", "counter", ("upstream",),
            "Retries the retry budget did not allow."),
     Family("edgeplane_jwks_fetches", "counter", ("authorizer",), "JWKS fetches of a JWT authorizer with a jwks_url."),

@@ -35,7 +35,7 @@ _randrange = random.randrange
 
 class Upstream:
     __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted", "splits", "detector", "_policy",
-                 "retries_active", "retries_total", "retries_refused", "checker")
+                 "retries_active", "retries_total", "retries_refused", "checker", "breaker_open")
 
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
@@ -60,6 +60,7 @@ class Upstream:
         self.retries_total = 0
         self.retries_refused = 0  # retries the budget did not allow
         self.checker: ActiveChecker | None = None
+        self.breaker_open: dict[str, int] = {}  # requests a circuit-breaker limit answered 503, by limit
         self.reconfigure(cfg)
 
     def reconfigure(self, cfg: UpstreamConfig) -> None:
@@ -150,8 +151,32 @@ class Upstream:
         """Requests in flight on this upstream (in use or waiting for a connection)."""
         return sum(p.in_use + len(p.waiters) for p in self.pools)
 
+    def tripped(self, pool: TargetPool) -> str | None:
+        """The `circuit_breaker` limit a new request to `pool` would pass (then counted),
+        or None: in flight, waiting (when `pool` has no idle connection), connections."""
+        cb = self.cfg.resilience.circuit_breaker
+        if cb is None:
+            return None
+        limit = None
+        if cb.max_requests and self.active() >= cb.max_requests:
+            limit = "max_requests"
+        elif not pool.idle:
+            if cb.max_pending and sum(len(p.waiters) for p in self.pools) >= cb.max_pending:
+                limit = "max_pending"
+            elif cb.max_connections and sum(len(p.conns) + p.connecting for p in self.pools) >= cb.max_connections:
+                limit = "max_connections"
+        if limit is not None:
+            self.breaker_open[limit] = self.breaker_open.get(limit, 0) + 1
+        return limit
+
     def retry_allowed(self, budget: float, minimum: int) -> bool:
-        """Whether one more retry fits the budget (then counted as in flight)."""
+        """Whether one more retry fits the budget and `circuit_breaker.max_retries` (then
+        counted as in flight)."""
+        cb = self.cfg.resilience.circuit_breaker
+        if cb is not None and cb.max_retries and self.retries_active >= cb.max_retries:
+            self.breaker_open["max_retries"] = self.breaker_open.get("max_retries", 0) + 1
+            self.retries_refused += 1
+            return False
         if self.retries_active >= max(minimum, int(budget * self.active())):
             self.retries_refused += 1
             return False
@@ -192,7 +217,8 @@ class Upstream:
                     t["health"] = "unhealthy"
         return {"name": self.name, "lb": self._policy, "targets": targets,
                 "retries": {"total": self.retries_total, "active": self.retries_active,
-                            "refused_by_budget": self.retries_refused}}
+                            "refused_by_budget": self.retries_refused},
+                "circuit_breaker_open": dict(self.breaker_open)}
 
 
 def _load(pool: TargetPool) -> int:

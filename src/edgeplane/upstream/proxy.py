@@ -220,6 +220,10 @@ class ProxyExchange:
                 proto.set_deadline(T_BODY_RATE, min(proto.ctx.limits.min_body_window, self.timeout))
         pool = self.integ.upstream.pick(self.tried) if self.tried else self.integ.upstream.pick()
         self.pool = pool
+        limit = pool.owner.tripped(pool) if pool.owner is not None else None
+        if limit is not None:  # the upstream's circuit breaker: 503 at once, nothing queued
+            self._fail(503, f"upstream {pool.upstream}: circuit breaker open ({limit})")
+            return
         try:
             conn = pool.acquire(self, fresh)
         except PoolOverflow:
