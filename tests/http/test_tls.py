@@ -482,3 +482,24 @@ async def test_certs_dev_writes_a_working_certificate(tmp_path, gateway, capsys)
     for name in ("localhost", "127.0.0.1"):
         status, _, body = await https_get(gw.tls_addresses[0], ctx, name, "/ping")
         assert status == 200 and orjson.loads(body) == {"ok": True}
+
+
+async def test_https_upstream_with_a_client_certificate(pki, gateway, client_factory, tmp_path):
+    """mTLS to the backend: an origin that requires a client certificate from the client CA."""
+    async with TlsOrigin(pki.upstream) as origin:
+        origin.ctx.verify_mode = ssl.CERT_REQUIRED
+        origin.ctx.load_verify_locations(pki.client_ca)
+        gw = await gateway(upstream_config(origin.port, {"ca_file": pki.ca, "cert_file": pki.client.cert,
+                                                         "key_file": pki.client.key}))
+        c = await client_factory(gw.addresses[0])
+        r = await c.request("GET", "/hello")
+        assert r.status == 200 and r.json() == {"origin": "tls"}
+        # without it, the origin refuses the handshake: 502
+        gw2 = await gateway(upstream_config(origin.port, {"ca_file": pki.ca}))
+        c2 = await client_factory(gw2.addresses[0])
+        assert (await c2.request("GET", "/hello")).status == 502
+        assert len(origin.requests) == 1
+    errors = tls_errors(upstream_config(9443, {"cert_file": pki.client.cert}))
+    assert any("upstreams.secure.tls: give both 'cert_file' and 'key_file'" in e for e in errors)
+    errors = tls_errors(upstream_config(9443, {"cert_file": pki.client.cert, "key_file": pki.api.key}))
+    assert any(e.startswith("upstreams.secure.tls.cert_file: cannot load the client certificate and key") for e in errors)

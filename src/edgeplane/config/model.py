@@ -64,6 +64,8 @@ class UpstreamTls:
     ca_file: str | None = None  # None = the system trust store
     verify: bool = True  # verify the chain and the name
     server_name: str | None = None  # SNI and name to verify; None = the target host
+    cert_file: str | None = None  # the gateway's client certificate (mTLS to the backend) ...
+    key_file: str | None = None  # ... and its key
 
 
 @dataclass(frozen=True, slots=True)

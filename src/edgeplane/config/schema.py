@@ -121,6 +121,8 @@ _UPSTREAM_TLS = {
                    "description": "Verify the certificate chain and name; false only for tests."},
         "server_name": {"type": "string",
                         "description": "SNI and name to verify; default: the target host."},
+        "cert_file": {"type": "string", "description": "PEM client certificate shown to the backend (mTLS)."},
+        "key_file": {"type": "string", "description": "Its PEM private key."},
     },
 }
 

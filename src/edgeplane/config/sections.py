@@ -58,7 +58,7 @@ class CoreSections(LoadContext):
             self.resolve_paths(spec.get("access_log") if isinstance(spec, dict) else None, "path")
         upstreams = raw.get("upstreams")
         for spec in upstreams.values() if isinstance(upstreams, dict) else ():
-            self.resolve_paths(spec, ("tls", "ca_file"))
+            self.resolve_paths(spec, ("tls", "ca_file"), ("tls", "cert_file"), ("tls", "key_file"))
 
     def listen(self, raw: dict) -> tuple[model.ListenAddress, ...]:
         return tuple(self.listen_list(raw.get("listen"), ("listen",), []))
@@ -339,8 +339,21 @@ class CoreSections(LoadContext):
         else:
             server_name = None
         verify = section.get("verify", True)
+        cert, key = section.get("cert_file"), section.get("key_file")
+        if isinstance(cert, str) != isinstance(key, str):
+            self.fail(path, "give both 'cert_file' and 'key_file' (the client certificate and its key)")
+            cert = key = None
+        elif isinstance(cert, str) and isinstance(key, str):
+            import ssl
+
+            try:  # loaded now, so a bad pair is a located error, not a failed request later
+                ssl.create_default_context().load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as exc:
+                self.fail(path + ("cert_file",), f"cannot load the client certificate and key: "
+                                                 f"{getattr(exc, 'strerror', None) or exc}")
         return model.UpstreamTls(ca_file=ca_file, verify=verify if isinstance(verify, bool) else True,
-                                 server_name=server_name)
+                                 server_name=server_name, cert_file=cert if isinstance(cert, str) else None,
+                                 key_file=key if isinstance(key, str) else None)
 
     def tls(self, raw: dict, taken: list[tuple[Path, model.ListenAddress]]) -> model.TlsConfig | None:
         from edgeplane.http.tls import CertError, inspect_pair

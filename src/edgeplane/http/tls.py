@@ -182,6 +182,8 @@ def client_subject(ssl_object: ssl.SSLObject | None) -> str | None:
 def client_context(cfg: UpstreamTls) -> ssl.SSLContext:
     """Context toward https:// upstream targets: verification on unless told otherwise."""
     ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    if cfg.cert_file is not None:  # mTLS: the gateway shows its certificate to the backend
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
     if not cfg.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
