@@ -502,4 +502,5 @@ async def test_https_upstream_with_a_client_certificate(pki, gateway, client_fac
     errors = tls_errors(upstream_config(9443, {"cert_file": pki.client.cert}))
     assert any("upstreams.secure.tls: give both 'cert_file' and 'key_file'" in e for e in errors)
     errors = tls_errors(upstream_config(9443, {"cert_file": pki.client.cert, "key_file": pki.api.key}))
-    assert any(e.startswith("upstreams.secure.tls.cert_file: cannot load the client certificate and key") for e in errors)
+    assert any(e.startswith("upstreams.secure.tls.cert_file: cannot load the client certificate and key")
+               for e in errors)
