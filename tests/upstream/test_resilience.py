@@ -242,3 +242,32 @@ async def test_a_circuit_breaker_answers_503_at_once_past_its_limit(gateway):
         assert {r.body for r in got if r.status == 503} == {b'{"message":"Service Unavailable"}'}
         assert slow.requests == 2  # refused, not queued: they never reached the upstream
         assert (await telemetry(gw))["circuit_breaker_open"] == {"max_requests": 4}
+
+
+@pytest.mark.parametrize("kind", ["ring_hash", "maglev"])
+def test_consistent_hashing_moves_only_the_keys_of_an_endpoint_that_leaves(kind):
+    from edgeplane.upstream.hashing import HashRing, Maglev, hash64
+
+    names = [f"http://10.0.0.{i}:80" for i in range(5)]
+    table = (HashRing if kind == "ring_hash" else Maglev)(names, [1] * 5)
+    keys = [hash64(f"user-{k}".encode()) for k in range(10_000)]
+    before = [table.pick(h, lambda i: True) for h in keys]
+    shares = [before.count(i) / len(keys) for i in range(5)]
+    assert all(0.14 < s < 0.26 for s in shares), shares  # each near 20 %
+    after = [table.pick(h, lambda i: i != 2) for h in keys]
+    moved = [k for k in range(len(keys)) if before[k] != after[k]]
+    assert all(before[k] == 2 for k in moved)  # only the keys of the endpoint that left
+    assert len(moved) == before.count(2)  # ... and all of them: the measured share is its own, ~20 %
+
+
+async def test_ring_hash_keeps_each_user_on_one_endpoint(gateway):
+    async with StatusUpstream() as a, StatusUpstream() as b, StatusUpstream() as c:
+        sticky = {"policy": "ring_hash", "key": "$request.header.x-user"}
+        gw = await gateway(config([a.port, b.port, c.port], lb=sticky))
+        seen: dict[str, set[int]] = {}
+        for _ in range(3):
+            for user in range(20):
+                r = await RawClient.once(gw.addresses[0], "GET", "/api/x", headers={"x-user": f"u{user}"})
+                seen.setdefault(f"u{user}", set()).add(json.loads(r.body)["port"])
+        assert all(len(ports) == 1 for ports in seen.values())
+        assert len({p for ports in seen.values() for p in ports}) == 3  # spread over all three

@@ -19,7 +19,8 @@ from typing import Any
 # module's models, and the context imports the model)
 Path = tuple[Any, ...]
 
-LB_POLICIES = ("round_robin", "least_request", "random")
+LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
+HASH_KEYS = {"$request.header.": "header", "$request.cookie.": "cookie", "$request.path.": "path"}
 RETRY_KINDS = ("connect-failure", "reset")  # and statuses 500..599
 
 
@@ -77,6 +78,7 @@ class RetryConfig:
 @dataclass(frozen=True, slots=True)
 class Resilience:
     lb: str = "round_robin"
+    lb_key: str = "source_ip:"  # ring_hash / maglev: what a request is hashed by (`hashing.request_key`)
     outlier: OutlierConfig | None = None
     panic_threshold: int = 50  # percent healthy below which every endpoint is used (0: never)
     retries: RetryConfig | None = None
@@ -102,7 +104,10 @@ RETRIES_SCHEMA: dict[str, Any] = {
 }
 SCHEMA: dict[str, Any] = {
     "lb": {"type": "object", "additionalProperties": False, "required": ["policy"],
-           "properties": {"policy": {"enum": list(LB_POLICIES)}}},
+           "properties": {"policy": {"enum": list(LB_POLICIES)},
+                          "key": {"type": "string", "description": "ring_hash / maglev: $request.header.NAME, "
+                                                                   "$request.cookie.NAME, $request.path.NAME or "
+                                                                   "$context.identity.sourceIp (the default)"}}},
     "outlier_detection": {
         "type": "object", "additionalProperties": False,
         "properties": {
@@ -137,6 +142,18 @@ def load(spec: dict[str, Any], path: Path, ctx: Any) -> Resilience:
     """The resilience settings of one upstream (`spec`, at `path`)."""
     lb = spec.get("lb")
     policy = lb.get("policy") if isinstance(lb, dict) else None
+    key = lb.get("key") if isinstance(lb, dict) else None
+    lb_key = "source_ip:"
+    if isinstance(key, str):
+        found_key = next(((kind, key[len(p):]) for p, kind in HASH_KEYS.items() if key.startswith(p)), None)
+        if policy not in ("ring_hash", "maglev"):
+            ctx.fail(path + ("lb", "key"), "only used with ring_hash or maglev")
+        elif found_key is not None and found_key[1]:
+            kind, name = found_key
+            lb_key = f"{kind}:{name.lower() if kind == 'header' else name}"
+        elif key != "$context.identity.sourceIp":
+            ctx.fail(path + ("lb", "key"), "expected $request.header.NAME, $request.cookie.NAME, "
+                                           "$request.path.NAME or $context.identity.sourceIp")
     found = spec.get("outlier_detection")
     outlier = None
     if isinstance(found, dict):
@@ -151,7 +168,7 @@ def load(spec: dict[str, Any], path: Path, ctx: Any) -> Resilience:
         if outlier.max_ejection_time < outlier.base_ejection_time:
             ctx.fail(p + ("max_ejection_time",), "must not be shorter than base_ejection_time")
     panic = spec.get("panic_threshold", 50)
-    return Resilience(policy if policy in LB_POLICIES else "round_robin", outlier,
+    return Resilience(policy if policy in LB_POLICIES else "round_robin", lb_key, outlier,
                       panic if isinstance(panic, int) and not isinstance(panic, bool) else 50,
                       load_retries(spec.get("retries"), path + ("retries",), ctx),
                       _health_check(spec.get("health_check"), path + ("health_check",), ctx),

@@ -73,10 +73,10 @@ class Split:
         self.weighted = found
         self.name = "|".join(u.name for u in self.upstreams)
 
-    def pick(self, exclude: tuple[Any, ...] = ()) -> Any:
+    def pick(self, exclude: tuple[Any, ...] = (), req: Any = None, peer: str = "") -> Any:
         upstreams = self.upstreams
         now = upstreams[0].loop.time()
         i = self.weighted.pick(lambda i: upstreams[i].available(now))
         if i < 0:
             i = max(self.weighted.pick(), 0)
-        return upstreams[i].pick(exclude)
+        return upstreams[i].pick(exclude, req, peer)

@@ -24,6 +24,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.upstream.balance import SmoothWeighted, uniform
+from edgeplane.upstream.hashing import HashRing, Maglev, hash64, request_key
 from edgeplane.upstream.health import ActiveChecker, OutlierDetector
 from edgeplane.upstream.pool import TargetPool
 
@@ -35,7 +36,7 @@ _randrange = random.randrange
 
 class Upstream:
     __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted", "splits", "detector", "_policy",
-                 "retries_active", "retries_total", "retries_refused", "checker", "breaker_open")
+                 "retries_active", "retries_total", "retries_refused", "checker", "breaker_open", "_hash")
 
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
@@ -61,6 +62,7 @@ class Upstream:
         self.retries_refused = 0  # retries the budget did not allow
         self.checker: ActiveChecker | None = None
         self.breaker_open: dict[str, int] = {}  # requests a circuit-breaker limit answered 503, by limit
+        self._hash: HashRing | Maglev | None = None  # ring_hash / maglev
         self.reconfigure(cfg)
 
     def reconfigure(self, cfg: UpstreamConfig) -> None:
@@ -70,6 +72,10 @@ class Upstream:
         self._weighted = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
         res = cfg.resilience
         self._policy = res.lb
+        weights = list(cfg.weights) or [1] * len(self.pools)
+        names = [p.name for p in self.pools]
+        self._hash = (HashRing(names, weights) if res.lb == "ring_hash" else Maglev(names, weights)
+                      if res.lb == "maglev" else None)
         if res.outlier is None:
             self.detector = None
         elif self.detector is None or self.detector.cfg != res.outlier:
@@ -99,12 +105,18 @@ class Upstream:
         """Whether an endpoint that takes requests is usable."""
         return any(self.usable(i, now) for i in range(len(self.pools)))
 
-    def pick(self, exclude: tuple[TargetPool, ...] = ()) -> TargetPool:
+    def pick(self, exclude: tuple[TargetPool, ...] = (), req: Any = None, peer: str = "") -> TargetPool:
         pools = self.pools
         n = len(pools)
         if n == 1:
             return pools[0]
         now = self.loop.time()
+        if self._hash is not None and req is not None:
+            key = request_key(req, self.cfg.resilience.lb_key, peer)
+            if key is not None:  # sticky: the key's endpoint, or the next usable one
+                i = self._hash.pick(hash64(key), lambda i: self.usable(i, now) and pools[i] not in exclude)
+                if i >= 0:
+                    return pools[i]
         if not exclude and self._policy == "round_robin" and self.detector is None and self.checker is None:
             return self._round_robin(now)  # the usual path, as before
         healthy = [i for i in range(n) if self.usable(i, now)]

@@ -218,7 +218,7 @@ class ProxyExchange:
                 self.upstream_deadline = proto.loop.time() + self.timeout
                 self.window_bytes = self.req.body_size
                 proto.set_deadline(T_BODY_RATE, min(proto.ctx.limits.min_body_window, self.timeout))
-        pool = self.integ.upstream.pick(self.tried) if self.tried else self.integ.upstream.pick()
+        pool = self.integ.upstream.pick(self.tried, self.req, self.proto.peer_ip)
         self.pool = pool
         limit = pool.owner.tripped(pool) if pool.owner is not None else None
         if limit is not None:  # the upstream's circuit breaker: 503 at once, nothing queued
