@@ -271,3 +271,41 @@ async def test_ring_hash_keeps_each_user_on_one_endpoint(gateway):
                 seen.setdefault(f"u{user}", set()).add(json.loads(r.body)["port"])
         assert all(len(ports) == 1 for ports in seen.values())
         assert len({p for ports in seen.values() for p in ports}) == 3  # spread over all three
+
+
+async def test_a_unix_socket_target(gateway, tmp_path):
+    path = str(tmp_path / "app.sock")
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nunix")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    try:
+        cfg = base_config(routes=[{"route": "GET /u", "integration": {"type": "http", "upstream": "local"}}])
+        cfg["upstreams"] = {"local": {"targets": [f"unix:{path}"]}}
+        gw = await gateway(cfg)
+        c = await RawClient.connect(gw.addresses[0])
+        try:
+            for _ in range(2):  # the second on the pooled connection
+                r = await c.request("GET", "/u")
+                assert (r.status, r.body) == (200, b"unix")
+        finally:
+            await c.close()
+        assert len(heads) == 2 and b"host: localhost\r\n" in heads[0]
+        pool = gw._upstreams["local"].pools[0]
+        assert (pool.opened, pool.reused, pool.name) == (1, 1, f"unix:{path}")
+    finally:
+        server.close()
+    from edgeplane.config.loader import ConfigError, load_config
+
+    cfg["upstreams"]["local"]["targets"] = ["unix:relative.sock"]
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert "a Unix socket target is 'unix:/absolute/path.sock'" in exc.value.errors[0]

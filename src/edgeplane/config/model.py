@@ -27,21 +27,24 @@ class ListenAddress:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One upstream endpoint, from "http://host:port" or "https://host:port"."""
+    """One upstream endpoint, from "http://host:port", "https://host:port" or
+    "unix:/path/to.sock" (HTTP over a Unix socket: `host` is the path, `port` 0)."""
 
-    scheme: str  # "http" | "https"
+    scheme: str  # "http" | "https" | "unix"
     host: str
     port: int
 
     @property
     def authority(self) -> str:
         """Value for the Host header toward this target."""
+        if self.scheme == "unix":
+            return "localhost"
         default = 80 if self.scheme == "http" else 443
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == default else f"{host}:{self.port}"
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        return f"unix:{self.host}" if self.scheme == "unix" else f"{self.scheme}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

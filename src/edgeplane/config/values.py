@@ -124,6 +124,11 @@ def parse_target(text: Any) -> model.Target:
     if not isinstance(text, str):
         raise ValueError(f"expected a target URL 'http://host:port', got {_describe(text)}")
     what = f"invalid target {text!r}"
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/") or "\x00" in path or len(path.encode()) > 107:
+            raise ValueError(f"{what}: a Unix socket target is 'unix:/absolute/path.sock' (at most 107 bytes)")
+        return model.Target("unix", path, 0)
     if "://" not in text:
         raise ValueError(f"{what}: expected 'http://host:port'")
     try:

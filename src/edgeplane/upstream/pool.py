@@ -113,7 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("sockname")
-        if sock:
+        if isinstance(sock, tuple):  # (a Unix socket's name is a path)
             self.local_port = sock[1]
 
     def data_received(self, data: bytes) -> None:
@@ -378,11 +378,11 @@ class TargetPool:
         loop = self.loop
         started = time.perf_counter()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
-                                       ssl=self.ssl, server_hostname=self.server_hostname),
-                self.cfg.connect_timeout,
-            )
+            opening = (loop.create_unix_connection(lambda: UpstreamConnection(self), self.host)
+                       if self.target.scheme == "unix" else
+                       loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
+                                              ssl=self.ssl, server_hostname=self.server_hostname))
+            _, conn = await asyncio.wait_for(opening, self.cfg.connect_timeout)
         except (TimeoutError, OSError) as exc:
             self.connecting -= 1
             self.connect_failures += 1
