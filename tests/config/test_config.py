@@ -194,7 +194,7 @@ def test_parse_size(text, size):
 def test_every_error_reported_at_once_with_locations():
     errors = errors_of(base(
         workers=0,
-        routes=[route("GET /a", upstream="userz"), route("get /b"), route("GET /c", timeout="1m")],
+        routes=[route("GET /a", upstream="userz"), route("get /b"), route("GET /c", timeout="25h")],
         drain_timeout="soon",
     ))
     assert errors == [
@@ -202,7 +202,7 @@ def test_every_error_reported_at_once_with_locations():
         "'500ms', '30s', '5m', '2h'",
         "routes[0].integration.upstream: unknown upstream 'userz' (known: static, users); did you mean 'users'?",
         "routes[1].route: method must be upper-case in route key 'get /b' ('GET', not 'get')",
-        "routes[2].integration.timeout: must be <= 30s, got '1m'",
+        "routes[2].integration.timeout: must be <= 86400s, got '25h'",
         "workers: must be >= 1, got 0",
     ]
 
@@ -261,9 +261,14 @@ def test_bad_duration_type():
 
 
 def test_integration_timeout_bounds():
-    errors = errors_of(base(routes=[route("GET /a", timeout="10ms"), route("GET /b", timeout=31)]))
+    errors = errors_of(base(routes=[route("GET /a", timeout="10ms"), route("GET /b", timeout=90_000)]))
     assert errors == ["routes[0].integration.timeout: must be >= 50ms, got '10ms'",
-                      "routes[1].integration.timeout: must be <= 30s, got 31"]
+                      "routes[1].integration.timeout: must be <= 86400s, got 90000"]
+    # past AWS's 30 s: allowed for long polls and streams, and `validate` says so
+    config = load_config(base(routes=[route("GET /b", timeout=31)]))
+    assert [str(w) for w in config.warnings] == [
+        "routes[0].integration.timeout: 31s is past Amazon API Gateway's 30 s integration limit: fine for "
+        "long polls and streams, but a client waits that long for a stuck upstream"]
 
 
 def test_bad_size():

@@ -253,7 +253,7 @@ routes:
     integration:
       type: http
       upstream: userz
-      timeout: 99s
+      timeout: 99h
       tiemout: 3
 """
 
@@ -275,7 +275,7 @@ def test_one_mistake_gives_one_error(bad_file: Path):
         # authorizer", nor "usage_plans.gold.routes.GET /b: the route has no api_key authorizer"
         "routes[1].auth: unknown authorizer 'partnrs' (known: partners); did you mean 'partners'?",
         "routes[2].integration: unknown key 'tiemout', did you mean 'timeout'?",
-        "routes[2].integration.timeout: must be <= 30s, got '99s'",
+        "routes[2].integration.timeout: must be <= 86400s, got '99h'",
         "routes[2].integration.upstream: unknown upstream 'userz' (known: users); did you mean 'users'?",
     ]
 
@@ -294,7 +294,7 @@ def test_errors_carry_line_column_and_the_route_key(bad_file: Path):
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert lines[0] == "bad.yaml: invalid configuration (5 errors):"
-    assert "bad.yaml:22:7: routes[2] (GET /users/{id}).integration.timeout: must be <= 30s, got '99s'" in lines
+    assert "bad.yaml:22:7: routes[2] (GET /users/{id}).integration.timeout: must be <= 86400s, got '99h'" in lines
     assert len(lines) == 6
 
 
@@ -337,7 +337,7 @@ def test_validate_json(bad_file: Path):
     assert out["ok"] is False and out["file"] == "bad.yaml" and out["warnings"] == []
     assert out["errors"][3] == {"location": "routes[2] (GET /users/{id}).integration.timeout",
                                 "path": ["routes", 2, "integration", "timeout"], "line": 22, "column": 7,
-                                "message": "must be <= 30s, got '99s'"}
+                                "message": "must be <= 86400s, got '99h'"}
     assert len(out["errors"]) == 5
 
     good = 'listen: "127.0.0.1:0"\nadmin: {listen: "0.0.0.0:0", insecure: true}\n'

@@ -22,7 +22,8 @@ DURATION_RE = r"^\s*([0-9]+(\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$"
 SIZE_RE = r"^\s*[0-9]+\s*([bB]|[kKmMgG][iI]?[bB])?\s*$"
 
 INTEGRATION_TIMEOUT_MIN = 0.05
-INTEGRATION_TIMEOUT_MAX = 30.0
+INTEGRATION_TIMEOUT_MAX = 30.0  # Amazon API Gateway's (WebSocket APIs keep it)
+HTTP_INTEGRATION_TIMEOUT_MAX = 86_400.0  # an http integration may go past it (streaming), with a warning
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
                "kib": 1024, "mib": 1024**2, "gib": 1024**3}

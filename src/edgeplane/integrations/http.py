@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.config import model
 from edgeplane.config.stages import STAGE_VAR
-from edgeplane.config.values import INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN, TEMPLATE_PARAM_RE
+from edgeplane.config.values import (
+    HTTP_INTEGRATION_TIMEOUT_MAX,
+    INTEGRATION_TIMEOUT_MAX,
+    INTEGRATION_TIMEOUT_MIN,
+    TEMPLATE_PARAM_RE,
+)
 from edgeplane.plugins import Integration
 from edgeplane.upstream.balance import Split
 from edgeplane.upstream.proxy import HttpIntegration
@@ -45,7 +50,13 @@ _HTTP_INTEGRATION = {
         "timeout": {
             "$ref": "#/$defs/duration",
             "default": "29s",
-            "description": "Integration timeout, 50ms..30s; past it the client gets 504.",
+            "description": "Time for the upstream's response head once the request is sent, 50ms..24h "
+                           "(past 30 s, AWS's limit, `validate` warns); past it the client gets 504.",
+        },
+        "idle_timeout": {
+            "$ref": "#/$defs/duration",
+            "description": "While a body moves (either way): no byte for this long ends the exchange "
+                           "(504 before the response head). Default: `timeout`.",
         },
         "preserve_host": {
             "type": "boolean",
@@ -75,7 +86,14 @@ def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
     else:
         template = None
     timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
-                            high=INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+                            high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+    if timeout > INTEGRATION_TIMEOUT_MAX:
+        ctx.warn(path + ("timeout",), f"{timeout:g}s is past Amazon API Gateway's {INTEGRATION_TIMEOUT_MAX:g} s "
+                                      "integration limit: fine for long polls and streams, but a client "
+                                      "waits that long for a stuck upstream")
+    idle = (ctx.duration(spec, "idle_timeout", path, timeout, low=INTEGRATION_TIMEOUT_MIN,
+                         high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+            if "idle_timeout" in spec else None)
     preserve = spec.get("preserve_host", False)
     return model.Integration(
         type="http",
@@ -83,6 +101,7 @@ def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
         split=split,
         path=template,
         timeout=timeout,
+        idle_timeout=idle,
         preserve_host=preserve if isinstance(preserve, bool) else False,
     )
 
@@ -153,7 +172,7 @@ class HttpIntegrationPlugin(Integration):
             integ.timeout, integ.preserve_host,
             claim_headers=upstream_headers, gateway_response_headers=response_headers,
             websocket=relay_settings(route.websocket or config.websocket, config.limits.send_timeout),
-            websocket_exchange=WsUpgradeExchange,
+            websocket_exchange=WsUpgradeExchange, idle_timeout=integ.idle_timeout,
         )
 
     def summary(self, model: Any) -> str:

@@ -61,12 +61,12 @@ class HttpIntegration:
     """Compiled once per route: where and how to forward."""
 
     __slots__ = ("upstream", "template", "timeout", "preserve_host", "name", "claim_headers",
-                 "response_skip", "websocket", "websocket_exchange", "replay_all")
+                 "response_skip", "websocket", "websocket_exchange", "replay_all", "idle_timeout")
 
     def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool,
                  claim_headers: frozenset[bytes] = frozenset(),
                  gateway_response_headers: frozenset[bytes] = frozenset(), websocket: Any = None,
-                 websocket_exchange: Any = None):
+                 websocket_exchange: Any = None, idle_timeout: float | None = None):
         # `wsrelay.RelaySettings` for WebSocket handshakes on this route (see ws_proxy).
         self.websocket = websocket
         # The exchange class for those handshakes (`websocket.proxy.WsUpgradeExchange`,
@@ -77,7 +77,9 @@ class HttpIntegration:
         self.response_skip = _RESPONSE_SKIP | gateway_response_headers
         self.upstream = upstream
         self.template = compile_path_template(path)
-        self.timeout = timeout
+        self.timeout = timeout  # for the response head, once the request is sent
+        # while a body moves, either way: no byte for this long ends the exchange
+        self.idle_timeout = idle_timeout if idle_timeout is not None else timeout
         self.preserve_host = preserve_host
         self.name = upstream.name
         # `retries.methods: all`: a non-idempotent request's body is kept for a retry too
@@ -119,7 +121,7 @@ class ProxyExchange:
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
         "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
-        "upstream_deadline", "span", "attempt", "tried", "retrying",
+        "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -158,6 +160,7 @@ class ProxyExchange:
         req.integration_attempts = 1
         self.tried: tuple[TargetPool, ...] = ()  # the endpoints of the earlier tries
         self.retrying = False  # a retry in flight, counted in its upstream's budget
+        self.held_back = False  # reading the client was paused for the upstream in this body window
 
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,12 +193,14 @@ class ProxyExchange:
         if self.done:
             return
         now = proto.loop.time()
-        if req.complete or self.got_bytes:  # the rate rule is over: back to the integration timeout
-            proto.set_deadline(T_UPSTREAM, max(self.upstream_deadline - now, 0.0) if self.upstream_deadline
-                              else self.timeout)
+        if req.complete or self.got_bytes:  # the rate rule is over: the response's deadlines
+            proto.set_deadline(T_UPSTREAM, self.integ.idle_timeout if self.got_bytes else self.timeout)
             return
         limits = proto.ctx.limits
-        if req.body_size - self.window_bytes < limits.min_body_bytes:
+        held_back, self.held_back = self.held_back or bool(proto._pause & P_UPSTREAM), False
+        if held_back:
+            pass  # the gateway paused reading because the upstream reads slowly: not the client's doing
+        elif req.body_size - self.window_bytes < limits.min_body_bytes:
             self.abort("client sent the request body too slowly")
             proto.fail_active(req, 408, "request body arrived slower than limits.min_body_rate")
             return
@@ -214,8 +219,8 @@ class ProxyExchange:
             proto = self.proto
             if self.req.complete:
                 proto.set_deadline(T_UPSTREAM, self.timeout)
-            else:  # streaming the body: the rate timer also watches the integration timeout
-                self.upstream_deadline = proto.loop.time() + self.timeout
+            else:  # streaming the body: the rate timer also watches the idle deadline
+                self.upstream_deadline = proto.loop.time() + self.integ.idle_timeout
                 self.window_bytes = self.req.body_size
                 proto.set_deadline(T_BODY_RATE, min(proto.ctx.limits.min_body_window, self.timeout))
         pool = self.integ.upstream.pick(self.tried, self.req, self.proto.peer_ip)
@@ -306,6 +311,8 @@ class ProxyExchange:
         if self.replay is not None:
             self._keep_for_replay([chunk])
         conn.write(self._frame(chunk) if self.req.chunked else chunk)
+        if self.upstream_deadline:  # the body moves: the idle deadline starts again
+            self.upstream_deadline = self.proto.loop.time() + self.integ.idle_timeout
 
     def on_request_complete(self) -> None:
         if self.awaiting_body and not self.done:
@@ -424,7 +431,7 @@ class ProxyExchange:
             self.proto.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
             if not self.proto.write_paused:  # else the client's send deadline stands
-                self.proto.set_deadline(T_UPSTREAM, self.timeout)
+                self.proto.set_deadline(T_UPSTREAM, self.integ.idle_timeout)
 
     def on_response_complete(self, upstream_keep_alive: bool) -> None:
         if self.done:
@@ -553,6 +560,7 @@ class ProxyExchange:
 
     def on_upstream_write_paused(self, paused: bool) -> None:
         if paused:
+            self.held_back = True  # this body window does not count against the client
             self.proto.pause_reading(P_UPSTREAM)
         else:
             self.proto.resume_reading(P_UPSTREAM)
