@@ -12,6 +12,7 @@ on a reused connection that the upstream closed before answering).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,15 @@ class OutlierConfig:
     base_ejection_time: float = 30.0  # an endpoint is out base x (times ejected) ...
     max_ejection_time: float = 300.0  # ... at most this long
     max_ejection_percent: int = 50  # of an upstream's endpoints out at once (at least one may go)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """`dns`: how hostname targets are resolved (aiodns: A and AAAA, every address an endpoint)."""
+
+    min_ttl: float = 5.0  # an answer is kept at least this long ...
+    max_ttl: float = 300.0  # ... and at most this long, whatever its TTL says
+    resolvers: tuple[str, ...] = ()  # "ip" or "ip:port"; default: the system's (/etc/resolv.conf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,7 @@ class Resilience:
     retries: RetryConfig | None = None
     health_check: HealthCheckConfig | None = None
     circuit_breaker: BreakerConfig | None = None
+    dns: DnsConfig = DnsConfig()
 
 
 _DURATION = {"$ref": "#/$defs/duration"}
@@ -119,6 +130,11 @@ SCHEMA: dict[str, Any] = {
     },
     "panic_threshold": {"type": "integer", "minimum": 0, "maximum": 100, "default": 50},
     "retries": RETRIES_SCHEMA,
+    "dns": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"min_ttl": _DURATION, "max_ttl": _DURATION,
+                       "resolvers": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
+    },
     "circuit_breaker": {
         "type": "object", "additionalProperties": False, "minProperties": 1,
         "properties": {key: {"type": "integer", "minimum": 0} for key in
@@ -172,7 +188,28 @@ def load(spec: dict[str, Any], path: Path, ctx: Any) -> Resilience:
                       panic if isinstance(panic, int) and not isinstance(panic, bool) else 50,
                       load_retries(spec.get("retries"), path + ("retries",), ctx),
                       _health_check(spec.get("health_check"), path + ("health_check",), ctx),
-                      _breaker(spec.get("circuit_breaker")))
+                      _breaker(spec.get("circuit_breaker")), _dns(spec.get("dns"), path + ("dns",), ctx))
+
+
+def _dns(found: Any, path: Path, ctx: Any) -> DnsConfig:
+    if not isinstance(found, dict):
+        return DnsConfig()
+    d = DnsConfig()
+    low = ctx.duration(found, "min_ttl", path, d.min_ttl)
+    high = ctx.duration(found, "max_ttl", path, d.max_ttl)
+    if high < low:
+        ctx.fail(path + ("max_ttl",), "must not be shorter than min_ttl")
+    servers = found.get("resolvers")
+    resolvers = tuple(s for s in servers if isinstance(s, str)) if isinstance(servers, list) else ()
+    for i, server in enumerate(resolvers):
+        host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+        try:
+            ipaddress.ip_address(host or server)
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError
+        except ValueError:
+            ctx.fail(path + ("resolvers", i), f"expected an IP address, or 'ip:port', got {server!r}")
+    return DnsConfig(low, high, resolvers)
 
 
 def _breaker(found: Any) -> BreakerConfig | None:

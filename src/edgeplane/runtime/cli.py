@@ -72,6 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "exit; refuses to start while it names a running process")
     p.add_argument("--log-file", metavar="PATH",
                    help="append the gateway's own log here instead of stderr (SIGUSR1 reopens it)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to start when an upstream's hostname does not resolve (default: a "
+                        "warning, and 503 from that upstream until it resolves)")
     p.add_argument("--takeover", action="store_true",
                    help="zero-downtime upgrade: take the listening sockets of the running instance "
                         "that owns this config's first listener (it then drains and exits); "
@@ -202,6 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ignore_quiet_signals()  # a SIGHUP or SIGUSR1 before the loop handles them must not kill us
     overrides = serve_overrides(args)
+    if args.strict:
+        os.environ["EDGEPLANE_STRICT"] = "1"  # `Gateway.strict`, here and in the workers
     config = _load(args.config, overrides)
     if config is None:
         return 1

@@ -74,6 +74,8 @@ if TYPE_CHECKING:
     from edgeplane.policies.throttle.cluster import RedisLimiter, RedisQuotaStore
     from edgeplane.websocket.bus import RedisBus
 
+ENV_STRICT = "EDGEPLANE_STRICT"
+
 log = logging.getLogger("edgeplane")
 
 
@@ -98,7 +100,8 @@ class Gateway(GatewayWebSockets):
                  plugins: Sequence[Any] = (), reuse_port: bool = False, lock_ports: bool = True,
                  shared_limits: tuple[str, int] | tuple[str, int, str | None] | None = None,
                  ws_worker: tuple[int, str, bytes] | None = None, inherited: Any = None,
-                 access_log_callback: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+                 access_log_callback: Callable[[list[dict[str, Any]]], None] | None = None,
+                 strict: bool | None = None) -> None:
         if isinstance(config, Config):
             if plugins:
                 raise ValueError("plugins= needs a config path or dict (a Config carries its registry)")
@@ -106,6 +109,9 @@ class Gateway(GatewayWebSockets):
         else:
             self.config = load_served(config, plugins=plugins)
         self._plugins = plugins  # a reload loads its config with the same extra plugins
+        # `serve --strict` (its workers inherit the variable): an upstream name that does
+        # not resolve at start is fatal instead of a warning
+        self.strict = strict if strict is not None else os.environ.get(ENV_STRICT) == "1"
         # An embedder's access-log callback: the records (dicts, the default shape) of each
         # flush, on the event loop (`AccessLog.flush`); with or without a destination.
         self.access_log_callback = access_log_callback
@@ -174,6 +180,11 @@ class Gateway(GatewayWebSockets):
         loop = self._loop = asyncio.get_running_loop()
         self._access_log = AccessLog(cfg.access_log, self.access_log_callback)
         self._upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
+        unresolved = [p for u in self._upstreams.values() for p in await u.resolve()]  # hostname targets
+        if unresolved and self.strict:
+            for upstream in self._upstreams.values():
+                await upstream.close()
+            raise RuntimeError("--strict: upstream names do not resolve: " + "; ".join(unresolved))
         # What the plugins open per gateway (JWKS sources, custom-authorizer clients).
         runtime = self._runtime = RuntimeContext(loop, cfg, self._upstreams)
         for policy in cfg.registry.policies():

@@ -132,6 +132,8 @@ async def apply(gw: Any, new: Config) -> dict[str, Any]:
     runtime = RuntimeContext(loop, new, upstreams, previous=gw._runtime)
     started_policies = []
     try:
+        for u in fresh:  # their hostname targets (a name that does not resolve: logged, 503 until it does)
+            await u.resolve()
         for policy in new.registry.policies():
             await policy.start(runtime)
             started_policies.append(policy)

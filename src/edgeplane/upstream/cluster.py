@@ -20,35 +20,42 @@ retries in flight against the requests in flight on this upstream.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.upstream.balance import SmoothWeighted, uniform
+from edgeplane.upstream.client import FetchError
+from edgeplane.upstream.dns import TargetResolver
 from edgeplane.upstream.hashing import HashRing, Maglev, hash64, request_key
 from edgeplane.upstream.health import ActiveChecker, OutlierDetector
 from edgeplane.upstream.pool import TargetPool
 
 if TYPE_CHECKING:
-    from edgeplane.config.model import UpstreamConfig
+    from edgeplane.config.model import Target, UpstreamConfig
 
 _randrange = random.randrange
 
 
 class Upstream:
     __slots__ = ("name", "pools", "_next", "loop", "cfg", "_weighted", "splits", "detector", "_policy",
-                 "retries_active", "retries_total", "retries_refused", "checker", "breaker_open", "_hash")
+                 "retries_active", "retries_total", "retries_refused", "checker", "breaker_open", "_hash",
+                 "weights", "resolvers", "addresses", "retired_pools", "_ssl")
 
     def __init__(self, cfg: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.name = cfg.name
         self.cfg = cfg  # a reload keeps this upstream (and its pools) while it is unchanged
         self.loop = loop
-        ctx = None
+        self._ssl = None
         if any(t.scheme == "https" for t in cfg.targets):
             from edgeplane.http.tls import client_context
 
-            ctx = client_context(cfg.tls)
-        self.pools = [TargetPool(t, cfg.pool, loop, ctx if t.scheme == "https" else None,
-                                 cfg.tls.server_name, cfg.name) for t in cfg.targets]
+            self._ssl = client_context(cfg.tls)
+        self.pools = [self._pool(t, None) for t in cfg.targets]
+        self.weights = list(cfg.weights) or [1] * len(self.pools)  # per endpoint
+        self.resolvers: list[TargetResolver] = []  # hostname targets (`resolve`)
+        self.addresses: dict[str, list[str]] = {}  # hostname -> its addresses now
+        self.retired_pools: list[TargetPool] = []  # endpoints a new answer dropped, draining
         for i, pool in enumerate(self.pools):
             pool.index = i
             pool.owner = self
@@ -65,20 +72,65 @@ class Upstream:
         self._hash: HashRing | Maglev | None = None  # ring_hash / maglev
         self.reconfigure(cfg)
 
+    def _pool(self, target: Target, address: str | None) -> TargetPool:
+        cfg = self.cfg
+        return TargetPool(target, cfg.pool, self.loop, self._ssl if target.scheme == "https" else None,
+                          cfg.tls.server_name, cfg.name, address)
+
+    async def resolve(self) -> list[str]:
+        """Resolve the hostname targets with aiodns (`upstream.dns`) and keep them
+        resolved; the names that did not resolve now (each: why)."""
+        hosts = sorted({t.host for t in self.cfg.targets if _hostname(t)})
+        self.resolvers = [TargetResolver(self.name, h, self.cfg.resilience.dns, self.set_addresses) for h in hosts]
+        if hosts:
+            self.set_addresses(None, [])  # the endpoints are what the names resolve to, nothing before
+        failed = await asyncio.gather(*(r.first() for r in self.resolvers))
+        return [f"{r.host}: {why}" for r, why in zip(self.resolvers, failed, strict=True) if why]
+
+    def set_addresses(self, host: str | None, addresses: list[str]) -> None:
+        """A name's new answer: the endpoints become each target's addresses (a pool per
+        address; unchanged ones keep their pools and connections, dropped ones drain)."""
+        if host is not None:
+            self.addresses[host] = addresses
+        old: dict[tuple[Target, str | None], TargetPool | None] = {
+            (p.target, p.host if _hostname(p.target) else None): p for p in self.pools}
+        pools, weights = [], []
+        for i, target in enumerate(self.cfg.targets):
+            weight = self.cfg.weights[i] if self.cfg.weights else 1
+            for address in (self.addresses.get(target.host, []) if _hostname(target) else [None]):
+                pools.append(old.pop((target, address), None) or self._pool(target, address))
+                weights.append(weight)
+        for gone in old.values():
+            if gone is not None:
+                gone.retire()
+                self.retired_pools.append(gone)
+        self.pools, self.weights = pools, weights
+        for i, pool in enumerate(pools):
+            pool.index = i
+            pool.owner = self
+        self._next = 0
+        self.detector = None  # rebuilt for the new endpoints
+        if self.checker is not None:
+            self.checker.close()
+            self.checker = None
+        self.reconfigure(self.cfg)
+
     def reconfigure(self, cfg: UpstreamConfig) -> None:
         """Weights and resilience settings (at start, or a reload that changed only
         those: the pools and their connections stay)."""
         self.cfg = cfg
-        self._weighted = None if uniform(cfg.weights) else SmoothWeighted(cfg.weights)
+        if len(self.weights) == len(cfg.targets):  # (else: endpoints from DNS, set by `set_addresses`)
+            self.weights = list(cfg.weights) or [1] * len(self.pools)
+        weights = self.weights
+        self._weighted = None if uniform(weights) else SmoothWeighted(weights)
         res = cfg.resilience
         self._policy = res.lb
-        weights = list(cfg.weights) or [1] * len(self.pools)
         names = [p.name for p in self.pools]
         self._hash = (HashRing(names, weights) if res.lb == "ring_hash" else Maglev(names, weights)
                       if res.lb == "maglev" else None)
         if res.outlier is None:
             self.detector = None
-        elif self.detector is None or self.detector.cfg != res.outlier:
+        elif self.detector is None or self.detector.cfg != res.outlier or len(self.detector.names) != len(names):
             self.detector = OutlierDetector(res.outlier, self.name, [p.name for p in self.pools])
         for pool in self.pools:
             pool.detector = self.detector
@@ -91,8 +143,7 @@ class Upstream:
     reweight = reconfigure  # (the name a reload of weights used)
 
     def usable(self, i: int, now: float) -> bool:
-        w = self.cfg.weights
-        if w and w[i] <= 0:
+        if self.weights[i] <= 0:
             return False
         if self.checker is not None and not self.checker.healthy[i]:
             return False
@@ -110,6 +161,8 @@ class Upstream:
         n = len(pools)
         if n == 1:
             return pools[0]
+        if not n:
+            raise NoEndpoint(f"upstream {self.name} has no endpoint: its names do not resolve")
         now = self.loop.time()
         if self._hash is not None and req is not None:
             key = request_key(req, self.cfg.resilience.lb_key, peer)
@@ -121,7 +174,7 @@ class Upstream:
             return self._round_robin(now)  # the usual path, as before
         healthy = [i for i in range(n) if self.usable(i, now)]
         if len(healthy) * 100 < n * self.cfg.resilience.panic_threshold:
-            healthy = [i for i in range(n) if not self.cfg.weights or self.cfg.weights[i] > 0]  # panic: all
+            healthy = [i for i in range(n) if self.weights[i] > 0]  # panic: all
         fresh = [i for i in healthy if pools[i] not in exclude] or healthy or list(range(n))
         if self._policy == "least_request" and len(fresh) > 1:
             k = len(fresh)  # two distinct endpoints at random: the less busy one
@@ -199,8 +252,14 @@ class Upstream:
     def sweep(self, now: float) -> None:
         for pool in self.pools:
             pool.sweep(now)
+        if self.retired_pools:
+            for pool in self.retired_pools:
+                pool.sweep(now)
+            self.retired_pools = [p for p in self.retired_pools if p.busy()]
 
     def retire(self) -> None:
+        for resolver in self.resolvers:
+            resolver.close()
         if self.checker is not None:
             self.checker.close()
         for pool in self.pools:
@@ -210,9 +269,11 @@ class Upstream:
         return any(pool.busy() for pool in self.pools)
 
     async def close(self) -> None:
+        for resolver in self.resolvers:
+            resolver.close()
         if self.checker is not None:
             self.checker.close()
-        for pool in self.pools:
+        for pool in [*self.pools, *self.retired_pools]:
             await pool.close()
 
     def telemetry(self, now: float) -> dict[str, Any]:
@@ -231,6 +292,21 @@ class Upstream:
                 "retries": {"total": self.retries_total, "active": self.retries_active,
                             "refused_by_budget": self.retries_refused},
                 "circuit_breaker_open": dict(self.breaker_open)}
+
+
+class NoEndpoint(FetchError):
+    """The upstream has no endpoint now (its hostnames do not resolve): 503."""
+
+
+def _hostname(target: Target) -> bool:
+    """Whether `target` names a host to resolve (not an IP address, not a Unix socket)."""
+    if target.scheme == "unix":
+        return False
+    try:
+        ipaddress.ip_address(target.host)
+    except ValueError:
+        return True
+    return False
 
 
 def _load(pool: TargetPool) -> int:

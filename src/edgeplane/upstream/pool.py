@@ -290,16 +290,18 @@ class TargetPool:
 
     def __init__(self, target: Target, cfg: PoolConfig, loop: asyncio.AbstractEventLoop,
                  ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
-                 upstream: str = "") -> None:
+                 upstream: str = "", address: str | None = None) -> None:
         self.target = target
         self.upstream = upstream  # the upstream's name, for logs
         # https targets: TLS with this context; SNI and the verified name default to the host.
         self.ssl = ssl_context
         self.server_hostname = (server_name or target.host) if ssl_context is not None else None
-        self.host = target.host
+        # `address`: one of the addresses a hostname target resolved to (`upstream.dns`):
+        # connected to, while Host and SNI stay the target's name
+        self.host = address or target.host
         self.port = target.port
         self.authority = target.authority.encode()
-        self.name = str(target)  # "http://host:port", for logs (computed once)
+        self.name = str(target) if address is None else f"{target} ({address})"  # for logs and labels
         self.cfg = cfg
         self.loop = loop
         self.idle: list[UpstreamConnection] = []  # a stack: the warmest connection first

@@ -33,6 +33,7 @@ from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_BODY_RATE, T_UPSTREA
 from edgeplane.http.request import body_drainable
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
 from edgeplane.plugins.hooks import run_response_hooks
+from edgeplane.upstream.cluster import NoEndpoint
 from edgeplane.upstream.pool import PoolOverflow
 from edgeplane.upstream.request_head import build_head, compile_path_template, drop_named
 from edgeplane.upstream.retry import done as retry_done
@@ -223,7 +224,11 @@ class ProxyExchange:
                 self.upstream_deadline = proto.loop.time() + self.integ.idle_timeout
                 self.window_bytes = self.req.body_size
                 proto.set_deadline(T_BODY_RATE, min(proto.ctx.limits.min_body_window, self.timeout))
-        pool = self.integ.upstream.pick(self.tried, self.req, self.proto.peer_ip)
+        try:
+            pool = self.integ.upstream.pick(self.tried, self.req, self.proto.peer_ip)
+        except NoEndpoint as exc:
+            self._fail(503, str(exc))
+            return
         self.pool = pool
         limit = pool.owner.tripped(pool) if pool.owner is not None else None
         if limit is not None:  # the upstream's circuit breaker: 503 at once, nothing queued
