@@ -309,3 +309,17 @@ async def test_a_unix_socket_target(gateway, tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert "a Unix socket target is 'unix:/absolute/path.sock'" in exc.value.errors[0]
+
+
+async def test_a_routes_retries_replace_its_upstreams(gateway):
+    async with StatusUpstream(503) as bad, StatusUpstream() as good:
+        cfg = config([bad.port, good.port], retries={"retry_on": ["connect-failure"]})  # no 503 here ...
+        cfg["routes"].append({"route": "GET /again/{proxy+}", "integration": {
+            "type": "http", "upstream": "app", "retries": {"retry_on": [503], "backoff": {"base": "1ms"}}}})
+        gw = await gateway(cfg)
+        assert sorted(await statuses(gw.addresses[0], 4)) == [200, 200, 503, 503]  # /api: the upstream's
+        c = await RawClient.connect(gw.addresses[0])
+        try:  # ... but this route's policy retries a 503 on the other endpoint
+            assert [(await c.request("GET", "/again/x")).status for _ in range(4)] == [200] * 4
+        finally:
+            await c.close()

@@ -119,6 +119,7 @@ class Integration:
     path: str | None = None  # template such as "/v2/{proxy}"; None = request path
     timeout: float = 29.0  # integration timeout -> 504 (until the response head, once the request is sent)
     idle_timeout: float | None = None  # no byte either way this long while a body moves (None: `timeout`)
+    retries: Any = None  # the route's `config.resilience.RetryConfig`, over its upstream's
     preserve_host: bool = False
     # mock
     status: int = 200

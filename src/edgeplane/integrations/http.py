@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.config import model
+from edgeplane.config.resilience import RETRIES_SCHEMA, load_retries
 from edgeplane.config.stages import STAGE_VAR
 from edgeplane.config.values import (
     HTTP_INTEGRATION_TIMEOUT_MAX,
@@ -53,6 +54,7 @@ _HTTP_INTEGRATION = {
             "description": "Time for the upstream's response head once the request is sent, 50ms..24h "
                            "(past 30 s, AWS's limit, `validate` warns); past it the client gets 504.",
         },
+        "retries": RETRIES_SCHEMA,
         "idle_timeout": {
             "$ref": "#/$defs/duration",
             "description": "While a body moves (either way): no byte for this long ends the exchange "
@@ -102,6 +104,7 @@ def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
         path=template,
         timeout=timeout,
         idle_timeout=idle,
+        retries=load_retries(spec.get("retries"), path + ("retries",), ctx),
         preserve_host=preserve if isinstance(preserve, bool) else False,
     )
 
@@ -172,7 +175,7 @@ class HttpIntegrationPlugin(Integration):
             integ.timeout, integ.preserve_host,
             claim_headers=upstream_headers, gateway_response_headers=response_headers,
             websocket=relay_settings(route.websocket or config.websocket, config.limits.send_timeout),
-            websocket_exchange=WsUpgradeExchange, idle_timeout=integ.idle_timeout,
+            websocket_exchange=WsUpgradeExchange, idle_timeout=integ.idle_timeout, retries=integ.retries,
         )
 
     def summary(self, model: Any) -> str:

@@ -62,12 +62,12 @@ class HttpIntegration:
     """Compiled once per route: where and how to forward."""
 
     __slots__ = ("upstream", "template", "timeout", "preserve_host", "name", "claim_headers",
-                 "response_skip", "websocket", "websocket_exchange", "replay_all", "idle_timeout")
+                 "response_skip", "websocket", "websocket_exchange", "replay_all", "idle_timeout", "retries")
 
     def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool,
                  claim_headers: frozenset[bytes] = frozenset(),
                  gateway_response_headers: frozenset[bytes] = frozenset(), websocket: Any = None,
-                 websocket_exchange: Any = None, idle_timeout: float | None = None):
+                 websocket_exchange: Any = None, idle_timeout: float | None = None, retries: Any = None):
         # `wsrelay.RelaySettings` for WebSocket handshakes on this route (see ws_proxy).
         self.websocket = websocket
         # The exchange class for those handshakes (`websocket.proxy.WsUpgradeExchange`,
@@ -83,9 +83,11 @@ class HttpIntegration:
         self.idle_timeout = idle_timeout if idle_timeout is not None else timeout
         self.preserve_host = preserve_host
         self.name = upstream.name
-        # `retries.methods: all`: a non-idempotent request's body is kept for a retry too
+        # The route's `retries`, over its upstream's (`upstream.retry`). With `methods: all`
+        # a non-idempotent request's body is kept for a retry too.
+        self.retries = retries
         first = upstream.upstreams[0] if hasattr(upstream, "upstreams") else upstream
-        policy = first.cfg.resilience.retries if hasattr(first, "cfg") else None
+        policy = retries or (first.cfg.resilience.retries if hasattr(first, "cfg") else None)
         self.replay_all = policy is not None and policy.methods == "all"
 
     def handle(self, proto: HttpProtocol, req: Request) -> None:

@@ -8,7 +8,8 @@ try on another endpoint (`cluster.Upstream.pick(exclude=...)`) after a backoff w
 full jitter (`base` x 2^(retry - 1), at most `max`).
 
 A failure is retried only when all hold:
-- the endpoint's upstream has a `retries` policy naming it, and tries are left;
+- the route's `integration.retries`, or else its upstream's `retries`, names it, and
+  tries are left;
 - no byte of the response reached the client, and the request can be sent again: a
   connect failure always can (nothing was sent); otherwise the method is idempotent
   (or the policy says `methods: all`) and the body sent so far is still held (at most
@@ -33,7 +34,7 @@ def retry(exchange: Any, kind: str, reason: str) -> bool:
     owner: Any = pool.owner if pool is not None else None
     if owner is None:
         return False
-    policy = owner.cfg.resilience.retries
+    policy = exchange.integ.retries or owner.cfg.resilience.retries  # the route's, else the upstream's
     if policy is None or exchange.attempt >= policy.attempts or kind not in policy.retry_on:
         return False
     req = exchange.req
