@@ -67,7 +67,7 @@ from edgeplane.runtime.admin import admin_listener_tls, build_admin_snapshot
 from edgeplane.runtime.gateway_ws import GatewayWebSockets
 from edgeplane.runtime.ports import DescriptorAlarm, ListenerLock, bind_error, fmt_address, lock_listener
 from edgeplane.runtime.reload import ReloadRefused, apply, config_hash, reload_source
-from edgeplane.upstream.cluster import Upstream
+from edgeplane.upstream.cluster import Upstream, resolve_all
 from edgeplane.websocket.connections import ConnectionRegistry
 
 if TYPE_CHECKING:
@@ -180,11 +180,7 @@ class Gateway(GatewayWebSockets):
         loop = self._loop = asyncio.get_running_loop()
         self._access_log = AccessLog(cfg.access_log, self.access_log_callback)
         self._upstreams = {name: Upstream(u, loop) for name, u in cfg.upstreams.items()}
-        unresolved = [p for u in self._upstreams.values() for p in await u.resolve()]  # hostname targets
-        if unresolved and self.strict:
-            for upstream in self._upstreams.values():
-                await upstream.close()
-            raise RuntimeError("--strict: upstream names do not resolve: " + "; ".join(unresolved))
+        await resolve_all(list(self._upstreams.values()), self.strict)  # hostname targets (`upstream.dns`)
         # What the plugins open per gateway (JWKS sources, custom-authorizer clients).
         runtime = self._runtime = RuntimeContext(loop, cfg, self._upstreams)
         for policy in cfg.registry.policies():

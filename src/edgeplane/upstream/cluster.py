@@ -294,6 +294,16 @@ class Upstream:
                 "circuit_breaker_open": dict(self.breaker_open)}
 
 
+async def resolve_all(upstreams: list[Upstream], strict: bool) -> None:
+    """Resolve every upstream's hostname targets; with `strict` (`serve --strict`) a name
+    that does not resolve closes them all and raises RuntimeError naming each."""
+    unresolved = [problem for u in upstreams for problem in await u.resolve()]
+    if unresolved and strict:
+        for upstream in upstreams:
+            await upstream.close()
+        raise RuntimeError("--strict: upstream names do not resolve: " + "; ".join(unresolved))
+
+
 class NoEndpoint(FetchError):
     """The upstream has no endpoint now (its hostnames do not resolve): 503."""
 
