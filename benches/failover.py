@@ -13,7 +13,11 @@ Scenarios (`--scenario`, default both):
   upstream with one change (`_slow-upstream`, below): its protocol class is subclassed
   so that every `--slow-every`-th response goes through the demo upstream's own delayed
   send (`/delay/{ms}`'s path) instead of being written at once. Same bytes (`ok`),
-  deterministic count.
+  deterministic count. Read its req/s with care: in a closed loop a slow answer holds
+  its client connection, and with 1 request in 60 slow every connection is waiting on
+  one within about 2,000 requests, so throughput is set by how long a slow answer is
+  waited for (2 s, or a timeout) and whether the slow target is taken out, not by the
+  gateway's speed (req/CPU-s at a few hundred req/s is mostly fixed costs).
 
 Gateways and their settings (one worker / one thread each):
 
@@ -53,7 +57,7 @@ closed before the answer, timeout; the connection is then opened anew).
 
 Figures per gateway: answers, req/s, client-visible errors (non-2xx answers and
 connection errors, by kind, with the times of the first and last), p50/p99/max latency,
-answers slower than 1 s, the gateway's CPU-seconds over the load (utime+stime of its
+answers taking 0.5 s or more, the gateway's CPU-seconds over the load (utime+stime of its
 process tree, `procs.cpu_seconds`) and requests per CPU-second; plus what the gateway
 says it did (edgeplane `/upstreams`: ejections, retries; Envoy's admin counters; nginx's
 error log lines). Output: a markdown table per scenario and a JSON summary on stdout;
@@ -241,7 +245,7 @@ def summarize(load: dict) -> dict:
         "last_error_s": round(max(error_times), 3) if error_times else None,
         "errors_detail": sorted(detail)[:1000],  # [sent at s, latency ms, status or kind], the first 1,000
         "latency_ms": {k: lat[k] for k in ("p50", "p99", "max")},
-        "over_1s": sum(1 for _, dt, _ in rows if dt >= 1.0),
+        "over_500ms": sum(1 for _, dt, _ in rows if dt >= 0.5),
     }
 
 
@@ -542,7 +546,7 @@ def _fmt(v) -> str:
 
 def markdown(results: list[dict], scen: str) -> str:
     head = ["gateway", "settings", "answers", "req/s", "errors", "error kinds", "first/last error s",
-            "p50 ms", "p99 ms", "max ms", ">= 1 s", "CPU s", "req/CPU-s"]
+            "p50 ms", "p99 ms", "max ms", ">= 0.5 s", "CPU s", "req/CPU-s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r["scenario"] != scen:
@@ -551,14 +555,14 @@ def markdown(results: list[dict], scen: str) -> str:
         when = f"{r['first_error_s']:.3f} / {r['last_error_s']:.3f}" if r["errors_total"] else "-"
         lat = r["latency_ms"]
         cells = [r["gateway"], r["variant"], r["requests"], r["rps"], r["errors_total"], kinds, when,
-                 lat["p50"], lat["p99"], lat["max"], r["over_1s"], r["cpu_s"], r["req_per_cpu_s"]]
+                 lat["p50"], lat["p99"], lat["max"], r["over_500ms"], r["cpu_s"], r["req_per_cpu_s"]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 def summary_json(data: dict) -> dict:
     keep = ("scenario", "gateway", "variant", "requests", "rps", "errors_total", "errors", "first_error_s",
-            "last_error_s", "latency_ms", "over_1s", "cpu_s", "req_per_cpu_s", "edgeplane_upstreams",
+            "last_error_s", "latency_ms", "over_500ms", "cpu_s", "req_per_cpu_s", "edgeplane_upstreams",
             "envoy_counters", "nginx_error_log")
     return {"meta": data["meta"], "results": [{k: r[k] for k in keep if k in r} for r in data["results"]],
             "skipped": data["skipped"], "notes": data["notes"]}

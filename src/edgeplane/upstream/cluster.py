@@ -234,15 +234,16 @@ class Upstream:
             self.breaker_open[limit] = self.breaker_open.get(limit, 0) + 1
         return limit
 
-    def retry_allowed(self, budget: float, minimum: int) -> bool:
+    def retry_allowed(self, budget: float, minimum: int, budgeted: bool = True) -> bool:
         """Whether one more retry fits the budget and `circuit_breaker.max_retries` (then
-        counted as in flight)."""
+        counted as in flight). Not `budgeted`: a retry after a connect failure, which
+        adds no work upstream (the first try did none), so the budget does not apply."""
         cb = self.cfg.resilience.circuit_breaker
         if cb is not None and cb.max_retries and self.retries_active >= cb.max_retries:
             self.breaker_open["max_retries"] = self.breaker_open.get("max_retries", 0) + 1
             self.retries_refused += 1
             return False
-        if self.retries_active >= max(minimum, int(budget * self.active())):
+        if budgeted and self.retries_active >= max(minimum, int(budget * self.active())):
             self.retries_refused += 1
             return False
         self.retries_active += 1

@@ -14,7 +14,10 @@ A failure is retried only when all hold:
   connect failure always can (nothing was sent); otherwise the method is idempotent
   (or the policy says `methods: all`) and the body sent so far is still held (at most
   64 KiB, `proxy._REPLAY_MAX`);
-- the upstream's retry budget allows one more retry in flight.
+- the upstream's retry budget allows one more retry in flight; a retry after a connect
+  failure is outside the budget (the first try did no work upstream, so the retry adds
+  none: it is the request's only try that reaches one), still within `attempts` and
+  `circuit_breaker.max_retries`.
 
 Each try counts in `req.integration_attempts` (the access log's
 `$context.integration.attempts`) and in the upstream's retry counters (/upstreams, the
@@ -45,7 +48,7 @@ def retry(exchange: Any, kind: str, reason: str) -> bool:
     if exchange.retrying:  # the previous retry is over: out of the budget's count
         owner.retries_active -= 1
         exchange.retrying = False
-    if not owner.retry_allowed(policy.budget, policy.min_retry_concurrency):
+    if not owner.retry_allowed(policy.budget, policy.min_retry_concurrency, kind != "connect-failure"):
         return False
     exchange.retrying = True
     exchange.tried = (*exchange.tried, pool)
