@@ -325,3 +325,20 @@ async def test_a_routes_retries_replace_its_upstreams(gateway):
             assert [(await c.request("GET", "/again/x")).status for _ in range(4)] == [200] * 4
         finally:
             await c.close()
+
+
+async def test_a_per_try_timeout_moves_a_slow_answer_to_another_endpoint(gateway):
+    async with StatusUpstream(delay=0.5) as slow, StatusUpstream() as fast:
+        gw = await gateway(config([slow.port, fast.port],
+                                  outlier_detection={"consecutive_5xx": 2, "base_ejection_time": "30s"},
+                                  retries={"retry_on": [504], "per_try_timeout": "100ms",
+                                           "backoff": {"base": "1ms", "max": "1ms"}}))
+        assert await statuses(gw.addresses[0], 20) == [200] * 20
+        app = await telemetry(gw)
+        # each try that waited on the slow one went on to the fast one; after two it was ejected
+        assert slow.requests == 2 and app["retries"]["total"] == 2
+        assert app["targets"][0]["health"] == "ejected"
+        # without 504 in retry_on, the per-try timeout answers 504 at once
+        gw2 = await gateway(config([slow.port], retries={"retry_on": ["reset"], "per_try_timeout": "100ms"}))
+        r = await RawClient.once(gw2.addresses[0], "GET", "/api/x")
+        assert (r.status, r.body) == (504, b'{"message":"Endpoint request timed out"}')

@@ -79,6 +79,7 @@ class RetryConfig:
     budget: float = 0.2  # retries in flight at most this share of the upstream's active requests ...
     min_retry_concurrency: int = 3  # ... or this many, whichever is more (Envoy's retry budget)
     methods: str = "idempotent"  # idempotent | all: which requests may be sent twice
+    per_try_timeout: float | None = None  # an attempt's wait for its response head (then as a 504)
 
     @property
     def statuses(self) -> frozenset[int]:
@@ -111,6 +112,7 @@ RETRIES_SCHEMA: dict[str, Any] = {
         "budget": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.2},
         "min_retry_concurrency": {"type": "integer", "minimum": 0, "default": 3},
         "methods": {"enum": ["idempotent", "all"], "default": "idempotent"},
+        "per_try_timeout": _DURATION,
     },
 }
 SCHEMA: dict[str, Any] = {
@@ -250,7 +252,8 @@ def load_retries(found: Any, path: Path, ctx: Any) -> RetryConfig | None:
         _int(found, "attempts", d.attempts), base, most,
         float(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else d.budget,
         _int(found, "min_retry_concurrency", d.min_retry_concurrency),
-        str(found["methods"]) if found.get("methods") in ("idempotent", "all") else d.methods)
+        str(found["methods"]) if found.get("methods") in ("idempotent", "all") else d.methods,
+        ctx.duration(found, "per_try_timeout", path, 0.0, low=0.001) if "per_try_timeout" in found else None)
 
 
 def _int(section: dict[str, Any], key: str, default: int) -> int:

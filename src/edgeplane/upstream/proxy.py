@@ -36,8 +36,8 @@ from edgeplane.plugins.hooks import run_response_hooks
 from edgeplane.upstream.cluster import NoEndpoint
 from edgeplane.upstream.pool import PoolOverflow
 from edgeplane.upstream.request_head import build_head, compile_path_template, drop_named
+from edgeplane.upstream.retry import arm_try_timer, retry
 from edgeplane.upstream.retry import done as retry_done
-from edgeplane.upstream.retry import retry
 
 if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol
@@ -124,7 +124,7 @@ class ProxyExchange:
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
         "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
-        "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back",
+        "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back", "try_timer",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -164,6 +164,7 @@ class ProxyExchange:
         self.tried: tuple[TargetPool, ...] = ()  # the endpoints of the earlier tries
         self.retrying = False  # a retry in flight, counted in its upstream's budget
         self.held_back = False  # reading the client was paused for the upstream in this body window
+        self.try_timer: Any = None  # `retries.per_try_timeout` of the attempt in flight
 
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
@@ -263,6 +264,7 @@ class ProxyExchange:
                 proto.internal_error(req, exc, f"route {req.route_key!r}: the upstream request head")
                 return
         req.upstream = pool.name
+        arm_try_timer(self)
         if self.replay:
             # A retry: what was sent before goes again on the fresh connection.
             conn.write(b"".join([self.head, *self.replay]))
@@ -358,6 +360,9 @@ class ProxyExchange:
         if line is None:
             self._upstream_failed(f"invalid status {status} from upstream")
             return
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
         pool: TargetPool = self.pool  # type: ignore[assignment]  # set: a connection answered
         pool.answered(status)
         if status >= 500 and retry(self, str(status), f"upstream answered {status}"):
@@ -447,7 +452,7 @@ class ProxyExchange:
             self.skip_interim = False
             return
         self.done = True
-        if self.retrying:
+        if self.retrying or self.try_timer is not None:
             retry_done(self)
         req = self.req
         proto = self.proto
@@ -520,7 +525,7 @@ class ProxyExchange:
 
     def _fail(self, status: int, reason: str) -> None:
         self.done = True
-        if self.retrying:
+        if self.retrying or self.try_timer is not None:
             retry_done(self)
         req = self.req
         proto = self.proto
@@ -543,7 +548,7 @@ class ProxyExchange:
             return
         self.done = True
         self.cancelled = True
-        if self.retrying:
+        if self.retrying or self.try_timer is not None:
             retry_done(self)
         if self.req.integration_error is None:
             self.req.integration_error = reason

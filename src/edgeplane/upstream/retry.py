@@ -73,8 +73,37 @@ def _again(exchange: Any, reason: str) -> None:
     exchange._acquire(True)
 
 
+def arm_try_timer(exchange: Any) -> None:
+    """An attempt's request is on its way: with `per_try_timeout`, its wait for the
+    response head is bounded; past it the attempt counts as a 504 (retried as one, when
+    `retry_on` names 504, on another endpoint; else the client gets the 504 at once)."""
+    pool = exchange.pool
+    owner: Any = pool.owner if pool is not None else None
+    policy = exchange.integ.retries or (owner.cfg.resilience.retries if owner is not None else None)
+    if policy is None or policy.per_try_timeout is None:
+        return
+    if exchange.try_timer is not None:
+        exchange.try_timer.cancel()
+    exchange.try_timer = exchange.proto.loop.call_later(policy.per_try_timeout, _try_expired, exchange)
+
+
+def _try_expired(exchange: Any) -> None:
+    exchange.try_timer = None
+    if exchange.done or exchange.got_bytes:
+        return
+    pool = exchange.pool
+    if pool is not None:
+        pool.answered(504)  # toward its ejection, as an answer that never came
+    if not retry(exchange, "504", "per-try timeout"):
+        exchange.on_timeout()
+
+
 def done(exchange: Any) -> None:
-    """The exchange ended: its retry, if any, leaves the budget's count."""
+    """The exchange ended: its retry, if any, leaves the budget's count; its per-try
+    timer stops."""
+    if exchange.try_timer is not None:
+        exchange.try_timer.cancel()
+        exchange.try_timer = None
     if exchange.retrying:
         exchange.retrying = False
         owner = exchange.pool.owner if exchange.pool is not None else None
