@@ -27,9 +27,10 @@ Gateways and their settings (one worker / one thread each):
   reset], attempts: 2}` (backoff, retry budget: defaults). Variants: `retry-budget-1.0`
   (dead-target): `retries.budget: 1.0`, retries in flight up to the requests in flight
   (the default 0.2 refuses some of the retries of a cold start's burst: 502s);
-  `timeout-1s` (slow-5pct): the route's `integration.timeout: 1s` -- edgeplane has no
-  per-try timeout, so this is the only way to bound the wait, and the request fails
-  (504) instead of going again.
+  `per-try-1s` (slow-5pct): `retries: {retry_on: [connect-failure, reset, 504],
+  per_try_timeout: 1s}` and `consecutive_5xx: 1`: a try that waits 1 s for its head is
+  retried on another target, and the slow target is ejected (as nginx's
+  `proxy_read_timeout` and Envoy's `per_try_timeout` variants do).
 - **nginx**: benches/peers.py's proxy config, the upstream's servers with `max_fails=1
   fail_timeout=30s`, `proxy_next_upstream error timeout`, `proxy_next_upstream_tries 2`.
   Variant `read-1s`: `proxy_read_timeout 1s` (nginx's per-try timeout: a timed-out try
@@ -112,7 +113,7 @@ TUNED_TIMEOUT = "1s"
 TUNED = {  # (scenario, gateway) -> the one variant run besides the defaults (module docstring)
     ("dead-target", "edgeplane"): "retry-budget-1.0",
     ("dead-target", "envoy"): "retry-budget-100%",
-    ("slow-5pct", "edgeplane"): "timeout-1s",
+    ("slow-5pct", "edgeplane"): "per-try-1s",
     ("slow-5pct", "nginx"): "read-1s",
     ("slow-5pct", "envoy"): "per-try-1s",
 }
@@ -266,8 +267,10 @@ def edgeplane_config(port: int, admin: int, targets: list[int], variant: str, d:
     up["targets"] = [f"http://127.0.0.1:{t}" for t in targets]
     up["outlier_detection"] = {"consecutive_connect_failures": 1, "consecutive_5xx": 5, "base_ejection_time": "30s"}
     up["retries"] = {"retry_on": ["connect-failure", "reset"], "attempts": 2}
-    if variant == "timeout-1s":
-        cfg["routes"][0]["integration"]["timeout"] = TUNED_TIMEOUT
+    if variant == "per-try-1s":
+        up["retries"] = {"retry_on": ["connect-failure", "reset", 504], "attempts": 2,
+                         "per_try_timeout": TUNED_TIMEOUT}
+        up["outlier_detection"]["consecutive_5xx"] = 1
     elif variant == "retry-budget-1.0":
         up["retries"]["budget"] = 1.0
     return cfg
