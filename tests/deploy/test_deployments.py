@@ -297,7 +297,8 @@ def test_commands_racing_on_one_stage_cannot_undo_each_other(tmp_path, backend, 
 
 async def test_a_promotion_is_undone_by_rollback_and_a_deployment_is_a_snapshot(tmp_path, monkeypatch, gateway):
     cfg = api_config(tmp_path, "${RELEASE_NAME}")
-    cfg["stages"]["prod"]["canary"] = {"percent": 10.0, "variable_overrides": {"backend": "users_next"}}
+    # (0 %: no request goes to it by chance; promoting it is what this test is about)
+    cfg["stages"]["prod"]["canary"] = {"percent": 0.0, "variable_overrides": {"backend": "users_next"}}
     path = write(tmp_path / "api.yaml", cfg)
     done = subprocess.run([sys.executable, "-m", "edgeplane", "deploy", "-c", str(path), "--stage", "prod"],
                           capture_output=True, text=True, env={**os.environ, "RELEASE_NAME": "resolved-at-deploy"})
