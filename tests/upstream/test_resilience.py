@@ -342,3 +342,103 @@ async def test_a_per_try_timeout_moves_a_slow_answer_to_another_endpoint(gateway
         gw2 = await gateway(config([slow.port], retries={"retry_on": ["reset"], "per_try_timeout": "100ms"}))
         r = await RawClient.once(gw2.addresses[0], "GET", "/api/x")
         assert (r.status, r.body) == (504, b'{"message":"Endpoint request timed out"}')
+
+
+class Recorder:
+    """An upstream that records each request whole (head and de-chunked or sized body).
+    `behaviour` decides per request: "ok" answers 200 echoing the body, "reset" closes
+    after reading the whole request, "503-early" answers 503 before reading the body."""
+
+    def __init__(self, behaviour: str = "ok") -> None:
+        self.behaviour, self.requests, self.port = behaviour, [], 0
+
+    async def __aenter__(self) -> Recorder:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if self.behaviour == "503-early":
+                    self.requests.append((head.split(b"\r\n")[0], None))
+                    writer.write(b"HTTP/1.1 503 X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    await writer.drain()
+                    return
+                lower = head.lower()
+                body = b""
+                if b"transfer-encoding: chunked" in lower:
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                        chunk = await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                        body += chunk[:-2]
+                elif b"content-length:" in lower:
+                    length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+                    body = await reader.readexactly(length)
+                self.requests.append((head.split(b"\r\n")[0], body))
+                if self.behaviour == "reset":
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_retried_chunked_body_reaches_the_next_endpoint_once_and_whole(gateway):
+    """Each request's last-chunk goes once: a second one would be read as another request,
+    whose answer would go to the next client on that connection."""
+    async with Recorder("reset") as first, Recorder() as second:
+        gw = await gateway(config([first.port, second.port], retries={"retry_on": ["reset"]}))
+        for i in range(4):
+            c = await RawClient.connect(gw.addresses[0])
+            try:
+                body = f"body-{i}".encode()
+                r = await c.request("PUT", "/api/x", headers={"Transfer-Encoding": "chunked"},
+                                    body=b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+                assert (r.status, r.body) == (200, body)
+            finally:
+                await c.close()
+        assert [b for _, b in second.requests] == [f"body-{i}".encode() for i in range(4)]
+        assert all(line.startswith(b"PUT /api/x ") for line, _ in second.requests)
+
+
+async def test_body_bytes_that_arrive_while_a_retry_waits_are_sent_with_it(gateway):
+    async with Recorder("503-early") as first, Recorder() as second:
+        cfg = config([first.port, second.port], retries={"retry_on": [503], "methods": "all",
+                                                         "backoff": {"base": "300ms", "max": "300ms"}})
+        cfg["limits"] = {"request_buffering": 0}
+        gw = await gateway(cfg)
+        reader, writer = await asyncio.open_connection(*gw.addresses[0])
+        writer.write(b"POST /api/x HTTP/1.1\r\nhost: gw\r\ncontent-length: 30\r\n\r\n")
+        for part in (b"a" * 10, b"b" * 10, b"c" * 10):  # the first try is answered 503 meanwhile
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        body = await reader.readexactly(30)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200") and body == b"a" * 10 + b"b" * 10 + b"c" * 10
+        assert [b for _, b in second.requests] == [body]
+
+
+async def test_a_split_keeps_each_upstreams_retry_count(gateway):
+    async with StatusUpstream(503) as blue, StatusUpstream() as green:
+        cfg = base_config(routes=[{"route": "GET /s", "integration": {
+            "type": "http", "split": [{"upstream": "blue", "weight": 1}, {"upstream": "green", "weight": 1}]}}])
+        retries = {"retry_on": [503], "attempts": 2, "backoff": {"base": "1ms", "max": "1ms"}}
+        cfg["upstreams"] = {"blue": {"targets": [f"http://127.0.0.1:{blue.port}"], "retries": retries},
+                            "green": {"targets": [f"http://127.0.0.1:{green.port}"], "retries": retries}}
+        gw = await gateway(cfg)
+        for _ in range(10):
+            await RawClient.once(gw.addresses[0], "GET", "/s")
+        r = await RawClient.once(gw.admin_address, "GET", "/upstreams")
+        active = {u["name"]: u["retries"]["active"] for u in json.loads(r.body)["upstreams"]}
+        assert active == {"blue": 0, "green": 0}

@@ -109,13 +109,15 @@ class Upstream:
             pool.index = i
             pool.owner = self
         self._next = 0
-        self.detector = None  # rebuilt for the new endpoints
-        if self.checker is not None:
-            self.checker.close()
-            self.checker = None
-        self.reconfigure(self.cfg)
+        previous, checker = self.detector, self.checker
+        self.detector = self.checker = None  # rebuilt for the new endpoints ...
+        if checker is not None:
+            checker.close()
+        self.reconfigure(self.cfg, checker)
+        if previous is not None and self.detector is not None:
+            self.detector.carry(previous)  # ... with the state of those that stayed
 
-    def reconfigure(self, cfg: UpstreamConfig) -> None:
+    def reconfigure(self, cfg: UpstreamConfig, previous_checker: ActiveChecker | None = None) -> None:
         """Weights and resilience settings (at start, or a reload that changed only
         those: the pools and their connections stay)."""
         self.cfg = cfg
@@ -138,7 +140,7 @@ class Upstream:
             self.checker.close()
             self.checker = None
         if res.health_check is not None and self.checker is None:
-            self.checker = ActiveChecker(res.health_check, self.name, self.pools)
+            self.checker = ActiveChecker(res.health_check, self.name, self.pools, previous_checker)
 
     reweight = reconfigure  # (the name a reload of weights used)
 

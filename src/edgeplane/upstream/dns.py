@@ -26,14 +26,13 @@ log = logging.getLogger("edgeplane.dns")
 
 
 class TargetResolver:
-    __slots__ = ("host", "cfg", "on_change", "resolver", "addresses", "failing", "_task", "upstream", "queries")
+    __slots__ = ("host", "cfg", "on_change", "addresses", "failing", "_task", "upstream", "queries")
 
     def __init__(self, upstream: str, host: str, cfg: Any, on_change: Callable[[str, list[str]], None]) -> None:
         self.upstream = upstream
         self.host = host
         self.cfg = cfg  # config.resilience.DnsConfig
         self.on_change = on_change
-        self.resolver = aiodns.DNSResolver(nameservers=list(cfg.resolvers) or None)
         self.addresses: list[str] = []
         self.failing = False
         self.queries = 0
@@ -44,12 +43,19 @@ class TargetResolver:
         found: list[str] = []
         ttls: list[int] = []
         errors: list[Exception] = []
-        for kind in ("A", "AAAA"):
-            try:
-                result = await self.resolver.query_dns(self.host, kind)
-            except aiodns.error.DNSError as exc:
-                errors.append(exc)
-                continue
+        # A resolver per refresh: c-ares keeps a query cache of its own (with no switch in
+        # pycares to turn it off) that would outlive `max_ttl` and keep an empty answer.
+        resolver = aiodns.DNSResolver(nameservers=list(self.cfg.resolvers) or None)
+        try:
+            results = []
+            for kind in ("A", "AAAA"):
+                try:
+                    results.append(await resolver.query_dns(self.host, kind))
+                except aiodns.error.DNSError as exc:
+                    errors.append(exc)
+        finally:
+            await resolver.close()
+        for result in results:
             for record in result.answer:
                 addr = getattr(record.data, "addr", None)
                 if addr is not None and record.type in (1, 28):
@@ -104,4 +110,3 @@ class TargetResolver:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        self.resolver.cancel()

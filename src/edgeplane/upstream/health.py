@@ -43,6 +43,16 @@ class OutlierDetector:
         self.ejections_total = [0] * n  # counted for the metrics, never reset
         self._returned = [True] * n  # its return was logged (or it was never out)
 
+    def carry(self, previous: OutlierDetector) -> None:
+        """A new set of endpoints (DNS): those that stayed keep their counts and ejection."""
+        before = {name: j for j, name in enumerate(previous.names)}
+        for i, name in enumerate(self.names):
+            j = before.get(name)
+            if j is not None:
+                self.errors_5xx[i], self.connect_failures[i] = previous.errors_5xx[j], previous.connect_failures[j]
+                self.ejected_until[i], self.ejections[i] = previous.ejected_until[j], previous.ejections[j]
+                self.ejections_total[i], self._returned[i] = previous.ejections_total[j], previous._returned[j]
+
     def healthy(self, i: int, now: float) -> bool:
         if self.ejected_until[i] <= now:
             if not self._returned[i]:
@@ -90,14 +100,20 @@ class OutlierDetector:
 
 
 class ActiveChecker:
-    """`health_check`: every `interval`, `GET path` to each target (over its pool, with
-    `timeout`); `unhealthy` failures in a row (a status not in `statuses`, a connect
-    failure, a timeout) make a target unhealthy, `healthy` passes in a row healthy
-    again. Targets start healthy; every transition is logged once."""
+    """`health_check`: every `interval`, `GET path` to each target, with `timeout`, over
+    a connection of its own (a probe pool of one connection per target, outside the
+    target's pool and its limits: a busy target is not a sick one); `unhealthy` failures
+    in a row (a status not in `statuses`, a connect failure, a timeout) make a target
+    unhealthy, `healthy` passes in a row healthy again. Targets start healthy (or as the
+    `previous` checker saw them, by name); every transition is logged once."""
 
-    __slots__ = ("cfg", "upstream", "pools", "healthy", "passes", "failures", "checks", "_task")
+    __slots__ = ("cfg", "upstream", "pools", "healthy", "passes", "failures", "checks", "_task", "probes")
 
-    def __init__(self, cfg: HealthCheckConfig, upstream: str, pools: list[Any]) -> None:
+    def __init__(self, cfg: HealthCheckConfig, upstream: str, pools: list[Any],
+                 previous: ActiveChecker | None = None) -> None:
+        from edgeplane.config.model import PoolConfig
+        from edgeplane.upstream.pool import TargetPool
+
         self.cfg = cfg
         self.upstream = upstream
         self.pools = pools
@@ -105,6 +121,18 @@ class ActiveChecker:
         self.healthy = [True] * n
         self.passes = [0] * n
         self.failures = [0] * n
+        if previous is not None:  # a new set of endpoints (DNS): those that stayed keep their state
+            before = {p.name: i for i, p in enumerate(previous.pools)}
+            for i, pool in enumerate(pools):
+                j = before.get(pool.name)
+                if j is not None:
+                    self.healthy[i], self.passes[i], self.failures[i] = (
+                        previous.healthy[j], previous.passes[j], previous.failures[j])
+        probe = PoolConfig(max_connections=1, max_idle=1, idle_timeout=max(2 * cfg.interval, 1.0),
+                           connect_timeout=cfg.timeout, max_waiters=1, wait_timeout=cfg.timeout)
+        loop = asyncio.get_running_loop()
+        self.probes = [TargetPool(p.target, probe, loop, p.ssl, p.server_hostname, upstream,
+                                  p.host if p.host != p.target.host else None) for p in pools]
         self.checks = 0
         self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._run())
 
@@ -119,7 +147,8 @@ class ActiveChecker:
 
         pool = self.pools[i]
         try:
-            status, _, _ = await fetch(pool, "GET", self.cfg.path, timeout=self.cfg.timeout, max_bytes=64 * 1024)
+            status, _, _ = await fetch(self.probes[i], "GET", self.cfg.path, timeout=self.cfg.timeout,
+                                       max_bytes=64 * 1024)
             ok, why = status in self.cfg.statuses, f"answered {status}"
         except FetchError as exc:
             ok, why = False, str(exc)
@@ -142,3 +171,5 @@ class ActiveChecker:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for probe in self.probes:
+            probe.retire()  # its idle connection closes (one in use closes when released)

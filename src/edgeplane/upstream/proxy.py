@@ -162,7 +162,7 @@ class ProxyExchange:
         self.attempt = 1  # tries so far (`retries.attempts` bounds them)
         req.integration_attempts = 1
         self.tried: tuple[TargetPool, ...] = ()  # the endpoints of the earlier tries
-        self.retrying = False  # a retry in flight, counted in its upstream's budget
+        self.retrying: Any = None  # the upstream whose budget counts this exchange's retry in flight
         self.held_back = False  # reading the client was paused for the upstream in this body window
         self.try_timer: Any = None  # `retries.per_try_timeout` of the attempt in flight
 
@@ -265,19 +265,18 @@ class ProxyExchange:
                 return
         req.upstream = pool.name
         arm_try_timer(self)
-        if self.replay:
-            # A retry: what was sent before goes again on the fresh connection.
-            conn.write(b"".join([self.head, *self.replay]))
+        # A retry: what was sent before goes again on the fresh connection (`replay`, as
+        # framed then), followed by what arrived while no connection was attached.
+        sent = list(self.replay) if self.replay else []  # (a copy: `_keep_for_replay` appends to it)
+        body = req.body_buf
+        if body:
+            req.body_buf = None
+            frames = [self._frame(c) for c in body] if req.chunked else body
+            self._keep_for_replay(body)
+            conn.write(b"".join([self.head, *sent, *frames]))
+            proto.resume_reading(P_BUFFER)
         else:
-            body = req.body_buf
-            if body:
-                req.body_buf = None
-                self._keep_for_replay(body)
-                frames = [self._frame(c) for c in body] if req.chunked else body
-                conn.write(b"".join([self.head, *frames]))
-                proto.resume_reading(P_BUFFER)
-            else:
-                conn.write(self.head)
+            conn.write(b"".join([self.head, *sent]) if sent else self.head)
         self.buffered = 0
         if req.complete:
             self._request_done()
@@ -334,10 +333,13 @@ class ProxyExchange:
                 self.request_sent = True
 
     def _request_done(self) -> None:
-        if self.req.chunked:
+        replay = self.replay
+        # (on a retry the last-chunk went with the replayed body: never twice, or the
+        # upstream would read a second request from it)
+        if self.req.chunked and not (replay and replay[-1] is _CHUNK_END):
             self.conn.write(_CHUNK_END)  # type: ignore[union-attr]  # set: called once connected
-            if self.replay is not None:
-                self.replay.append(_CHUNK_END)
+            if replay is not None:
+                replay.append(_CHUNK_END)
         self.request_sent = True
 
     def request_stalled(self) -> bool:
@@ -452,7 +454,7 @@ class ProxyExchange:
             self.skip_interim = False
             return
         self.done = True
-        if self.retrying or self.try_timer is not None:
+        if self.retrying is not None or self.try_timer is not None:
             retry_done(self)
         req = self.req
         proto = self.proto
@@ -491,6 +493,7 @@ class ProxyExchange:
             and not self.retried
             and self.replay is not None
             and conn.requests > 1
+            and self.req.method in _IDEMPOTENT  # (`retries.methods: all` keeps a POST's body too)
         ):
             # A reused keep-alive connection raced with the upstream closing it.
             self.retried = True
@@ -525,7 +528,7 @@ class ProxyExchange:
 
     def _fail(self, status: int, reason: str) -> None:
         self.done = True
-        if self.retrying or self.try_timer is not None:
+        if self.retrying is not None or self.try_timer is not None:
             retry_done(self)
         req = self.req
         proto = self.proto
@@ -548,7 +551,7 @@ class ProxyExchange:
             return
         self.done = True
         self.cancelled = True
-        if self.retrying or self.try_timer is not None:
+        if self.retrying is not None or self.try_timer is not None:
             retry_done(self)
         if self.req.integration_error is None:
             self.req.integration_error = reason
@@ -575,4 +578,6 @@ class ProxyExchange:
             self.held_back = True  # this body window does not count against the client
             self.proto.pause_reading(P_UPSTREAM)
         else:
+            if self.upstream_deadline:  # the upstream took bytes: the body moves
+                self.upstream_deadline = self.proto.loop.time() + self.integ.idle_timeout
             self.proto.resume_reading(P_UPSTREAM)

@@ -45,12 +45,12 @@ def retry(exchange: Any, kind: str, reason: str) -> bool:
         return False
     if kind != "connect-failure" and exchange.replay is None:
         return False  # sent, and not kept: it cannot go again
-    if exchange.retrying:  # the previous retry is over: out of the budget's count
-        owner.retries_active -= 1
-        exchange.retrying = False
+    if exchange.retrying is not None:  # the previous retry is over: out of its upstream's count
+        exchange.retrying.retries_active -= 1
+        exchange.retrying = None
     if not owner.retry_allowed(policy.budget, policy.min_retry_concurrency, kind != "connect-failure"):
         return False
-    exchange.retrying = True
+    exchange.retrying = owner  # the upstream whose budget counts it (a split may pick another next)
     exchange.tried = (*exchange.tried, pool)
     exchange.attempt += 1
     req.integration_attempts = exchange.attempt
@@ -104,8 +104,6 @@ def done(exchange: Any) -> None:
     if exchange.try_timer is not None:
         exchange.try_timer.cancel()
         exchange.try_timer = None
-    if exchange.retrying:
-        exchange.retrying = False
-        owner = exchange.pool.owner if exchange.pool is not None else None
-        if owner is not None:
-            owner.retries_active -= 1
+    if exchange.retrying is not None:
+        exchange.retrying.retries_active -= 1
+        exchange.retrying = None
