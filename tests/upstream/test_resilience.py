@@ -442,3 +442,15 @@ async def test_a_split_keeps_each_upstreams_retry_count(gateway):
         r = await RawClient.once(gw.admin_address, "GET", "/upstreams")
         active = {u["name"]: u["retries"]["active"] for u in json.loads(r.body)["upstreams"]}
         assert active == {"blue": 0, "green": 0}
+
+
+async def test_a_busy_target_is_not_marked_unhealthy(gateway):
+    async with StatusUpstream(delay=0.6) as busy, StatusUpstream(delay=0.6) as other:
+        gw = await gateway(config([busy.port, other.port], pool={"max_connections": 1}, health_check={
+            "interval": "50ms", "timeout": "40ms", "healthy": 1, "unhealthy": 2}))
+        slow = [asyncio.ensure_future(RawClient.once(gw.addresses[0], "GET", "/api/x")) for _ in range(2)]
+        await asyncio.sleep(0.4)  # both targets' only connection is busy; checks go on meanwhile
+        targets = (await telemetry(gw))["targets"]
+        assert [t["health"] for t in targets] == ["up", "up"]
+        assert all(t["active_check"]["passes"] >= 3 for t in targets)
+        assert [r.status for r in await asyncio.gather(*slow)] == [200, 200]
