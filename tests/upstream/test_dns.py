@@ -113,3 +113,15 @@ async def test_a_name_that_does_not_resolve_yet_is_503_until_it_does(gateway):
             await Gateway(config(one.port, dns, "nowhere.test"), strict=True).start()
     finally:
         dns.close()
+
+
+async def test_an_aaaa_only_name_reaches_its_ipv6_endpoint(gateway):
+    dns = await DnsPeer().start()
+    try:
+        async with Echo("::1") as six:
+            dns.table[("six.test", "AAAA")] = [("::1", 1)]
+            gw = await gateway(config(six.port, dns, "six.test"))
+            assert await served_by(gw.addresses[0], 2) == ["::1", "::1"]
+            assert (await upstreams(gw))["targets"][0]["target"] == f"http://six.test:{six.port} (::1)"
+    finally:
+        dns.close()

@@ -243,8 +243,7 @@ class Upstream:
         cb = self.cfg.resilience.circuit_breaker
         if cb is not None and cb.max_retries and self.retries_active >= cb.max_retries:
             self.breaker_open["max_retries"] = self.breaker_open.get("max_retries", 0) + 1
-            self.retries_refused += 1
-            return False
+            return False  # (counted as the circuit breaker's, not the budget's)
         if budgeted and self.retries_active >= max(minimum, int(budget * self.active())):
             self.retries_refused += 1
             return False
