@@ -93,11 +93,11 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import peers as peers_mod  # noqa: E402
 from procs import (  # noqa: E402
+    Ports,
     Procs,
     cpu_plan,
     cpu_seconds,
     edgeplane_argv,
-    free_port,
     guarded,
     wait_http,
 )
@@ -162,27 +162,6 @@ def slow_upstream_main(argv: list[str]) -> int:
 # =========================================================================== ports
 
 
-class Ports:
-    """Loopback ports: from `lo`-`hi` when given (each checked free, never handed out
-    twice), else `procs.free_port()`."""
-
-    def __init__(self, spec: str | None) -> None:
-        self.range = None
-        if spec:
-            lo, _, hi = spec.partition("-")
-            self.range = iter(range(int(lo), int(hi or lo) + 1))
-
-    def get(self) -> int:
-        if self.range is None:
-            return free_port()
-        for port in self.range:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-        raise RuntimeError("--ports: no free port left in the range")
 
 
 # =========================================================================== client

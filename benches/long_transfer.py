@@ -57,7 +57,6 @@ import asyncio
 import http.client
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -68,11 +67,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from procs import (  # noqa: E402
+    Ports,
     Procs,
     cpu_plan,
     cpu_seconds,
     edgeplane_argv,
-    free_port,
     guarded,
     rss_bytes,
     wait_http,
@@ -349,27 +348,6 @@ async def download(port: int, size: int, rate: int | None, overall: float) -> di
 # =========================================================================== the run
 
 
-class Ports:
-    """Loopback ports: from `lo`-`hi` when given (each checked free, never handed out
-    twice), else `procs.free_port()`."""
-
-    def __init__(self, spec: str | None) -> None:
-        self.range = None
-        if spec:
-            lo, _, hi = spec.partition("-")
-            self.range = iter(range(int(lo), int(hi or lo) + 1))
-
-    def get(self) -> int:
-        if self.range is None:
-            return free_port()
-        for port in self.range:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-        raise RuntimeError("--ports: no free port left in the range")
 
 
 def gateway_config(port: int, admin: int, upstream: int, max_body: int) -> dict:

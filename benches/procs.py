@@ -11,7 +11,8 @@ the processes of a run, and reading their CPU time and memory from /proc.
   from the kernel if the runner is killed outright (PR_SET_PDEATHSIG).
 - `cpu_seconds(pid)` / `rss_bytes(pid)`: utime+stime / VmRSS summed over a process and
   all its descendants (supervisor + workers, nginx master + workers).
-- `free_port()`, `wait_http(...)`: ports and readiness probes.
+- `free_port()`, `Ports` (from a `--ports LO-HI` range), `wait_http(...)`: ports and
+  readiness probes.
 - `guarded(...)`: a controller's run: Ctrl-C and SIGTERM as KeyboardInterrupt, the
   controller on the load cores, and whatever happens every process stopped and the
   work dir removed.
@@ -302,3 +303,26 @@ def guarded(script: str, run: Callable[[], Any], stop: Callable[[], None], workd
             print(f"work dir kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Ports:
+    """Loopback ports: from `lo`-`hi` when given (each checked free, never handed out
+    twice), else `procs.free_port()`."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.range = None
+        if spec:
+            lo, _, hi = spec.partition("-")
+            self.range = iter(range(int(lo), int(hi or lo) + 1))
+
+    def get(self) -> int:
+        if self.range is None:
+            return free_port()
+        for port in self.range:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError("--ports: no free port left in the range")
