@@ -451,3 +451,29 @@ async def test_a_deployed_stage_verifies_a_jwt_audience_from_its_stage_variable(
 
     assert [await status("/prod/version", "api"), await status("/prod/version", "api-dev"),
             await status("/dev/version", "api-dev"), await status("/dev/version", "api")] == [200, 401, 200, 401]
+
+
+async def test_an_authorizer_no_stage_serves_is_not_started(gateway, tmp_path):
+    from jwks_peer import EmptyJwks
+
+    jwks = await EmptyJwks().start()
+    try:
+        path = write(tmp_path / "api.yaml", api_config(tmp_path, "v1"))
+        deploy(path, "dev")
+        deploy(path, "prod")  # both stages serve routes without an authorizer
+        later = api_config(tmp_path, "v2")
+        later["routes"][0]["auth"] = "files_own"
+        later["authorizers"] = {"files_own": {"type": "jwt", "issuer": "https://auth.test/", "audience": "api",
+                                              "jwks": {"url": jwks.url}}}
+        write(path, later)  # the file's routes use it; no stage serves the file's routes
+        gw = await gateway(str(path))
+        assert await version(gw.addresses[0], "/prod/version") == "v1"
+        assert "files_own" not in gw.config.authorizers and jwks.fetches == 0
+        # a stage that serves the file's routes: it is started, and guards them
+        later["stages"]["qa"] = {"variables": {"backend": "users"}}
+        write(path, later)
+        await gw.reload_from_source()
+        assert "files_own" in gw.config.authorizers and jwks.fetches >= 1
+        assert (await RawClient.once(gw.addresses[0], "GET", "/qa/version")).status == 401
+    finally:
+        jwks.close()

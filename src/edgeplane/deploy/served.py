@@ -36,7 +36,7 @@ from typing import Any
 
 from edgeplane.config.loader import ConfigError, load_config, load_config_text
 from edgeplane.config.model import Config, StageApi
-from edgeplane.config.stages import DEPLOYMENT_ID, for_stage
+from edgeplane.config.stages import DEPLOYMENT_ID, for_stage, views
 from edgeplane.deploy.redis_store import RedisStore
 from edgeplane.deploy.store import SqliteStore, Store, StoreError
 
@@ -160,7 +160,24 @@ def attach(config: Config, served: dict[str, Any] | None, plugins: Sequence[Any]
                            side_ref, dataclasses.replace(side, authorizers=authorizers, upstreams=upstreams)
                            if side is not None else None)
             for name, deployment, main, side_ref, side in built}
-    return dataclasses.replace(config, apis=apis, authorizers=authorizers, upstreams=upstreams, deployed=served)
+    attached = dataclasses.replace(config, apis=apis, authorizers=authorizers, upstreams=upstreams, deployed=served)
+    # Only the authorizers some stage serves are started (a file's own authorizer no stage
+    # uses any more would still fetch its JWKS): what the routes and $connect routes of
+    # every stage and canary side name, resolved per stage.
+    used = {name for _, _, view in views(attached) for name in _authorizers_named(view)}
+    if used >= set(authorizers):
+        return attached
+    kept = {name: a for name, a in authorizers.items() if name in used}
+    return dataclasses.replace(attached, authorizers=kept, apis={
+        name: StageApi(api.deployment, dataclasses.replace(api.config, authorizers=kept), api.canary_deployment,
+                       dataclasses.replace(api.canary, authorizers=kept) if api.canary is not None else None)
+        for name, api in apis.items()})
+
+
+def _authorizers_named(view: Config) -> set[str]:
+    """The authorizers `view`'s routes and WebSocket routes name (resolved for its stage)."""
+    return {rc.auth for rc in view.routes if rc.auth} | {
+        r.auth for api in view.websocket_apis.values() for r in api.routes.values() if r.auth}
 
 
 def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any], variables: dict[str, str],
