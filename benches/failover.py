@@ -80,7 +80,6 @@ import http.client
 import itertools
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -99,7 +98,6 @@ from procs import (  # noqa: E402
     cpu_seconds,
     edgeplane_argv,
     guarded,
-    wait_http,
 )
 from reload_under_load import Cut, _connect, _exchange, _kind, lat_summary  # noqa: E402
 from scenarios import SCENARIOS, gateway_config  # noqa: E402
@@ -360,16 +358,7 @@ class Bench:
     def start(self, name: str, argv: list[str], cores, port: int, path: str | None = PATH) -> subprocess.Popen:
         """Starts `argv` and waits until GET `path` on `port` answers 200 (`path` None: until
         `port` accepts a connection)."""
-        proc = self.procs.start(name, argv, cores)
-        try:
-            if path is None:
-                wait_listen(port, proc)
-            else:
-                wait_http(port, path, proc, timeout=30)
-        except RuntimeError as exc:
-            self.procs.stop(proc)
-            raise RuntimeError(f"{name} did not start: {exc}\n{self.procs.log_tail(name)}") from None
-        return proc
+        return self.procs.start_ready(name, argv, cores, port, path)
 
     def gateways(self) -> list[Gateway]:
         out = [Gateway("edgeplane", _edgeplane_version())]
@@ -491,18 +480,6 @@ def _run_loop(coro):
     return uvloop.run(coro)
 
 
-def wait_listen(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Waits until `port` accepts a TCP connection; raises if `proc` exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with status {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"not listening on port {port} within {timeout:.0f}s")
 
 
 def _edgeplane_version() -> str:

@@ -57,7 +57,6 @@ import asyncio
 import http.client
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,7 +73,6 @@ from procs import (  # noqa: E402
     edgeplane_argv,
     guarded,
     rss_bytes,
-    wait_http,
 )
 
 KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
@@ -388,16 +386,6 @@ class Bench:
         self.ports = Ports(a.ports)
         self.me = str(Path(__file__).resolve())
 
-    def start(self, name: str, argv: list[str], cores: frozenset[int] | None, port: int,
-              path: str) -> subprocess.Popen:
-        proc = self.procs.start(name, argv, cores)
-        try:
-            wait_http(port, path, proc, timeout=30)
-        except RuntimeError as exc:
-            self.procs.stop(proc)
-            raise RuntimeError(f"{name} did not start: {exc}\n{self.procs.log_tail(name)}") from None
-        return proc
-
     def run(self) -> dict:
         a = self.a
         print(f"pinning: {self.plan.note}", file=sys.stderr, flush=True)
@@ -418,17 +406,14 @@ class Bench:
     def one(self, direction: str) -> dict:
         a = self.a
         up = self.ports.get()
-        if direction == "upload":
-            upstream = self.start("slow-reader", [sys.executable, self.me, "_slow-reader", "--port", str(up),
-                                                  "--rate", str(a.rate)], self.plan.load, up, "/")
-        else:
-            upstream = self.start("fast-sender", [sys.executable, self.me, "_fast-sender", "--port", str(up)],
-                                  self.plan.load, up, "/")
+        child = (["_slow-reader", "--port", str(up), "--rate", str(a.rate)] if direction == "upload"
+                 else ["_fast-sender", "--port", str(up)])
+        upstream = self.procs.start_ready(child[0][1:], [sys.executable, self.me, *child], self.plan.load, up, "/")
         port, admin = self.ports.get(), self.ports.get()
         cfg = self.workdir / f"gateway-{direction}.yaml"
         cfg.write_text(json.dumps(gateway_config(port, admin, up, max(GIB, a.size)), indent=2) + "\n")
-        gw = self.start(f"gateway-{direction}", edgeplane_argv() + ["serve", "-c", str(cfg)],
-                        self.plan.server, admin, "/ready")
+        gw = self.procs.start_ready(f"gateway-{direction}", edgeplane_argv() + ["serve", "-c", str(cfg)],
+                                    self.plan.server, admin, "/ready")
         print(f"{direction}: {mib(a.size)} MiB at {mib(a.rate)} MiB/s "
               f"(about {a.size / a.rate:.0f} s) ...", file=sys.stderr, flush=True)
         try:

@@ -95,6 +95,22 @@ class Procs:
         self._procs.append(proc)
         return proc
 
+    def start_ready(self, name: str, argv: list[str], cores: frozenset[int] | None, port: int,
+                    path: str | None = "/2b", timeout: float = 30.0) -> subprocess.Popen:
+        """`start`, then wait until GET `path` on `port` answers 200 (`path` None: until
+        `port` accepts a connection). One that does not get there is stopped, and the
+        RuntimeError says why with the tail of its log."""
+        proc = self.start(name, argv, cores)
+        try:
+            if path is None:
+                wait_listen(port, proc, timeout)
+            else:
+                wait_http(port, path, proc, timeout=timeout)
+        except RuntimeError as exc:
+            self.stop(proc)
+            raise RuntimeError(f"{name} did not start: {exc}\n{self.log_tail(name)}") from None
+        return proc
+
     def log_tail(self, name: str, lines: int = 15) -> str:
         try:
             text = (self.log_dir / f"{name}.log").read_text(errors="replace")
@@ -326,3 +342,17 @@ class Ports:
                     continue
             return port
         raise RuntimeError("--ports: no free port left in the range")
+
+
+def wait_listen(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Waits until `port` accepts a TCP connection; raises if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"not listening on port {port} within {timeout:.0f}s")

@@ -306,11 +306,7 @@ class Bench:
         port, admin, up1, up2 = pick_ports(4, a.ports[0], a.ports[1])
         ups = [up1, up2]
         for name, up in (("upstream-v1", up1), ("upstream-v2", up2)):
-            proc = self.procs.start(name, edgeplane_argv() + ["demo-upstream", "--port", str(up)], self.plan.load)
-            try:
-                wait_http(up, "/2b", proc)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{name} did not start: {exc}\n{self.procs.log_tail(name)}") from None
+            self.procs.start_ready(name, edgeplane_argv() + ["demo-upstream", "--port", str(up)], self.plan.load, up)
 
         data_dir = self.data_dir
         host, v2 = self.workdir / "host.yaml", self.workdir / "v2.yaml"

@@ -714,12 +714,7 @@ class Bench:
         return out
 
     def start(self, name: str, argv: list[str], cores, port: int, path: str) -> subprocess.Popen:
-        proc = self.procs.start(name, argv, cores)
-        self.helpers[name] = proc
-        try:
-            wait_http(port, path, proc)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{name} did not start: {exc}\n{self.procs.log_tail(name)}") from None
+        proc = self.helpers[name] = self.procs.start_ready(name, argv, cores, port, path)
         return proc
 
     def write_config(self, which: str) -> None:
