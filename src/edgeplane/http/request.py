@@ -123,6 +123,17 @@ def header(req: Request, name: bytes) -> bytes | None:
     return None
 
 
+def cookie(req: Request, name: bytes) -> bytes | None:
+    """The value of cookie `name` in the request's Cookie headers, or None."""
+    for key, value in req.headers:
+        if key == b"cookie":
+            for part in value.split(b";"):
+                k, _, v = part.strip().partition(b"=")
+                if k == name:
+                    return v
+    return None
+
+
 def header_all(req: Request, name: bytes) -> list[bytes]:
     """Every value of header `name`, in order."""
     return [value for key, value in req.headers if key == name]

@@ -21,7 +21,7 @@ import random
 import zlib
 from typing import Any
 
-from edgeplane.http.request import header
+from edgeplane.http.request import cookie, header
 
 _random = random.random
 
@@ -50,17 +50,7 @@ class Canary:
         if self.sticky_header is not None:
             key = header(req, self.sticky_header)
         elif self.sticky_cookie is not None:
-            key = _cookie(req, self.sticky_cookie)
+            key = cookie(req, self.sticky_cookie)
         if key:
             return zlib.crc32(key) % 10_000 < self._threshold
         return _random() * 100 < self.percent
-
-
-def _cookie(req: Any, name: bytes) -> bytes | None:
-    for key, value in req.headers:
-        if key == b"cookie":
-            for part in value.split(b";"):
-                k, _, v = part.strip().partition(b"=")
-                if k == name:
-                    return v
-    return None

@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from edgeplane.http.request import header
+from edgeplane.http.request import cookie, header
 
 POINTS_PER_WEIGHT = 160
 MAGLEV_SIZE = 65_537
@@ -112,13 +112,7 @@ def request_key(req: Any, source: str, peer: str) -> bytes | None:
     if kind == "header":
         return header(req, name.encode())
     if kind == "cookie":
-        for key, value in req.headers:
-            if key == b"cookie":
-                for part in value.split(b";"):
-                    k, _, v = part.strip().partition(b"=")
-                    if k == name.encode():
-                        return v
-        return None
+        return cookie(req, name.encode())
     if kind == "path":
         value = (req.params or {}).get(name)
         return value if isinstance(value, bytes) else value.encode() if isinstance(value, str) else None

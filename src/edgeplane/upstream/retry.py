@@ -32,12 +32,19 @@ from typing import Any
 _uniform = random.uniform
 
 
+def _policy(exchange: Any) -> tuple[Any, Any]:
+    """(the upstream of the attempt's endpoint, the retry policy: the route's, else that
+    upstream's); (None, None) before an endpoint was picked."""
+    pool = exchange.pool
+    owner = pool.owner if pool is not None else None
+    if owner is None:
+        return None, None
+    return owner, exchange.integ.retries or owner.cfg.resilience.retries
+
+
 def retry(exchange: Any, kind: str, reason: str) -> bool:
     pool = exchange.pool
-    owner: Any = pool.owner if pool is not None else None
-    if owner is None:
-        return False
-    policy = exchange.integ.retries or owner.cfg.resilience.retries  # the route's, else the upstream's
+    owner, policy = _policy(exchange)
     if policy is None or exchange.attempt >= policy.attempts or kind not in policy.retry_on:
         return False
     req = exchange.req
@@ -77,9 +84,7 @@ def arm_try_timer(exchange: Any) -> None:
     """An attempt's request is on its way: with `per_try_timeout`, its wait for the
     response head is bounded; past it the attempt counts as a 504 (retried as one, when
     `retry_on` names 504, on another endpoint; else the client gets the 504 at once)."""
-    pool = exchange.pool
-    owner: Any = pool.owner if pool is not None else None
-    policy = exchange.integ.retries or (owner.cfg.resilience.retries if owner is not None else None)
+    policy = _policy(exchange)[1]
     if policy is None or policy.per_try_timeout is None:
         return
     if exchange.try_timer is not None:
