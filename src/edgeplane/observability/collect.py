@@ -177,6 +177,10 @@ def _plugin_samples(gateway: Any) -> list[tuple[str, tuple[str, ...], Any, float
     runtime = gateway._runtime
     if runtime is not None:
         for state in runtime.state.values():
+            metric_samples = getattr(state, "metric_samples", None)
+            if metric_samples is not None:  # a plugin's runtime that counts for itself (the cache)
+                out += metric_samples()
+                continue
             if not isinstance(state, dict):
                 continue
             for name, source in state.items():

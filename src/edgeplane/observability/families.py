@@ -71,6 +71,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Requests (or retries) a circuit-breaker limit refused."),
     Family("edgeplane_upstream_retries_refused", "counter", ("upstream",),
            "Retries the retry budget did not allow."),
+    Family("edgeplane_cache_lookups", "counter", ("stage", "route", "result"),
+           "Requests of a cached route by what the cache did: hit (answered from it), miss (sent "
+           "upstream), refresh (an authorized Cache-Control: max-age=0), stale (a stale entry "
+           "answered for a failed upstream), coalesced (waited for another request's fill)."),
+    Family("edgeplane_cache_evictions", "counter", ("stage", "route"),
+           "Entries removed to keep a route's cache within its capacity."),
+    Family("edgeplane_cache_stored", "counter", ("stage", "route"), "Responses stored in a route's cache."),
+    Family("edgeplane_cache_bytes", "gauge", ("stage", "route"),
+           "Bytes a route's in-memory cache holds now, per worker (summed over workers)."),
+    Family("edgeplane_cache_entries", "gauge", ("stage", "route"),
+           "Entries a route's in-memory cache holds now (summed over workers)."),
     Family("edgeplane_jwks_fetches", "counter", ("authorizer",), "JWKS fetches of a JWT authorizer with a jwks_url."),
     Family("edgeplane_jwks_fetch_failures", "counter", ("authorizer",), "JWKS fetches that failed."),
     Family("edgeplane_authorizer_calls", "counter", ("authorizer",),

@@ -46,6 +46,7 @@ _BUILTIN_POLICIES = (
     "edgeplane.policies.http_authorizer.plugin:plugin",
     "edgeplane.policies.throttle.plugin:plugin",
     "edgeplane.policies.quota.plugin:plugin",
+    "edgeplane.policies.cache.plugin:plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeplane.proxy")
 
-_RESPONSE_SKIP = frozenset((
+RESPONSE_SKIP = frozenset((
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
     b"content-length", b"x-request-id",
@@ -75,7 +75,7 @@ class HttpIntegration:
         self.websocket_exchange = websocket_exchange
         self.claim_headers = claim_headers  # header names the route's authorizer sets
         # Upstream response headers the gateway owns on this route (CORS, as AWS does).
-        self.response_skip = _RESPONSE_SKIP | gateway_response_headers
+        self.response_skip = RESPONSE_SKIP | gateway_response_headers
         self.upstream = upstream
         self.template = compile_path_template(path)
         self.timeout = timeout  # for the response head, once the request is sent
@@ -369,6 +369,12 @@ class ProxyExchange:
         pool.answered(status)
         if status >= 500 and retry(self, str(status), f"upstream answered {status}"):
             return  # that answer is dropped with its connection; another endpoint is tried
+        fill = req.cache_fill  # the response cache's tap (`policies.cache.stage.Fill`)
+        if fill is not None:
+            if fill.rescues(status):  # `stale_if_error`: the stale entry answers instead
+                self._upstream_failed(f"upstream answered {status}")
+                return
+            fill.head(status, headers)
         req.integration_latency = time.perf_counter() - self.t_dispatch
         req.integration_status = status
         if req.route.response_hooks:
@@ -433,6 +439,9 @@ class ProxyExchange:
         if self.done or self.skip_interim:
             return
         self.req.response_length += len(chunk)
+        fill = self.req.cache_fill
+        if fill is not None:
+            fill.body(chunk)
         if self.chunked_out:
             self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
@@ -458,6 +467,8 @@ class ProxyExchange:
             retry_done(self)
         req = self.req
         proto = self.proto
+        if req.cache_fill is not None:
+            req.cache_fill.complete()
         out = self.out
         if self.chunked_out:
             out.append(_CHUNK_END)
@@ -534,6 +545,9 @@ class ProxyExchange:
         proto = self.proto
         req.integration_error = reason
         proto.resume_reading(P_UPSTREAM | P_BUFFER)
+        fill = req.cache_fill
+        if fill is not None and fill.serve_stale(proto, req):
+            return  # `stale_if_error`: the stale entry answered
         if req.response_started:
             # The client already has the upstream's status line: it is what the access
             # log keeps (with the error); /stats counts the cut, not a 502 never sent.
@@ -555,6 +569,8 @@ class ProxyExchange:
             retry_done(self)
         if self.req.integration_error is None:
             self.req.integration_error = reason
+        if self.req.cache_fill is not None:
+            self.req.cache_fill.abandon()
         conn = self.conn
         self.conn = None
         if conn is not None:

@@ -1,0 +1,1 @@
+"""The response cache policy (`routes[].cache`): see `plugin`."""
