@@ -17,6 +17,8 @@ Owns the admin routes, compiled into an ordinary snapshot whose integrations are
 - `GET /routes`: the compiled route table in match-priority order (with `stages`, each
   stage's, every route naming its `stage`), with each route's
   upstream and policies (authorizer, throttle levels, CORS);
+- `DELETE /cache[?route=KEY&path=P&stage=S]`: flush the response cache in every worker
+  (`admin_cache`);
 - `POST|GET|DELETE /@connections/{id}`: the WebSocket API management API (AWS's
   @connections): send a message to a client, describe it, disconnect it. An id of a
   connection this worker does not hold is forwarded to its owner (`ws_connections`):
@@ -58,6 +60,7 @@ from edgeplane.http.tls import ListenerTls
 from edgeplane.observability.dashboard import HTML_TYPE, DashboardIntegration, pages
 from edgeplane.routing.router import compile_routes
 from edgeplane.routing.snapshot import CompiledRoute, FunctionIntegration, Snapshot
+from edgeplane.runtime.admin_cache import CacheFlushIntegration
 
 if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol
@@ -151,6 +154,10 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
                              index=len(compiled))
             compiled.append(CompiledRoute(rc, rc.key, guarded, ConnectionsIntegration(registry, method)))
             pairs.append((rc, compiled[-1]))
+    rc = RouteConfig(key="DELETE /cache", method="DELETE", path="/cache", host=None, integration=_PLACEHOLDER,
+                     index=len(compiled))
+    compiled.append(CompiledRoute(rc, rc.key, guarded, CacheFlushIntegration(gateway)))
+    pairs.append((rc, compiled[-1]))
     reload_from_source = getattr(gateway, "reload_from_source", None)
     if reload_from_source is not None:
         rc = RouteConfig(key="POST /config/reload", method="POST", path="/config/reload", host=None,
@@ -439,7 +446,12 @@ class WorkerForwarder:
         self.timeout = timeout
 
     async def call(self, index: int, method: str, conn_id: str, body: bytes) -> tuple[int, bytes]:
-        head = (f"{method} /@connections/{conn_id} HTTP/1.1\r\nhost: localhost\r\n"
+        return await self.request(index, method, f"/@connections/{conn_id}", body)
+
+    async def request(self, index: int, method: str, target: str, body: bytes = b"") -> tuple[int, bytes]:
+        """One forwarded admin call to worker `index`: (status, body); 410 when no such
+        worker listens, 502 when it fails to answer."""
+        head = (f"{method} {target} HTTP/1.1\r\nhost: localhost\r\n"
                 f"x-edgeplane-forwarded: 1\r\nconnection: close\r\n"
                 f"content-length: {len(body)}\r\n\r\n").encode()
         writer = None

@@ -74,8 +74,8 @@ class GatewayWebSockets:
         return build_websocket_apis(cfg, upstreams, runtime_ctx.state, self._ws_registry, buckets)
 
     async def _start_ws_forwarding(self, cfg: Config) -> None:
-        if not serves_websockets(cfg):
-            return
+        """A worker's private Unix socket (the admin app, for what one worker asks of the
+        others: @connections calls, cache flushes), and the Redis bus of WebSocket APIs."""
         registry = cast(ConnectionRegistry, self._ws_registry)  # set: built before the listeners
         if self._ws_worker is not None:
             from edgeplane.runtime.admin import WorkerForwarder
@@ -94,7 +94,7 @@ class GatewayWebSockets:
             self._ws_socket = path
             registry.forwarder = WorkerForwarder(
                 lambda i: os.path.join(directory, f"worker-{i}.sock"))
-        if cfg.cluster is not None:
+        if cfg.cluster is not None and serves_websockets(cfg):
             from edgeplane.websocket.bus import RedisBus
 
             c = cfg.cluster

@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 from edgeplane.config.model import Config
-from edgeplane.config.stages import serves_websockets
 from edgeplane.observability.aggregate import write_json
 from edgeplane.policies.throttle.shared_keys import SharedKeyTable
 from edgeplane.policies.throttle.shared_limits import SHM_DIR, SharedLimitTable
@@ -60,11 +59,11 @@ class SharedState:
             self.shared_table = SharedLimitTable.create(f"edgeplane-{os.getpid()}", n, slots.capacity["plain"])
             self.keyed_table = SharedKeyTable.create(f"edgeplane-{os.getpid()}-keys", n, slots.capacity["keyed"])
         self.run_dir = tempfile.mkdtemp(prefix=f"edgeplane-{os.getpid()}-")
-        if serves_websockets(cfg):
-            # @connections calls reach the worker that holds a connection through its
-            # Unix socket in this private directory; the host tag goes into every id.
-            self.ws_dir = self.run_dir
-            self.ws_host_tag = os.urandom(4).hex()
+        # Each worker serves the admin app on a Unix socket in this private directory:
+        # @connections calls reach the worker that holds a connection through it (the
+        # host tag goes into every connection id), and a cache flush reaches every worker.
+        self.ws_dir = self.run_dir
+        self.ws_host_tag = os.urandom(4).hex()
 
     def remove(self) -> None:
         for table in (self.shared_table, self.keyed_table):

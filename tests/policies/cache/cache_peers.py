@@ -23,6 +23,7 @@ class ScriptedUpstream:
         self.serial = 0  # the body of an unscripted path: "<path> #<n>"
         self.port = 0
         self.server: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
 
     def count(self, target: str) -> int:
         return sum(1 for t, _ in self.requests if t == target)
@@ -35,8 +36,12 @@ class ScriptedUpstream:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        for writer in list(self.writers):  # its handlers end on EOF, not by cancellation
+            writer.transport.abort()
+        await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -68,4 +73,21 @@ class ScriptedUpstream:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.writers.discard(writer)
             writer.close()
+
+
+def cached_config(port: int, cache: dict | None = None, route: str = "ANY /c/{proxy+}", **route_extra) -> dict:
+    """One cached route in front of the scripted upstream on `port` (plus `route_extra`)."""
+    from conftest import base_config
+
+    cfg = base_config(routes=[{"route": route, "integration": {"type": "http", "upstream": "app"},
+                               "cache": cache if cache is not None else {"ttl": "60s"}, **route_extra}])
+    cfg["upstreams"] = {"app": {"targets": [f"http://127.0.0.1:{port}"]}}
+    return cfg
+
+
+async def get(addr, path: str, headers: dict | None = None, method: str = "GET"):
+    from conftest import RawClient
+
+    return await RawClient.once(addr, method, path, headers)

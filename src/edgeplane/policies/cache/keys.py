@@ -38,7 +38,7 @@ def _query_value(query: bytes, name: bytes) -> bytes:
 
 
 class KeyMaker:
-    __slots__ = ("params", "identity", "sources")
+    __slots__ = ("params", "identity", "sources", "_last")
 
     def __init__(self, params: tuple[tuple[str, str], ...] | None, identity: bool,
                  sources: tuple[tuple[str, bytes], ...] = ()) -> None:
@@ -46,6 +46,9 @@ class KeyMaker:
         self.params = tuple((kind, name.encode("latin-1")) for kind, name in params) if params is not None else None
         self.identity = identity  # the route's authorizer decides who shares entries
         self.sources = sources  # a custom authorizer's identity sources: ("header"|"querystring", name)
+        # The last verified claims object and its digest: the JWT verification cache hands
+        # the same object to every request of one token, so this skips re-hashing it.
+        self._last: tuple[Any, bytes] = (None, b"")
 
     def make(self, req: Request) -> bytes:
         host = (req.host or b"").lower()
@@ -68,9 +71,17 @@ class KeyMaker:
         return b"\x00".join(parts)
 
     def _identity(self, req: Request) -> bytes:
-        if req.claims is not None:
-            stable = {k: v for k, v in req.claims.items() if k not in _VOLATILE}
+        claims = req.claims
+        if claims is not None:
+            last, digest = self._last
+            if last is claims:
+                return digest
+            mapping = getattr(claims, "claims", claims)  # `jwt.verify.Claims` or a plain mapping
+            stable = {k: v for k, v in mapping.items() if k not in _VOLATILE}
             raw = b"jwt:" + orjson.dumps(stable, option=orjson.OPT_SORT_KEYS)
+            digest = hashlib.blake2b(raw, digest_size=16).hexdigest().encode()
+            self._last = (claims, digest)
+            return digest
         elif req.api_key is not None:
             raw = b"key:" + str(req.api_key.id).encode()
         else:
@@ -81,7 +92,7 @@ class KeyMaker:
                 else:
                     values.append(_query_value(req.query, name).decode("latin-1"))
             raw = b"http:" + orjson.dumps([values, req.auth_context], option=orjson.OPT_SORT_KEYS)
-        return hashlib.blake2b(raw, digest_size=16).digest().hex().encode()
+        return hashlib.blake2b(raw, digest_size=16).hexdigest().encode()
 
 
 def variant(primary: bytes, names: tuple[bytes, ...], req: Request) -> bytes:

@@ -38,7 +38,8 @@ CACHE_SCHEMA: dict[str, Any] = {
                                "$request.header.NAME, $request.querystring.NAME, $request.path.NAME, "
                                "$request.cookie.NAME. Default: the whole query string."},
         "max_entry_bytes": {"$ref": "#/$defs/size", "default": "1MiB",
-                            "description": "Larger responses are passed through, not stored."},
+                            "description": "Larger responses are passed through, not stored (default: "
+                                           "1MiB, or the capacity when it is smaller)."},
         "capacity": {"$ref": "#/$defs/size", "default": "64MiB",
                      "description": "Hard bound on the bytes this route's entries take (per worker in "
                                     "memory, in total in Redis); the least recently used go first."},
@@ -107,8 +108,8 @@ def load_cache(value: Any, path: tuple[Any, ...], ctx: LoadContext) -> CacheConf
             kind, name = m.group(1), m.group(2)
             parsed.append((kind, name.lower() if kind == "header" else name))
         key = tuple(parsed)
-    max_entry = ctx.size(value, "max_entry_bytes", path, 1 << 20, low=1)
     capacity = ctx.size(value, "capacity", path, 64 << 20, low=1)
+    max_entry = ctx.size(value, "max_entry_bytes", path, min(1 << 20, capacity), low=1)
     if max_entry > capacity:
         ctx.fail(path + ("max_entry_bytes",), f"{max_entry} bytes is more than the capacity ({capacity} bytes)")
     statuses = value.get("statuses")

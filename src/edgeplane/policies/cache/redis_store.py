@@ -147,6 +147,7 @@ class RedisStore:
     async def _lookup(self, stage: Any, proto: HttpProtocol, req: Request, key: bytes, no_store: bool,
                       by_header: bool) -> None:
         item: Entry | VaryMarker | None = None
+        primary = key
         try:
             item = await self._get(key)
             if isinstance(item, VaryMarker):
@@ -162,7 +163,7 @@ class RedisStore:
         if proto._closed or req.responded or req is not proto._active:
             return
         try:
-            result = stage.decide(proto, req, key, item, no_store, by_header)
+            result = stage.decide(proto, req, key, item, no_store, by_header, primary)
             if result is True:
                 proto.resume_chain(req, req.route.stages.index(stage) + 1)
         except Exception as exc:  # the gateway's bug: 500, logged

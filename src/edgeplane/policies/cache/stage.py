@@ -144,10 +144,11 @@ class CacheStage(FastStage):
         return None
 
     def decide(self, proto: HttpProtocol, req: Request, key: bytes, item: Any, no_store: bool,
-               by_header: bool) -> bool | None:
+               by_header: bool, primary: bytes | None = None) -> bool | None:
         """What a lookup found decides: answer (False), go on (True) or wait (None). A
         `VaryMarker` (in-process stores) sends the lookup on to the request's variant;
-        an asynchronous store passes the variant's key and entry itself."""
+        an asynchronous store passes the variant's key and entry, and the `primary` key."""
+        primary = primary or key
         if type(item) is VaryMarker:
             key = variant(key, item.names, req)
             item = self.store.get(key)
@@ -160,10 +161,12 @@ class CacheStage(FastStage):
                 return False
             if now < item.stale_until:
                 stale = item
-        return self._go(proto, req, key, stale, MISS, not no_store, by_header)
+        return self._go(proto, req, key, stale, MISS, not no_store, by_header, primary)
 
     def _go(self, proto: HttpProtocol, req: Request, key: bytes, stale: Entry | None, label: bytes,
-            fill: bool, by_header: bool) -> bool | None:
+            fill: bool, by_header: bool, primary: bytes | None = None) -> bool | None:
+        """Send `req` upstream (with a `Fill` when it may store), or make it wait for the
+        fill in flight for `key` (the variant's key, when a `Vary` is known)."""
         stats = self.store.stats
         flight = self.inflight.get(key)
         if label is MISS:
@@ -174,9 +177,9 @@ class CacheStage(FastStage):
             stats.misses += 1
         req.extra_response += b"x-cache: " + label + b"\r\n"
         if fill and req.method == b"GET" and flight is None:
-            req.cache_fill = self.inflight[key] = Fill(self, req, key, stale, by_header)
+            req.cache_fill = self.inflight[key] = Fill(self, req, key, primary or key, stale, by_header)
         elif stale is not None:
-            req.cache_fill = Fill(self, req, key, stale, by_header, store=False)
+            req.cache_fill = Fill(self, req, key, primary or key, stale, by_header, store=False)
         return True
 
     def _may_refresh(self, req: Request) -> bool:
@@ -200,14 +203,16 @@ class Fill:
     with a stale one). The proxy calls `head`, `body`, `complete`; any other end of the
     exchange calls `abandon` (or `serve_stale`)."""
 
-    __slots__ = ("stage", "req", "key", "stale", "by_header", "storing", "waiters", "timer", "chunks",
-                 "size", "status", "head_lines", "fresh_for", "vary", "entry", "ended")
+    __slots__ = ("stage", "req", "key", "primary", "variant_key", "stale", "by_header", "storing", "waiters",
+                 "timer", "chunks", "size", "status", "head_lines", "fresh_for", "vary", "entry", "ended")
 
-    def __init__(self, stage: CacheStage, req: Request, key: bytes, stale: Entry | None, by_header: bool,
-                 store: bool = True) -> None:
+    def __init__(self, stage: CacheStage, req: Request, key: bytes, primary: bytes, stale: Entry | None,
+                 by_header: bool, store: bool = True) -> None:
         self.stage = stage
         self.req = req
-        self.key = key
+        self.key = key  # what waiters wait on: the lookup key (a variant's, when its Vary was known)
+        self.primary = primary  # where the entry (or its VaryMarker) is stored
+        self.variant_key = key
         self.stale = stale
         self.by_header = by_header  # the request carried Authorization on a route without an authorizer
         self.storing = store
@@ -286,11 +291,12 @@ class Fill:
         entry = Entry(self.status, self.head_lines, b"".join(self.chunks), now, fresh_until,
                       fresh_until + stage.cfg.stale_if_error)
         stage.store.stats.stored += 1
-        key = self.key
+        primary = self.primary
         if self.vary:
-            stage.store.put_variant(key, variant(key, self.vary, self.req), self.vary, entry, self.req.path)
+            self.variant_key = variant(primary, self.vary, self.req)
+            stage.store.put_variant(primary, self.variant_key, self.vary, entry, self.req.path)
         else:
-            stage.store.put_entry(key, entry, self.req.path)
+            stage.store.put_entry(primary, entry, self.req.path)
         self._end(entry)
 
     def abandon(self) -> None:
@@ -330,8 +336,10 @@ class Fill:
             self.timer.cancel()
             self.timer = None
         waiters, self.waiters = self.waiters, []
+        vary, primary = self.vary, self.primary
         for proto, req in waiters:
-            if entry is not None:
+            # a waiter that selects another variant than the one stored goes upstream
+            if entry is not None and (not vary or variant(primary, vary, req) == self.variant_key):
                 self.stage.store.stats.hits += 1
                 _answer_waiting(proto, req, entry, label)
             else:

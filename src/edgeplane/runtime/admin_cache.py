@@ -1,0 +1,104 @@
+"""`DELETE /cache` on the admin API: flush the response cache (`policies.cache`).
+
+Query parameters, all optional and combined: `route` (a route key as written, e.g.
+`GET /catalog/{proxy+}`), `path` (one request path: every variant of it, whatever its
+query, caller or `Vary` values), `stage`. Without any, every entry goes.
+
+Answers 200 `{"flushed": N, "workers": W}`: the entries removed in every worker of this
+host (in-memory stores are per worker; a Redis store is shared, flushed once per worker
+that holds it). 404 when `route` (in `stage`) names no cached route; 502 when a worker
+did not answer, naming it.
+
+Invariant: a forwarded call (`x-edgeplane-forwarded`, honoured only on a worker's Unix
+socket) flushes only that worker, so a call never loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode
+
+import orjson
+
+if TYPE_CHECKING:
+    from edgeplane.http.protocol import HttpProtocol
+    from edgeplane.http.request import Request
+
+
+class CacheFlushIntegration:
+    __slots__ = ("gateway", "tasks")
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def handle(self, proto: HttpProtocol, req: Request) -> None:
+        task = proto.loop.create_task(self._later(proto, req))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _later(self, proto: HttpProtocol, req: Request) -> None:
+        from edgeplane.runtime.admin import FORWARDED, on_worker_socket
+
+        query = {k: v[-1] for k, v in parse_qs(req.query.decode("latin-1"), keep_blank_values=True).items()}
+        route, path, stage = query.get("route"), query.get("path"), query.get("stage")
+        unknown = sorted(set(query) - {"route", "path", "stage"})
+        body: dict[str, Any]
+        if unknown:
+            status, body = 400, {"message": f"unknown parameter {unknown[0]!r}: use route, path and stage"}
+        else:
+            state = _cache_state(self.gateway)
+            live = state.live() if state is not None else []
+            if route is not None and not any(k == route and (stage is None or s == stage) for s, k, _ in live):
+                status, body = 404, {"message": f"no cached route {route!r}"
+                                                + (f" in stage {stage!r}" if stage is not None else "")}
+            else:
+                try:
+                    flushed = await state.flush(route, path, stage) if state is not None else 0
+                    status, body = 200, {"flushed": flushed, "workers": 1}
+                except Exception as exc:  # Redis down: say so; nothing else changes
+                    status, body = 502, {"message": f"cache flush failed: {type(exc).__name__}: {exc}"}
+                forwarded = on_worker_socket(proto) and any(k == FORWARDED for k, _ in req.headers)
+                if status == 200 and not forwarded:
+                    status, body = await self._others(body, query)
+        if not req.responded and proto.transport is not None and not proto.transport.is_closing():
+            if status >= 400:
+                req.error = body["message"]
+                proto.ctx.count_error(str(status))
+            proto.send_local(req, status, orjson.dumps(body))
+
+    async def _others(self, body: dict[str, Any], query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The same flush in every other worker of this host."""
+        forwarder, own, n = _workers(self.gateway)
+        if forwarder is None:
+            return 200, body
+        target = "/cache" + ("?" + urlencode(query) if query else "")
+        others = [i for i in range(n) if i != own]
+        answers = await asyncio.gather(*(forwarder.request(i, "DELETE", target) for i in others))
+        failed = []
+        for i, (status, raw) in zip(others, answers, strict=True):
+            if status == 200:
+                body["flushed"] += orjson.loads(raw).get("flushed", 0)
+                body["workers"] += 1
+            elif status != 410:  # 410: no such worker now (restarting): nothing of it to flush
+                failed.append(i)
+        if failed:
+            return 502, {"message": f"workers {failed} did not flush", **body}
+        return 200, body
+
+
+def _cache_state(gateway: Any) -> Any:
+    runtime = getattr(gateway, "_runtime", None)
+    return runtime.state.get("cache") if runtime is not None else None
+
+
+def _workers(gateway: Any) -> tuple[Any, int, int]:
+    """(forwarder, this worker's index, worker count), or (None, 0, 1) alone."""
+    files = gateway._metrics.files
+    registry = getattr(gateway, "_ws_registry", None)
+    forwarder = getattr(registry, "forwarder", None)
+    if files is None or forwarder is None:
+        return None, 0, 1
+    _, index, n = files
+    return forwarder, index, n
