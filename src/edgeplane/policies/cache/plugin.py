@@ -181,8 +181,8 @@ class CachePolicy(Policy):
         live = state.live()
         if not live:
             return None
-        return {f"{key}" if stage == "$default" else f"{key} @{stage}": store.telemetry()
-                for stage, key, store in live}
+        return {"cache": {key if stage == "$default" else f"{key} @{stage}": store.telemetry()
+                          for stage, key, store in live}}
 
 
 def _all_routes(config: Config) -> list[RouteConfig]:
