@@ -434,6 +434,11 @@ def execute(ctx: Ctx) -> dict:
         if s.peer_mode is None:
             continue
         for peer in found:
+            why_not = peers_mod.UNSUPPORTED.get((peer.name, s.peer_mode))
+            if why_not is not None:
+                print(f"{s.name}: {peer.name} not run: {why_not}", flush=True)
+                ctx.notes.append(f"{s.name}: {peer.name} not run: {why_not}")
+                continue
             print(f"running {s.name}: {peer.name} ...", flush=True)
             results += run_target(ctx, f"{s.name} through {peer.name}", lambda peer=peer, s=s: bench_peer(ctx, peer, s))
     ratio_rows = report.ratios(results, [p.name for p in found])

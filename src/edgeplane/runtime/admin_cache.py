@@ -1,8 +1,9 @@
 """`DELETE /cache` on the admin API: flush the response cache (`policies.cache`).
 
 Query parameters, all optional and combined: `route` (a route key as written, e.g.
-`GET /catalog/{proxy+}`), `path` (one request path: every variant of it, whatever its
-query, caller or `Vary` values), `stage`. Without any, every entry goes.
+`GET /catalog/{proxy+}`, URL-encoded), `path` (one request path as clients send it, not
+decoded, normalised as a request's is: every variant of it, whatever its query, caller
+or `Vary` values), `stage`. Without any, every entry goes.
 
 Answers 200 `{"flushed": N, "workers": W}`: the entries removed in every worker of this
 host (in-memory stores are per worker; a Redis store is shared, flushed once per worker
@@ -42,11 +43,14 @@ class CacheFlushIntegration:
 
     async def _later(self, proto: HttpProtocol, req: Request) -> None:
         query = {k: v[-1] for k, v in parse_qs(req.query.decode("latin-1"), keep_blank_values=True).items()}
-        route, path, stage = query.get("route"), query.get("path"), query.get("stage")
+        route, stage = query.get("route"), query.get("stage")
+        path, bad_path = _request_path(req.query, self.gateway)
         unknown = sorted(set(query) - {"route", "path", "stage"})
         body: dict[str, Any]
         if unknown:
             status, body = 400, {"message": f"unknown parameter {unknown[0]!r}: use route, path and stage"}
+        elif bad_path is not None:
+            status, body = 400, {"message": f"path: {bad_path}"}
         else:
             state = _cache_state(self.gateway)
             live = state.live() if state is not None else []
@@ -85,6 +89,23 @@ class CacheFlushIntegration:
         if failed:
             return 502, {"message": f"workers {failed} did not flush", **body}
         return 200, body
+
+
+def _request_path(query: bytes, gateway: Any) -> tuple[str | None, str | None]:
+    """`path=` as a client would send it (not percent-decoded: `/a%20b` flushes what
+    requests for `/a%20b` stored), normalised like a request's: (path, None), (None,
+    None) when absent, or (None, why it cannot be a path)."""
+    from edgeplane.http.paths import PathRejected, normalize_path
+
+    raw = next((part[5:] for part in query.split(b"&") if part.startswith(b"path=")), None)
+    if raw is None:
+        return None, None
+    if not raw.startswith(b"/"):
+        return None, "must start with '/' (a request path, without its query)"
+    try:
+        return normalize_path(raw, gateway.config.path_policy).decode("latin-1"), None
+    except PathRejected as exc:
+        return None, str(exc)
 
 
 def _cache_state(gateway: Any) -> Any:

@@ -494,8 +494,9 @@ class ProxyExchange:
         if self.done or conn is not self.conn:
             return
         self.conn = None
-        if self.close_delimited and self.req.response_started:
-            # The body was delimited by the close: that is its proper end.
+        if self.close_delimited and self.req.response_started and reason == "upstream_closed":
+            # The body was delimited by the close: that is its proper end (a reset is
+            # not: the body may be cut short, and the client's connection is dropped).
             self.conn = conn
             self.on_response_complete(False)
             return
@@ -546,8 +547,10 @@ class ProxyExchange:
         req.integration_error = reason
         proto.resume_reading(P_UPSTREAM | P_BUFFER)
         fill = req.cache_fill
-        if fill is not None and fill.serve_stale(proto, req):
-            return  # `stale_if_error`: the stale entry answered
+        if fill is not None:
+            if fill.serve_stale(proto, req):
+                return  # `stale_if_error`: the stale entry answered
+            fill.fail(status, reason)  # its waiters get this answer too
         if req.response_started:
             # The client already has the upstream's status line: it is what the access
             # log keeps (with the error); /stats counts the cut, not a 502 never sent.

@@ -4,6 +4,8 @@ answers with, an optional delay, and a count of the requests it received."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from dataclasses import dataclass, field
 
 
@@ -13,6 +15,7 @@ class Script:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     delay: float = 0.0
+    end: str = "length"  # "length" (Content-Length), "close" (close-delimited, FIN), "reset" (close-delimited, RST)
 
 
 class ScriptedUpstream:
@@ -67,6 +70,15 @@ class ScriptedUpstream:
                     return
                 extra = "".join(f"{k}: {v}\r\n" for k, v in script.headers.items())
                 body = b"" if method == "HEAD" else script.body
+                if script.end != "length":  # the body ends with the connection
+                    writer.write(f"HTTP/1.1 {script.status} X\r\n{extra}\r\n".encode("latin-1") + body)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    if script.end == "reset":  # SO_LINGER 0: the close is a RST, not a FIN
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        writer.transport.abort()
+                    return
                 writer.write(f"HTTP/1.1 {script.status} X\r\n{extra}content-length: {len(script.body)}\r\n\r\n"
                              .encode("latin-1") + body)
                 await writer.drain()

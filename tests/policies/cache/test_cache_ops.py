@@ -44,6 +44,10 @@ def test_cache_mistakes_are_located():
         "route has none"]
     assert errors(with_cache({"invalidation": {"unauthorized": "deny"}}))[0].startswith(
         "routes[0].cache.invalidation.unauthorized:")
+    assert errors(with_cache({"statuses": [200, 206]}))[0].startswith("routes[0].cache.statuses[1]")
+    assert errors(with_cache({"capacity": 100}))[0].startswith("routes[0].cache.capacity: must be at least 4096")
+    assert errors(with_cache({}, route="HEAD /c"))[0].startswith(
+        "routes[0].cache: route 'HEAD /c' takes only HEAD, which never fills an entry")
     mock = cached_config(1)
     mock["routes"][0]["integration"] = {"type": "mock"}
     assert errors(mock) == ["routes[0].cache: only http integrations are cached; this "
@@ -160,6 +164,10 @@ async def test_the_redis_backend_is_shared_by_two_gateways(gateway, redis_server
         client = redis.Redis.from_url(redis_server.url)
         used = [int(client.get(k)) for k in client.scan_iter(match="edgeplane:cache:*used")]
         assert used and all(n <= 64 * 1024 for n in used)
+        # evicted entries leave no member behind in the per-path index
+        members = sum(client.scard(k) for k in client.scan_iter(match="edgeplane:cache:*:p:*"))
+        entries = sum(client.zcard(k) for k in client.scan_iter(match="edgeplane:cache:*lru"))
+        assert 0 < members <= entries < 100
         assert (await get(two.addresses[0], "/c/big99")).header("x-cache") == "Hit"
         assert (await get(two.addresses[0], "/c/big0")).header("x-cache") == "Miss"
         # Redis gone: lookups are misses, the requests still succeed

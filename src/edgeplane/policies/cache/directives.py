@@ -2,13 +2,13 @@
 may be stored for, and what a client's request asks of the cache.
 
 Owns `Cache-Control` parsing (both directions), `Vary`, and the storability verdict.
-Nothing here does I/O or reads the clock.
+Nothing here does I/O or reads the clock (the caller passes `now`).
 
 Invariants:
 - a response marked `no-store`, `no-cache`, `private`, with `Set-Cookie`, `Vary: *`, a
   status not in the route's list, or no freshness left is never stored;
-- freshness is the route's `ttl`, shortened (never lengthened) by `s-maxage` or, without
-  it, `max-age`;
+- freshness is the route's `ttl`, shortened (never lengthened) by `s-maxage`, else
+  `max-age`, else `Expires` (an invalid one meaning already expired);
 - a response to a request carrying `Authorization`, on a route without an authorizer,
   is stored only when it says so (`public`, `s-maxage` or `must-revalidate`, RFC 9111
   section 3.5).
@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 
 def parse_cache_control(values: list[bytes]) -> dict[bytes, bytes | None]:
@@ -63,19 +64,40 @@ class Verdict:
     reason: str = ""
 
 
+def _expires_in(expires: bytes, date: bytes | None, now: float) -> float:
+    """Seconds from the response's Date (else `now`) to its Expires; an invalid Expires
+    (`0`, garbage) means already expired (RFC 9111 5.3)."""
+    try:
+        until = parsedate_to_datetime(expires.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+    start = now
+    if date is not None:
+        try:
+            start = parsedate_to_datetime(date.decode("latin-1")).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    return until - start
+
+
 def verdict(status: int, headers: list[tuple[bytes, bytes]], ttl: float, statuses: frozenset[int],
-            request_authorized_by_header: bool) -> Verdict:
+            request_authorized_by_header: bool, now: float = 0.0) -> Verdict:
     """Whether the response (`status`, raw `headers`) to a GET may be stored."""
     if status not in statuses:
         return Verdict(False, reason=f"status {status} is not cached on this route")
     cache_control: list[bytes] = []
     vary: list[bytes] = []
+    expires = date = None
     for name, value in headers:
         lname = name.lower()
         if lname == b"cache-control":
             cache_control.append(value)
         elif lname == b"vary":
             vary.append(value)
+        elif lname == b"expires":
+            expires = value
+        elif lname == b"date":
+            date = value
         elif lname == b"set-cookie":
             return Verdict(False, reason="the response sets a cookie")
     cc = parse_cache_control(cache_control)
@@ -86,6 +108,8 @@ def verdict(status: int, headers: list[tuple[bytes, bytes]], ttl: float, statuse
     limit = seconds(cc.get(b"s-maxage")) if b"s-maxage" in cc else seconds(cc.get(b"max-age"))
     if limit is not None:
         fresh = min(fresh, float(limit))
+    elif expires is not None:  # RFC 9111 4.2.1: Expires - Date, when no max-age says otherwise
+        fresh = min(fresh, _expires_in(expires, date, now))
     if fresh <= 0:
         return Verdict(False, reason="no freshness left (max-age=0)")
     if request_authorized_by_header and not (b"public" in cc or b"s-maxage" in cc or b"must-revalidate" in cc):

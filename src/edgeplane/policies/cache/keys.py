@@ -1,9 +1,11 @@
 """The cache key of a request: what makes two requests share an entry.
 
-Owns `KeyMaker`: host, normalised path, then either the whole query string or the
-route's `key` parameters, then (unless the route is `public`) the caller's identity as
-its authorizer established it, then, for a response that named `Vary`, the values of
-those request headers.
+Owns `KeyMaker`: host, normalised path, the X-Forwarded-Host, X-Forwarded-Proto and
+Forwarded headers when the client sent them (the upstream sees them: a value an
+attacker chose must not land in everyone's entry), then either the whole query string
+or the route's `key` parameters (every occurrence, percent-decoded), then (unless
+the route is `public`) the caller's identity as its authorizer established it, then,
+for a response that named `Vary`, the values of those request headers.
 
 Identity, by authorizer type:
 - jwt: every claim except the ones that change per token (`exp`, `iat`, `nbf`, `jti`,
@@ -20,21 +22,40 @@ from __future__ import annotations
 
 import hashlib
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
-from edgeplane.http.request import Request, cookie, header_all
+from edgeplane.http.request import Request, header_all
 
 _VOLATILE = frozenset(("exp", "iat", "nbf", "jti", "auth_time"))
-_QUERY_SPLIT = b"&"
+_ABSENT = b"\x01"  # a parameter the request does not have: distinct from an empty value
+# Headers the gateway forwards upstream that can change what the upstream answers for
+# one URL (absolute links, schemes): part of every key when the client sent them.
+_FORWARDED = (b"x-forwarded-host", b"x-forwarded-proto", b"forwarded")
 
 
-def _query_value(query: bytes, name: bytes) -> bytes:
-    for part in query.split(_QUERY_SPLIT):
-        k, _, v = part.partition(b"=")
-        if k == name:
-            return v
-    return b"\x01"  # absent: distinct from an empty value
+def _query_values(query: bytes, name: bytes) -> bytes:
+    """Every value of query parameter `name`, in order, names and values compared and
+    kept percent-decoded (`pag%65=1` is `page=1`): the upstream reads the whole query,
+    so a repeated parameter (`?page=1&page=2`) must not share the entry of `?page=1`."""
+    found = []
+    for part in query.split(b"&"):
+        k, eq, v = part.partition(b"=")
+        if unquote_to_bytes(k.replace(b"+", b" ")) == name:
+            found.append(unquote_to_bytes(v.replace(b"+", b" ")) if eq else b"")
+    return b"\x02".join(found) if found else _ABSENT
+
+
+def _cookie_values(req: Request, name: bytes) -> bytes:
+    found = []
+    for key, value in req.headers:
+        if key == b"cookie":
+            for part in value.split(b";"):
+                k, _, v = part.strip().partition(b"=")
+                if k == name:
+                    found.append(v)
+    return b"\x02".join(found) if found else _ABSENT
 
 
 class KeyMaker:
@@ -53,19 +74,22 @@ class KeyMaker:
     def make(self, req: Request) -> bytes:
         host = (req.host or b"").lower()
         parts = [host, req.path]
+        for name, value in req.headers:
+            if name in _FORWARDED:
+                parts.append(name + b"=" + value)
         params = self.params
         if params is None:
             parts.append(req.query)
         else:
             for kind, name in params:
                 if kind == "querystring":
-                    parts.append(_query_value(req.query, name))
+                    parts.append(_query_values(req.query, name))
                 elif kind == "header":
-                    parts.append(b",".join(header_all(req, name)) or b"\x01")
+                    parts.append(b"\x02".join(header_all(req, name)) or _ABSENT)
                 elif kind == "path":
-                    parts.append((req.params or {}).get(name.decode("latin-1"), b"\x01"))
+                    parts.append((req.params or {}).get(name.decode("latin-1"), _ABSENT))
                 else:
-                    parts.append(cookie(req, name) or b"\x01")
+                    parts.append(_cookie_values(req, name))
         if self.identity:
             parts.append(self._identity(req))
         return b"\x00".join(parts)
@@ -90,7 +114,7 @@ class KeyMaker:
                 if kind == "header":
                     values.append([v.decode("latin-1") for v in header_all(req, name)])
                 else:
-                    values.append(_query_value(req.query, name).decode("latin-1"))
+                    values.append(_query_values(req.query, name).decode("latin-1"))
             raw = b"http:" + orjson.dumps([values, req.auth_context], option=orjson.OPT_SORT_KEYS)
         return hashlib.blake2b(raw, digest_size=16).hexdigest().encode()
 

@@ -43,8 +43,10 @@ CACHE_SCHEMA: dict[str, Any] = {
         "capacity": {"$ref": "#/$defs/size", "default": "64MiB",
                      "description": "Hard bound on the bytes this route's entries take (per worker in "
                                     "memory, in total in Redis); the least recently used go first."},
-        "statuses": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 200, "maximum": 599},
-                     "description": "Upstream statuses that may be stored."},
+        "statuses": {"type": "array", "minItems": 1,
+                     "items": {"type": "integer", "minimum": 200, "maximum": 599, "not": {"enum": [206, 304]}},
+                     "description": "Upstream statuses that may be stored (not 206 or 304: the "
+                                    "cache neither assembles ranges nor revalidates)."},
         "public": {"type": "boolean", "default": False,
                    "description": "The responses are the same for every caller: entries are shared across "
                                   "identities even when the route has an authorizer."},
@@ -108,7 +110,7 @@ def load_cache(value: Any, path: tuple[Any, ...], ctx: LoadContext) -> CacheConf
             kind, name = m.group(1), m.group(2)
             parsed.append((kind, name.lower() if kind == "header" else name))
         key = tuple(parsed)
-    capacity = ctx.size(value, "capacity", path, 64 << 20, low=1)
+    capacity = ctx.size(value, "capacity", path, 64 << 20, low=4096)
     max_entry = ctx.size(value, "max_entry_bytes", path, min(1 << 20, capacity), low=1)
     if max_entry > capacity:
         ctx.fail(path + ("max_entry_bytes",), f"{max_entry} bytes is more than the capacity ({capacity} bytes)")
@@ -140,6 +142,9 @@ def check_cache(config: Config, ctx: LoadContext) -> None:
         path: tuple[Any, ...] = ("routes", r.index, "cache")
         if r.method not in (None, "GET", "HEAD"):
             ctx.fail(path, f"only GET and HEAD responses are cached; route {r.key!r} is {r.method}")
+        elif r.method == "HEAD":
+            ctx.fail(path, f"route {r.key!r} takes only HEAD, which never fills an entry (HEAD is answered "
+                           "from the GET entry): cache its GET route, or make it ANY")
         if r.integration.type != "http":
             ctx.fail(path, f"only http integrations are cached; this route's is {r.integration.type!r}")
         if cache.backend == "redis" and config.cluster is None:

@@ -7,7 +7,9 @@ flushes as Lua scripts, so the capacity is enforced in Redis itself.
 Layout, under `PREFIXcache:{STORE}:` (one hash tag per route, so a store lives in one
 slot): `e:HASH` the entries (with a PX expiry at the end of their stale window), `lru` a
 sorted set of entry keys by store time, `sizes` a hash of their sizes, `used` their sum,
-`p:HASH` the entry keys of one request path (for an admin flush).
+`p:HASH` the entry keys of one request path (for an admin flush), `paths` each entry
+key's path set (so an eviction leaves no member behind: every structure is bounded by
+the entries within the capacity).
 
 Invariants: `used` stays at or under the capacity once a store script returns (the
 oldest stored entries go first; expired ones count until they are reached, so the bound
@@ -38,6 +40,8 @@ log = logging.getLogger("edgeplane.cache")
 
 _ERRORS = (RedisError, OSError, TimeoutError, ValueError)
 
+# KEYS: lru, the path's set, sizes, used, paths (entry key -> its path set);
+# ARGV: blob, ttl ms, size, capacity, now ms, entry key, path-set ttl ms.
 _PUT = """
 local old = redis.call('HGET', KEYS[3], ARGV[6])
 if old then redis.call('DECRBY', KEYS[4], old) end
@@ -45,6 +49,7 @@ redis.call('SET', ARGV[6], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[5], ARGV[6])
 redis.call('HSET', KEYS[3], ARGV[6], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[6])
+redis.call('HSET', KEYS[5], ARGV[6], KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 local used = redis.call('INCRBY', KEYS[4], ARGV[3])
 local evicted = 0
@@ -53,8 +58,11 @@ while used > tonumber(ARGV[4]) do
   if #oldest == 0 then break end
   local m = oldest[1]
   local size = tonumber(redis.call('HGET', KEYS[3], m) or '0')
+  local set = redis.call('HGET', KEYS[5], m)
+  if set then redis.call('SREM', set, m) end
   redis.call('ZREM', KEYS[1], m)
   redis.call('HDEL', KEYS[3], m)
+  redis.call('HDEL', KEYS[5], m)
   redis.call('DEL', m)
   used = redis.call('DECRBY', KEYS[4], size)
   if m ~= ARGV[6] then evicted = evicted + 1 end
@@ -62,6 +70,7 @@ end
 return evicted
 """
 
+# KEYS: the path's set, lru, sizes, used, paths.
 _FLUSH_PATH = """
 local members = redis.call('SMEMBERS', KEYS[1])
 local n = 0
@@ -72,6 +81,7 @@ for _, m in ipairs(members) do
     redis.call('HDEL', KEYS[3], m)
   end
   redis.call('ZREM', KEYS[2], m)
+  redis.call('HDEL', KEYS[5], m)
   n = n + redis.call('DEL', m)
 end
 redis.call('DEL', KEYS[1])
@@ -186,7 +196,7 @@ class RedisStore:
             return
         ttl_ms = max(1, math.ceil((item.stale_until - time.time()) * 1000))
         base = self.base
-        keys = [base + b"lru", self._path_key(path), base + b"sizes", base + b"used"]
+        keys = [base + b"lru", self._path_key(path), base + b"sizes", base + b"used", base + b"paths"]
         args = [blob, ttl_ms, size, self.capacity, int(time.time() * 1000), member, ttl_ms]
         try:
             evicted = await asyncio.wait_for(self.client.eval(_PUT, len(keys), *keys, *args), self.timeout * 10)
@@ -199,7 +209,7 @@ class RedisStore:
     async def flush(self, path: bytes | None = None) -> int:
         base = self.base
         if path is not None:
-            keys = [self._path_key(path), base + b"lru", base + b"sizes", base + b"used"]
+            keys = [self._path_key(path), base + b"lru", base + b"sizes", base + b"used", base + b"paths"]
             return int(await asyncio.wait_for(self.client.eval(_FLUSH_PATH, len(keys), *keys), self.timeout * 50))
         n = 0
         async for found in self.client.scan_iter(match=base + b"*", count=500):

@@ -83,6 +83,12 @@ def send_cached(proto: HttpProtocol, req: Request, entry: Entry, label: bytes) -
     proto.finish_response(req, keep)
 
 
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names a response's `Connection` lines name (RFC 9110 7.6.1)."""
+    return frozenset(token.strip().lower() for name, value in headers if name.lower() == b"connection"
+                     for token in value.split(b","))
+
+
 def _continue_after(proto: HttpProtocol, req: Request, stage: Any) -> None:
     """Resume `req`'s chain after `stage` (it waited), unless the client left."""
     proto.resume_chain(req, req.route.stages.index(stage) + 1)
@@ -113,8 +119,8 @@ class CacheStage(FastStage):
 
     def __call__(self, proto: HttpProtocol, req: Request) -> bool | None:
         method = req.method
-        if (method != b"GET" and method != b"HEAD") or req.websocket:
-            return True
+        if (method != b"GET" and method != b"HEAD") or req.websocket or req.chunked or req.content_length:
+            return True  # (a GET with a body: what the body asks is not in any key)
         refresh = no_store = by_header = False
         for name, _ in req.headers:
             if name in _WATCHED:
@@ -249,16 +255,19 @@ class Fill:
             return
         stage = self.stage
         cfg = stage.cfg
-        v = verdict(status, headers, cfg.ttl, cfg.statuses, self.by_header)
+        v = verdict(status, headers, cfg.ttl, cfg.statuses, self.by_header, time.time())
         if not v.store:
             stage.store.stats.not_stored += 1
             log.debug("route %r: response not cached: %s", self.req.route_key, v.reason)
             self._end(None)
             return
         skip = stage.skip
+        named = _connection_tokens(headers)  # hop-by-hop by the upstream's word: never replayed
         lines = []
         for name, value in headers:
             lname = name.lower()
+            if lname in named:
+                continue
             if lname == b"content-length":
                 if value.isdigit() and int(value) > cfg.max_entry_bytes:
                     stage.store.stats.not_stored += 1
@@ -302,6 +311,20 @@ class Fill:
     def abandon(self) -> None:
         self._end(None)
 
+    def fail(self, status: int, reason: str) -> None:
+        """The upstream exchange failed with a gateway error (`status`): the waiters get
+        the same answer at once rather than each trying the failing upstream again."""
+        if self.req.response_started:  # cut after the head: the waiters try for themselves
+            self._end(None)
+            return
+        waiters, self.waiters = self.waiters, []
+        for proto, req in waiters:
+            req.pending = False
+            if not (proto._closed or req.responded or req is not proto._active):
+                req.integration_error = f"{reason} (the request it waited for)"
+                proto.send_error(req, status, reason)
+        self._end(None)
+
     def rescues(self, status: int) -> bool:
         """Whether an upstream answer of `status` is to be replaced by the stale entry."""
         return status in _STALE_STATUSES and self._stale_usable()
@@ -309,7 +332,6 @@ class Fill:
     def serve_stale(self, proto: HttpProtocol, req: Request) -> bool:
         """The upstream failed: answer with the stale entry if there is one."""
         if not self._stale_usable() or req.response_started or req.responded:
-            self._end(None)
             return False
         stale: Entry = self.stale  # type: ignore[assignment]  # checked by _stale_usable
         self.stage.store.stats.stale += 1
