@@ -218,4 +218,5 @@ class RedisStore:
         return n
 
     def telemetry(self) -> dict[str, Any]:
-        return {"backend": "redis", "capacity": self.capacity, "redis_down": self.down, **self.stats.as_dict()}
+        # (no capacity or sizes: the store is shared, and /stats sums what workers report)
+        return {"backend": "redis", "redis_down": self.down, **self.stats.as_dict()}
