@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import time
 
-from micro import best_ns, cli, proxied_request, proxy_gateway
-
 from edgeplane.policies.cache.keys import KeyMaker
 from edgeplane.policies.cache.stage import Fill
+from micro import best_ns, cli, proxied_request, proxy_gateway
 
 UPSTREAM_HEAD = [(b"content-type", b"text/plain"), (b"content-length", b"2"),
                  (b"date", b"Sat, 05 Dec 2026 00:00:00 GMT"), (b"cache-control", b"max-age=60")]
