@@ -47,10 +47,12 @@ _BUILTIN_POLICIES = (
     "edgeplane.policies.throttle.plugin:plugin",
     "edgeplane.policies.quota.plugin:plugin",
     "edgeplane.policies.cache.plugin:plugin",
+    "edgeplane.integrations.function.plugin:pool_plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",
     "edgeplane.integrations.mock:plugin",
+    "edgeplane.integrations.function.plugin:plugin",
 )
 
 

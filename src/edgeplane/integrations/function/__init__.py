@@ -1,0 +1,1 @@
+"""The `function` integration: a Python handler called in process with the Lambda proxy payload (see `plugin`)."""

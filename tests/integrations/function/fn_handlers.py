@@ -1,0 +1,66 @@
+"""Handlers for the function-integration tests, written the way AWS's examples write
+Lambda handlers (`lambda_handler(event, context)` returning a proxy response)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+
+
+def lambda_handler(event, context):  # AWS's "Hello from Lambda" example, unchanged
+    return {
+        'statusCode': 200,
+        'body': json.dumps('Hello from Lambda!')
+    }
+
+
+def echo(event, context):
+    """The event and what the context offers, as JSON."""
+    return {"statusCode": 200, "headers": {"Content-Type": "application/json", "X-Fn": "echo"},
+            "body": json.dumps({"event": event, "request_id": context.aws_request_id,
+                                "function_name": context.function_name,
+                                "remaining_ms": context.get_remaining_time_in_millis(),
+                                "thread": threading.current_thread().name})}
+
+
+async def async_echo(event, context):
+    await asyncio.sleep(0)
+    return {"statusCode": 201, "cookies": ["a=1; Path=/", "b=2"], "body": event.get("body") or "",
+            "headers": {"content-type": "text/plain"}}
+
+
+def plain_value(event, context):
+    return {"items": [1, 2, 3]}  # no statusCode: a 200 JSON response of it (payload 2.0)
+
+
+def binary(event, context):
+    return {"statusCode": 200, "isBase64Encoded": True, "headers": {"content-type": "image/png"},
+            "body": base64.b64encode(b"\x89PNG\r\n\x00\xff").decode()}
+
+
+def boom(event, context):
+    raise RuntimeError("the handler failed on purpose")
+
+
+def bad_status(event, context):
+    return {"statusCode": "abc", "body": "x"}
+
+
+def bad_header(event, context):
+    return {"statusCode": 200, "headers": {"x-evil": "a\r\nset-cookie: stolen=1"}, "body": "x"}
+
+
+async def slow_async(event, context):
+    await asyncio.sleep(5)
+    return {"statusCode": 200, "body": "late"}
+
+
+def slow_sync(event, context):
+    time.sleep(1.5)
+    return {"statusCode": 200, "body": "slept"}
+
+
+not_callable = 42
