@@ -48,11 +48,13 @@ _BUILTIN_POLICIES = (
     "edgeplane.policies.quota.plugin:plugin",
     "edgeplane.policies.cache.plugin:plugin",
     "edgeplane.integrations.function.plugin:pool_plugin",
+    "edgeplane.integrations.asgi.plugin:lifespans_plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",
     "edgeplane.integrations.mock:plugin",
     "edgeplane.integrations.function.plugin:plugin",
+    "edgeplane.integrations.asgi.plugin:plugin",
 )
 
 

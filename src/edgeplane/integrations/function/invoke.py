@@ -196,6 +196,10 @@ class _Call:
             self.proto.send_error(self.req, status, reason)
 
     # -- the server's exchange interface ------------------------------------------------
+    @property
+    def timeout(self) -> float:  # the send deadline the server sets again when the client reads
+        return self.integ.timeout
+
     def abort(self, reason: str) -> None:
         self.done = True  # the client left: a late result is dropped
 
