@@ -369,7 +369,7 @@ def test_route_key_and_host_errors():
         "routes[1].host: invalid host 'api.example.com:443': route hosts have no port "
         "(the Host header's port is ignored)",
         "routes[2].host: invalid host 'a.*.com': a wildcard is only allowed as a leading '*.' ('*.example.com')",
-        "routes[3].integration.type: 'lambda' is not one of 'function', 'http', 'mock'",
+        "routes[3].integration.type: 'lambda' is not one of 'asgi', 'function', 'http', 'mock'",
         "routes[4]: missing required key 'route'",
     ]
 
