@@ -149,6 +149,20 @@ class Replies:
         """A gateway error: AWS-style body, counted, and logged once (access log)."""
         req.error = reason
         self.ctx.count_error(str(status))
+        config = getattr(self.ctx.snapshot, "config", None)
+        custom = config.policies.get("gateway_responses") if config is not None else None
+        if custom is not None:  # `policies.gateway_responses`: the API's own answer for this type
+            try:
+                changed = custom.answer(self, req, status)
+            except Exception:  # e.g. a header its template made unsafe: the default answer instead
+                self.ctx.count_error("internal")
+                log.exception("gateway_responses: the %d answer could not be built (request %s)", status,
+                              req.request_id.decode("latin-1"), extra=log_extra(req))
+                changed = None
+            if changed is not None:
+                status, body, content_type, lines = changed
+                self.send_local(req, status, body, content_type, extra + lines)
+                return
         self.send_local(req, status, responses.gateway_error_body(status), extra=extra)
 
     def finish_response(self, req: Request, keep_alive: bool) -> None:

@@ -49,6 +49,7 @@ _BUILTIN_POLICIES = (
     "edgeplane.policies.cache.plugin:plugin",
     "edgeplane.integrations.function.plugin:pool_plugin",
     "edgeplane.integrations.asgi.plugin:lifespans_plugin",
+    "edgeplane.policies.gateway_responses.plugin:plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",

@@ -56,14 +56,12 @@ async def test_keep_alive_and_pipelining_across_app_answers(gateway):
 
 
 async def test_policies_apply_in_front_and_the_identity_reaches_request_state(gateway, tmp_path):
-    from policies.cache.test_cache_identity import ISS, SECRET, bearer, token
+    from hs256 import authorizer, bearer, token
 
-    (tmp_path / "secret").write_bytes(SECRET)
     route = asgi_route("app")
     route.update(auth="users", throttle={"rate": 1, "burst": 2})
     cfg = base_config(routes=[route])
-    cfg["authorizers"] = {"users": {"type": "jwt", "issuer": ISS, "audience": "api", "algorithms": ["HS256"],
-                                    "hs_secret": {"file": str(tmp_path / "secret")}}}
+    cfg["authorizers"] = authorizer(tmp_path)
     gw = await gateway(cfg)
     addr = gw.addresses[0]
     assert (await RawClient.once(addr, "GET", "/shop/hello")).status == 401

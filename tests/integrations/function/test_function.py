@@ -139,14 +139,12 @@ async def test_the_payload_limit(gateway):
 
 
 async def test_authorizer_claims_and_throttles_apply_in_front(gateway, tmp_path):
-    from policies.cache.test_cache_identity import ISS, SECRET, bearer, token
+    from hs256 import authorizer, bearer, token
 
-    (tmp_path / "secret").write_bytes(SECRET)
     route = fn_route("echo", "GET /fn/me")
     route.update(auth="users", throttle={"rate": 1, "burst": 2})
     cfg = base_config(routes=[route])
-    cfg["authorizers"] = {"users": {"type": "jwt", "issuer": ISS, "audience": "api", "algorithms": ["HS256"],
-                                    "hs_secret": {"file": str(tmp_path / "secret")}}}
+    cfg["authorizers"] = authorizer(tmp_path)
     gw = await gateway(cfg)
     addr = gw.addresses[0]
     assert (await RawClient.once(addr, "GET", "/fn/me")).status == 401

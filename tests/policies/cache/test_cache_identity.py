@@ -5,41 +5,18 @@ a real JWT authorizer)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
 
 import pytest
 
+from hs256 import authorizer, bearer, token
 from policies.cache.cache_peers import Script, ScriptedUpstream, cached_config, get
 
 pytestmark = pytest.mark.timeout(30)
 
-SECRET = b"cache-test-secret-" * 3
-ISS = "https://auth.test/"
-
-
-def token(sub: str, scope: str = "read", **extra) -> str:
-    def b64(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-    now = int(time.time())
-    claims = {"iss": ISS, "aud": "api", "sub": sub, "scope": scope, "iat": now, "exp": now + 600, **extra}
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    return f"{head}.{body}.{b64(hmac.new(SECRET, f'{head}.{body}'.encode(), hashlib.sha256).digest())}"
-
-
-def bearer(t: str, **more) -> dict:
-    return {"authorization": f"Bearer {t}", **more}
-
-
 def jwt_config(port: int, tmp_path, cache: dict) -> dict:
-    (tmp_path / "secret").write_bytes(SECRET)
     cfg = cached_config(port, cache, auth="users")
-    cfg["authorizers"] = {"users": {"type": "jwt", "issuer": ISS, "audience": "api", "algorithms": ["HS256"],
-                                    "hs_secret": {"file": str(tmp_path / "secret")}}}
+    cfg["authorizers"] = authorizer(tmp_path)
     return cfg
 
 

@@ -1,0 +1,1 @@
+"""Gateway responses (`gateway_responses`): see `plugin`."""
