@@ -368,6 +368,9 @@ class Config:
     log_format: str = "text"  # `log.format`: text | json (the gateway's own log)
     tracing: TracingConfig | None = None
     stages: StagesConfig | None = None  # None: one `$default` stage at the root
+    # In a stage's own config (`config.stages.for_stage`): its variables (with the canary
+    # side's overrides), for integrations that hand them on (a function's `stageVariables`).
+    stage_variables: tuple[tuple[str, str], ...] = ()
     # Stage -> the deployment it serves (`deploy.served.attach`); a stage not here serves
     # this config's own routes. `deployed` is the store state it was built from (JSON).
     apis: dict[str, StageApi] = field(default_factory=dict, compare=False)

@@ -502,7 +502,7 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
         authorizers[auth_name] = dataclasses.replace(authorizers[auth_name],
                                                      **_resolved(authorizers[auth_name], variables))
     return dataclasses.replace(config, routes=tuple(routes), authorizers=authorizers, stages=None,
-                               websocket_apis=websockets)
+                               websocket_apis=websockets, stage_variables=tuple(sorted(variables.items())))
 
 
 def _with_copy(route: Any, config: Config, stage_name: str, canary: bool, stage: Any) -> Any:

@@ -50,6 +50,8 @@ _BUILTIN_POLICIES = (
     "edgeplane.integrations.function.plugin:pool_plugin",
     "edgeplane.integrations.asgi.plugin:lifespans_plugin",
     "edgeplane.policies.gateway_responses.plugin:plugin",
+    "edgeplane.policies.mapping.plugin:request_plugin",
+    "edgeplane.policies.mapping.plugin:response_plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",

@@ -168,3 +168,13 @@ def test_a_handler_that_cannot_be_used_is_a_located_error():
                                                                               "handler": "no colon"}}]))
     assert exc.value.errors[0].startswith("routes[0].integration.handler")
     assert json.dumps(load_config(base_config(routes=[fn_route("echo")])).routes[0].integration.handler)
+
+
+async def test_stage_variables_reach_the_event(gateway):
+    cfg = base_config(routes=[fn_route("echo", "GET /fn/{id}")])
+    cfg["stages"] = {"prod": {"variables": {"table": "orders-prod"}}, "dev": {"variables": {"table": "orders-dev"}}}
+    gw = await gateway(cfg)
+    for stage in ("prod", "dev"):
+        e = (await RawClient.once(gw.addresses[0], "GET", f"/{stage}/fn/1")).json()["event"]
+        assert e["stageVariables"] == {"table": f"orders-{stage}"} and e["requestContext"]["stage"] == stage
+        assert e["rawPath"] == f"/{stage}/fn/1"

@@ -110,9 +110,7 @@ class FunctionIntegrationPlugin(Integration):
         if not isinstance(pool, FunctionPool):  # compiled without a started gateway (a check)
             pool = FunctionPool(1)
         section = ctx.config.policies.get("functions") or FunctionsSection()
-        stages = ctx.config.stages
-        stage = stages.stages.get(route.stage) if stages is not None else None
-        variables = dict(stage.variables) if stage is not None and stage.variables else None
+        variables = dict(ctx.config.stage_variables) or None  # a stage's config carries them
         return FunctionIntegration(resolve(integ.handler), integ.handler, integ.payload_format, integ.timeout,
                                    section.max_payload, pool, variables)
 

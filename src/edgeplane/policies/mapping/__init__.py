@@ -1,0 +1,1 @@
+"""Parameter mapping (`request_parameters`, `response_parameters`): see `plugin`."""
