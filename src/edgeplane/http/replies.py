@@ -145,15 +145,17 @@ class Replies:
         self.transport.write(data)
         self.finish_response(req, keep)
 
-    def send_error(self, req: Request, status: int, reason: str, extra: bytes = b"") -> None:
-        """A gateway error: AWS-style body, counted, and logged once (access log)."""
+    def send_error(self, req: Request, status: int, reason: str, extra: bytes = b"",
+                   message: str | None = None) -> None:
+        """A gateway error: AWS-style body (`{"message": message}`, by default the status's
+        AWS message), counted, and logged once (access log)."""
         req.error = reason
         self.ctx.count_error(str(status))
         config = getattr(self.ctx.snapshot, "config", None)
         custom = config.policies.get("gateway_responses") if config is not None else None
         if custom is not None:  # `policies.gateway_responses`: the API's own answer for this type
             try:
-                changed = custom.answer(self, req, status)
+                changed = custom.answer(self, req, status, message)
             except Exception:  # e.g. a header its template made unsafe: the default answer instead
                 self.ctx.count_error("internal")
                 log.exception("gateway_responses: the %d answer could not be built (request %s)", status,
@@ -163,7 +165,8 @@ class Replies:
                 status, body, content_type, lines = changed
                 self.send_local(req, status, body, content_type, extra + lines)
                 return
-        self.send_local(req, status, responses.gateway_error_body(status), extra=extra)
+        body = responses.gateway_error_body(status) if message is None else responses.error_body(message)
+        self.send_local(req, status, body, extra=extra)
 
     def finish_response(self, req: Request, keep_alive: bool) -> None:
         """The response to the active request is fully written."""

@@ -52,6 +52,7 @@ _BUILTIN_POLICIES = (
     "edgeplane.policies.gateway_responses.plugin:plugin",
     "edgeplane.policies.mapping.plugin:request_plugin",
     "edgeplane.policies.mapping.plugin:response_plugin",
+    "edgeplane.policies.validation.plugin:plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",

@@ -7,8 +7,9 @@ answers itself (not for an upstream's or a function's own answers): the type is 
 from the status and what refused the request (`response_type`), then the entry of that
 type, else `DEFAULT_4XX` / `DEFAULT_5XX`, gives the status, extra headers and body.
 
-Templates (header values and the body) may use `$context.error.message` (the default
-message, e.g. `Unauthorized`: never the gateway's internal reason), `$context.error.
+Templates (header values and the body) may use `$context.error.message` (the AWS
+message of the answer, e.g. `Unauthorized` or `Invalid request body`: never the
+gateway's internal reason), `$context.error.
 messageString` (the same, JSON-quoted), `$context.error.responseType`,
 `$context.requestId`, `$context.stage`, `$context.routeKey`, `$context.httpMethod`,
 `$context.path`, `$context.domainName` and `$context.identity.sourceIp`, substituted as
@@ -81,8 +82,8 @@ def response_type(req: Any, status: int) -> str:
     return _BY_STATUS.get(status) or ("DEFAULT_5XX" if status >= 500 else "DEFAULT_4XX")
 
 
-def _values(proto: Any, req: Any, status: int, kind: str) -> dict[str, str]:
-    message = GATEWAY_MESSAGES.get(status, "Error")
+def _values(proto: Any, req: Any, status: int, kind: str, message: str | None) -> dict[str, str]:
+    message = message or GATEWAY_MESSAGES.get(status, "Error")
     return {"error.message": message, "error.messageString": orjson.dumps(message).decode(),
             "error.responseType": kind, "requestId": req.request_id.decode("latin-1"), "stage": req.stage,
             "routeKey": req.route_key, "httpMethod": req.method.decode("latin-1"),
@@ -107,15 +108,16 @@ class Entry:
 class GatewayResponses:
     entries: dict[str, Entry] = field(default_factory=dict)
 
-    def answer(self, proto: Any, req: Any, status: int) -> tuple[int, bytes, bytes, bytes] | None:
+    def answer(self, proto: Any, req: Any, status: int,
+               message: str | None = None) -> tuple[int, bytes, bytes, bytes] | None:
         """(status, body, content type, header lines) for the error `req` is about to get,
         or None when no entry changes it."""
         kind = response_type(req, status)
         entry = self.entries.get(kind) or self.entries.get("DEFAULT_5XX" if status >= 500 else "DEFAULT_4XX")
         if entry is None:
             return None
+        values = _values(proto, req, status, kind, message)
         status = entry.status or status
-        values = _values(proto, req, status, kind)
         lines = []
         for name, template in entry.headers:
             raw_name, raw_value = name.lower().encode("latin-1"), _render(template, values).encode("utf-8")

@@ -24,6 +24,7 @@ import orjson
 
 from edgeplane.http.fields import check_field
 from edgeplane.plugins import FastStage, Phase, Policy, RouteStage
+from edgeplane.plugins.body import BodyWait, too_large
 from edgeplane.policies.mapping.expressions import Value
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from edgeplane.plugins import CompileContext, ResponseView
 
 BODY_MAX = 1024 * 1024
-T_UPSTREAM = 4  # http.replies.T_UPSTREAM
 _OP = re.compile(r"^(overwrite|append|remove):(header|querystring)\.([A-Za-z0-9!#$%&'*+.^_`|~-]{1,128})$")
 # Headers a mapping may not touch: framing, hop-by-hop, and what the gateway sets itself.
 _RESERVED = frozenset(("host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
@@ -118,13 +118,15 @@ class RequestMappingStage(FastStage):
 
     def __call__(self, proto: HttpProtocol, req: Request) -> bool | None:
         if self.reads_body and not req.complete:
-            if req.content_length is not None and req.content_length > BODY_MAX:
-                req.keep_alive = False
-                proto.send_error(req, 413, f"request parameter mapping reads the body: at most {BODY_MAX} bytes")
+            why = "request parameter mapping reads the body"
+            if too_large(proto, req, BODY_MAX, why):
                 return False
-            req.exchange = _BodyWait(self, proto, req)
-            proto.set_deadline(T_UPSTREAM, proto.ctx.limits.body_timeout)
+            BodyWait(self, proto, req, BODY_MAX, why, self._then)
             return None
+        self.apply(proto, req)
+        return True
+
+    def _then(self, proto: HttpProtocol, req: Request) -> bool:
         self.apply(proto, req)
         return True
 
@@ -146,62 +148,6 @@ class RequestMappingStage(FastStage):
             else:
                 path = quote(value or "/", safe="/%:@!$&'()*+,;=-._~")
                 req.path = (path if path.startswith("/") else "/" + path).encode("latin-1")
-
-
-class _BodyWait:
-    """Holds the chain until the body is in (the server's exchange interface)."""
-
-    __slots__ = ("stage", "proto", "req", "chunks", "size", "done")
-
-    timeout = 29.0
-
-    def __init__(self, stage: RequestMappingStage, proto: HttpProtocol, req: Request) -> None:
-        self.stage, self.proto, self.req = stage, proto, req
-        self.chunks: list[bytes] = list(req.body_buf or ())
-        self.size = sum(map(len, self.chunks))
-        self.done = False
-
-    def on_request_body(self, chunk: bytes) -> None:
-        if self.done:
-            return
-        self.size += len(chunk)
-        if self.size > BODY_MAX:
-            self.done = True
-            self.req.keep_alive = False
-            self.req.pending = False
-            self.proto.send_error(self.req, 413, f"request parameter mapping reads the body: at most {BODY_MAX} bytes")
-            return
-        self.chunks.append(chunk)
-
-    def on_request_complete(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        req, proto = self.req, self.proto
-        req.body_buf = self.chunks
-        req.exchange = None
-        try:
-            self.stage.apply(proto, req)
-        except Exception as exc:
-            req.pending = False
-            proto.internal_error(req, exc, f"the request mapping of route {req.route_key!r}")
-            return
-        proto.resume_chain(req, req.route.stages.index(self.stage) + 1)
-
-    def abort(self, reason: str) -> None:
-        self.done = True
-
-    def request_stalled(self) -> bool:
-        return not self.done
-
-    def on_timeout(self) -> None:
-        pass
-
-    def pause_upstream(self) -> None:
-        pass
-
-    def resume_upstream(self) -> None:
-        pass
 
 
 def _stage_variables(route: RouteConfig, config: Config) -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""Request validation (`models`, `routes[].request_validation`): see `plugin`."""
