@@ -18,6 +18,7 @@ Prints us per call, best of --rounds.
 from __future__ import annotations
 
 import orjson
+
 from micro import best_ns, cli, proxied_request, proxy_gateway
 
 SCHEMA = {"type": "object", "required": ["id", "customer", "items"], "additionalProperties": False,
