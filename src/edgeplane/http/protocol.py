@@ -468,7 +468,7 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
                 if ws_api is not None:
                     ws_api.handle(self, req)
                     return
-        match = snapshot.router.match(req.method, req.path, req.host)
+        match = snapshot.router.match(req.method, req.path, req.host, req)
         if match is None:
             self.send_error(req, 404, "no route matched")
             return

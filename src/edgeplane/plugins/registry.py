@@ -53,6 +53,7 @@ _BUILTIN_POLICIES = (
     "edgeplane.policies.mapping.plugin:request_plugin",
     "edgeplane.policies.mapping.plugin:response_plugin",
     "edgeplane.policies.validation.plugin:plugin",
+    "edgeplane.policies.route_match.plugin:plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",

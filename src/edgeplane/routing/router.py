@@ -57,7 +57,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from edgeplane.config.model import RouteConfig
 from edgeplane.http.paths import PathPolicy, PathRejected, normalize_path
@@ -255,12 +255,27 @@ def _parse_segment(text: str, key: str, *, last: bool) -> Segment:
 
 
 class _Leaf(Generic[T]):
-    __slots__ = ("payload", "names", "route")
+    __slots__ = ("payload", "names", "route", "variants")
 
-    def __init__(self, payload: T, names: tuple[str, ...], route: RouteConfig) -> None:
+    def __init__(self, payload: T, names: tuple[str, ...], route: RouteConfig | None) -> None:
         self.payload = payload
         self.names = names
-        self.route = route
+        self.route = route  # None: only conditional routes have this key (`variants`)
+        # Routes of the same key with `match` conditions, most specific first
+        # (`routing.conditions`): the first whose conditions hold wins over this leaf.
+        self.variants: list[tuple[Any, _Leaf[T]]] | None = None
+
+
+def _pick(leaf: _Leaf[T] | None, req: Any) -> _Leaf[T] | None:
+    """`leaf`, or the conditional route of its key the request satisfies; None when only
+    conditional routes have the key and none holds (the search goes on)."""
+    if leaf is None or leaf.variants is None:
+        return leaf
+    if req is not None:
+        for conditions, variant in leaf.variants:
+            if conditions.matches(req):
+                return variant
+    return leaf if leaf.route is not None else None
 
 
 class _Node(Generic[T]):
@@ -283,29 +298,29 @@ class _Trie(Generic[T]):
 
 
 def _walk(node: _Node[T], segs: list[bytes], i: int, n: int, method: bytes,
-          captured: list[bytes]) -> _Leaf[T] | None:
+          captured: list[bytes], req: Any) -> _Leaf[T] | None:
     """Depth-first, most specific first; `captured` holds the parameter values so far."""
     if i == n:
-        leaf = node.methods.get(method)
-        return leaf if leaf is not None else node.any
+        leaf = _pick(node.methods.get(method), req)
+        return leaf if leaf is not None else _pick(node.any, req)
     seg = segs[i]
     child = node.literals.get(seg)
     if child is not None:
-        leaf = _walk(child, segs, i + 1, n, method, captured)
+        leaf = _walk(child, segs, i + 1, n, method, captured, req)
         if leaf is not None:
             return leaf
     child = node.param
     if child is not None and seg:
         captured.append(seg)
-        leaf = _walk(child, segs, i + 1, n, method, captured)
+        leaf = _walk(child, segs, i + 1, n, method, captured, req)
         if leaf is not None:
             return leaf
         captured.pop()
     child = node.greedy
     if child is not None:
-        leaf = child.methods.get(method)
+        leaf = _pick(child.methods.get(method), req)
         if leaf is None:
-            leaf = child.any
+            leaf = _pick(child.any, req)
         if leaf is not None:
             rest = b"/".join(segs[i:])
             # The bare prefix with its trailing slash ("/admin/") is the greedy route's
@@ -316,10 +331,11 @@ def _walk(node: _Node[T], segs: list[bytes], i: int, n: int, method: bytes,
     return None
 
 
-def _match_trie(trie: _Trie[T], segs: list[bytes] | None, n: int, method: bytes) -> tuple[T, dict[str, bytes]] | None:
+def _match_trie(trie: _Trie[T], segs: list[bytes] | None, n: int, method: bytes,
+                req: Any) -> tuple[T, dict[str, bytes]] | None:
     if segs is not None:
         captured: list[bytes] = []
-        leaf = _walk(trie.root, segs, 1, n, method, captured)
+        leaf = _walk(trie.root, segs, 1, n, method, captured, req)
         if leaf is not None:
             if leaf.names:
                 # equal lengths by construction; strict= would cost a kwargs dict per match
@@ -349,11 +365,14 @@ class Router(Generic[T]):
         self._has_hosts = bool(exact or wild)
         self._table = table
 
-    def match(self, method: bytes, path: bytes, host: bytes | None) -> tuple[T, dict[str, bytes]] | None:
+    def match(self, method: bytes, path: bytes, host: bytes | None,
+              req: Any = None) -> tuple[T, dict[str, bytes]] | None:
         """Select the route for a request.
 
         `path` is the raw path without the query; `host` the lower-cased Host header
-        (a `:port` suffix is ignored) or None. Returns (payload, params) or None.
+        (a `:port` suffix is ignored) or None; `req` (its `headers` and `query`) for
+        routes with `match` conditions (without it they never match). Returns
+        (payload, params) or None.
         """
         if path == b"/":
             segs: list[bytes] | None = [b""]
@@ -370,15 +389,15 @@ class Router(Generic[T]):
                 host = host[:-1]
             trie = self._exact.get(host)
             if trie is not None:
-                found = _match_trie(trie, segs, n, method)
+                found = _match_trie(trie, segs, n, method, req)
                 if found is not None:
                     return found
             for suffix, trie in self._wild:
                 if host.endswith(suffix) and len(host) > len(suffix):
-                    found = _match_trie(trie, segs, n, method)
+                    found = _match_trie(trie, segs, n, method, req)
                     if found is not None:
                         return found
-        return _match_trie(self._hostless, segs, n, method)
+        return _match_trie(self._hostless, segs, n, method, req)
 
     def table(self) -> list[RouteConfig]:
         """Routes in match-priority order (what `edgeplane routes` prints)."""
@@ -401,7 +420,9 @@ def _priority_key(route: RouteConfig, parsed: ParsedKey) -> tuple:
         return (_host_order(route.host), 1, (), 0, route.index)
     rank = {"literal": 0, "param": 1, "greedy": 2}
     segs = tuple((rank[s.kind], s.value if s.kind == "literal" else "") for s in parsed.segments)
-    return (_host_order(route.host), 0, segs, 1 if parsed.method is None else 0, route.index)
+    conditions = route.policies.get("match")
+    specificity = conditions.specificity if conditions is not None else (1, 0)  # conditional routes first
+    return (_host_order(route.host), 0, segs, 1 if parsed.method is None else 0, specificity, route.index)
 
 
 def _sorted_routes(routes: Sequence[RouteConfig]) -> list[RouteConfig]:
@@ -432,6 +453,26 @@ def compile_routes(entries: Sequence[tuple[RouteConfig, T]]) -> Router[T]:
     return Router(exact, wild_list, hostless, table)
 
 
+def _place(slot: _Leaf[T] | None, leaf: _Leaf[T], route: RouteConfig) -> _Leaf[T]:
+    """What a key's slot holds once `leaf` (of `route`) is added to it."""
+    conditions = route.policies.get("match")
+    if conditions is None:
+        if slot is not None and slot.route is not None:
+            raise ValueError(f"duplicate route {route.key!r} (routes[{route.index}])")
+        if slot is not None:  # conditional routes came first: this one is their fallback
+            leaf.variants = slot.variants
+        return leaf
+    if slot is None:
+        slot = _Leaf(leaf.payload, leaf.names, None)
+    variants = slot.variants or []
+    if any(c.ident == conditions.ident for c, _ in variants):
+        raise ValueError(f"duplicate route {route.key!r} (routes[{route.index}])")
+    variants.append((conditions, leaf))
+    variants.sort(key=lambda item: (item[0].specificity, item[1].route.index if item[1].route else 0))
+    slot.variants = variants
+    return slot
+
+
 def _insert(trie: _Trie[T], parsed: ParsedKey, route: RouteConfig, payload: T) -> None:
     leaf = _Leaf(payload, parsed.param_names, route)
     if parsed.segments is None:
@@ -456,14 +497,10 @@ def _insert(trie: _Trie[T], parsed: ParsedKey, route: RouteConfig, payload: T) -
                 child = node.greedy = _Node()
         node = child
     if parsed.method is None:
-        if node.any is not None:
-            raise ValueError(f"duplicate route {route.key!r} (routes[{route.index}])")
-        node.any = leaf
+        node.any = _place(node.any, leaf, route)
     else:
         m = parsed.method.encode("ascii")
-        if m in node.methods:
-            raise ValueError(f"duplicate route {route.key!r} (routes[{route.index}])")
-        node.methods[m] = leaf
+        node.methods[m] = _place(node.methods.get(m), leaf, route)
 
 
 # ---------------------------------------------------------------------------
@@ -483,7 +520,9 @@ def route_problems(routes: Sequence[RouteConfig]) -> list[tuple[int, str]]:
         except RouteKeyError:
             continue
         host = route.host.lower() if route.host else None
-        ident = (host, parsed.method if parsed.segments is not None else "$default", parsed.shape)
+        conditions = route.policies.get("match")
+        ident = (host, parsed.method if parsed.segments is not None else "$default", parsed.shape,
+                 conditions.ident if conditions is not None else None)
         earlier = seen.get(ident)
         if earlier is not None:
             problems.append(

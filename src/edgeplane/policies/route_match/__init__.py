@@ -1,0 +1,1 @@
+"""Header and query conditions on routes (`routes[].match`): see `plugin`."""
