@@ -76,3 +76,24 @@ try:
         return {"user_id": user_id, "q": q}
 except ImportError:  # FastAPI is optional: its test skips
     fast = None
+
+
+def _raw(status: int, headers: list, chunks: list[bytes]):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, chunk in enumerate(chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1})
+    return app
+
+
+longer = _raw(200, [(b"content-length", b"2")], [b"AAAAAAAAAA"])
+shorter = _raw(200, [(b"content-length", b"10")], [b"AA"])
+bad_length = _raw(200, [(b"content-length", b"abc")], [b"AA"])
+no_content = _raw(204, [], [b"BODYBYTES"])
+
+
+async def exits(scope, receive, send):
+    if scope["type"] == "http":
+        raise SystemExit(1)

@@ -98,3 +98,29 @@ def test_an_app_that_cannot_be_imported_is_a_located_error():
     with pytest.raises(ConfigError) as exc:
         load_config(base_config(routes=[asgi_route("nothing_here")]))
     assert exc.value.errors[0].startswith("routes[0].integration.app: cannot use")
+
+
+async def test_framing_stays_the_gateways(gateway):
+    """An app's Content-Length that its body contradicts, or that is not a number, and a
+    204 with a body: the connection is dropped (or the body dropped), never desynced."""
+    routes = [asgi_route(name, f"GET /{name}") for name in ("longer", "shorter", "bad_length", "no_content",
+                                                             "exits")]
+    routes.append({"route": "GET /ping", "integration": {"type": "mock", "body": "pong"}})
+    gw = await gateway(base_config(routes=routes))
+    addr = gw.addresses[0]
+    for name in ("longer", "shorter"):
+        c = await RawClient.connect(addr)
+        await c.send(f"GET /{name} HTTP/1.1\r\nhost: gw.test\r\n\r\nGET /ping HTTP/1.1\r\nhost: gw.test\r\n\r\n"
+                     .encode())
+        raw = await c.read_raw(timeout=5)  # the connection ends: nothing after the cut
+        assert b"pong" not in raw and b"AAAAAAAAAA" not in raw, (name, raw)
+        await c.close()
+    assert (await RawClient.once(addr, "GET", "/bad_length")).status == 500
+    c = await RawClient.connect(addr)
+    await c.send(b"GET /no_content HTTP/1.1\r\nhost: gw.test\r\n\r\nGET /ping HTTP/1.1\r\nhost: gw.test\r\n\r\n")
+    first, second = await c.read_response(), await c.read_response()
+    assert (first.status, first.body, second.body) == (204, b"", b"pong")
+    assert first.header("date") is not None
+    await c.close()
+    assert (await RawClient.once(addr, "GET", "/exits")).status == 500
+    assert (await RawClient.once(addr, "GET", "/ping")).body == b"pong"  # the gateway goes on

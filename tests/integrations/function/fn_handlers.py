@@ -64,3 +64,29 @@ def slow_sync(event, context):
 
 
 not_callable = 42
+
+
+def exits(event, context):
+    raise SystemExit(1)
+
+
+async def interrupts(event, context):
+    raise KeyboardInterrupt
+
+
+def interim(event, context):
+    return {"statusCode": 100, "body": ""}
+
+
+def odd_digit(event, context):
+    return {"statusCode": "\u00b2", "body": "x"}
+
+
+def own_date(event, context):
+    return {"statusCode": 200, "headers": {"Date": "Thu, 01 Jan 1970 00:00:00 GMT", "Server": "lambda"},
+            "body": "d"}
+
+
+def stuck(event, context):
+    time.sleep(2.0)
+    return {"statusCode": 200, "body": "unstuck"}

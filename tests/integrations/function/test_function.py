@@ -12,7 +12,7 @@ import logging
 
 import pytest
 
-from conftest import RawClient, base_config
+from conftest import REPO, RawClient, base_config
 from edgeplane.config.loader import ConfigError, load_config
 
 pytestmark = pytest.mark.timeout(30)
@@ -178,3 +178,46 @@ async def test_stage_variables_reach_the_event(gateway):
         e = (await RawClient.once(gw.addresses[0], "GET", f"/{stage}/fn/1")).json()["event"]
         assert e["stageVariables"] == {"table": f"orders-{stage}"} and e["requestContext"]["stage"] == stage
         assert e["rawPath"] == f"/{stage}/fn/1"
+
+
+async def test_what_a_black_box_review_found(gateway):
+    """A handler that exits, an interim or odd statusCode, a handler's own Date, the raw
+    path as sent, an IPv6 Host: each answered as AWS would, and the gateway goes on."""
+    routes = [fn_route(name, f"GET /fn/{name}") for name in
+              ("exits", "interrupts", "interim", "odd_digit", "own_date")] + [fn_route("echo", "GET /fn/e/{x}")]
+    gw = await gateway(base_config(routes=routes))
+    addr = gw.addresses[0]
+    for name, status in (("exits", 500), ("interrupts", 500), ("interim", 502), ("odd_digit", 502)):
+        assert (await RawClient.once(addr, "GET", f"/fn/{name}")).status == status, name
+    dated = await RawClient.once(addr, "GET", "/fn/own_date")
+    assert len(dated.header_all("date")) == 1 and "1970" not in dated.header("date")
+    assert dated.header("server") == "edgeplane"
+    e = (await RawClient.once(addr, "GET", "/fn/e/%41b", host="[::1]:8080")).json()["event"]
+    assert e["rawPath"] == "/fn/e/%41b" and e["requestContext"]["domainName"] == "::1"
+
+
+async def test_a_stuck_sync_handler_keeps_its_thread_counted(gateway):
+    cfg = base_config(routes=[fn_route("stuck", "GET /fn/stuck", timeout="300ms")])
+    cfg["functions"] = {"threads": 1}
+    gw = await gateway(cfg)
+    assert (await RawClient.once(gw.addresses[0], "GET", "/fn/stuck")).status == 504
+    metrics = (await RawClient.once(gw.admin_address, "GET", "/metrics")).body.decode()
+    assert "edgeplane_function_pool_busy 1.0" in metrics  # the thread is still in the handler
+    assert "edgeplane_function_pool_threads 1.0" in metrics
+
+
+async def test_sigterm_is_not_held_by_a_stuck_handler(tmp_path, monkeypatch):
+    import signal
+
+    from runtime.test_processes import _start_serve, _stop
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    cfg = base_config(routes=[fn_route("stuck", "GET /fn/stuck", timeout="300ms")])
+    cfg["functions"] = {"threads": 1}
+    proc, addr, _, _, drain = await _start_serve(tmp_path, cfg)
+    try:
+        assert (await RawClient.once(addr, "GET", "/fn/stuck")).status == 504
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0  # not joined on the stuck thread
+    finally:
+        await _stop(proc, drain)

@@ -62,7 +62,8 @@ def http_scope(proto: HttpProtocol, req: Request, root_path: str, state: dict[st
 
 class AsgiExchange:
     __slots__ = ("integ", "proto", "req", "queue", "queued", "complete", "disconnected", "wake", "writable",
-                 "started", "finished", "chunked", "keep", "task", "deadline", "head_only")
+                 "started", "finished", "chunked", "keep", "task", "deadline", "head_only", "no_body", "declared",
+                 "sent")
 
     def __init__(self, integ: Any, proto: HttpProtocol, req: Request) -> None:
         self.integ = integ
@@ -83,6 +84,9 @@ class AsgiExchange:
         self.task: asyncio.Task[None] | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.head_only = req.method == b"HEAD"
+        self.no_body = self.head_only  # (also for a 204 or 304: set when the response starts)
+        self.declared: int | None = None  # the app's Content-Length
+        self.sent = 0  # body bytes the app sent
 
     @property
     def timeout(self) -> float:
@@ -105,7 +109,11 @@ class AsgiExchange:
                 self._fail(504, f"ASGI app {self.integ.name} did not start its response within "
                                 f"{self.integ.timeout:g}s")
             return
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: the app's failure, never the gateway's end
+            if self.disconnected:  # the client left: the app's send() said so (not an error of ours)
+                log.debug("ASGI app %s: the client left (request %s)", self.integ.name,
+                          req.request_id.decode("latin-1"))
+                return
             log.error("ASGI app %s raised (request %s)", self.integ.name, req.request_id.decode("latin-1"),
                       exc_info=(type(exc), exc, exc.__traceback__), extra=log_extra(req))
             self._fail(500, f"ASGI app {self.integ.name} raised {type(exc).__name__}")
@@ -149,10 +157,16 @@ class AsgiExchange:
                 raise RuntimeError("http.response.body before http.response.start")
             body = bytes(message.get("body") or b"")
             more = bool(message.get("more_body", False))
-            if body and not self.head_only:
+            self.sent += len(body)
+            if self.declared is not None and self.sent > self.declared:
+                raise RuntimeError(f"response body longer than its Content-Length ({self.declared})")
+            if body and not self.no_body:
                 self.req.response_length += len(body)
                 self.proto.write(b"%x\r\n%b\r\n" % (len(body), body) if self.chunked else body)
             if not more:
+                if self.declared is not None and self.sent < self.declared and not self.no_body:
+                    raise RuntimeError(f"response body shorter ({self.sent}) than its Content-Length "
+                                       f"({self.declared})")
                 self._end_response()
             elif self.proto.write_paused:
                 self.writable.clear()
@@ -173,18 +187,26 @@ class AsgiExchange:
             name, value = bytes(name).lower(), bytes(value)
             check_field(name, value)  # UnsafeField: the app's bug, answered 500
             if name == b"content-length":
+                if length is not None or not value.isdigit() or len(value) > 18:
+                    raise RuntimeError(f"invalid or repeated Content-Length {value!r}")
                 length = value
+                self.declared = int(value)
             elif name not in _FRAMING:
                 lines.append((name, value))
+        if status in (204, 304):
+            self.no_body = True
+            self.declared = None
         if req.route.response_hooks and not req.hooks_failed:
             visible = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in lines]
             status = run_response_hooks(proto, req, status, visible)
             lines = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in visible]
         keep = req.keep_alive and not proto.ctx.draining and (req.complete or body_drainable(req))
         parts = [STATUS_LINES[status]]
+        if not any(name == b"date" for name, _ in lines):
+            parts.append(proto.ctx.date.line)
         for name, value in lines:
             parts += (name, b": ", value, b"\r\n")
-        if length is not None:
+        if length is not None and status not in (204, 304):
             parts += (b"content-length: ", length, b"\r\n")
         elif status not in (204, 304) and not self.head_only:
             if req.version == "1.1":

@@ -12,7 +12,8 @@ and `scopes`, a custom authorizer's `context`, or the API key's `apiKeyId`), wit
 `AsgiLifespans` (a policy that acts on no route) runs each app's lifespan: startup when
 a gateway starts (or a reload first serves the app), shutdown when it stops (or a reload
 stops serving it), as uvicorn's `lifespan: auto` does: an app that does not speak the
-lifespan protocol is served anyway; one that fails its startup stops the start.
+lifespan protocol (it raises on the lifespan scope, or returns) is served anyway; one that
+reports `lifespan.startup.failed` stops the start (`LifespanFailed`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class AsgiIntegrationPlugin(Integration):
         return f"asgi {model.app}"
 
 
+class LifespanFailed(OSError):
+    """An app reported `lifespan.startup.failed`: the gateway cannot start. (An OSError, so
+    `serve` reports it in one line, as it reports a listener it cannot bind.)"""
+
+
 class _Lifespan:
     """One app's lifespan task and the queue its `receive` reads."""
 
@@ -145,7 +151,9 @@ class _Lifespan:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self.state}
         try:
             await self.app(scope, self.inbox.get, self.answers.put)
-        except Exception as exc:  # an app without lifespan support raises on the scope type
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # an app without lifespan support raises on the scope type
             self.supported = False
             log.info("ASGI app %s: no lifespan (%s: %s); serving it without one", self.name, type(exc).__name__, exc)
         else:  # returned: it ignores lifespan scopes, or its lifespan is over (shutdown answered)
@@ -157,7 +165,7 @@ class _Lifespan:
         await self.inbox.put({"type": "lifespan.startup"})
         answer = await self.answers.get()
         if answer["type"] == "lifespan.startup.failed":
-            raise RuntimeError(f"ASGI app {self.name}: lifespan startup failed: {answer.get('message', '')}")
+            raise LifespanFailed(f"ASGI app {self.name}: lifespan startup failed: {answer.get('message', '')}")
 
     async def shutdown(self) -> None:
         if self.task is None or self.task.done():

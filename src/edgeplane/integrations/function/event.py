@@ -101,6 +101,14 @@ def _authorizer(req: Request, v2: bool) -> dict[str, Any] | None:
     return None
 
 
+def _domain(host: bytes | None) -> str:
+    """The Host header without its port (an IPv6 literal keeps its brackets' content)."""
+    text = (host or b"").decode("latin-1")
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text[1:]
+    return text.split(":")[0]
+
+
 def build_event(req: Request, body: bytes, *, version: str, source_ip: str,
                 stage_variables: dict[str, str] | None) -> dict[str, Any]:
     """The event of payload format `version` ("2.0" or "1.0") for `req`."""
@@ -115,12 +123,14 @@ def build_event(req: Request, body: bytes, *, version: str, source_ip: str,
     query = _query(req.query)
     params = {k: v.decode("utf-8", "replace") for k, v in (req.params or {}).items()} or None
     body_text, is_b64 = _body(req, body)
-    raw_path = (req.base_path or req.path).decode("latin-1")
+    # as sent (AWS's rawPath is not normalised); an absolute-form target: the routed path
+    sent = req.target.split(b"?", 1)[0]
+    raw_path = (sent if sent.startswith(b"/") else (req.base_path or req.path)).decode("latin-1")
     method = req.method.decode("latin-1")
     user_agent = ", ".join(headers.get("user-agent", [])) or ""
     now = time.time()
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
-    domain = (req.host or b"").decode("latin-1").split(":")[0]
+    domain = _domain(req.host)
     request_id = req.request_id.decode("latin-1")
     authorizer = _authorizer(req, version == "2.0")
     protocol = f"HTTP/{req.version}"
@@ -192,7 +202,7 @@ def _header_line(name: Any, value: Any) -> bytes:
 
 
 _MANAGED = frozenset((b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"upgrade",
-                      b"x-request-id", b"te", b"trailer"))
+                      b"x-request-id", b"te", b"trailer", b"date", b"server"))
 
 
 def read_response(result: Any, version: str) -> tuple[int, bytes, bytes, bytes]:
@@ -206,10 +216,10 @@ def read_response(result: Any, version: str) -> tuple[int, bytes, bytes, bytes]:
     if not isinstance(result, dict):
         raise Malformed(f"payload 1.0 needs a dict with statusCode, got {type(result).__name__}")
     status = result.get("statusCode")
-    if isinstance(status, str) and status.isdigit():
+    if isinstance(status, str) and status.isascii() and status.isdigit():
         status = int(status)
-    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-        raise Malformed(f"statusCode {status!r} is not an HTTP status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        raise Malformed(f"statusCode {status!r} is not a final HTTP status (200..599)")
     body = result.get("body")
     if body is None:
         raw = b""

@@ -21,10 +21,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
-import functools
 import logging
+import queue
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +41,45 @@ T_UPSTREAM = 4  # http.replies.T_UPSTREAM: the backstop deadline while a handler
 
 
 class FunctionPool:
-    """The threads sync handlers run in (one pool per gateway), with its counters."""
+    """The threads sync handlers run in (one pool per gateway), with its counters.
+
+    Daemon threads, unlike `concurrent.futures`' (joined at interpreter exit): a handler
+    stuck forever must not keep a stopping gateway alive. Calls queued when the pool is
+    closed (a reload retired it) still run; then its threads end."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self.executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="edgeplane-fn")
-        self.busy = 0  # calls running or queued in the pool
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.started = 0
+        self.busy = 0  # calls running in a thread now (a stuck one stays counted)
         self.calls = {"ok": 0, "error": 0, "timeout": 0, "malformed": 0}
+        self.closed = False
+
+    def submit(self, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = loop.create_future()
+        if self.started < self.threads:
+            self.started += 1
+            threading.Thread(target=self._work, name=f"edgeplane-fn-{self.started}", daemon=True).start()
+        self.queue.put((loop, future, contextvars.copy_context(), fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            loop, future, context, fn, args = item
+            self.busy += 1
+            try:
+                result, error = context.run(fn, *args), None
+            except BaseException as exc:  # SystemExit too: the handler's, never the thread's end
+                result, error = None, exc
+            finally:
+                self.busy -= 1
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
 
     def metric_samples(self) -> list[tuple[str, tuple[str, ...], Any, float]]:
         out: list[tuple[str, tuple[str, ...], Any, float]] = [
@@ -57,7 +89,32 @@ class FunctionPool:
         return out
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.closed = True
+        for _ in range(self.started):
+            self.queue.put(None)  # after the queued calls: they still run
+
+
+class HandlerExit(Exception):
+    """A handler raised SystemExit or KeyboardInterrupt: its failure, as an Exception."""
+
+
+async def _guarded(call: Any) -> Any:
+    """Await an async handler so that SystemExit/KeyboardInterrupt stay in this call:
+    asyncio re-raises those out of the event loop when they escape a task (and
+    `wait_for` runs its awaitable as a task of its own)."""
+    try:
+        return await call
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerExit(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return  # timed out: nobody waits for it
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class FunctionIntegration:
@@ -144,26 +201,22 @@ class _Call:
         pool = integ.pool
         try:
             if integ.is_async:
-                result = await asyncio.wait_for(integ.handler(event, context), integ.timeout)
+                result = await asyncio.wait_for(_guarded(integ.handler(event, context)), integ.timeout)
             else:
-                pool.busy += 1
-                try:
-                    call = functools.partial(contextvars.copy_context().run, integ.handler, event, context)
-                    future = proto.loop.run_in_executor(pool.executor, call)
-                    result = await asyncio.wait_for(future, integ.timeout)
-                finally:
-                    pool.busy -= 1
+                result = await asyncio.wait_for(pool.submit(proto.loop, integ.handler, event, context),
+                                                integ.timeout)
         except TimeoutError:
             pool.calls["timeout"] += 1
             self._fail(504, f"function {integ.name} did not return within {integ.timeout:g}s")
             return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            pool.calls["error"] += 1
-            log.error("function %s raised (request %s)", integ.name, req.request_id.decode("latin-1"),
-                      exc_info=(type(exc), exc, exc.__traceback__), extra=log_extra(req))
-            self._fail(500, f"function {integ.name} raised {type(exc).__name__}")
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the gateway cancelled this call (it is stopping)
+            self._raised(exc)  # the handler raised CancelledError itself: its error
+            return
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: one call fails, not the gateway
+            self._raised(exc)
             return
         finally:
             req.integration_latency = time.perf_counter() - t0
@@ -181,6 +234,13 @@ class _Call:
         if self._answered():
             req.integration_status = status
             proto.send_local(req, status, payload, content_type, headers)
+
+    def _raised(self, exc: BaseException) -> None:
+        integ, req = self.integ, self.req
+        integ.pool.calls["error"] += 1
+        log.error("function %s raised (request %s)", integ.name, req.request_id.decode("latin-1"),
+                  exc_info=(type(exc), exc, exc.__traceback__), extra=log_extra(req))
+        self._fail(500, f"function {integ.name} raised {type(exc).__name__}")
 
     def _answered(self) -> bool:
         """Claim the one answer: False when it was given (timeout) or the client left."""

@@ -33,7 +33,7 @@ _FUNCTION_INTEGRATION = {
         "handler": {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
                     "description": "The callable, `package.module:name` (importable by the gateway), "
                                    "taking (event, context) like a Lambda handler."},
-        "payload_format": {"enum": ["2.0", "1.0"], "default": "2.0",
+        "payload_format": {"enum": ["2.0", "1.0", 2.0, 1.0], "default": "2.0",
                            "description": "The Lambda proxy payload version (AWS's payloadFormatVersion)."},
         "timeout": {"$ref": "#/$defs/duration", "default": "29s",
                     "description": "Past it the client gets 504 {\"message\":\"Endpoint request timed out\"}."},
@@ -100,6 +100,7 @@ class FunctionIntegrationPlugin(Integration):
             ctx.warn(path + ("timeout",), f"{timeout:g}s is past Amazon API Gateway's {INTEGRATION_TIMEOUT_MAX:g} s "
                                           "integration limit")
         fmt = spec.get("payload_format", "2.0")
+        fmt = f"{fmt:.1f}" if isinstance(fmt, float) else fmt  # `payload_format: 2.0` unquoted in YAML
         return FunctionConfig(type="function", handler=handler if isinstance(handler, str) else "",
                               payload_format=fmt if fmt in ("2.0", "1.0") else "2.0", timeout=timeout)
 
