@@ -55,7 +55,7 @@ from edgeplane.http.replies import (  # noqa: F401
     T_UPSTREAM,
     Replies,
 )
-from edgeplane.http.request import _DRAIN_BODY_MAX, Request
+from edgeplane.http.request import _DRAIN_BODY_MAX, Request, header
 from edgeplane.http.responses import STATUS_LINES
 from edgeplane.http.tls import client_subject
 from edgeplane.http.upgrade import _UPGRADE_TAIL_MAX, Upgrades
@@ -469,6 +469,8 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
                     ws_api.handle(self, req)
                     return
         match = snapshot.router.match(req.method, req.path, req.host, req)
+        if match is None and req.method == b"OPTIONS":
+            match = _preflight_route(snapshot.router, req)
         if match is None:
             self.send_error(req, 404, "no route matched")
             return
@@ -583,6 +585,18 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
             self._dispatch(req)
         else:
             self._queue.append(req)
+
+
+def _preflight_route(router: Any, req: Request) -> Any:
+    """A CORS preflight for a path with no OPTIONS route: the route of the method it asks
+    about, when a CORS stage of that route answers preflights (as AWS HTTP APIs do)."""
+    wanted = header(req, b"access-control-request-method")
+    if wanted is None or header(req, b"origin") is None:
+        return None
+    match = router.match(wanted.strip(), req.path, req.host, req)
+    if match is None or not any(getattr(s, "answers_preflights", False) for s in match[0].stages):
+        return None
+    return match
 
 
 def status_line(status: int) -> bytes:

@@ -119,6 +119,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_release_parsers(sub, config_arg)  # deploy, deployments, rollback, canary
 
+    from edgeplane.openapi.commands import add_parsers as add_openapi_parsers
+
+    add_openapi_parsers(sub, config_arg)  # import openapi, export openapi
+
     sub.add_parser("schema", help="print the config JSON Schema",
                    description="Print the JSON Schema (draft 2020-12) of the config file, "
                                "for editor completion and CI checks.")
@@ -499,7 +503,15 @@ COMMANDS = {
     "deployments": release_command,
     "rollback": release_command,
     "canary": release_command,
+    "import": lambda args: _openapi("cmd_import", args),
+    "export": lambda args: _openapi("cmd_export", args),
 }
+
+
+def _openapi(name: str, args: argparse.Namespace) -> int:
+    from edgeplane.openapi import commands
+
+    return int(getattr(commands, name)(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,9 @@ class CorsStage(FastStage):
     allowed origin get the CORS response headers."""
 
     __slots__ = ("policy",)
+    # The router may hand this route a preflight for a path it has no OPTIONS route for
+    # (`http.protocol.route`), as AWS HTTP APIs answer every preflight themselves.
+    answers_preflights = True
 
     def __init__(self, policy: CorsPolicy):
         self.policy = policy

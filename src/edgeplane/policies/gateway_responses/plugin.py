@@ -113,7 +113,11 @@ class GatewayResponses:
         """(status, body, content type, header lines) for the error `req` is about to get,
         or None when no entry changes it."""
         kind = response_type(req, status)
-        entry = self.entries.get(kind) or self.entries.get("DEFAULT_5XX" if status >= 500 else "DEFAULT_4XX")
+        entry = self.entries.get(kind)
+        if entry is None and kind in ("MISSING_AUTHENTICATION_TOKEN", "INVALID_API_KEY"):
+            entry = self.entries.get("UNAUTHORIZED" if status == 401 else "ACCESS_DENIED")  # the broader type
+        if entry is None:
+            entry = self.entries.get("DEFAULT_5XX" if status >= 500 else "DEFAULT_4XX")
         if entry is None:
             return None
         values = _values(proto, req, status, kind, message)
