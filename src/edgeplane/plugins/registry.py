@@ -54,6 +54,7 @@ _BUILTIN_POLICIES = (
     "edgeplane.policies.mapping.plugin:response_plugin",
     "edgeplane.policies.validation.plugin:plugin",
     "edgeplane.policies.route_match.plugin:plugin",
+    "edgeplane.policies.function_authorizer.plugin:plugin",
 )
 _BUILTIN_INTEGRATIONS = (
     "edgeplane.integrations.http:plugin",

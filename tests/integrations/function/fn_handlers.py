@@ -90,3 +90,29 @@ def own_date(event, context):
 def stuck(event, context):
     time.sleep(2.0)
     return {"statusCode": 200, "body": "unstuck"}
+
+
+CALLS = {"authorize": 0}
+
+
+def authorize(event, context):
+    """A simple-response Lambda authorizer, as AWS's example writes one."""
+    CALLS["authorize"] += 1
+    token = event["headers"].get("authorization", "")
+    response = {"isAuthorized": False, "context": {}}
+    if token == "secretToken":
+        response = {"isAuthorized": True, "context": {"user": "ann", "tier": "gold"}}
+    return response
+
+
+async def authorize_policy(event, context):
+    """An IAM-policy Lambda authorizer (simple responses off)."""
+    effect = "Allow" if event["identitySource"] == ["let-me-in"] else "Deny"
+    return {"principalId": "user|a1", "context": {"scope": "all"},
+            "policyDocument": {"Version": "2012-10-17",
+                               "Statement": [{"Action": "execute-api:Invoke", "Effect": effect,
+                                              "Resource": [event["routeArn"]]}]}}
+
+
+def authorize_broken(event, context):
+    raise ValueError("the authorizer failed on purpose")

@@ -174,10 +174,13 @@ class HttpAuthorizerStage(FastStage):
         transport = proto.transport
         tracer, span, traceparent = proto.ctx.tracer, None, None
         if tracer is not None:
-            target = client.upstream.pools[0].target
-            span, traceparent = tracer.child(req, f"authorizer {self.name}", {
-                "http.request.method": "POST", "server.address": target.host, "server.port": target.port,
-                "edgeplane.authorizer": self.name})
+            upstream = getattr(client, "upstream", None)  # (a function authorizer has none)
+            where: dict[str, Any] = {"edgeplane.authorizer": self.name}
+            if upstream is not None:
+                target = upstream.pools[0].target
+                where.update({"http.request.method": "POST", "server.address": target.host,
+                              "server.port": target.port})
+            span, traceparent = tracer.child(req, f"authorizer {self.name}", where)
         try:
             allowed, context = await client.ask(payload(proto, req, identity), traceparent)
         except (FetchError, ValueError) as exc:

@@ -1,0 +1,1 @@
+"""A Python function as a Lambda REQUEST authorizer (`authorizers.NAME.type: function`): see `plugin`."""
