@@ -158,12 +158,14 @@ class WebSocketLimits:
 
 @dataclass(frozen=True, slots=True)
 class WebSocketIntegration:
-    """A WebSocket API route's backend: an HTTP POST to `upstream` at `path`."""
+    """A WebSocket API route's backend: an HTTP POST to `upstream` at `path`, or (`type:
+    function`) a Python handler called with AWS's WebSocket event."""
 
-    upstream: str
+    upstream: str | None
     path: str  # literal upstream path, e.g. "/message"
     timeout: float = 29.0
     type: str = "http"
+    handler: str | None = None  # function: `package.module:name`
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,10 +219,13 @@ _WEBSOCKET_LIMITS = {
 _WEBSOCKET_INTEGRATION = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["type", "upstream"],
+    "required": ["type"],
     "properties": {
-        "type": {"const": "http"},
-        "upstream": {"type": "string", "description": "Name of an entry of `upstreams`."},
+        "type": {"enum": ["http", "function"]},
+        "upstream": {"type": "string", "description": "http: name of an entry of `upstreams`."},
+        "handler": {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+                    "description": "function: the Python handler, `package.module:name`, called with "
+                                   "AWS's WebSocket event."},
         "path": {"type": "string", "description": "Upstream path the event is POSTed to; "
                                                   "default: the API's path."},
         "timeout": {"$ref": "#/$defs/duration", "default": "29s",

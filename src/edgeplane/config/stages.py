@@ -492,7 +492,8 @@ def for_stage(config: Config, name: str, canary: bool = False) -> Config:
         routes.append(dataclasses.replace(rc, integration=integ, stage=name))
     websockets = config.websocket_apis
     if any((r.auth is not None and r.auth not in config.authorizers) or (
-            r.integration is not None and r.integration.upstream not in config.upstreams)
+            r.integration is not None and r.integration.upstream is not None
+            and r.integration.upstream not in config.upstreams)
            for a in websockets.values() for r in a.routes.values()):  # per-stage copies
         websockets = {n: dataclasses.replace(a, routes={k: _with_copy(r, config, name, canary, stage)
                                                          for k, r in a.routes.items()})
@@ -510,7 +511,8 @@ def _with_copy(route: Any, config: Config, stage_name: str, canary: bool, stage:
     when its authorizer is a template (`expand`)."""
     side = canary and stage is not None and stage.canary is not None
     integ = getattr(route, "integration", None)
-    if isinstance(route, WebSocketRouteConfig) and integ is not None and integ.upstream not in config.upstreams:
+    if (isinstance(route, WebSocketRouteConfig) and integ is not None and integ.upstream is not None
+            and integ.upstream not in config.upstreams):
         route = dataclasses.replace(route, integration=dataclasses.replace(
             integ, upstream=_upstream_copy(integ.upstream, config, stage_name, side)))
     if route.auth is None or route.auth in config.authorizers:

@@ -153,9 +153,29 @@ class WebSocketSections(LoadContext):
         special = key in ("$connect", "$disconnect")
         integ_spec = spec.get("integration")
         integration = None
-        if isinstance(integ_spec, dict):
+        if isinstance(integ_spec, dict) and integ_spec.get("type") == "function":
+            ip = path + ("integration",)
+            handler = integ_spec.get("handler")
+            if not isinstance(handler, str):
+                self.fail(ip, "missing required key 'handler' (a function integration)")
+            else:
+                try:
+                    from edgeplane.integrations.function.plugin import resolve
+
+                    resolve(handler)
+                except Exception as exc:  # located: the import failed, or the name is wrong
+                    self.fail(ip + ("handler",), f"cannot use {handler!r}: {type(exc).__name__}: {exc}")
+            if "upstream" in integ_spec:
+                self.fail(ip + ("upstream",), "a function integration has no upstream")
+            timeout = self.duration(integ_spec, "timeout", ip, 29.0, low=INTEGRATION_TIMEOUT_MIN,
+                                    high=INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+            integration = model.WebSocketIntegration(upstream=None, path="/", timeout=timeout, type="function",
+                                                     handler=handler if isinstance(handler, str) else None)
+        elif isinstance(integ_spec, dict):
             ip = path + ("integration",)
             upstream = integ_spec.get("upstream")
+            if upstream is None:
+                self.fail(ip, "missing required key 'upstream' (an http integration)")
             self.known_upstream(upstream, ip + ("upstream",), upstream_names)
             target = integ_spec.get("path", api_path)
             if isinstance(target, str):

@@ -213,7 +213,7 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
         r.auth for api in resolved.websocket_apis.values() for r in api.routes.values() if r.auth}
     used_up = {n for rc in resolved.routes for n in (rc.integration.upstream, *(s for s, _ in rc.integration.split))
                if n} | {r.integration.upstream for api in resolved.websocket_apis.values()
-                        for r in api.routes.values() if r.integration is not None}
+                        for r in api.routes.values() if r.integration is not None and r.integration.upstream}
     auth = _share(resolved.authorizers, used_auth, authorizers, suffix)
     up = _share(resolved.upstreams, used_up, upstreams, suffix)
     if not auth and not up:
@@ -229,7 +229,7 @@ def _compose(config: Config, stage: str, ref: str | None, served: dict[str, Any]
             r, auth=auth.get(r.auth, r.auth) if r.auth else None,
             integration=dataclasses.replace(r.integration, upstream=up.get(r.integration.upstream,
                                                                            r.integration.upstream))
-            if r.integration is not None else None)
+            if r.integration is not None and r.integration.upstream is not None else r.integration)
         for key, r in api.routes.items()}) for name, api in resolved.websocket_apis.items()}
     return dataclasses.replace(resolved, routes=routes, websocket_apis=websockets)
 

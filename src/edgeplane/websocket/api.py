@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -51,9 +52,10 @@ from edgeplane.policies.ip_rules.rules import TrustedProxies
 from edgeplane.policies.throttle.buckets import UNAVAILABLE, TokenBucket
 from edgeplane.routing.chain import compile_chain
 from edgeplane.routing.snapshot import CompiledRoute, compile_context
-from edgeplane.upstream.client import FetchError, fetch
-from edgeplane.websocket.connections import WsConnection, WsRoute, connect_headers, context_headers
+from edgeplane.upstream.client import FetchError
+from edgeplane.websocket.connections import WsConnection, connect_headers, context_headers
 from edgeplane.websocket.handshake import accept_key, client_handshake_error
+from edgeplane.websocket.route import WsRoute
 from edgeplane.websocket.selection import parse_selection
 
 if TYPE_CHECKING:
@@ -84,9 +86,14 @@ class WsApi:
         self.routes: dict[str, WsRoute] = {}
         for key, rc in cfg.routes.items():
             integ = rc.integration
-            self.routes[key] = WsRoute(key, upstreams[integ.upstream] if integ else None,
+            function = None
+            if integ is not None and integ.type == "function" and integ.handler is not None:
+                from edgeplane.integrations.function.websocket import WsFunction
+
+                function = WsFunction(integ.handler, lambda: compile_ctx.runtime.get("functions"))
+            self.routes[key] = WsRoute(key, upstreams[integ.upstream] if integ and integ.upstream else None,
                                        integ.path if integ else "/", integ.timeout if integ else 29.0,
-                                       rc.return_response)
+                                       rc.return_response, function)
         self.connect = self.routes.get("$connect")
         self.disconnect = self.routes.get("$disconnect")
         self.default = self.routes.get("$default")
@@ -207,26 +214,26 @@ class ConnectIntegration:
         api = self.api
         conn_id = api.registry.new_id()
         route = api.connect
-        if route is None or route.upstream is None:
+        if route is None or not route.has_backend:
             # Nothing to ask: accept now (`detach` is safe inside dispatch: the bytes that
             # followed the head in this read go to the connection).
             _accept(api, proto, req, conn_id, None)
             return
         proto.set_deadline(0, 0)  # the backend call is bounded by its own timeout
-        task = proto.loop.create_task(self._ask(proto, req, conn_id, route, route.upstream))
+        task = proto.loop.create_task(self._ask(proto, req, conn_id, route))
         api.registry.track(task)
 
-    async def _ask(self, proto: HttpProtocol, req: Request, conn_id: str, route: WsRoute,
-                   upstream: Upstream) -> None:
+    async def _ask(self, proto: HttpProtocol, req: Request, conn_id: str, route: WsRoute) -> None:
         api = self.api
-        headers = connect_headers(req, proto, api.auth_headers)
-        headers.update(context_headers(api.name, conn_id, "$connect", "CONNECT", None,
-                                       api.source_ip(proto, req), time.time(), req))
-        path = route.path + ("?" + req.query.decode("latin-1") if req.query else "")
+        client_headers = connect_headers(req, proto, api.auth_headers)
+        headers = {**client_headers, **context_headers(api.name, conn_id, "$connect", "CONNECT", None,
+                                                       api.source_ip(proto, req), time.time(), req)}
+        query = req.query.decode("latin-1")
+        connect = {"raw_query": query, "headers": client_headers, "host": (req.host or b"").decode("latin-1"),
+                   "query": dict(parse_qsl(query, keep_blank_values=True))}
         started = time.perf_counter()
         try:
-            status, rheaders, body = await fetch(upstream.pick(), "POST", path, headers=headers,
-                                                 timeout=route.timeout, max_bytes=64 * 1024)
+            status, rheaders, body = await route.call(headers, b"", 64 * 1024, connect)
         except FetchError as exc:
             req.integration_latency = time.perf_counter() - started
             if _gone(proto, req):
@@ -236,7 +243,7 @@ class ConnectIntegration:
             proto.send_error(req, 504 if timeout else 502, f"$connect integration failed: {exc}")
             return
         req.integration_latency = time.perf_counter() - started
-        req.upstream = upstream.name
+        req.upstream = route.upstream.name if route.upstream is not None else None
         if _gone(proto, req):
             return
         if not 200 <= status < 300:

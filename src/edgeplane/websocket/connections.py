@@ -39,13 +39,13 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from edgeplane.upstream.client import FetchError, fetch
+from edgeplane.upstream.client import FetchError
+from edgeplane.websocket.route import WsRoute
 
 if TYPE_CHECKING:
     from edgeplane.config.model import WebSocketLimits
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
-    from edgeplane.upstream.cluster import Upstream
 
 log = logging.getLogger("edgeplane.websocket")
 
@@ -60,21 +60,6 @@ class WsApi(Protocol):
     routes: dict[str, WsRoute]
     default: WsRoute | None
     disconnect: WsRoute | None
-
-
-class WsRoute:
-    """A compiled route: its backend (upstream, path, timeout) and whether it answers."""
-
-    __slots__ = ("key", "upstream", "path", "timeout", "return_response")
-
-    def __init__(self, key: str, upstream: Upstream | None, path: str, timeout: float,
-                 return_response: bool) -> None:
-        self.key = key
-        self.upstream = upstream
-        self.path = path
-        self.timeout = timeout
-        self.return_response = return_response
-
 
 
 MAX_IN_FLIGHT = 16  # messages of one connection at their backend at once
@@ -283,7 +268,7 @@ class WsConnection(asyncio.Protocol):
         route = api.routes.get(key) if key is not None else None
         if route is None:
             route = api.default
-        if route is None or route.upstream is None:
+        if route is None or not route.has_backend:
             registry.stats["messages_unrouted"] += 1
             self.send(error_message("Forbidden", self.id, message_id))
             return
@@ -291,19 +276,16 @@ class WsConnection(asyncio.Protocol):
         if self.in_flight >= MAX_IN_FLIGHT and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
-        registry.track(self.loop.create_task(self._integrate(route, route.upstream, body, ctype, message_id)))
+        registry.track(self.loop.create_task(self._integrate(route, body, ctype, message_id)))
 
-    async def _integrate(self, route: WsRoute, upstream: Upstream, body: bytes, ctype: str,
-                         message_id: str) -> None:
+    async def _integrate(self, route: WsRoute, body: bytes, ctype: str, message_id: str) -> None:
         t0 = time.perf_counter()
         headers = dict(self.base_headers)
         headers["x-route-key"] = route.key
         headers["x-message-id"] = message_id
         headers["content-type"] = ctype
         try:
-            status, _, answer = await fetch(upstream.pick(), "POST", route.path, headers=headers,
-                                            body=body, timeout=route.timeout,
-                                            max_bytes=self.limits.max_message_bytes)
+            status, _, answer = await route.call(headers, body, self.limits.max_message_bytes)
         except FetchError as exc:
             status, answer = 0, b""
             log.debug("websocket %s: %s integration failed: %s", self.id, route.key, exc)
@@ -405,8 +387,8 @@ class WsConnection(asyncio.Protocol):
         code = self.close_code if self.close_code is not None else 1006
         reason = self.close_reason if self.close_code is not None else "connection lost"
         route = self.api.disconnect
-        if route is not None and route.upstream is not None:
-            registry.track(self.loop.create_task(self._disconnect(route, route.upstream, code, reason)))
+        if route is not None and route.has_backend:
+            registry.track(self.loop.create_task(self._disconnect(route, code, reason)))
         req = self.req
         req.status = 101
         req.response_length = self.bytes_sent
@@ -422,13 +404,13 @@ class WsConnection(asyncio.Protocol):
         ctx.count_websocket("api", self.messages_in, self.messages_out, code)
         ctx.request_done(req, self.proto)
 
-    async def _disconnect(self, route: WsRoute, upstream: Upstream, code: int, reason: str) -> None:
+    async def _disconnect(self, route: WsRoute, code: int, reason: str) -> None:
         headers = dict(self.base_headers)
         headers.update({"x-route-key": "$disconnect", "x-event-type": "DISCONNECT",
                         "x-disconnect-status-code": str(code),
                         "x-disconnect-reason": reason.encode("ascii", "replace").decode()})
         try:
-            await fetch(upstream.pick(), "POST", route.path, headers=headers, timeout=route.timeout)
+            await route.call(headers, b"", 64 * 1024)
         except FetchError as exc:  # best effort, as AWS
             self.registry.stats["integration_failures"] += 1
             log.debug("websocket %s: $disconnect failed: %s", self.id, exc)

@@ -116,3 +116,21 @@ async def authorize_policy(event, context):
 
 def authorize_broken(event, context):
     raise ValueError("the authorizer failed on purpose")
+
+
+WS_EVENTS: list[dict] = []
+
+
+def ws_handler(event, context):
+    """A WebSocket API Lambda, as AWS's chat example writes one (one handler, all routes)."""
+    WS_EVENTS.append(event)
+    ctx = event["requestContext"]
+    if ctx["eventType"] == "CONNECT":
+        if event.get("queryStringParameters", {}).get("token") != "open-sesame":
+            return {"statusCode": 403, "body": "no"}
+        return {"statusCode": 200}
+    if ctx["eventType"] == "DISCONNECT":
+        return {"statusCode": 200}
+    return {"statusCode": 200, "body": json.dumps({"echo": json.loads(event["body"])["data"],
+                                                    "connectionId": ctx["connectionId"],
+                                                    "route": ctx["routeKey"]})}
