@@ -159,12 +159,9 @@ class WebSocketSections(LoadContext):
             if not isinstance(handler, str):
                 self.fail(ip, "missing required key 'handler' (a function integration)")
             else:
-                try:
-                    from edgeplane.integrations.function.plugin import resolve
+                from edgeplane.integrations.function.plugin import check_ref
 
-                    resolve(handler)
-                except Exception as exc:  # located: the import failed, or the name is wrong
-                    self.fail(ip + ("handler",), f"cannot use {handler!r}: {type(exc).__name__}: {exc}")
+                check_ref(handler, ip + ("handler",), self)
             if "upstream" in integ_spec:
                 self.fail(ip + ("upstream",), "a function integration has no upstream")
             timeout = self.duration(integ_spec, "timeout", ip, 29.0, low=INTEGRATION_TIMEOUT_MIN,

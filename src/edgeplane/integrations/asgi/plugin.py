@@ -24,9 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.config.values import HTTP_INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN
 from edgeplane.integrations.asgi.exchange import T_UPSTREAM, AsgiExchange, http_scope
-from edgeplane.integrations.function.plugin import resolve
+from edgeplane.integrations.function.plugin import check_ref, load_timeout, resolve
 from edgeplane.plugins import Integration, Phase, Policy
 
 if TYPE_CHECKING:
@@ -111,13 +110,9 @@ class AsgiIntegrationPlugin(Integration):
 
     def load(self, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext, route_key: Any) -> Any:
         app = spec.get("app")
-        if isinstance(app, str) and ":" in app:
-            try:
-                resolve(app)
-            except Exception as exc:
-                ctx.fail(path + ("app",), f"cannot use {app!r}: {type(exc).__name__}: {exc}")
-        timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
-                                high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+        if isinstance(app, str):
+            check_ref(app, path + ("app",), ctx)
+        timeout = load_timeout(spec, path, ctx)
         return AsgiConfig(type="asgi", app=app if isinstance(app, str) else "", timeout=timeout)
 
     def compile(self, route: RouteConfig, ctx: CompileContext, upstream_headers: frozenset[bytes],

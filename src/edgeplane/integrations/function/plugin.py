@@ -83,22 +83,35 @@ def resolve(ref: str) -> Any:
     return obj
 
 
+def check_ref(ref: str, path: tuple[Any, ...], ctx: LoadContext) -> None:
+    """A located error when `ref` (`package.module:name`) cannot be used."""
+    if ":" not in ref:
+        return  # (the schema's pattern reported it)
+    try:
+        resolve(ref)
+    except Exception as exc:  # the import failed, the name is wrong, or it is not callable
+        ctx.fail(path, f"cannot use {ref!r}: {type(exc).__name__}: {exc}")
+
+
+def load_timeout(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext) -> float:
+    """An in-process integration's `timeout`: 50ms..24h, a warning past AWS's 30 s."""
+    timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
+                           high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+    if timeout > INTEGRATION_TIMEOUT_MAX:
+        ctx.warn(path + ("timeout",), f"{timeout:g}s is past Amazon API Gateway's {INTEGRATION_TIMEOUT_MAX:g} s "
+                                      "integration limit")
+    return timeout
+
+
 class FunctionIntegrationPlugin(Integration):
     type = "function"
     schema = _FUNCTION_INTEGRATION
 
     def load(self, spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext, route_key: Any) -> Any:
         handler = spec.get("handler")
-        if isinstance(handler, str) and ":" in handler:
-            try:
-                resolve(handler)
-            except Exception as exc:  # located: the import failed, or the name is wrong
-                ctx.fail(path + ("handler",), f"cannot use {handler!r}: {type(exc).__name__}: {exc}")
-        timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
-                                high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
-        if timeout > INTEGRATION_TIMEOUT_MAX:
-            ctx.warn(path + ("timeout",), f"{timeout:g}s is past Amazon API Gateway's {INTEGRATION_TIMEOUT_MAX:g} s "
-                                          "integration limit")
+        if isinstance(handler, str):
+            check_ref(handler, path + ("handler",), ctx)
+        timeout = load_timeout(spec, path, ctx)
         fmt = spec.get("payload_format", "2.0")
         fmt = f"{fmt:.1f}" if isinstance(fmt, float) else fmt  # `payload_format: 2.0` unquoted in YAML
         return FunctionConfig(type="function", handler=handler if isinstance(handler, str) else "",

@@ -21,20 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.integrations.function.event import LambdaContext
 from edgeplane.integrations.function.invoke import FunctionPool, _guarded
-from edgeplane.integrations.function.plugin import resolve
-from edgeplane.plugins import Phase, Policy
-from edgeplane.policies.http_authorizer.client import HttpAuthorizerStage
-from edgeplane.policies.http_authorizer.plugin import _IDENTITY
+from edgeplane.integrations.function.plugin import check_ref, resolve
+from edgeplane.plugins import Phase
+from edgeplane.policies.http_authorizer.client import DecisionCache
+from edgeplane.policies.http_authorizer.plugin import _IDENTITY, HttpAuthorizerPolicy
 
 if TYPE_CHECKING:
     from edgeplane.config.context import LoadContext
-    from edgeplane.config.model import Config, RouteConfig
-    from edgeplane.plugins import CompileContext, RuntimeContext
+    from edgeplane.plugins import RuntimeContext
 
 log = logging.getLogger("edgeplane.authorizer")
 
@@ -100,36 +100,18 @@ def read_answer(answer: Any, simple: bool) -> tuple[bool, dict[str, Any]]:
     return allowed and not denied, context
 
 
-class FunctionAuthorizerClient:
+class FunctionAuthorizerClient(DecisionCache):
     """Per authorizer: the handler and the result cache (the interface of
     `http_authorizer.client.HttpAuthorizerClient` the stage uses)."""
 
     def __init__(self, cfg: FunctionAuthorizerConfig, pool: Any) -> None:
-        from collections import OrderedDict
-
         self.cfg = cfg
         self.handler = resolve(cfg.handler)
         self.is_async = asyncio.iscoroutinefunction(self.handler)
         self.pool = pool  # () -> the gateway's FunctionPool
-        self.cache: OrderedDict[tuple, tuple[float, bool, dict]] = OrderedDict()
+        self.cache = OrderedDict()
         self.calls = 0
         self.failures = 0
-
-    def cached(self, key: tuple, now: float) -> tuple[bool, dict] | None:
-        entry = self.cache.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= now:
-            del self.cache[key]
-            return None
-        return entry[1], entry[2]
-
-    def remember(self, key: tuple, now: float, allowed: bool, context: dict) -> None:
-        if self.cfg.result_ttl <= 0:
-            return
-        self.cache[key] = (now + self.cfg.result_ttl, allowed, context)
-        if len(self.cache) > self.cfg.cache_max_entries:
-            self.cache.popitem(last=False)
 
     async def ask(self, payload: dict[str, Any], traceparent: bytes | None = None) -> tuple[bool, dict]:
         self.calls += 1
@@ -160,7 +142,10 @@ class FunctionAuthorizerClient:
         return {"handler": self.cfg.handler, "calls": self.calls, "failures": self.failures, "cached": len(self.cache)}
 
 
-class FunctionAuthorizerPolicy(Policy):
+class FunctionAuthorizerPolicy(HttpAuthorizerPolicy):
+    """As the HTTP custom authorizer (its stage, compile step and forwarded headers), with
+    a function instead of a URL."""
+
     name = "function_authorizer"
     phase = Phase.AUTHENTICATION
     authorizer_type = "function"
@@ -170,10 +155,7 @@ class FunctionAuthorizerPolicy(Policy):
         handler = spec.get("handler")
         if not isinstance(handler, str):
             return None
-        try:
-            resolve(handler)
-        except Exception as exc:
-            ctx.fail(path + ("handler",), f"cannot use {handler!r}: {type(exc).__name__}: {exc}")
+        check_ref(handler, path + ("handler",), ctx)
         sources = spec.get("identity_source", ["$request.header.Authorization"])
         sources = (sources,) if isinstance(sources, str) else tuple(s for s in sources if isinstance(s, str))
         ttl = ctx.duration(spec, "result_ttl", path, 300.0, low_inclusive=True)
@@ -197,18 +179,6 @@ class FunctionAuthorizerPolicy(Policy):
     def stats(self, runtime: RuntimeContext) -> dict[str, Any] | None:
         clients = runtime.state.get(self.name) or {}
         return {"authorizers": {name: c.telemetry() for name, c in clients.items()}} if clients else None
-
-    def compile(self, route: RouteConfig, ctx: CompileContext) -> HttpAuthorizerStage | None:
-        cfg = ctx.authorizer(route, "function")
-        if cfg is None:
-            return None
-        return HttpAuthorizerStage(ctx.runtime[self.name][cfg.name], ctx.outcome_counts(cfg.name))
-
-    def upstream_headers(self, route: RouteConfig, config: Config) -> frozenset[bytes]:
-        cfg = config.authorizers.get(route.auth) if route.auth else None
-        if cfg is None or cfg.type != "function":
-            return frozenset()
-        return frozenset(h.encode() for h, _ in cfg.forward_context)
 
 
 plugin = FunctionAuthorizerPolicy()

@@ -45,19 +45,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeplane.authorizer")
 
 
-class HttpAuthorizerClient:
-    """Per authorizer: the pooled connection to its URL and the result cache."""
+class DecisionCache:
+    """A custom authorizer's decisions by identity (`cfg.result_ttl`, at most
+    `cfg.cache_max_entries`, oldest out first), and its call counters; shared by the HTTP
+    and the function (`policies.function_authorizer`) authorizers."""
 
-    __slots__ = ("cfg", "upstream", "path", "cache", "calls", "failures")
-
-    def __init__(self, cfg: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.cfg = cfg
-        target, self.path = split_url(cfg.url)
-        self.upstream = Upstream(UpstreamConfig(name=f"authorizer:{cfg.name}", targets=(target,),
-                                                pool=PoolConfig(connect_timeout=cfg.timeout)), loop)
-        self.cache: OrderedDict[tuple, tuple[float, bool, dict]] = OrderedDict()
-        self.calls = 0
-        self.failures = 0
+    cfg: Any
+    cache: OrderedDict[tuple, tuple[float, bool, dict]]
 
     def cached(self, key: tuple, now: float) -> tuple[bool, dict] | None:
         entry = self.cache.get(key)
@@ -76,6 +70,21 @@ class HttpAuthorizerClient:
         cache[key] = (now + ttl, allowed, context)
         if len(cache) > self.cfg.cache_max_entries:
             cache.popitem(last=False)
+
+
+class HttpAuthorizerClient(DecisionCache):
+    """Per authorizer: the pooled connection to its URL and the result cache."""
+
+    __slots__ = ("cfg", "upstream", "path", "cache", "calls", "failures")
+
+    def __init__(self, cfg: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg = cfg
+        target, self.path = split_url(cfg.url)
+        self.upstream = Upstream(UpstreamConfig(name=f"authorizer:{cfg.name}", targets=(target,),
+                                                pool=PoolConfig(connect_timeout=cfg.timeout)), loop)
+        self.cache = OrderedDict()
+        self.calls = 0
+        self.failures = 0
 
     async def ask(self, payload: dict, traceparent: bytes | None = None) -> tuple[bool, dict]:
         """POST the payload; (isAuthorized, context), or raise FetchError/ValueError."""

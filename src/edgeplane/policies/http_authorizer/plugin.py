@@ -103,14 +103,14 @@ class HttpAuthorizerPolicy(Policy):
         return {"authorizers": {name: c.telemetry() for name, c in clients.items()}}
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> HttpAuthorizerStage | None:
-        cfg = ctx.authorizer(route, "http")
+        cfg = ctx.authorizer(route, self.authorizer_type)
         if cfg is None:
             return None
         return HttpAuthorizerStage(ctx.runtime[self.name][cfg.name], ctx.outcome_counts(cfg.name))
 
     def upstream_headers(self, route: RouteConfig, config: Config) -> frozenset[bytes]:
         cfg = config.authorizers.get(route.auth) if route.auth else None
-        if cfg is None or cfg.type != "http":
+        if cfg is None or cfg.type != self.authorizer_type:
             return frozenset()
         return frozenset(h.encode() for h, _ in cfg.forward_context)
 
