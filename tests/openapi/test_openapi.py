@@ -122,3 +122,50 @@ def test_export_is_valid_openapi_and_the_round_trip_is_stable():
     second, _ = import_openapi(exported, "openapi.lambda_handlers")
     assert second == first
     assert export_openapi(second) == exported
+
+
+def test_what_a_black_box_review_found(tmp_path, capsys):
+    """AND security, REST path mappings, recursive models, malformed definitions, and an
+    export of routes AWS cannot say in one operation each ($default, {proxy+}, host-bound
+    and conditional routes, route policies) round-tripping."""
+    from edgeplane.runtime.cli import main
+
+    doc = {"openapi": "3.0.1", "info": {"title": "t", "version": "1"},
+           "components": {"schemas": {"Node": {"type": "object", "properties": {
+               "child": {"$ref": "#/components/schemas/Node"}}}},
+               "securitySchemes": {"a": {"type": "apiKey", "name": "x-a", "in": "header"},
+                                   "b": {"type": "apiKey", "name": "x-b", "in": "header"}}},
+           "x-amazon-apigateway-request-validators": {"all": {"validateRequestBody": True}},
+           "paths": {"/{proxy+}": {"post": {
+               "security": [{"a": [], "b": []}], "x-amazon-apigateway-request-validator": "all",
+               "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Node"}}}},
+               "x-amazon-apigateway-integration": {
+                   "type": "http_proxy", "uri": "http://127.0.0.1:9001/{proxy}",
+                   "requestParameters": {"integration.request.path.proxy": "method.request.path.proxy",
+                                         "integration.request.header.x-id": "context.requestId"}}}}}}
+    config, report = import_openapi(doc)
+    assert any("needs a and b at once" in line for line in report)
+    route = config["routes"][0]
+    assert route["request_parameters"] == {"overwrite:header.x-id": "$context.requestId"}
+    assert "$defs" in config["models"]["Node"]  # a recursive model stays a reference
+    config["authorizers"]["a"]["keys_file"] = str(tmp_path / "keys.yaml")
+    (tmp_path / "keys.yaml").write_text("keys: []\n")
+    load_config(config)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("openapi: 3.0.1\npaths: {/x: [1, 2]}\ncomponents: null\n")
+    assert main(["import", "openapi", str(bad)]) in (0, 1)
+    assert "Traceback" not in capsys.readouterr().err
+    raw = {"listen": ["127.0.0.1:8080"], "upstreams": {"app": {"targets": ["http://127.0.0.1:9001"]}},
+           "routes": [{"route": "ANY /{proxy+}", "integration": {"type": "http", "upstream": "app"}},
+                      {"route": "$default", "integration": {"type": "mock"}},
+                      {"route": "GET /u", "integration": {"type": "http", "upstream": "app"},
+                       "ip_rules": {"deny": ["10.0.0.0/8"]}},
+                      {"route": "GET /u", "host": "api.test", "integration": {"type": "mock"}},
+                      {"route": "GET /u", "match": {"query": {"v": "2"}}, "integration": {"type": "mock"}}]}
+    path = tmp_path / "api.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out.yaml"
+    assert main(["export", "openapi", "-c", str(path), "-o", str(out)]) == 0
+    back, _ = import_openapi(yaml.safe_load(out.read_text()))
+    key = lambda r: (r["route"], str(r.get("host")), str(r.get("match")))  # noqa: E731
+    assert sorted(back["routes"], key=key) == sorted(raw["routes"], key=key)

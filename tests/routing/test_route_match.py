@@ -58,3 +58,14 @@ def test_checks_at_load():
                                              mock("GET /a", "2", match={"query": {"q": "1"}}),
                                              mock("GET /a", "3", match={"headers": {"x": "2"}})])).warnings
     assert len(warned) == 2 and all("a request can satisfy both" in w for w in warned)
+
+
+def test_a_conditional_route_without_the_keys_authorizer_is_warned_about(tmp_path):
+    from hs256 import authorizer
+
+    cfg = base_config(routes=[mock("GET /a", "guarded", auth="users"),
+                              mock("GET /a", "open", match={"headers": {"x-debug": "1"}})])
+    cfg["authorizers"] = authorizer(tmp_path)
+    warned = load_config(cfg).warnings
+    assert any("routes[1].match: this route's authorizer (none) differs from routes[0]'s (users)" in w
+               for w in warned)

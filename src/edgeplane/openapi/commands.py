@@ -61,6 +61,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError, ImportError_) as exc:
         print(f"edgeplane: cannot import {args.file}: {exc}", file=sys.stderr)
         return 1
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:  # a malformed definition
+        print(f"edgeplane: cannot import {args.file}: a malformed definition ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 1
     text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     _write(text, args.output)
     for line in report:
@@ -78,7 +82,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgeplane.config.loader import ConfigError, load_config
-    from edgeplane.openapi.exporter import export_openapi
+    from edgeplane.openapi.exporter import EXPORTED_TOP, export_openapi
 
     try:
         raw = yaml.safe_load(Path(args.config).read_text())
@@ -93,6 +97,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     doc = export_openapi(raw, title=args.title)
     problems = validate_openapi(doc)
+    if problems:  # JSON Schema 2020-12 models, `{proxy+}`: OpenAPI 3.1 says them
+        doc["openapi"] = "3.1.0"
+        problems = validate_openapi(doc)
+    for key in sorted(set(raw) - EXPORTED_TOP):
+        print(f"note: `{key}` is not part of the exported API definition (not exported)", file=sys.stderr)
     text = json.dumps(doc, indent=2) + "\n" if args.json else yaml.safe_dump(doc, sort_keys=False)
     _write(text, args.output)
     if problems:

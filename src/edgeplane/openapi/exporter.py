@@ -30,7 +30,10 @@ def _integration(route: dict[str, Any], upstreams: dict[str, Any]) -> dict[str, 
         path = integ.get("path") or _PARAM.sub(lambda m: "{" + m.group(1) + "}",
                                                route["route"].split(" ", 1)[1] if " " in route["route"] else "/")
         out: dict[str, Any] = {"type": "http_proxy", "httpMethod": "ANY", "uri": first.rstrip("/") + path,
-                               "payloadFormatVersion": "1.0", "connectionType": "INTERNET"}
+                               "payloadFormatVersion": "1.0", "connectionType": "INTERNET",
+                               "x-edgeplane-upstream": integ["upstream"]}  # (its name and spec travel)
+        if integ.get("path") is not None:
+            out["x-edgeplane-path"] = integ["path"]
         if integ.get("path") is None and route["route"] == "$default":
             out["uri"] = first.rstrip("/") + "/"
     elif kind == "function":
@@ -77,15 +80,26 @@ def _scheme(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"type": "apiKey", "name": header, "in": "header", "x-edgeplane-authorizer": spec}
 
 
+# Route keys the operation itself says; the others travel in `x-edgeplane-route`.
+_SPOKEN = frozenset(("route", "integration", "auth", "scopes", "request_validation", "request_parameters",
+                     "response_parameters"))
+# Top-level keys that are part of the API definition (the others are the host's: listeners...).
+EXPORTED_TOP = frozenset(("routes", "upstreams", "authorizers", "cors", "models", "gateway_responses"))
+
+
 def export_openapi(raw: dict[str, Any], title: str = "edgeplane API", version: str = "1.0") -> dict[str, Any]:
     upstreams = raw.get("upstreams") or {}
     paths: dict[str, dict[str, Any]] = {}
     validators: dict[str, dict[str, bool]] = {}
+    apart: list[dict[str, Any]] = []  # routes with a host or conditions: not one operation each
     for route in raw.get("routes") or []:
         key = route["route"]
-        method, _, path = key.partition(" ") if key != "$default" else ("ANY", "", "$default")
+        if route.get("host") is not None or route.get("match") is not None:
+            apart.append(route)
+            continue
+        method, _, path = key.partition(" ") if key != "$default" else ("ANY", "", "/$default")
         op: dict[str, Any] = {"x-amazon-apigateway-integration": _integration(route, upstreams)}
-        params = [{"name": m.group(1), "in": "path", "required": True, "schema": {"type": "string"}}
+        params = [{"name": m.group(1) + m.group(2), "in": "path", "required": True, "schema": {"type": "string"}}
                   for m in _PARAM.finditer(path)]
         validation = route.get("request_validation") or {}
         for where, names in (("header", (validation.get("required") or {}).get("headers") or []),
@@ -104,12 +118,16 @@ def export_openapi(raw: dict[str, Any], title: str = "edgeplane API", version: s
                     "schema": {"$ref": f"#/components/schemas/{validation['body']}"}}}}
         if route.get("auth"):
             op["security"] = [{route["auth"]: list(route.get("scopes") or [])}]
-        for field in ("cache", "match"):
-            if route.get(field) is not None:
-                op[f"x-edgeplane-{field}"] = route[field]
+        extra = {k: v for k, v in route.items() if k not in _SPOKEN}
+        if extra:
+            op["x-edgeplane-route"] = extra
         op["responses"] = {"default": {"description": "The integration's response"}}
         paths.setdefault(path, {})[ANY if method == "ANY" else method.lower()] = op
     doc: dict[str, Any] = {"openapi": "3.0.1", "info": {"title": title, "version": version}, "paths": paths}
+    if apart:
+        doc["x-edgeplane-routes"] = apart
+    if upstreams:
+        doc["x-edgeplane-upstreams"] = upstreams
     components: dict[str, Any] = {}
     if raw.get("authorizers"):
         components["securitySchemes"] = {n: _scheme(n, s) for n, s in raw["authorizers"].items()}

@@ -43,8 +43,12 @@ class _Importer:
         self.report: list[str] = []
         self.upstreams: dict[str, dict[str, Any]] = {}
         self.authorizers: dict[str, dict[str, Any]] = {}
-        self.schemes: dict[str, dict[str, Any]] = doc.get("components", {}).get("securitySchemes", {}) or {}
-        self.schemas: dict[str, Any] = doc.get("components", {}).get("schemas", {}) or {}
+        found = doc.get("components")
+        components: dict[str, Any] = found if isinstance(found, dict) else {}
+        schemes = components.get("securitySchemes")
+        schemas = components.get("schemas")
+        self.schemes: dict[str, Any] = schemes if isinstance(schemes, dict) else {}
+        self.schemas: dict[str, Any] = schemas if isinstance(schemas, dict) else {}
         self.models: dict[str, Any] = {}
         self.validators = doc.get("x-amazon-apigateway-request-validators") or {}
         self.default_validator = doc.get("x-amazon-apigateway-request-validator")
@@ -59,12 +63,17 @@ class _Importer:
             self.note(where, f"the URI {uri!r} names a stage variable: set `stages` and write the upstream "
                              "as ${stageVariables.NAME} (not converted)")
         parts = urlsplit(uri)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            self.note(where, f"integration URI {uri!r} has an invalid port: the route answers 501")
+            return None, ""
         if parts.scheme not in ("http", "https") or not parts.hostname:
             self.note(where, f"integration URI {uri!r} is not an http(s) URL (a VPC link or an ARN?): the route "
                              "answers 501 until you give it an upstream")
             return None, ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        origin = f"{parts.scheme}://{parts.hostname}:{port}"
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        origin = f"{parts.scheme}://{host}:{port}"
         for name, spec in self.upstreams.items():
             if spec["targets"] == [origin]:
                 return name, parts.path
@@ -126,18 +135,42 @@ class _Importer:
         return scheme_name
 
     # -- models -------------------------------------------------------------------------
-    def inline(self, schema: Any, depth: int = 0) -> Any:
-        """`schema` with its `#/components/schemas/X` references replaced by X."""
-        if depth > 20:
-            return {}
+    def rewrite(self, schema: Any, found: set[str]) -> Any:
+        """`schema` with `#/components/schemas/X` references as `#/$defs/X`, noting every
+        X it names (recursive schemas stay references: nothing is expanded)."""
         if isinstance(schema, dict):
-            ref = schema.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
-                return self.inline(self.schemas.get(ref.rsplit("/", 1)[1], {}), depth + 1)
-            return {k: self.inline(v, depth + 1) for k, v in schema.items()}
+            out = {}
+            for k, v in schema.items():
+                if k == "$ref" and isinstance(v, str) and v.startswith("#/components/schemas/"):
+                    name = v.rsplit("/", 1)[1]
+                    found.add(name)
+                    out[k] = f"#/$defs/{name}"
+                else:
+                    out[k] = self.rewrite(v, found)
+            return out
         if isinstance(schema, list):
-            return [self.inline(v, depth + 1) for v in schema]
+            return [self.rewrite(v, found) for v in schema]
         return schema
+
+    def inline(self, schema: Any) -> Any:
+        """A self-contained model: `schema` plus, under `$defs`, every component schema it
+        reaches."""
+        found: set[str] = set()
+        out = self.rewrite(schema, found)
+        defs: dict[str, Any] = {}
+        todo = sorted(found)
+        while todo:
+            name = todo.pop()
+            if name in defs:
+                continue
+            if name not in self.schemas:
+                self.note(f"components.schemas.{name}", "referenced but not defined: an empty schema")
+            more: set[str] = set()
+            defs[name] = self.rewrite(self.schemas.get(name, {}), more)
+            todo += sorted(more - set(defs))
+        if defs and isinstance(out, dict):
+            out = {**out, "$defs": {**out.get("$defs", {}), **defs}}
+        return out
 
     def model_for(self, op: dict[str, Any], name_hint: str) -> str | None:
         content = (op.get("requestBody") or {}).get("content") or {}
@@ -145,8 +178,12 @@ class _Importer:
         if not isinstance(schema, dict):
             return None
         ref = schema.get("$ref")
-        name = ref.rsplit("/", 1)[1] if isinstance(ref, str) else name_hint
-        self.models.setdefault(name, self.inline(schema))
+        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+            name = ref.rsplit("/", 1)[1]
+            self.models.setdefault(name, self.inline(self.schemas.get(name, {})))
+        else:
+            name = name_hint
+            self.models.setdefault(name, self.inline(schema))
         return name
 
     # -- routes -------------------------------------------------------------------------
@@ -168,7 +205,7 @@ class _Importer:
 
     def route(self, path: str, method: str, op: dict[str, Any], default_security: Any) -> dict[str, Any]:
         verb = "ANY" if method == ANY else method.upper()
-        key = "$default" if path == "$default" else f"{verb} {path}"
+        key = "$default" if path in ("$default", "/$default") else f"{verb} {path}"
         where = f"paths.{path}.{method}"
         route: dict[str, Any] = {"route": key, "integration": self.integration(op, key, where)}
         for unknown in sorted(k for k in op if k.startswith("x-amazon-apigateway") and k not in _KNOWN_OP):
@@ -178,6 +215,9 @@ class _Importer:
             first = security[0] if isinstance(security[0], dict) else {}
             if len(security) > 1:
                 self.note(where, "several alternative security requirements: only the first is used")
+            if len(first) > 1:
+                self.note(where, f"the security requirement needs {' and '.join(first)} at once: a route takes "
+                                 f"one authorizer here; only {next(iter(first))} is used")
             for scheme_name, scopes in first.items():
                 auth = self.authorizer(scheme_name, where)
                 if auth is not None:
@@ -188,9 +228,9 @@ class _Importer:
         validation = self.validation(op, key, where)
         if validation:
             route["request_validation"] = validation
-        for field in ("x-edgeplane-cache", "x-edgeplane-match"):
-            if isinstance(op.get(field), dict):
-                route[field[len("x-edgeplane-"):]] = op[field]
+        extra = op.get("x-edgeplane-route")
+        if isinstance(extra, dict):  # what the exporter keeps of a route beyond AWS's words
+            route.update(extra)
         return route
 
     def integration(self, op: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -202,6 +242,10 @@ class _Importer:
         out: dict[str, Any]
         if isinstance(ext.get("x-edgeplane-integration"), dict):
             out = dict(ext["x-edgeplane-integration"])
+        elif kind == "http_proxy" and isinstance(ext.get("x-edgeplane-upstream"), str):
+            out = {"type": "http", "upstream": ext["x-edgeplane-upstream"]}
+            if isinstance(ext.get("x-edgeplane-path"), str):
+                out["path"] = ext["x-edgeplane-path"]
         elif kind == "http_proxy":
             upstream, uri_path = self.upstream_for(str(ext.get("uri", "")), where)
             if upstream is None:
@@ -251,23 +295,46 @@ class _Importer:
         return out
 
 
-def _mappings(params: Any) -> dict[str, str]:
-    """Integration request parameters, HTTP API style as they are, REST style translated."""
+_REST_VALUE = re.compile(r"^(?:method\.request\.(header|querystring|path)\.(.+)|context\.(.+)|"
+                         r"stageVariables\.(.+))$")
+
+
+def _rest_value(value: str) -> str | None:
+    """A REST mapping value in HTTP API syntax, or None when it has no equivalent."""
+    if value.startswith("'") and value.endswith("'"):
+        return value[1:-1]
+    m = _REST_VALUE.match(value)
+    if m is None:
+        return None
+    if m.group(1):
+        return f"$request.{m.group(1)}.{m.group(2)}"
+    if m.group(3):
+        return f"$context.{m.group(3)}"
+    return f"$stageVariables.{m.group(4)}"
+
+
+def _mappings(params: Any, imp: _Importer, where: str, key: str) -> dict[str, str]:
+    """Integration request parameters: HTTP API style as they are; REST style
+    (`integration.request.header.X: method.request.header.Y`) translated."""
     out: dict[str, str] = {}
-    for target, value in (params or {}).items():
+    for target, value in (params or {}).items() if isinstance(params, dict) else ():
         if not isinstance(value, str):
             continue
         rest = _REST_TARGET.match(target)
         if rest is None:
             out[target] = value
             continue
-        kind = "querystring" if rest.group(1) == "querystring" else rest.group(1)
-        source = _REST_SOURCE.match(value)
-        if source is not None:
-            value = f"$request.{source.group(1)}.{source.group(2)}"
-        elif value.startswith("'") and value.endswith("'"):
-            value = value[1:-1]
-        out["overwrite:path" if kind == "path" else f"overwrite:{kind}.{rest.group(2)}"] = value
+        kind, name = rest.group(1), rest.group(2)
+        if kind == "path":  # a parameter of the integration URI: the route's own, by name
+            if value != f"method.request.path.{name}":
+                imp.note(where, f"{target} = {value}: a renamed path parameter; write the integration `path` "
+                                "template with the route's parameter names (not converted)")
+            continue
+        mapped = _rest_value(value)
+        if mapped is None:
+            imp.note(where, f"{target} = {value}: no equivalent source (not converted)")
+            continue
+        out[f"overwrite:{kind}.{name}"] = mapped
     return out
 
 
@@ -278,16 +345,27 @@ def import_openapi(doc: Any, handler_module: str = "lambda_handlers") -> tuple[d
         raise ImportError_("not an OpenAPI 3.x definition (its `openapi` field must be 3.0.x or 3.1.x)")
     imp = _Importer(doc, handler_module)
     routes = imp.routes()
+    extra_routes = doc.get("x-edgeplane-routes")
+    if isinstance(extra_routes, list):  # routes the exporter could not write as operations
+        routes += [r for r in extra_routes if isinstance(r, dict)]
+    upstreams = doc.get("x-edgeplane-upstreams")
+    if isinstance(upstreams, dict):  # the exporter's upstreams, as they were
+        imp.upstreams = {**upstreams, **{k: v for k, v in imp.upstreams.items() if k not in upstreams}}
     for (path, item) in (doc.get("paths") or {}).items():
         for method, op in (item or {}).items():
             ext = op.get("x-amazon-apigateway-integration") if isinstance(op, dict) else None
             if not isinstance(ext, dict):
                 continue
-            key = "$default" if path == "$default" else f"{'ANY' if method == ANY else method.upper()} {path}"
-            route = next(r for r in routes if r["route"] == key)
-            mapped = _mappings(ext.get("requestParameters"))
+            key = ("$default" if path in ("$default", "/$default")
+                   else f"{'ANY' if method == ANY else method.upper()} {path}")
+            route = next((r for r in routes if r["route"] == key and "host" not in r and "match" not in r), None)
+            if route is None:
+                continue
+            mapped = _mappings(ext.get("requestParameters"), imp, f"paths.{path}.{method}", key)
             if mapped:
                 route["request_parameters"] = mapped
+                if "overwrite:path" in mapped and route["integration"].get("path"):
+                    del route["integration"]["path"]  # the mapping decides the path (AWS: it wins)
             responses = ext.get("responseParameters")
             if isinstance(responses, dict) and responses:
                 route["response_parameters"] = {str(k): dict(v) for k, v in responses.items() if isinstance(v, dict)}
@@ -330,8 +408,13 @@ def _gateway_responses(spec: dict[str, Any], imp: _Importer) -> dict[str, Any]:
             mine["status"] = int(entry["statusCode"])
         headers = {}
         for target, value in (entry.get("responseParameters") or {}).items():
-            if target.startswith("gatewayresponse.header.") and isinstance(value, str):
-                headers[target[len("gatewayresponse.header."):]] = value.strip("'")
+            if not (target.startswith("gatewayresponse.header.") and isinstance(value, str)):
+                continue
+            if not (value.startswith("'") and value.endswith("'")):
+                imp.note(f"x-amazon-apigateway-gateway-responses.{kind}", f"{target} = {value}: only static "
+                                                                           "values are carried over (not converted)")
+                continue
+            headers[target[len("gatewayresponse.header."):]] = value[1:-1]
         if headers:
             mine["headers"] = headers
         templates = entry.get("responseTemplates") or {}

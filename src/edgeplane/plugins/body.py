@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from edgeplane.http.responses import CONTINUE_100
+
 if TYPE_CHECKING:
     from edgeplane.http.protocol import HttpProtocol
     from edgeplane.http.request import Request
@@ -46,6 +48,8 @@ class BodyWait:
         self.size = sum(map(len, self.chunks))
         self.done = False
         req.exchange = self
+        if req.expect_continue and not req.complete:
+            proto.write(CONTINUE_100)  # the client waits for it before sending the body
         proto.set_deadline(T_UPSTREAM, proto.ctx.limits.body_timeout)
 
     def on_request_body(self, chunk: bytes) -> None:

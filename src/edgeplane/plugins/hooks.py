@@ -126,8 +126,8 @@ def run_response_hooks(proto: HttpProtocol, req: Request, status: int,
     for policy, fn in req.route.response_hooks:
         _not_awaitable(policy, "response", fn, fn(view))
     status = view.status
-    if not isinstance(status, int) or not 100 <= status <= 599:
-        raise PluginError(f"a response hook set the status to {status!r}")
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        raise PluginError(f"a response hook set the status to {status!r} (a final status is 200..599)")
     return status
 
 

@@ -124,7 +124,7 @@ class ProxyExchange:
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
         "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
-        "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back", "try_timer",
+        "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back", "try_timer", "skip_body",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -165,6 +165,7 @@ class ProxyExchange:
         self.retrying: Any = None  # the upstream whose budget counts this exchange's retry in flight
         self.held_back = False  # reading the client was paused for the upstream in this body window
         self.try_timer: Any = None  # `retries.per_try_timeout` of the attempt in flight
+        self.skip_body = False  # the client's status has no body (a hook made it 204/304)
 
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
@@ -379,8 +380,11 @@ class ProxyExchange:
         req.integration_status = status
         if req.route.response_hooks:
             try:
+                upstream_status = status
                 status, headers = _hooked_head(proto, req, status, headers)
                 line = STATUS_LINES[status]
+                # a hook made it a 204/304: the upstream's body is not the client's to read
+                self.skip_body = status in (204, 304) and upstream_status not in (204, 304)
             except Exception as exc:  # a plugin's bug: 500, logged with its traceback
                 proto.internal_error(req, exc, f"a response hook of route {req.route_key!r}")
                 return
@@ -407,7 +411,7 @@ class ProxyExchange:
             parts = drop_named(parts, 1, tokens)
         keep = req.keep_alive and not proto.ctx.draining
         if self.head_only or status == 204 or status == 304:
-            if content_length is not None and status != 204:
+            if content_length is not None and status != 204 and not self.skip_body:
                 parts += (b"content-length: ", content_length, b"\r\n")
         elif content_length is not None and not upstream_chunked:
             parts += (b"content-length: ", content_length, b"\r\n")
@@ -436,7 +440,7 @@ class ProxyExchange:
             self.on_response_complete(conn.parser.should_keep_alive())
 
     def on_response_body(self, chunk: bytes) -> None:
-        if self.done or self.skip_interim:
+        if self.done or self.skip_interim or self.skip_body:
             return
         self.req.response_length += len(chunk)
         fill = self.req.cache_fill

@@ -124,3 +124,33 @@ def test_mapping_mistakes_are_located():
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert "give one of them" in exc.value.errors[0]
+
+
+async def test_what_a_black_box_review_found(gateway, upstream):
+    """A status mapped to 204 carries no body (no desync); a client's value cannot make
+    `overwrite:path` climb out of its prefix or smuggle syntax; reserved prefixes refused."""
+    cfg = mapped(upstream.port, {"overwrite:path": "/v2/$request.querystring.p"}, key="GET /m/{proxy+}")
+    cfg["routes"].append({"route": "GET /s/{code}", "integration": {"type": "http", "upstream": "demo",
+                                                                      "path": "/status/{code}"},
+                          "response_parameters": {"404": {"overwrite:statuscode": "$request.querystring.s"}}})
+    gw = await gateway(cfg)
+    addr = gw.addresses[0]
+    c = await RawClient.connect(addr)
+    await c.send(b"GET /s/404?s=204 HTTP/1.1\r\nhost: gw.test\r\n\r\n"
+                 b"GET /m/x?p=ok HTTP/1.1\r\nhost: gw.test\r\n\r\n")
+    first, second = await c.read_response(), await c.read_response()
+    assert (first.status, first.body) == (204, b"")
+    assert second.status == 200 and second.json()["path"] == "/v2/ok"
+    await c.close()
+    interim = await RawClient.once(addr, "GET", "/s/404?s=101")
+    assert interim.status == 404  # not a final status: the mapping leaves it
+    for p in ("../../admin", "a/../../admin", "%2e%2e/admin"):
+        r = await RawClient.once(addr, "GET", f"/m/x?p={p}")
+        if r.status == 200:
+            assert r.json()["path"].startswith("/v2/") and "/../" not in r.json()["path"], p
+        else:
+            assert r.status == 400, p
+    literal = (await RawClient.once(addr, "GET", "/m/x?p=a%253Bb%5Cc")).json()["path"]
+    assert literal == "/v2/a%253Bb%5Cc"  # the client's text, encoded: never a raw ";" or backslash
+    with pytest.raises(ConfigError):
+        load_config(mapped(1, {"overwrite:header.x-forwarded-port": "1"}))

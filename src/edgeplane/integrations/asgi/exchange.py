@@ -27,7 +27,7 @@ from urllib.parse import unquote_to_bytes
 
 from edgeplane.http.fields import check_field
 from edgeplane.http.request import body_drainable, log_extra
-from edgeplane.http.responses import STATUS_LINES
+from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
 from edgeplane.plugins.hooks import run_response_hooks
 
 if TYPE_CHECKING:
@@ -126,6 +126,9 @@ class AsgiExchange:
 
     # -- receive ------------------------------------------------------------------------
     async def receive(self) -> dict[str, Any]:
+        if self.req.expect_continue and not self.req.complete and not self.started:
+            self.req.expect_continue = False  # once: the app reads the body it was promised
+            self.proto.write(CONTINUE_100)
         while True:
             if self.disconnected or self.finished:
                 return {"type": "http.disconnect"}

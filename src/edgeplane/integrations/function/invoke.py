@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.request import log_extra
+from edgeplane.http.responses import CONTINUE_100
 from edgeplane.integrations.function.event import LambdaContext, Malformed, build_event, read_response
 
 if TYPE_CHECKING:
@@ -143,6 +144,8 @@ class FunctionIntegration:
         if req.complete:
             call.on_request_complete()
         else:
+            if req.expect_continue:
+                proto.write(CONTINUE_100)
             proto.set_deadline(T_UPSTREAM, proto.ctx.limits.body_timeout)
 
 

@@ -77,8 +77,10 @@ def response_type(req: Any, status: int) -> str:
         return "WAF_FILTERED"
     if status == 429 and error.startswith("quota "):
         return "QUOTA_EXCEEDED"
-    if status == 400 and error.startswith("Missing required request parameters"):
-        return "BAD_REQUEST_PARAMETERS"
+    if status == 400:  # (a malformed request, a bad path...: the default 4XX)
+        if error.startswith("Missing required request parameters"):
+            return "BAD_REQUEST_PARAMETERS"
+        return "BAD_REQUEST_BODY" if error == "Invalid request body" else "DEFAULT_4XX"
     return _BY_STATUS.get(status) or ("DEFAULT_5XX" if status >= 500 else "DEFAULT_4XX")
 
 

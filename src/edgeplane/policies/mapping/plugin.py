@@ -46,6 +46,10 @@ _STATUS_KEY = re.compile(r"^([1-5])(XX|\d\d)$")
 Op = tuple[str, str, str, "Value | None"]  # (action, kind, name, value)
 
 
+class MappedPathRefused(ValueError):
+    """`overwrite:path` rendered a path with an empty or dot segment: 400."""
+
+
 def _ops(spec: Any, path: tuple[Any, ...], ctx: LoadContext, response: bool) -> tuple[Op, ...]:
     """(action, kind, name, value) of a mapping, in order; errors located."""
     out = []
@@ -68,7 +72,7 @@ def _ops(spec: Any, path: tuple[Any, ...], ctx: LoadContext, response: bool) -> 
                 ctx.fail(here, f"unknown mapping {key!r} (allowed: {allowed})")
                 continue
             action, kind, name = m.group(1), m.group(2), m.group(3)
-            if kind == "header" and name.lower() in _RESERVED:
+            if kind == "header" and (name.lower() in _RESERVED or name.lower().startswith(("x-forwarded-", "proxy-"))):
                 ctx.fail(here, f"header {name!r} is the gateway's; a mapping may not change it")
                 continue
         value = None
@@ -123,12 +127,37 @@ class RequestMappingStage(FastStage):
                 return False
             BodyWait(self, proto, req, BODY_MAX, why, self._then)
             return None
-        self.apply(proto, req)
-        return True
+        return self._apply_or_refuse(proto, req)
 
     def _then(self, proto: HttpProtocol, req: Request) -> bool:
-        self.apply(proto, req)
+        return self._apply_or_refuse(proto, req)
+
+    def _apply_or_refuse(self, proto: HttpProtocol, req: Request) -> bool:
+        try:
+            self.apply(proto, req)
+        except MappedPathRefused as exc:
+            proto.send_error(req, 400, f"request parameter mapping: {exc}")
+            return False
         return True
+
+    def _path(self, req: Request, proto: HttpProtocol, extra: dict[str, Any]) -> bytes | None:
+        """`overwrite:path` rendered with every source's value percent-encoded but for
+        `/` (a client's `%2e%2e`, `;` or `\\` arrive as literal text, never as syntax);
+        None when a segment is empty, `.` or `..` (no escaping the template's prefix)."""
+        value = next(v for a, k, _, v in self.ops if k == "path")
+        assert value is not None
+        parts = []
+        for part in value.parts:
+            if isinstance(part, str):
+                parts.append(part)
+            else:
+                parts.append(quote(part(req, proto, extra) or "", safe="/"))
+        path = "".join(parts)
+        path = path if path.startswith("/") else "/" + path
+        segments = path.split("/")[1:]
+        if any(seg in ("", ".", "..") for seg in segments[:-1]) or segments[-1] in (".", ".."):
+            return None
+        return path.encode("latin-1")
 
     def apply(self, proto: HttpProtocol, req: Request) -> None:
         extra: dict[str, Any] = {"stage_variables": self.stage_variables}
@@ -146,8 +175,10 @@ class RequestMappingStage(FastStage):
             elif kind == "querystring":
                 req.query = _apply_query(req.query, action, name, value)
             else:
-                path = quote(value or "/", safe="/%:@!$&'()*+,;=-._~")
-                req.path = (path if path.startswith("/") else "/" + path).encode("latin-1")
+                path = self._path(req, proto, extra)
+                if path is None:
+                    raise MappedPathRefused(f"the mapped path {value!r} has an empty or dot segment")
+                req.path = path
 
 
 def _stage_variables(route: RouteConfig, config: Config) -> dict[str, str]:
@@ -215,8 +246,8 @@ class ResponseMappingPolicy(Policy):
             rendered = [(a, k, n, v.render(req, view.request._proto, extra) if v is not None else None)
                         for a, k, n, v in ops]
             for action, kind, name, value in rendered:
-                if kind == "statuscode":
-                    if value is not None and value.isdigit() and 100 <= int(value) <= 599:
+                if kind == "statuscode":  # (AWS: 200..599; any other value leaves the status)
+                    if value is not None and value.isascii() and value.isdigit() and 200 <= int(value) <= 599:
                         view.status = int(value)
                 elif action == "remove":
                     view.remove_header(name)

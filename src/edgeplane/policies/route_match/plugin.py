@@ -63,6 +63,18 @@ class RouteMatchPolicy(Policy):
                 ctx.fail(("routes", r.index, "match"), "$default takes no conditions (it is the last resort)")
                 continue
             by_key.setdefault(((r.host or "").lower(), r.key), []).append(r)
+        for r in config.routes:  # a conditional route that skips the authorizer of its key's other routes
+            conditions = r.policies.get("match")
+            if conditions is None or r.path is None:
+                continue
+            guarded = [o for o in config.routes if o is not r and o.key == r.key
+                       and (o.host or "").lower() == (r.host or "").lower() and o.auth != r.auth]
+            if guarded:
+                o = guarded[0]
+                ctx.warn(("routes", r.index, "match"),
+                         f"this route's authorizer ({r.auth or 'none'}) differs from routes[{o.index}]'s "
+                         f"({o.auth or 'none'}) for the same key: a client that meets these conditions "
+                         f"({conditions.ident}) gets this route's")
         for routes in by_key.values():
             ordered = sorted(routes, key=lambda r: (r.policies["match"].specificity, r.index))
             for i, first in enumerate(ordered):
