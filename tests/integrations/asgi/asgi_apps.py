@@ -97,3 +97,28 @@ no_content = _raw(204, [], [b"BODYBYTES"])
 async def exits(scope, receive, send):
     if scope["type"] == "http":
         raise SystemExit(1)
+
+
+from starlette.routing import WebSocketRoute  # noqa: E402
+from starlette.websockets import WebSocket  # noqa: E402
+
+
+async def ws_echo(websocket: WebSocket):
+    if websocket.query_params.get("deny"):
+        await websocket.close(code=1008)
+        return
+    await websocket.accept(subprotocol="chat" if "chat" in websocket.scope["subprotocols"] else None)
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") == "bye":
+            await websocket.close(code=4000)
+            return
+        if message.get("text") is not None:
+            await websocket.send_text(f"{websocket.state.request_id[:4] and 'echo'}: {message['text']}")
+        else:
+            await websocket.send_bytes(message["bytes"][::-1])
+
+
+ws_app = Starlette(routes=[WebSocketRoute("/echo", ws_echo)])

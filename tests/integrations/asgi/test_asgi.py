@@ -124,3 +124,24 @@ async def test_framing_stays_the_gateways(gateway):
     await c.close()
     assert (await RawClient.once(addr, "GET", "/exits")).status == 500
     assert (await RawClient.once(addr, "GET", "/ping")).body == b"pong"  # the gateway goes on
+
+
+async def test_a_starlette_websocket(gateway):
+    from wsproto.events import CloseConnection
+
+    from ws_peers import WsClient
+
+    gw = await gateway(base_config(routes=[asgi_route("ws_app", "GET /live/{proxy+}")]))
+    addr = gw.addresses[0]
+    refused = await WsClient.connect(addr, "/live/echo?deny=1")
+    assert refused.status == 403
+    client = await WsClient.connect(addr, "/live/echo", headers={"Sec-WebSocket-Protocol": "chat, other"})
+    assert client.status == 101 and client.header("sec-websocket-protocol") == b"chat"
+    client.send_text("hello")
+    assert await client.recv() == "echo: hello"
+    client.send_bytes(b"abc")
+    assert await client.recv() == b"cba"
+    client.send_text("bye")
+    closed = await client.recv()
+    assert isinstance(closed, CloseConnection) and closed.code == 4000
+    assert (await RawClient.once(addr, "GET", "/ping")).status == 404  # the gateway goes on

@@ -70,9 +70,11 @@ def root_path(route: RouteConfig) -> str:
 
 
 class AsgiIntegration:
-    __slots__ = ("app", "name", "timeout", "root", "tasks", "lifespan_state")
+    __slots__ = ("app", "name", "timeout", "root", "tasks", "lifespan_state", "max_message")
 
-    def __init__(self, app: Any, name: str, timeout: float, root: str, lifespan_state: dict[str, Any]) -> None:
+    def __init__(self, app: Any, name: str, timeout: float, root: str, lifespan_state: dict[str, Any],
+                 max_message: int = 128 * 1024) -> None:
+        self.max_message = max_message  # a WebSocket's (`websocket.max_message_bytes`)
         self.app = app
         self.name = name
         self.timeout = timeout
@@ -81,16 +83,19 @@ class AsgiIntegration:
         self.lifespan_state = lifespan_state
 
     def handle(self, proto: HttpProtocol, req: Request) -> None:
-        if req.websocket:
-            proto.send_error(req, 501, f"ASGI app {self.name}: WebSocket scopes are not served yet")
-            return
-        exchange = AsgiExchange(self, proto, req)
-        req.exchange = exchange
         base = req.base_path[: len(req.base_path) - len(req.path)].decode("latin-1") if req.base_path else ""
         state = {**self.lifespan_state, "authorizer": _identity(req),
                  "request_id": req.request_id.decode("latin-1"), "stage": req.stage}
+        scope = http_scope(proto, req, base + self.root, state)
+        if req.websocket:
+            from edgeplane.integrations.asgi.websocket import AsgiWebSocket
+
+            AsgiWebSocket(self, proto, req, self.max_message).start(scope)
+            return
+        exchange = AsgiExchange(self, proto, req)
+        req.exchange = exchange
         proto.set_deadline(T_UPSTREAM, self.timeout)
-        exchange.start(http_scope(proto, req, base + self.root, state))
+        exchange.start(scope)
 
 
 def _identity(req: Request) -> dict[str, Any] | None:
@@ -120,7 +125,9 @@ class AsgiIntegrationPlugin(Integration):
         integ: Any = route.integration
         lifespans = ctx.runtime.get("asgi_lifespans")
         state = lifespans.state_of(integ.app) if isinstance(lifespans, AsgiLifespans.Runtime) else {}
-        return AsgiIntegration(resolve(integ.app), integ.app, integ.timeout, root_path(route), state)
+        limits = route.websocket or ctx.config.websocket
+        return AsgiIntegration(resolve(integ.app), integ.app, integ.timeout, root_path(route), state,
+                               limits.max_message_bytes)
 
     def summary(self, model: Any) -> str:
         return f"asgi {model.app}"
