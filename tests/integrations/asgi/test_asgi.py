@@ -72,7 +72,7 @@ async def test_policies_apply_in_front_and_the_identity_reaches_request_state(ga
 
 
 async def test_a_fastapi_app(gateway):
-    pytest.importorskip("fastapi", reason="FastAPI is not installed (the Starlette tests cover the integration)")
+    pytest.importorskip("fastapi", reason="FastAPI is not installed (`pip install -e '.[test]'` installs it)")
     gw = await gateway(base_config(routes=[asgi_route("fast", "ANY /api/{proxy+}")]))
     r = await RawClient.once(gw.addresses[0], "GET", "/api/users/7?q=x")
     assert (r.status, r.json()) == (200, {"user_id": 7, "q": "x"})
