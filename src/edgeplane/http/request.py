@@ -29,7 +29,7 @@ class Request:
         "local_status", "local_reason", "error", "client_ip", "claims", "extra_response",
         "extra_upstream", "api_key", "pending", "websocket", "ws_log", "context", "auth_context", "hooks_failed",
         "integration_status", "auth_error", "trace_id", "ws_event", "span", "traceparent", "stage", "base_path",
-        "canary", "integration_attempts", "cache_fill",
+        "canary", "integration_attempts", "cache_fill", "response_body",
     )
 
     def __init__(self, now: float) -> None:
@@ -83,6 +83,7 @@ class Request:
         self.stage = "$default"  # the stage that served it (`routing.stages`)
         self.canary = False  # served by its stage's canary side (`routing.canary`)
         self.cache_fill: Any = None  # the response cache's tap on a miss (`policies.cache.stage.Fill`)
+        self.response_body: bytes | None = None  # an upstream body held for a response mapping
         # The path as sent, when a stage's base path was taken off `path` ("/prod/users/7");
         # b"" otherwise (`routing.stages`)
         self.base_path = b""

@@ -176,6 +176,8 @@ class HttpIntegrationPlugin(Integration):
             claim_headers=upstream_headers, gateway_response_headers=response_headers,
             websocket=relay_settings(route.websocket or config.websocket, config.limits.send_timeout),
             websocket_exchange=WsUpgradeExchange, idle_timeout=integ.idle_timeout, retries=integ.retries,
+            # a response mapping that reads the body (`policies.mapping`): the response is held
+            hold_response=bool(getattr(route.policies.get("response_parameters"), "reads_body", False)),
         )
 
     def summary(self, model: Any) -> str:

@@ -131,6 +131,20 @@ def run_response_hooks(proto: HttpProtocol, req: Request, status: int,
     return status
 
 
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+
+
+def hooked_head(proto: HttpProtocol, req: Request, status: int,
+                headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """An integration's raw response head after the route's response hooks. Framing
+    headers are the gateway's: hooks neither see nor change them."""
+    framing = [(n, v) for n, v in headers if n.lower() in _FRAMING]
+    visible = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers
+               if n.lower() not in _FRAMING]
+    status = run_response_hooks(proto, req, status, visible)
+    return status, framing + [(n.encode("latin-1"), v.encode("latin-1")) for n, v in visible]
+
+
 def run_log_hooks(hooks: Any, record: dict[str, Any]) -> None:
     """After the response: a failing log hook is logged and counted, nothing else."""
     for policy, fn in hooks:

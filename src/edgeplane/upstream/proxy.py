@@ -28,14 +28,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.http.codec import header_tokens
 from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_BODY_RATE, T_UPSTREAM
 from edgeplane.http.request import body_drainable
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
-from edgeplane.plugins.hooks import run_response_hooks
+from edgeplane.plugins.hooks import hooked_head
 from edgeplane.upstream.cluster import NoEndpoint
 from edgeplane.upstream.pool import PoolOverflow
-from edgeplane.upstream.request_head import build_head, compile_path_template, drop_named
+from edgeplane.upstream.request_head import build_head, compile_path_template, response_lines
 from edgeplane.upstream.retry import arm_try_timer, retry
 from edgeplane.upstream.retry import done as retry_done
 
@@ -55,6 +54,7 @@ RESPONSE_SKIP = frozenset((
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 _BUFFER_MAX = 64 * 1024  # request body held while no connection is attached
 _REPLAY_MAX = 64 * 1024  # request body kept for a possible retry
+_HOLD_MAX = 1024 * 1024  # response body held for a response mapping that reads it
 _CHUNK_END = b"0\r\n\r\n"
 
 
@@ -62,12 +62,17 @@ class HttpIntegration:
     """Compiled once per route: where and how to forward."""
 
     __slots__ = ("upstream", "template", "timeout", "preserve_host", "name", "claim_headers",
-                 "response_skip", "websocket", "websocket_exchange", "replay_all", "idle_timeout", "retries")
+                 "response_skip", "websocket", "websocket_exchange", "replay_all", "idle_timeout", "retries",
+                 "hold_response")
 
     def __init__(self, upstream: Upstream, path: str | None, timeout: float, preserve_host: bool,
                  claim_headers: frozenset[bytes] = frozenset(),
                  gateway_response_headers: frozenset[bytes] = frozenset(), websocket: Any = None,
-                 websocket_exchange: Any = None, idle_timeout: float | None = None, retries: Any = None):
+                 websocket_exchange: Any = None, idle_timeout: float | None = None, retries: Any = None,
+                 hold_response: bool = False):
+        # A response mapping reads `$response.body`: the response is held to its end (at
+        # most `_HOLD_MAX`), then answered with a Content-Length.
+        self.hold_response = hold_response
         # `wsrelay.RelaySettings` for WebSocket handshakes on this route (see ws_proxy).
         self.websocket = websocket
         # The exchange class for those handshakes (`websocket.proxy.WsUpgradeExchange`,
@@ -104,27 +109,13 @@ class HttpIntegration:
         return build_head(self.template, self.preserve_host, self.claim_headers, proto, req, pool, trace)
 
 
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-
-
-def _hooked_head(proto: HttpProtocol, req: Request, status: int,
-                 headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
-    """The upstream's head after the route's response hooks. Framing headers are the
-    gateway's: hooks neither see nor change them."""
-    framing = [(n, v) for n, v in headers if n.lower() in _FRAMING]
-    visible = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers
-               if n.lower() not in _FRAMING]
-    status = run_response_hooks(proto, req, status, visible)
-    return status, framing + [(n.encode("latin-1"), v.encode("latin-1")) for n, v in visible]
-
-
 class ProxyExchange:
     __slots__ = (
         "integ", "proto", "req", "pool", "conn", "timeout", "head", "replay", "replay_size",
         "retried", "done", "cancelled", "wait_started", "request_sent", "got_bytes",
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
         "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
-        "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back", "try_timer", "skip_body",
+        "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back", "try_timer", "skip_body", "held",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -166,6 +157,7 @@ class ProxyExchange:
         self.held_back = False  # reading the client was paused for the upstream in this body window
         self.try_timer: Any = None  # `retries.per_try_timeout` of the attempt in flight
         self.skip_body = False  # the client's status has no body (a hook made it 204/304)
+        self.held: Any = None  # (status, headers, body chunks) while `integ.hold_response` holds them
 
     # -- start ------------------------------------------------------------------------
     def start(self) -> None:
@@ -358,7 +350,6 @@ class ProxyExchange:
             self.skip_interim = True  # 1xx: dropped; the final response follows
             return
         req = self.req
-        proto = self.proto
         line = STATUS_LINES.get(status)
         if line is None:
             self._upstream_failed(f"invalid status {status} from upstream")
@@ -376,39 +367,29 @@ class ProxyExchange:
                 self._upstream_failed(f"upstream answered {status}")
                 return
             fill.head(status, headers)
+        if self.integ.hold_response and not self.head_only:
+            self.held = (status, headers, [])  # answered at its end (`_release`): a mapping reads its body
+            return
+        self._emit_head(status, headers)
+
+    def _emit_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The client's response head from the upstream's: the route's hooks, then framing."""
+        req = self.req
+        proto = self.proto
+        line = STATUS_LINES[status]
         req.integration_latency = time.perf_counter() - self.t_dispatch
         req.integration_status = status
         if req.route.response_hooks:
             try:
                 upstream_status = status
-                status, headers = _hooked_head(proto, req, status, headers)
+                status, headers = hooked_head(proto, req, status, headers)
                 line = STATUS_LINES[status]
                 # a hook made it a 204/304: the upstream's body is not the client's to read
                 self.skip_body = status in (204, 304) and upstream_status not in (204, 304)
             except Exception as exc:  # a plugin's bug: 500, logged with its traceback
                 proto.internal_error(req, exc, f"a response hook of route {req.route_key!r}")
                 return
-        parts = [line]
-        skip = self.integ.response_skip
-        content_length = None
-        upstream_chunked = False
-        connection_named = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname in skip:
-                if lname == b"content-length":
-                    content_length = value
-                elif lname == b"transfer-encoding":
-                    upstream_chunked = True
-                elif lname == b"connection":
-                    connection_named = True
-                continue
-            if lname[0] == 112 and lname.startswith(b"proxy-"):  # 112 = "p"
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        if connection_named:
-            tokens = frozenset(header_tokens([(n.lower(), v) for n, v in headers], b"connection"))
-            parts = drop_named(parts, 1, tokens)
+        parts, content_length, upstream_chunked = response_lines(line, headers, self.integ.response_skip)
         keep = req.keep_alive and not proto.ctx.draining
         if self.head_only or status == 204 or status == 304:
             if content_length is not None and status != 204 and not self.skip_body:
@@ -442,6 +423,12 @@ class ProxyExchange:
     def on_response_body(self, chunk: bytes) -> None:
         if self.done or self.skip_interim or self.skip_body:
             return
+        if self.held is not None:
+            held = self.held[2]
+            held.append(chunk)
+            if sum(map(len, held)) > _HOLD_MAX:
+                self._upstream_failed(f"response body past {_HOLD_MAX} bytes on a route that maps it")
+            return
         self.req.response_length += len(chunk)
         fill = self.req.cache_fill
         if fill is not None:
@@ -466,6 +453,16 @@ class ProxyExchange:
         if self.skip_interim:
             self.skip_interim = False
             return
+        if self.held is not None:  # the whole body is here: the head (mapped), then the body
+            status, headers, chunks = self.held
+            self.held = None
+            body = self.req.response_body = b"".join(chunks)
+            self._emit_head(status, [(n, v) for n, v in headers if n.lower() not in (b"content-length",
+                            b"transfer-encoding")] + [(b"content-length", b"%d" % len(body))])
+            if self.done:
+                return
+            if body:
+                self.on_response_body(body)
         self.done = True
         if self.retrying is not None or self.try_timer is not None:
             retry_done(self)
@@ -498,7 +495,9 @@ class ProxyExchange:
         if self.done or conn is not self.conn:
             return
         self.conn = None
-        if self.close_delimited and self.req.response_started and reason == "upstream_closed":
+        held_to_close = self.held is not None and not any(  # a held body without CL or chunked ends here
+            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.held[1])
+        if (self.close_delimited and self.req.response_started or held_to_close) and reason == "upstream_closed":
             # The body was delimited by the close: that is its proper end (a reset is
             # not: the body may be cut short, and the client's connection is dropped).
             self.conn = conn

@@ -5,7 +5,8 @@ and the query, Host rewritten unless `preserve_host`, hop-by-hop headers removed
 (Connection and every header it names, Keep-Alive, TE, Trailer, Transfer-Encoding,
 Upgrade, Proxy-*), the authorizer's claim headers in place of any client-sent ones (each
 checked at the choke point, `http.fields.check_field`), X-Forwarded-For/-Proto/-Host
-appended, the request id and the trace context, and the framing of the body.
+appended, the request id and the trace context, and the framing of the body; and, the
+other way, the client's response head lines from an upstream's (`response_lines`).
 """
 
 from __future__ import annotations
@@ -117,3 +118,30 @@ def drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list[
         if lines[i].lower() not in names:
             out += lines[i : i + 4]
     return out
+
+
+def response_lines(line: bytes, headers: list[tuple[bytes, bytes]],
+                   skip: frozenset[bytes]) -> tuple[list[bytes], bytes | None, bool]:
+    """The client's response head from an upstream's headers, its framing left out: (the
+    status line and end-to-end header lines, the upstream's Content-Length, whether it
+    was chunked). Hop-by-hop headers, those the Connection header names, `Proxy-*` and
+    the names in `skip` (the gateway's own on the route) are dropped."""
+    parts = [line]
+    content_length = None
+    upstream_chunked = connection_named = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in skip:
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                upstream_chunked = True
+            elif lname == b"connection":
+                connection_named = True
+            continue
+        if lname[0] == 112 and lname.startswith(b"proxy-"):  # 112 = "p"
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if connection_named:
+        parts = drop_named(parts, 1, frozenset(header_tokens([(n.lower(), v) for n, v in headers], b"connection")))
+    return parts, content_length, upstream_chunked

@@ -154,3 +154,27 @@ async def test_what_a_black_box_review_found(gateway, upstream):
     assert literal == "/v2/a%253Bb%5Cc"  # the client's text, encoded: never a raw ";" or backslash
     with pytest.raises(ConfigError):
         load_config(mapped(1, {"overwrite:header.x-forwarded-port": "1"}))
+
+
+async def test_response_body_fields_are_mapped_to_headers(gateway, upstream):
+    """`$response.body.PATH`: the response is held to its end (then sent with a length);
+    other routes stream as before."""
+    cfg = mapped(upstream.port, response_parameters={
+        "2XX": {"overwrite:header.x-echoed-path": "$response.body.path",
+                "overwrite:header.x-agent": "$response.body.headers.user-agent"},
+        "404": {"overwrite:statuscode": "200"}}, key="GET /m/{proxy+}")
+    cfg["routes"][0]["integration"]["path"] = "/{proxy}"
+    cfg["routes"].append({"route": "GET /plain/{proxy+}", "integration": {"type": "http", "upstream": "demo",
+                                                                           "path": "/{proxy}"}})
+    gw = await gateway(cfg)
+    addr = gw.addresses[0]
+    r = await RawClient.once(addr, "GET", "/m/abc", {"user-agent": "probe/1"})
+    assert (r.status, r.header("x-echoed-path"), r.header("x-agent")) == (200, "/abc", "probe/1")
+    assert r.header("content-length") == str(len(r.body)) and r.json()["path"] == "/abc"
+    c = await RawClient.connect(addr)  # a held response, then a streamed one on the same connection
+    await c.send(b"GET /m/x HTTP/1.1\r\nhost: gw.test\r\n\r\nGET /plain/stream/3 HTTP/1.1\r\nhost: gw.test\r\n\r\n")
+    first, second = await c.read_response(), await c.read_response()
+    assert first.header("x-echoed-path") == "/x" and second.chunked and second.body.count(b"chunk") == 3
+    await c.close()
+    big = await RawClient.once(addr, "GET", "/m/bytes/2000000")  # past the 1 MiB hold: 502
+    assert big.status == 502

@@ -6,7 +6,7 @@ A value is static text mixed with sources, written `$source` or `${source}`:
 `$request.body.PATH` (a JSON path: `a.b`, `items[0].id`), `$context.VAR` (`requestId`,
 `stage`, `routeKey`, `httpMethod`, `path`, `domainName`, `identity.sourceIp`,
 `authorizer.claims.NAME`, `authorizer.NAME`), `$stageVariables.NAME`, and, in response
-mappings, `$response.header.NAME` (and `$response.statuscode`).
+mappings, `$response.header.NAME`, `$response.body.PATH` and `$response.statuscode`.
 
 Invariants: a source that is absent renders as nothing; a value that is only one source,
 absent, is `None` (the mapping is skipped, as AWS skips it); an unknown source is a
@@ -72,11 +72,12 @@ def source(expr: str, response: bool) -> tuple[Getter, bool]:
             value = (req.params or {}).get(pname)
             return value.decode("utf-8", "replace") if value is not None else None
         return path_param, False
-    if expr.startswith("request.body."):
-        steps = _json_path(expr[len("request.body."):])
+    if expr.startswith("request.body.") or (response and expr.startswith("response.body.")):
+        which = "body" if expr.startswith("request.") else "response_body"
+        steps = _json_path(expr.split(".body.", 1)[1])
 
         def body(req: Any, proto: Any, extra: Any) -> str | None:
-            doc = extra.get("body") if isinstance(extra, dict) else None
+            doc = extra.get(which) if isinstance(extra, dict) else None
             for step in steps:
                 if isinstance(step, int) and isinstance(doc, list) and step < len(doc):
                     doc = doc[step]

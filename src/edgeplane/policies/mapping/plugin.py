@@ -207,6 +207,16 @@ class RequestMappingPolicy(Policy):
         return RequestMappingStage(ops, _stage_variables(route, ctx.config)) if ops else None
 
 
+class ResponseMappings(tuple):
+    """`response_parameters`: (status key, ops) pairs, and whether a value reads the
+    response body (then the http integration holds the response to its end: see
+    `upstream.proxy.HttpIntegration.hold_response`)."""
+
+    @property
+    def reads_body(self) -> bool:
+        return any(v is not None and v.reads_body for _, ops in self for _, _, _, v in ops)
+
+
 def _status_matches(key: str, status: int) -> bool:
     return key == str(status) or (key.endswith("XX") and key[0] == str(status)[0])
 
@@ -227,7 +237,7 @@ class ResponseMappingPolicy(Policy):
                 continue
             out.append((str(status_key), _ops(spec, path + (status_key,), ctx, response=True)))
         out.sort(key=lambda item: item[0].endswith("XX"))  # an exact code before its class
-        return tuple(out)
+        return ResponseMappings(out)
 
     def compile(self, route: RouteConfig, ctx: CompileContext) -> RouteStage | None:
         table = route.policies.get("response_parameters")
@@ -242,7 +252,13 @@ class ResponseMappingPolicy(Policy):
             ops = next((ops for key, ops in table if _status_matches(key, view.status)), None)
             if not ops:
                 return
-            extra = {"stage_variables": variables, "status": view.status, "response_headers": view.headers}
+            extra: dict[str, Any] = {"stage_variables": variables, "status": view.status,
+                                     "response_headers": view.headers}
+            if table.reads_body:
+                try:
+                    extra["response_body"] = orjson.loads(req.response_body or b"")
+                except orjson.JSONDecodeError:
+                    extra["response_body"] = None  # not JSON: every $response.body source is absent
             rendered = [(a, k, n, v.render(req, view.request._proto, extra) if v is not None else None)
                         for a, k, n, v in ops]
             for action, kind, name, value in rendered:
