@@ -368,7 +368,7 @@ class ProxyExchange:
                 return
             fill.head(status, headers)
         if self.integ.hold_response and not self.head_only:
-            self.held = (status, headers, [])  # answered at its end (`_release`): a mapping reads its body
+            self.held = [status, headers, [], 0]  # answered at its end: a mapping reads its body
             return
         self._emit_head(status, headers)
 
@@ -423,11 +423,14 @@ class ProxyExchange:
     def on_response_body(self, chunk: bytes) -> None:
         if self.done or self.skip_interim or self.skip_body:
             return
-        if self.held is not None:
-            held = self.held[2]
-            held.append(chunk)
-            if sum(map(len, held)) > _HOLD_MAX:
+        held = self.held
+        if held is not None:
+            held[2].append(chunk)
+            held[3] += len(chunk)
+            if held[3] > _HOLD_MAX:
                 self._upstream_failed(f"response body past {_HOLD_MAX} bytes on a route that maps it")
+            else:  # the body moves: the idle deadline, not the head's, is what holds now
+                self.proto.set_deadline(T_UPSTREAM, self.integ.idle_timeout)
             return
         self.req.response_length += len(chunk)
         fill = self.req.cache_fill
@@ -454,11 +457,13 @@ class ProxyExchange:
             self.skip_interim = False
             return
         if self.held is not None:  # the whole body is here: the head (mapped), then the body
-            status, headers, chunks = self.held
+            status, headers, chunks, _ = self.held
             self.held = None
             body = self.req.response_body = b"".join(chunks)
-            self._emit_head(status, [(n, v) for n, v in headers if n.lower() not in (b"content-length",
-                            b"transfer-encoding")] + [(b"content-length", b"%d" % len(body))])
+            if status not in (204, 304):  # (their Content-Length is not this body's)
+                headers = [(n, v) for n, v in headers if n.lower() not in (b"content-length", b"transfer-encoding")]
+                headers.append((b"content-length", b"%d" % len(body)))
+            self._emit_head(status, headers)
             if self.done:
                 return
             if body:

@@ -145,3 +145,23 @@ async def test_a_starlette_websocket(gateway):
     closed = await client.recv()
     assert isinstance(closed, CloseConnection) and closed.code == 4000
     assert (await RawClient.once(addr, "GET", "/ping")).status == 404  # the gateway goes on
+
+
+async def test_websocket_limits_and_protocol_errors(gateway):
+    from wsproto.events import CloseConnection
+
+    from ws_peers import WsClient
+
+    cfg = base_config(routes=[asgi_route("ws_app", "GET /live/{proxy+}")])
+    cfg["websocket"] = {"idle_timeout": "1s"}
+    gw = await gateway(cfg)
+    addr = gw.addresses[0]
+    idle = await WsClient.connect(addr, "/live/echo")
+    closed = await idle.recv(timeout=5)
+    assert isinstance(closed, CloseConnection) and closed.code == 1001
+    bad = await WsClient.connect(addr, "/live/echo")
+    bad.send_raw(b"\x81\x01x")  # an unmasked client frame: a protocol error
+    closed = await bad.recv(timeout=5)
+    assert isinstance(closed, CloseConnection) and closed.code == 1002
+    old = await WsClient.connect(addr, "/live/echo", version="8")
+    assert old.status == 426 and old.header("sec-websocket-version") == b"13"

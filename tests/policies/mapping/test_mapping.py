@@ -178,3 +178,43 @@ async def test_response_body_fields_are_mapped_to_headers(gateway, upstream):
     await c.close()
     big = await RawClient.once(addr, "GET", "/m/bytes/2000000")  # past the 1 MiB hold: 502
     assert big.status == 502
+
+
+async def test_held_responses_found_by_a_review(gateway):
+    """A held body of many tiny chunks is linear work; a held body that keeps moving is
+    under the idle deadline, not the head's; a cache hit keeps the route's mappings."""
+    import asyncio
+
+    from conftest import RawUpstream, read_request_head
+
+    async def upstream(reader, writer):
+        while True:
+            head = await read_request_head(reader)
+            if b" /tiny " in head:
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + b'1\r\n{\r\n'
+                             + b"1\r\n \r\n" * 20000 + b'9\r\n"id": 7}\n\r\n0\r\n\r\n')
+            else:  # /slow: a body that keeps moving for 1.5 s, past the 1 s timeout
+                writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n{"id": ')
+                for ch in b'"slo"}':
+                    await asyncio.sleep(0.25)
+                    writer.write(bytes([ch]))
+            await writer.drain()
+
+    async with RawUpstream(upstream) as up:
+        cfg = base_config(routes=[{"route": "GET /{proxy+}", "integration": {
+            "type": "http", "upstream": "app", "timeout": "1s", "idle_timeout": "5s"},
+            "response_parameters": {"2XX": {"overwrite:header.x-id": "$response.body.id"}}}])
+        cfg["upstreams"] = {"app": {"targets": [f"http://127.0.0.1:{up.port}"]}}
+        gw = await gateway(cfg)
+        addr = gw.addresses[0]
+        tiny = await RawClient.once(addr, "GET", "/tiny")
+        assert (tiny.status, tiny.header("x-id")) == (200, "7")
+        slow = await RawClient.once(addr, "GET", "/slow")
+        assert (slow.status, slow.header("x-id")) == (200, "slo")
+    async with RawUpstream(upstream) as up:
+        cfg["routes"][0]["cache"] = {"ttl": "60s"}
+        cfg["upstreams"] = {"app": {"targets": [f"http://127.0.0.1:{up.port}"]}}
+        gw = await gateway(cfg)
+        labels = [(r.header("x-cache"), r.header("x-id")) for r in
+                  [await RawClient.once(gw.addresses[0], "GET", "/tiny") for _ in range(2)]]
+        assert labels == [("Miss", "7"), ("Hit", "7")]

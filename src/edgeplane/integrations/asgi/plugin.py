@@ -70,11 +70,11 @@ def root_path(route: RouteConfig) -> str:
 
 
 class AsgiIntegration:
-    __slots__ = ("app", "name", "timeout", "root", "tasks", "lifespan_state", "max_message")
+    __slots__ = ("app", "name", "timeout", "root", "tasks", "lifespan_state", "ws_limits")
 
     def __init__(self, app: Any, name: str, timeout: float, root: str, lifespan_state: dict[str, Any],
-                 max_message: int = 128 * 1024) -> None:
-        self.max_message = max_message  # a WebSocket's (`websocket.max_message_bytes`)
+                 ws_limits: Any = None) -> None:
+        self.ws_limits = ws_limits  # the route's `websocket` limits (`config.model.WebSocketLimits`)
         self.app = app
         self.name = name
         self.timeout = timeout
@@ -90,7 +90,7 @@ class AsgiIntegration:
         if req.websocket:
             from edgeplane.integrations.asgi.websocket import AsgiWebSocket
 
-            AsgiWebSocket(self, proto, req, self.max_message).start(scope)
+            AsgiWebSocket(self, proto, req, self.ws_limits).start(scope)
             return
         exchange = AsgiExchange(self, proto, req)
         req.exchange = exchange
@@ -125,9 +125,8 @@ class AsgiIntegrationPlugin(Integration):
         integ: Any = route.integration
         lifespans = ctx.runtime.get("asgi_lifespans")
         state = lifespans.state_of(integ.app) if isinstance(lifespans, AsgiLifespans.Runtime) else {}
-        limits = route.websocket or ctx.config.websocket
         return AsgiIntegration(resolve(integ.app), integ.app, integ.timeout, root_path(route), state,
-                               limits.max_message_bytes)
+                               route.websocket or ctx.config.websocket)
 
     def summary(self, model: Any) -> str:
         return f"asgi {model.app}"

@@ -6,7 +6,9 @@ app decides (`websocket.accept`: 101, with its subprotocol and headers, and the
 connection taken over from HTTP; `websocket.close` before that: 403, as the ASGI spec
 says), then the frames, through wsproto: messages to `websocket.receive` (fragments
 joined, up to the route's `websocket.max_message_bytes`, past it close 1009), pings
-answered, the close handshake, and `websocket.disconnect` with its code.
+answered, the close handshake, and `websocket.disconnect` with its code; the route's
+`websocket` limits as for every WebSocket (idle timeout and lifetime: close 1001; the
+gateway's pings, an unanswered one ends the connection).
 
 Invariants: the access log gets one line when the connection ends (101, the app's
 close code); the gateway's stop closes it with 1001, like every WebSocket; `send()`
@@ -22,7 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from edgeplane.http.fields import check_field
 from edgeplane.http.request import header, log_extra
@@ -38,9 +40,14 @@ CLOSE_WAIT = 2.0  # after our close frame, the client's time to answer
 
 
 class AsgiWebSocket(asyncio.Protocol):
-    def __init__(self, integ: Any, proto: HttpProtocol, req: Request, max_message: int) -> None:
+    def __init__(self, integ: Any, proto: HttpProtocol, req: Request, limits: Any) -> None:
         self.integ, self.proto, self.req = integ, proto, req
-        self.max_message = max_message
+        self.limits = limits  # `config.model.WebSocketLimits` of the route
+        self.max_message = limits.max_message_bytes
+        self.last_active = 0.0
+        self.opened = 0.0
+        self.pong_due = float("inf")
+        self.timer: asyncio.TimerHandle | None = None
         self.ws = Connection(ConnectionType.SERVER)
         self.inbox: deque[dict[str, Any]] = deque([{"type": "websocket.connect"}])
         self.wake = asyncio.Event()
@@ -58,7 +65,9 @@ class AsgiWebSocket(asyncio.Protocol):
     def start(self, scope: dict[str, Any]) -> None:
         problem = client_handshake_error(self.req.headers)
         if problem is not None:
-            self.proto.send_error(self.req, *problem)
+            status, reason = problem
+            self.proto.send_error(self.req, status, reason,
+                                  extra=b"sec-websocket-version: 13\r\n" if status == 426 else b"")
             return
         offered = [p.strip() for v in (val for k, val in self.req.headers if k == b"sec-websocket-protocol")
                    for p in v.decode("latin-1").split(",") if p.strip()]
@@ -88,8 +97,8 @@ class AsgiWebSocket(asyncio.Protocol):
                 self.ended = True
                 status = 504 if timed_out else 500 if raised else 403
                 self.proto.send_error(self.req, status, f"ASGI app {self.integ.name} did not accept the WebSocket")
-        elif not self.ended:
-            self._close(1011 if raised or self.close_code is None else self.close_code, "")
+        elif not self.ended:  # returned without closing: 1000 (as uvicorn); raised: 1011
+            self._close(1011 if raised else self.close_code or 1000, "")
 
     def _decide_in_time(self) -> None:
         """The app neither accepted nor refused within the route's timeout."""
@@ -122,6 +131,7 @@ class AsgiWebSocket(asyncio.Protocol):
             text, data = message.get("text"), message.get("bytes")
             event: Any = TextMessage(data=text) if text is not None else BytesMessage(data=bytes(data or b""))
             self._write(self.ws.send(event))
+            self.last_active = self.proto.loop.time()
             if not self.writable.is_set():
                 await self.writable.wait()
         else:
@@ -150,10 +160,36 @@ class AsgiWebSocket(asyncio.Protocol):
         self.accepted = True
         transport.set_protocol(self)
         proto.ctx.websockets.add(self)
+        self.opened = self.last_active = proto.loop.time()
+        self._tick()
         if paused:
             self.pause_writing()
         if tail:
             self.data_received(tail)
+
+    def _tick(self) -> None:
+        """The connection's timers (the route's `websocket` limits): idle, lifetime, pings."""
+        self.timer = None
+        if self.ended or self.closing:
+            return
+        lim, now = self.limits, self.proto.loop.time()
+        if now >= self.pong_due:
+            self.close_code = 1006
+            if self.transport is not None:
+                self.transport.abort()  # a ping unanswered: the client is gone
+            return
+        if now >= self.last_active + lim.idle_timeout:
+            self._close(1001, "idle timeout")
+            return
+        if now >= self.opened + lim.max_lifetime:
+            self._close(1001, "connection lifetime reached")
+            return
+        if lim.ping_interval and self.pong_due == float("inf") and now >= self.last_active + lim.ping_interval:
+            self._write(self.ws.send(Ping(payload=b"edgeplane")))
+            self.pong_due = now + lim.pong_timeout
+        at = min(self.last_active + lim.idle_timeout, self.opened + lim.max_lifetime, self.pong_due,
+                 self.last_active + lim.ping_interval if lim.ping_interval else float("inf"))
+        self.timer = self.proto.loop.call_at(max(at, now + 0.05), self._tick)
 
     # -- frames -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -168,8 +204,12 @@ class AsgiWebSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ended:
             return
+        self.last_active = self.proto.loop.time()
         self.ws.receive_data(data)
         for event in self.ws.events():
+            if isinstance(event, Pong):
+                self.pong_due = float("inf")
+                continue
             if isinstance(event, (TextMessage, BytesMessage)):
                 self.size += len(event.data)
                 if self.size > self.max_message:
@@ -183,10 +223,14 @@ class AsgiWebSocket(asyncio.Protocol):
                         self._push({"type": "websocket.receive", "bytes": b"".join(self.parts)})
                     self.parts, self.size = [], 0
             elif isinstance(event, Ping):
-                self._write(self.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                if self.ws.state is ConnectionState.OPEN:  # (not once a close is under way)
                     self._write(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                state = self.ws.state
+                if state is ConnectionState.REMOTE_CLOSING:
+                    self._write(self.ws.send(event.response()))
+                elif state is ConnectionState.OPEN:  # a protocol error wsproto found: say its code
+                    self._write(self.ws.send(CloseConnection(code=event.code, reason=event.reason)))
                 if self.close_code is None:
                     self.close_code = int(event.code)
                 self._push({"type": "websocket.disconnect", "code": int(event.code)})
@@ -217,6 +261,8 @@ class AsgiWebSocket(asyncio.Protocol):
         if self.ended:
             return
         self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
         self.writable.set()
         code = self.close_code if self.close_code is not None else 1006
         self._push({"type": "websocket.disconnect", "code": code})

@@ -53,6 +53,8 @@ def send_cached(proto: HttpProtocol, req: Request, entry: Entry, label: bytes) -
     if keep and not req.complete and not body_drainable(req):
         keep = False
     status, head = entry.status, entry.head
+    req.integration_status = status  # the integration's answer, as stored: response mappings apply
+    req.response_body = entry.body
     if req.route.response_hooks and not req.hooks_failed:
         try:
             visible = [(k.decode("latin-1").lower(), v.decode("latin-1"))
