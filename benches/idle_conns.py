@@ -1,4 +1,4 @@
-"""Memory added by idle keep-alive client connections (issue 3 budget row).
+"""Memory added by idle keep-alive client connections (a budget row).
 
 Starts `edgeplane serve` (one worker, a mock route, access log off), reads its VmRSS,
 opens N client connections that each complete one keep-alive request and then stay

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""In-process integrations (issue 16): what a route answered by a Python function or an
+"""In-process integrations: what a route answered by a Python function or an
 ASGI app costs, against the same answer from a mock route, and against the usual way of
 serving the same Starlette app: uvicorn behind nginx.
 

@@ -1,4 +1,4 @@
-"""Micro-benchmark: what one access-log line costs on the request path (issue 13's budget
+"""Micro-benchmark: what one access-log line costs on the request path (the budget
 is about 1.5 us per line).
 
 Usage: .venv/bin/python benches/log_line_bench.py [--rounds 5] [--n 200000]

@@ -1,4 +1,4 @@
-"""Micro-benchmark: what counting a request in the metrics costs (issue 13's budget is
+"""Micro-benchmark: what counting a request in the metrics costs (the budget is
 under 0.5 us per request on `plain`).
 
 Usage: .venv/bin/python benches/metrics_bench.py [--rounds 5] [--n 500000]

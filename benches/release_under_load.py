@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Releases under load (issue 14): a deploy, a rollback, a canary, its promotion and a
+"""Releases under load: a deploy, a rollback, a canary, its promotion and a
 second rollback on stage `prod` while closed-loop keep-alive load runs on it; every
 request must be answered 2xx, and every answer says which deployment served it.
 
@@ -624,7 +624,7 @@ def report(res: dict[str, Any]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="benches/release_under_load.py",
-        description="Releases under load (issue 14): deploy, rollback, canary, promote and rollback on "
+        description="Releases under load: deploy, rollback, canary, promote and rollback on "
                     "stage prod during closed-loop load; 0 failed requests expected.",
         epilog=(__doc__ or "").split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--duration", type=float, default=3.0,

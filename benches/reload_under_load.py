@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hot reload under load (issue 12): a config swap every `--interval` s while HTTP
+"""Hot reload under load: a config swap every `--interval` s while HTTP
 requests and open WebSockets go through the gateway; every request must be answered and
 every WebSocket must stay up.
 
@@ -1325,7 +1325,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="benches/reload_under_load.py",
         description="Hot reload under load: HTTP and WebSocket load through the gateway while its "
-                    "config is swapped every --interval seconds (issue 12).",
+                    "config is swapped every --interval seconds.",
         epilog="See benches/README.md (Reload under load) for what each figure means.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-d", "--duration", type=float, default=30.0, help="seconds of each phase (baseline, reload)")

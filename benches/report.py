@@ -1,5 +1,5 @@
 """Bench report: owns the derived figures (CPU per request, ratios gateway/peer, the
-budget rows of issue 3) and their presentation as text tables; the JSON file is the
+budget rows) and their presentation as text tables; the JSON file is the
 same data, written by run.py.
 
 Definitions:

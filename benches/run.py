@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""edgeplane bench runner: owns the orchestration of a bench run (issue 3).
+"""edgeplane bench runner: owns the orchestration of a bench run.
 
 For each scenario it starts, as separate processes, the demo upstream
 (`edgeplane demo-upstream`), the gateway (`edgeplane serve -c <generated config>`)
@@ -24,6 +24,8 @@ on errors and Ctrl-C alike.
     .venv/bin/python benches/run.py                          # all scenarios, 10 s each
     .venv/bin/python benches/run.py --scenario plain,full --compare nginx,haproxy,envoy
     .venv/bin/python benches/run.py --smoke
+    .venv/bin/python benches/run.py --config my.yaml --request "GET /users/7" -H "Authorization: Bearer ..."
+    .venv/bin/python benches/run.py --scenario plain --compare nginx --check   # exit 2 when a budget fails
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -57,9 +60,10 @@ from procs import (  # noqa: E402
     free_port,
     rss_bytes,
     wait_http,
+    wait_listen,
     write_json,
 )
-from scenarios import SCENARIOS, Scenario, gateway_config, parse_list, request_headers  # noqa: E402
+from scenarios import SCENARIOS, Scenario, gateway_config, own, parse_list, request_headers  # noqa: E402
 
 MIB = 1024 * 1024
 SMOKE = {"duration": 1.0, "warmup": 0.3, "connections": 4, "openloop_rate_cap": 300.0}
@@ -125,6 +129,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write the results here (default benches/out/results-<timestamp>.json)")
     p.add_argument("--keep-workdir", action="store_true",
                    help="keep the temp dir with the generated configs and process logs")
+    p.add_argument("--config", metavar="FILE",
+                   help="benchmark your own config instead of the scenarios: it is served as it is (its "
+                        "upstreams must be running; listeners are moved to free loopback ports), with "
+                        "--request; peers are not run (they cannot serve your policies)")
+    p.add_argument("--request", metavar='"METHOD /path"', default="GET /",
+                   help='with --config: the request to send (default "GET /")')
+    p.add_argument("-H", "--header", action="append", default=[], metavar='"Name: value"',
+                   help="with --config: a request header (repeat it)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 2 when a budget row that was measured fails")
     a = p.parse_args(argv)
     if a.smoke:
         a.duration = a.duration or SMOKE["duration"]
@@ -136,9 +150,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.warmup = a.warmup if a.warmup is not None else (QUICK["warmup"] if a.quick else 2.0)
     a.connections = a.connections or 64
     try:
-        a.scenarios = parse_list(a.scenario)
+        a.scenarios = [own(a.config, a.request, a.header)] if a.config else parse_list(a.scenario)
     except ValueError as exc:
         p.error(str(exc))
+    if a.config and not Path(a.config).is_file():
+        p.error(f"--config {a.config}: no such file")
     a.peers = [n.strip() for n in a.compare.split(",") if n.strip()]
     if a.workers < 1 or a.connections < 1 or a.duration <= 0:
         p.error("--workers, --connections and --duration must be positive")
@@ -325,14 +341,22 @@ def bench_gateway(ctx: Ctx, s: Scenario, version: str) -> list[dict]:
     if otlp_port is not None:  # a stand-in collector, on the load's cores
         sink = ctx.procs.start(f"otlp-sink-{s.name}", [sys.executable, str(BENCH_DIR / "otlp_sink.py"),
                                                        str(otlp_port)], ctx.plan.load)
-    cfg = gateway_config(s, port=port, admin_port=admin, upstream_port=ctx.upstream_port,
-                         workers=ctx.args.workers, workdir=d, otlp_port=otlp_port)
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
     name = f"edgeplane-{s.name}"
+    if s.config_file is not None:  # the user's own config, on free loopback ports
+        argv = ["serve", "-c", s.config_file, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                "-w", str(ctx.args.workers)]
+    else:
+        cfg = gateway_config(s, port=port, admin_port=admin, upstream_port=ctx.upstream_port,
+                             workers=ctx.args.workers, workdir=d, otlp_port=otlp_port)
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
+        argv = ["serve", "-c", str(cfg_path)]
     # the gateway's stdout (an access log to stdout) goes to its log file, as under systemd
-    proc = ctx.procs.start(name, edgeplane_argv() + ["serve", "-c", str(cfg_path)], ctx.plan.server)
+    proc = ctx.procs.start(name, edgeplane_argv() + argv, ctx.plan.server)
     try:
-        _ready(ctx, name, proc, port, expect=401 if s.jwt else 200)  # no token: 401 means up
+        if s.config_file is not None:
+            wait_listen(port, proc)  # whatever the request answers: the run reports it
+        else:
+            _ready(ctx, name, proc, port, expect=401 if s.jwt else 200)  # no token: 401 means up
         out = [measure(ctx, report.GATEWAY, version, proc.pid, port, s, admin)]
         _gateway_extras(out[0], admin, d, s)
         if s.name == "plain" and not ctx.args.no_openloop:
@@ -451,10 +475,46 @@ def execute(ctx: Ctx) -> dict:
             "peers": {p.name: {"version": p.version, "binary": p.binary} for p in found},
             "args": {k: v for k, v in vars(args).items() if k not in ("scenarios",)},
             "openloop_rate": ctx.openloop_rate,
+            "provenance": provenance(),
         },
         "notes": ctx.notes, "skipped": skipped, "results": results, "ratios": ratio_rows,
         "budget": report.budget(results, ratio_rows),
     }
+
+
+def provenance() -> dict:
+    """What produced the figures: the commit, Python and the hot path's libraries."""
+    def version_of(dist: str) -> str | None:
+        try:
+            return importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            return None
+    commit = dirty = None
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": commit, "dirty": dirty, "python": platform.python_version(),
+            "uvloop": version_of("uvloop"), "httptools": version_of("httptools"),
+            "hot_path": "pure-python"}  # (no compiled hot path exists yet)
+
+
+LEGEND = """legend:
+  req/CPU-s    requests answered per second of the server's CPU time (user + system, every
+               process of the server) over the measured window: the main figure, as it does not
+               depend on how many cores the server was given
+  us CPU/req   the same the other way round: microseconds of server CPU per request
+  CPU util     server CPU seconds / wall seconds (1.0 = one core busy)
+  ratio        gateway req/CPU-s / peer req/CPU-s for the same scenario, in the same run"""
+OPEN_LEGEND = """  open loop    requests are sent at a fixed rate whatever the answers (benches/loadgen.py --rate),
+               and latency is measured from each request's intended send time, so a stall
+               shows up as the latency of every request it delayed (no coordinated omission)
+  send lag     p99 of how late the generator itself sent a request (its own noise)
+  waited       requests that had to wait for a free connection before they could be sent"""
 
 
 def print_report(data: dict) -> None:
@@ -466,6 +526,14 @@ def print_report(data: dict) -> None:
     if any(r.get("kind") == "open" for r in data["results"]):
         print(f"\nOpen loop at {data['meta']['openloop_rate']:.0f} req/s (latency from intended send time):")
         print(report.openloop_table(data["results"]))
+    print()
+    print(LEGEND)
+    if any(r.get("kind") == "open" for r in data["results"]):
+        print(OPEN_LEGEND)
+    prov = data["meta"].get("provenance") or {}
+    dirty = " (uncommitted changes)" if prov.get("dirty") else ""
+    print(f"\nprovenance: commit {prov.get('commit') or 'unknown'}{dirty}, Python {prov.get('python')}, "
+          f"uvloop {prov.get('uvloop')}, httptools {prov.get('httptools')}, hot path: {prov.get('hot_path')}")
     for s in data["skipped"]:
         print(f"\nskipped {s['peer']}: {s['reason']}")
     for r in data["results"]:
@@ -474,8 +542,14 @@ def print_report(data: dict) -> None:
     for n in data["notes"]:
         print(f"\nnote: {n}")
     if not data["meta"]["args"]["smoke"]:
-        print("\nBudget (issue 3):")
+        print("\nBudget:")
         print(report.budget_table(data["budget"]))
+
+
+def failed_budget_rows(data: dict) -> list[str]:
+    """The budget rows that were measured and failed (`--check`)."""
+    return [f"{row['row']}: {row['measured']} (budget {row['budget']})" for row in data.get("budget") or []
+            if row.get("met") is False]
 
 
 def smoke_check(data: dict) -> list[str]:
@@ -531,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print("smoke: " + ("OK" if data["smoke"]["ok"] else "FAILED: " + "; ".join(data["smoke"]["failures"])))
         return 0 if data["smoke"]["ok"] else 1
+    if args.check:
+        failed = failed_budget_rows(data)
+        print("check: " + ("every measured budget row is met" if not failed else "FAILED: " + "; ".join(failed)))
+        return 2 if failed else 0
     return 0
 
 

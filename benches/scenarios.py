@@ -50,6 +50,8 @@ class Scenario:
     peer_mode: str | None = "proxy"  # "proxy", "fixed", "cache", or None: compared with the peers' plain
     cache: bool = False  # the route has the response cache (`routes[].cache`)
     note: str | None = None
+    headers: tuple[str, ...] = ()  # extra request headers ("Name: value"), e.g. from `run.py -H`
+    config_file: str | None = None  # a user's own config (`run.py --config`): served as it is
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -162,5 +164,15 @@ def jwt_material(workdir: Path) -> tuple[Path, str]:
 def request_headers(s: Scenario, workdir: Path) -> list[str]:
     """Extra request headers the load generator sends for scenario `s`."""
     if s.jwt:
-        return [f"Authorization: Bearer {jwt_material(workdir)[1]}"]
-    return []
+        return [f"Authorization: Bearer {jwt_material(workdir)[1]}", *s.headers]
+    return list(s.headers)
+
+
+def own(config_file: str, request: str, headers: list[str]) -> Scenario:
+    """The scenario of `run.py --config FILE --request "METHOD /path" [-H ...]`: the user's
+    own config, served as it is (its upstreams must be running), and one request."""
+    method, _, path = request.strip().partition(" ")
+    if not method.isalpha() or not path.startswith("/"):
+        raise ValueError(f"--request {request!r}: write it as \"METHOD /path?query\"")
+    return Scenario("own", f"{method.upper()} {path} against {config_file}", path=path, method=method.upper(),
+                    peer_mode=None, headers=tuple(headers), config_file=config_file)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Slow and hostile clients at scale (issue 11, items 9 and 11): what N trickling,
+"""Slow and hostile clients at scale: what N trickling,
 idle or body-trickling connections do to a *good* client's latency.
 
 Each phase starts a fresh gateway (1 worker, access log off, `limits.max_connections:
@@ -606,8 +606,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-connections", type=int, default=25_000,
                    help="limits.max_connections for every phase but heads-capped (default 25000)")
     p.add_argument("--cap", default="10000",
-                   help="limits.max_connections in heads-capped (default 10000, the per-worker default when "
-                        "issue 11 was written; 'default' leaves the key out: the gateway's own default)")
+                   help="limits.max_connections in heads-capped (default 10000, an earlier per-worker "
+                        "default; 'default' leaves the key out: the gateway's own default)")
     p.add_argument("--pool", type=int, default=64, help="upstream pool max_connections (default 64)")
     p.add_argument("--think", type=float, default=1.0,
                    help="good clients: ms between a response and the next request (default 1; 0 = back to back)")

@@ -1,4 +1,4 @@
-"""Micro-benchmark: what tracing costs a request that is not sampled (issue 13's budget is
+"""Micro-benchmark: what tracing costs a request that is not sampled (the budget is
 under 1 us at 1 % sampling), and what tracing off costs (nothing but a None test).
 
 Usage: .venv/bin/python benches/tracing_bench.py [--rounds 5] [--n 200000]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""WebSocket proxying cost (issue 6 budget): echo throughput direct vs through the
+"""WebSocket proxying cost (its budget): echo throughput direct vs through the
 gateway, and the gateway's memory per idle proxied WebSocket.
 
 Budget rows checked:
@@ -1030,7 +1030,7 @@ def print_report(data: dict) -> None:
                      f"event loop, syscalls and the kernel")
         print(line + ("" if micro["relayed_ok"] else "  [WARNING: counters did not match]"))
     if data["budget"]:
-        print("\nBudget (issue 6)")
+        print("\nBudget")
         print(_table(["figure", "budget", "measured", "met"],
                      [[r["figure"], r["budget"], f"{r['measured']:g} {r['unit']}".strip(),
                        "yes" if r["met"] else "NO"] for r in data["budget"]]))

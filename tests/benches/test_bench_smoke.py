@@ -90,3 +90,43 @@ def test_loadgen_histogram_percentiles():
     assert h.percentile_ms(50) == pytest.approx(500, rel=0.02)
     assert h.percentile_ms(99) == pytest.approx(990, rel=0.02)
     assert h.summary_ms()["max"] == pytest.approx(1000, rel=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_a_user_benchmarks_their_own_config_and_the_budget_check(tmp_path):
+    cfg = tmp_path / "own.yaml"
+    cfg.write_text('listen: ["127.0.0.1:8080"]\nadmin: {listen: "127.0.0.1:9901", insecure: true}\n'
+                   'access_log: {destination: "off"}\nroutes:\n'
+                   '  - {route: "GET /hello", match: {headers: {x-bench: "1"}}, integration: {type: mock, body: hi}}\n')
+    out = tmp_path / "own.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHES / "run.py"), "--config", str(cfg), "--request", "GET /hello", "-H", "X-Bench: 1",
+         "--duration", "1", "--warmup", "0.3", "--connections", "4", "--loadgen", "python", "--check",
+         "--json", str(out)], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (own,) = [r for r in data["results"] if r["scenario"] == "own"]
+    assert own["requests"] > 0 and own["errors_total"] == 0  # the header reached the conditional route
+    assert data["meta"]["provenance"]["python"] and data["meta"]["provenance"]["hot_path"] == "pure-python"
+    assert "legend:" in proc.stdout and "check: every measured budget row is met" in proc.stdout
+    assert "issue" not in proc.stdout.lower()  # budgets, not tracker words
+
+
+def test_compare_marks_changes_past_the_noise_band(tmp_path, capsys):
+    compare = _load("compare")
+
+    def run(rate: float, p99: float) -> dict:
+        return {"meta": {"provenance": {"commit": "abc", "python": "3.11"}},
+                "results": [{"target": "edgeplane", "scenario": "plain", "kind": "closed", "req_per_cpu_s": rate,
+                             "latency_ms": {"p99": p99}},
+                            {"target": "nginx", "scenario": "plain", "kind": "closed", "req_per_cpu_s": 100_000,
+                             "latency_ms": {"p99": 1.0}}]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(run(30_000, 2.0)))
+    b.write_text(json.dumps(run(27_000, 2.5)))
+    assert compare.main([str(a), str(b), "--fail-on-regression"]) == 2
+    out = capsys.readouterr().out
+    assert "-10.0%" in out and "WORSE" in out and "regressions past the band: plain (closed): -10.0%" in out
+    b.write_text(json.dumps(run(30_900, 2.0)))
+    assert compare.main([str(a), str(b), "--fail-on-regression"]) == 0  # +3 %: noise
