@@ -62,6 +62,10 @@ _BUCKETS_PER_E = 100  # ~1 % wide buckets on a log scale
 _N_BUCKETS = 2200  # up to e**22 us ~ 3.6e9 us
 
 
+# The quantiles (%) a result's latency CDF is given at (`cdf_ms`; wrk's the same).
+CDF_QUANTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97.5, 99, 99.5, 99.9, 99.99)
+
+
 class Histogram:
     """Latency histogram in microseconds, log-bucketed; mergeable as a plain list."""
 
@@ -102,6 +106,10 @@ class Histogram:
                 mid_us = math.exp((idx + 0.5) / _BUCKETS_PER_E) if idx else 1.0
                 return round(min(mid_us, self.max_us) / 1000.0, 4)
         return round(self.max_us / 1000.0, 4)
+
+    def cdf_ms(self) -> list[list[float]]:
+        """[quantile %, latency ms] at `CDF_QUANTILES`: the latency CDF a plot draws."""
+        return [[q, v] for q in CDF_QUANTILES if (v := self.percentile_ms(q)) is not None]
 
     def summary_ms(self) -> dict:
         out = {f"p{q:g}": self.percentile_ms(q) for q in (50, 90, 99, 99.9)}
@@ -463,6 +471,7 @@ def _merge(results: list[dict], duration: float, rate: float, connections: int,
         "requests": requests, "errors": errors,
         "errors_total": sum(errors.values()), "rps": round(requests / duration, 1),
         "latency_ms": hist.summary_ms(),
+        "cdf_ms": hist.cdf_ms(),
     }
     if rate > 0:
         out.update(rate=rate, scheduled=scheduled, waited_for_connection=waited, send_lag_ms=lag.summary_ms())

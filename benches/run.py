@@ -139,6 +139,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --config: a request header (repeat it)")
     p.add_argument("--check", action="store_true",
                    help="exit 2 when a budget row that was measured fails")
+    p.add_argument("--plot", metavar="DIR",
+                   help="write PNG charts there (matplotlib: pip install -e '.[bench]'): req/CPU-s per "
+                        "scenario and peer, latency CDFs, and with --growth CPU per request against route count")
+    p.add_argument("--growth", metavar="FILE", help="with --plot: a benches/growth.py --json file to chart")
     a = p.parse_args(argv)
     if a.smoke:
         a.duration = a.duration or SMOKE["duration"]
@@ -262,9 +266,10 @@ def _result(target: str, version: str, s: Scenario, kind: str, load: dict, cpu: 
     r = {
         "target": target, "version": version, "scenario": s.name, "kind": kind, "peer_mode": s.peer_mode,
         "requests": load["requests"], "rps": load["rps"], "errors": load["errors"],
-        "errors_total": load["errors_total"], "latency_ms": load["latency_ms"],
+        "errors_total": load["errors_total"], "latency_ms": load["latency_ms"], "cdf_ms": load.get("cdf_ms", []),
         **report.derive(cpu, load["requests"], load["duration"]), "cpu_window_s": round(wall, 3),
-        "load": {k: v for k, v in load.items() if k not in ("requests", "rps", "errors", "errors_total", "latency_ms")},
+        "load": {k: v for k, v in load.items()
+                 if k not in ("requests", "rps", "errors", "errors_total", "latency_ms", "cdf_ms")},
     }
     if rss is not None:
         r["rss_idle_mib"] = round(sum(rss.values()) / MIB, 1)
@@ -602,6 +607,15 @@ def main(argv: list[str] | None = None) -> int:
     print_report(data)
     path = write_json(data, args.json, "results")
     print(f"\nJSON: {path}")
+    if args.plot:
+        import plots
+
+        try:
+            written = plots.write(data, Path(args.plot), growth=json.loads(Path(args.growth).read_text())
+                                  if args.growth else None)
+            print("charts: " + ", ".join(str(p) for p in written))
+        except ImportError:
+            print("charts: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
     if args.smoke:
         print("smoke: " + ("OK" if data["smoke"]["ok"] else "FAILED: " + "; ".join(data["smoke"]["failures"])))
         return 0 if data["smoke"]["ok"] else 1

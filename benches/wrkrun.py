@@ -23,11 +23,20 @@ function done(summary, latency, requests)
   io.write(string.format(
     'BENCH_RESULT {"requests": %d, "duration_us": %d, "bytes": %d, ' ..
     '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
-    '"latency_us": {"p50": %.1f, "p90": %.1f, "p99": %.1f, "p99.9": %.1f, "max": %.1f, "mean": %.1f}}\n',
+    '"latency_us": {"p50": %.1f, "p90": %.1f, "p99": %.1f, "p99.9": %.1f, "max": %.1f, "mean": %.1f}, ' ..
+    '"cdf_us": [%s]}\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
-    latency.max, latency.mean))
+    latency.max, latency.mean, cdf(latency)))
+end
+
+function cdf(latency)
+  local out = {}
+  for _, q in ipairs({1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97.5, 99, 99.5, 99.9, 99.99}) do
+    out[#out + 1] = string.format("[%g, %.1f]", q, latency:percentile(q))
+  end
+  return table.concat(out, ", ")
 end
 """
 
@@ -81,4 +90,5 @@ def parse(output: str, connections: int, keepalive: bool) -> dict:
         "errors_total": sum(errors.values()),
         "rps": round(raw["requests"] / duration, 1) if duration else 0.0,
         "latency_ms": lat,
+        "cdf_ms": [[q, round(us / 1000.0, 4)] for q, us in raw.get("cdf_us", [])],
     }

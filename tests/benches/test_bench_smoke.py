@@ -130,3 +130,16 @@ def test_compare_marks_changes_past_the_noise_band(tmp_path, capsys):
     assert "-10.0%" in out and "WORSE" in out and "regressions past the band: plain (closed): -10.0%" in out
     b.write_text(json.dumps(run(30_900, 2.0)))
     assert compare.main([str(a), str(b), "--fail-on-regression"]) == 0  # +3 %: noise
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is the bench extra's (pip install -e '.[bench]')")
+    plots = _load("plots")
+    cdf = [[q, q / 10] for q in (1, 50, 99, 99.9)]
+    data = {"results": [{"target": t, "scenario": s, "kind": "closed", "req_per_cpu_s": n, "cdf_ms": cdf}
+                        for t, s, n in (("edgeplane", "plain", 30_000), ("nginx", "plain", 90_000),
+                                        ("edgeplane", "mock", 70_000))]}
+    growth = {"results": {"routes": [{"routes": n, "us_cpu_per_req": 30.0} for n in (10, 1000, 10000)]}}
+    written = plots.write(data, tmp_path / "charts", growth=growth)
+    assert [p.name for p in written] == ["req-per-cpu.png", "latency-cdf.png", "cost-growth.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
