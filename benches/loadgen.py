@@ -472,6 +472,7 @@ def _merge(results: list[dict], duration: float, rate: float, connections: int,
         "errors_total": sum(errors.values()), "rps": round(requests / duration, 1),
         "latency_ms": hist.summary_ms(),
         "cdf_ms": hist.cdf_ms(),
+        "latency_histogram": {"buckets_per_e": _BUCKETS_PER_E, **hist.to_dict()},  # log buckets of us
     }
     if rate > 0:
         out.update(rate=rate, scheduled=scheduled, waited_for_connection=waited, send_lag_ms=lag.summary_ms())
