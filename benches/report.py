@@ -18,10 +18,16 @@ from __future__ import annotations
 GATEWAY = "edgeplane"
 
 BUDGET = [
-    # (row, kind, scenario, peer, peer scenario, threshold, comparison)
-    ("plain: req per CPU-s / nginx's", "ratio", "plain", "nginx", "plain", 0.9, ">="),
-    ("full: req per CPU-s / nginx plain's", "ratio", "full", "nginx", "plain", 0.7, ">="),
-    ("plain: req per CPU-s / Envoy's", "ratio", "plain", "envoy", "plain", 2.5, ">="),
+    # (row, kind, scenario, peer, peer scenario, threshold, comparison): req per CPU-s ratios
+    ("plain / nginx plain", "ratio", "plain", "nginx", "plain", 0.9, ">="),
+    ("full / nginx plain", "ratio", "full", "nginx", "plain", 0.7, ">="),
+    ("mock / nginx mock", "ratio", "mock", "nginx", "mock", 0.8, ">="),
+    ("keepalive-off / nginx keepalive-off", "ratio", "keepalive-off", "nginx", "keepalive-off", 0.8, ">="),
+    ("post-1k / nginx post-1k", "ratio", "post-1k", "nginx", "post-1k", 0.9, ">="),
+    ("resp-64k / nginx resp-64k", "ratio", "resp-64k", "nginx", "resp-64k", 1.0, ">="),
+    ("plain / Envoy plain", "ratio", "plain", "envoy", "plain", 2.5, ">="),
+    ("cache-hit / nginx proxy_cache hit", "ratio", "cache-hit", "nginx", "cache-hit", 0.8, ">="),
+    ("function (async handler) / nginx mock", "ratio", "function", "nginx", "mock", 0.5, ">="),
 ]
 
 
@@ -43,8 +49,9 @@ def ratios(results: list[dict], peers: list[str]) -> list[dict]:
     out = []
     for g in (r for r in results if r["target"] == GATEWAY and r.get("kind") == "closed"):
         for peer in peers:
-            p = _find(results, peer, g["scenario"]) or (_find(results, peer, "plain")
-                                                        if g.get("peer_mode") is None else None)
+            p = (_find(results, peer, g["peer_scenario"]) if g.get("peer_scenario") else None) \
+                or _find(results, peer, g["scenario"]) \
+                or (_find(results, peer, "plain") if g.get("peer_mode") is None else None)
             if p is None or not g.get("req_per_cpu_s") or not p.get("req_per_cpu_s"):
                 continue
             out.append({
@@ -67,6 +74,10 @@ def budget(results: list[dict], ratio_rows: list[dict]) -> list[dict]:
                      p99 is not None and ol["errors_total"] == 0 and p99 <= 2.0))
     if ol and ol.get("note"):
         rows[-1]["note"] = "load generator was late; see the open-loop note"
+    nginx_ol = _find(results, "nginx", "plain", "open")
+    bound = nginx_ol and nginx_ol["latency_ms"]["p99"] * 1.2
+    rows.append(_row("plain p99, open loop / nginx's at the same rate", "<= 1.2", p99 and bound and
+                     round(p99 / nginx_ol["latency_ms"]["p99"], 2), bool(p99 and bound and p99 <= bound)))
     off, obs = _find(results, GATEWAY, "full-off"), _find(results, GATEWAY, "full-obs")
     if off and obs and off.get("req_per_cpu_s") and obs.get("req_per_cpu_s"):
         kept = round(obs["req_per_cpu_s"] / off["req_per_cpu_s"], 3)
@@ -74,8 +85,9 @@ def budget(results: list[dict], ratio_rows: list[dict]) -> list[dict]:
     plain = _find(results, GATEWAY, "plain")
     rss = plain and plain.get("rss_idle_worker_mib")
     rows.append(_row("RSS per idle worker (MiB)", "<= 60", rss, rss is not None and rss <= 60))
-    for label in ("memory added by 10,000 idle keep-alive connections", "workers: N throughput / single worker"):
-        rows.append({"row": label, "budget": "", "measured": None, "met": None, "note": "not measured by run.py"})
+    for label, bound, where in (("memory per idle keep-alive connection (KiB)", "<= 5", "benches/idle_conns.py"),
+                                ("memory per idle proxied WebSocket (KiB)", "<= 12", "benches/ws_bench.py")):
+        rows.append({"row": label, "budget": bound, "measured": None, "met": None, "note": f"see {where}"})
     return rows
 
 

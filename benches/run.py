@@ -265,6 +265,7 @@ def _result(target: str, version: str, s: Scenario, kind: str, load: dict, cpu: 
             rss: dict[int, int] | None) -> dict:
     r = {
         "target": target, "version": version, "scenario": s.name, "kind": kind, "peer_mode": s.peer_mode,
+        "peer_scenario": s.peer_scenario,
         "requests": load["requests"], "rps": load["rps"], "errors": load["errors"],
         "errors_total": load["errors_total"], "latency_ms": load["latency_ms"], "cdf_ms": load.get("cdf_ms", []),
         **report.derive(cpu, load["requests"], load["duration"]), "cpu_window_s": round(wall, 3),
@@ -356,7 +357,8 @@ def bench_gateway(ctx: Ctx, s: Scenario, version: str) -> list[dict]:
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
         argv = ["serve", "-c", str(cfg_path)]
     # the gateway's stdout (an access log to stdout) goes to its log file, as under systemd
-    proc = ctx.procs.start(name, edgeplane_argv() + argv, ctx.plan.server)
+    env = {**os.environ, "PYTHONPATH": str(BENCH_DIR)} if s.function else None  # bench_apps importable
+    proc = ctx.procs.start(name, edgeplane_argv() + argv, ctx.plan.server, env=env)
     try:
         if s.config_file is not None:
             wait_listen(port, proc)  # whatever the request answers: the run reports it

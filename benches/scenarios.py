@@ -18,6 +18,8 @@
 |                 |                                 | OTLP sink + /metrics scraped every second        |            |
 | `cache-hit`     | GET /2b                         | as plain + `cache: {ttl: 300s}` on the route:    | cache      |
 |                 |                                 | after the first request every answer is a hit    |            |
+| `function`      | GET /2b                         | `$default` function integration: the async       | (vs mock)  |
+|                 |                                 | handler `bench_apps.hello`, in process           |            |
 
 `full` also has a per-client throttle keyed by the JWT `sub`, with limits too high to
 reject, on one worker (per-client throttling is per process until the shared buckets
@@ -51,6 +53,8 @@ class Scenario:
     cache: bool = False  # the route has the response cache (`routes[].cache`)
     note: str | None = None
     headers: tuple[str, ...] = ()  # extra request headers ("Name: value"), e.g. from `run.py -H`
+    function: bool = False  # the route is a function integration (`bench_apps.hello`, in process)
+    peer_scenario: str | None = None  # the peers' scenario a ratio compares with (default: this one's)
     config_file: str | None = None  # a user's own config (`run.py --config`): served as it is
 
 
@@ -70,6 +74,8 @@ SCENARIOS: dict[str, Scenario] = {
                  access_log="stdout", jwt=True, scrape_telemetry=True, tracing=0.01, peer_mode=None),
         Scenario("cache-hit", "proxy route with the response cache; every request after the first a hit",
                  cache=True, peer_mode="cache"),
+        Scenario("function", "an in-process async function (Lambda-style) answering {\"ok\":true}",
+                 function=True, peer_mode=None, peer_scenario="mock"),
     )
 }
 
@@ -90,6 +96,8 @@ def gateway_config(s: Scenario, *, port: int, admin_port: int, upstream_port: in
     if s.mock:
         route = {"route": "$default", "integration": {"type": "mock", "status": 200, "body": "ok",
                                                        "content_type": "text/plain"}}
+    elif s.function:  # benches/ is on the gateway's PYTHONPATH (run.py)
+        route = {"route": "$default", "integration": {"type": "function", "handler": "bench_apps:hello"}}
     else:
         route = {"route": "$default", "integration": {"type": "http", "upstream": "demo"}}
     if s.cache:
