@@ -216,7 +216,7 @@ def _wait_load(ctx: Ctx, proc: subprocess.Popen, timeout: float, scrape_admin: i
                 ctx.procs.stop(proc)
                 raise RuntimeError("load generator did not finish in time") from None
             if scrape_admin:
-                for path in ("/upstreams", "/stats"):
+                for path in ("/metrics", "/upstreams", "/stats"):  # (/metrics is text: read, not parsed)
                     _admin_get(scrape_admin, path)
     ctx.procs.stop(proc)  # reaps it; its group is gone already
 

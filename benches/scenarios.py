@@ -4,7 +4,8 @@
 | --------------- | ------------------------------- | ------------------------------------------------ | ---------- |
 | `plain`         | GET /2b (2-byte answer)         | `$default` -> demo upstream, access log off      | proxy      |
 | `full`          | GET /2b + a signed JWT          | as plain + RS256 JWT authorizer on `GET /{proxy+}`| (vs plain) |
-|                 |                                 | + access log to a file, request id, telemetry    |            |
+|                 |                                 | + per-client throttle + the default access log   |            |
+|                 |                                 | (stdout) + tracing at 1 % + request id, telemetry|            |
 |                 |                                 | scraped from the admin API every second          |            |
 | `mock`          | GET /2b                         | `$default` mock integration answering "ok"       | fixed "ok" |
 | `post-1k`       | POST /echo, 1 KiB body          | as plain (the upstream echoes the body as JSON)  | proxy      |
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FULL_NOTE = ("full: JWT authorizer (RS256, cached verification) + per-client throttle keyed by the "
-             "JWT sub (limits too high to reject) + access log + request id + "
-             "telemetry scrape")
+             "JWT sub (limits too high to reject) + the default access log (stdout, the server's log file) + "
+             "tracing at 1 % to an OTLP sink + request id + metrics and telemetry scraped every second")
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("plain", "proxy route, no policy, access log off"),
-        Scenario("full", "proxy route + JWT authorizer + access log to a file + request id + telemetry scrape",
-                 access_log="file", jwt=True, scrape_telemetry=True, peer_mode=None, note=FULL_NOTE),
+        Scenario("full", "proxy route + JWT authorizer + per-client throttle + the default access log (stdout) "
+                 "+ tracing at 1 % + metrics and telemetry scrape",
+                 access_log="stdout", jwt=True, scrape_telemetry=True, tracing=0.01, peer_mode=None, note=FULL_NOTE),
         Scenario("mock", "mock integration (the gateway alone)", mock=True, peer_mode="fixed"),
         Scenario("post-1k", "1 KiB POST echoed by the upstream", path="/echo", method="POST", body_size=1024),
         Scenario("resp-64k", "64 KiB response", path="/bytes/65536"),
