@@ -133,7 +133,7 @@ def test_compare_marks_changes_past_the_noise_band(tmp_path, capsys):
 
 
 def test_plots_are_written(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is the bench extra's (pip install -e '.[bench]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (`pip install -e '.[test]'` installs it)")
     plots = _load("plots")
     cdf = [[q, q / 10] for q in (1, 50, 99, 99.9)]
     data = {"results": [{"target": t, "scenario": s, "kind": "closed", "req_per_cpu_s": n, "cdf_ms": cdf}
