@@ -27,7 +27,14 @@ from typing import Any
 from edgeplane.config import model
 from edgeplane.config.errors import short as _short
 from edgeplane.config.humanize import Errors, Path
-from edgeplane.config.values import fmt_seconds, parse_duration, parse_size
+from edgeplane.config.values import (
+    HTTP_INTEGRATION_TIMEOUT_MAX,
+    INTEGRATION_TIMEOUT_MAX,
+    INTEGRATION_TIMEOUT_MIN,
+    fmt_seconds,
+    parse_duration,
+    parse_size,
+)
 
 __all__ = ["LoadContext", "Path"]
 
@@ -112,6 +119,16 @@ class LoadContext:
         elif high is not None and seconds > high:
             self.fail(path + (key,), f"must be <= {fmt_seconds(high)}, got {_short(value)}")
         return seconds
+
+    def integration_timeout(self, section: dict, path: Path, advice: str = "") -> float:
+        """An integration's `timeout` (default 29 s): 50ms..24h, with a warning past
+        Amazon API Gateway's 30 s (`advice` continues it)."""
+        timeout = self.duration(section, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
+                                high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
+        if timeout > INTEGRATION_TIMEOUT_MAX:
+            self.warn(path + ("timeout",), f"{timeout:g}s is past Amazon API Gateway's {INTEGRATION_TIMEOUT_MAX:g} s "
+                                           f"integration limit{advice}")
+        return timeout
 
     def size(self, section: dict, key: str, path: Path, default: int, *, low: int = 0) -> int:
         if key not in section:

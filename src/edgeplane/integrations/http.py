@@ -15,7 +15,6 @@ from edgeplane.config.resilience import RETRIES_SCHEMA, load_retries
 from edgeplane.config.stages import STAGE_VAR
 from edgeplane.config.values import (
     HTTP_INTEGRATION_TIMEOUT_MAX,
-    INTEGRATION_TIMEOUT_MAX,
     INTEGRATION_TIMEOUT_MIN,
     TEMPLATE_PARAM_RE,
 )
@@ -87,12 +86,8 @@ def _load(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext,
         _check_template(STAGE_VAR.sub("stage-variable", template), path + ("path",), parsed, ctx)
     else:
         template = None
-    timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
-                            high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
-    if timeout > INTEGRATION_TIMEOUT_MAX:
-        ctx.warn(path + ("timeout",), f"{timeout:g}s is past Amazon API Gateway's {INTEGRATION_TIMEOUT_MAX:g} s "
-                                      "integration limit: fine for long polls and streams, but a client "
-                                      "waits that long for a stuck upstream")
+    timeout = ctx.integration_timeout(spec, path, advice=": fine for long polls and streams, but a client "
+                                                         "waits that long for a stuck upstream")
     idle = (ctx.duration(spec, "idle_timeout", path, timeout, low=INTEGRATION_TIMEOUT_MIN,
                          high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
             if "idle_timeout" in spec else None)

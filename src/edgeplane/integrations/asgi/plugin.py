@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.integrations.asgi.exchange import T_UPSTREAM, AsgiExchange, http_scope
-from edgeplane.integrations.function.plugin import check_ref, load_timeout, resolve
+from edgeplane.integrations.function.plugin import check_ref, resolve
 from edgeplane.plugins import Integration, Phase, Policy
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class AsgiIntegrationPlugin(Integration):
         app = spec.get("app")
         if isinstance(app, str):
             check_ref(app, path + ("app",), ctx)
-        timeout = load_timeout(spec, path, ctx)
+        timeout = ctx.integration_timeout(spec, path)
         return AsgiConfig(type="asgi", app=app if isinstance(app, str) else "", timeout=timeout)
 
     def compile(self, route: RouteConfig, ctx: CompileContext, upstream_headers: frozenset[bytes],

@@ -13,7 +13,6 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.config.values import HTTP_INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MAX, INTEGRATION_TIMEOUT_MIN
 from edgeplane.integrations.function.invoke import FunctionIntegration, FunctionPool
 from edgeplane.plugins import Integration, Phase, Policy
 
@@ -93,16 +92,6 @@ def check_ref(ref: str, path: tuple[Any, ...], ctx: LoadContext) -> None:
         ctx.fail(path, f"cannot use {ref!r}: {type(exc).__name__}: {exc}")
 
 
-def load_timeout(spec: dict[str, Any], path: tuple[Any, ...], ctx: LoadContext) -> float:
-    """An in-process integration's `timeout`: 50ms..24h, a warning past AWS's 30 s."""
-    timeout = ctx.duration(spec, "timeout", path, 29.0, low=INTEGRATION_TIMEOUT_MIN,
-                           high=HTTP_INTEGRATION_TIMEOUT_MAX, low_inclusive=True)
-    if timeout > INTEGRATION_TIMEOUT_MAX:
-        ctx.warn(path + ("timeout",), f"{timeout:g}s is past Amazon API Gateway's {INTEGRATION_TIMEOUT_MAX:g} s "
-                                      "integration limit")
-    return timeout
-
-
 class FunctionIntegrationPlugin(Integration):
     type = "function"
     schema = _FUNCTION_INTEGRATION
@@ -111,7 +100,7 @@ class FunctionIntegrationPlugin(Integration):
         handler = spec.get("handler")
         if isinstance(handler, str):
             check_ref(handler, path + ("handler",), ctx)
-        timeout = load_timeout(spec, path, ctx)
+        timeout = ctx.integration_timeout(spec, path)
         fmt = spec.get("payload_format", "2.0")
         fmt = f"{fmt:.1f}" if isinstance(fmt, float) else fmt  # `payload_format: 2.0` unquoted in YAML
         return FunctionConfig(type="function", handler=handler if isinstance(handler, str) else "",
