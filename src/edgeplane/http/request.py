@@ -107,6 +107,19 @@ def body_drainable(req: Request) -> bool:
 
 
 
+def head_end(req: Request, keep: bool) -> bytes:
+    """The last lines of a response head to `req`: `Connection` as `keep` and the
+    request's HTTP version need it, the gateway's own headers for it (CORS), its request
+    id, and the blank line."""
+    if not keep:
+        connection = b"connection: close\r\n"
+    elif req.version == "1.0":
+        connection = b"connection: keep-alive\r\n"
+    else:
+        connection = b""
+    return b"%b%bx-request-id: %b\r\n\r\n" % (connection, req.extra_response, req.request_id)
+
+
 def log_extra(req: Request) -> dict[str, str]:
     """`extra=` for a log call about `req`: its id, the `requestId` of JSON log lines."""
     return {"request_id": req.request_id.decode("latin-1")}

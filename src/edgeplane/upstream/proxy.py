@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgeplane.http.protocol import P_BUFFER, P_UPSTREAM, T_BODY_RATE, T_UPSTREAM
-from edgeplane.http.request import body_drainable
+from edgeplane.http.request import body_drainable, head_end
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
 from edgeplane.plugins.hooks import hooked_head
 from edgeplane.upstream.cluster import NoEndpoint
@@ -403,13 +403,7 @@ class ProxyExchange:
         else:
             self.close_delimited = not upstream_chunked
             keep = False  # HTTP/1.0 client: the body ends when we close
-        if not keep:
-            parts.append(b"connection: close\r\n")
-        elif req.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        if req.extra_response:
-            parts.append(req.extra_response)
-        parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
+        parts.append(head_end(req, keep))
         self.keep_alive = keep
         req.status = status
         req.response_started = True

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from edgeplane.http.fields import check_field
-from edgeplane.http.request import body_drainable, log_extra
+from edgeplane.http.request import body_drainable, head_end, log_extra
 from edgeplane.http.responses import CONTINUE_100, STATUS_LINES
 from edgeplane.plugins.hooks import run_response_hooks
 
@@ -217,13 +217,7 @@ class AsgiExchange:
                 self.chunked = True
             else:
                 keep = False  # HTTP/1.0: the body ends when the connection closes
-        if not keep:
-            parts.append(b"connection: close\r\n")
-        elif req.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        if req.extra_response:
-            parts.append(req.extra_response)
-        parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
+        parts.append(head_end(req, keep))
         self.keep = keep
         self.started = True
         req.status = req.integration_status = status

@@ -23,7 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from edgeplane.http.request import body_drainable
+from edgeplane.http.request import body_drainable, head_end
 from edgeplane.http.responses import STATUS_LINES
 from edgeplane.plugins import FastStage
 from edgeplane.plugins.hooks import run_response_hooks
@@ -69,13 +69,7 @@ def send_cached(proto: HttpProtocol, req: Request, entry: Entry, label: bytes) -
     parts = [STATUS_LINES[status], head, b"age: %d\r\nx-cache: %b\r\n" % (age, label)]
     if status != 204 and status != 304:
         parts.append(b"content-length: %d\r\n" % len(body))
-    if not keep:
-        parts.append(b"connection: close\r\n")
-    elif req.version == "1.0":
-        parts.append(b"connection: keep-alive\r\n")
-    if req.extra_response:
-        parts.append(req.extra_response)
-    parts += (b"x-request-id: ", req.request_id, b"\r\n\r\n")
+    parts.append(head_end(req, keep))
     if req.method != b"HEAD" and status != 204 and status != 304:
         parts.append(body)
     req.status = status
