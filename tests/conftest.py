@@ -28,7 +28,7 @@ import pytest
 from edgeplane import Gateway
 from edgeplane.runtime.demo_upstream import DemoUpstream
 
-PARSERS = ["httptools", "h11"]
+PARSERS = ["native", "httptools", "h11"]
 REPO = Path(__file__).resolve().parents[1]  # the repository root (tests live in subfolders)
 
 

@@ -231,7 +231,7 @@ def test_missing_listen_and_bad_types():
     assert errors_of({}) == ["(root): missing required key 'listen'"]
     errors = errors_of(base(workers="many", log_level="loud", http={"parser": "h2"}, routes={}))
     assert errors == [
-        "http.parser: 'h2' is not one of 'httptools', 'h11'",
+        "http.parser: 'h2' is not one of 'native', 'httptools', 'h11'",
         "log_level: 'loud' is not one of 'debug', 'info', 'warning', 'error'",
         "routes: expected list, got a mapping",
         "workers: expected an integer >= 1 or 'auto', got string 'many'",

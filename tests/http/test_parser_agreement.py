@@ -21,6 +21,7 @@ import httptools
 import pytest
 
 from conftest import PARSERS, RawClient, RawUpstream, base_config
+from edgeplane.http import framing
 from edgeplane.http.codec import ChunkedScanner, HttpParserError, new_request_parser
 
 pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("no_logged_exceptions")]
@@ -258,15 +259,27 @@ class Events:
         if m["head"]:
             return  # a trailer field (llhttp reports them; the protocol ignores them)
         m["headers"].append((name.lower(), value))
-        if name.lower() == b"transfer-encoding" and value.rstrip(b" \t").lower() != b"chunked":
+        if name.lower() == b"transfer-encoding" and value.rstrip(b" ").lower() != b"chunked":
             raise Refused
 
     def on_headers_complete(self) -> None:
-        m = self.messages[-1]
         p = self.parser
-        m.update(head=True, method=p.get_method(), version=p.get_http_version(), keep=p.should_keep_alive())
+        self._complete(p.get_method(), p.get_http_version(), p.should_keep_alive(), p.should_upgrade())
+
+    def on_head(self, method, target, version, headers, keep_alive, upgrade) -> None:
+        """The native framer's one call per head: the same record as the four above."""
+        if not self.messages or self.messages[-1]["head"]:  # the head came whole: no begin
+            self.on_message_begin()
+        self.messages[-1]["url"] = target
+        for name, value in headers:
+            self.on_header(name, value)
+        self._complete(method, version, keep_alive, upgrade)
+
+    def _complete(self, method, version, keep_alive, upgrade) -> None:
+        m = self.messages[-1]
+        m.update(head=True, method=method, version=version, keep=keep_alive)
         hosts = [v for n, v in m["headers"] if n == b"host"]
-        if (p.should_upgrade() or m["version"] not in ("1.0", "1.1") or len(hosts) > 1
+        if (upgrade or m["version"] not in ("1.0", "1.1") or len(hosts) > 1
                 or (m["version"] == "1.1" and not hosts) or m["url"][:1] != b"/"):
             m["refused"] = True
             raise Refused
@@ -282,12 +295,13 @@ class Refused(Exception):
     """A head the protocol would refuse (400 for the cases modelled)."""
 
 
-def parse(kind: str, data: bytes, cuts: tuple[int, ...] = ()) -> tuple[list, bool | None]:
+def parse(kind: str, data: bytes, cuts: tuple[int, ...] = (), with_headers: bool = False) -> tuple[list, bool | None]:
     """What the protocol acts on: each head it dispatches (method, target, version, the
-    body once complete), then whether the bytes ended in a refusal (None: closed after a
-    non-keep-alive message, whatever followed)."""
+    body once complete, and its headers when asked), then whether the bytes ended in a
+    refusal (None: closed after a non-keep-alive message, whatever followed). Kinds:
+    `http.parser`'s, and "native-py", the native framer's pure-Python twin whatever runs."""
     ev = Events()
-    p = new_request_parser(kind, ev, 64 * 1024)
+    p = framing.RequestFramer(ev, 64 * 1024) if kind == "native-py" else new_request_parser(kind, ev, 64 * 1024)
     ev.parser = p
     refused = False
     bounds = [0, *cuts, len(data)]
@@ -302,11 +316,14 @@ def parse(kind: str, data: bytes, cuts: tuple[int, ...] = ()) -> tuple[list, boo
     for m in ev.messages:
         if not m["head"] or m.get("refused"):
             break
-        out.append((m["method"], m["url"], m["version"], m["body"] if m["done"] else None))
+        out.append((m["method"], m["url"], m["version"], m["body"] if m["done"] else None)
+                   + ((tuple(m["headers"]),) if with_headers else ()))
         if m["done"] and not m["keep"]:
             return out, None
     return out, refused
 
+
+KINDS = ("httptools", "h11", "native", "native-py")
 
 SPLIT_CASES = [
     b"\r\n" + GET + b"\r\n" + GET,
@@ -328,11 +345,12 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("data", SPLIT_CASES, ids=range(len(SPLIT_CASES)))
 def test_parsers_agree_wherever_the_reads_split(data):
     whole = parse("httptools", data)
-    assert parse("h11", data) == whole
+    for kind in KINDS:
+        assert parse(kind, data) == whole, kind
     for cut in range(1, len(data)):
-        for kind in ("httptools", "h11"):
+        for kind in KINDS:
             assert parse(kind, data, (cut,)) == whole, (kind, cut)
-    for kind in ("httptools", "h11"):  # one byte per read
+    for kind in KINDS:  # one byte per read
         assert parse(kind, data, tuple(range(1, len(data)))) == whole, kind
 
 
@@ -365,6 +383,13 @@ def test_parsers_agree_on_mutated_requests():
         raw = bytes(data) + b"GET /probe HTTP/1.1\r\nHost: p\r\n\r\n"
         cuts = () if rng.random() < 0.5 else tuple(sorted(rng.sample(range(1, len(raw)), 3)))
         ll, h11 = parse("httptools", raw, cuts), parse("h11", raw, cuts)
-        if ll != h11:
-            disagreements.append((raw, cuts, ll, h11))
+        native, twin = parse("native", raw, cuts, True), parse("native-py", raw, cuts, True)
+        if not ll == h11 == _without_headers(native) or native != twin:
+            disagreements.append((raw, cuts, ll, h11, native, twin))
+        elif parse("httptools", raw, cuts, True) != native:  # llhttp's header values too
+            disagreements.append((raw, cuts, "headers", parse("httptools", raw, cuts, True), native))
     assert not disagreements, disagreements[:3]
+
+
+def _without_headers(result: tuple[list, bool | None]) -> tuple[list, bool | None]:
+    return [m[:4] for m in result[0]], result[1]

@@ -234,7 +234,7 @@ async def outcome(addr: tuple[str, int], raw: bytes) -> tuple[tuple[int, ...], b
 @pytest.fixture
 async def gateways(upstream, gateway):
     out = {}
-    for parser in ("httptools", "h11"):
+    for parser in ("native", "httptools", "h11"):
         cfg = gateway_config(parser)
         cfg["upstreams"]["demo"] = {"targets": [f"http://127.0.0.1:{upstream.port}"]}
         out[parser] = await gateway(cfg)
@@ -250,7 +250,7 @@ async def test_parsers_agree(gateways, name):
     if name in KNOWN_DIFFERENCES:
         assert got == KNOWN_DIFFERENCES[name]
     else:
-        assert got["httptools"] == got["h11"], f"parsers disagree on {name!r}: {got}"
+        assert got["httptools"] == got["h11"] == got["native"], f"parsers disagree on {name!r}: {got}"
         assert got["httptools"] == expected
 
 

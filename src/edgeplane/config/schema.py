@@ -352,7 +352,7 @@ _CORE_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "parser": {"enum": ["httptools", "h11"], "default": "httptools"},
+                "parser": {"enum": ["native", "httptools", "h11"], "default": "httptools"},
                 "path_normalization": {
                     "type": "object",
                     "additionalProperties": False,

@@ -55,7 +55,9 @@ from edgeplane.http.replies import (  # noqa: F401
     T_UPSTREAM,
     Replies,
 )
-from edgeplane.http.request import _DRAIN_BODY_MAX, Request, header
+from edgeplane.http.request import _DRAIN_BODY_MAX, _SPECIAL_HEADERS, Request, header
+from edgeplane.http.request import HeadRejected as _Reject
+from edgeplane.http.request import take_special_header as _special_header
 from edgeplane.http.responses import STATUS_LINES
 from edgeplane.http.tls import client_subject
 from edgeplane.http.upgrade import _UPGRADE_TAIL_MAX, Upgrades
@@ -65,20 +67,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeplane.server")
 
-_SPECIAL_HEADERS = frozenset(
-    (b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id", b"traceparent")
-)
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,200}")
 _PIPELINE_BUFFER_MAX = 256 * 1024
 _LINGER_SECONDS = 2.0  # lingering close: how long unread client bytes are dropped
-
-
-class _Reject(Exception):
-    """Raised from a parser callback to refuse the request with `status`."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        self.status = status
-        self.reason = reason
 
 
 class _Stop(Exception):
@@ -309,39 +300,45 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
         if len(headers) > limits.max_headers:
             raise _Reject(431, "too many headers")
         if name in _SPECIAL_HEADERS:
-            if name == b"host":
-                req.host = value
-                req.host_count += 1
-            elif name == b"content-length":
-                req.content_length = int(value)  # the parser already checked the digits
-            elif name == b"transfer-encoding":
-                # Only plain "chunked" is forwarded (re-framed); llhttp would accept
-                # "gzip, chunked" and refuse a non-final "chunked" only after the head.
-                if value != b"chunked" and value.rstrip(b" \t").lower() != b"chunked":
-                    raise _Reject(400, "unsupported Transfer-Encoding")
-                req.chunked = True
-            elif name == b"expect":
-                if value.lower() == b"100-continue":
-                    req.expect_continue = True
-                else:
-                    raise _Reject(417, "unsupported Expect value")
-            elif name == b"x-request-id":
-                req.request_id = value
-            elif name == b"traceparent":  # W3C: a repeated one is invalid (b"")
-                req.traceparent = value if req.traceparent is None else b""
+            _special_header(req, name, value)
+
+    def on_head(self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
+                keep_alive: bool, upgrade: bool) -> None:
+        """The native framer's one call per head (`framing`): what `on_message_begin`,
+        `on_url`, `on_header` and `on_headers_complete` do for llhttp, at once. The framer
+        bounds the head's bytes; names come lower-cased."""
+        if self._parser_dead:
+            raise _Stop  # bytes after the message that ends the connection
+        req = self._parsing
+        if req is None:  # the head came whole in one read: no head deadline was needed
+            req = self._parsing = Request(time.perf_counter())
+            self._accepted_at = 0.0
+        if len(headers) > self.ctx.limits.max_headers:
+            raise _Reject(431, "too many headers")
+        req.target = target
+        req.headers = headers
+        for name, value in headers:
+            if name in _SPECIAL_HEADERS:
+                _special_header(req, name, value)
+        req.method = method
+        req.version = version
+        self._head_complete(req, keep_alive, upgrade)
 
     def on_headers_complete(self) -> None:
         req: Request = self._parsing  # type: ignore[assignment]  # set while parsing
         parser = self.parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        self._head_complete(req, parser.should_keep_alive(), parser.should_upgrade())
+
+    def _head_complete(self, req: Request, keep_alive: bool, upgrade: bool) -> None:
         ctx = self.ctx
         self._head_partial = False
         if self._headless:  # the first complete head: no longer evictable at the cap
             self._headless = False
             ctx.headless.pop(self, None)
-        req.method = parser.get_method()
-        req.version = parser.get_http_version()
-        req.keep_alive = parser.should_keep_alive() and not ctx.draining
-        if parser.should_upgrade():
+        req.keep_alive = keep_alive and not ctx.draining
+        if upgrade:
             if req.content_length or req.chunked:
                 # llhttp ends an upgrade request at its head: a declared body would be
                 # neither read nor sent, and the upstream would take it as the next

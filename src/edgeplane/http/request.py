@@ -1,7 +1,8 @@
 """One parsed client request and what happened to it, plus the lookups stages use.
 
 Owns `Request` (per-request state, kept apart from the per-connection `HttpProtocol`, as
-uvicorn does) and the small readers of its header list. Header names are lower-case
+uvicorn does), reading the head fields the protocol acts on (`take_special_header`),
+and the small readers of its header list. Header names are lower-case
 bytes (the codec lowers them once); values are the bytes as received.
 """
 
@@ -15,6 +16,20 @@ import orjson
 from edgeplane.http.fields import check_field
 
 _DRAIN_BODY_MAX = 64 * 1024  # unread body we are willing to read and discard
+
+
+# The head fields the protocol itself reads (`take_special_header`).
+_SPECIAL_HEADERS = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id", b"traceparent")
+)
+
+
+class HeadRejected(Exception):
+    """Raised while a head is read to refuse the request with `status`."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
 
 
 class Request:
@@ -168,3 +183,29 @@ def forwarded(pairs: list[tuple[bytes, str]], values: Any) -> list[tuple[bytes, 
             check_field(name, raw)
             out.append((name, raw))
     return out
+
+
+def take_special_header(req: Request, name: bytes, value: bytes) -> None:
+    """Read one of the `_SPECIAL_HEADERS` into `req` (the protocol calls it for those
+    only); a value the gateway refuses raises `HeadRejected`."""
+    if name == b"host":
+        req.host = value
+        req.host_count += 1
+    elif name == b"content-length":
+        req.content_length = int(value)  # the parser already checked the digits
+    elif name == b"transfer-encoding":
+        # Only plain "chunked" is forwarded (re-framed); llhttp would accept
+        # "gzip, chunked" and refuse a non-final "chunked" (or "chunked" + HTAB) only
+        # after the head was handed over (routed, maybe sent on): refused here, before.
+        if value != b"chunked" and value.rstrip(b" ").lower() != b"chunked":
+            raise HeadRejected(400, "unsupported Transfer-Encoding")
+        req.chunked = True
+    elif name == b"expect":
+        if value.lower() == b"100-continue":
+            req.expect_continue = True
+        else:
+            raise HeadRejected(417, "unsupported Expect value")
+    elif name == b"x-request-id":
+        req.request_id = value
+    elif name == b"traceparent":  # W3C: a repeated one is invalid (b"")
+        req.traceparent = value if req.traceparent is None else b""

@@ -59,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides 'log_level:' (default info)")
     p.add_argument("--log-format", choices=("text", "json"),
                    help="the gateway's own log as text lines or JSON objects; overrides 'log.format:'")
-    p.add_argument("--parser", choices=("httptools", "h11"), help="overrides 'http.parser:'")
+    p.add_argument("--parser", choices=("native", "httptools", "h11"), help="overrides 'http.parser:'")
     p.add_argument("--listen", action="append", metavar="ADDR",
                    help="data listener 'host:port'; repeat for several; replaces 'listen:'")
     p.add_argument("--admin", metavar="ADDR",

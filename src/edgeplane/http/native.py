@@ -1,0 +1,37 @@
+"""Which native framer runs: the compiled one (`_cframing`, typed Cython) or its
+pure-Python twin (`framing`), as aiohttp and yarl choose.
+
+The compiled module is built by the package's own build when a C compiler is there
+(`setup.py`); without one the install still succeeds and the twin runs. Setting
+`EDGEPLANE_NO_EXTENSIONS=1` picks the twin even when the compiled module exists (the
+test suite runs once each way). `describe()` is what the gateway's start line and
+`edgeplane --version` say.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from edgeplane.http import framing
+
+RequestFramer: Any = framing.RequestFramer
+COMPILED = False
+WHY = "pure Python"
+
+if os.environ.get("EDGEPLANE_NO_EXTENSIONS", "") not in ("", "0"):
+    WHY = "pure Python (EDGEPLANE_NO_EXTENSIONS is set)"
+else:
+    try:
+        from edgeplane.http import _cframing  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        WHY = "pure Python (the compiled framer is not built: no C compiler at install?)"
+    else:
+        RequestFramer = _cframing.RequestFramer
+        COMPILED = True
+        WHY = "compiled"
+
+
+def describe() -> str:
+    """e.g. "native framer: compiled"."""
+    return f"native framer: {WHY}"
