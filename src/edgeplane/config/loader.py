@@ -280,7 +280,7 @@ def _build(raw: dict[str, Any], source: str, errors: Errors, registry: Registry,
     config = model.Config(
         listen=listen,
         workers=raw.get("workers", 1),
-        parser=http.get("parser", "httptools"),
+        parser=http.get("parser", "native"),
         path_policy=b.path_policy(http),
         admin=admin,
         upstreams=upstreams,

@@ -357,7 +357,7 @@ class AdminConfig:
 class Config:
     listen: tuple[ListenAddress, ...]
     workers: int | Literal["auto"] = 1
-    parser: Literal["native", "httptools", "h11"] = "httptools"
+    parser: Literal["native", "httptools", "h11"] = "native"
     path_policy: PathPolicy = STRICT  # `http.path_normalization`
     admin: AdminConfig = AdminConfig()
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)

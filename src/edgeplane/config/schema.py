@@ -352,7 +352,7 @@ _CORE_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "parser": {"enum": ["native", "httptools", "h11"], "default": "httptools"},
+                "parser": {"enum": ["native", "httptools", "h11"], "default": "native"},
                 "path_normalization": {
                     "type": "object",
                     "additionalProperties": False,

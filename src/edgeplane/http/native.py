@@ -5,7 +5,7 @@ The compiled module is built by the package's own build when a C compiler is the
 (`setup.py`); without one the install still succeeds and the twin runs. Setting
 `EDGEPLANE_NO_EXTENSIONS=1` picks the twin even when the compiled module exists (the
 test suite runs once each way). `describe()` is what the gateway's start line and
-`edgeplane --version` say.
+`edgeplane --version` say about it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ else:
         WHY = "compiled"
 
 
-def describe() -> str:
-    """e.g. "native framer: compiled"."""
-    return f"native framer: {WHY}"
+def describe(parser: str = "native") -> str:
+    """What parses client requests, for the start line and `--version`: e.g.
+    "parser native (compiled)", "parser h11"."""
+    return f"parser native ({WHY})" if parser == "native" else f"parser {parser}"

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from edgeplane import __version__
+from edgeplane.http import native
 from edgeplane.runtime.logs import ENV_LOG_FILE, setup_logging
 
 if TYPE_CHECKING:
@@ -43,7 +45,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="edgeplane: an asyncio-native API gateway data plane (HTTP/1.1 and WebSocket).",
         epilog="Run 'edgeplane COMMAND --help' for the options of one command.",
     )
-    parser.add_argument("--version", action="version", version=f"edgeplane {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"edgeplane {__version__} ({native.describe()}; Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def config_arg(p: argparse.ArgumentParser) -> None:

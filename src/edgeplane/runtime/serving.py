@@ -48,6 +48,7 @@ from edgeplane.config.loader import ConfigError, load_config
 from edgeplane.config.model import Config, ListenAddress
 from edgeplane.deploy.served import attach, load_served
 from edgeplane.deploy.watch import POLL_INTERVAL, StoreWatch
+from edgeplane.http import native
 from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.runtime import logs, systemd
 from edgeplane.runtime.gateway import Gateway
@@ -365,7 +366,8 @@ async def _serve(config: Config, overrides: dict[str, Any], link: _WorkerLink | 
     else:
         addrs = ", ".join(fmt_address(h, p) for h, p in gateway.addresses)
         admin = f"; admin {fmt_address(*gateway.admin_address)}" if gateway.admin_address else ""
-        logs.announce(f"edgeplane ready: 1 worker on {addrs}{admin}", gateway.config.log_format)
+        parser = native.describe(gateway.config.parser)
+        logs.announce(f"edgeplane ready: 1 worker on {addrs}{admin}; {parser}", gateway.config.log_format)
         systemd.ready()
         reloads.watch_task = loop.create_task(reloads.watch_store())
     await stop.wait()

@@ -59,6 +59,7 @@ from typing import Any
 
 from edgeplane.config.model import Config
 from edgeplane.deploy.watch import POLL_INTERVAL, StoreWatch
+from edgeplane.http import native
 from edgeplane.policies.throttle.slots import SlotMap
 from edgeplane.runtime import listeners, logs, systemd
 from edgeplane.runtime.listeners import Claim
@@ -346,7 +347,8 @@ class Supervisor(SupervisorReloads):
         admin = self.config.admin.listen
         addrs = ", ".join(self._resolved(port_key("data", a)) for a in self.config.listen)
         admin_text = f"; admin {self._resolved(port_key('admin', admin))}" if admin is not None else ""
-        logs.announce(f"edgeplane ready: {self.n} workers on {addrs}{admin_text}", self.config.log_format)
+        parser = native.describe(self.config.parser)
+        logs.announce(f"edgeplane ready: {self.n} workers on {addrs}{admin_text}; {parser}", self.config.log_format)
         systemd.ready(f"{self.n} workers")
         self._start_handover()
         while True:
