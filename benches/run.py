@@ -51,6 +51,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import peers as peers_mod  # noqa: E402
 import report  # noqa: E402
 import wrkrun  # noqa: E402
+from edgeplane.http import native  # noqa: E402  (provenance: which framer the gateway runs)
 from procs import (  # noqa: E402
     CpuPlan,
     Procs,
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None,
                    help="warm-up seconds before each measured run (default 2; --quick 1)")
     p.add_argument("-c", "--connections", type=int, default=None, help="client connections (default 64)")
+    p.add_argument("--parser", choices=("native", "httptools", "h11"),
+                   help="the gateway's request parser (`serve --parser`; default: the config's, native)")
     p.add_argument("-w", "--workers", type=int, default=1,
                    help="gateway worker processes (default 1); peers get the same worker/thread count")
     p.add_argument("--quick", action="store_true", help="short runs: 3 s measured, 1 s warm-up")
@@ -356,6 +359,8 @@ def bench_gateway(ctx: Ctx, s: Scenario, version: str) -> list[dict]:
                              workers=ctx.args.workers, workdir=d, otlp_port=otlp_port)
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
         argv = ["serve", "-c", str(cfg_path)]
+    if ctx.args.parser:
+        argv += ["--parser", ctx.args.parser]
     # the gateway's stdout (an access log to stdout) goes to its log file, as under systemd
     env = {**os.environ, "PYTHONPATH": str(BENCH_DIR)} if s.function else None  # bench_apps importable
     proc = ctx.procs.start(name, edgeplane_argv() + argv, ctx.plan.server, env=env)
@@ -507,7 +512,7 @@ def provenance() -> dict:
         pass
     return {"commit": commit, "dirty": dirty, "python": platform.python_version(),
             "uvloop": version_of("uvloop"), "httptools": version_of("httptools"),
-            "hot_path": "pure-python"}  # (no compiled hot path exists yet)
+            "hot_path": "compiled" if native.COMPILED else native.WHY}
 
 
 LEGEND = """legend:

@@ -107,7 +107,9 @@ def test_a_user_benchmarks_their_own_config_and_the_budget_check(tmp_path):
     data = json.loads(out.read_text())
     (own,) = [r for r in data["results"] if r["scenario"] == "own"]
     assert own["requests"] > 0 and own["errors_total"] == 0  # the header reached the conditional route
-    assert data["meta"]["provenance"]["python"] and data["meta"]["provenance"]["hot_path"] == "pure-python"
+    from edgeplane.http import native
+    assert data["meta"]["provenance"]["python"]
+    assert data["meta"]["provenance"]["hot_path"] == ("compiled" if native.COMPILED else native.WHY)
     assert "legend:" in proc.stdout and "check: every measured budget row is met" in proc.stdout
     assert "issue" not in proc.stdout.lower()  # budgets, not tracker words
 

@@ -57,21 +57,21 @@ VERSIONS = {b"0.9": "0.9", b"1.0": "1.0", b"1.1": "1.1", b"2.0": "2.0"}
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
 _REQUEST_LINE = re.compile(rb"([A-Z_\-]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
-_HEADER_LINES = re.compile(rb"(?:%b:%b\r\n)*" % (_TOKEN, _VALUE))
-_HEADER_LINE = re.compile(rb"(%b):[ \t]*(%b)\r\n" % (_TOKEN, _VALUE))
+HEADER_LINES = re.compile(rb"(?:%b:%b\r\n)*" % (_TOKEN, _VALUE))
+HEADER_LINE = re.compile(rb"(%b):[ \t]*(%b)\r\n" % (_TOKEN, _VALUE))
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
 # What can start a request line / a header line that is not complete yet.
 _LINE_START = re.compile(rb"[A-Z_\-]*(?: [\x21-\x7e]*(?: [HTP/0-9.]*\r?)?)?")
-_HEADER_START = re.compile(rb"(?:%b(?::%b\r?)?|\r)?" % (_TOKEN, _VALUE))
-_RUN = re.compile(rb"[\r\n]*")
-_DIGITS = re.compile(rb"[0-9]{1,19}[ \t]*")
+HEADER_START = re.compile(rb"(?:%b(?::%b\r?)?|\r)?" % (_TOKEN, _VALUE))
+RUN = re.compile(rb"[\r\n]*")
+LENGTH_DIGITS = re.compile(rb"[0-9]{1,19}[ \t]*")
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection", b"upgrade"))
 _MAX_BODY_LENGTH = 2**63 - 1
 
 _IDLE, _HEAD, _BODY, _CHUNKED, _STOPPED = range(5)
 
 
-def _connection_tokens(value: bytes) -> list[bytes]:
+def connection_tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",")]
 
 
@@ -165,7 +165,7 @@ class RequestFramer:
             raise
 
     def _skip_run(self, data: bytes, pos: int) -> int:
-        end = _RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
+        end = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
         run = self._run + data[pos:end]
         complete = end < len(data)
         if run and run != b"\r\n" and (run != b"\r" or complete):
@@ -203,9 +203,9 @@ class RequestFramer:
         if first != 47 and first != 42 and _SCHEME.match(target) is None and method != b"CONNECT":
             raise HttpParserError("invalid request target")
         lines_at = line.end()
-        if _HEADER_LINES.fullmatch(data, lines_at, end) is None:
+        if HEADER_LINES.fullmatch(data, lines_at, end) is None:
             raise HttpParserError("invalid header line")
-        headers = [(name.lower(), value) for name, value in _HEADER_LINE.findall(data, lines_at, end)]
+        headers = [(name.lower(), value) for name, value in HEADER_LINE.findall(data, lines_at, end)]
         length = -1
         chunked = False
         connection: list[bytes] = []
@@ -213,7 +213,7 @@ class RequestFramer:
         for name, value in headers:
             if name in _FRAMING:
                 if name == b"content-length":
-                    if length >= 0 or _DIGITS.fullmatch(value) is None:
+                    if length >= 0 or LENGTH_DIGITS.fullmatch(value) is None:
                         raise HttpParserError("invalid or duplicate Content-Length")
                     length = int(value)
                     if length > _MAX_BODY_LENGTH:
@@ -223,7 +223,7 @@ class RequestFramer:
                         raise HttpParserError("Request has invalid `Transfer-Encoding`")
                     chunked = True
                 elif name == b"connection":
-                    connection += _connection_tokens(value)
+                    connection += connection_tokens(value)
                 elif value:  # upgrade
                     upgrade_header = True
         if chunked and length >= 0:
@@ -268,10 +268,10 @@ class RequestFramer:
                     raise HttpParserError("invalid method")
                 pos = line.end()
                 self._line_done = True
-            if pos <= last and _HEADER_LINES.fullmatch(data, pos, last + 1) is None:
+            if pos <= last and HEADER_LINES.fullmatch(data, pos, last + 1) is None:
                 raise HttpParserError("invalid header line")
             pos = last + 1
             self._vetted = pos - start
-        tail = _HEADER_START if self._line_done else _LINE_START
+        tail = HEADER_START if self._line_done else _LINE_START
         if tail.fullmatch(data, pos) is None:
             raise HttpParserError("invalid bytes in request head")

@@ -1,5 +1,6 @@
-"""Which native framer runs: the compiled one (`_cframing`, typed Cython) or its
-pure-Python twin (`framing`), as aiohttp and yarl choose.
+"""Which native framers run: the compiled ones (`_cframing`, typed Cython) or their
+pure-Python twins (`framing` for client requests, `response_framing` for upstream
+responses), as aiohttp and yarl choose.
 
 The compiled module is built by the package's own build when a C compiler is there
 (`setup.py`); without one the install still succeeds and the twin runs. Setting
@@ -13,9 +14,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edgeplane.http import framing
+from edgeplane.http import framing, response_framing
 
 RequestFramer: Any = framing.RequestFramer
+ResponseFramer: Any = response_framing.ResponseFramer
 COMPILED = False
 WHY = "pure Python"
 
@@ -28,6 +30,7 @@ else:
         WHY = "pure Python (the compiled framer is not built: no C compiler at install?)"
     else:
         RequestFramer = _cframing.RequestFramer
+        ResponseFramer = _cframing.ResponseFramer
         COMPILED = True
         WHY = "compiled"
 

@@ -1,8 +1,9 @@
 """Upstream connections and their pools, with connection-level telemetry.
 
 Owns `UpstreamConnection` (the asyncio Protocol toward one upstream target, parsing
-responses with httptools) and `TargetPool` (the connections to one target). The named
-upstream that picks among its targets is `upstream.cluster.Upstream`.
+responses with the native response framer, `http.native.ResponseFramer`) and
+`TargetPool` (the connections to one target). The named upstream that picks among its
+targets is `upstream.cluster.Upstream`.
 
 Invariants (in the manner of aiohttp's connector):
 - A connection is in exactly one of: connecting, idle (in `idle`), busy (has an
@@ -20,16 +21,15 @@ Invariants (in the manner of aiohttp's connector):
   after the response completed) close it (`excess_data`), as do bytes arriving while
   it is idle (`unsolicited_data`); both are logged once at warning and counted in
   `closed_by_reason`. The exchange that already completed is not failed: its client
-  got a good response. CR/LF after a response are not counted as dirty: llhttp skips
-  them without a callback (RFC 9112 2.2 lets a recipient ignore empty lines before a
-  message), they cannot be parsed as a response, so they cannot reach another client.
+  got a good response. CR/LF after a response are not counted as dirty: the framer
+  skips them without a callback (RFC 9112 2.2 lets a recipient ignore empty lines
+  before a message), they cannot be parsed as a response, so they cannot reach another
+  client.
 - A connection the upstream closed, or whose response was not read to its end, is never
   handed out again.
-- A response head is bounded (`MAX_RESPONSE_HEAD`) across reads (bytes of reads that
-  leave a head incomplete) and within the read that completes it (its header lines are
-  counted when that read could hold more; the parser is stopped before the head reaches
-  the exchange): such an upstream is dropped as an invalid response (502), not relayed.
-  Memory for a head within one read is bounded by the transport's read size.
+- A response head is bounded (`MAX_RESPONSE_HEAD` raw bytes, across reads; the framer
+  refuses it before it reaches the exchange): such an upstream is dropped as an
+  invalid response (502), not relayed.
 - Waiters are served first-in first-out; a waiter whose client went away is skipped.
 - Connects and sweeps are the only tasks/timers; the request path uses callbacks.
 
@@ -51,7 +51,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
-import httptools
+from edgeplane.http.chunked import HeadTooLarge, HttpParserError, HttpParserUpgrade
+from edgeplane.http.native import ResponseFramer
 
 if TYPE_CHECKING:
     from edgeplane.config.model import PoolConfig, Target
@@ -72,16 +73,11 @@ class _StopParsing(Exception):
     (closed, released, head size) tells `_parse_failed` why."""
 
 
-def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
-    """Bytes of a response head with these header lines (the status line estimated)."""
-    return sum(len(name) + len(value) + 4 for name, value in headers) + 17
-
-
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "id", "loop", "transport", "parser", "exchange", "created", "connect_time",
         "requests", "bytes_in", "bytes_out", "idle_since", "closed", "close_reason",
-        "reset_parser", "local_port", "resp_headers", "read_len", "head_read", "in_feed",
+        "reset_parser", "local_port", "in_feed",
         "release_pending",
     )
 
@@ -91,7 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = pool.loop
         # None until `connection_made`: only connected connections are handed out or written to.
         self.transport = cast(asyncio.Transport, None)
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = ResponseFramer(self, MAX_RESPONSE_HEAD)
         self.exchange: Any = None
         self.created = self.loop.time()
         self.connect_time = 0.0
@@ -103,9 +99,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_reason = ""
         self.reset_parser = False
         self.local_port = 0
-        self.resp_headers: list[tuple[bytes, bytes]] = []
-        self.read_len = 0  # length of the read being parsed
-        self.head_read = -1  # bytes of reads that left a head incomplete; -1: no head in progress
         self.in_feed = False  # inside `parser.feed_data`: a release must wait until it returns
         self.release_pending = False  # released reusable during the current feed
 
@@ -122,11 +115,10 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:
             self._excess("unsolicited_data", "while idle")
             return
-        self.read_len = len(data)
         self.in_feed = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+        except HttpParserUpgrade as exc:
             self.in_feed = False
             # A 101 head was parsed: the rest belongs to the new protocol. Only a
             # WebSocket exchange can take it; anywhere else it is an invalid response.
@@ -137,22 +129,30 @@ class UpstreamConnection(asyncio.Protocol):
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             upgraded(self, data[offset:])
             return
-        except httptools.HttpParserError as exc:
+        except HeadTooLarge:
+            self.in_feed = False
+            self._parse_failed("upstream response head too large")
+            return
+        except HttpParserError as exc:
             self.in_feed = False
             self._parse_failed(f"invalid response from upstream: {exc}")
             return
+        except _StopParsing:
+            self.in_feed = False
+            self._parse_failed("invalid response from upstream: bytes after the response")
+            return
+        except Exception:  # the gateway's bug in a response callback: logged, never the next client's
+            self.in_feed = False
+            log.exception("error while handling a response from upstream %s (target %s)",
+                          self.pool.upstream, self.pool.name)
+            self._parse_failed("gateway error while handling the upstream response")
+            return
         self.in_feed = False
-        if self.head_read >= 0:  # the head is still incomplete after this read
-            self.head_read += len(data)
-            if self.head_read > MAX_RESPONSE_HEAD:
-                self.close("invalid_response")
-                exchange.on_upstream_failed("upstream response head too large")
-                return
         if exchange.out:
             exchange.flush()
         if self.reset_parser:
             self.reset_parser = False
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = ResponseFramer(self, MAX_RESPONSE_HEAD)
         if self.release_pending:
             # The response ended in this read and nothing followed it: reusable now.
             self.release_pending = False
@@ -170,8 +170,6 @@ class UpstreamConnection(asyncio.Protocol):
             # exchange completed and its client got a good response; only we close.
             self._excess("excess_data", "with the response")
             return
-        if self.head_read > MAX_RESPONSE_HEAD:  # set so by `on_headers_complete`
-            reason = "upstream response head too large"
         self.close("invalid_response")
         exchange.on_upstream_failed(reason)
 
@@ -211,28 +209,15 @@ class UpstreamConnection(asyncio.Protocol):
     # `exchange` is None inside a feed only once the response was released (or the
     # connection closed): whatever the parser reports after that is excess, so parsing
     # stops there (`_StopParsing`) and `_parse_failed` decides.
-    def on_message_begin(self) -> None:
+    def on_message_begin(self) -> None:  # a head continues in the next read
         if self.exchange is None:
             raise _StopParsing
-        self.resp_headers = []
-        self.head_read = 0
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.resp_headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        # The head bound within a read. The head is at most the earlier reads that left it
-        # incomplete plus this whole read: only when that exceeds the bound (a read past
-        # 64 KiB, rare) are its lines counted. Not counted per header: this is per response.
-        if self.head_read + self.read_len > MAX_RESPONSE_HEAD and _head_size(
-                self.resp_headers) > MAX_RESPONSE_HEAD:
-            self.head_read = MAX_RESPONSE_HEAD + 1  # tells `_parse_failed` why
-            raise _StopParsing
-        self.head_read = -1
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         exchange = self.exchange
         if exchange is None:
             raise _StopParsing
-        exchange.on_response_head(self.parser.get_status_code(), self.resp_headers)
+        exchange.on_response_head(status, headers)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange

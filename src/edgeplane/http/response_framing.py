@@ -1,0 +1,215 @@
+"""The native response framer, pure-Python reference: upstream bytes to heads and bodies.
+
+Owns parsing what an upstream answers (`upstream.pool.UpstreamConnection`): one callback
+per response head instead of llhttp's one per header. `_cframing.ResponseFramer` is the
+compiled twin (same interface, same answers: `tests/upstream/test_response_framer.py`);
+`native.ResponseFramer` is whichever runs.
+
+Interface: `ResponseFramer(callbacks, max_head_bytes)`, `feed_data(bytes)`,
+`get_status_code()`, `should_keep_alive()`. Callbacks: `on_message_begin()` (only when a
+head is unfinished at the end of a read), `on_head(status, headers, keep_alive)` with
+`headers` a new list of (name as sent, value without leading blanks), `on_body(chunk)`,
+`on_message_complete()`. Errors raise `HttpParserError`, `HeadTooLarge`, or after a 101
+head `HttpParserUpgrade(offset of the bytes after it in this read)`.
+
+Rules (llhttp's where it is strict; stricter where it is lax, as Envoy is -- each
+refusal is the upstream's fault, answered 502 by the proxy):
+- empty lines (CR, LF) between responses are skipped, as llhttp does;
+- the status line is `HTTP/1.0` or `HTTP/1.1`, SP, three digits, then optionally SP and
+  a reason without control characters (HTAB aside), CRLF. (llhttp also takes the
+  RTSP/ and ICE/ protocols, HTTP/2.0 and controls in the reason);
+- header lines, Content-Length and Connection as for requests (`framing`); a
+  Content-Length with a Transfer-Encoding, or two Content-Lengths, are refused;
+- the body: none after 1xx, 204 and 304 (a 101 stops the framer: what follows is the
+  new protocol's); chunked when the last transfer coding is "chunked" (held to
+  `chunked.ChunkedScanner`'s strict rules; trailer fields are checked and dropped:
+  llhttp would report them as headers after the head); Content-Length bytes; otherwise
+  everything until the connection closes (never complete, not keep-alive). A HEAD
+  response's missing body is the caller's to know (`reset` after the head);
+- keep-alive: HTTP/1.1 unless "Connection: close", HTTP/1.0 only with keep-alive.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from edgeplane.http.chunked import ChunkedScanner, HeadTooLarge, HttpParserError, HttpParserUpgrade
+from edgeplane.http.framing import HEADER_LINE, HEADER_LINES, HEADER_START, LENGTH_DIGITS, RUN, connection_tokens
+
+_REASON = rb"[\t\x20-\x7e\x80-\xff]*"
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: %b)?\r\n" % _REASON)
+# What can start a status line that is not complete yet.
+_STATUS_START = re.compile(rb"(?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01](?: (?:[0-9](?:[0-9](?:[0-9](?:\r| %b\r?)?)?)?"
+                           rb")?)?)?)?)?)?)?)?)?)?" % _REASON)
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_MAX_BODY_LENGTH = 2**63 - 1
+
+_IDLE, _HEAD, _BODY, _CHUNKED, _UNTIL_CLOSE, _STOPPED = range(6)
+
+
+class ResponseFramer:
+    __slots__ = ("_cb", "_max_head", "_state", "_held", "_vetted", "_line_done", "_left", "_chunks",
+                 "_status", "_keep_alive")
+
+    def __init__(self, callbacks: Any, max_head_bytes: int) -> None:
+        self._cb = callbacks
+        self._max_head = max_head_bytes
+        self._state = _IDLE
+        self._held = b""  # an unfinished head, carried into the next read
+        self._vetted = 0  # bytes of `_held` (whole lines) already vetted
+        self._line_done = False  # the status line is among the vetted lines
+        self._left = 0  # Content-Length body bytes still to come
+        self._chunks: ChunkedScanner | None = None
+        self._status = 0
+        self._keep_alive = True
+
+    def get_status_code(self) -> int:
+        return self._status
+
+    def should_keep_alive(self) -> bool:
+        return self._keep_alive
+
+    def feed_data(self, data: bytes) -> None:
+        state = self._state
+        if state == _STOPPED:
+            return
+        held = len(self._held)
+        if held:
+            data = self._held + data
+            self._held = b""
+        pos = 0
+        n = len(data)
+        cb = self._cb
+        try:
+            while pos < n:
+                if state == _UNTIL_CLOSE:
+                    cb.on_body(data[pos:] if pos else data)
+                    return
+                if state == _BODY:
+                    left = self._left
+                    if n - pos <= left:
+                        cb.on_body(data[pos:] if pos else data)
+                        self._left = left - (n - pos)
+                        if self._left:
+                            return
+                        pos = n
+                    else:
+                        cb.on_body(data[pos : pos + left])
+                        pos += left
+                        self._left = 0
+                    state = self._state = _IDLE
+                    cb.on_message_complete()
+                    continue
+                if state == _CHUNKED:
+                    end = self._chunks.feed(data, pos)  # type: ignore[union-attr]  # set with the state
+                    if end < 0:
+                        return
+                    pos = end
+                    self._chunks = None
+                    state = self._state = _IDLE
+                    cb.on_message_complete()
+                    continue
+                if state == _IDLE:
+                    byte = data[pos]
+                    if byte == 13 or byte == 10:  # empty lines between responses
+                        pos = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
+                        if pos == n:
+                            return
+                    state = self._state = _HEAD
+                pos = self._head(data, pos, held)
+                if pos < 0:
+                    return
+                held = 0
+                state = self._state
+        except (HttpParserUpgrade, HttpParserError):
+            self._state = _STOPPED
+            raise
+
+    def _head(self, data: bytes, start: int, held: int) -> int:
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0 or end + 4 - start > self._max_head:
+            if len(data) - start > self._max_head:
+                raise HeadTooLarge("response head too large")
+            self._vet_unfinished(data, start)
+            if not held:
+                self._cb.on_message_begin()
+            self._held = data[start:]
+            return -1
+        self._vetted = 0
+        self._line_done = False
+        end += 2
+        line = _STATUS_LINE.match(data, start)
+        if line is None or line.end() > end:
+            raise HttpParserError("status line is not 'HTTP/1.x SP 3DIGIT [SP reason]'")
+        minor, digits = line.groups()
+        status = int(digits)
+        lines_at = line.end()
+        if HEADER_LINES.fullmatch(data, lines_at, end) is None:
+            raise HttpParserError("invalid header line")
+        headers = HEADER_LINE.findall(data, lines_at, end)
+        length = -1
+        coding = b""  # the last transfer coding
+        connection: list[bytes] = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _FRAMING:
+                if lname == b"content-length":
+                    if length >= 0 or LENGTH_DIGITS.fullmatch(value) is None:
+                        raise HttpParserError("invalid or duplicate Content-Length")
+                    length = int(value)
+                    if length > _MAX_BODY_LENGTH:
+                        raise HttpParserError("Content-Length too large")
+                elif lname == b"transfer-encoding":
+                    codings = connection_tokens(value)
+                    coding = codings[-1] if codings[-1] else b"-"  # an empty last one is no coding
+                else:
+                    connection += connection_tokens(value)
+        if coding and length >= 0:
+            raise HttpParserError("both Content-Length and Transfer-Encoding")
+        keep_alive = b"keep-alive" in connection if minor == b"0" else b"close" not in connection
+        end += 2
+        cb = self._cb
+        if status < 200 or status == 204 or status == 304:
+            state = _IDLE
+        elif coding == b"chunked":
+            state = _CHUNKED
+        elif coding or length < 0:
+            state = _UNTIL_CLOSE
+            keep_alive = False
+        else:
+            state = _BODY if length else _IDLE
+        self._status = status
+        self._keep_alive = keep_alive
+        cb.on_head(status, headers, keep_alive)
+        if state == _IDLE:
+            self._state = _IDLE
+            cb.on_message_complete()
+            if status == 101:
+                raise HttpParserUpgrade(end - held)
+        elif state == _CHUNKED:
+            self._chunks = ChunkedScanner(cb.on_body)
+            self._state = _CHUNKED
+        else:
+            self._left = length
+            self._state = state
+        return end
+
+    def _vet_unfinished(self, data: bytes, start: int) -> None:
+        """Refuse an unfinished head as soon as its bytes cannot start a valid one."""
+        pos = start + self._vetted
+        last = data.rfind(b"\n", pos)
+        if last >= 0:
+            if not self._line_done:
+                line = _STATUS_LINE.match(data, pos)
+                if line is None or line.end() > last + 1:
+                    raise HttpParserError("status line is not 'HTTP/1.x SP 3DIGIT [SP reason]'")
+                pos = line.end()
+                self._line_done = True
+            if pos <= last and HEADER_LINES.fullmatch(data, pos, last + 1) is None:
+                raise HttpParserError("invalid header line")
+            pos = last + 1
+            self._vetted = pos - start
+        tail = HEADER_START if self._line_done else _STATUS_START
+        if tail.fullmatch(data, pos) is None:
+            raise HttpParserError("invalid bytes in response head")
