@@ -28,8 +28,8 @@ from edgeplane.http.codec import new_request_parser
 REQUEST = (b"GET /api/items/42?expand=1 HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: Mozilla/5.0 (X11)\r\n"
            b"Accept: application/json\r\nAccept-Encoding: gzip, deflate\r\nX-Request-Id: 4f2a9c\r\n"
            b"Connection: keep-alive\r\n\r\n")
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nDate: Sat, 05 Dec 2026 05:00:00 GMT\r\n"
-            b"Server: demo\r\n\r\nok")
+RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+            b"Date: Sat, 05 Dec 2026 05:00:00 GMT\r\nServer: demo\r\n\r\nok")
 
 
 class Keep:
@@ -85,7 +85,7 @@ def main() -> None:
         for name, make in parsers.items():
             parser = make(Keep())
             n = args.n // 50 if name == "h11" else args.n
-            print(f"{leg:13s} {name:28s} {best_ns(lambda p=parser: p.feed_data(raw), n, args.rounds):8.0f} ns")
+            print(f"{leg:13s} {name:28s} {best_ns(lambda p=parser, r=raw: p.feed_data(r), n, args.rounds):8.0f} ns")
 
 
 if __name__ == "__main__":
