@@ -37,7 +37,6 @@ from typing import Any
 from edgeplane.config.loader import ConfigError, load_config, load_config_text
 from edgeplane.config.model import Config, StageApi
 from edgeplane.config.stages import DEPLOYMENT_ID, for_stage, views
-from edgeplane.deploy.redis_store import RedisStore
 from edgeplane.deploy.store import SqliteStore, Store, StoreError
 
 log = logging.getLogger("edgeplane.deploy")
@@ -51,6 +50,8 @@ _apis: dict[str, dict[str, Any]] = {}  # deployment id -> its API: immutable, re
 def open_store(config: Config) -> Store:
     """The store `config` names: Redis with `cluster:`, else SQLite in `data_dir`."""
     if config.cluster is not None:
+        from edgeplane.deploy.redis_store import RedisStore  # redis-py: ~20 MiB, only with `cluster:`
+
         return RedisStore(config.cluster.redis, config.cluster.key_prefix, max(config.cluster.timeout, 0.5))
     return SqliteStore(config.data_dir)
 

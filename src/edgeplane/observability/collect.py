@@ -22,7 +22,6 @@ from typing import Any
 
 from edgeplane.observability import aggregate, stats_view
 from edgeplane.observability.aggregate import Samples, add
-from edgeplane.observability.exposition import render
 from edgeplane.observability.metrics import AuthorizerOutcomes, RequestMetrics
 
 try:  # the installed distribution's version (not `edgeplane.__version__`: no import of the package root)
@@ -93,6 +92,9 @@ class WorkerMetrics:
 
     def scrape(self, gateway: Any, accept: str) -> tuple[bytes, bytes]:
         """The answer to `GET /metrics`: every worker's samples, merged."""
+        # prometheus_client (~10 MiB) is loaded at the first scrape, not in every worker
+        from edgeplane.observability.exposition import render
+
         if self.files is None:
             return render(self.samples(gateway), accept)
         self.flush(gateway)

@@ -1,7 +1,7 @@
 """OTLP/HTTP export of spans: protobuf encoding and a batching, bounded exporter.
 
-Owns `encode` (spans to an `ExportTraceServiceRequest`, with the `opentelemetry-proto`
-message classes; no SDK) and `OtlpExporter`, one per gateway with tracing on:
+Owns `OtlpExporter`, one per gateway with tracing on (the protobuf encoding is
+`otlp_encode`'s, imported only then: the message classes cost ~6 MiB a worker):
 
 - `submit(spans)` runs on the request path: it appends to a deque, or, when
   `max_queue` spans already wait, drops them and counts them (`dropped`). It never
@@ -31,12 +31,6 @@ import socket
 import time
 from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
-
 from edgeplane.config.model import PoolConfig, TracingConfig, UpstreamConfig
 from edgeplane.observability.tracing import Tracer
 from edgeplane.upstream.client import FetchError, fetch, split_url
@@ -44,40 +38,6 @@ from edgeplane.upstream.cluster import Upstream
 
 log = logging.getLogger("edgeplane.tracing")
 _MAX_BACKOFF = 30.0  # seconds between attempts while the collector keeps failing
-
-
-def _value(v: Any) -> AnyValue:
-    if isinstance(v, bool):
-        return AnyValue(bool_value=v)
-    if isinstance(v, int):
-        return AnyValue(int_value=v)
-    if isinstance(v, float):
-        return AnyValue(double_value=v)
-    return AnyValue(string_value=str(v))
-
-
-def _attributes(attrs: dict[str, Any]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=_value(v)) for k, v in attrs.items()]
-
-
-def encode(spans: list[Any], resource: dict[str, Any], scope_version: str) -> bytes:
-    """`spans` (`tracing.Span`) as one serialised ExportTraceServiceRequest."""
-    out = []
-    for s in spans:
-        span = PbSpan(trace_id=bytes.fromhex(s.trace_id), span_id=bytes.fromhex(s.span_id),
-                      name=s.name, kind=s.kind, start_time_unix_nano=s.start, end_time_unix_nano=s.end,
-                      attributes=_attributes(s.attributes))
-        if s.parent_id:
-            span.parent_span_id = bytes.fromhex(s.parent_id)
-        span.flags = 0x101 if s.parent_id else 0x100  # sampled; the parent's remoteness is known
-        if s.error is not None:
-            span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR, message=s.error))
-        out.append(span)
-    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource=Resource(attributes=_attributes(resource)),
-        scope_spans=[ScopeSpans(scope=InstrumentationScope(name="edgeplane", version=scope_version), spans=out)],
-    )])
-    return request.SerializeToString()
 
 
 class OtlpExporter:
@@ -140,8 +100,10 @@ class OtlpExporter:
         return True
 
     async def _export(self, batch: list[Any]) -> bool:
+        from edgeplane.observability import otlp_encode  # first export only: see the docstring
+
         try:
-            body = encode(batch, self.resource, self.version)
+            body = otlp_encode.encode(batch, self.resource, self.version)
             status, _, answer = await fetch(self.upstream.pick(), "POST", self.path, headers=self.headers,
                                             body=body, timeout=self.cfg.timeout, max_bytes=64 * 1024)
         except FetchError as exc:
