@@ -13,8 +13,9 @@ which turns an `access_log.format` into a function `render(r, p, a, now) -> byte
 
 Invariants:
 - The template is split once into literal bytes and variables; the render function is
-  generated Python (one tuple join, no per-variable calls for values that need no
-  escaping), so a line costs about a microsecond.
+  generated Python: one check for escaping over the text values, one `%` format, and
+  values with few distinct values (route key, upstream, error messages) looked up
+  already escaped (`_Memo`), so the default line costs about 1.3 µs.
 - No value can break the line: JSON strings are JSON-escaped; in a plain line, control
   characters, `"`, `\\` and non-ASCII bytes are written as `\\xHH` (as nginx does).
 - An unknown variable is a `FormatError` naming it and its place in the format, which
@@ -48,14 +49,20 @@ class FormatError(ValueError):
 class Variable:
     expr: str  # Python over r (Request), p (HttpProtocol), a (AccessLog), now (perf_counter)
     # What `expr` gives: "b" bytes, "s" str, "bn"/"sn" the same or None, "any" any value or
-    # None (JSON-encoded unless a str), "i" int, "in" int or None, "f" float (ms),
-    # "fn" float (ms) or None, "raw" bytes written as they are.
+    # None (JSON-encoded unless a str), "i" int (or a float, written truncated as int() does),
+    # "in" int or None, "f" float (ms), "fn" float (ms) or None, "raw" bytes written as they
+    # are, "safe" bytes that never need escaping (a text value all the same), "proto" an
+    # HTTP version (str) written as `HTTP/<version>`.
     kind: str
     doc: str
+    # "few": `expr` takes few distinct values (from the config or the gateway's own
+    # messages), each escaped and quoted once and then looked up (`_Memo`) instead of on
+    # every line; "rare": the same, and absent (None) from most lines, which is tested first.
+    memo: str = ""
 
 
-def _v(expr: str, kind: str, doc: str) -> Variable:
-    return Variable(expr, kind, doc)
+def _v(expr: str, kind: str, doc: str, memo: str = "") -> Variable:
+    return Variable(expr, kind, doc, memo)
 
 
 VARIABLES: dict[str, Variable] = {
@@ -66,41 +73,41 @@ VARIABLES: dict[str, Variable] = {
                             "The client behind `trusted_proxies` (else the TCP peer)."),
     "identity.userAgent": _v("_header(r, b'user-agent')", "bn", "The `User-Agent` header."),
     "identity.clientCert.subjectDN": _v("p.client_cert_subject", "sn",
-                                        "mTLS: the client certificate's subject (RFC 4514)."),
+                                        "mTLS: the client certificate's subject (RFC 4514).", memo="rare"),
     "httpMethod": _v("r.method", "b", "GET, POST, ..."),
     "path": _v("(r.base_path or r.path)", "b",
                 "The request path as the client sent it (normalised), the stage's base path included."),
     "resourcePath": _v("r.path", "b", "The path the routes saw: without the stage's base path."),
-    "routeKey": _v("r.route_key", "s", "The matched route key (`-` when none)."),
-    "protocol": _v("(_PROTO.get(r.version) or _proto(r.version))", "b", "HTTP/1.1 or HTTP/1.0."),
+    "routeKey": _v("r.route_key", "s", "The matched route key (`-` when none).", memo="few"),
+    "protocol": _v("r.version", "proto", "HTTP/1.1 or HTTP/1.0.", memo="few"),
     "status": _v("r.status", "i", "The response status sent to the client."),
     "responseLength": _v("r.response_length", "i", "Response body bytes sent."),
-    "requestTime": _v("(a.clf_bytes if int(r.t_wall) == a.clf_second else a.clf_at(r.t_wall))", "b",
+    "requestTime": _v("(a.clf_bytes if a.clf_from <= (_w := r.t_wall) < a.clf_until else a.clf_at(_w))", "safe",
                       "CLF time: `04/Dec/2026:20:25:22 +0000`."),
-    "requestTimeEpoch": _v("int(r.t_wall * 1000)", "i", "Epoch milliseconds of the request's arrival."),
+    "requestTimeEpoch": _v("r.t_wall * 1000", "i", "Epoch milliseconds of the request's arrival."),
     "responseLatency": _v("(now - r.t_start) * 1000", "f", "Milliseconds from the request head to the end."),
     "integrationLatency": _v("(_x * 1000 if (_x := r.integration_latency) is not None else None)", "fn",
                              "Milliseconds the integration took to answer its head (absent: none)."),
     "integrationStatus": _v("r.integration_status or None", "in", "The status the upstream answered."),
-    "integrationErrorMessage": _v("r.integration_error", "sn", "Why the integration failed."),
+    "integrationErrorMessage": _v("r.integration_error", "sn", "Why the integration failed.", memo="rare"),
     "integration.attempts": _v("r.integration_attempts or None", "in",
                                "Tries of the integration: 1, or more after retries (absent: none)."),
-    "authorizer.error": _v("r.auth_error", "sn", "Why an authorizer refused or failed."),
+    "authorizer.error": _v("r.auth_error", "sn", "Why an authorizer refused or failed.", memo="rare"),
     "authorizer.principalId": _v("_principal(r)", "sn",
                                  "Who the authorizer let in: JWT `sub`, API key id, or a custom "
                                  "authorizer's `principalId` context value."),
-    "error.message": _v("r.error", "sn", "The gateway's reason for an answer it gave itself."),
+    "error.message": _v("r.error", "sn", "The gateway's reason for an answer it gave itself.", memo="rare"),
     "error.responseType": _v("_response_type(r)", "sn",
-                             "AWS gateway response type: UNAUTHORIZED, ACCESS_DENIED, THROTTLED, ..."),
+                             "AWS gateway response type: UNAUTHORIZED, ACCESS_DENIED, THROTTLED, ...", memo="rare"),
     "domainName": _v("r.host", "bn", "The `Host` the client asked for."),
-    "stage": _v("r.stage", "s", "The stage that served the request (`$default` without `stages`)."),
+    "stage": _v("r.stage", "s", "The stage that served the request (`$default` without `stages`).", memo="few"),
     "isCanaryRequest": _v("(b'true' if r.canary else b'false')", "raw",
                           "Whether the stage's canary served the request: true or false."),
     "traceId": _v("r.trace_id", "sn", "The W3C trace id (32 hex digits) when tracing is on."),
     "connectionId": _v("_ws(r, 1)", "sn", "WebSocket API: the connection id."),
     "eventType": _v("_event_type(r)", "sn", "WebSocket: CONNECT, MESSAGE or DISCONNECT."),
     "messageId": _v("_ws(r, 2)", "sn", "WebSocket API: the message id (MESSAGE lines)."),
-    "upstream": _v("r.upstream", "sn", "The upstream target that served the request."),
+    "upstream": _v("r.upstream", "sn", "The upstream target that served the request.", memo="few"),
 }
 
 # Families: `$context.authorizer.claims.NAME` (a JWT claim), `$context.authorizer.NAME` (a
@@ -115,6 +122,9 @@ AWS_ERROR_TYPES = {400: "BAD_REQUEST_BODY", 401: "UNAUTHORIZED", 403: "ACCESS_DE
                    502: "INTEGRATION_FAILURE", 504: "INTEGRATION_TIMEOUT"}
 # Printable ASCII without `"` and `\`: a value made only of these needs no escaping.
 _SAFE = bytes(c for c in range(0x20, 0x7F) if c not in (0x22, 0x5C))
+# `translate` by this table keeps the safe bytes and turns the others into NUL, so `0 in`
+# finds any of them: cheaper than `translate(None, _SAFE)`, which makes a table each call.
+_FLAG_UNSAFE = bytes(c if c in _SAFE else 0 for c in range(256))
 
 
 def variable(name: str, plugin_names: Mapping[str, str]) -> Variable | None:
@@ -233,11 +243,34 @@ def _response_type(r: Any) -> str | None:
     return "DEFAULT_5XX" if r.status >= 500 else "DEFAULT_4XX"
 
 
+_MEMO_MAX = 1024
+
+
+class _Memo(dict[Any, bytes]):
+    """The rendering of a `memo` variable (escaped, quoted, `null`...) by its value, made
+    on first use. Emptied when it holds `_MEMO_MAX` values, so a variable whose values
+    turn out not to be few (error messages with addresses in them) costs bounded memory
+    and, at worst (each value new), the escaping a line without the memo does, plus an insert."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[Any], bytes]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> bytes:
+        value = self.make(key)
+        if len(self) >= _MEMO_MAX:
+            self.clear()
+        self[key] = value
+        return value
+
+
 _NAMESPACE = {
     "_header": header, "_claim": _claim, "_auth": _auth, "_plugin": _plugin, "_principal": principal,
     "_ws": _ws, "_event_type": _event_type, "_response_type": _response_type,
     "_PROTO": _PROTO, "_proto": _proto, "_any": _any, "_ej": json_escape, "_el": line_escape, "_jv": json_value,
-    "_S": _SAFE,
+    "_FLAG_UNSAFE": _FLAG_UNSAFE, "_Memo": _Memo,
 }
 
 
@@ -249,74 +282,152 @@ class _Slot:
     context: str  # "jstr" (inside a JSON string), "jval" (a JSON value), "line"
 
 
-_TEXT = {"b", "s", "bn", "sn", "any"}
+_TEXT = {"b", "s", "bn", "sn", "any", "safe", "proto"}
+_OPTIONAL = {"bn", "sn", "any"}
 _RAW = {"b": "{e}", "s": "{e}.encode()", "bn": "{e}", "sn": "(_x.encode() if (_x := {e}) is not None else None)",
-        "any": "_any({e})"}
+        "any": "_any({e})", "safe": "{e}", "proto": "(_PROTO.get({e}) or _proto({e}))"}
+
+
+def _memo_source(run: list[bytes | _Slot], keyed: list[_Slot]) -> str:
+    """Python rendering `run` (literal bytes and `memo` slots) from `_k`, the values of the
+    slots in `keyed` (a tuple when more than one): escaped, quoted in a JSON value, `null`
+    or `-` when absent, as the other slots are."""
+    pieces = []
+    for p in run:
+        if isinstance(p, bytes):
+            pieces.append(repr(p))
+            continue
+        at = [n for n, q in enumerate(keyed) if q is p]
+        raw = _RAW[p.var.kind].format(e="None" if not at else "_k" if len(keyed) == 1 else f"_k[{at[0]}]")
+        escaped = ("b'\"' + {} + b'\"'" if p.context == "jval" else "{}").format(
+            f"{'_el' if p.context == 'line' else '_ej'}(_y)")
+        pieces.append(f"({escaped} if (_y := {raw}) is not None else {b'null' if p.context == 'jval' else b'-'!r})")
+    return pieces[0] if len(pieces) == 1 else f"b''.join(({', '.join(pieces)}))"
+
+
+def _memo(defs: list[str], name: str, run: list[bytes | _Slot], keyed: list[_Slot]) -> str:
+    """Defines (in `defs`) `name`, the memo of `run` by the values of `keyed` (a constant
+    when none); the Python that looks it up."""
+    if not keyed:
+        defs.append(f"{name} = {_memo_source(run, [])}")
+        return name
+    defs.append(f"{name} = _Memo(lambda _k: {_memo_source(run, keyed)})")
+    key = keyed[0].var.expr if len(keyed) == 1 else "(" + ", ".join(p.var.expr for p in keyed) + ",)"
+    return f"{name}[{key}]"
+
+
+def _memo_runs(parts: list[bytes | _Slot]) -> list[bytes | _Slot | list[bytes | _Slot]]:
+    """`parts` with each run of `memo` slots (literal bytes between them at most) as one
+    list: one look-up, keyed by their values together, renders the whole run."""
+    out: list[bytes | _Slot | list[bytes | _Slot]] = []
+    for part in parts:
+        if not (isinstance(part, _Slot) and part.var.memo and part.var.kind in _TEXT):
+            out.append(part)
+            continue
+        k = len(out)
+        while k and isinstance(out[k - 1], bytes):
+            k -= 1
+        last = out[k - 1] if k else None
+        if isinstance(last, list):  # the run goes on, with the literals since
+            last += [*cast(list[bytes], out[k:]), part]
+            del out[k:]
+        else:
+            out.append([part])
+    return out
 
 
 def _generate(parts: list[bytes | _Slot]) -> Render:
     """The render function of `parts` (literal bytes and variable slots).
 
-    Every value is read once into a local, as bytes for text. The common case is one
-    check over all text values together (`translate` deleting the safe bytes leaves
-    nothing) and one `%` format of the whole template; only a line with a value that
-    needs escaping escapes them one by one."""
+    Text values are read once into locals, as bytes. The common case is one check over
+    all of them together (`0 in b"".join(...).translate(_FLAG_UNSAFE)`) and one `%`
+    format of the whole template, with numbers and the values that need no check
+    computed inline in its argument tuple; only a line with a value that needs escaping
+    escapes them one by one. Runs of `memo` variables are looked up already rendered
+    (`_Memo`); a "safe" value (the CLF time) is never checked; the first `_SPECIALISE`
+    optional numbers get a template each way (`%.3f` or `null`), not a `%` of their own."""
+    defs: list[str] = []  # the memos
     body: list[str] = []
-    template: list[bytes] = []
-    args: list[str] = []
-    checked: list[str] = []
+    items: list[tuple[bytes, str | None]] = []  # the template's pieces and their arguments
+    optional_numbers: dict[int, tuple[str, bytes]] = {}  # item: its local, its text when absent
+    checked: list[tuple[str, bool]] = []  # the text values' locals, and whether they may be None
     escapes: list[str] = []
-    for part in parts:
+    for part in _memo_runs(parts):
         if isinstance(part, bytes):
-            template.append(part.replace(b"%", b"%%"))
+            items.append((part.replace(b"%", b"%%"), None))
             continue
-        i, var, ctx = len(body), part.var, part.context
+        i = len(items)
         v = f"v{i}"
+        if isinstance(part, list):  # a run of memos, looked up at once
+            slots = [p for p in part if isinstance(p, _Slot)]
+            rare = [p.var.expr + " is None" for p in slots if p.var.memo == "rare"]
+            whole = _memo(defs, f"_m{i}", part, slots)
+            if rare:  # absent most often: tested first, and the rest looked up without them
+                few = [p for p in slots if p.var.memo != "rare"]
+                whole = f"({_memo(defs, f'_m{i}r', part, few)} if {' and '.join(rare)} else {whole})"
+            items.append((b"%b", whole))
+            continue
+        var, ctx = part.var, part.context
         absent = b"null" if ctx == "jval" else b"-"
+        optional = var.kind in _OPTIONAL
+        quoted = ctx == "jval" and var.kind in _TEXT and not optional
         if var.kind == "raw":  # bytes made by orjson (the default shape's optional tail)
-            body.append(f"{v} = {var.expr}")
-            template.append(b"%b")
-            args.append(v)
-            continue
-        if var.kind == "any" and ctx == "jval":  # typed: orjson's output needs no check
-            body.append(f"{v} = _jv({var.expr})")
-            template.append(b"%b")
-            args.append(v)
-            continue
-        if var.kind in _TEXT:
+            items.append((b"%b", var.expr))
+        elif var.kind == "any" and ctx == "jval":  # typed: orjson's output needs no check
+            items.append((b"%b", f"_jv({var.expr})"))
+        elif var.kind == "safe":  # no check, no escape: read where it is written
+            items.append((b'"%b"' if quoted else b"%b", var.expr))
+        elif var.kind in _TEXT:
             body.append(f"{v} = {_RAW[var.kind].format(e=var.expr)}")
-            optional = var.kind in ("bn", "sn", "any")
-            checked.append(f"({v} or b'')" if optional else v)
+            checked.append((v, optional))
             escapes.append(f"{v} = {'_el' if ctx == 'line' else '_ej'}({v})")
-            if ctx == "jval" and not optional:
-                template.append(b'"%b"')
-                args.append(v)
-            elif ctx == "jval":
-                template.append(b"%b")
-                args.append(f"(b'\"' + {v} + b'\"' if {v} is not None else b'null')")
+            if ctx == "jval" and optional:
+                items.append((b"%b", f"(b'\"' + {v} + b'\"' if {v} is not None else b'null')"))
             else:
-                template.append(b"%b")
-                args.append(v if not optional else f"({v} if {v} is not None else {absent!r})")
-            continue
-        body.append(f"{v} = {var.expr}")
-        if var.kind == "i":
-            template.append(b"%d")
-            args.append(v)
-        elif var.kind == "f":
-            template.append(b"%.3f")
-            args.append(v)
+                arg = v if not optional else f"({v} if {v} is not None else {absent!r})"
+                items.append((b'"%b"' if quoted else b"%b", arg))
+        elif var.kind in ("i", "f"):
+            items.append((b"%d" if var.kind == "i" else b"%.3f", var.expr))
         else:  # "in", "fn": a number or absent
             fmt = b"%d" if var.kind == "in" else b"%.3f"
-            template.append(b"%b")
-            args.append(f"({fmt!r} % {v} if {v} is not None else {absent!r})")
+            if len(optional_numbers) < _SPECIALISE:
+                body.append(f"{v} = {var.expr}")
+                optional_numbers[i] = (v, absent)
+                items.append((fmt, v))
+            else:
+                items.append((b"%b", f"({fmt!r} % {v} if ({v} := {var.expr}) is not None else {absent!r})"))
     lines = ["def render(r, p, a, now):", *(f"    {line}" for line in body)]
     if checked:
-        lines.append(f"    if b''.join(({', '.join(checked)},)).translate(None, _S):")
+        every = [f"({v} or b'')" if optional else v for v, optional in checked]
+        joined = every[0] if len(every) == 1 else f"b''.join(({', '.join(every)},))"
+        always = [v for v, optional in checked if not optional]
+        if 1 < len(always) < len(checked):  # the optional values all absent (most often): not listed
+            none = " and ".join(f"{v} is None" for v, optional in checked if optional)
+            joined = f"(b''.join(({', '.join(always)},)) if {none} else {joined})"
+        lines.append(f"    if 0 in {joined}.translate(_FLAG_UNSAFE):")
         lines += [f"        {line}" for line in escapes]
-    lines.append(f"    return {b''.join(template)!r} % ({''.join(a + ', ' for a in args)})")
+    lines += _returns(items, optional_numbers, {}, "    ")
     namespace = dict(_NAMESPACE)
-    exec(compile("\n".join(lines) + "\n", "<access_log.format>", "exec"), namespace)  # noqa: S102 - our template
+    exec(compile("\n".join([*defs, *lines]) + "\n", "<access_log.format>", "exec"), namespace)  # noqa: S102
     return cast(Render, namespace["render"])
+
+
+_SPECIALISE = 2  # optional numbers with a template for each case: 2 ** 2 returns at most
+
+
+def _returns(items: list[tuple[bytes, str | None]], optional: dict[int, tuple[str, bytes]],
+             present: dict[int, bool], indent: str) -> list[str]:
+    """The `return template % (...)` of each case of the optional numbers (`present`
+    says which are decided so far: present, or absent written in the template)."""
+    undecided = [i for i in optional if i not in present]
+    if undecided:
+        i = undecided[0]
+        return [f"{indent}if {optional[i][0]} is not None:",
+                *_returns(items, optional, {**present, i: True}, indent + "    "),
+                *_returns(items, optional, {**present, i: False}, indent)]
+    template = b"".join(optional[i][1] if present.get(i) is False else fmt for i, (fmt, _) in enumerate(items))
+    args = "".join(arg + ", " for i, (_, arg) in enumerate(items) if arg is not None and present.get(i) is not False)
+    return [f"{indent}return {template!r} % ({args})"]
 
 
 def _split(template: str, plugin_names: Mapping[str, str], where: str | None) -> list[tuple[str, Variable | None]]:
@@ -500,4 +611,4 @@ class _Probe:
         return None
 
     clf_bytes = b"01/Jan/1970:00:00:00 +0000"
-    clf_second = 0
+    clf_from, clf_until = 0.0, 1.0

@@ -2,8 +2,8 @@
 
 Owns the in-memory buffer of log lines and its hand-off to the writer thread
 (`log_writer.LineWriter`). `record()` runs on the hot path: it renders one line (the
-compiled format of `observability.access_format`, or the default record through
-orjson) and appends the bytes to a list. `flush()` runs from the worker's once-a-tick
+compiled format of `observability.access_format`, or the default shape compiled the
+same way) and appends the bytes to a list. `flush()` runs from the worker's once-a-tick
 timer (or when the buffer passes `buffer_bytes`) and hands the batch to the writer
 thread, which writes it to stdout, stderr, a file or Python logging. Nothing here
 awaits or blocks: a destination that does not keep up makes the writer drop whole
@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeplane.http.request import Request
@@ -49,8 +51,8 @@ def clf_time(epoch: float) -> str:
 
 
 class AccessLog:
-    __slots__ = ("enabled", "_writer", "_path", "_buf", "_size", "_limit", "lines", "clf_second", "clf_bytes",
-                 "_render", "callback", "_records", "failed", "_failed_logged_at", "_base_dropped",
+    __slots__ = ("enabled", "_writer", "_path", "_buf", "_size", "_limit", "_flushed_lines", "clf_from", "clf_until",
+                 "clf_bytes", "_render", "callback", "_records", "failed", "_failed_logged_at", "_base_dropped",
                  "_stage_renders", "_stage_logs")
 
     def __init__(self, cfg: AccessLogConfig,
@@ -87,9 +89,11 @@ class AccessLog:
         self._buf: list[bytes] = []
         self._size = 0
         self._limit = cfg.buffer_bytes
-        self.lines: int = previous.lines if previous is not None else 0
+        self._flushed_lines: int = previous.lines if previous is not None else 0
         self._base_dropped = previous.dropped if previous is not None else 0
-        self.clf_second = -1  # the second `clf_bytes` is the CLF time of (formats read both)
+        # `clf_bytes` is the CLF time of the wall-clock times in [clf_from, clf_until): one
+        # second, compared as floats by the formats (cheaper than int() on every line)
+        self.clf_from, self.clf_until = math.inf, -math.inf
         self.clf_bytes = b""
 
     @property
@@ -100,6 +104,11 @@ class AccessLog:
         return self._base_dropped + (self._writer.dropped if self._writer is not None else 0) + self.failed + own
 
     @property
+    def lines(self) -> int:
+        """Lines rendered for the writer (dropped ones included), this log's own."""
+        return self._flushed_lines + len(self._buf)
+
+    @property
     def written(self) -> int:
         """Lines logged, the stages' own logs included."""
         return self.lines + sum(log.written for log in self._stage_logs.values())
@@ -107,9 +116,10 @@ class AccessLog:
     def clf_at(self, wall: float) -> bytes:
         """`wall` as CLF time (formatted once a second)."""
         second = int(wall)
-        if second != self.clf_second:
-            self.clf_second = second
+        if not self.clf_from <= wall < self.clf_until:
             self.clf_bytes = clf_time(second).encode()
+            # before 1970, int() rounds toward zero, not down: not cached
+            self.clf_from, self.clf_until = (float(second), second + 1.0) if wall >= 0 else (math.inf, -math.inf)
         return self.clf_bytes
 
     def record(self, req: Any, proto: Any) -> None:
@@ -123,17 +133,14 @@ class AccessLog:
             self._records.append(self.fields(req, proto))
         if self._writer is None:
             return
-        render = self._render
-        if self._stage_renders:
-            render = self._stage_renders.get(req.stage, render)
+        render = self._stage_renders.get(req.stage, self._render) if self._stage_renders else self._render
         try:
-            line = render(req, proto, self, time.perf_counter())
+            line = render(req, proto, self, perf_counter())
         except Exception:  # a bug: this line is lost (counted, logged), never the request
             self._failed(req)
             return
-        self._buf.append(line)
+        self._buf.append(line)  # counted in `lines` by the buffer's length until flushed
         self._size += len(line)
-        self.lines += 1
         if self._size > self._limit:
             self.flush()
 
@@ -215,6 +222,7 @@ class AccessLog:
             lines = len(self._buf)
             self._buf.clear()
             self._size = 0
+            self._flushed_lines += lines
             if writer is not None:
                 writer.submit(data, lines)
         if wait > 0 and writer is not None:

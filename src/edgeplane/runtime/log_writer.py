@@ -2,8 +2,8 @@
 
 Owns `LineWriter`, one thread per access log. The event loop hands it whole batches
 (`submit`), which it queues and returns at once; the thread writes them with blocking
-`os.write` calls (which release the GIL), so a slow disk, a full pipe or a terminal
-that is not being read never stalls a request. The queue is bounded in bytes: a batch
+`os.write`/`os.writev` calls (which release the GIL), so a slow disk, a full pipe or a
+terminal that is not being read never stalls a request. The queue is bounded in bytes: a batch
 that would pass `max_pending` is dropped whole and its lines are counted (`dropped`).
 
 Invariants:
@@ -102,44 +102,59 @@ class LineWriter:
                     self._cond.wait()
                 if not self._queue:
                     break
-                data, extra = self._queue.popleft()
-            if data is _REOPEN:
-                old, self._fd = self._fd, extra
-                self._chunk, self._torn = _atomic_size(extra), False
+                # Every batch queued, up to a reopen, at once. While the loop is busy, this
+                # thread takes the GIL back after a write only at the switch interval (5 ms):
+                # one batch per take could not keep up, the queue would fill and drop lines.
+                batches: list[bytes] = []
+                lines = 0
+                while self._queue and self._queue[0][0] is not _REOPEN:
+                    data, n = self._queue.popleft()
+                    batches.append(data)
+                    lines += n
+                if not batches:
+                    _, fd = self._queue.popleft()
+            if not batches:
+                old, self._fd = self._fd, fd
+                self._chunk, self._torn = _atomic_size(fd), False
                 if self._owns_fd:
                     os.close(old)
                 continue
-            self._write(data, extra)
+            self._write(batches, lines)
             with self._cond:
-                self._pending -= len(data)
+                self._pending -= sum(map(len, batches))
                 self._cond.notify_all()  # wait_idle
         if self._owns_fd:
             os.close(self._fd)
 
-    def _write(self, data: bytes, lines: int) -> None:
+    def _write(self, batches: list[bytes], lines: int) -> None:
         if self._to_logging:
-            for line in data.splitlines():
-                access_logger.info(line.decode("utf-8", "replace"))
+            for data in batches:
+                for line in data.splitlines():
+                    access_logger.info(line.decode("utf-8", "replace"))
             return
-        if self._torn:  # the last failure cut a line: end it, so the next one starts whole
-            data = b"\n" + data
+        # what is left to write; the last failure cut a line: end it, so the next starts whole
+        parts = [memoryview(data) for data in ([b"\n", *batches] if self._torn else batches)]
         self._inflight = lines
-        view = memoryview(data)
         chunk = self._chunk
+        done, last = 0, b"\n"  # bytes written, and the last of them
         try:
-            while view:
-                part = view
-                if chunk and len(view) > chunk:  # a pipe: whole lines of at most PIPE_BUF a write
-                    end = bytes(view[:chunk]).rfind(b"\n") + 1
-                    part = view[:end or chunk]  # (a line longer than PIPE_BUF cannot stay whole)
-                written = os.write(self._fd, part)
-                if chunk:
-                    self._inflight -= bytes(part[:written]).count(b"\n")
-                view = view[written:]
+            while parts:
+                if not chunk:  # a file (each append-mode write lands whole): as few writes as can be
+                    written = os.writev(self._fd, parts[:_IOV_MAX])
+                else:  # a pipe: whole lines of at most PIPE_BUF a write
+                    view = parts[0]
+                    end = bytes(view[:chunk]).rfind(b"\n") + 1 if len(view) > chunk else len(view)
+                    written = os.write(self._fd, view[:end or chunk])  # (a longer line cannot stay whole)
+                    self._inflight -= bytes(view[:written]).count(b"\n")
+                done += written
+                while parts and written >= len(parts[0]):  # the parts written whole
+                    written -= len(parts[0])
+                    last = bytes(parts.pop(0)[-1:]) or last
+                if written:  # the one written in part
+                    last, parts[0] = bytes(parts[0][written - 1:written]), parts[0][written:]
         except OSError as exc:
-            rest = bytes(view)
-            done = len(data) - len(rest)
-            self._torn = (self._torn and not done) or (done > 0 and data[done - 1:done] != b"\n")
+            rest = b"".join(parts)
+            self._torn = (self._torn and not done) or (done > 0 and last != b"\n")
             with self._cond:
                 self.dropped += min(lines, rest.count(b"\n"))
             if not self.failed:
@@ -152,12 +167,18 @@ class LineWriter:
         self._inflight = 0
 
 
+# The most buffers one `os.writev` takes (IOV_MAX: 1024 on Linux, at least 16 by POSIX).
+_IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+
+
 def _atomic_size(fd: int) -> int:
     """For a pipe, a socket or a terminal, the largest write that stays whole when other
     processes (the other workers) write to it too: PIPE_BUF. 0 for a file (each
-    append-mode write lands whole) or an unknown descriptor."""
+    append-mode write lands whole), another device (/dev/null) or an unknown descriptor:
+    written in as few writes as can be (each write takes the GIL back, which waits for
+    the switch interval while the loop is busy)."""
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
         return 0
-    return select.PIPE_BUF if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) else 0
+    return select.PIPE_BUF if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd) else 0
