@@ -1,4 +1,5 @@
-"""Builds the compiled native framer (`edgeplane/http/_cframing.pyx`) when it can.
+"""Builds the compiled extensions (`SOURCES`: the native HTTP framers, the log writer's
+pipe helper) when it can.
 
 Everything else about the package is in pyproject.toml. The extension is optional, as
 aiohttp's and yarl's are: with no C compiler (or no Cython, or EDGEPLANE_NO_EXTENSIONS=1
@@ -14,22 +15,26 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-SOURCE = "src/edgeplane/http/_cframing.pyx"
+# module -> source: the native HTTP framers, and the access-log writer's pipe helper
+SOURCES = {
+    "edgeplane.http._cframing": "src/edgeplane/http/_cframing.pyx",
+    "edgeplane.runtime._cwrite": "src/edgeplane/runtime/_cwrite.pyx",
+}
 
 
 def _extensions() -> list:
     if os.environ.get("EDGEPLANE_NO_EXTENSIONS", "") not in ("", "0"):
-        print("edgeplane: EDGEPLANE_NO_EXTENSIONS is set: not building the compiled framer", file=sys.stderr)
+        print("edgeplane: EDGEPLANE_NO_EXTENSIONS is set: not building the compiled framers", file=sys.stderr)
         return []
     try:
         from Cython.Build import cythonize
     except ImportError:
-        print("edgeplane: Cython is not installed: not building the compiled framer", file=sys.stderr)
+        print("edgeplane: Cython is not installed: not building the compiled framers", file=sys.stderr)
         return []
     from setuptools import Extension
 
-    ext = Extension("edgeplane.http._cframing", [SOURCE], extra_compile_args=["-O2"])
-    return cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True)
+    exts = [Extension(name, [source], extra_compile_args=["-O2"]) for name, source in SOURCES.items()]
+    return cythonize(exts, compiler_directives={"language_level": "3"}, quiet=True)
 
 
 class OptionalBuildExt(build_ext):
