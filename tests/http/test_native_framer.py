@@ -220,3 +220,41 @@ def test_wheel_builds_with_and_without_a_compiler(tmp_path, compiler):
     else:
         assert not built
         assert "the compiled framer was not built" in out.stdout + out.stderr
+
+
+def _scan_trace(cls, data: bytes, cuts: tuple[int, ...]) -> tuple[list, object]:
+    got: list[bytes] = []
+    scanner = cls(got.append)
+    bounds = [0, *cuts, len(data)]
+    try:
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            end = scanner.feed(data[a:b])
+            if end >= 0:
+                return got, a + end
+    except HttpParserError as exc:
+        return got, str(exc)
+    return got, -1
+
+
+@needs_compiled
+def test_chunked_scanner_twins_agree_on_mutated_bodies():
+    """`chunked.ChunkedScanner` and its compiled twin: the same chunk data handed over,
+    the same end offset or the same error, on seeded mutations split at random."""
+    from edgeplane.http.chunked import ChunkedScanner
+
+    seeds = [b"5\r\nhello\r\n0\r\n\r\n", b'a;x=y;q="a \\"b"\r\n0123456789\r\n3\r\nabc\r\n0\r\nT: v\r\nU: w\r\n\r\n',
+             b"1\r\nx\r\n" * 20 + b"0\r\n\r\n", b"000F\r\n" + b"y" * 15 + b"\r\n0;e\r\n\r\n"]
+    pieces = [b"\r", b"\n", b"\r\n", b";", b"=", b'"', b"\\", b" ", b"\t", b"0", b"f", b"F", b"g", b":", b"\x00",
+              b"\x7f", b"\x80", b"0" * 17, b"Content-Length: 1\r\n", b"x" * 1100]
+    rng = random.Random(5)
+    for _ in range(5000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randrange(len(data) + 1)
+            if rng.random() < 0.5:
+                data[at:at] = rng.choice(pieces)
+            elif at < len(data):
+                data[at : at + rng.randint(1, 3)] = rng.choice(pieces) if rng.random() < 0.5 else b""
+        raw = bytes(data) + b"TAIL"
+        cuts = tuple(sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randint(0, 5)))))
+        assert _scan_trace(_cframing.ChunkedScanner, raw, cuts) == _scan_trace(ChunkedScanner, raw, cuts), (raw, cuts)

@@ -22,6 +22,11 @@ import pytest
 
 from conftest import PARSERS, RawClient, RawUpstream, base_config
 from edgeplane.http import framing
+
+try:
+    from edgeplane.http import _cframing  # type: ignore[attr-defined]
+except ImportError:  # not built here: the twin's cases run on the pure scanner only
+    _cframing = None
 from edgeplane.http.codec import ChunkedScanner, HttpParserError, new_request_parser
 
 pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("no_logged_exceptions")]
@@ -196,10 +201,14 @@ async def test_trailer_fields_are_not_forwarded_as_header_fields(gateway, parser
 # ------------------------------------------------------------------------- sans-IO
 
 
-def scan(data: bytes, step: int = 0) -> int | str:
+SCANNERS = [ChunkedScanner] + ([_cframing.ChunkedScanner] if _cframing is not None else [])
+
+
+def scan(data: bytes, step: int = 0, cls=ChunkedScanner) -> int | str:
     """Feed `data` to a fresh `ChunkedScanner` (in `step`-byte reads): where the body
-    ends in `data`, -1 when it goes on, or "refused"."""
-    s = ChunkedScanner()
+    ends in `data`, -1 when it goes on, or "refused". `cls`: the scanner or its
+    compiled twin."""
+    s = cls()
     try:
         if not step:
             return s.feed(data)
@@ -232,12 +241,13 @@ END = "end"  # the body ends exactly at the end of the bytes
     (b"1;" + b"a" * 1100 + b"\r\nx\r\n0\r\n\r\n", "refused"),  # size line over 1 KiB
     (b"0;" + b"a" * 1100 + b"\r\n\r\n", "refused"),  # the last one too
 ])
-def test_chunked_scanner(body, expected):
+@pytest.mark.parametrize("cls", SCANNERS, ids=["pure", "compiled"][: len(SCANNERS)])
+def test_chunked_scanner(body, expected, cls):
     if expected == END:
         expected = len(body)
-    assert scan(body) == expected
+    assert scan(body, 0, cls) == expected
     for step in (1, 2, 3, 7):  # lines split across reads are carried, same answer
-        assert scan(body, step) == expected, step
+        assert scan(body, step, cls) == expected, step
 
 
 class Events:
