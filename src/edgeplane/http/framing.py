@@ -68,18 +68,25 @@ LENGTH_DIGITS = re.compile(rb"[0-9]{1,19}[ \t]*")
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection", b"upgrade"))
 _MAX_BODY_LENGTH = 2**63 - 1
 
-_IDLE, _HEAD, _BODY, _CHUNKED, _STOPPED = range(5)
+_IDLE, _HEAD, _BODY, _CHUNKED, _UNTIL_CLOSE, _STOPPED = range(6)
 
 
 def connection_tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",")]
 
 
-class RequestFramer:
-    __slots__ = (
-        "_cb", "_max_head", "_state", "_held", "_vetted", "_line_done", "_run", "_left", "_chunks",
-        "_method", "_version", "_keep_alive", "_upgrade",
-    )
+class HeadFramer:
+    """What the request and the response framer share: the read loop over a message's
+    states (a head, a Content-Length body, a chunked body, a body until close), the
+    unfinished head carried between reads and vetted line by line. A subclass says how
+    a head is parsed (`_head`), what may come between messages (`_between`) and what
+    its first line looks like (`_FIRST_LINE`, `_FIRST_START`, `_check_first`)."""
+
+    __slots__ = ("_cb", "_max_head", "_state", "_held", "_vetted", "_line_done", "_left", "_chunks")
+    _FIRST_LINE: re.Pattern[bytes]  # a whole first line (request or status line)
+    _FIRST_START: re.Pattern[bytes]  # what can start one that is not complete yet
+    _FIRST_ERROR = ""  # the refusal of a first line
+    _WHAT = ""  # "request" or "response", in messages
 
     def __init__(self, callbacks: Any, max_head_bytes: int) -> None:
         self._cb = callbacks
@@ -87,26 +94,9 @@ class RequestFramer:
         self._state = _IDLE
         self._held = b""  # an unfinished head, carried into the next read
         self._vetted = 0  # bytes of `_held` (whole lines) already vetted
-        self._line_done = False  # the request line is among the vetted lines
-        self._run = b""  # CR/LF bytes before the next request line, carried
+        self._line_done = False  # the first line is among the vetted lines
         self._left = 0  # Content-Length body bytes still to come
         self._chunks: ChunkedScanner | None = None
-        self._method = b""
-        self._version = "1.1"
-        self._keep_alive = True
-        self._upgrade = False
-
-    def get_method(self) -> bytes:
-        return self._method
-
-    def get_http_version(self) -> str:
-        return self._version
-
-    def should_keep_alive(self) -> bool:
-        return self._keep_alive
-
-    def should_upgrade(self) -> bool:
-        return self._upgrade
 
     def feed_data(self, data: bytes) -> None:
         state = self._state
@@ -145,24 +135,101 @@ class RequestFramer:
                     state = self._state = _IDLE
                     cb.on_message_complete()
                     continue
+                if state == _UNTIL_CLOSE:
+                    cb.on_body(data[pos:] if pos else data)
+                    return
                 if state == _IDLE:
-                    byte = data[pos]
-                    if byte == 13 or byte == 10 or self._run:
-                        pos = self._skip_run(data, pos)
-                        if pos == n:
-                            return
+                    pos = self._between(data, pos)
+                    if pos == n:
+                        return
                     state = self._state = _HEAD
                 pos = self._head(data, pos, held)
                 if pos < 0:  # unfinished: carried
                     return
                 held = 0
                 state = self._state
-        except HttpParserUpgrade:
+        except (HttpParserUpgrade, HttpParserError):
             self._state = _STOPPED
             raise
-        except HttpParserError:
-            self._state = _STOPPED
-            raise
+
+    def _between(self, data: bytes, pos: int) -> int:
+        """Where the next message starts in `data` (len(data): not in this read)."""
+        raise NotImplementedError
+
+    def _head(self, data: bytes, start: int, held: int) -> int:
+        """Parse the head at `start`: the offset after it, or -1 when it is not complete
+        in `data` (carried). `held`: how many bytes of `data` came from earlier reads."""
+        raise NotImplementedError
+
+    def _check_first(self, line: re.Match[bytes]) -> None:
+        """Refuse a whole first line its pattern accepts (the request's method table)."""
+
+    def _unfinished(self, data: bytes, start: int, held: int) -> int:
+        if len(data) - start > self._max_head:
+            raise HeadTooLarge(f"{self._WHAT} head too large")
+        self._vet_unfinished(data, start)
+        if not held:  # the first read of this head
+            self._cb.on_message_begin()
+        self._held = data[start:]
+        return -1
+
+    def _vet_unfinished(self, data: bytes, start: int) -> None:
+        """Refuse an unfinished head as soon as its bytes cannot start a valid one."""
+        pos = start + self._vetted
+        last = data.rfind(b"\n", pos)
+        if last >= 0:  # whole lines not vetted yet
+            if not self._line_done:
+                line = self._FIRST_LINE.match(data, pos)
+                if line is None or line.end() > last + 1:
+                    raise HttpParserError(self._FIRST_ERROR)
+                self._check_first(line)
+                pos = line.end()
+                self._line_done = True
+            if pos <= last and HEADER_LINES.fullmatch(data, pos, last + 1) is None:
+                raise HttpParserError("invalid header line")
+            pos = last + 1
+            self._vetted = pos - start
+        tail = HEADER_START if self._line_done else self._FIRST_START
+        if tail.fullmatch(data, pos) is None:
+            raise HttpParserError(f"invalid bytes in {self._WHAT} head")
+
+
+class RequestFramer(HeadFramer):
+    __slots__ = ("_run", "_method", "_version", "_keep_alive", "_upgrade")
+    _FIRST_LINE = _REQUEST_LINE
+    _FIRST_START = _LINE_START
+    _FIRST_ERROR = "request line is not 'method SP target SP HTTP/x.y'"
+    _WHAT = "request"
+
+    def __init__(self, callbacks: Any, max_head_bytes: int) -> None:
+        super().__init__(callbacks, max_head_bytes)
+        self._run = b""  # CR/LF bytes before the next request line, carried
+        self._method = b""
+        self._version = "1.1"
+        self._keep_alive = True
+        self._upgrade = False
+
+    def get_method(self) -> bytes:
+        return self._method
+
+    def get_http_version(self) -> str:
+        return self._version
+
+    def should_keep_alive(self) -> bool:
+        return self._keep_alive
+
+    def should_upgrade(self) -> bool:
+        return self._upgrade
+
+    def _between(self, data: bytes, pos: int) -> int:
+        byte = data[pos]
+        if byte == 13 or byte == 10 or self._run:
+            return self._skip_run(data, pos)
+        return pos
+
+    def _check_first(self, line: re.Match[bytes]) -> None:
+        if line[1] not in METHODS:
+            raise HttpParserError("invalid method")
 
     def _skip_run(self, data: bytes, pos: int) -> int:
         end = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
@@ -180,19 +247,13 @@ class RequestFramer:
         or -1 when it is not complete in `data` (it is carried)."""
         end = data.find(b"\r\n\r\n", start)
         if end < 0 or end + 4 - start > self._max_head:
-            if len(data) - start > self._max_head:
-                raise HeadTooLarge("request head too large")
-            self._vet_unfinished(data, start)
-            if not held:  # the first read of this head
-                self._cb.on_message_begin()
-            self._held = data[start:]
-            return -1
+            return self._unfinished(data, start, held)
         self._vetted = 0
         self._line_done = False
         end += 2  # past the last header line's CRLF
         line = _REQUEST_LINE.match(data, start)
         if line is None or line.end() > end:
-            raise HttpParserError("request line is not 'method SP target SP HTTP/x.y'")
+            raise HttpParserError(self._FIRST_ERROR)
         method, target, number = line.groups()
         if method not in METHODS:
             raise HttpParserError("invalid method")
@@ -254,24 +315,3 @@ class RequestFramer:
             self._state = _IDLE
             cb.on_message_complete()
         return end
-
-    def _vet_unfinished(self, data: bytes, start: int) -> None:
-        """Refuse an unfinished head as soon as its bytes cannot start a valid one."""
-        pos = start + self._vetted
-        last = data.rfind(b"\n", pos)
-        if last >= 0:  # whole lines not vetted yet
-            if not self._line_done:
-                line = _REQUEST_LINE.match(data, pos)
-                if line is None or line.end() > last + 1:
-                    raise HttpParserError("request line is not 'method SP target SP HTTP/x.y'")
-                if line[1] not in METHODS:
-                    raise HttpParserError("invalid method")
-                pos = line.end()
-                self._line_done = True
-            if pos <= last and HEADER_LINES.fullmatch(data, pos, last + 1) is None:
-                raise HttpParserError("invalid header line")
-            pos = last + 1
-            self._vetted = pos - start
-        tail = HEADER_START if self._line_done else _LINE_START
-        if tail.fullmatch(data, pos) is None:
-            raise HttpParserError("invalid bytes in request head")

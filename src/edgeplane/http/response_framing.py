@@ -34,8 +34,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from edgeplane.http.chunked import ChunkedScanner, HeadTooLarge, HttpParserError, HttpParserUpgrade
-from edgeplane.http.framing import HEADER_LINE, HEADER_LINES, HEADER_START, LENGTH_DIGITS, RUN, connection_tokens
+from edgeplane.http.chunked import ChunkedScanner, HttpParserError, HttpParserUpgrade
+from edgeplane.http.framing import (
+    _BODY,
+    _CHUNKED,
+    _IDLE,
+    _UNTIL_CLOSE,
+    HEADER_LINE,
+    HEADER_LINES,
+    LENGTH_DIGITS,
+    RUN,
+    HeadFramer,
+    connection_tokens,
+)
 
 _REASON = rb"[\t\x20-\x7e\x80-\xff]*"
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: %b)?\r\n" % _REASON)
@@ -45,22 +56,16 @@ _STATUS_START = re.compile(rb"(?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01](?: (?:[0-9](?
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 _MAX_BODY_LENGTH = 2**63 - 1
 
-_IDLE, _HEAD, _BODY, _CHUNKED, _UNTIL_CLOSE, _STOPPED = range(6)
 
-
-class ResponseFramer:
-    __slots__ = ("_cb", "_max_head", "_state", "_held", "_vetted", "_line_done", "_left", "_chunks",
-                 "_status", "_keep_alive")
+class ResponseFramer(HeadFramer):
+    __slots__ = ("_status", "_keep_alive")
+    _FIRST_LINE = _STATUS_LINE
+    _FIRST_START = _STATUS_START
+    _FIRST_ERROR = "status line is not 'HTTP/1.x SP 3DIGIT [SP reason]'"
+    _WHAT = "response"
 
     def __init__(self, callbacks: Any, max_head_bytes: int) -> None:
-        self._cb = callbacks
-        self._max_head = max_head_bytes
-        self._state = _IDLE
-        self._held = b""  # an unfinished head, carried into the next read
-        self._vetted = 0  # bytes of `_held` (whole lines) already vetted
-        self._line_done = False  # the status line is among the vetted lines
-        self._left = 0  # Content-Length body bytes still to come
-        self._chunks: ChunkedScanner | None = None
+        super().__init__(callbacks, max_head_bytes)
         self._status = 0
         self._keep_alive = True
 
@@ -70,78 +75,22 @@ class ResponseFramer:
     def should_keep_alive(self) -> bool:
         return self._keep_alive
 
-    def feed_data(self, data: bytes) -> None:
-        state = self._state
-        if state == _STOPPED:
-            return
-        held = len(self._held)
-        if held:
-            data = self._held + data
-            self._held = b""
-        pos = 0
-        n = len(data)
-        cb = self._cb
-        try:
-            while pos < n:
-                if state == _UNTIL_CLOSE:
-                    cb.on_body(data[pos:] if pos else data)
-                    return
-                if state == _BODY:
-                    left = self._left
-                    if n - pos <= left:
-                        cb.on_body(data[pos:] if pos else data)
-                        self._left = left - (n - pos)
-                        if self._left:
-                            return
-                        pos = n
-                    else:
-                        cb.on_body(data[pos : pos + left])
-                        pos += left
-                        self._left = 0
-                    state = self._state = _IDLE
-                    cb.on_message_complete()
-                    continue
-                if state == _CHUNKED:
-                    end = self._chunks.feed(data, pos)  # type: ignore[union-attr]  # set with the state
-                    if end < 0:
-                        return
-                    pos = end
-                    self._chunks = None
-                    state = self._state = _IDLE
-                    cb.on_message_complete()
-                    continue
-                if state == _IDLE:
-                    byte = data[pos]
-                    if byte == 13 or byte == 10:  # empty lines between responses
-                        pos = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
-                        if pos == n:
-                            return
-                    state = self._state = _HEAD
-                pos = self._head(data, pos, held)
-                if pos < 0:
-                    return
-                held = 0
-                state = self._state
-        except (HttpParserUpgrade, HttpParserError):
-            self._state = _STOPPED
-            raise
+    def _between(self, data: bytes, pos: int) -> int:
+        byte = data[pos]
+        if byte == 13 or byte == 10:  # empty lines between responses are skipped
+            return RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
+        return pos
 
     def _head(self, data: bytes, start: int, held: int) -> int:
         end = data.find(b"\r\n\r\n", start)
         if end < 0 or end + 4 - start > self._max_head:
-            if len(data) - start > self._max_head:
-                raise HeadTooLarge("response head too large")
-            self._vet_unfinished(data, start)
-            if not held:
-                self._cb.on_message_begin()
-            self._held = data[start:]
-            return -1
+            return self._unfinished(data, start, held)
         self._vetted = 0
         self._line_done = False
         end += 2
         line = _STATUS_LINE.match(data, start)
         if line is None or line.end() > end:
-            raise HttpParserError("status line is not 'HTTP/1.x SP 3DIGIT [SP reason]'")
+            raise HttpParserError(self._FIRST_ERROR)
         minor, digits = line.groups()
         status = int(digits)
         lines_at = line.end()
@@ -194,22 +143,3 @@ class ResponseFramer:
             self._left = length
             self._state = state
         return end
-
-    def _vet_unfinished(self, data: bytes, start: int) -> None:
-        """Refuse an unfinished head as soon as its bytes cannot start a valid one."""
-        pos = start + self._vetted
-        last = data.rfind(b"\n", pos)
-        if last >= 0:
-            if not self._line_done:
-                line = _STATUS_LINE.match(data, pos)
-                if line is None or line.end() > last + 1:
-                    raise HttpParserError("status line is not 'HTTP/1.x SP 3DIGIT [SP reason]'")
-                pos = line.end()
-                self._line_done = True
-            if pos <= last and HEADER_LINES.fullmatch(data, pos, last + 1) is None:
-                raise HttpParserError("invalid header line")
-            pos = last + 1
-            self._vetted = pos - start
-        tail = HEADER_START if self._line_done else _STATUS_START
-        if tail.fullmatch(data, pos) is None:
-            raise HttpParserError("invalid bytes in response head")
