@@ -27,8 +27,9 @@ include "_cwire.pxi"
 include "_cchunked.pxi"
 
 
-cdef class RequestFramer:
-    """`framing.RequestFramer`'s compiled twin (its docstring is the rules)."""
+cdef class HeadFramer:
+    """`framing.HeadFramer`'s compiled twin: the read loop over a message's states, the
+    unfinished head carried and vetted. Subclasses override the `cdef` hooks."""
 
     cdef object _cb
     cdef object _on_head
@@ -39,13 +40,10 @@ cdef class RequestFramer:
     cdef bytes _held
     cdef Py_ssize_t _vetted
     cdef bint _line_done
-    cdef bytes _run
     cdef unsigned long long _left
     cdef ChunkedScanner _chunks
-    cdef bytes _method
-    cdef str _version
-    cdef bint _keep_alive
-    cdef bint _upgrade
+    cdef str _what  # "request" or "response", in messages
+    cdef str _first_error  # the refusal of a first line
 
     def __init__(self, callbacks, Py_ssize_t max_head_bytes):
         self._cb = callbacks
@@ -57,25 +55,8 @@ cdef class RequestFramer:
         self._held = B_EMPTY
         self._vetted = 0
         self._line_done = False
-        self._run = B_EMPTY
         self._left = 0
         self._chunks = None
-        self._method = B_EMPTY
-        self._version = V11
-        self._keep_alive = True
-        self._upgrade = False
-
-    def get_method(self):
-        return self._method
-
-    def get_http_version(self):
-        return self._version
-
-    def should_keep_alive(self):
-        return self._keep_alive
-
-    def should_upgrade(self):
-        return self._upgrade
 
     def feed_data(self, data):
         cdef bytes buf = data if type(data) is bytes else bytes(data)
@@ -115,11 +96,13 @@ cdef class RequestFramer:
                     state = self._state = IDLE
                     self._on_complete()
                     continue
+                if state == UNTIL_CLOSE:
+                    self._on_body(buf[pos:] if pos else buf)
+                    return
                 if state == IDLE:
-                    if p[pos] == 13 or p[pos] == 10 or PyBytes_GET_SIZE(self._run):
-                        pos = self._skip_run(buf, p, pos, n)
-                        if pos == n:
-                            return
+                    pos = self._between(buf, p, pos, n)
+                    if pos == n:
+                        return
                     state = self._state = HEAD
                 pos = self._head(buf, p, pos, n, held)
                 if pos < 0:
@@ -129,6 +112,140 @@ cdef class RequestFramer:
         except (HttpParserUpgrade, HttpParserError):
             self._state = STOPPED
             raise
+
+    cdef Py_ssize_t _between(self, bytes buf, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) except -2:
+        return pos
+
+    cdef Py_ssize_t _head(self, bytes buf, const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
+                          Py_ssize_t held) except -2:
+        return -1
+
+    cdef Py_ssize_t _first_line(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
+        """The end of a whole valid first line at `pos`, or -1."""
+        return -1
+
+    cdef int _check_first(self, const unsigned char* p, Py_ssize_t pos) except -1:
+        """Refuse a whole first line its syntax accepts (the request's method table)."""
+        return 0
+
+    cdef bint _first_prefix(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
+        """`p[pos:n]` (no LF) can start a first line."""
+        return False
+
+    cdef Py_ssize_t _head_end(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t n) noexcept:
+        """The offset of the head's first CRLF CRLF, or -1; found line by line."""
+        cdef Py_ssize_t i = start + 3
+        cdef const unsigned char* lf
+        while i < n:
+            lf = <const unsigned char*>memchr(p + i, 10, n - i)
+            if lf == NULL:
+                return -1
+            i = lf - p
+            if p[i - 1] == 13 and p[i - 2] == 10 and p[i - 3] == 13:
+                return i - 3
+            i += 1
+        return -1
+
+    cdef Py_ssize_t _unfinished(self, bytes buf, const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
+                                Py_ssize_t held) except -2:
+        if n - start > self._max_head:
+            raise HeadTooLarge(f"{self._what} head too large")
+        self._vet_unfinished(p, start, n)
+        if not held:
+            self._cb.on_message_begin()
+        self._held = buf[start:] if start else buf
+        return -1
+
+    cdef int _vet_unfinished(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t n) except -1:
+        """Refuse an unfinished head once it cannot be the start of a valid one; whole
+        lines are vetted once."""
+        cdef Py_ssize_t pos = start + self._vetted, last = n - 1, line_end
+        while last >= pos and p[last] != 10:
+            last -= 1
+        if last >= pos:
+            if not self._line_done:
+                line_end = self._first_line(p, pos, n)
+                if line_end < 0 or line_end > last + 1:
+                    raise HttpParserError(self._first_error)
+                self._check_first(p, pos)
+                pos = line_end
+                self._line_done = True
+            if pos <= last and _header_lines(p, pos, last + 1) < 0:
+                raise HttpParserError("invalid header line")
+            pos = last + 1
+            self._vetted = pos - start
+        if _header_prefix(p, pos, n) if self._line_done else self._first_prefix(p, pos, n):
+            return 0
+        raise HttpParserError(f"invalid bytes in {self._what} head")
+
+
+cdef class RequestFramer(HeadFramer):
+    """`framing.RequestFramer`'s compiled twin (its docstring is the rules)."""
+
+    cdef bytes _run
+    cdef bytes _method
+    cdef str _version
+    cdef bint _keep_alive
+    cdef bint _upgrade
+
+    def __init__(self, callbacks, Py_ssize_t max_head_bytes):
+        super().__init__(callbacks, max_head_bytes)
+        self._what = "request"
+        self._first_error = REQUEST_LINE_ERROR.decode()
+        self._run = B_EMPTY
+        self._method = B_EMPTY
+        self._version = V11
+        self._keep_alive = True
+        self._upgrade = False
+
+    def get_method(self):
+        return self._method
+
+    def get_http_version(self):
+        return self._version
+
+    def should_keep_alive(self):
+        return self._keep_alive
+
+    def should_upgrade(self):
+        return self._upgrade
+
+    cdef Py_ssize_t _between(self, bytes buf, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) except -2:
+        if p[pos] == 13 or p[pos] == 10 or PyBytes_GET_SIZE(self._run):
+            return self._skip_run(buf, p, pos, n)
+        return pos
+
+    cdef Py_ssize_t _first_line(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
+        return _request_line(p, pos, n)
+
+    cdef int _check_first(self, const unsigned char* p, Py_ssize_t pos) except -1:
+        cdef Py_ssize_t s = pos
+        while p[s] != 32:
+            s += 1
+        if _method(p + pos, s - pos) not in _METHODS:
+            raise HttpParserError("invalid method")
+        return 0
+
+    cdef bint _first_prefix(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+        """What can start a request line (`framing._LINE_START`): method bytes, SP,
+        target bytes, SP, version bytes, CR."""
+        while i < n and CLASS[p[i]] & C_METHOD:
+            i += 1
+        if i == n:
+            return True
+        if p[i] != 32:
+            return False
+        i += 1
+        while i < n and CLASS[p[i]] & C_TARGET:
+            i += 1
+        if i == n:
+            return True
+        if p[i] != 32:
+            return False
+        i += 1
+        while i < n and CLASS[p[i]] & C_VERSION:
+            i += 1
+        return i == n or (p[i] == 13 and i + 1 == n)
 
     cdef Py_ssize_t _skip_run(self, bytes buf, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) except -2:
         cdef Py_ssize_t end = pos
@@ -145,25 +262,9 @@ cdef class RequestFramer:
 
     cdef Py_ssize_t _head(self, bytes buf, const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
                           Py_ssize_t held) except -2:
-        cdef Py_ssize_t end = -1, i = start + 3
-        cdef const unsigned char* lf
-        while i < n:  # the head's end: the first CRLF CRLF, found line by line
-            lf = <const unsigned char*>memchr(p + i, 10, n - i)
-            if lf == NULL:
-                break
-            i = lf - p
-            if p[i - 1] == 13 and p[i - 2] == 10 and p[i - 3] == 13:
-                end = i - 3
-                break
-            i += 1
+        cdef Py_ssize_t end = self._head_end(p, start, n), i
         if end < 0 or end + 4 - start > self._max_head:
-            if n - start > self._max_head:
-                raise HeadTooLarge("request head too large")
-            self._vet_unfinished(buf, p, start, n)
-            if not held:
-                self._cb.on_message_begin()
-            self._held = buf[start:] if start else buf
-            return -1
+            return self._unfinished(buf, p, start, n, held)
         self._vetted = 0
         self._line_done = False
         end += 2  # past the last header line's CRLF
@@ -283,51 +384,6 @@ cdef class RequestFramer:
             self._state = IDLE
             self._on_complete()
         return end
-
-    cdef int _vet_unfinished(self, bytes buf, const unsigned char* p, Py_ssize_t start, Py_ssize_t n) except -1:
-        """The twin's `_vet_unfinished`: refuse an unfinished head once it cannot be
-        the start of a valid one; whole lines are vetted once."""
-        cdef Py_ssize_t pos = start + self._vetted, last = n - 1, line_end, i, s
-        while last >= pos and p[last] != 10:
-            last -= 1
-        if last >= pos:
-            if not self._line_done:
-                line_end = _request_line(p, pos, n)
-                if line_end < 0 or line_end > last + 1:
-                    raise HttpParserError(REQUEST_LINE_ERROR.decode())
-                s = pos
-                while p[s] != 32:
-                    s += 1
-                if _method(p + pos, s - pos) not in _METHODS:
-                    raise HttpParserError("invalid method")
-                pos = line_end
-                self._line_done = True
-            if pos <= last and _header_lines(p, pos, last + 1) < 0:
-                raise HttpParserError("invalid header line")
-            pos = last + 1
-            self._vetted = pos - start
-        i = pos
-        if self._line_done:
-            if _header_prefix(p, pos, n):
-                return 0
-        else:  # `[A-Z_\-]*(?: [\x21-\x7e]*(?: [HTP/0-9.]*\r?)?)?`
-            while i < n and CLASS[p[i]] & C_METHOD:
-                i += 1
-            if i == n:
-                return 0
-            if p[i] == 32:
-                i += 1
-                while i < n and CLASS[p[i]] & C_TARGET:
-                    i += 1
-                if i == n:
-                    return 0
-                if p[i] == 32:
-                    i += 1
-                    while i < n and CLASS[p[i]] & C_VERSION:
-                        i += 1
-                    if i == n or (p[i] == 13 and i + 1 == n):
-                        return 0
-        raise HttpParserError("invalid bytes in request head")
 
 
 include "_cresponse.pxi"

@@ -58,44 +58,16 @@ cdef bint _status_prefix(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noe
     return i == n or (p[i] == 13 and i + 1 == n)
 
 
-cdef enum:
-    R_IDLE = 0
-    R_HEAD = 1
-    R_BODY = 2
-    R_CHUNKED = 3
-    R_UNTIL_CLOSE = 4
-    R_STOPPED = 5
-
-
-cdef class ResponseFramer:
+cdef class ResponseFramer(HeadFramer):
     """`response_framing.ResponseFramer`'s compiled twin (its docstring is the rules)."""
 
-    cdef object _cb
-    cdef object _on_head
-    cdef object _on_body
-    cdef object _on_complete
-    cdef Py_ssize_t _max_head
-    cdef int _state
-    cdef bytes _held
-    cdef Py_ssize_t _vetted
-    cdef bint _line_done
-    cdef unsigned long long _left
-    cdef ChunkedScanner _chunks
     cdef int _status
     cdef bint _keep_alive
 
     def __init__(self, callbacks, Py_ssize_t max_head_bytes):
-        self._cb = callbacks
-        self._on_head = callbacks.on_head
-        self._on_body = callbacks.on_body
-        self._on_complete = callbacks.on_message_complete
-        self._max_head = max_head_bytes
-        self._state = R_IDLE
-        self._held = B_EMPTY
-        self._vetted = 0
-        self._line_done = False
-        self._left = 0
-        self._chunks = None
+        super().__init__(callbacks, max_head_bytes)
+        self._what = "response"
+        self._first_error = STATUS_LINE_ERROR.decode()
         self._status = 0
         self._keep_alive = True
 
@@ -105,83 +77,22 @@ cdef class ResponseFramer:
     def should_keep_alive(self):
         return self._keep_alive
 
-    def feed_data(self, data):
-        cdef bytes buf = data if type(data) is bytes else bytes(data)
-        cdef int state = self._state
-        if state == R_STOPPED:
-            return
-        cdef Py_ssize_t held = PyBytes_GET_SIZE(self._held)
-        if held:
-            buf = self._held + buf
-            self._held = B_EMPTY
-        cdef Py_ssize_t pos = 0, n = PyBytes_GET_SIZE(buf), end
-        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
-        cdef unsigned long long left
-        try:
-            while pos < n:
-                if state == R_UNTIL_CLOSE:
-                    self._on_body(buf[pos:] if pos else buf)
-                    return
-                if state == R_BODY:
-                    left = self._left
-                    if <unsigned long long>(n - pos) <= left:
-                        self._on_body(buf[pos:] if pos else buf)
-                        self._left = left - <unsigned long long>(n - pos)
-                        if self._left:
-                            return
-                        pos = n
-                    else:
-                        self._on_body(buf[pos:pos + <Py_ssize_t>left])
-                        pos += <Py_ssize_t>left
-                        self._left = 0
-                    state = self._state = R_IDLE
-                    self._on_complete()
-                    continue
-                if state == R_CHUNKED:
-                    end = self._chunks.feed(buf, pos)
-                    if end < 0:
-                        return
-                    pos = end
-                    self._chunks = None
-                    state = self._state = R_IDLE
-                    self._on_complete()
-                    continue
-                if state == R_IDLE:
-                    while pos < n and (p[pos] == 13 or p[pos] == 10):  # empty lines between responses
-                        pos += 1
-                    if pos == n:
-                        return
-                    state = self._state = R_HEAD
-                pos = self._head(buf, p, pos, n, held)
-                if pos < 0:
-                    return
-                held = 0
-                state = self._state
-        except (HttpParserUpgrade, HttpParserError):
-            self._state = R_STOPPED
-            raise
+    cdef Py_ssize_t _between(self, bytes buf, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) except -2:
+        while pos < n and (p[pos] == 13 or p[pos] == 10):  # empty lines between responses
+            pos += 1
+        return pos
+
+    cdef Py_ssize_t _first_line(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
+        return _status_line(p, pos, n)
+
+    cdef bint _first_prefix(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
+        return _status_prefix(p, pos, n)
 
     cdef Py_ssize_t _head(self, bytes buf, const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
                           Py_ssize_t held) except -2:
-        cdef Py_ssize_t end = -1, i = start + 3
-        cdef const unsigned char* lf
-        while i < n:
-            lf = <const unsigned char*>memchr(p + i, 10, n - i)
-            if lf == NULL:
-                break
-            i = lf - p
-            if p[i - 1] == 13 and p[i - 2] == 10 and p[i - 3] == 13:
-                end = i - 3
-                break
-            i += 1
+        cdef Py_ssize_t end = self._head_end(p, start, n), i
         if end < 0 or end + 4 - start > self._max_head:
-            if n - start > self._max_head:
-                raise HeadTooLarge("response head too large")
-            self._vet_unfinished(p, start, n)
-            if not held:
-                self._cb.on_message_begin()
-            self._held = buf[start:] if start else buf
-            return -1
+            return self._unfinished(buf, p, start, n, held)
         self._vetted = 0
         self._line_done = False
         end += 2
@@ -240,48 +151,26 @@ cdef class ResponseFramer:
         end += 2
         cdef int state
         if status < 200 or status == 204 or status == 304:
-            state = R_IDLE
+            state = IDLE
         elif coding == 1:
-            state = R_CHUNKED
+            state = CHUNKED
         elif coding or length < 0:
-            state = R_UNTIL_CLOSE
+            state = UNTIL_CLOSE
             keep_alive = False
         else:
-            state = R_BODY if length else R_IDLE
+            state = BODY if length else IDLE
         self._status = status
         self._keep_alive = keep_alive
         self._on_head(status, headers, keep_alive)
-        if state == R_IDLE:
-            self._state = R_IDLE
+        if state == IDLE:
+            self._state = IDLE
             self._on_complete()
             if status == 101:
                 raise HttpParserUpgrade(end - held)
-        elif state == R_CHUNKED:
+        elif state == CHUNKED:
             self._chunks = ChunkedScanner(self._on_body)
-            self._state = R_CHUNKED
+            self._state = CHUNKED
         else:
             self._left = <unsigned long long>length if length > 0 else 0
             self._state = state
         return end
-
-    cdef int _vet_unfinished(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t n) except -1:
-        cdef Py_ssize_t pos = start + self._vetted, last = n - 1, line_end, i, s
-        while last >= pos and p[last] != 10:
-            last -= 1
-        if last >= pos:
-            if not self._line_done:
-                line_end = _status_line(p, pos, n)
-                if line_end < 0 or line_end > last + 1:
-                    raise HttpParserError(STATUS_LINE_ERROR.decode())
-                pos = line_end
-                self._line_done = True
-            if pos <= last and _header_lines(p, pos, last + 1) < 0:
-                raise HttpParserError("invalid header line")
-            pos = last + 1
-            self._vetted = pos - start
-        if self._line_done:
-            if _header_prefix(p, pos, n):
-                return 0
-        elif _status_prefix(p, pos, n):
-            return 0
-        raise HttpParserError("invalid bytes in response head")

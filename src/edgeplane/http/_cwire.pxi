@@ -2,12 +2,13 @@
 # helpers both framers use (request line, header lines, Connection and
 # Transfer-Encoding tokens, what can start an unfinished line).
 
-cdef enum:
+cdef enum:  # a framer's state (`framing`'s _IDLE ... _STOPPED)
     IDLE = 0
     HEAD = 1
     BODY = 2
     CHUNKED = 3
-    STOPPED = 4
+    UNTIL_CLOSE = 4
+    STOPPED = 5
 
 # Byte classes (bit flags in one table).
 cdef enum:
