@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 from test_parser_differential import CORPUS, PROBE
 
+import framer_trace
 from edgeplane.http import framing, native
-from edgeplane.http.chunked import HttpParserError, HttpParserUpgrade
+from edgeplane.http.chunked import HttpParserError
 
 try:
     from edgeplane.http import _cframing  # type: ignore[attr-defined]
@@ -40,43 +41,9 @@ needs_compiled = pytest.mark.skipif(_cframing is None, reason="the compiled fram
                                     f"({native.WHY}); test_compiled_framer_is_built says whether it should be")
 
 
-class Trace:
-    """Every callback a framer makes, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def on_message_begin(self) -> None:
-        self.calls.append(("begin",))
-
-    def on_head(self, method, target, version, headers, keep_alive, upgrade) -> None:
-        assert all(type(n) is bytes and type(v) is bytes for n, v in headers)
-        self.calls.append(("head", method, target, version, tuple(headers), keep_alive, upgrade))
-
-    def on_body(self, chunk) -> None:
-        assert type(chunk) is bytes
-        self.calls.append(("body", chunk))
-
-    def on_message_complete(self) -> None:
-        self.calls.append(("complete",))
-
-
 def run(cls, data: bytes, cuts: tuple[int, ...] = (), max_head: int = 8192) -> tuple[list, object]:
-    trace = Trace()
-    framer = cls(trace, max_head)
-    bounds = [0, *cuts, len(data)]
-    end: object = None
-    try:
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            framer.feed_data(data[a:b])
-    except HttpParserUpgrade as exc:
-        end = ("upgrade", exc.args)
-    except HttpParserError as exc:
-        end = (type(exc).__name__, str(exc))
-    else:
-        end = ("getters", framer.get_method(), framer.get_http_version(), framer.should_keep_alive(),
-               framer.should_upgrade())
-    return trace.calls, end
+    return framer_trace.run(cls, data, cuts, max_head, lambda f: ("getters", f.get_method(), f.get_http_version(),
+                                                                   f.should_keep_alive(), f.should_upgrade()))
 
 
 CASES = [raw + PROBE for raw, _ in CORPUS.values()]

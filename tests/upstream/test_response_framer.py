@@ -19,8 +19,8 @@ import random
 import httptools
 import pytest
 
+import framer_trace
 from edgeplane.http import response_framing
-from edgeplane.http.chunked import HttpParserError, HttpParserUpgrade
 
 try:
     from edgeplane.http import _cframing  # type: ignore[attr-defined]
@@ -78,39 +78,8 @@ STRICTER = [
 ]
 
 
-class Trace:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def on_message_begin(self) -> None:
-        self.calls.append(("begin",))
-
-    def on_head(self, status, headers, keep_alive) -> None:
-        self.calls.append(("head", status, tuple(headers), keep_alive))
-
-    def on_body(self, chunk) -> None:
-        assert type(chunk) is bytes
-        self.calls.append(("body", chunk))
-
-    def on_message_complete(self) -> None:
-        self.calls.append(("complete",))
-
-
 def run(cls, data: bytes, cuts: tuple[int, ...] = (), max_head: int = 8192) -> tuple[list, object]:
-    trace = Trace()
-    framer = cls(trace, max_head)
-    bounds = [0, *cuts, len(data)]
-    end: object
-    try:
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            framer.feed_data(data[a:b])
-    except HttpParserUpgrade as exc:
-        end = ("upgrade", exc.args)
-    except HttpParserError as exc:
-        end = (type(exc).__name__, str(exc))
-    else:
-        end = ("open", framer.get_status_code(), framer.should_keep_alive())
-    return trace.calls, end
+    return framer_trace.run(cls, data, cuts, max_head, lambda f: ("open", f.get_status_code(), f.should_keep_alive()))
 
 
 def responses(calls: list[tuple]) -> list[tuple]:
