@@ -21,7 +21,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr, memcmp
 
 from edgeplane.http.chunked import HeadTooLarge, HttpParserError, HttpParserUpgrade
-from edgeplane.http.framing import METHODS
+from edgeplane.http.framing import METHOD_PREFIXES, METHODS
 
 include "_cwire.pxi"
 include "_cchunked.pxi"
@@ -107,7 +107,6 @@ cdef class HeadFramer:
                 pos = self._head(buf, p, pos, n, held)
                 if pos < 0:
                     return
-                held = 0
                 state = self._state
         except (HttpParserUpgrade, HttpParserError):
             self._state = STOPPED
@@ -128,13 +127,15 @@ cdef class HeadFramer:
         """Refuse a whole first line its syntax accepts (the request's method table)."""
         return 0
 
-    cdef bint _first_prefix(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
-        """`p[pos:n]` (no LF) can start a first line."""
-        return False
+    cdef int _first_prefix(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) except -1:
+        """1 when `p[pos:n]` (no LF) can start a first line, else 0."""
+        return 0
 
-    cdef Py_ssize_t _head_end(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t n) noexcept:
-        """The offset of the head's first CRLF CRLF, or -1; found line by line."""
-        cdef Py_ssize_t i = start + 3
+    cdef Py_ssize_t _head_end(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
+                              Py_ssize_t held) noexcept:
+        """The offset of the head's first CRLF CRLF, or -1; found line by line, from
+        where the read began (a carried head had none)."""
+        cdef Py_ssize_t i = start + 3 if start + 3 > held else held
         cdef const unsigned char* lf
         while i < n:
             lf = <const unsigned char*>memchr(p + i, 10, n - i)
@@ -151,7 +152,7 @@ cdef class HeadFramer:
         if n - start > self._max_head:
             raise HeadTooLarge(f"{self._what} head too large")
         self._vet_unfinished(p, start, n)
-        if not held:
+        if start >= held:  # the head began in this read (a carried one starts at 0)
             self._cb.on_message_begin()
         self._held = buf[start:] if start else buf
         return -1
@@ -174,8 +175,16 @@ cdef class HeadFramer:
                 raise HttpParserError("invalid header line")
             pos = last + 1
             self._vetted = pos - start
-        if _header_prefix(p, pos, n) if self._line_done else self._first_prefix(p, pos, n):
-            return 0
+        cdef int start_ok
+        if self._line_done:
+            if _header_prefix(p, pos, n):
+                return 0
+        else:
+            start_ok = self._first_prefix(p, pos, n)
+            if start_ok == 1:
+                return 0
+            if start_ok == 2:  # the syntax holds, the method cannot (the twin's order)
+                raise HttpParserError("invalid method")
         raise HttpParserError(f"invalid bytes in {self._what} head")
 
 
@@ -226,26 +235,34 @@ cdef class RequestFramer(HeadFramer):
             raise HttpParserError("invalid method")
         return 0
 
-    cdef bint _first_prefix(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
-        """What can start a request line (`framing._LINE_START`): method bytes, SP,
-        target bytes, SP, version bytes, CR."""
+    cdef int _first_prefix(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t n) except -1:
+        """What can start a request line: its syntax (`framing._LINE_START`: method
+        bytes, SP, target bytes, SP, version bytes, CR), then the start of a method of
+        the table (`_check_first_start`): 1, or 0 (syntax), or 2 (method)."""
+        cdef Py_ssize_t pos = i, m
+        cdef bint method_ok
         while i < n and CLASS[p[i]] & C_METHOD:
             i += 1
-        if i == n:
-            return True
-        if p[i] != 32:
-            return False
-        i += 1
-        while i < n and CLASS[p[i]] & C_TARGET:
+        m = i
+        if i < n:
+            if p[i] != 32:
+                return 0
             i += 1
-        if i == n:
-            return True
-        if p[i] != 32:
-            return False
-        i += 1
-        while i < n and CLASS[p[i]] & C_VERSION:
-            i += 1
-        return i == n or (p[i] == 13 and i + 1 == n)
+            while i < n and CLASS[p[i]] & C_TARGET:
+                i += 1
+            if i < n:
+                if p[i] != 32:
+                    return 0
+                i += 1
+                while i < n and CLASS[p[i]] & C_VERSION:
+                    i += 1
+                if not (i == n or (p[i] == 13 and i + 1 == n)):
+                    return 0
+        if m == n:
+            method_ok = PyBytes_FromStringAndSize(<const char*>p + pos, m - pos) in _METHOD_PREFIXES
+        else:
+            method_ok = _method(p + pos, m - pos) in _METHODS
+        return 1 if method_ok else 2
 
     cdef Py_ssize_t _skip_run(self, bytes buf, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) except -2:
         cdef Py_ssize_t end = pos
@@ -262,7 +279,7 @@ cdef class RequestFramer(HeadFramer):
 
     cdef Py_ssize_t _head(self, bytes buf, const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
                           Py_ssize_t held) except -2:
-        cdef Py_ssize_t end = self._head_end(p, start, n), i
+        cdef Py_ssize_t end = self._head_end(p, start, n, held), i
         if end < 0 or end + 4 - start > self._max_head:
             return self._unfinished(buf, p, start, n, held)
         self._vetted = 0

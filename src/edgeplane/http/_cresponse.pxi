@@ -85,12 +85,12 @@ cdef class ResponseFramer(HeadFramer):
     cdef Py_ssize_t _first_line(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
         return _status_line(p, pos, n)
 
-    cdef bint _first_prefix(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:
-        return _status_prefix(p, pos, n)
+    cdef int _first_prefix(self, const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) except -1:
+        return 1 if _status_prefix(p, pos, n) else 0
 
     cdef Py_ssize_t _head(self, bytes buf, const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
                           Py_ssize_t held) except -2:
-        cdef Py_ssize_t end = self._head_end(p, start, n), i
+        cdef Py_ssize_t end = self._head_end(p, start, n, held), i
         if end < 0 or end + 4 - start > self._max_head:
             return self._unfinished(buf, p, start, n, held)
         self._vetted = 0
@@ -101,13 +101,16 @@ cdef class ResponseFramer(HeadFramer):
             raise HttpParserError(STATUS_LINE_ERROR.decode())
         cdef int status = (p[start + 9] - 48) * 100 + (p[start + 10] - 48) * 10 + (p[start + 11] - 48)
         cdef bint http10 = p[start + 7] == 48
+        if status < 100:
+            raise HttpParserError("invalid status code")
         if _header_lines(p, line_end, end) < 0:
             raise HttpParserError("invalid header line")
         cdef list headers = []
         cdef Py_ssize_t a, b, va, vb, j
         cdef long long length = -1
         cdef unsigned long long number
-        cdef int coding = 0, tokens = 0  # coding: 0 none, 1 chunked last, 2 another last
+        cdef int tokens = 0
+        cdef bint chunked = False
         i = line_end
         while i < end:
             a = i
@@ -142,19 +145,24 @@ cdef class ResponseFramer(HeadFramer):
                     raise HttpParserError("Content-Length too large")
                 length = <long long>number
             elif b - a == 17 and _token_is(p, a, b, b"transfer-encoding", 17):
-                coding = _last_coding(p, va, vb)
+                j = vb
+                while j > va and (p[j - 1] == 32 or p[j - 1] == 9):
+                    j -= 1
+                if chunked or not _token_is(p, va, j, b"chunked", 7):
+                    raise HttpParserError("unsupported Transfer-Encoding")
+                chunked = True
             elif b - a == 10 and _token_is(p, a, b, b"connection", 10):
                 tokens |= _connection(p, va, vb)
-        if coding and length >= 0:
+        if chunked and length >= 0:
             raise HttpParserError("both Content-Length and Transfer-Encoding")
-        cdef bint keep_alive = (tokens & T_KEEP_ALIVE) != 0 if http10 else not tokens & T_CLOSE
+        cdef bint keep_alive = ((tokens & T_KEEP_ALIVE) != 0 and not chunked) if http10 else not tokens & T_CLOSE
         end += 2
         cdef int state
         if status < 200 or status == 204 or status == 304:
             state = IDLE
-        elif coding == 1:
+        elif chunked:
             state = CHUNKED
-        elif coding or length < 0:
+        elif length < 0:
             state = UNTIL_CLOSE
             keep_alive = False
         else:

@@ -61,6 +61,7 @@ cdef str V11 = "1.1"
 cdef str V20 = "2.0"
 cdef bytes B_EMPTY = b""
 cdef object _METHODS = METHODS
+cdef object _METHOD_PREFIXES = METHOD_PREFIXES
 cdef unsigned long long MAX_LENGTH = 9223372036854775807ULL  # 2**63 - 1
 
 cdef const char* REQUEST_LINE_ERROR = "request line is not 'method SP target SP HTTP/x.y'"
@@ -169,21 +170,6 @@ cdef int _connection(const unsigned char* p, Py_ssize_t va, Py_ssize_t vb) noexc
         if k >= vb:
             return found
         j = k + 1
-
-
-cdef int _last_coding(const unsigned char* p, Py_ssize_t va, Py_ssize_t vb) noexcept:
-    """1 when the last transfer coding of a value is "chunked", else 2 (some other, or
-    an empty one)."""
-    cdef Py_ssize_t a = va, b = vb
-    while a < b and p[b - 1] != 44:
-        b -= 1
-    a = b  # after the last comma (or the value's start)
-    b = vb
-    while a < b and (p[a] == 32 or p[a] == 9):
-        a += 1
-    while b > a and (p[b - 1] == 32 or p[b - 1] == 9):
-        b -= 1
-    return 1 if _token_is(p, a, b, b"chunked", 7) else 2
 
 
 cdef bint _header_prefix(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept:

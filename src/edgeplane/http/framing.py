@@ -33,11 +33,16 @@ The rules are `codec`'s strict ones (its docstring), the same as the other two p
   unless close), an upgrade is CONNECT or "Connection: upgrade" with a non-empty Upgrade;
 - the head (request line to its empty line, raw bytes) is at most `max_head_bytes`.
 
-Invariants: an unfinished head is refused at the read that makes it impossible (what is
-there so far cannot start a valid head: a bad method byte, a control character, a bare
-LF), not only once it is complete, so garbage gets its 400 at once. Lines of an
-unfinished head are vetted once each (`_vetted`), so a head sent a byte at a time costs
-linear time. After an error or an upgrade nothing more is parsed.
+Invariants: an unfinished head is refused at the read that makes it impossible by its
+syntax (what is there so far cannot start a valid head: bytes that cannot become a
+method of the table, a control character, a bare LF), not only once it is complete,
+so garbage gets its 400 at once; a field's value (a Content-Length's digits) is judged
+when the head is complete. Whole lines of an unfinished head are vetted once each
+(`_vetted`) and the head's end is searched for only in the new bytes; the line still
+unfinished is looked at again at each read, and the carried bytes are copied once per
+read, so a head sent a byte at a time costs time quadratic in its length (bounded by
+`max_head_bytes`: ~0.05 s for 10 KiB one byte per read). After an error or an upgrade
+nothing more is parsed.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ METHODS = frozenset(
     b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
     b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
 )  # llhttp 9's table for HTTP (PRI and the RTSP/ICE methods left out, as `codec` does)
+# Every start of a method in the table: an unfinished request line is refused as soon as
+# its first bytes cannot become one (a TLS ClientHello, "XYZ"), as llhttp does.
+METHOD_PREFIXES = frozenset(m[:i] for m in METHODS for i in range(len(m) + 1))
 VERSIONS = {b"0.9": "0.9", b"1.0": "1.0", b"1.1": "1.1", b"2.0": "2.0"}
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -146,7 +154,6 @@ class HeadFramer:
                 pos = self._head(data, pos, held)
                 if pos < 0:  # unfinished: carried
                     return
-                held = 0
                 state = self._state
         except (HttpParserUpgrade, HttpParserError):
             self._state = _STOPPED
@@ -158,17 +165,22 @@ class HeadFramer:
 
     def _head(self, data: bytes, start: int, held: int) -> int:
         """Parse the head at `start`: the offset after it, or -1 when it is not complete
-        in `data` (carried). `held`: how many bytes of `data` came from earlier reads."""
+        in `data` (carried). `held`: how many bytes of `data` came from earlier reads (a
+        carried head starts at 0; offsets reported to the caller are in its read, so
+        `held` is taken off them for every head of this read, not only the first)."""
         raise NotImplementedError
 
     def _check_first(self, line: re.Match[bytes]) -> None:
         """Refuse a whole first line its pattern accepts (the request's method table)."""
 
+    def _check_first_start(self, data: bytes, pos: int) -> None:
+        """Refuse the start of a first line its pattern accepts (the same table)."""
+
     def _unfinished(self, data: bytes, start: int, held: int) -> int:
         if len(data) - start > self._max_head:
             raise HeadTooLarge(f"{self._WHAT} head too large")
         self._vet_unfinished(data, start)
-        if not held:  # the first read of this head
+        if start >= held:  # the head began in this read (a carried one starts at 0)
             self._cb.on_message_begin()
         self._held = data[start:]
         return -1
@@ -192,6 +204,8 @@ class HeadFramer:
         tail = HEADER_START if self._line_done else self._FIRST_START
         if tail.fullmatch(data, pos) is None:
             raise HttpParserError(f"invalid bytes in {self._WHAT} head")
+        if not self._line_done:
+            self._check_first_start(data, pos)
 
 
 class RequestFramer(HeadFramer):
@@ -231,6 +245,11 @@ class RequestFramer(HeadFramer):
         if line[1] not in METHODS:
             raise HttpParserError("invalid method")
 
+    def _check_first_start(self, data: bytes, pos: int) -> None:
+        space = data.find(b" ", pos)
+        if data[pos:] not in METHOD_PREFIXES if space < 0 else data[pos:space] not in METHODS:
+            raise HttpParserError("invalid method")
+
     def _skip_run(self, data: bytes, pos: int) -> int:
         end = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
         run = self._run + data[pos:end]
@@ -245,7 +264,7 @@ class RequestFramer(HeadFramer):
     def _head(self, data: bytes, start: int, held: int) -> int:
         """Parse the head starting at `start`; the offset after it (its body follows),
         or -1 when it is not complete in `data` (it is carried)."""
-        end = data.find(b"\r\n\r\n", start)
+        end = data.find(b"\r\n\r\n", max(start, held - 3))  # (a carried head had none)
         if end < 0 or end + 4 - start > self._max_head:
             return self._unfinished(data, start, held)
         self._vetted = 0

@@ -337,7 +337,8 @@ class HttpProtocol(Upgrades, Replies, asyncio.Protocol):
         if self._headless:  # the first complete head: no longer evictable at the cap
             self._headless = False
             ctx.headless.pop(self, None)
-        req.keep_alive = keep_alive and not ctx.draining
+        # HTTP/1.0 with a Transfer-Encoding: faulty framing, close after (RFC 9112 6.1)
+        req.keep_alive = keep_alive and not ctx.draining and not (req.chunked and req.version == "1.0")
         if upgrade:
             if req.content_length or req.chunked:
                 # llhttp ends an upgrade request at its head: a declared body would be

@@ -20,13 +20,19 @@ refusal is the upstream's fault, answered 502 by the proxy):
   RTSP/ and ICE/ protocols, HTTP/2.0 and controls in the reason);
 - header lines, Content-Length and Connection as for requests (`framing`); a
   Content-Length with a Transfer-Encoding, or two Content-Lengths, are refused;
+- the status is 100 to 999 (0xx is refused: taken for an interim 1xx, its body would
+  be read as the next response); the proxy answers 502 for one it does not know;
+- the only transfer coding is "chunked", in one Transfer-Encoding field: any other
+  (gzip, "gzip, chunked") is refused, since the gateway re-frames bodies and cannot pass
+  a coding on (llhttp reads such a body until close and the coding would be lost);
 - the body: none after 1xx, 204 and 304 (a 101 stops the framer: what follows is the
-  new protocol's); chunked when the last transfer coding is "chunked" (held to
-  `chunked.ChunkedScanner`'s strict rules; trailer fields are checked and dropped:
-  llhttp would report them as headers after the head); Content-Length bytes; otherwise
-  everything until the connection closes (never complete, not keep-alive). A HEAD
-  response's missing body is the caller's to know (`reset` after the head);
-- keep-alive: HTTP/1.1 unless "Connection: close", HTTP/1.0 only with keep-alive.
+  new protocol's); chunked (held to `chunked.ChunkedScanner`'s strict rules; trailer
+  fields are checked and dropped: llhttp would report them as headers after the head);
+  Content-Length bytes; otherwise everything until the connection closes (never
+  complete, not keep-alive). A HEAD response's missing body is the caller's to know
+  (`reset` after the head);
+- keep-alive: HTTP/1.1 unless "Connection: close", HTTP/1.0 only with keep-alive and
+  without a Transfer-Encoding (RFC 9112 6.1: that framing is suspect, close after).
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ class ResponseFramer(HeadFramer):
         return pos
 
     def _head(self, data: bytes, start: int, held: int) -> int:
-        end = data.find(b"\r\n\r\n", start)
+        end = data.find(b"\r\n\r\n", max(start, held - 3))  # (a carried head had none)
         if end < 0 or end + 4 - start > self._max_head:
             return self._unfinished(data, start, held)
         self._vetted = 0
@@ -93,12 +99,14 @@ class ResponseFramer(HeadFramer):
             raise HttpParserError(self._FIRST_ERROR)
         minor, digits = line.groups()
         status = int(digits)
+        if status < 100:  # 0xx is no status (RFC 9110 15); taken for a 1xx it would hide a body
+            raise HttpParserError("invalid status code")
         lines_at = line.end()
         if HEADER_LINES.fullmatch(data, lines_at, end) is None:
             raise HttpParserError("invalid header line")
         headers = HEADER_LINE.findall(data, lines_at, end)
         length = -1
-        coding = b""  # the last transfer coding
+        chunked = False
         connection: list[bytes] = []
         for name, value in headers:
             lname = name.lower()
@@ -110,20 +118,24 @@ class ResponseFramer(HeadFramer):
                     if length > _MAX_BODY_LENGTH:
                         raise HttpParserError("Content-Length too large")
                 elif lname == b"transfer-encoding":
-                    codings = connection_tokens(value)
-                    coding = codings[-1] if codings[-1] else b"-"  # an empty last one is no coding
+                    if chunked or value.strip(b" \t").lower() != b"chunked":
+                        raise HttpParserError("unsupported Transfer-Encoding")
+                    chunked = True
                 else:
                     connection += connection_tokens(value)
-        if coding and length >= 0:
+        if chunked and length >= 0:
             raise HttpParserError("both Content-Length and Transfer-Encoding")
-        keep_alive = b"keep-alive" in connection if minor == b"0" else b"close" not in connection
+        if minor == b"0":  # HTTP/1.0 with a Transfer-Encoding: faulty framing, close after (RFC 9112 6.1)
+            keep_alive = b"keep-alive" in connection and not chunked
+        else:
+            keep_alive = b"close" not in connection
         end += 2
         cb = self._cb
         if status < 200 or status == 204 or status == 304:
             state = _IDLE
-        elif coding == b"chunked":
+        elif chunked:
             state = _CHUNKED
-        elif coding or length < 0:
+        elif length < 0:
             state = _UNTIL_CLOSE
             keep_alive = False
         else:

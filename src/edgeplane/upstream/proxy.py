@@ -116,6 +116,7 @@ class ProxyExchange:
         "chunked_out", "close_delimited", "head_only", "skip_interim", "keep_alive",
         "t_dispatch", "buffered", "upstream_paused", "out", "awaiting_body", "window_bytes",
         "upstream_deadline", "span", "attempt", "tried", "retrying", "held_back", "try_timer", "skip_body", "held",
+        "head_sent",
     )
 
     def __init__(self, integ: HttpIntegration, proto: HttpProtocol, req: Request) -> None:
@@ -135,6 +136,7 @@ class ProxyExchange:
         self.request_sent = False
         self.got_bytes = False
         self.chunked_out = False
+        self.head_sent = False  # the client's response head left the gateway (not just `out`)
         self.close_delimited = False
         self.head_only = req.method == b"HEAD"
         self.skip_interim = False
@@ -440,6 +442,7 @@ class ProxyExchange:
         out = self.out
         if out and not self.done:
             self.proto.write(out[0] if len(out) == 1 else b"".join(out))
+            self.head_sent = self.req.response_started
             out.clear()
             if not self.proto.write_paused:  # else the client's send deadline stands
                 self.proto.set_deadline(T_UPSTREAM, self.integ.idle_timeout)
@@ -553,6 +556,11 @@ class ProxyExchange:
             if fill.serve_stale(proto, req):
                 return  # `stale_if_error`: the stale entry answered
             fill.fail(status, reason)  # its waiters get this answer too
+        if req.response_started and not self.head_sent:
+            # The upstream's head went no further than `out` (its framing failed in the
+            # same read): the client still gets a clean error instead of a cut response.
+            self.out.clear()
+            req.response_started = False
         if req.response_started:
             # The client already has the upstream's status line: it is what the access
             # log keeps (with the error); /stats counts the cut, not a 502 never sent.
