@@ -81,7 +81,9 @@ class WsUpstream:
         good = accept(key)
         lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
                  b"Set-Cookie: sid=1"]
-        lines.append(b"Sec-WebSocket-Accept: " + (b"x" + good[1:] if self.mode == "bad-accept" else good))
+        # bad-accept: the first character changed (a fixed "x" was the good one 1 time in 64)
+        bad = (b"y" if good[:1] == b"x" else b"x") + good[1:]
+        lines.append(b"Sec-WebSocket-Accept: " + (bad if self.mode == "bad-accept" else good))
         offered = [p.strip() for p in h.get(b"sec-websocket-protocol", b"").split(b",") if p.strip()]
         if self.mode == "bad-protocol":
             lines.append(b"Sec-WebSocket-Protocol: not-offered")
