@@ -22,12 +22,12 @@ COMPILED = False
 WHY = "pure Python"
 
 if os.environ.get("EDGEPLANE_NO_EXTENSIONS", "") not in ("", "0"):
-    WHY = "pure Python (EDGEPLANE_NO_EXTENSIONS is set)"
+    WHY = "pure Python: EDGEPLANE_NO_EXTENSIONS is set"
 else:
     try:
         from edgeplane.http import _cframing  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
-        WHY = "pure Python (the compiled framer is not built: no C compiler at install?)"
+        WHY = "pure Python: the compiled framers are not built (no C compiler at install?)"
     else:
         RequestFramer = _cframing.RequestFramer
         ResponseFramer = _cframing.ResponseFramer
