@@ -21,7 +21,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr, memcmp
 
 from edgeplane.http.chunked import HeadTooLarge, HttpParserError, HttpParserUpgrade
-from edgeplane.http.framing import METHOD_PREFIXES, METHODS
+from edgeplane.http.framing import METHOD_PREFIXES, METHODS, check_run
 
 include "_cwire.pxi"
 include "_cchunked.pxi"
@@ -270,10 +270,7 @@ cdef class RequestFramer(HeadFramer):
             end += 1
         cdef bytes run = self._run + buf[pos:end]
         cdef bint complete = end < n
-        if run and run != b"\r\n" and (run != b"\r" or complete):
-            if run[:3] == b"\r\n\r" or run[:3] == b"\r\n\n":
-                raise HttpParserError("more than one empty line before the request line")
-            raise HttpParserError("bare CR or LF before the request line")
+        check_run(run, complete)  # (the rare path: the rule is the twin's own function)
         self._run = B_EMPTY if complete else run
         return end
 
@@ -326,7 +323,6 @@ cdef class RequestFramer(HeadFramer):
         cdef bytes name, value
         cdef char* out
         cdef long long length = -1
-        cdef unsigned long long number
         cdef bint chunked = False, upgrade_header = False
         cdef int tokens = 0
         i = line_end
@@ -350,22 +346,7 @@ cdef class RequestFramer(HeadFramer):
             value = PyBytes_FromStringAndSize(<const char*>p + va, vb - va)
             headers.append((name, value))
             if b - a == 14 and _token_is(p, a, b, b"content-length", 14):
-                if length >= 0 or vb == va or not (48 <= p[va] <= 57):
-                    raise HttpParserError("invalid or duplicate Content-Length")
-                number = 0
-                j = va
-                while j < vb and 48 <= p[j] <= 57:
-                    if j - va == 19:
-                        raise HttpParserError("invalid or duplicate Content-Length")
-                    number = number * 10 + (p[j] - 48)
-                    j += 1
-                while j < vb and (p[j] == 32 or p[j] == 9):
-                    j += 1
-                if j != vb:
-                    raise HttpParserError("invalid or duplicate Content-Length")
-                if number > MAX_LENGTH:
-                    raise HttpParserError("Content-Length too large")
-                length = <long long>number
+                length = _content_length(p, va, vb, length)
             elif b - a == 17 and _token_is(p, a, b, b"transfer-encoding", 17):
                 j = vb
                 while j > va and p[j - 1] == 32:

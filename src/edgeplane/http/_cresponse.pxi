@@ -108,7 +108,6 @@ cdef class ResponseFramer(HeadFramer):
         cdef list headers = []
         cdef Py_ssize_t a, b, va, vb, j
         cdef long long length = -1
-        cdef unsigned long long number
         cdef int tokens = 0
         cdef bint chunked = False
         i = line_end
@@ -128,22 +127,7 @@ cdef class ResponseFramer(HeadFramer):
             headers.append((PyBytes_FromStringAndSize(<const char*>p + a, b - a),
                             PyBytes_FromStringAndSize(<const char*>p + va, vb - va)))
             if b - a == 14 and _token_is(p, a, b, b"content-length", 14):
-                if length >= 0 or vb == va or not (48 <= p[va] <= 57):
-                    raise HttpParserError("invalid or duplicate Content-Length")
-                number = 0
-                j = va
-                while j < vb and 48 <= p[j] <= 57:
-                    if j - va == 19:
-                        raise HttpParserError("invalid or duplicate Content-Length")
-                    number = number * 10 + (p[j] - 48)
-                    j += 1
-                while j < vb and (p[j] == 32 or p[j] == 9):
-                    j += 1
-                if j != vb:
-                    raise HttpParserError("invalid or duplicate Content-Length")
-                if number > MAX_LENGTH:
-                    raise HttpParserError("Content-Length too large")
-                length = <long long>number
+                length = _content_length(p, va, vb, length)
             elif b - a == 17 and _token_is(p, a, b, b"transfer-encoding", 17):
                 j = vb
                 while j > va and (p[j - 1] == 32 or p[j - 1] == 9):

@@ -129,6 +129,28 @@ cdef Py_ssize_t _header_lines(const unsigned char* p, Py_ssize_t pos, Py_ssize_t
     return end
 
 
+cdef long long _content_length(const unsigned char* p, Py_ssize_t va, Py_ssize_t vb, long long seen) except -2:
+    """`framing.content_length`: the value `p[va:vb]` as a number, refused when it is not
+    1-19 digits (blanks after them allowed), when one came before (`seen` >= 0) or past
+    2**63 - 1."""
+    cdef unsigned long long number = 0
+    cdef Py_ssize_t j = va
+    if seen >= 0 or vb == va or not (48 <= p[va] <= 57):
+        raise HttpParserError("invalid or duplicate Content-Length")
+    while j < vb and 48 <= p[j] <= 57:
+        if j - va == 19:
+            raise HttpParserError("invalid or duplicate Content-Length")
+        number = number * 10 + (p[j] - 48)
+        j += 1
+    while j < vb and (p[j] == 32 or p[j] == 9):
+        j += 1
+    if j != vb:
+        raise HttpParserError("invalid or duplicate Content-Length")
+    if number > MAX_LENGTH:
+        raise HttpParserError("Content-Length too large")
+    return <long long>number
+
+
 cdef bint _token_is(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, const char* word, Py_ssize_t n) noexcept:
     """`p[a:b]`, lower-cased, equals `word` (lower-case, `n` bytes)."""
     cdef Py_ssize_t i

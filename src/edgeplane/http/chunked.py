@@ -26,10 +26,10 @@ class HeadTooLarge(HttpParserError):
     """The request head outgrew the parser's limit (answered 431)."""
 
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # an RFC 9110 token (the framers' header names too)
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;%b(?:=(?:%b|%b))?)*\r\n" % (_TOKEN, _TOKEN, _QUOTED))
-_TRAILER_LINE = re.compile(rb"(%b):[\t\x20-\x7e\x80-\xff]*\r\n" % _TOKEN)
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;%b(?:=(?:%b|%b))?)*\r\n" % (TOKEN, TOKEN, _QUOTED))
+_TRAILER_LINE = re.compile(rb"(%b):[\t\x20-\x7e\x80-\xff]*\r\n" % TOKEN)
 # Fields llhttp acts on even in trailers (its "special" headers); framing and connection
 # control have no place there (RFC 9110 6.5.1), and h11 would ignore them.
 _TRAILER_REFUSED = frozenset(

@@ -63,6 +63,7 @@ from edgeplane.http.chunked import (
     HttpParserError,
     HttpParserUpgrade,
 )
+from edgeplane.http.framing import METHODS, RUN, VERSIONS, check_run
 
 if TYPE_CHECKING:
     from array import array
@@ -76,18 +77,6 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 _HEAD_BAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|\n[ \t]")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)")
 _TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:([^\r\n]*)")
-
-# llhttp's table of HTTP methods (llhttp 9, `METHODS_HTTP` without PRI): it refuses any
-# other method for HTTP/x.y, including the RTSP ones it knows (DESCRIBE, SETUP, ...).
-_METHODS = frozenset(
-    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH"
-    b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
-    b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
-)
-_VERSIONS = frozenset((b"0.9", b"1.0", b"1.1", b"2.0"))  # the ones llhttp parses
-
-_RUN = re.compile(rb"[\r\n]*")  # what llhttp skips before a request line
-
 
 def _check_head(head: bytes) -> bool:
     """Refuse a complete raw head that llhttp would refuse but h11 accepts. True when
@@ -106,16 +95,6 @@ def _check_head(head: bytes) -> bool:
             raise HttpParserError("both Content-Length and Transfer-Encoding")
     # llhttp takes "chunked" only when nothing but SP follows it (h11 strips HTAB too)
     return any(coding.rstrip(b" ").endswith(b"\t") for coding in codings)
-
-
-def _check_run(run: bytes, complete: bool) -> None:
-    """The bytes seen before a request line: nothing or one CRLF. `complete`: the request
-    line has started (else more may come, so a lone CR may still become CRLF)."""
-    if not run or run == b"\r\n" or (run == b"\r" and not complete):
-        return
-    if run[:3] == b"\r\n\r" or run[:3] == b"\r\n\n":
-        raise HttpParserError("more than one empty line before the request line")
-    raise HttpParserError("bare CR or LF before the request line")
 
 
 def _check_request_line(line: bytes) -> None:
@@ -169,8 +148,8 @@ class _LlhttpGuard:
         data = self.data
         pos = self.pos
         if self.run or data[pos] == 13 or data[pos] == 10:  # llhttp skipped CR/LF bytes
-            end = _RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
-            _check_run(self.run + data[pos:end], True)
+            end = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
+            check_run(self.run + data[pos:end], True)
             self.run = b""
             pos = end
         self.pos = self.start = pos
@@ -231,9 +210,9 @@ class _LlhttpGuard:
         pos = self.pos
         phase = self.phase
         if phase == _RUN_PHASE:
-            end = _RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
+            end = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
             self.run += data[pos:end]
-            _check_run(self.run, False)
+            check_run(self.run, False)
         elif phase == _HEAD_PHASE:
             if self.start >= 0:  # the head began in this read and goes on in the next
                 self.line, self.line_ok, self.tail = None, False, b""
@@ -388,10 +367,10 @@ class H11RequestParser:
         if not buf:
             return False
         if not self._begun:
-            skip = _RUN.match(buf).end()  # type: ignore[union-attr]  # always matches
+            skip = RUN.match(buf).end()  # type: ignore[union-attr]  # always matches
             if skip or self._run:
                 run = self._run + buf[:skip]
-                _check_run(run, skip < len(buf))
+                check_run(run, skip < len(buf))
                 if skip:
                     buf = buf[skip:]
                     self._restart(buf)
@@ -415,9 +394,9 @@ class H11RequestParser:
     def _on_request(self, event: h11.Request) -> None:
         cb = self._cb
         method = bytes(event.method)
-        if method not in _METHODS:
+        if method not in METHODS:
             raise HttpParserError("invalid method")
-        if event.http_version not in _VERSIONS:
+        if event.http_version not in VERSIONS:
             raise HttpParserError("invalid HTTP version")
         self._method = method
         self._version = event.http_version.decode()

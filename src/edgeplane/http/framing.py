@@ -50,33 +50,53 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from edgeplane.http.chunked import ChunkedScanner, HeadTooLarge, HttpParserError, HttpParserUpgrade
+from edgeplane.http.chunked import TOKEN, ChunkedScanner, HeadTooLarge, HttpParserError, HttpParserUpgrade
 
 METHODS = frozenset(
     b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH"
     b" SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY"
     b" SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
-)  # llhttp 9's table for HTTP (PRI and the RTSP/ICE methods left out, as `codec` does)
+)  # llhttp 9's table for HTTP, PRI and the RTSP/ICE methods left out: every request parser refuses the rest
 # Every start of a method in the table: an unfinished request line is refused as soon as
 # its first bytes cannot become one (a TLS ClientHello, "XYZ"), as llhttp does.
 METHOD_PREFIXES = frozenset(m[:i] for m in METHODS for i in range(len(m) + 1))
-VERSIONS = {b"0.9": "0.9", b"1.0": "1.0", b"1.1": "1.1", b"2.0": "2.0"}
+VERSIONS = {b"0.9": "0.9", b"1.0": "1.0", b"1.1": "1.1", b"2.0": "2.0"}  # the ones llhttp parses
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
 _REQUEST_LINE = re.compile(rb"([A-Z_\-]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
-HEADER_LINES = re.compile(rb"(?:%b:%b\r\n)*" % (_TOKEN, _VALUE))
-HEADER_LINE = re.compile(rb"(%b):[ \t]*(%b)\r\n" % (_TOKEN, _VALUE))
+HEADER_LINES = re.compile(rb"(?:%b:%b\r\n)*" % (TOKEN, _VALUE))
+HEADER_LINE = re.compile(rb"(%b):[ \t]*(%b)\r\n" % (TOKEN, _VALUE))
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
 # What can start a request line / a header line that is not complete yet.
 _LINE_START = re.compile(rb"[A-Z_\-]*(?: [\x21-\x7e]*(?: [HTP/0-9.]*\r?)?)?")
-HEADER_START = re.compile(rb"(?:%b(?::%b\r?)?|\r)?" % (_TOKEN, _VALUE))
+HEADER_START = re.compile(rb"(?:%b(?::%b\r?)?|\r)?" % (TOKEN, _VALUE))
 RUN = re.compile(rb"[\r\n]*")
 LENGTH_DIGITS = re.compile(rb"[0-9]{1,19}[ \t]*")
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection", b"upgrade"))
-_MAX_BODY_LENGTH = 2**63 - 1
 
 _IDLE, _HEAD, _BODY, _CHUNKED, _UNTIL_CLOSE, _STOPPED = range(6)
+
+
+def check_run(run: bytes, complete: bool) -> None:
+    """The bytes seen before a request line: nothing or one CRLF (every request parser
+    holds this rule). `complete`: the request line has started (else more may come, so
+    a lone CR may still become CRLF)."""
+    if not run or run == b"\r\n" or (run == b"\r" and not complete):
+        return
+    if run[:3] == b"\r\n\r" or run[:3] == b"\r\n\n":
+        raise HttpParserError("more than one empty line before the request line")
+    raise HttpParserError("bare CR or LF before the request line")
+
+
+def content_length(value: bytes, seen: int) -> int:
+    """A Content-Length value as a number, refused when it is not 1-19 digits (blanks
+    after them allowed), when another came before (`seen` >= 0) or past 2**63 - 1."""
+    if seen >= 0 or LENGTH_DIGITS.fullmatch(value) is None:
+        raise HttpParserError("invalid or duplicate Content-Length")
+    length = int(value)
+    if length > 2**63 - 1:
+        raise HttpParserError("Content-Length too large")
+    return length
 
 
 def connection_tokens(value: bytes) -> list[bytes]:
@@ -254,10 +274,7 @@ class RequestFramer(HeadFramer):
         end = RUN.match(data, pos).end()  # type: ignore[union-attr]  # always matches
         run = self._run + data[pos:end]
         complete = end < len(data)
-        if run and run != b"\r\n" and (run != b"\r" or complete):
-            if run[:3] == b"\r\n\r" or run[:3] == b"\r\n\n":
-                raise HttpParserError("more than one empty line before the request line")
-            raise HttpParserError("bare CR or LF before the request line")
+        check_run(run, complete)
         self._run = b"" if complete else run
         return end
 
@@ -293,11 +310,7 @@ class RequestFramer(HeadFramer):
         for name, value in headers:
             if name in _FRAMING:
                 if name == b"content-length":
-                    if length >= 0 or LENGTH_DIGITS.fullmatch(value) is None:
-                        raise HttpParserError("invalid or duplicate Content-Length")
-                    length = int(value)
-                    if length > _MAX_BODY_LENGTH:
-                        raise HttpParserError("Content-Length too large")
+                    length = content_length(value, length)
                 elif name == b"transfer-encoding":
                     if chunked or value.rstrip(b" ").lower() != b"chunked":
                         raise HttpParserError("Request has invalid `Transfer-Encoding`")

@@ -48,10 +48,10 @@ from edgeplane.http.framing import (
     _UNTIL_CLOSE,
     HEADER_LINE,
     HEADER_LINES,
-    LENGTH_DIGITS,
     RUN,
     HeadFramer,
     connection_tokens,
+    content_length,
 )
 
 _REASON = rb"[\t\x20-\x7e\x80-\xff]*"
@@ -60,7 +60,6 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: %b)?\r\n" % _REASON)
 _STATUS_START = re.compile(rb"(?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01](?: (?:[0-9](?:[0-9](?:[0-9](?:\r| %b\r?)?)?)?"
                            rb")?)?)?)?)?)?)?)?)?)?" % _REASON)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-_MAX_BODY_LENGTH = 2**63 - 1
 
 
 class ResponseFramer(HeadFramer):
@@ -112,11 +111,7 @@ class ResponseFramer(HeadFramer):
             lname = name.lower()
             if lname in _FRAMING:
                 if lname == b"content-length":
-                    if length >= 0 or LENGTH_DIGITS.fullmatch(value) is None:
-                        raise HttpParserError("invalid or duplicate Content-Length")
-                    length = int(value)
-                    if length > _MAX_BODY_LENGTH:
-                        raise HttpParserError("Content-Length too large")
+                    length = content_length(value, length)
                 elif lname == b"transfer-encoding":
                     if chunked or value.strip(b" \t").lower() != b"chunked":
                         raise HttpParserError("unsupported Transfer-Encoding")
