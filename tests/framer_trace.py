@@ -4,7 +4,8 @@ tests/upstream/test_response_framer.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgeplane.http.chunked import HttpParserError, HttpParserUpgrade
@@ -31,6 +32,20 @@ class Trace:
 
     def on_message_complete(self) -> None:
         self.calls.append(("complete",))
+
+
+def mutate(rng: random.Random, seed: bytes, pieces: Sequence[bytes], most: int) -> bytes:
+    """`seed` with 1 to `most` random edits: a piece inserted, or 1-3 bytes replaced by a
+    piece or deleted."""
+    data = bytearray(seed)
+    for _ in range(rng.randint(1, most)):
+        at = rng.randrange(len(data) + 1)
+        op = rng.random()
+        if op < 0.45:
+            data[at:at] = rng.choice(pieces)
+        elif at < len(data):
+            data[at : at + rng.randint(1, 3)] = rng.choice(pieces) if op < 0.75 else b""
+    return bytes(data)
 
 
 def run(cls: Any, data: bytes, cuts: tuple[int, ...], max_head: int,

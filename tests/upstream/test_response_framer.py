@@ -181,15 +181,7 @@ def test_mutated_responses():
     rng = random.Random(20261205)
     accepted = 0
     for i in range(12000):
-        data = bytearray(rng.choice(CORPUS[:20]))
-        for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(len(data) + 1)
-            op = rng.random()
-            if op < 0.45:
-                data[at:at] = rng.choice(pieces)
-            elif at < len(data):
-                data[at : at + rng.randint(1, 3)] = rng.choice(pieces) if op < 0.75 else b""
-        raw = bytes(data)
+        raw = framer_trace.mutate(rng, rng.choice(CORPUS[:20]), pieces, 3)
         cuts = () if i % 3 == 0 else tuple(sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, 3))))
         max_head = rng.choice((8192, 60, 30))
         pure = run(response_framing.ResponseFramer, raw, cuts, max_head)
